@@ -1,0 +1,3 @@
+from maxtwo_cli.cli import app
+
+app(prog_name="maxtwo")

@@ -1,0 +1,202 @@
+"""The `maxtwo` command: parse options, call one core function, render the result.
+
+No SQL here. Errors from the core are MaxtwoErrors: one line on stderr and exit 1 (usage
+errors stay Typer's exit 2); MAXTWO_DEBUG=1 shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from maxtwo_cli import __version__
+from maxtwo_cli.core import db, schema
+from maxtwo_cli.core.errors import MaxtwoError
+from maxtwo_cli.core.query import query_users
+from maxtwo_cli.core.randomize import randomize_points
+from maxtwo_cli.core.seed import seed_users
+from maxtwo_cli.core.settings import DEFAULT_SEED_COUNT, Settings, default_database_url
+
+# APPSEC: database URLs carry passwords; tracebacks must never print local variables.
+app = typer.Typer(
+    name="maxtwo",
+    help="The points service: a million users, re-rolled every minute, two served at a time.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+DatabaseUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        envvar="MAXTWO_DATABASE_URL",
+        metavar="URL",
+        show_default=False,
+        help=(
+            "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB. "
+            "Default: a SQLite file in the user's data directory "
+            "($STATE_DIRECTORY/maxtwo.db under systemd)."
+        ),
+    ),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"maxtwo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    ] = False,
+) -> None:
+    """The points service: a million users, re-rolled every minute, two served at a time."""
+
+
+@app.command()
+def seed(
+    count: Annotated[
+        int, typer.Option("--count", min=0, help="How many users to create, all at 0 points.")
+    ] = DEFAULT_SEED_COUNT,
+    reset: Annotated[
+        bool,
+        typer.Option("--reset", help="Replace existing users and forget the last query time."),
+    ] = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Create users with 0 points, in one transaction.
+
+    Example: maxtwo seed --count 1000000
+    """
+    settings = _settings(database_url)
+    with _reported_errors(settings):
+        engine = _open(settings)
+        with _progress_bar(count) as on_progress:
+            result = seed_users(engine, count, reset=reset, on_progress=on_progress)
+        engine.dispose()
+    stdout.print(
+        f"seeded {result.rows:,} users in {result.seconds:.2f} s "
+        f"({result.rows_per_second:,.0f} rows/s)"
+    )
+
+
+@app.command()
+def randomize(
+    timing: Annotated[
+        bool, typer.Option("--timing", help="Print rows updated, seconds and rows/s.")
+    ] = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Give every user new random points (0..100) and draw a new hidden number, atomically.
+
+    Example: maxtwo randomize --timing
+    """
+    settings = _settings(database_url)
+    with _reported_errors(settings):
+        engine = _open(settings)
+        result = randomize_points(engine)
+        engine.dispose()
+    if timing:
+        stdout.print(
+            f"randomized {result.rows:,} users in {result.seconds:.3f} s "
+            f"({result.rows_per_second:,.0f} rows/s)"
+        )
+
+
+@app.command()
+def query(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the API body instead of a table.")
+    ] = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Show at most 2 users above the hidden number, and when the previous query ran.
+
+    Example: maxtwo query --json
+    """
+    settings = _settings(database_url)
+    with _reported_errors(settings):
+        engine = _open(settings)
+        result = query_users(engine)
+        engine.dispose()
+    body = result.api_body()
+    if as_json:
+        # Plain print: rich would re-wrap and colour the JSON.
+        print(json.dumps(body))
+        return
+    table = Table("id", "points", title="users above the hidden number")
+    for user in result.users:
+        table.add_row(str(user.id), str(user.points))
+    stdout.print(table)
+    stdout.print(f"previous query: {body['timestamp'] or 'never'}")
+
+
+def _settings(database_url: str | None) -> Settings:
+    return Settings(database_url=database_url or default_database_url())
+
+
+def _open(settings: Settings) -> db.Engine:
+    engine = db.create_engine(settings, pool_size=1)
+    schema.ensure_schema(engine)
+    return engine
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int) -> Iterator[object]:
+    """A rich progress bar on a terminal; nothing at all otherwise (scripts, pipes, CI)."""
+    if not stderr.is_terminal or total == 0:
+        yield None
+        return
+    columns = (TextColumn("seeding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=True) as progress:
+        task = progress.add_task("seed", total=total)
+        yield lambda done, _total: progress.update(task, completed=done)
+
+
+@contextlib.contextmanager
+def _reported_errors(settings: Settings) -> Iterator[None]:
+    """One line on stderr and exit 1 for anything that goes wrong past option parsing."""
+    if os.environ.get("MAXTWO_DEBUG") == "1":
+        yield
+        return
+    try:
+        yield
+    except MaxtwoError as ex:
+        _fail(str(ex), settings)
+    except Exception as ex:  # noqa: BLE001 - the last line of defence against a traceback
+        _fail(f"unexpected {type(ex).__name__}: {ex} (set MAXTWO_DEBUG=1 for details)", settings)
+
+
+def _fail(message: str, settings: Settings) -> NoReturn:
+    stderr.print(f"Error: {_scrub(message, settings)}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(1) from None
+
+
+def _scrub(message: str, settings: Settings) -> str:
+    # APPSEC: whatever produced the message, the password in the URL never reaches the screen.
+    try:
+        password = db.parse_database_url(settings.database_url).password
+    except MaxtwoError:
+        return message
+    return message.replace(str(password), "***") if password else message
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

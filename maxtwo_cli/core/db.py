@@ -1,0 +1,193 @@
+"""Database URLs, engines and the translation of driver errors into maxtwo errors.
+
+Two databases are first-class: an embedded SQLite file (the zero-setup default) and PostgreSQL
+through psycopg 3. Everything dialect-specific about *connecting* lives here; the SQL that
+differs lives next to the job that runs it (seed.py, randomize.py, query.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import sqlalchemy as sa
+from sqlalchemy import event, exc
+from sqlalchemy.engine import URL, Engine
+
+from maxtwo_cli.core.errors import (
+    ConfigurationError,
+    DatabaseUnavailableError,
+    MaxtwoError,
+    SchemaMismatchError,
+)
+from maxtwo_cli.core.settings import Settings
+
+URL_HELP = "expected sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"
+
+# Driver names a user may write, and the one SQLAlchemy gets: a plain postgresql:// means psycopg 3.
+_DRIVERS = {
+    "sqlite": "sqlite+pysqlite",
+    "sqlite+pysqlite": "sqlite+pysqlite",
+    "postgresql": "postgresql+psycopg",
+    "postgres": "postgresql+psycopg",
+    "postgresql+psycopg": "postgresql+psycopg",
+}
+
+
+def parse_database_url(raw: str) -> URL:
+    """Parse and normalise a database URL, or raise ConfigurationError without echoing it."""
+    try:
+        url = sa.make_url(raw.strip())
+    except exc.ArgumentError:
+        # APPSEC: an unparseable URL may still hold a password, so it is never repeated back.
+        raise ConfigurationError(f"the database URL cannot be parsed; {URL_HELP}") from None
+    driver = _DRIVERS.get(url.drivername)
+    if driver is None:
+        raise ConfigurationError(
+            f"unsupported database {url.drivername!r} in the database URL; {URL_HELP}"
+        )
+    url = url.set(drivername=driver)
+    if url.get_backend_name() == "sqlite" and (not url.database or url.database == ":memory:"):
+        raise ConfigurationError(
+            "a SQLite database URL must name a file, because every maxtwo process shares it; "
+            + URL_HELP
+        )
+    return url
+
+
+def redact(url: URL) -> str:
+    """The URL as it may appear in any output: the password, if any, is replaced by ***."""
+    return url.render_as_string(hide_password=True)
+
+
+def create_engine(settings: Settings, *, pool_size: int = 5) -> Engine:
+    """Create an engine for settings.database_url; connects lazily, creates nothing yet."""
+    url = parse_database_url(settings.database_url)
+    if url.get_backend_name() == "sqlite":
+        return _create_sqlite_engine(url, settings, pool_size)
+    return _create_postgres_engine(url, settings, pool_size)
+
+
+def _create_postgres_engine(url: URL, settings: Settings, pool_size: int) -> Engine:
+    statement_timeout_ms = int(settings.statement_timeout * 1000)
+    # Every statement is bounded, so a stuck lock turns into an error, not a hang. Long jobs
+    # (seed, randomize) lift the bound for their own transaction only. Options given in the
+    # URL (e.g. ?options=-csearch_path%3Dmaxtwo) are kept.
+    options = " ".join(
+        filter(None, [url.query.get("options"), f"-c statement_timeout={statement_timeout_ms}"])
+    )
+    return sa.create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        # NOTE: a pool that pings before use recovers by itself after a database restart.
+        pool_pre_ping=True,
+        # APPSEC: bound values never end up in exception messages.
+        hide_parameters=True,
+        connect_args={
+            "connect_timeout": max(1, math.ceil(settings.connect_timeout)),
+            "application_name": "maxtwo",
+            "options": options,
+        },
+    )
+
+
+def _create_sqlite_engine(url: URL, settings: Settings, pool_size: int) -> Engine:
+    path = Path(url.database or "")
+    with contextlib.suppress(OSError):
+        # A missing parent directory is created on first use; a failure surfaces on connect
+        # as a clear "cannot open" error.
+        path.parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        hide_parameters=True,
+        # The busy timeout: how long a writer waits for another's lock before failing.
+        connect_args={"timeout": settings.statement_timeout, "check_same_thread": False},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+        # NOTE: take transaction control away from the sqlite3 module (it begins lazily and
+        # DEFERRED); maxtwo emits its own BEGIN IMMEDIATE below, the SQLAlchemy-documented way.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        # WAL lets readers go on while one writer works; FULL keeps every commit durable.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: sa.Connection) -> None:
+        # Every maxtwo transaction writes (even a query records its time), so take the write
+        # lock up front: a DEFERRED transaction that upgrades later can fail with SQLITE_BUSY
+        # without waiting for the busy timeout.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def is_postgres(engine: Engine | sa.Connection) -> bool:
+    return engine.dialect.name == "postgresql"
+
+
+@contextlib.contextmanager
+def database_errors(engine: Engine) -> Iterator[None]:
+    """Turn driver errors raised inside the block into MaxtwoErrors with a useful message."""
+    try:
+        yield
+    except MaxtwoError:
+        raise
+    except exc.DBAPIError as ex:
+        raise _translate(engine, ex.orig) from None
+    except (sqlite3.Error, psycopg.Error) as ex:
+        raise _translate(engine, ex) from None
+
+
+def _translate(engine: Engine, original: BaseException | None) -> MaxtwoError:
+    where = redact(engine.url)
+    detail = _first_line(original)
+    password = engine.url.password
+    if password:
+        # APPSEC: a driver may quote the connection string; never let the password through.
+        detail = detail.replace(str(password), "***")
+    if isinstance(original, psycopg.errors.QueryCanceled):
+        return DatabaseUnavailableError(
+            f"the database at {where} did not answer in time ({detail}); "
+            "check for long-running transactions or locks"
+        )
+    if isinstance(original, psycopg.OperationalError):
+        return DatabaseUnavailableError(
+            f"cannot use the database at {where}: {detail}; "
+            "check that the server is running and the URL's host, port, user and password"
+        )
+    if isinstance(original, psycopg.errors.InsufficientPrivilege):
+        return DatabaseUnavailableError(
+            f"the database at {where} refused: {detail}; check the role's privileges"
+        )
+    if isinstance(original, sqlite3.DatabaseError) and "not a database" in detail:
+        return SchemaMismatchError(
+            f"{engine.url.database} is not a SQLite database; point --database-url elsewhere"
+        )
+    if isinstance(original, sqlite3.OperationalError):
+        if "locked" in detail or "busy" in detail:
+            return DatabaseUnavailableError(
+                f"the SQLite file {engine.url.database} stayed locked by another process; "
+                "try again, or check for a stuck maxtwo process"
+            )
+        return DatabaseUnavailableError(
+            f"cannot use the SQLite file {engine.url.database}: {detail}; "
+            "check that its directory exists and is writable"
+        )
+    return DatabaseUnavailableError(f"the database at {where} failed: {detail}")
+
+
+def _first_line(error: BaseException | None) -> str:
+    text = str(error or "unknown error").strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

@@ -1,0 +1,21 @@
+"""The errors the core raises. Each message says what to check or do next."""
+
+
+class MaxtwoError(Exception):
+    """Base of every error maxtwo reports to a user (CLI: one line and exit 1; HTTP: JSON)."""
+
+
+class ConfigurationError(MaxtwoError):
+    """A setting is wrong: a database URL that cannot be parsed or names an unsupported database."""
+
+
+class DatabaseUnavailableError(MaxtwoError):
+    """The database cannot be reached, refused the credentials, or did not answer in time."""
+
+
+class SchemaMismatchError(MaxtwoError):
+    """The database holds tables that maxtwo did not create; maxtwo refuses to touch them."""
+
+
+class AlreadySeededError(MaxtwoError):
+    """`seed` was asked to add users to a table that already has some."""

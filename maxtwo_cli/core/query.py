@@ -1,0 +1,166 @@
+"""The query: at most 2 users above the hidden max_number, and the previous query's time.
+
+Each call atomically records now as the last query time and gets the one recorded before it,
+so concurrent callers (threads, processes, daemons) form a chain: each sees its predecessor's
+time and exactly one caller, the first ever, sees None.
+
+The users only change when the epoch does, so an AnswerCache keeps the answer per epoch. The
+epoch is read from the database on every call, so a randomization by any process invalidates
+every cache at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from maxtwo_cli.core.clock import as_utc, format_api_timestamp, utcnow
+from maxtwo_cli.core.db import database_errors, is_postgres
+from maxtwo_cli.core.schema import MAX_POINTS, query_state, randomizer_state, users
+
+ANSWER_SIZE = 2
+_TICK = dt.timedelta(microseconds=1)
+
+# PostgreSQL: one statement, one round trip, one snapshot.
+# - `previous` locks the query-state row (FOR UPDATE re-reads the newest committed version), so
+#   concurrent queries queue on it and each one gets its predecessor's time;
+# - the recorded time is the database clock, nudged past the previous one so that the chain is
+#   strictly increasing even if the clock steps back;
+# - `state` and the users come from the statement's snapshot: they belong to one epoch, and a
+#   running randomization (which locks other rows) never blocks this;
+# - the users are only read when the caller has no cached answer for this epoch, and never when
+#   max_number is 100 (the CHECK constraint guarantees nobody exceeds it).
+_POSTGRES_QUERY = sa.text(
+    """
+    WITH previous AS (
+        SELECT last_query_at FROM query_state WHERE id = 1 FOR UPDATE
+    ), recorded AS (
+        UPDATE query_state
+        SET last_query_at = greatest(
+            clock_timestamp(), previous.last_query_at + interval '1 microsecond')
+        FROM previous
+        WHERE query_state.id = 1
+        RETURNING previous.last_query_at AS previous_at, query_state.last_query_at AS recorded_at
+    ), state AS (
+        SELECT epoch, max_number FROM randomizer_state WHERE id = 1
+    )
+    SELECT recorded.previous_at, recorded.recorded_at, state.epoch, top.id, top.points
+    FROM recorded CROSS JOIN state
+    LEFT JOIN LATERAL (
+        SELECT users.id, users.points FROM users
+        WHERE users.points > state.max_number
+          AND state.max_number < :max_points
+          AND state.epoch IS DISTINCT FROM CAST(:cached_epoch AS bigint)
+        ORDER BY users.id
+        LIMIT :answer_size
+    ) AS top ON true
+    ORDER BY top.id
+    """
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class User:
+    id: int
+    points: int
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryResult:
+    users: tuple[User, ...]
+    # The time recorded by the query before this one; None for the first query ever.
+    previous: dt.datetime | None
+    # The time this query recorded (what the next query will get as `previous`).
+    recorded_at: dt.datetime
+    epoch: int
+
+    def api_body(self) -> dict[str, Any]:
+        """The body of GET / and of `maxtwo query --json`."""
+        return {
+            "users": [{"id": user.id, "points": user.points} for user in self.users],
+            "timestamp": format_api_timestamp(self.previous),
+        }
+
+
+class AnswerCache:
+    """The last answer and the epoch it belongs to, shared by the threads of one process.
+
+    NOTE: the whole (epoch, users) pair is replaced by one assignment, which is atomic in
+    CPython, so readers never see an epoch with another epoch's users and no lock is needed.
+    """
+
+    def __init__(self) -> None:
+        self._entry: tuple[int, tuple[User, ...]] | None = None
+
+    def get(self) -> tuple[int, tuple[User, ...]] | None:
+        return self._entry
+
+    def put(self, epoch: int, answer: tuple[User, ...]) -> None:
+        self._entry = (epoch, answer)
+
+
+def query_users(engine: Engine, cache: AnswerCache | None = None) -> QueryResult:
+    """Record now as the last query time; return up to 2 users above max_number and the previous time."""
+    cached = cache.get() if cache is not None else None
+    with database_errors(engine), engine.begin() as conn:
+        if is_postgres(conn):
+            result = _query_postgres(conn, cached)
+        else:
+            result = _query_sqlite(conn, cached)
+    if cache is not None and (cached is None or cached[0] != result.epoch):
+        cache.put(result.epoch, result.users)
+    return result
+
+
+def _query_postgres(
+    conn: sa.Connection, cached: tuple[int, tuple[User, ...]] | None
+) -> QueryResult:
+    rows = conn.execute(
+        _POSTGRES_QUERY,
+        {
+            "cached_epoch": cached[0] if cached else None,
+            "max_points": MAX_POINTS,
+            "answer_size": ANSWER_SIZE,
+        },
+    ).all()
+    previous_at, recorded_at, epoch = rows[0][:3]
+    if cached is not None and cached[0] == epoch:
+        answer = cached[1]
+    else:
+        answer = tuple(User(id=row.id, points=row.points) for row in rows if row.id is not None)
+    return QueryResult(
+        users=answer,
+        previous=None if previous_at is None else as_utc(previous_at),
+        recorded_at=as_utc(recorded_at),
+        epoch=epoch,
+    )
+
+
+def _query_sqlite(conn: sa.Connection, cached: tuple[int, tuple[User, ...]] | None) -> QueryResult:
+    # BEGIN IMMEDIATE (see db.py) holds the write lock: these statements run as one unit.
+    previous_at = conn.scalar(sa.select(query_state.c.last_query_at))
+    previous = None if previous_at is None else as_utc(previous_at)
+    recorded_at = utcnow() if previous is None else max(utcnow(), previous + _TICK)
+    conn.execute(query_state.update().values(last_query_at=recorded_at))
+    epoch, max_number = conn.execute(
+        sa.select(randomizer_state.c.epoch, randomizer_state.c.max_number)
+    ).one()
+    if cached is not None and cached[0] == epoch:
+        answer = cached[1]
+    elif max_number >= MAX_POINTS:
+        answer = ()
+    else:
+        answer = tuple(
+            User(id=row.id, points=row.points)
+            for row in conn.execute(
+                sa.select(users.c.id, users.c.points)
+                .where(users.c.points > max_number)
+                .order_by(users.c.id)
+                .limit(ANSWER_SIZE)
+            )
+        )
+    return QueryResult(users=answer, previous=previous, recorded_at=recorded_at, epoch=epoch)

@@ -1,0 +1,77 @@
+"""Randomization: every user's points re-rolled and a new max_number, in one transaction."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import time
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from maxtwo_cli.core.clock import as_utc, utcnow
+from maxtwo_cli.core.db import database_errors, is_postgres
+from maxtwo_cli.core.schema import MAX_POINTS, draw_max_number, randomizer_state, users
+
+# One statement per table, evaluated inside the database; every value 0..100 equally likely.
+# PostgreSQL: random() is uniform in [0, 1), so floor(random() * 101) covers 0..100.
+_POSTGRES_POINTS = sa.cast(sa.func.floor(sa.func.random() * (MAX_POINTS + 1)), sa.SmallInteger)
+# SQLite: random() is a uniform signed 64-bit integer; the double modulo maps it onto 0..100
+# (bias below 1e-17) without abs(), which overflows on the one value -2**63.
+_SQLITE_POINTS = ((sa.func.random() % (MAX_POINTS + 1)) + (MAX_POINTS + 1)) % (MAX_POINTS + 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomizeResult:
+    rows: int
+    seconds: float
+    epoch: int
+    randomized_at: dt.datetime
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+def randomize_points(engine: Engine, *, timeout: float | None = None) -> RandomizeResult:
+    """Give every user new uniform random points 0..100 and draw a new max_number, atomically.
+
+    `timeout` bounds the transaction's statements on PostgreSQL (None: no bound). Concurrent
+    callers are serialised by the lock on the state row; each of them performs its own run.
+    """
+    started = time.perf_counter()
+    with database_errors(engine), engine.begin() as conn:
+        epoch, randomized_at, rows = randomize_in_transaction(conn, timeout=timeout)
+    return RandomizeResult(
+        rows=rows,
+        seconds=time.perf_counter() - started,
+        epoch=epoch,
+        randomized_at=as_utc(randomized_at),
+    )
+
+
+def randomize_in_transaction(
+    conn: sa.Connection, *, timeout: float | None = None
+) -> tuple[int, dt.datetime, int]:
+    """The randomization itself, inside the caller's transaction: (epoch, randomized_at, rows)."""
+    if is_postgres(conn):
+        timeout_ms = 0 if timeout is None else max(1, int(timeout * 1000))
+        conn.execute(sa.select(sa.func.set_config("statement_timeout", str(timeout_ms), True)))
+        now: sa.ColumnElement[dt.datetime] | dt.datetime = sa.func.now()
+        points = _POSTGRES_POINTS
+    else:
+        now = utcnow()
+        points = _SQLITE_POINTS
+    # The state row first: its lock serialises randomizations, and a query that reads the new
+    # epoch is guaranteed to read the new points too (same transaction, same snapshot).
+    epoch, randomized_at = conn.execute(
+        randomizer_state.update()
+        .values(
+            max_number=draw_max_number(),
+            epoch=randomizer_state.c.epoch + 1,
+            randomized_at=now,
+        )
+        .returning(randomizer_state.c.epoch, randomizer_state.c.randomized_at)
+    ).one()
+    rows = conn.execute(users.update().values(points=points, updated_at=now)).rowcount
+    return epoch, randomized_at, rows

@@ -1,0 +1,44 @@
+"""Settings: one frozen dataclass, every field defaulted.
+
+The CLI fills it from options, which Typer links to ``MAXTWO_*`` environment variables, so the
+order of precedence is option > environment > the defaults below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+DEFAULT_SEED_COUNT = 1_000_000
+
+
+def default_database_url() -> str:
+    """Return the embedded default: a SQLite file in the user's data directory.
+
+    Under systemd (``StateDirectory=maxtwo``) that is ``$STATE_DIRECTORY/maxtwo.db``; otherwise
+    ``$XDG_DATA_HOME/maxtwo/maxtwo.db`` (``~/.local/share/maxtwo/maxtwo.db``).
+    """
+    state_directory = os.environ.get("STATE_DIRECTORY")
+    if state_directory:
+        # NOTE: systemd may pass several colon-separated directories; ours is the first.
+        return f"sqlite:///{Path(state_directory.split(':')[0]) / 'maxtwo.db'}"
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return f"sqlite:///{Path(data_home) / 'maxtwo' / 'maxtwo.db'}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything maxtwo can be told. Passed explicitly; nothing reads it at import time."""
+
+    database_url: str = dataclasses.field(default_factory=default_database_url)
+    host: str = "127.0.0.1"
+    port: int = 4000
+    threads: int = 8
+    interval: float = 60.0
+    seed_count: int = DEFAULT_SEED_COUNT
+    # Seconds to wait for a TCP connection to PostgreSQL before reporting it unreachable.
+    connect_timeout: float = 5.0
+    # Seconds any one statement of a request may take (and, on SQLite, wait for the write lock)
+    # before the caller gets an error instead of a hang.
+    statement_timeout: float = 5.0

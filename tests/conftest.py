@@ -1,0 +1,78 @@
+"""Fixtures: every core test runs on a SQLite file and on a real PostgreSQL server.
+
+PostgreSQL comes from MAXTWO_TEST_POSTGRES_URL when set; otherwise the session starts a
+throwaway server (tests/pgserver.py) the first time a PostgreSQL test needs it. Each test gets
+its own PostgreSQL schema (via search_path), so tests never see each other's tables.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from maxtwo_cli.core import db, schema
+from maxtwo_cli.core.settings import Settings
+from tests import pgserver
+
+DATABASES = ["sqlite", "postgres"]
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    with pgserver.from_env_or_start(fsync=False) as server:
+        yield server
+
+
+def libpq_url(url: str) -> str:
+    """The same URL without SQLAlchemy's driver suffix, for psycopg.connect()."""
+    return sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Any) -> Iterator[str]:
+    """A URL whose search_path is a fresh schema, dropped after the test."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(libpq_url(postgres_server.url), autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{name}"')
+    url = sa.make_url(postgres_server.url).update_query_dict({"options": f"-csearch_path={name}"})
+    yield url.render_as_string(hide_password=False)
+    with psycopg.connect(libpq_url(postgres_server.url), autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA "{name}" CASCADE')
+
+
+@pytest.fixture(params=DATABASES)
+def database_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'maxtwo.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return Settings(database_url=database_url, statement_timeout=10.0)
+
+
+@pytest.fixture
+def engine(settings: Settings) -> Iterator[sa.Engine]:
+    engine = db.create_engine(settings, pool_size=12)
+    schema.ensure_schema(engine)
+    yield engine
+    engine.dispose()
+
+
+def is_postgres_url(url: str) -> bool:
+    return url.startswith("postgresql")
+
+
+@pytest.fixture
+def postgres_engine(postgres_url: str) -> Iterator[sa.Engine]:
+    """For the few behaviours that exist on PostgreSQL only (server-side connections, MVCC)."""
+    engine = db.create_engine(Settings(database_url=postgres_url, statement_timeout=10.0), pool_size=12)
+    schema.ensure_schema(engine)
+    yield engine
+    engine.dispose()

@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+import daemon
+from maxtwo_cli import __version__
+from maxtwo_cli.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str, env: dict[str, str] | None = None):
+    return runner.invoke(app, list(args), env={"MAXTWO_DEBUG": None, **(env or {})})
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"maxtwo {__version__}"
+
+
+@pytest.mark.parametrize("command", ["seed", "randomize", "query"])
+def test_every_command_help_has_an_example_and_the_env_var(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    assert f"Example: maxtwo {command}" in result.stdout
+    assert "MAXTWO_DATABASE_URL" in result.stdout
+
+
+def test_help_never_shows_the_database_url_from_the_environment():
+    env = {"MAXTWO_DATABASE_URL": "postgresql://u:s3cret@localhost/db"}
+    for command in ([], ["seed"], ["randomize"], ["query"]):
+        result = invoke(*command, "--help", env=env)
+        assert "s3cret" not in result.output
+
+
+def test_seed_randomize_query_round_trip(database_url):
+    result = invoke("seed", "--count", "2000", "--database-url", database_url)
+    assert result.exit_code == 0, result.output
+    assert re.fullmatch(r"seeded 2,000 users in [\d.]+ s \([\d,]+ rows/s\)\n", result.stdout)
+
+    result = invoke("randomize", "--timing", "--database-url", database_url)
+    assert result.exit_code == 0, result.output
+    assert re.fullmatch(r"randomized 2,000 users in [\d.]+ s \([\d,]+ rows/s\)\n", result.stdout)
+
+    result = invoke("randomize", "--database-url", database_url)
+    assert result.exit_code == 0 and result.stdout == ""
+
+    result = invoke("query", "--json", "--database-url", database_url)
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.stdout)
+    assert body["timestamp"] is None
+    assert len(body["users"]) <= 2
+    assert all(set(user) == {"id", "points"} for user in body["users"])
+
+    result = invoke("query", "--database-url", database_url)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"previous query: \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", result.stdout)
+    assert "max_number" not in result.stdout
+
+
+def test_query_on_a_fresh_database_says_never(database_url):
+    result = invoke("query", "--database-url", database_url)
+    assert result.exit_code == 0, result.output
+    assert "previous query: never" in result.stdout
+
+
+def test_database_url_from_the_environment(database_url):
+    result = invoke("seed", "--count", "10", env={"MAXTWO_DATABASE_URL": database_url})
+    assert result.exit_code == 0, result.output
+
+
+def test_seed_twice_names_reset(database_url):
+    assert invoke("seed", "--count", "10", "--database-url", database_url).exit_code == 0
+    result = invoke("seed", "--count", "10", "--database-url", database_url)
+    assert_one_line_error(result, "--reset", "10 users")
+    result = invoke("seed", "--count", "20", "--reset", "--database-url", database_url)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", ""])
+def test_bad_count_is_a_usage_error(value, tmp_path):
+    result = invoke("seed", "--count", value, "--database-url", f"sqlite:///{tmp_path / 'x.db'}")
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_unknown_option_is_a_usage_error():
+    assert invoke("query", "--bogus").exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("mysql://root:s3cret@localhost/db", "unsupported database 'mysql'"),
+        ("definitely not a url s3cret", "cannot be parsed"),
+        ("postgresql://maxtwo:s3cret@127.0.0.1:1/maxtwo", "check that the server is running"),
+    ],
+)
+def test_bad_database_urls_are_one_line_errors(url, fragment):
+    result = invoke("query", "--database-url", url)
+    assert_one_line_error(result, fragment)
+    assert "s3cret" not in result.output
+
+
+def test_wrong_password_is_one_line_and_never_printed(postgres_server):
+    url = sa.make_url(postgres_server.url).set(password="wrong-s3cret")
+    result = invoke("query", "--database-url", url.render_as_string(hide_password=False))
+    assert_one_line_error(result, "password", "***")
+    assert "wrong-s3cret" not in result.output
+    assert postgres_server.password not in result.output
+
+
+def test_the_real_password_never_appears_in_any_output(postgres_url, postgres_server):
+    outputs = [
+        invoke("seed", "--count", "100", "--database-url", postgres_url).output,
+        invoke("seed", "--count", "100", "--database-url", postgres_url).output,  # an error
+        invoke("randomize", "--timing", "--database-url", postgres_url).output,
+        invoke("query", "--database-url", postgres_url).output,
+    ]
+    assert all(postgres_server.password not in output for output in outputs)
+
+
+def test_unwritable_sqlite_directory_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a directory should be")
+    result = invoke("query", "--database-url", f"sqlite:///{blocker / 'sub' / 'maxtwo.db'}")
+    assert_one_line_error(result, "SQLite file")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = runner.invoke(
+        app,
+        ["query", "--database-url", "mysql://root@localhost/db"],
+        env={"MAXTWO_DEBUG": "1"},
+    )
+    assert result.exit_code == 1
+    assert result.exception is not None and type(result.exception).__name__ == "ConfigurationError"
+
+
+def test_installed_maxtwo_runs_as_a_subprocess(tmp_path):
+    executable = Path(sys.executable).with_name("maxtwo")
+    url = f"sqlite:///{tmp_path / 'maxtwo.db'}"
+    subprocess.run([executable, "seed", "--count", "100", "--database-url", url], check=True, timeout=60)
+    done = subprocess.run(
+        [executable, "query", "--json"],
+        env={"MAXTWO_DATABASE_URL": url, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(done.stdout)["timestamp"] is None
+    failed = subprocess.run([executable, "query", "--database-url", "mysql://x"], capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 1
+    assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
+
+
+def test_python_dash_m_works():
+    done = subprocess.run([sys.executable, "-m", "maxtwo_cli", "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"maxtwo {__version__}"
+
+
+def test_the_daemon_package_is_ours_not_python_daemon():
+    assert Path(daemon.__file__).resolve().parent == Path(__file__).resolve().parents[1] / "daemon"

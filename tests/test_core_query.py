@@ -1,0 +1,198 @@
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from maxtwo_cli.core import db, schema
+from maxtwo_cli.core.query import AnswerCache, query_users
+from maxtwo_cli.core.randomize import randomize_points
+from maxtwo_cli.core.schema import users
+from maxtwo_cli.core.seed import seed_users
+from maxtwo_cli.core.settings import Settings
+from tests.helpers import set_max_number, state
+
+ROWS = 5_000
+
+
+@pytest.fixture
+def seeded(engine):
+    seed_users(engine, ROWS)
+    randomize_points(engine)
+    return engine
+
+
+def expected_answer(engine) -> list[tuple[int, int]]:
+    """What the database says the answer is, computed independently of the core."""
+    max_number = state(engine).max_number
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(users.c.id, users.c.points)
+            .where(users.c.points > max_number)
+            .order_by(users.c.id)
+            .limit(2)
+        ).all()
+    return [tuple(row) for row in rows]
+
+
+def test_first_query_ever_has_no_previous_timestamp(seeded):
+    first = query_users(seeded)
+    assert first.previous is None
+    second = query_users(seeded)
+    assert second.previous == first.recorded_at
+    assert second.recorded_at > first.recorded_at
+    assert state(seeded).last_query_at == second.recorded_at
+
+
+def test_answer_is_the_lowest_ids_above_max_number(seeded):
+    for max_number in (0, 37, 99):
+        set_max_number(seeded, max_number)
+        result = query_users(seeded)
+        answer = [(user.id, user.points) for user in result.users]
+        assert answer == expected_answer(seeded)
+        assert len(answer) <= 2
+        assert all(points > max_number for _, points in answer)
+    assert len(query_users(seeded).users) == 2  # 99: about 50 of 5,000 users qualify
+
+
+def test_nobody_exceeds_100(seeded):
+    set_max_number(seeded, 100)
+    assert query_users(seeded).users == ()
+
+
+def test_api_body_shape(seeded):
+    first = query_users(seeded).api_body()
+    assert set(first) == {"users", "timestamp"}
+    assert first["timestamp"] is None
+    assert all(set(user) == {"id", "points"} for user in first["users"])
+    second = query_users(seeded).api_body()
+    assert len(second["timestamp"]) == len("2020-07-30 17:09:33Z")
+    assert second["timestamp"].endswith("Z")
+
+
+def _chain_is_intact(results) -> None:
+    previous = [result.previous for result in results]
+    recorded = sorted(result.recorded_at for result in results)
+    assert previous.count(None) == 1
+    # Every previous time is the time recorded by exactly one other query, and every recorded
+    # time but the newest is somebody's previous time.
+    assert sorted(p for p in previous if p is not None) == recorded[:-1]
+
+
+def test_concurrent_queries_form_a_chain(seeded):
+    results = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(25):
+            result = query_users(seeded)
+            with lock:
+                results.append(result)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 200
+    _chain_is_intact(results)
+
+
+CHAIN_SCRIPT = """
+import sys
+from maxtwo_cli.core import db
+from maxtwo_cli.core.query import query_users
+from maxtwo_cli.core.settings import Settings
+engine = db.create_engine(Settings(database_url=sys.argv[1], statement_timeout=30.0))
+for _ in range(30):
+    result = query_users(engine)
+    print(result.previous.isoformat() if result.previous else "None", result.recorded_at.isoformat())
+"""
+
+
+def test_queries_from_several_processes_form_a_chain(seeded, database_url):
+    processes = [
+        subprocess.Popen([sys.executable, "-c", CHAIN_SCRIPT, database_url], stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    pairs = []
+    for process in processes:
+        out, _ = process.communicate(timeout=120)
+        assert process.returncode == 0
+        pairs += [line.split() for line in out.splitlines()]
+    assert len(pairs) == 90
+    previous = [None if p == "None" else dt.datetime.fromisoformat(p) for p, _ in pairs]
+    recorded = sorted(dt.datetime.fromisoformat(r) for _, r in pairs)
+    assert previous.count(None) == 1
+    assert sorted(p for p in previous if p is not None) == recorded[:-1]
+
+
+def test_cache_serves_the_epoch_and_is_invalidated_by_another_process(seeded, database_url):
+    cache = AnswerCache()
+    first = query_users(seeded, cache)
+    assert [(u.id, u.points) for u in first.users] == expected_answer(seeded)
+    # Change the users behind the cache's back without a new epoch: the cache answers, which
+    # proves it is used (a real change always advances the epoch).
+    with seeded.begin() as conn:
+        conn.execute(users.update().values(points=0))
+    assert query_users(seeded, cache).users == first.users
+
+    subprocess.run(
+        [sys.executable, "-m", "maxtwo_cli", "randomize", "--database-url", database_url],
+        check=True,
+        timeout=120,
+    )
+    after = query_users(seeded, cache)
+    assert after.epoch == first.epoch + 1
+    assert [(u.id, u.points) for u in after.users] == expected_answer(seeded)
+
+
+def test_postgres_query_does_not_wait_for_a_running_randomization(postgres_engine):
+    engine = postgres_engine
+    seed_users(engine, ROWS)
+    randomize_points(engine)
+    old_epoch = state(engine).epoch
+    with engine.begin() as conn:
+        # Hold the randomization open (its row locks taken) for two seconds near its end.
+        conn.execute(sa.text(
+            "CREATE FUNCTION slow_update() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN PERFORM pg_sleep(2); RETURN NEW; END $$"
+        ))
+        conn.execute(sa.text(
+            "CREATE TRIGGER slow_last_row BEFORE UPDATE ON users FOR EACH ROW "
+            f"WHEN (NEW.id = {ROWS}) EXECUTE FUNCTION slow_update()"
+        ))
+    worker = threading.Thread(target=randomize_points, args=(engine,))
+    worker.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    during = query_users(engine)
+    waited = time.monotonic() - started
+    worker.join()
+    assert waited < 1.0
+    assert during.epoch == old_epoch
+    assert query_users(engine).epoch == old_epoch + 1
+
+
+def test_sqlite_query_waits_for_the_write_lock_without_error(tmp_path):
+    url = f"sqlite:///{tmp_path / 'maxtwo.db'}"
+    engine = db.create_engine(Settings(database_url=url, statement_timeout=10.0))
+    schema.ensure_schema(engine)
+    seed_users(engine, 100)
+    holder = db.create_engine(Settings(database_url=url))
+    with holder.begin() as conn:  # BEGIN IMMEDIATE: the write lock, as a randomization holds it
+        conn.execute(users.update().values(points=1))
+        worker_result = []
+        worker = threading.Thread(target=lambda: worker_result.append(query_users(engine)))
+        worker.start()
+        time.sleep(1.0)
+        assert worker.is_alive()  # waiting, not failed
+    worker.join(10)
+    assert worker_result and worker_result[0].previous is None
+    engine.dispose()
+    holder.dispose()

@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from maxtwo_cli.core.errors import MaxtwoError
+from maxtwo_cli.core.randomize import randomize_points
+from maxtwo_cli.core.seed import seed_users
+from tests.conftest import is_postgres_url
+from tests.helpers import distinct_updated_at, points_histogram, state, user_rows
+
+ROWS = 20_000
+
+
+@pytest.fixture
+def seeded(engine):
+    seed_users(engine, ROWS)
+    return engine
+
+
+def test_points_cover_0_to_100_and_nothing_else(seeded):
+    result = randomize_points(seeded)
+    assert result.rows == ROWS
+    histogram = points_histogram(seeded)
+    # With 20,000 rows, a value is missing with probability (100/101)**20000 < 1e-86.
+    assert sorted(histogram) == list(range(101))
+    assert sum(histogram.values()) == ROWS
+
+
+def test_points_are_uniform_chi_square(seeded):
+    randomize_points(seeded)
+    histogram = points_histogram(seeded)
+    expected = ROWS / 101
+    chi_square = sum((histogram.get(value, 0) - expected) ** 2 / expected for value in range(101))
+    # 100 degrees of freedom: mean 100, sd 14. P(chi2 > 200) is about 1e-8, so this never
+    # flakes, yet a biased generator (e.g. floor(random()*100), which never yields 100) fails.
+    assert chi_square < 200
+
+
+def test_one_updated_at_for_all_rows_and_it_moves(seeded):
+    seeded_at = distinct_updated_at(seeded)
+    result = randomize_points(seeded)
+    after = distinct_updated_at(seeded)
+    assert len(after) == 1
+    assert after != seeded_at
+    assert after[0] == result.randomized_at == state(seeded).randomized_at
+
+
+def test_epoch_increments_and_max_number_is_redrawn(seeded):
+    before = state(seeded)
+    numbers = set()
+    for run in range(1, 6):
+        result = randomize_points(seeded)
+        assert result.epoch == before.epoch + run
+        numbers.add(state(seeded).max_number)
+    # Five draws from 0..100 all equal: probability 101**-4, about 1e-8.
+    assert len(numbers) > 1
+    assert all(0 <= number <= 100 for number in numbers)
+
+
+def test_concurrent_randomizations_serialise(seeded):
+    before = state(seeded).epoch
+    errors = []
+
+    def run() -> None:
+        try:
+            randomize_points(seeded)
+        except MaxtwoError as ex:  # pragma: no cover - reported below
+            errors.append(ex)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert state(seeded).epoch == before + 3
+    assert len(distinct_updated_at(seeded)) == 1
+
+
+def _install_failing_trigger(engine, database_url: str, fail_at_id: int) -> None:
+    """A test-only trigger: the UPDATE of one row part way through the table fails."""
+    with engine.begin() as conn:
+        if is_postgres_url(database_url):
+            conn.execute(sa.text(
+                "CREATE FUNCTION fail_update() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'injected failure'; END $$"
+            ))
+            conn.execute(sa.text(
+                "CREATE TRIGGER fail_part_way BEFORE UPDATE ON users FOR EACH ROW "
+                f"WHEN (NEW.id = {fail_at_id}) EXECUTE FUNCTION fail_update()"
+            ))
+        else:
+            conn.execute(sa.text(
+                "CREATE TRIGGER fail_part_way BEFORE UPDATE ON users FOR EACH ROW "
+                f"WHEN NEW.id = {fail_at_id} BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
+            ))
+
+
+def test_a_randomization_that_fails_part_way_changes_nothing(seeded, database_url):
+    randomize_points(seeded)
+    before_rows = user_rows(seeded)
+    before_state = state(seeded)
+    _install_failing_trigger(seeded, database_url, fail_at_id=ROWS // 2)
+
+    with pytest.raises(MaxtwoError, match="injected failure"):
+        randomize_points(seeded)
+
+    assert user_rows(seeded) == before_rows
+    assert state(seeded) == before_state
+
+
+def test_a_randomization_whose_connection_is_killed_changes_nothing(postgres_engine):
+    """PostgreSQL only: SQLite has no server connection to kill (the trigger test covers it)."""
+    seeded = postgres_engine
+    seed_users(seeded, ROWS)
+    before_rows = user_rows(seeded)
+    before_state = state(seeded)
+    with seeded.begin() as conn:
+        # Slow down one row in the middle so the UPDATE is surely running when it is killed.
+        conn.execute(sa.text(
+            "CREATE FUNCTION slow_update() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN PERFORM pg_sleep(30); RETURN NEW; END $$"
+        ))
+        conn.execute(sa.text(
+            "CREATE TRIGGER slow_part_way BEFORE UPDATE ON users FOR EACH ROW "
+            f"WHEN (NEW.id = {ROWS // 2}) EXECUTE FUNCTION slow_update()"
+        ))
+    outcome = []
+    worker = threading.Thread(target=lambda: outcome.append(_try(randomize_points, seeded)))
+    worker.start()
+    deadline = time.monotonic() + 20
+    killed = False
+    while not killed and time.monotonic() < deadline:
+        time.sleep(0.1)
+        with seeded.connect() as conn:
+            killed = bool(conn.scalar(sa.text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE query LIKE 'UPDATE users SET points%' AND state = 'active' "
+                "AND pid <> pg_backend_pid()"
+            )))
+    worker.join(30)
+    assert killed
+    assert isinstance(outcome[0], MaxtwoError)
+    assert user_rows(seeded) == before_rows
+    assert state(seeded) == before_state
+
+
+def _try(function, *args):
+    try:
+        return function(*args)
+    except MaxtwoError as ex:
+        return ex

@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import sqlalchemy as sa
+
+from maxtwo_cli.core import db, schema
+from maxtwo_cli.core.clock import utcnow
+from maxtwo_cli.core.errors import ConfigurationError, SchemaMismatchError
+from maxtwo_cli.core.settings import Settings, default_database_url
+from tests.helpers import state
+
+
+def test_ensure_schema_twice_is_harmless(engine):
+    schema.ensure_schema(engine)
+    schema.ensure_schema(engine)
+    current = state(engine)
+    assert current.epoch == 0
+    assert current.last_query_at is None
+    assert current.randomized_at is None
+    assert 0 <= current.max_number <= 100
+
+
+ENSURE_SCRIPT = """
+import sys
+from maxtwo_cli.core import db, schema
+from maxtwo_cli.core.clock import utcnow
+from maxtwo_cli.core.settings import Settings
+schema.ensure_schema(db.create_engine(Settings(database_url=sys.argv[1], statement_timeout=30.0)))
+"""
+
+
+def test_ensure_schema_from_several_processes_at_once(settings):
+    processes = [
+        subprocess.Popen([sys.executable, "-c", ENSURE_SCRIPT, settings.database_url], stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    for process in processes:
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+    engine = db.create_engine(settings)
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).select_from(schema.randomizer_state)) == 1
+        assert conn.scalar(sa.select(sa.func.count()).select_from(schema.query_state)) == 1
+    engine.dispose()
+
+
+def test_points_outside_0_to_100_are_refused_by_the_database(engine):
+    for points in (-1, 101):
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+            conn.execute(
+                schema.users.insert().values(points=points, inserted_at=utcnow(), updated_at=utcnow())
+            )
+
+
+def test_a_foreign_users_table_is_refused_and_left_alone(settings):
+    engine = db.create_engine(settings)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)"))
+        conn.execute(sa.text("INSERT INTO users (id, name) VALUES (1, 'ada')"))
+    with pytest.raises(SchemaMismatchError, match="users"):
+        schema.ensure_schema(engine)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT id, name FROM users")).all() == [(1, "ada")]
+        tables = sa.inspect(conn).get_table_names()
+    assert "randomizer_state" not in tables  # all-or-nothing: nothing was created either
+    engine.dispose()
+
+
+def test_a_file_that_is_not_sqlite_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / "notes.txt"
+    content = b"these are my notes, not a database\n" * 200
+    path.write_bytes(content)
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}"))
+    with pytest.raises(SchemaMismatchError, match="not a SQLite database"):
+        schema.ensure_schema(engine)
+    assert path.read_bytes() == content
+
+
+@pytest.mark.parametrize(
+    ("raw", "driver"),
+    [
+        ("postgresql://u:p@localhost/db", "postgresql+psycopg"),
+        ("postgres://u:p@localhost/db", "postgresql+psycopg"),
+        ("postgresql+psycopg://u:p@localhost:5433/db", "postgresql+psycopg"),
+        ("sqlite:///relative.db", "sqlite+pysqlite"),
+    ],
+)
+def test_accepted_urls(raw, driver):
+    assert db.parse_database_url(raw).drivername == driver
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "mysql://root:s3cret@localhost/db",
+        "postgresql+psycopg2://u:s3cret@localhost/db",
+        "not a url s3cret",
+        "sqlite://",
+        "sqlite:///:memory:",
+    ],
+)
+def test_refused_urls_never_echo_the_password(raw):
+    with pytest.raises(ConfigurationError) as info:
+        db.parse_database_url(raw)
+    assert "s3cret" not in str(info.value)
+
+
+def test_redact_hides_the_password():
+    url = db.parse_database_url("postgresql://user:s3cret@db.example:5432/maxtwo")
+    assert db.redact(url) == "postgresql+psycopg://user:***@db.example:5432/maxtwo"
+
+
+def test_default_database_url_follows_systemd_then_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
+    assert default_database_url() == f"sqlite:///{tmp_path / 'state' / 'maxtwo.db'}"
+    monkeypatch.delenv("STATE_DIRECTORY")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert default_database_url() == f"sqlite:///{tmp_path / 'data' / 'maxtwo' / 'maxtwo.db'}"
+
+
+def test_the_sqlite_file_and_its_directory_are_created_on_first_use(tmp_path):
+    path = tmp_path / "new" / "dir" / "maxtwo.db"
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}"))
+    schema.ensure_schema(engine)
+    assert path.exists()
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    engine.dispose()
+
+
+def test_postgres_users_table_is_built_for_hot_updates(postgres_engine):
+    with postgres_engine.connect() as conn:
+        options = conn.scalar(sa.text("SELECT reloptions FROM pg_class WHERE oid = 'users'::regclass"))
+        indexed = conn.execute(sa.text(
+            "SELECT a.attname FROM pg_index i JOIN pg_attribute a "
+            "ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+            "WHERE i.indrelid = 'users'::regclass"
+        )).scalars().all()
+    assert "fillfactor=50" in options
+    assert indexed == ["id"]

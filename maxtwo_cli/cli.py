@@ -148,6 +148,64 @@ def query(
     stdout.print(f"previous query: {body['timestamp'] or 'never'}")
 
 
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise typer.BadParameter("must be greater than 0")
+    return value
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str, typer.Option("--host", envvar="MAXTWO_HOST", help="Address to listen on.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int,
+        typer.Option("--port", envvar="MAXTWO_PORT", min=1, max=65535, help="TCP port to listen on."),
+    ] = 4000,
+    threads: Annotated[
+        int,
+        typer.Option("--threads", envvar="MAXTWO_THREADS", min=1, help="Request-handling threads."),
+    ] = 8,
+    interval: Annotated[
+        float,
+        typer.Option(
+            "--interval",
+            envvar="MAXTWO_INTERVAL",
+            callback=_positive,
+            help="Seconds between randomizations, aligned to the wall clock.",
+        ),
+    ] = 60.0,
+    seed_count: Annotated[
+        int,
+        typer.Option(
+            "--seed-count",
+            envvar="MAXTWO_SEED_COUNT",
+            min=0,
+            help="Users to create at start-up if there are none (0: never seed).",
+        ),
+    ] = DEFAULT_SEED_COUNT,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Serve the HTTP API and randomize every interval, until SIGTERM.
+
+    Example: maxtwo serve --port 4000 --database-url postgresql+psycopg://maxtwo:PASSWORD@db/maxtwo
+    """
+    settings = Settings(
+        database_url=database_url or default_database_url(),
+        host=host,
+        port=port,
+        threads=threads,
+        interval=interval,
+        seed_count=seed_count,
+    )
+    with _reported_errors(settings):
+        # NOTE: imported here so that `maxtwo --help` never pays for falcon and waitress.
+        from daemon.server import serve as run_server
+
+        run_server(settings)
+
+
 def _settings(database_url: str | None) -> Settings:
     return Settings(database_url=database_url or default_database_url())
 

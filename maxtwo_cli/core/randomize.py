@@ -13,6 +13,9 @@ from maxtwo_cli.core.clock import as_utc, utcnow
 from maxtwo_cli.core.db import database_errors, is_postgres
 from maxtwo_cli.core.schema import MAX_POINTS, draw_max_number, randomizer_state, users
 
+# An arbitrary constant naming the scheduled randomization among advisory locks.
+RANDOMIZE_LOCK_KEY = 0x6D617832_0002
+
 # One statement per table, evaluated inside the database; every value 0..100 equally likely.
 # PostgreSQL: random() is uniform in [0, 1), so floor(random() * 101) covers 0..100.
 _POSTGRES_POINTS = sa.cast(sa.func.floor(sa.func.random() * (MAX_POINTS + 1)), sa.SmallInteger)
@@ -42,6 +45,36 @@ def randomize_points(engine: Engine, *, timeout: float | None = None) -> Randomi
     started = time.perf_counter()
     with database_errors(engine), engine.begin() as conn:
         epoch, randomized_at, rows = randomize_in_transaction(conn, timeout=timeout)
+    return RandomizeResult(
+        rows=rows,
+        seconds=time.perf_counter() - started,
+        epoch=epoch,
+        randomized_at=as_utc(randomized_at),
+    )
+
+
+def randomize_if_due(
+    engine: Engine, *, due_at: dt.datetime, interval: float
+) -> RandomizeResult | None:
+    """The scheduled randomization: run it unless another process already did for this slot.
+
+    Several daemons sharing a database all call this at the same wall-clock boundaries; exactly
+    one of them randomizes. On PostgreSQL a transaction-scoped advisory lock (released at commit
+    or rollback, so it cannot leak through a connection pooler) turns the others away while the
+    run is going; afterwards `randomized_at` does. A run counts for the slot if it started no
+    more than half an interval before `due_at`, which also absorbs clock skew between hosts.
+    Returns None when it did not run.
+    """
+    started = time.perf_counter()
+    with database_errors(engine), engine.begin() as conn:
+        if is_postgres(conn) and not conn.scalar(
+            sa.select(sa.func.pg_try_advisory_xact_lock(RANDOMIZE_LOCK_KEY))
+        ):
+            return None
+        last = conn.scalar(sa.select(randomizer_state.c.randomized_at))
+        if last is not None and as_utc(last) >= due_at - dt.timedelta(seconds=interval / 2):
+            return None
+        epoch, randomized_at, rows = randomize_in_transaction(conn, timeout=interval)
     return RandomizeResult(
         rows=rows,
         seconds=time.perf_counter() - started,

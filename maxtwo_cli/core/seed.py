@@ -90,6 +90,12 @@ def seed_users(
     return SeedResult(rows=count, seconds=time.perf_counter() - started, epoch=epoch)
 
 
+def has_users(engine: Engine) -> bool:
+    """Whether the users table holds at least one row."""
+    with database_errors(engine), engine.connect() as conn:
+        return conn.scalar(sa.select(sa.exists().where(users.c.id.is_not(None)))) or False
+
+
 def _insert_users(
     conn: sa.Connection,
     count: int,

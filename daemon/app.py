@@ -1,0 +1,82 @@
+"""create_app(settings, engine): the Falcon WSGI app. A pure factory: no environment reads,
+no threads, no connections opened here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import falcon
+from sqlalchemy.engine import Engine
+
+from daemon.metrics import Metrics
+from daemon.resources import HealthResource, MetricsResource, OpenApiResource, QueryResource
+from maxtwo_cli.core.errors import MaxtwoError
+from maxtwo_cli.core.query import AnswerCache
+from maxtwo_cli.core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS = 5
+
+
+def create_app(settings: Settings, engine: Engine, *, metrics: Metrics | None = None) -> falcon.App:
+    """The API: GET /, /healthz, /metrics, /openapi.json; JSON errors everywhere."""
+    metrics = metrics or Metrics()
+    app = falcon.App(middleware=[RequestMetrics(metrics)])
+    app.add_route("/", QueryResource(engine, AnswerCache(), metrics))
+    app.add_route("/healthz", HealthResource(engine))
+    app.add_route("/metrics", MetricsResource(metrics))
+    app.add_route("/openapi.json", OpenApiResource())
+    app.add_error_handler(MaxtwoError, _database_unavailable)
+    app.add_error_handler(Exception, _unexpected)
+    app.set_error_serializer(_serialize_error)
+    return app
+
+
+class RequestMetrics:
+    """Counts every answer by route and status, and times it."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.started = time.perf_counter()
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
+    ) -> None:
+        # NOTE: the URI template, never the raw path, so a scan of random URLs cannot blow up
+        # the number of time series.
+        route = req.uri_template or "unmatched"
+        status = str(falcon.http_status_to_code(resp.status))
+        self._metrics.requests.labels(route=route, method=req.method, status=status).inc()
+        started = getattr(req.context, "started", None)
+        if started is not None:
+            self._metrics.request_latency.labels(route=route).observe(time.perf_counter() - started)
+
+
+def _database_unavailable(req: falcon.Request, resp: falcon.Response, ex: MaxtwoError, params: dict) -> None:
+    # APPSEC: the detail (host, database, driver message) goes to the log, not to the client.
+    log.warning("%s %s: 503: %s", req.method, req.path, ex)
+    raise falcon.HTTPServiceUnavailable(
+        description="the database is unavailable; try again shortly",
+        retry_after=RETRY_AFTER_SECONDS,
+    )
+
+
+def _unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict) -> None:
+    if isinstance(ex, falcon.HTTPError | falcon.HTTPStatus):
+        raise ex  # falcon's own; its default handling is right
+    log.exception("%s %s: 500", req.method, req.path)
+    raise falcon.HTTPInternalServerError(description="an unexpected error; it has been logged")
+
+
+def _serialize_error(req: falcon.Request, resp: falcon.Response, exception: falcon.HTTPError) -> None:
+    """Every error is JSON, whatever the client's Accept header says."""
+    body = {"status": exception.status_code, "title": exception.title}
+    if exception.description:
+        body["description"] = exception.description
+    resp.content_type = falcon.MEDIA_JSON
+    resp.data = json.dumps(body).encode()

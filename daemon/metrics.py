@@ -1,0 +1,57 @@
+"""The daemon's Prometheus metrics, in a registry of its own (one per app, so tests and
+several apps in one process never collide in the global registry)."""
+
+from __future__ import annotations
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        # NOTE: the *_created series double the output and nobody here graphs them.
+        prometheus_client.disable_created_metrics()
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "maxtwo_http_requests_total",
+            "HTTP requests answered, by route, method and status code.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.request_latency = Histogram(
+            "maxtwo_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route.",
+            ["route"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.randomize_duration = Histogram(
+            "maxtwo_randomize_duration_seconds",
+            "Duration of the scheduled randomizations this process performed.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120),
+            registry=self.registry,
+        )
+        self.randomize_last_success = Gauge(
+            "maxtwo_randomize_last_success_timestamp_seconds",
+            "Unix time of the last successful randomization this process performed.",
+            registry=self.registry,
+        )
+        self.randomize_failures = Counter(
+            "maxtwo_randomize_failures_total",
+            "Scheduled randomizations that failed (and were retried at the next interval).",
+            registry=self.registry,
+        )
+        self.randomize_skipped = Counter(
+            "maxtwo_randomize_skipped_total",
+            "Scheduled randomizations not performed by this process, by reason: "
+            "overlap (its previous run was still going) or elsewhere (another process ran it).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.epoch = Gauge(
+            "maxtwo_epoch",
+            "The current randomization epoch, as last seen by this process.",
+            registry=self.registry,
+        )
+        for reason in ("overlap", "elsewhere"):
+            self.randomize_skipped.labels(reason=reason)

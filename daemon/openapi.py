@@ -1,0 +1,149 @@
+"""The OpenAPI 3.1 description of every endpoint, served at /openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from maxtwo_cli import __version__
+
+_ERROR = {
+    "type": "object",
+    "required": ["status", "title"],
+    "properties": {
+        "status": {"type": "integer", "minimum": 400, "maximum": 599},
+        "title": {"type": "string"},
+        "description": {"type": "string"},
+    },
+}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    """A fresh copy of the document (callers may serialise it however they like)."""
+    common_errors = {
+        "404": _error("No such path."),
+        "405": _error("The path exists but not for this method."),
+        "500": _error("An unexpected error; details go only to the server log."),
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "maxtwo",
+            "version": __version__,
+            "description": (
+                "A million users whose points (0..100) are re-rolled every minute; each query "
+                "returns at most two users above a hidden number and the previous query's time."
+            ),
+        },
+        "paths": {
+            "/": {
+                "get": {
+                    "operationId": "query",
+                    "summary": "At most 2 users above the hidden number, and the previous query's time.",
+                    "description": (
+                        "Records now as the last query time. `timestamp` is the time recorded by "
+                        "the previous query (UTC), null for the first query ever."
+                    ),
+                    "responses": {
+                        "200": {
+                            "description": "The answer.",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/QueryAnswer"},
+                                    "example": {
+                                        "users": [{"id": 1, "points": 30}, {"id": 72, "points": 30}],
+                                        "timestamp": "2020-07-30 17:09:33Z",
+                                    },
+                                }
+                            },
+                        },
+                        "503": _error("The database is unavailable; retry after Retry-After seconds."),
+                        **common_errors,
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "operationId": "health",
+                    "summary": "Whether the database answers.",
+                    "responses": {
+                        "200": {
+                            "description": "The database answers.",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}},
+                        },
+                        "503": {
+                            "description": "The database does not answer.",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}},
+                        },
+                        **common_errors,
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus metrics (text exposition format).",
+                    "responses": {
+                        "200": {
+                            "description": "Metrics.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        **common_errors,
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document.",
+                    "responses": {
+                        "200": {
+                            "description": "The OpenAPI document.",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        },
+                        **common_errors,
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "User": {
+                    "type": "object",
+                    "required": ["id", "points"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "id": {"type": "integer", "minimum": 1},
+                        "points": {"type": "integer", "minimum": 1, "maximum": 100},
+                    },
+                },
+                "QueryAnswer": {
+                    "type": "object",
+                    "required": ["users", "timestamp"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "users": {"type": "array", "maxItems": 2, "items": {"$ref": "#/components/schemas/User"}},
+                        "timestamp": {
+                            "type": ["string", "null"],
+                            "pattern": r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}Z$",
+                        },
+                    },
+                },
+                "Health": {
+                    "type": "object",
+                    "required": ["status"],
+                    "properties": {
+                        "status": {"type": "string", "enum": ["ok", "unavailable"]},
+                        "description": {"type": "string"},
+                    },
+                },
+                "Error": _ERROR,
+            }
+        },
+    }

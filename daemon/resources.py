@@ -1,0 +1,71 @@
+"""Falcon resources: each one only translates between HTTP and one core call."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import falcon
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.engine import Engine
+
+from daemon.metrics import Metrics
+from daemon.openapi import openapi_document
+from maxtwo_cli.core.db import ping
+from maxtwo_cli.core.errors import MaxtwoError
+from maxtwo_cli.core.query import AnswerCache, query_users
+
+log = logging.getLogger(__name__)
+
+
+class QueryResource:
+    """GET /: the core query, exactly as `maxtwo query --json` prints it."""
+
+    def __init__(self, engine: Engine, cache: AnswerCache, metrics: Metrics) -> None:
+        self._engine = engine
+        self._cache = cache
+        self._metrics = metrics
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        result = query_users(self._engine, self._cache)
+        self._metrics.epoch.set(result.epoch)
+        resp.media = result.api_body()
+
+
+class HealthResource:
+    """GET /healthz: 200 when the database answers, 503 when it does not."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        try:
+            ping(self._engine)
+        except MaxtwoError as ex:
+            log.warning("health check failed: %s", ex)
+            resp.status = falcon.HTTP_503
+            resp.media = {"status": "unavailable", "description": "the database does not answer"}
+            return
+        resp.media = {"status": "ok"}
+
+
+class MetricsResource:
+    """GET /metrics: Prometheus text format."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = CONTENT_TYPE_LATEST
+        resp.data = generate_latest(self._metrics.registry)
+
+
+class OpenApiResource:
+    """GET /openapi.json: the API description."""
+
+    def __init__(self) -> None:
+        self._body = json.dumps(openapi_document()).encode()
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = self._body

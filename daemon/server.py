@@ -41,6 +41,9 @@ DRAIN_SECONDS = 5.0
 SCHEDULER_STOP_SECONDS = 3.0
 # How often the serving loop looks up from poll() to notice a stop request.
 LOOP_TICK_SECONDS = 0.2
+# A connection counts as idle (safe to close at shutdown) once quiet this long: a client that
+# has just connected may not have sent its request yet, and closing it then would reset it.
+QUIET_SECONDS = 0.25
 
 # waitress settings. NOTE: channel_timeout drops idle keep-alive connections; the connection
 # limit is above the 200 concurrent clients we test with, below the default fd limit (1024).
@@ -169,16 +172,22 @@ def _drain(server: BaseWSGIServer, deadline: float) -> None:
     # Close the listening socket only; the trigger that wakes this loop must stay open.
     wasyncore.dispatcher.close(server)
     while time.monotonic() < deadline:
-        busy = False
-        for channel in list(server.active_channels.values()):
-            if channel.requests or channel.request is not None or channel.total_outbufs_len:
-                busy = True
-            else:
-                channel.will_close = True  # an idle keep-alive connection: close it
-        if not busy and not server.task_dispatcher.queue and not server.task_dispatcher.active_count:
+        if not any(_busy(channel) for channel in list(server.active_channels.values())) and not (
+            server.task_dispatcher.queue or server.task_dispatcher.active_count
+        ):
             break
         wasyncore.loop(timeout=0.05, map=server._map, use_poll=True, count=1)
     else:
         log.warning("shutdown: requests still unanswered after %.0f s, closing them", DRAIN_SECONDS)
     server.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
     wasyncore.close_all(server._map)
+
+
+def _busy(channel) -> bool:
+    """A request in progress, a response unsent, or bytes that may still be on their way."""
+    return bool(
+        channel.requests
+        or channel.request is not None
+        or channel.total_outbufs_len
+        or time.time() - channel.last_activity < QUIET_SECONDS
+    )

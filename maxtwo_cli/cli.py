@@ -11,9 +11,10 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -26,9 +27,36 @@ from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.seed import seed_users
 from maxtwo_cli.core.settings import DEFAULT_SEED_COUNT, Settings, default_database_url
 
+class OneLineErrors(typer.core.TyperGroup):
+    """Usage errors as one line on stderr (exit 2), instead of a usage banner and a box."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            outcome = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:
+            print("Error: aborted", file=sys.stderr)
+            sys.exit(1)
+        except Exception as ex:
+            # NOTE: click's exceptions (vendored privately by typer) are recognised by shape.
+            format_message = getattr(ex, "format_message", None)
+            exit_code = getattr(ex, "exit_code", None)
+            if format_message is None or exit_code is None:
+                raise
+            hint = f" (see {ex.ctx.command_path} --help)" if getattr(ex, "ctx", None) else ""
+            message = " ".join(format_message().split())
+            if message:  # empty for "no arguments": the help was shown instead
+                print(f"Error: {message}{hint}", file=sys.stderr)
+            sys.exit(exit_code)
+        # In non-standalone mode an Exit comes back as its code, success as the command's None.
+        sys.exit(outcome if isinstance(outcome, int) else 0)
+
+
 # APPSEC: database URLs carry passwords; tracebacks must never print local variables.
 app = typer.Typer(
     name="maxtwo",
+    cls=OneLineErrors,
     help="The points service: a million users, re-rolled every minute, two served at a time.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 
@@ -7,7 +8,8 @@ import pytest
 import sqlalchemy as sa
 
 from maxtwo_cli.core.errors import MaxtwoError
-from maxtwo_cli.core.randomize import randomize_points
+from maxtwo_cli.core.clock import utcnow
+from maxtwo_cli.core.randomize import RANDOMIZE_LOCK_KEY, randomize_if_due, randomize_points
 from maxtwo_cli.core.seed import seed_users
 from tests.conftest import is_postgres_url
 from tests.helpers import distinct_updated_at, points_histogram, state, user_rows
@@ -154,3 +156,28 @@ def _try(function, *args):
         return function(*args)
     except MaxtwoError as ex:
         return ex
+
+
+def test_randomize_if_due_runs_once_per_slot(seeded):
+    due_at = utcnow()
+    first = randomize_if_due(seeded, due_at=due_at, interval=60)
+    assert first is not None and first.rows == ROWS
+    # The same slot again (another daemon arriving late): not due.
+    assert randomize_if_due(seeded, due_at=due_at, interval=60) is None
+    # The next slot is due.
+    assert randomize_if_due(seeded, due_at=due_at + dt.timedelta(seconds=60), interval=60) is not None
+    assert state(seeded).epoch == first.epoch + 1
+
+
+def test_randomize_if_due_on_a_fresh_database(engine):
+    assert randomize_if_due(engine, due_at=utcnow(), interval=1) is not None
+
+
+def test_randomize_if_due_stands_back_while_another_run_holds_the_lock(postgres_engine):
+    seed_users(postgres_engine, 100)
+    with postgres_engine.begin() as conn:
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(RANDOMIZE_LOCK_KEY)))
+        # Another daemon's run is in progress: this one must not wait, and must not run.
+        started = time.monotonic()
+        assert randomize_if_due(postgres_engine, due_at=utcnow(), interval=60) is None
+        assert time.monotonic() - started < 2

@@ -1,0 +1,99 @@
+"""Start the real `maxtwo serve` as a subprocess on a free port, for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+MAXTWO = Path(sys.executable).with_name("maxtwo")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get(url: str, timeout: float = 10.0) -> tuple[int, dict | str]:
+    """GET url; (status, parsed JSON body or text). Never raises for HTTP error statuses."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            status, raw, kind = response.status, response.read(), response.headers.get_content_type()
+    except urllib.error.HTTPError as ex:
+        status, raw, kind = ex.code, ex.read(), ex.headers.get_content_type()
+    text = raw.decode()
+    return status, json.loads(text) if kind == "application/json" else text
+
+
+class ServeProcess:
+    def __init__(self, database_url: str, *, interval: float = 1.0, seed_count: int = 2000,
+                 env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path: Path | None = None
+        self._args = [
+            str(MAXTWO), "serve", "--port", str(self.port), "--interval", str(interval),
+            "--seed-count", str(seed_count), "--threads", "8", *extra_args,
+        ]
+        self._env = {**os.environ, "MAXTWO_DATABASE_URL": database_url, **(env or {})}
+        self._env.pop("MAXTWO_DEBUG", None)
+        self.process: subprocess.Popen | None = None
+
+    def start(self, log_path: Path, wait: bool = True) -> ServeProcess:
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(self._args, env=self._env, stdout=self._log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"maxtwo serve exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if get(self.base + "/healthz", timeout=2)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"maxtwo serve did not become ready:\n{self.log()}")
+
+    def get(self, path: str = "/", timeout: float = 10.0) -> tuple[int, dict | str]:
+        return get(self.base + path, timeout=timeout)
+
+    def metric(self, name: str) -> float:
+        _, text = self.get("/metrics")
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,201 @@
+"""End to end: the real `maxtwo serve` process, over a socket, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import http.client
+import math
+import socket
+import threading
+import time
+
+import sqlalchemy as sa
+
+from maxtwo_cli.core import db
+from maxtwo_cli.core.clock import format_api_timestamp
+from maxtwo_cli.core.schema import users
+from maxtwo_cli.core.settings import Settings
+from tests.helpers import state
+from tests.pgserver import ThrowawayPostgres
+from tests.serve_process import ServeProcess
+
+
+def wait_for_epoch_change(engine, epoch: int, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = state(engine).epoch
+        if current != epoch:
+            return current
+        time.sleep(0.05)
+    raise AssertionError(f"the epoch stayed at {epoch} for {timeout} s")
+
+
+def test_serve_end_to_end(database_url, tmp_path):
+    with ServeProcess(database_url, interval=1, seed_count=2000) as daemon:
+        daemon.start(tmp_path / "serve.log")
+        engine = db.create_engine(Settings(database_url=database_url))
+
+        # Seeded on first start, and the first query ever gets null.
+        with engine.connect() as conn:
+            assert conn.scalar(sa.select(sa.func.count()).select_from(users)) == 2000
+        status, body = daemon.get("/")
+        assert status == 200 and body["timestamp"] is None
+
+        # The chain: each answer carries the time the previous request recorded.
+        for _ in range(10):
+            recorded_by_previous = format_api_timestamp(state(engine).last_query_at)
+            status, body = daemon.get("/")
+            assert status == 200
+            assert body["timestamp"] == recorded_by_previous
+
+        # Every interval brings new points (and a new epoch).
+        seen = []
+        epoch = state(engine).epoch
+        for _ in range(3):
+            epoch = wait_for_epoch_change(engine, epoch)
+            with engine.connect() as conn:
+                seen.append(tuple(conn.scalars(sa.select(users.c.points).order_by(users.c.id))))
+        assert len(set(seen)) == 3
+        assert all(min(points) >= 0 and max(points) <= 100 for points in seen)
+
+        assert daemon.terminate() == 0
+        assert "Traceback" not in daemon.log()
+        engine.dispose()
+
+
+def _hammer(port: int, stop: threading.Event, outcomes: list, lock: threading.Lock) -> None:
+    """Request GET / over and over on fresh connections; record how each one ended."""
+    while not stop.is_set():
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+        try:
+            connection.connect()
+        except ConnectionRefusedError:
+            outcome = "refused"  # the listener is closed: never accepted, nothing lost
+        else:
+            try:
+                connection.request("GET", "/")
+                response = connection.getresponse()
+                response.read()
+                outcome = response.status
+            except OSError as ex:  # accepted but not answered: what must never happen
+                outcome = f"lost: {type(ex).__name__}"
+            except http.client.HTTPException as ex:
+                outcome = f"lost: {type(ex).__name__}"
+        finally:
+            connection.close()
+        with lock:
+            outcomes.append(outcome)
+        if outcome == "refused":
+            return
+
+
+def test_sigterm_during_a_burst_answers_everything_and_exits_0(database_url, tmp_path):
+    with ServeProcess(database_url, interval=1, seed_count=2000) as daemon:
+        daemon.start(tmp_path / "serve.log")
+        stop, lock, outcomes = threading.Event(), threading.Lock(), []
+        clients = [
+            threading.Thread(target=_hammer, args=(daemon.port, stop, outcomes, lock))
+            for _ in range(16)
+        ]
+        for client in clients:
+            client.start()
+        time.sleep(1.5)
+        started = time.monotonic()
+        code = daemon.terminate(timeout=15)
+        stopped_in = time.monotonic() - started
+        stop.set()
+        for client in clients:
+            client.join(20)
+        answered = [outcome for outcome in outcomes if outcome == 200]
+        lost = [outcome for outcome in outcomes if outcome not in (200, "refused")]
+        assert code == 0
+        assert stopped_in < 10
+        assert len(answered) > 50
+        assert lost == []
+        assert "stopped" in daemon.log()
+
+
+def test_two_daemons_randomize_exactly_once_per_interval(postgres_url, tmp_path):
+    engine = db.create_engine(Settings(database_url=postgres_url))
+    with ServeProcess(postgres_url, interval=1, seed_count=2000) as first, \
+            ServeProcess(postgres_url, interval=1, seed_count=2000) as second:
+        first.start(tmp_path / "first.log")
+        second.start(tmp_path / "second.log")
+        # Measure from the middle of one interval to the middle of another, away from the
+        # boundaries where runs happen.
+        time.sleep(math.ceil(time.time()) + 0.5 - time.time())
+        epoch_before = state(engine).epoch
+        runs_before = first.metric("maxtwo_randomize_duration_seconds_count") + second.metric(
+            "maxtwo_randomize_duration_seconds_count"
+        )
+        time.sleep(5)
+        epoch_after = state(engine).epoch
+        runs_after = first.metric("maxtwo_randomize_duration_seconds_count") + second.metric(
+            "maxtwo_randomize_duration_seconds_count"
+        )
+        assert epoch_after - epoch_before == 5  # five boundaries crossed, five randomizations
+        assert runs_after - runs_before == 5  # performed by the two daemons between them
+        stood_back = first.metric('maxtwo_randomize_skipped_total{reason="elsewhere"}') + second.metric(
+            'maxtwo_randomize_skipped_total{reason="elsewhere"}'
+        )
+        assert stood_back >= 4  # the other daemon was there each time and stood back
+        assert first.terminate() == 0 and second.terminate() == 0
+    engine.dispose()
+
+
+def test_sd_notify_ready_watchdog_stopping(tmp_path):
+    address = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(address)
+    listener.settimeout(0.2)
+    messages: list[str] = []
+    env = {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1000000"}
+    with ServeProcess(f"sqlite:///{tmp_path / 'maxtwo.db'}", interval=60, seed_count=10, env=env) as daemon:
+        daemon.start(tmp_path / "serve.log")
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                messages.append(listener.recv(4096).decode())
+            except TimeoutError:
+                pass
+        assert daemon.terminate() == 0
+        try:
+            while True:
+                messages.append(listener.recv(4096).decode())
+        except TimeoutError:
+            pass
+    listener.close()
+    assert messages[0] == "READY=1"
+    assert messages.count("WATCHDOG=1") >= 4  # every 0.5 s (half of WATCHDOG_USEC)
+    assert messages[-1] == "STOPPING=1"
+
+
+def test_the_daemon_rides_out_a_database_outage(tmp_path):
+    """Its own PostgreSQL server, stopped and started again under the running daemon."""
+    with ThrowawayPostgres(fsync=False) as server:
+        engine = db.create_engine(Settings(database_url=server.url))
+        with ServeProcess(server.url, interval=1, seed_count=500) as daemon:
+            daemon.start(tmp_path / "serve.log")
+            assert daemon.get("/")[0] == 200
+
+            server.stop()
+            started = time.monotonic()
+            status, body = daemon.get("/", timeout=15)
+            assert status == 503 and body["status"] == 503
+            assert time.monotonic() - started < 7  # the connect timeout (5 s), never a hang
+            assert daemon.get("/healthz", timeout=15)[0] == 503
+            time.sleep(1.5)  # at least one scheduled run fails meanwhile
+
+            server.start()
+            recovered_at = None
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if daemon.get("/", timeout=15)[0] == 200:
+                    recovered_at = time.monotonic()
+                    break
+                time.sleep(0.1)
+            assert recovered_at is not None
+            epoch = state(engine).epoch
+            wait_for_epoch_change(engine, epoch, timeout=5)  # the scheduler recovered too
+            assert daemon.metric("maxtwo_randomize_failures_total") >= 1
+            assert daemon.terminate() == 0
+        engine.dispose()

@@ -12,6 +12,7 @@ from sqlalchemy.engine import Engine
 
 from daemon.metrics import Metrics
 from daemon.resources import HealthResource, MetricsResource, OpenApiResource, QueryResource
+from maxtwo_cli.core.combiner import QueryCombiner
 from maxtwo_cli.core.errors import MaxtwoError
 from maxtwo_cli.core.query import AnswerCache
 from maxtwo_cli.core.settings import Settings
@@ -25,7 +26,8 @@ def create_app(settings: Settings, engine: Engine, *, metrics: Metrics | None = 
     """The API: GET /, /healthz, /metrics, /openapi.json; JSON errors everywhere."""
     metrics = metrics or Metrics()
     app = falcon.App(middleware=[RequestMetrics(metrics)])
-    app.add_route("/", QueryResource(engine, AnswerCache(), metrics))
+    combiner = QueryCombiner(engine, AnswerCache(), on_batch=metrics.query_batch_size.observe)
+    app.add_route("/", QueryResource(combiner, metrics))
     app.add_route("/healthz", HealthResource(engine))
     app.add_route("/metrics", MetricsResource(metrics))
     app.add_route("/openapi.json", OpenApiResource())

@@ -25,6 +25,12 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
+        self.query_batch_size = Histogram(
+            "maxtwo_query_batch_size",
+            "Queries answered per database transaction (concurrent queries share one commit).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
         self.randomize_duration = Histogram(
             "maxtwo_randomize_duration_seconds",
             "Duration of the scheduled randomizations this process performed.",

@@ -13,7 +13,7 @@ from daemon.metrics import Metrics
 from daemon.openapi import openapi_document
 from maxtwo_cli.core.db import ping
 from maxtwo_cli.core.errors import MaxtwoError
-from maxtwo_cli.core.query import AnswerCache, query_users
+from maxtwo_cli.core.combiner import QueryCombiner
 
 log = logging.getLogger(__name__)
 
@@ -21,13 +21,12 @@ log = logging.getLogger(__name__)
 class QueryResource:
     """GET /: the core query, exactly as `maxtwo query --json` prints it."""
 
-    def __init__(self, engine: Engine, cache: AnswerCache, metrics: Metrics) -> None:
-        self._engine = engine
-        self._cache = cache
+    def __init__(self, combiner: QueryCombiner, metrics: Metrics) -> None:
+        self._combiner = combiner
         self._metrics = metrics
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        result = query_users(self._engine, self._cache)
+        result = self._combiner.query()
         self._metrics.epoch.set(result.epoch)
         resp.media = result.api_body()
 

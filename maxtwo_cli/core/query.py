@@ -42,6 +42,7 @@ _POSTGRES_QUERY = sa.text(
         UPDATE query_state
         SET last_query_at = greatest(
             clock_timestamp(), previous.last_query_at + interval '1 microsecond')
+            + (CAST(:count AS integer) - 1) * interval '1 microsecond'
         FROM previous
         WHERE query_state.id = 1
         RETURNING previous.last_query_at AS previous_at, query_state.last_query_at AS recorded_at
@@ -105,23 +106,49 @@ class AnswerCache:
 
 def query_users(engine: Engine, cache: AnswerCache | None = None) -> QueryResult:
     """Record now as the last query time; return up to 2 users above max_number and the previous time."""
+    return query_users_batch(engine, 1, cache)[0]
+
+
+def query_users_batch(engine: Engine, count: int, cache: AnswerCache | None = None) -> list[QueryResult]:
+    """`count` consecutive queries in one transaction: one commit (one disk flush) for all.
+
+    The results form a chain exactly as `count` separate calls would: the first gets the time
+    recorded before the batch, each later one the time recorded by the one before it (times
+    one microsecond apart), and all share one snapshot, so they carry the same users.
+    """
+    if count < 1:
+        raise ValueError("count must be >= 1")
     cached = cache.get() if cache is not None else None
     with database_errors(engine), engine.begin() as conn:
         if is_postgres(conn):
-            result = _query_postgres(conn, cached)
+            previous, last, epoch, answer = _query_postgres(conn, cached, count)
         else:
-            result = _query_sqlite(conn, cached)
-    if cache is not None and (cached is None or cached[0] != result.epoch):
-        cache.put(result.epoch, result.users)
-    return result
+            previous, last, epoch, answer = _query_sqlite(conn, cached, count)
+    if cache is not None and (cached is None or cached[0] != epoch):
+        cache.put(epoch, answer)
+    recorded = [last - (count - 1 - index) * _TICK for index in range(count)]
+    return [
+        QueryResult(
+            users=answer,
+            previous=previous if index == 0 else recorded[index - 1],
+            recorded_at=recorded[index],
+            epoch=epoch,
+        )
+        for index in range(count)
+    ]
+
+
+# (time recorded before, last time recorded now, epoch, users)
+_Outcome = tuple[dt.datetime | None, dt.datetime, int, tuple[User, ...]]
 
 
 def _query_postgres(
-    conn: sa.Connection, cached: tuple[int, tuple[User, ...]] | None
-) -> QueryResult:
+    conn: sa.Connection, cached: tuple[int, tuple[User, ...]] | None, count: int
+) -> _Outcome:
     rows = conn.execute(
         _POSTGRES_QUERY,
         {
+            "count": count,
             "cached_epoch": cached[0] if cached else None,
             "max_points": MAX_POINTS,
             "answer_size": ANSWER_SIZE,
@@ -132,20 +159,18 @@ def _query_postgres(
         answer = cached[1]
     else:
         answer = tuple(User(id=row.id, points=row.points) for row in rows if row.id is not None)
-    return QueryResult(
-        users=answer,
-        previous=None if previous_at is None else as_utc(previous_at),
-        recorded_at=as_utc(recorded_at),
-        epoch=epoch,
-    )
-
-
-def _query_sqlite(conn: sa.Connection, cached: tuple[int, tuple[User, ...]] | None) -> QueryResult:
-    # BEGIN IMMEDIATE (see db.py) holds the write lock: these statements run as one unit.
-    previous_at = conn.scalar(sa.select(query_state.c.last_query_at))
     previous = None if previous_at is None else as_utc(previous_at)
-    recorded_at = utcnow() if previous is None else max(utcnow(), previous + _TICK)
-    conn.execute(query_state.update().values(last_query_at=recorded_at))
+    return previous, as_utc(recorded_at), epoch, answer
+
+
+def _query_sqlite(
+    conn: sa.Connection, cached: tuple[int, tuple[User, ...]] | None, count: int
+) -> _Outcome:
+    # BEGIN IMMEDIATE (see db.py) holds the write lock: these statements run as one unit.
+    previous = conn.scalar(sa.select(query_state.c.last_query_at))
+    first = utcnow() if previous is None else max(utcnow(), previous + _TICK)
+    last = first + (count - 1) * _TICK
+    conn.execute(query_state.update().values(last_query_at=last))
     epoch, max_number = conn.execute(
         sa.select(randomizer_state.c.epoch, randomizer_state.c.max_number)
     ).one()
@@ -163,4 +188,4 @@ def _query_sqlite(conn: sa.Connection, cached: tuple[int, tuple[User, ...]] | No
                 .limit(ANSWER_SIZE)
             )
         )
-    return QueryResult(users=answer, previous=previous, recorded_at=recorded_at, epoch=epoch)
+    return previous, last, epoch, answer

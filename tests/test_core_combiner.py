@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from maxtwo_cli.core import db
+from maxtwo_cli.core.combiner import QueryCombiner
+from maxtwo_cli.core.errors import DatabaseUnavailableError
+from maxtwo_cli.core.query import AnswerCache, query_users, query_users_batch
+from maxtwo_cli.core.randomize import randomize_points
+from maxtwo_cli.core.seed import seed_users
+from maxtwo_cli.core.settings import Settings
+from tests.helpers import state
+
+
+@pytest.fixture
+def seeded(engine):
+    seed_users(engine, 1000)
+    randomize_points(engine)
+    return engine
+
+
+def test_a_batch_is_a_chain_in_one_transaction(seeded):
+    before = query_users(seeded)
+    batch = query_users_batch(seeded, 5)
+    assert batch[0].previous == before.recorded_at
+    for earlier, later in zip(batch, batch[1:]):
+        assert later.previous == earlier.recorded_at
+        assert later.recorded_at > earlier.recorded_at
+    assert len({result.users for result in batch}) == 1
+    assert state(seeded).last_query_at == batch[-1].recorded_at
+    assert query_users(seeded).previous == batch[-1].recorded_at
+
+
+def test_batch_count_must_be_positive(seeded):
+    with pytest.raises(ValueError):
+        query_users_batch(seeded, 0)
+
+
+def test_concurrent_callers_share_transactions_and_keep_the_chain(seeded):
+    sizes: list[int] = []
+    combiner = QueryCombiner(seeded, AnswerCache(), on_batch=sizes.append)
+    results = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(16)
+
+    def worker() -> None:
+        barrier.wait()
+        for _ in range(20):
+            result = combiner.query()
+            with lock:
+                results.append(result)
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len(results) == 320
+    assert sum(sizes) == 320
+    assert max(sizes) > 1  # 16 threads at once: some of them shared a transaction
+    assert len(sizes) < 320
+    previous = [result.previous for result in results]
+    recorded = sorted(result.recorded_at for result in results)
+    assert previous.count(None) == 1  # the first query ever, and only it
+    assert sorted(p for p in previous if p is not None) == recorded[:-1]
+
+
+def test_every_waiter_of_a_failing_batch_gets_the_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a directory should be")
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{blocker / 'maxtwo.db'}"))
+    combiner = QueryCombiner(engine)
+    errors = []
+
+    def worker() -> None:
+        try:
+            combiner.query()
+        except DatabaseUnavailableError as ex:
+            errors.append(ex)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(errors) == 8
+    assert not any(thread.is_alive() for thread in threads)

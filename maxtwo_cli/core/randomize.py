@@ -19,9 +19,10 @@ RANDOMIZE_LOCK_KEY = 0x6D617832_0002
 # One statement per table, evaluated inside the database; every value 0..100 equally likely.
 # PostgreSQL: random() is uniform in [0, 1), so floor(random() * 101) covers 0..100.
 _POSTGRES_POINTS = sa.cast(sa.func.floor(sa.func.random() * (MAX_POINTS + 1)), sa.SmallInteger)
-# SQLite: random() is a uniform signed 64-bit integer; the double modulo maps it onto 0..100
-# (bias below 1e-17) without abs(), which overflows on the one value -2**63.
-_SQLITE_POINTS = ((sa.func.random() % (MAX_POINTS + 1)) + (MAX_POINTS + 1)) % (MAX_POINTS + 1)
+# SQLite: random() is a uniform signed 64-bit integer; masked to its 63 low bits it is uniform
+# in 0..2**63-1, and modulo 101 that is uniform in 0..100 up to a bias below 1e-17. (abs() would
+# overflow on the one value -2**63.)
+_SQLITE_POINTS = sa.func.random().op("&")(2**63 - 1) % (MAX_POINTS + 1)
 
 
 @dataclasses.dataclass(frozen=True)

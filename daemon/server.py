@@ -19,6 +19,7 @@ import time
 
 import waitress
 from waitress import wasyncore
+from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer
 from sqlalchemy.engine import Engine
 
@@ -60,13 +61,16 @@ def serve(settings: Settings) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
     configure_logging()
     log.info("maxtwo %s starting (pid %d)", __version__, os.getpid())
-    engine = db.create_engine(settings, pool_size=settings.threads + 2)
+    # Requests and the scheduler get pools of their own, so a burst of requests can never take
+    # the connection a randomization needs.
+    engine = db.create_engine(settings, pool_size=2)
+    request_engine = db.create_engine(settings, pool_size=settings.threads)
     log.info("database: %s", db.redact(engine.url))
     try:
         schema.ensure_schema(engine)
         seed_if_empty(engine, settings.seed_count)
         metrics = Metrics()
-        server = bind(create_app(settings, engine, metrics=metrics), settings)
+        server = bind(create_app(settings, request_engine, metrics=metrics), settings)
         log.info("listening on http://%s:%s", server.effective_host, server.effective_port)
         systemd.notify("READY=1")
         scheduler = RandomizeScheduler(scheduled_job(engine, settings.interval), settings.interval, metrics)
@@ -77,6 +81,7 @@ def serve(settings: Settings) -> None:
         _drain(server, time.monotonic() + DRAIN_SECONDS)
         scheduler.stop(SCHEDULER_STOP_SECONDS)
     finally:
+        request_engine.dispose()
         engine.dispose()
     log.info("stopped")
 
@@ -122,7 +127,7 @@ def scheduled_job(engine: Engine, interval: float):
 
 def bind(app, settings: Settings) -> BaseWSGIServer:
     try:
-        return waitress.create_server(
+        server = waitress.create_server(
             app,
             host=settings.host,
             port=settings.port,
@@ -137,6 +142,26 @@ def bind(app, settings: Settings) -> BaseWSGIServer:
     except OSError as ex:
         reason = "the port is already in use" if ex.errno == errno.EADDRINUSE else ex.strerror
         raise BindError(f"cannot listen on {settings.host}:{settings.port}: {reason}") from None
+    server.channel_class = QuietChannel
+    return server
+
+
+class QuietChannel(HTTPChannel):
+    """waitress's channel, minus a busy loop that starves the request threads.
+
+    NOTE: while a request is being answered, its worker thread writes and flushes the response
+    itself (holding the channel's output lock). Stock waitress still asks poll() for POLLOUT on
+    that socket, which is always ready, so the main loop spins on a lock it cannot take, holding
+    the GIL: measured, the main thread burned a whole core and GET / fell to a few hundred
+    requests/s. Here the main loop only waits to write when no request is running (the worker
+    pulls the loop's trigger when it finishes) or when a huge response must be drained while the
+    worker waits at the high-water mark.
+    """
+
+    def writable(self) -> bool:
+        if self.requests and self.total_outbufs_len < self.adj.outbuf_high_watermark:
+            return bool(self.will_close)
+        return super().writable()
 
 
 def _stop_on_signals() -> threading.Event:

@@ -1,0 +1,142 @@
+"""The issue's goals, judged from the measured results (never typed by hand).
+
+Goals stated for 1M rows (or 10M) are only judged when the run used that size: a 20k-row CI
+run shows the figure but says "not judged". Goals that do not depend on the size (GET / against
+the hello-world app, errors, serve's memory, durability) are judged on every run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from bench import load, randomize, seed
+from bench.memory import MB
+from bench.options import GOAL_ROWS, GOAL_SCALE_ROWS
+
+SERVE_RSS_LIMIT_BYTES = 120 * MB
+# Holding 1M rows in Python as (id, points, inserted_at, updated_at) tuples takes over 100 MB
+# (an 88-byte tuple and a 28-byte int per row); 16 MB leaves room for driver buffers only.
+SEED_GROWTH_LIMIT_BYTES = 16 * MB
+
+
+def evaluate(results: dict) -> list[dict]:
+    rows = results["parameters"]["rows"]
+    at_goal_size = rows == GOAL_ROWS
+    size_note = f"run used {rows:,} rows; the goal is for {GOAL_ROWS:,}"
+    goals: list[dict] = []
+
+    def judge(goal: str, value: Any, show: Callable[[Any], str], passes: Callable[[Any], bool],
+              judged: bool = True, why_not: str = "") -> None:
+        if value is None:
+            goals.append({"goal": goal, "measured": "no data", "met": "no data (benchmark failed or skipped)"})
+            return
+        met = ("yes" if passes(value) else "no") if judged else f"not judged ({why_not})"
+        goals.append({"goal": goal, "measured": show(value), "met": met})
+
+    def seconds(value: float) -> str:
+        return f"{value:.3f} s"
+
+    def times(value: float) -> str:
+        return f"{value:.2f}x"
+
+    pg_randomize = _ok(results, "randomize", "PostgreSQL")
+    sqlite_randomize = _ok(results, "randomize", "SQLite")
+    judge("PostgreSQL randomize 1M <= 1.0 s", _median(pg_randomize, randomize.OURS), seconds,
+          lambda value: value <= 1.0, at_goal_size, size_note)
+    judge("PostgreSQL randomize >= 4x faster than the naive update", _get(pg_randomize, "naive_over_ours"),
+          times, lambda value: value >= 4, at_goal_size, size_note)
+    judge("PostgreSQL randomize within 1.6x of the unlogged floor", _get(pg_randomize, "ours_over_unlogged"),
+          times, lambda value: value <= 1.6, at_goal_size, size_note)
+    judge("PostgreSQL randomize still durable (fsync, synchronous_commit, full_page_writes on; users logged)",
+          _durability(results, pg_randomize), _show_durability, lambda value: all(value.values()))
+    judge("SQLite randomize 1M <= 0.5 s", _median(sqlite_randomize, randomize.OURS), seconds,
+          lambda value: value <= 0.5, at_goal_size, size_note)
+
+    for database, limit in (("PostgreSQL", 1.5), ("SQLite", 1.0)):
+        seeding = _ok(results, "seed", database)
+        judge(f"{database} seed 1M <= {limit} s", _median(seeding, seed.OURS), seconds,
+              lambda value, limit=limit: value <= limit, at_goal_size, size_note)
+        judge(f"{database} seed >= 3x faster than the chunked baseline", _get(seeding, "baseline_over_ours"),
+              times, lambda value: value >= 3, at_goal_size, size_note)
+
+    steady = _get(results, "load", "steady") or {}
+    span = _get(results, "load", "span") or {}
+    connection_counts = results["parameters"]["connections"]
+    for database in ("SQLite", "PostgreSQL"):
+        by_connections = _get(_ok_in(steady, database), "by_connections") or {}
+        for connections in connection_counts:
+            judge(f"GET / on {database} >= 0.8x the hello-world req/s at {connections} connections",
+                  _get(by_connections, str(connections), "ours_over_hello"), times, lambda value: value >= 0.8)
+        judge(f"GET / on {database}: zero errors (non-2xx/3xx and socket errors, all load runs)",
+              _errors(_ok_in(steady, database), _ok_in(span, database)), lambda value: f"{value:,}",
+              lambda value: value == 0)
+    judge("PostgreSQL GET / p99 during a randomization <= 2x p99 outside one",
+          _get(_ok_in(span, "PostgreSQL"), "inside_over_outside"), times, lambda value: value <= 2,
+          at_goal_size, size_note)
+
+    scaling = _ok(results, "scale", "PostgreSQL")
+    ten_million = next((point for point in _get(scaling, "points") or [] if point["rows"] == GOAL_SCALE_ROWS), None)
+    if ten_million is not None or scaling is None:
+        judge("10M-row randomize on PostgreSQL <= 12 s", _get(ten_million, "randomize", "median"), seconds,
+              lambda value: value <= 12)
+    else:
+        sizes = ", ".join(f"{point['rows']:,}" for point in scaling["points"])
+        extrapolated = scaling.get("extrapolated_seconds_for_10m")
+        goals.append({"goal": "10M-row randomize on PostgreSQL <= 12 s",
+                      "measured": "not measured" if extrapolated is None
+                      else f"{extrapolated:.2f} s (extrapolated from the fit)",
+                      "met": f"not judged (10M rows not measured, only {sizes})"})
+
+    for database in ("SQLite", "PostgreSQL"):
+        peaks = [_get(_ok_in(part, database), "serve_peak_rss_bytes") for part in (steady, span)]
+        peaks = [peak for peak in peaks if peak]
+        judge(f"maxtwo serve peak RSS under load on {database} <= 120 MB", max(peaks) if peaks else None,
+              lambda value: f"{value / MB:.1f} MB", lambda value: value <= SERVE_RSS_LIMIT_BYTES)
+        memory = _ok(results, "memory", database)
+        judge(f"maxtwo seed on {database} holds no rows in Python memory "
+              f"(peak RSS growth vs --count 0 <= {SEED_GROWTH_LIMIT_BYTES // MB} MB)",
+              _get(memory, "growth_bytes"), lambda value: f"{value / MB:+.1f} MB",
+              lambda value: value <= SEED_GROWTH_LIMIT_BYTES, at_goal_size, size_note)
+    return goals
+
+
+def _get(data: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def _ok_in(section: dict, database: str) -> dict | None:
+    """A database's result within a section, or None if that benchmark failed."""
+    result = section.get(database) if isinstance(section, dict) else None
+    return None if not isinstance(result, dict) or "error" in result else result
+
+
+def _ok(results: dict, section: str, database: str) -> dict | None:
+    return _ok_in(results.get(section) or {}, database)
+
+
+def _median(result: dict | None, contender: str) -> float | None:
+    return _get(result, "contenders", contender, "median")
+
+
+def _errors(steady: dict | None, span: dict | None) -> int | None:
+    if steady is None:
+        return None
+    total = sum(summary[load.OURS]["errors"] for summary in steady["by_connections"].values())
+    return total + (span["errors"] if span else 0)
+
+
+def _durability(results: dict, pg_randomize: dict | None) -> dict | None:
+    settings = _get(results, "machine", "databases", "PostgreSQL", "settings")
+    if settings is None or pg_randomize is None:
+        return None
+    return {**{name: settings.get(name) == "on" for name in ("fsync", "synchronous_commit", "full_page_writes")},
+            "users table logged": bool(pg_randomize.get("ours_table_logged"))}
+
+
+def _show_durability(value: dict) -> str:
+    return ", ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in value.items())

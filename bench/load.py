@@ -1,0 +1,173 @@
+"""Benchmark 4: GET / under load with wrk.
+
+- Steady load: for each connection count, `maxtwo serve` (seeded with N users, randomizing every
+  60 s) and the hello-world app (bench/hello.py, same waitress settings) take turns under
+  `wrk -t2 -cC -dDs --latency`: one warm-up each, then rounds. Ratio: ours / hello req/s.
+- Across randomizations: `maxtwo serve --interval S` under back-to-back 1 s wrk windows at 50
+  connections until at least two randomizations have run, 2.5 intervals have passed and two
+  windows or more fell both inside and outside randomizations. The randomizations' start and
+  end come from the daemon's log; a window is "inside" if it overlapped one and "outside" if it
+  overlapped none. Ratio: median window p99 inside / outside.
+
+Both runs sample the server's peak RSS (benchmark 5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from pathlib import Path
+
+from bench.common import Rounds, attempt, ratio, run_in_rounds, say
+from bench.memory import PeakRssSampler
+from bench.options import BenchOptions
+from bench.processes import hello_world, maxtwo_serve, running
+from bench.serve_log import overlaps, randomizations
+from bench.wrk import INSTALL_HINT, errors_of, run_wrk, wrk_path
+
+OURS = "maxtwo serve"
+HELLO = "hello-world app"
+STEADY_INTERVAL = 60.0
+SPAN_CONNECTIONS = 50
+SPAN_WINDOW_SECONDS = 1  # wrk's shortest run
+SPAN_MIN_INTERVALS = 2.5
+SPAN_MIN_RANDOMIZATIONS = 2
+SPAN_MIN_WINDOWS_EACH = 2  # inside and outside: a p99 of one window alone says little
+
+
+def run(targets: list, options: BenchOptions, work_dir: Path) -> dict:
+    if wrk_path() is None:
+        say(f"  wrk not found: {INSTALL_HINT}; skipping the load benchmark")
+        return {"skipped": f"wrk is not installed ({INSTALL_HINT})"}
+    # Seeding N users happens before `serve` answers: allow for it.
+    ready_timeout = 120 + options.rows / 10_000
+    results: dict = {"steady": {}, "span": {}}
+    with running(hello_world(work_dir / "hello.log")) as hello, PeakRssSampler(hello.pid) as hello_rss:
+        for target in targets:
+            results["steady"][target.name] = attempt(
+                f"load on {target.name}",
+                lambda target=target: _steady(target, hello, options, work_dir, ready_timeout))
+        results["hello_peak_rss_bytes"] = hello_rss.peak_bytes
+    for target in targets:
+        results["span"][target.name] = attempt(
+            f"load across randomizations on {target.name}",
+            lambda target=target: _span(target, options, work_dir, ready_timeout))
+    return results
+
+
+def _steady(target, hello, options: BenchOptions, work_dir: Path, ready_timeout: float) -> dict:
+    log_path = work_dir / f"serve-steady-{target.name}.log"
+    serve = maxtwo_serve_for(options.rows, STEADY_INTERVAL, log_path)
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(target.fresh_database("load"))
+        server = stack.enter_context(running(serve(url), ready_timeout))
+        rss = stack.enter_context(PeakRssSampler(server.pid))
+        by_connections = {}
+        for connections in options.connections:
+            rounds = run_in_rounds({
+                OURS: lambda c=connections: run_wrk(server.url, c, options.load_seconds),
+                HELLO: lambda c=connections: run_wrk(hello.url, c, options.load_seconds),
+            }, options.runs)
+            summary = {name: _summarize(result) for name, result in rounds.items()}
+            summary["ours_over_hello"] = ratio(summary[OURS]["requests_per_second"],
+                                               summary[HELLO]["requests_per_second"])
+            by_connections[str(connections)] = summary
+            say(f"  GET / on {target.name}, {connections} connections: "
+                f"{summary[OURS]['requests_per_second']:,.0f} req/s vs hello "
+                f"{summary[HELLO]['requests_per_second']:,.0f} ({summary['ours_over_hello']:.2f}x), "
+                f"p99 {summary[OURS]['p99_ms']:.1f} ms, errors {summary[OURS]['errors']}")
+    spans = randomizations(log_path)
+    for summary in by_connections.values():
+        for run in [summary[OURS]["warmup"], *summary[OURS]["runs"]]:
+            run["overlapped_randomization"] = overlaps(run, spans)
+    return {"rows": options.rows, "interval": STEADY_INTERVAL, "by_connections": by_connections,
+            "randomizations": spans, "serve_peak_rss_bytes": rss.peak_bytes}
+
+
+def _span(target, options: BenchOptions, work_dir: Path, ready_timeout: float) -> dict:
+    interval = options.span_interval
+    log_path = work_dir / f"serve-span-{target.name}.log"
+    serve = maxtwo_serve_for(options.rows, interval, log_path)
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(target.fresh_database("span"))
+        server = stack.enter_context(running(serve(url), ready_timeout))
+        rss = stack.enter_context(PeakRssSampler(server.pid))
+        warmup = run_wrk(server.url, SPAN_CONNECTIONS, SPAN_WINDOW_SECONDS)
+        windows: list[dict] = []
+        started = time.time()
+        give_up = started + 8 * interval + 60
+        while time.time() < give_up:
+            windows.append(run_wrk(server.url, SPAN_CONNECTIONS, SPAN_WINDOW_SECONDS))
+            seen = [span for span in randomizations(log_path) if span["end"] > started]
+            places = [_classify(window, seen, interval) for window in windows]
+            if (time.time() - started >= SPAN_MIN_INTERVALS * interval
+                    and len(seen) >= SPAN_MIN_RANDOMIZATIONS
+                    and min(places.count("inside"), places.count("outside")) >= SPAN_MIN_WINDOWS_EACH):
+                break
+    spans = [span for span in randomizations(log_path) if span["end"] > warmup["started_at"]]
+    for window in windows:
+        window["where"] = _classify(window, spans, interval)
+    inside = [window["p99_ms"] for window in windows if window["where"] == "inside"]
+    outside = [window["p99_ms"] for window in windows if window["where"] == "outside"]
+    result = {
+        "rows": options.rows, "interval": interval, "connections": SPAN_CONNECTIONS,
+        "window_seconds": SPAN_WINDOW_SECONDS, "warmup": warmup, "windows": windows,
+        "randomizations": spans, "serve_peak_rss_bytes": rss.peak_bytes,
+        "seconds": windows[-1]["ended_at"] - started if windows else 0.0,
+        "inside": _p99_summary(inside), "outside": _p99_summary(outside),
+        "errors": sum(errors_of(window) for window in windows),
+    }
+    result["inside_over_outside"] = ratio(result["inside"]["median_p99_ms"], result["outside"]["median_p99_ms"])
+    if len(spans) < SPAN_MIN_RANDOMIZATIONS:
+        raise RuntimeError(f"only {len(spans)} randomization(s) during {result['seconds']:.0f} s of load "
+                           f"at --interval {interval:g}; see {log_path}")
+    say(f"  GET / across {len(spans)} randomizations on {target.name}: p99 inside "
+        f"{_fmt(result['inside']['median_p99_ms'])} ms ({len(inside)} windows), outside "
+        f"{_fmt(result['outside']['median_p99_ms'])} ms ({len(outside)} windows)")
+    return result
+
+
+def maxtwo_serve_for(rows: int, interval: float, log_path: Path):
+    """A factory: the URL is only known once the fresh database exists."""
+    return lambda url: maxtwo_serve(url, seed_count=rows, interval=interval, log_path=log_path)
+
+
+def _classify(window: dict, spans: list[dict], interval: float) -> str:
+    """"inside" a randomization, "outside", or "unknown": the window holds a due time (the
+    daemon randomizes at multiples of the interval) whose randomization never reached the log,
+    e.g. one still running when the load stopped."""
+    if overlaps(window, spans):
+        return "inside"
+    first_due = math.ceil(window["started_at"] / interval) * interval
+    if first_due <= window["ended_at"]:
+        return "unknown"
+    return "outside"
+
+
+def _summarize(rounds: Rounds[dict]) -> dict:
+    """Medians of the measured runs' figures; the worst max latency; errors added up."""
+    runs = rounds.runs
+    socket_errors = {kind: sum(run["socket_errors"][kind] for run in runs) for kind in runs[0]["socket_errors"]}
+    return {
+        "warmup": rounds.warmup,
+        "runs": runs,
+        "requests_per_second": statistics.median(run["requests_per_second"] for run in runs),
+        "p50_ms": statistics.median(run["p50_ms"] for run in runs),
+        "p99_ms": statistics.median(run["p99_ms"] for run in runs),
+        "max_ms": max(run["max_ms"] for run in runs),
+        "non_2xx_3xx": sum(run["non_2xx_3xx"] for run in runs),
+        "socket_errors": socket_errors,
+        "errors": sum(errors_of(run) for run in runs),
+        "warmup_errors": errors_of(rounds.warmup),
+    }
+
+
+def _p99_summary(p99s: list[float]) -> dict:
+    return {"windows": len(p99s), "median_p99_ms": statistics.median(p99s) if p99s else None,
+            "worst_p99_ms": max(p99s) if p99s else None}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"

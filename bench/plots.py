@@ -1,0 +1,127 @@
+"""The PNG plots under docs/img/ (matplotlib, Agg: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot is imported: CI and servers have no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from bench import load, randomize, seed  # noqa: E402
+
+SEED_RANDOMIZE = "seed-randomize.png"
+RANDOMIZE_SCALE = "randomize-scale.png"
+LOAD = "load.png"
+DATABASES = ("SQLite", "PostgreSQL")
+COLORS = {"ours": "#1f77b4", "baseline": "#d62728", "floor": "#7f7f7f", "hello": "#ff7f0e"}
+
+
+def plot_seed_randomize(results: dict, path: Path) -> bool:
+    """Bars: maxtwo vs the baselines (median seconds), seed on the left, randomize on the right."""
+    panels = [
+        ("seed", f"Seed {results['parameters']['rows']:,} users",
+         [(seed.OURS, "ours"), (seed.BASELINE, "baseline")]),
+        ("randomize", f"Randomize {results['parameters']['rows']:,} users",
+         [(randomize.OURS, "ours"), (randomize.NAIVE, "baseline"), (randomize.UNLOGGED, "floor")]),
+    ]
+    if not any(_ok(results, section, database) for section, _, _ in panels for database in DATABASES):
+        return False
+    figure, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for axis, (section, title, contenders) in zip(axes, panels):
+        width = 0.8 / len(contenders)
+        for index, (contender, color) in enumerate(contenders):
+            xs, heights = [], []
+            for position, database in enumerate(DATABASES):
+                median = (_ok(results, section, database) or {}).get("contenders", {}).get(contender, {}).get("median")
+                if median is not None:
+                    xs.append(position + (index - (len(contenders) - 1) / 2) * width)
+                    heights.append(median)
+            bars = axis.bar(xs, heights, width, label=contender, color=COLORS[color])
+            axis.bar_label(bars, labels=[_seconds(height) for height in heights], fontsize=8, padding=2)
+        axis.set_xticks(range(len(DATABASES)), DATABASES)
+        axis.set_ylabel(f"seconds (median of {results['parameters']['runs']} runs; lower is better)")
+        axis.set_title(title)
+        axis.legend(fontsize=8)
+        axis.margins(y=0.15)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def plot_randomize_scale(results: dict, path: Path) -> bool:
+    """Seconds vs rows on PostgreSQL: every run, the medians and the linear fit."""
+    scaling = _ok(results, "scale", "PostgreSQL")
+    if not scaling or not scaling.get("points"):
+        return False
+    points = scaling["points"]
+    millions = [point["rows"] / 1e6 for point in points]
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for point in points:
+        axis.scatter([point["rows"] / 1e6] * len(point["randomize"]["runs"]), point["randomize"]["runs"],
+                     color=COLORS["ours"], alpha=0.3, s=14)
+    axis.plot(millions, [point["randomize"]["median"] for point in points], "o", color=COLORS["ours"],
+              label="median of the runs")
+    fit = scaling.get("fit")
+    if fit:
+        span = [0, max(millions) * 1.05]
+        slope, intercept = fit["seconds_per_million_rows"], fit["intercept_seconds"]
+        label = f"linear fit: {slope:.3f} s per million rows {'+' if intercept >= 0 else '-'} {abs(intercept):.3f} s"
+        axis.plot(span, [intercept + slope * x for x in span], "--", color=COLORS["baseline"], label=label)
+        if "extrapolated_rows_within_interval" in scaling:
+            axis.text(0.02, 0.85, f"60 s interval fits ~{scaling['extrapolated_rows_within_interval']:,} rows "
+                      "(extrapolated from the fit)", transform=axis.transAxes, fontsize=9)
+    if max(point["randomize"]["median"] for point in points) > scaling["interval_seconds"] / 2:
+        axis.axhline(scaling["interval_seconds"], color=COLORS["floor"], linestyle=":", label="the 60 s interval")
+    axis.set_xlabel("users (millions)")
+    axis.set_ylabel("randomize, seconds")
+    axis.set_title("Randomize on PostgreSQL: one atomic, durable UPDATE of every user")
+    axis.set_xlim(left=0)
+    axis.set_ylim(bottom=0)
+    axis.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def plot_load(results: dict, path: Path) -> bool:
+    """Bars: req/s of maxtwo serve vs the hello-world app, per database and connection count."""
+    steady = (results.get("load") or {}).get("steady") or {}
+    groups = []
+    for database in DATABASES:
+        result = steady.get(database)
+        if isinstance(result, dict) and "error" not in result:
+            groups += [(f"{database}\n{connections} conn.", summary)
+                       for connections, summary in result["by_connections"].items()]
+    if not groups:
+        return False
+    figure, axis = plt.subplots(figsize=(max(6, 2.2 * len(groups)), 5))
+    width = 0.38
+    for offset, (name, color) in ((-width / 2, (load.OURS, "ours")), (width / 2, (load.HELLO, "hello"))):
+        heights = [summary[name]["requests_per_second"] for _, summary in groups]
+        bars = axis.bar([index + offset for index in range(len(groups))], heights, width, label=name,
+                        color=COLORS[color])
+        axis.bar_label(bars, labels=[f"{height:,.0f}" for height in heights], fontsize=8, padding=2)
+    axis.set_xticks(range(len(groups)), [f"{label}\nours / hello {summary['ours_over_hello']:.2f}x"
+                                         for label, summary in groups])
+    axis.set_ylabel(f"requests/s (median of {results['parameters']['runs']} wrk runs; higher is better)")
+    axis.set_title("GET / under wrk: maxtwo serve vs a hello-world app on the same waitress settings")
+    axis.legend(fontsize=8)
+    axis.margins(y=0.15)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def _ok(results: dict, section: str, database: str) -> dict | None:
+    result = (results.get(section) or {}).get(database)
+    return result if isinstance(result, dict) and "error" not in result else None
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3f} s" if value < 10 else f"{value:.1f} s"

@@ -1,0 +1,418 @@
+"""docs/performance.md and docs/bench-results.json, both rendered from one results dict, so the
+markdown never says anything the JSON does not hold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import load, randomize, seed
+from bench.common import scrub
+from bench.goals import SEED_GROWTH_LIMIT_BYTES
+from bench.memory import MB
+from bench.plots import LOAD, RANDOMIZE_SCALE, SEED_RANDOMIZE
+
+DATABASES = ("SQLite", "PostgreSQL")
+NOTES_PATH = Path(__file__).resolve().parent / "NOTES.md"
+
+
+def read_notes() -> str | None:
+    """bench/NOTES.md, the hand-kept log of optimisation attempts, verbatim."""
+    try:
+        return NOTES_PATH.read_text()
+    except FileNotFoundError:
+        return None
+
+
+# APPSEC: scrubbed on the way out too: a password may sit in the command line or an error.
+def write_json(results: dict, path: Path) -> None:
+    path.write_text(scrub(json.dumps(results, indent=2)) + "\n")
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    path.write_text(scrub(render_markdown(results)))
+
+
+def render_markdown(results: dict) -> str:
+    sections = [
+        _title(results),
+        _headline(results),
+        _goals(results),
+        _seed(results),
+        _randomize(results),
+        _scale(results),
+        _load(results),
+        _memory(results),
+        _machine(results),
+        _method(results),
+        _tried(results),
+    ]
+    return "\n\n".join(section.strip() for section in sections if section) + "\n"
+
+
+# -- sections -----------------------------------------------------------------------------------
+
+
+def _title(results: dict) -> str:
+    parameters, machine = results["parameters"], results.get("machine") or {}
+    tiny = ("\n\n> **A `--tiny` run (the CI preset).** Its figures only show that the harness works; "
+            "goals stated for 1M or 10M users are not judged.") if parameters["tiny"] else ""
+    return f"""
+# Performance
+
+Written by `{results['command']}` on {machine.get('date', 'an unknown date')}, in
+{results['runtime_seconds']:.0f} s, on the machine described [below](#machine) (commit
+{machine.get('commit') or 'unknown'}). Raw figures, every individual run included:
+[`bench-results.json`](bench-results.json). Every time is the median of {parameters['runs']} runs after
+one warm-up; every headline figure is a ratio against a baseline measured in the same run on the
+same machine (see [Method](#method)).{tiny}
+"""
+
+
+def _headline(results: dict) -> str:
+    rows = results["parameters"]["rows"]
+    lines = [
+        "## Headline: ratios against same-run baselines", "",
+        "| figure | SQLite | PostgreSQL |", "|---|---|---|",
+        _row(f"seed {rows:,} users: chunked baseline time / maxtwo time",
+             [_x(_field(results, "seed", db, "baseline_over_ours")) for db in DATABASES]),
+        _row(f"randomize {rows:,} users: naive UPDATE time / maxtwo time",
+             [_x(_field(results, "randomize", db, "naive_over_ours")) for db in DATABASES]),
+        _row(f"randomize {rows:,} users: maxtwo time / unlogged floor time (1.00x = no WAL cost)",
+             ["n/a (no unlogged tables)", _x(_field(results, "randomize", "PostgreSQL", "ours_over_unlogged"))]),
+    ]
+    steady = _load_part(results, "steady")
+    for connections in results["parameters"]["connections"]:
+        lines.append(_row(f"GET /, {connections} connections: maxtwo req/s / hello-world req/s", [
+            _x(_nested(steady.get(db), "by_connections", str(connections), "ours_over_hello")) for db in DATABASES]))
+    span = _load_part(results, "span")
+    lines.append(_row("GET /: p99 inside / outside randomizations (median window p99)",
+                      [_x(_nested(span.get(db), "inside_over_outside")) for db in DATABASES]))
+    return "\n".join(lines)
+
+
+def _goals(results: dict) -> str:
+    lines = ["## Goals", "", "From issue 4; *met* is computed from the figures of this run.", "",
+             "| goal | measured | met |", "|---|---|---|"]
+    lines += [_row(goal["goal"], [goal["measured"], goal["met"]]) for goal in results.get("goals", [])]
+    return "\n".join(lines)
+
+
+def _seed(results: dict) -> str:
+    rows = results["parameters"]["rows"]
+    lines = [f"## 1. Seed {rows:,} users", "",
+             f"maxtwo's `seed_users` (rows generated inside the database, one transaction; on PostgreSQL "
+             f"including the `VACUUM (ANALYZE)` that follows) against {seed.BASELINE}: rows built in Python "
+             "chunk by chunk, one transaction, into the same table.", "",
+             "| database | maxtwo | rows/s | chunked baseline | rows/s | baseline / maxtwo |",
+             "|---|---|---|---|---|---|"]
+    failures = []
+    for database in DATABASES:
+        result = (results.get("seed") or {}).get(database)
+        if _failed(result):
+            failures.append(_failure(database, result))
+            continue
+        ours, baseline = result["contenders"][seed.OURS], result["contenders"][seed.BASELINE]
+        lines.append(_row(database, [_s(ours["median"]), _rate(rows, ours["median"]), _s(baseline["median"]),
+                                     _rate(rows, baseline["median"]), _x(result["baseline_over_ours"])]))
+    lines += ["", *failures, _runs_note(results, "seed", [seed.OURS, seed.BASELINE])]
+    lines += ["", f"![seed and randomize, maxtwo vs baselines](img/{SEED_RANDOMIZE})"] if _plotted(results, SEED_RANDOMIZE) else []
+    return "\n".join(lines)
+
+
+def _randomize(results: dict) -> str:
+    rows = results["parameters"]["rows"]
+    lines = [f"## 2. Randomize {rows:,} users", "",
+             "maxtwo's `randomize_points` (one transaction: the state row, then one UPDATE of every user; "
+             "fillfactor 50 on PostgreSQL) against the best published approach, "
+             "`UPDATE users SET points = floor(random()*101), updated_at = now()` on a default table "
+             "(SQLite: `abs(random()) % 101` and ISO-8601 text timestamps, SQLAlchemy's default storage), "
+             "and on PostgreSQL against the floor: maxtwo's update on an UNLOGGED copy of its table (no WAL).", "",
+             "| database | maxtwo | rows/s | naive | unlogged floor | naive / maxtwo | maxtwo / floor |",
+             "|---|---|---|---|---|---|---|"]
+    failures = []
+    for database in DATABASES:
+        result = (results.get("randomize") or {}).get(database)
+        if _failed(result):
+            failures.append(_failure(database, result))
+            continue
+        contenders = result["contenders"]
+        ours = contenders[randomize.OURS]["median"]
+        floor = contenders.get(randomize.UNLOGGED, {}).get("median")
+        lines.append(_row(database, [_s(ours), _rate(rows, ours), _s(contenders[randomize.NAIVE]["median"]),
+                                     _s(floor) if floor else "n/a", _x(result["naive_over_ours"]),
+                                     _x(result["ours_over_unlogged"]) if floor else "n/a"]))
+    lines += ["", *failures, _runs_note(results, "randomize", [randomize.OURS, randomize.NAIVE, randomize.UNLOGGED])]
+    return "\n".join(lines)
+
+
+def _scale(results: dict) -> str:
+    lines = ["## 3. Randomize at scale (PostgreSQL)", "",
+             "Each size: a fresh schema seeded by the core (seed time: one run), then "
+             f"{results['parameters']['runs']} timed randomizations after a warm-up.", ""]
+    result = (results.get("scale") or {}).get("PostgreSQL")
+    if _failed(result):
+        return "\n".join([*lines, _failure("PostgreSQL", result)])
+    lines += ["| users | seed (one run) | randomize (median) | rows/s | runs |", "|---|---|---|---|---|"]
+    for point in result["points"]:
+        timing = point["randomize"]
+        lines.append(_row(f"{point['rows']:,}", [_s(point["seed_seconds"]), _s(timing["median"]),
+                                                  f"{point['rows_per_second']:,.0f}", _list_s(timing["runs"])]))
+    lines.append("")
+    largest = result.get("largest_measured_within_interval")
+    lines.append(f"- Largest measured table randomized within the {result['interval_seconds']:.0f} s interval: "
+                 + (f"**{largest:,} users**." if largest else "none of the measured sizes."))
+    if "fit" in result:
+        fit = result["fit"]
+        lines.append(f"- Linear fit over the medians: {fit['seconds_per_million_rows']:.3f} s per million users "
+                     f"{'+' if fit['intercept_seconds'] >= 0 else '-'} {abs(fit['intercept_seconds']):.3f} s.")
+    predictions = []
+    if "extrapolated_rows_within_interval" in result:
+        predictions.append(f"about {result['extrapolated_rows_within_interval']:,} users fit in "
+                           f"{result['interval_seconds']:.0f} s")
+    if "extrapolated_seconds_for_10m" in result:
+        predictions.append(f"10M users take about {result['extrapolated_seconds_for_10m']:.2f} s")
+    if predictions:
+        lines.append(f"- **Extrapolated** from that fit, not measured: {' and '.join(predictions)}. An "
+                     "extrapolation assumes the table and its WAL stay within memory and I/O bandwidth; "
+                     "measure before relying on it.")
+    if _plotted(results, RANDOMIZE_SCALE):
+        lines += ["", f"![randomize seconds vs users on PostgreSQL](img/{RANDOMIZE_SCALE})"]
+    return "\n".join(lines)
+
+
+def _load(results: dict) -> str:
+    parameters = results["parameters"]
+    lines = ["## 4. GET / under load", ""]
+    section = results.get("load") or {}
+    if "skipped" in section:
+        return "\n".join([*lines, f"**Skipped:** {section['skipped']}."])
+    if _failed(section):
+        return "\n".join([*lines, _failure("load", section)])
+    lines += [f"`wrk -t2 -cC -d{parameters['load_seconds']}s --latency` against `maxtwo serve` "
+              f"(`--threads 8 --interval 60`, {parameters['rows']:,} users) and against the hello-world app "
+              "(bench/hello.py: a constant body, served through the daemon's own `bind()`), taking turns. "
+              "Figures are medians of the runs; max latency is the worst run's; errors add up every measured "
+              "run (non-2xx/3xx responses plus socket connect/read/write/timeout errors).", "",
+              "| database | connections | server | req/s | p50 | p99 | max | non-2xx/3xx | socket errors | ours / hello |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for database in DATABASES:
+        result = (section.get("steady") or {}).get(database)
+        if _failed(result):
+            notes.append(_failure(database, result))
+            continue
+        for connections, summary in result["by_connections"].items():
+            for name in (load.OURS, load.HELLO):
+                figures = summary[name]
+                sockets = figures["socket_errors"]
+                lines.append(_row(database, [
+                    connections, name, f"{figures['requests_per_second']:,.0f}", _ms(figures["p50_ms"]),
+                    _ms(figures["p99_ms"]), _ms(figures["max_ms"]), f"{figures['non_2xx_3xx']:,}",
+                    f"{sum(sockets.values()):,} (" + ", ".join(f"{k} {v}" for k, v in sockets.items()) + ")",
+                    _x(summary["ours_over_hello"]) if name == load.OURS else ""]))
+        overlapped = sum(run.get("overlapped_randomization", False) for summary in result["by_connections"].values()
+                         for run in summary[load.OURS]["runs"])
+        if overlapped:
+            notes.append(f"- {database}: {overlapped} measured run(s) of maxtwo overlapped a scheduled "
+                            "randomization (they count, as they would in production; the median damps them).")
+    lines += ["", *notes]
+    if _plotted(results, LOAD):
+        lines += ["", f"![GET / req/s, maxtwo vs hello-world](img/{LOAD})"]
+    lines += ["", "### Latency across randomizations", "",
+              f"`maxtwo serve --interval {parameters['span_interval']:g}` under back-to-back 1 s wrk windows at "
+              f"{load.SPAN_CONNECTIONS} connections (after one warm-up window), until at least "
+              f"{load.SPAN_MIN_RANDOMIZATIONS} randomizations ran, {load.SPAN_MIN_INTERVALS} intervals passed and "
+              f"at least {load.SPAN_MIN_WINDOWS_EACH} windows fell inside and outside randomizations each. "
+              "Each randomization's start and end come from the daemon's log line "
+              "(\"randomized N users in X s\", stamped at commit). A window is *inside* if it overlapped one, "
+              "*outside* if it overlapped none; a window holding a due time whose randomization never reached "
+              "the log is left out. A 1 s window only partly covered by a short randomization dilutes its p99.", "",
+              "| database | randomizations (s each) | windows inside | windows outside | p99 inside (median / worst) | p99 outside (median / worst) | inside / outside | errors |",
+              "|---|---|---|---|---|---|---|---|"]
+    failures = []
+    for database in DATABASES:
+        result = (section.get("span") or {}).get(database)
+        if _failed(result):
+            failures.append(_failure(database, result))
+            continue
+        inside, outside = result["inside"], result["outside"]
+        durations = ", ".join(f"{span['seconds']:.3f}" for span in result["randomizations"])
+        lines.append(_row(database, [
+            f"{len(result['randomizations'])} ({durations})", str(inside["windows"]), str(outside["windows"]),
+            f"{_ms(inside['median_p99_ms'])} / {_ms(inside['worst_p99_ms'])}",
+            f"{_ms(outside['median_p99_ms'])} / {_ms(outside['worst_p99_ms'])}",
+            _x(result["inside_over_outside"]), f"{result['errors']:,}"]))
+    lines += ["", *failures]
+    return "\n".join(lines)
+
+
+def _memory(results: dict) -> str:
+    rows = results["parameters"]["rows"]
+    lines = ["## 5. Memory", "",
+             "Peak RSS, sampled every 50 ms with psutil over the process and all its children.", "",
+             "| process | SQLite | PostgreSQL |", "|---|---|---|"]
+    steady, span = _load_part(results, "steady"), _load_part(results, "span")
+    lines.append(_row("`maxtwo serve` under steady load (wrk runs above)",
+                      [_mb(_nested(steady.get(db), "serve_peak_rss_bytes")) for db in DATABASES]))
+    lines.append(_row("`maxtwo serve` under load across randomizations",
+                      [_mb(_nested(span.get(db), "serve_peak_rss_bytes")) for db in DATABASES]))
+    hello = _mb((results.get("load") or {}).get("hello_peak_rss_bytes"))
+    lines.append(_row("hello-world app under the same load (one process, the baseline for both)", [hello, hello]))
+    memory = results.get("memory") or {}
+    lines.append(_row(f"`maxtwo seed --count {rows}`",
+                      [_mb(_nested(_ok(memory.get(db)), "seed", "peak_rss_bytes")) for db in DATABASES]))
+    lines.append(_row("`maxtwo seed --count 0` (same imports and connection, no rows)",
+                      [_mb(_nested(_ok(memory.get(db)), "seed_zero_rows", "peak_rss_bytes")) for db in DATABASES]))
+    lines.append(_row(f"growth for {rows:,} rows (goal: <= {SEED_GROWTH_LIMIT_BYTES // MB} MB at 1M)",
+                      [_mb(_nested(_ok(memory.get(db)), "growth_bytes"), signed=True) for db in DATABASES]))
+    notes = [_failure(db, memory.get(db)) for db in DATABASES if _failed(memory.get(db))]
+    load_section = results.get("load") or {}
+    if "skipped" in load_section or "error" in load_section:
+        notes.append("- `maxtwo serve` and the hello-world app are measured during benchmark 4, which "
+                     + ("was skipped." if "skipped" in load_section else "failed."))
+    return "\n".join([*lines, "", *notes])
+
+
+def _machine(results: dict) -> str:
+    machine = results.get("machine") or {}
+    databases = machine.get("databases") or {}
+    memory = machine.get("memory_bytes")
+    rows = [
+        ("date", machine.get("date")), ("CPU", machine.get("cpu")), ("cores", machine.get("cores")),
+        ("memory", f"{memory / 1024**3:.1f} GiB" if memory else None), ("OS", machine.get("os")),
+        ("Python", machine.get("python")), ("maxtwo", f"{machine.get('maxtwo')} (commit {machine.get('commit')})"),
+        ("libraries", ", ".join(f"{k} {v}" for k, v in (machine.get("libraries") or {}).items())),
+        ("wrk", machine.get("wrk") or "not installed"),
+    ]
+    for name in DATABASES:
+        described = databases.get(name) or {}
+        if "error" in described:
+            rows.append((name, f"unavailable: {described['error']}"))
+            continue
+        origin = {"throwaway": ", a throwaway local server started by the harness",
+                  "given": ", the server given with --postgres-url"}.get(described.get("origin"), "")
+        settings = ", ".join(f"`{k}={v}`" for k, v in (described.get("settings") or {}).items())
+        rows.append((name, f"{described.get('version')}{origin}; {settings}"))
+    lines = ["## Machine", "", "| | |", "|---|---|"] + [_row(key, [str(value)]) for key, value in rows]
+    return "\n".join(lines)
+
+
+def _method(results: dict) -> str:
+    parameters = results["parameters"]
+    return f"""
+## Method
+
+- **Command**: `{results['command']}`; parameters: {parameters['rows']:,} users, scale sizes
+  {', '.join(f'{size:,}' for size in parameters['scale_rows'])}, {parameters['load_seconds']} s per wrk run,
+  {parameters['runs']} runs after 1 warm-up, connections {', '.join(map(str, parameters['connections']))}.
+- **Runs**: each contender runs once as a warm-up (recorded, never counted), then the contenders take
+  turns for {parameters['runs']} rounds, so that drift on a shared machine touches all of them alike.
+  Tables show the median; the JSON keeps every run.
+- **Databases**: SQLite is a file in a temporary directory (WAL, `synchronous=FULL`, as maxtwo opens it);
+  PostgreSQL is a local server with fsync on (settings under [Machine](#machine)). Every benchmark gets
+  a fresh database: a new file, or a new schema selected with `?options=-csearch_path%3D<schema>`,
+  dropped afterwards. All engines are built by maxtwo's own `create_engine`. Every PostgreSQL table is
+  `VACUUM (ANALYZE)`d after seeding, before timing.
+- **Seed**: each run creates maxtwo's tables (untimed), then times `seed_users` or the chunked baseline
+  (10,000 rows per parameterised multi-row INSERT on PostgreSQL, executemany on SQLite, whose limit of
+  32,766 bound variables is below 40,000), each in one transaction, commit included.
+- **Randomize**: each contender's table is seeded once; the runs update it again and again, as the
+  daemon does every minute. maxtwo's time is `randomize_points` end to end (state row, UPDATE, commit).
+- **Load**: wrk runs on the same 2 cores as the server, so both compete for CPU; the hello-world app pays
+  the same price, which is why only the ratio is a headline. wrk's default 2 s timeout counts slower
+  requests as socket timeouts.
+- **Memory**: psutil samples RSS every 50 ms, summed over the process and its children; serve is sampled
+  from its first answered request to the end of its load runs (after its start-up seed).
+- **Goals** stated for 1M (or 10M) users are judged only when the run used that size.
+"""
+
+
+def _tried(results: dict) -> str:
+    notes = results.get("notes")
+    if notes is None:
+        return ("## What was tried\n\nNothing recorded yet: keep optimisation attempts in `bench/NOTES.md` "
+                "(what changed, the figures before and after, the commit); the harness copies it here.")
+    return "## What was tried\n\nCopied verbatim from `bench/NOTES.md`.\n\n" + notes
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _row(first: str, cells: list[str]) -> str:
+    return "| " + " | ".join([first, *cells]).replace("\n", " ") + " |"
+
+
+def _failed(result: dict | None) -> bool:
+    return not isinstance(result, dict) or "error" in result
+
+
+def _ok(result: dict | None) -> dict | None:
+    return None if _failed(result) else result
+
+
+def _failure(label: str, result: dict | None) -> str:
+    error = (result or {}).get("error", "no result") if isinstance(result, dict) else "no result"
+    first = error.splitlines()[0] if error else "no result"
+    return f"- **{label}: failed**: `{first}` (traceback in bench-results.json)"
+
+
+def _field(results: dict, section: str, database: str, key: str):
+    return _nested((results.get(section) or {}).get(database), key)
+
+
+def _nested(data, *path):
+    for key in path:
+        if not isinstance(data, dict) or "error" in data or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def _load_part(results: dict, part: str) -> dict:
+    section = results.get("load") or {}
+    return section.get(part) or {} if isinstance(section, dict) else {}
+
+
+def _plotted(results: dict, name: str) -> bool:
+    return (results.get("plots") or {}).get(name) == "written"
+
+
+def _runs_note(results: dict, section: str, contenders: list[str]) -> str:
+    notes = []
+    for database in DATABASES:
+        result = (results.get(section) or {}).get(database)
+        if _failed(result):
+            continue
+        runs = "; ".join(f"{name} {_list_s(result['contenders'][name]['runs'])}"
+                         for name in contenders if name in result["contenders"])
+        notes.append(f"- {database} runs: {runs}.")
+    return "\n".join(notes)
+
+
+def _s(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    return f"{seconds:.3f} s" if seconds < 10 else f"{seconds:.2f} s"
+
+
+def _list_s(values: list[float]) -> str:
+    return ", ".join(f"{value:.3f}" for value in values) + " s"
+
+
+def _rate(rows: int, seconds: float) -> str:
+    return f"{rows / seconds:,.0f}" if seconds else "n/a"
+
+
+def _x(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} ms" if value < 1000 else f"{value / 1000:.2f} s"
+
+
+def _mb(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value / MB:+.1f} MB" if signed else f"{value / MB:.1f} MB"

@@ -1,0 +1,72 @@
+"""Running wrk (the Debian package `wrk`) and reading its --latency report."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+
+INSTALL_HINT = "install wrk: apt-get install wrk"
+WRK_THREADS = 2
+
+_SECONDS_PER_UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = r"([\d.]+)(us|ms|s|m|h)"
+
+
+def wrk_path() -> str | None:
+    return shutil.which("wrk")
+
+
+def run_wrk(url: str, connections: int, seconds: int) -> dict:
+    """One wrk run; its figures, plus the wall-clock window it ran in (for matching with logs)."""
+    wrk = wrk_path()
+    if wrk is None:
+        raise RuntimeError(INSTALL_HINT)
+    # NOTE: wrk takes whole seconds only ("500ms" and "0.5s" are refused).
+    args = [wrk, f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    started_at = time.time()
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60)
+    ended_at = time.time()
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
+    return {"connections": connections, "seconds": seconds, "started_at": started_at,
+            "ended_at": ended_at, **parse_wrk_output(proc.stdout)}
+
+
+def parse_wrk_output(text: str) -> dict:
+    """req/s, p50/p99/max latency (ms), non-2xx/3xx responses and socket errors."""
+    latency = re.search(rf"^\s*Latency\s+{_DURATION}\s+{_DURATION}\s+{_DURATION}", text, re.MULTILINE)
+    requests_per_second = re.search(r"^Requests/sec:\s+([\d.]+)", text, re.MULTILINE)
+    total = re.search(r"^\s*(\d+) requests in", text, re.MULTILINE)
+    if not (latency and requests_per_second and total):
+        raise RuntimeError(f"cannot read wrk's output:\n{text}")
+    # wrk prints these two lines only when they are not zero.
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    socket_errors = dict(zip(("connect", "read", "write", "timeout"),
+                             (int(value) for value in sockets.groups()) if sockets else (0, 0, 0, 0)))
+    return {
+        "requests_per_second": float(requests_per_second.group(1)),
+        "requests": int(total.group(1)),
+        "p50_ms": _percentile_ms(text, "50"),
+        "p99_ms": _percentile_ms(text, "99"),
+        "max_ms": _milliseconds(latency.group(5), latency.group(6)),
+        "non_2xx_3xx": int(non_2xx.group(1)) if non_2xx else 0,
+        "socket_errors": socket_errors,
+    }
+
+
+def errors_of(run: dict) -> int:
+    return run["non_2xx_3xx"] + sum(run["socket_errors"].values())
+
+
+def _percentile_ms(text: str, percentile: str) -> float:
+    match = re.search(rf"^\s*{percentile}%\s+{_DURATION}", text, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"wrk printed no {percentile}% latency (was --latency given?)")
+    return _milliseconds(match.group(1), match.group(2))
+
+
+def _milliseconds(value: str, unit: str) -> float:
+    return float(value) * _SECONDS_PER_UNIT[unit] * 1000

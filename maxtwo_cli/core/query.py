@@ -163,29 +163,32 @@ def _query_postgres(
     return previous, as_utc(recorded_at), epoch, answer
 
 
+# SQLite: built once (building a statement costs more than running it on this tiny table).
+_SQLITE_READ_STATE = sa.select(
+    query_state.c.last_query_at, randomizer_state.c.epoch, randomizer_state.c.max_number
+).join_from(query_state, randomizer_state, query_state.c.id == randomizer_state.c.id)
+_SQLITE_RECORD = query_state.update().values(last_query_at=sa.bindparam("recorded_at"))
+_SQLITE_ANSWER = (
+    sa.select(users.c.id, users.c.points)
+    .where(users.c.points > sa.bindparam("max_number"))
+    .order_by(users.c.id)
+    .limit(ANSWER_SIZE)
+)
+
+
 def _query_sqlite(
     conn: sa.Connection, cached: tuple[int, tuple[User, ...]] | None, count: int
 ) -> _Outcome:
     # BEGIN IMMEDIATE (see db.py) holds the write lock: these statements run as one unit.
-    previous = conn.scalar(sa.select(query_state.c.last_query_at))
+    previous, epoch, max_number = conn.execute(_SQLITE_READ_STATE).one()
     first = utcnow() if previous is None else max(utcnow(), previous + _TICK)
     last = first + (count - 1) * _TICK
-    conn.execute(query_state.update().values(last_query_at=last))
-    epoch, max_number = conn.execute(
-        sa.select(randomizer_state.c.epoch, randomizer_state.c.max_number)
-    ).one()
+    conn.execute(_SQLITE_RECORD, {"recorded_at": last})
     if cached is not None and cached[0] == epoch:
         answer = cached[1]
     elif max_number >= MAX_POINTS:
         answer = ()
     else:
-        answer = tuple(
-            User(id=row.id, points=row.points)
-            for row in conn.execute(
-                sa.select(users.c.id, users.c.points)
-                .where(users.c.points > max_number)
-                .order_by(users.c.id)
-                .limit(ANSWER_SIZE)
-            )
-        )
+        rows = conn.execute(_SQLITE_ANSWER, {"max_number": max_number})
+        answer = tuple(User(id=row.id, points=row.points) for row in rows)
     return previous, last, epoch, answer

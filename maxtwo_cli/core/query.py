@@ -25,7 +25,7 @@ from maxtwo_cli.core.schema import MAX_POINTS, query_state, randomizer_state, us
 ANSWER_SIZE = 2
 _TICK = dt.timedelta(microseconds=1)
 
-# PostgreSQL: one statement, one round trip, one snapshot.
+# PostgreSQL: one statement, one round trip, one snapshot, one transaction.
 # - `previous` locks the query-state row (FOR UPDATE re-reads the newest committed version), so
 #   concurrent queries queue on it and each one gets its predecessor's time;
 # - the recorded time is the database clock, nudged past the previous one so that the chain is
@@ -119,11 +119,15 @@ def query_users_batch(engine: Engine, count: int, cache: AnswerCache | None = No
     if count < 1:
         raise ValueError("count must be >= 1")
     cached = cache.get() if cache is not None else None
-    with database_errors(engine), engine.begin() as conn:
+    with database_errors(engine), engine.connect() as conn:
         if is_postgres(conn):
-            previous, last, epoch, answer = _query_postgres(conn, cached, count)
+            # One statement is its own transaction: autocommit saves the BEGIN and COMMIT
+            # round trips.
+            autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
+            previous, last, epoch, answer = _query_postgres(autocommit, cached, count)
         else:
-            previous, last, epoch, answer = _query_sqlite(conn, cached, count)
+            with conn.begin():
+                previous, last, epoch, answer = _query_sqlite(conn, cached, count)
     if cache is not None and (cached is None or cached[0] != epoch):
         cache.put(epoch, answer)
     recorded = [last - (count - 1 - index) * _TICK for index in range(count)]

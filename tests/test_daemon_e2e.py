@@ -114,6 +114,9 @@ def test_sigterm_during_a_burst_answers_everything_and_exits_0(database_url, tmp
         assert len(answered) > 50
         assert answered == in_flight
         assert "stopped" in daemon.log()
+        # 16 eager clients, 8 threads: requests queued, yet waitress's per-request warning
+        # about it never reaches the log.
+        assert "Task queue depth" not in daemon.log()
 
 
 def test_two_daemons_randomize_exactly_once_per_interval(postgres_url, tmp_path):

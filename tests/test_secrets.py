@@ -1,0 +1,44 @@
+"""APPSEC: the database password never appears in any output of a full run."""
+
+from __future__ import annotations
+
+import subprocess
+
+import sqlalchemy as sa
+
+from tests.serve_process import MAXTWO, ServeProcess
+
+
+def test_the_password_appears_nowhere(postgres_url, postgres_server, tmp_path):
+    password = postgres_server.password
+    seen: list[str] = []
+
+    def run(*args: str, url: str = postgres_url) -> None:
+        done = subprocess.run(
+            [str(MAXTWO), *args], env={"MAXTWO_DATABASE_URL": url, "PATH": "/usr/bin:/bin"},
+            capture_output=True, text=True, timeout=120,
+        )
+        seen.extend([done.stdout, done.stderr])
+
+    for command in ([], ["seed"], ["randomize"], ["query"], ["serve"]):
+        run(*command, "--help")
+    run("seed", "--count", "500")
+    run("seed", "--count", "500")  # refused: an error message
+    run("randomize", "--timing")
+    run("query")
+    run("query", "--json")
+    wrong = sa.make_url(postgres_url).set(password=password + "x").render_as_string(hide_password=False)
+    run("query", url=wrong)  # authentication fails
+    unreachable = sa.make_url(postgres_url).set(port=1).render_as_string(hide_password=False)
+    run("query", url=unreachable)
+
+    with ServeProcess(postgres_url, interval=1, seed_count=500) as daemon:
+        daemon.start(tmp_path / "serve.log")
+        for path in ("/", "/", "/healthz", "/metrics", "/openapi.json", "/nope"):
+            seen.append(str(daemon.get(path)[1]))
+        assert daemon.terminate() == 0
+        seen.append(daemon.log())
+
+    assert len(seen) > 20
+    leaks = [output for output in seen if password in output]
+    assert leaks == []

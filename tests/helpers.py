@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import sqlalchemy as sa
 
 from maxtwo_cli.core.schema import query_state, randomizer_state, users
@@ -40,3 +42,32 @@ def distinct_updated_at(engine: sa.Engine) -> list:
 def set_max_number(engine: sa.Engine, value: int) -> None:
     with engine.begin() as conn:
         conn.execute(randomizer_state.update().values(max_number=value))
+
+
+def assert_chain(results) -> None:
+    """Every query's previous time is the time recorded by exactly one other query; the first
+    query ever (and only it) got None."""
+    previous = [result.previous for result in results]
+    recorded = sorted(result.recorded_at for result in results)
+    assert previous.count(None) == 1
+    assert sorted(moment for moment in previous if moment is not None) == recorded[:-1]
+
+
+def run_in_threads(work, threads: int, per_thread: int) -> list:
+    """Call work() per_thread times in each of `threads` threads started together; all results."""
+    results, lock = [], threading.Lock()
+    barrier = threading.Barrier(threads)
+
+    def worker() -> None:
+        barrier.wait()
+        for _ in range(per_thread):
+            result = work()
+            with lock:
+                results.append(result)
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return results

@@ -11,7 +11,7 @@ from maxtwo_cli.core.query import AnswerCache, query_users, query_users_batch
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.seed import seed_users
 from maxtwo_cli.core.settings import Settings
-from tests.helpers import state
+from tests.helpers import assert_chain, run_in_threads, state
 
 
 @pytest.fixture
@@ -41,31 +41,13 @@ def test_batch_count_must_be_positive(seeded):
 def test_concurrent_callers_share_transactions_and_keep_the_chain(seeded):
     sizes: list[int] = []
     combiner = QueryCombiner(seeded, AnswerCache(), on_batch=sizes.append)
-    results = []
-    lock = threading.Lock()
-    barrier = threading.Barrier(16)
-
-    def worker() -> None:
-        barrier.wait()
-        for _ in range(20):
-            result = combiner.query()
-            with lock:
-                results.append(result)
-
-    threads = [threading.Thread(target=worker) for _ in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = run_in_threads(combiner.query, threads=16, per_thread=20)
 
     assert len(results) == 320
     assert sum(sizes) == 320
     assert max(sizes) > 1  # 16 threads at once: some of them shared a transaction
     assert len(sizes) < 320
-    previous = [result.previous for result in results]
-    recorded = sorted(result.recorded_at for result in results)
-    assert previous.count(None) == 1  # the first query ever, and only it
-    assert sorted(p for p in previous if p is not None) == recorded[:-1]
+    assert_chain(results)
 
 
 def test_every_waiter_of_a_failing_batch_gets_the_error(tmp_path):

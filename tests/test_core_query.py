@@ -15,7 +15,7 @@ from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.schema import users
 from maxtwo_cli.core.seed import seed_users
 from maxtwo_cli.core.settings import Settings
-from tests.helpers import set_max_number, state
+from tests.helpers import assert_chain, run_in_threads, set_max_number, state
 
 ROWS = 5_000
 
@@ -75,32 +75,10 @@ def test_api_body_shape(seeded):
     assert second["timestamp"].endswith("Z")
 
 
-def _chain_is_intact(results) -> None:
-    previous = [result.previous for result in results]
-    recorded = sorted(result.recorded_at for result in results)
-    assert previous.count(None) == 1
-    # Every previous time is the time recorded by exactly one other query, and every recorded
-    # time but the newest is somebody's previous time.
-    assert sorted(p for p in previous if p is not None) == recorded[:-1]
-
-
 def test_concurrent_queries_form_a_chain(seeded):
-    results = []
-    lock = threading.Lock()
-
-    def worker() -> None:
-        for _ in range(25):
-            result = query_users(seeded)
-            with lock:
-                results.append(result)
-
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = run_in_threads(lambda: query_users(seeded), threads=8, per_thread=25)
     assert len(results) == 200
-    _chain_is_intact(results)
+    assert_chain(results)
 
 
 CHAIN_SCRIPT = """

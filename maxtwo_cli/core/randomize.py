@@ -45,13 +45,8 @@ def randomize_points(engine: Engine, *, timeout: float | None = None) -> Randomi
     """
     started = time.perf_counter()
     with database_errors(engine), engine.begin() as conn:
-        epoch, randomized_at, rows = randomize_in_transaction(conn, timeout=timeout)
-    return RandomizeResult(
-        rows=rows,
-        seconds=time.perf_counter() - started,
-        epoch=epoch,
-        randomized_at=as_utc(randomized_at),
-    )
+        outcome = randomize_in_transaction(conn, timeout=timeout)
+    return _timed(outcome, started)
 
 
 def randomize_if_due(
@@ -75,7 +70,13 @@ def randomize_if_due(
         last = conn.scalar(sa.select(randomizer_state.c.randomized_at))
         if last is not None and as_utc(last) >= due_at - dt.timedelta(seconds=interval / 2):
             return None
-        epoch, randomized_at, rows = randomize_in_transaction(conn, timeout=interval)
+        outcome = randomize_in_transaction(conn, timeout=interval)
+    return _timed(outcome, started)
+
+
+def _timed(outcome: tuple[int, dt.datetime, int], started: float) -> RandomizeResult:
+    """The result of a committed run that began at perf_counter() `started`."""
+    epoch, randomized_at, rows = outcome
     return RandomizeResult(
         rows=rows,
         seconds=time.perf_counter() - started,

@@ -7,6 +7,7 @@ its own PostgreSQL schema (via search_path), so tests never see each other's tab
 
 from __future__ import annotations
 
+import os
 import uuid
 from typing import Any
 from collections.abc import Iterator
@@ -76,3 +77,43 @@ def postgres_engine(postgres_url: str) -> Iterator[sa.Engine]:
     schema.ensure_schema(engine)
     yield engine
     engine.dispose()
+
+
+class ReliabilityReport:
+    """Figures that fault tests measure, written to a markdown file at the end of the session
+    when MAXTWO_RELIABILITY_REPORT names one (docs/reliability.md is made this way)."""
+
+    def __init__(self) -> None:
+        self.sections: list[tuple[str, str, list[str]]] = []
+
+    def record(self, promise: str, method: str, figures: list[str]) -> None:
+        self.sections.append((promise, method, figures))
+
+    def write(self, path: str) -> None:
+        import datetime as dt
+        import platform
+
+        lines = [
+            "# Reliability",
+            "",
+            "Written by the test run (`MAXTWO_RELIABILITY_REPORT=docs/reliability.md "
+            ".venv/bin/python -m pytest -m fault`), not by hand: each section is one fault test, "
+            "its promise, how it is tested, and what it measured.",
+            "",
+            f"Run on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on a {os.cpu_count()}-core "
+            f"machine, Python {platform.python_version()}.",
+            "",
+        ]
+        for promise, method, figures in sorted(self.sections):
+            lines += [f"## {promise}", "", method, ""] + [f"- {figure}" for figure in figures] + [""]
+        with open(path, "w") as handle:
+            handle.write("\n".join(lines))
+
+
+@pytest.fixture(scope="session")
+def reliability() -> Iterator[ReliabilityReport]:
+    report = ReliabilityReport()
+    yield report
+    path = os.environ.get("MAXTWO_RELIABILITY_REPORT")
+    if path and report.sections:
+        report.write(path)

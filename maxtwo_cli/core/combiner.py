@@ -67,19 +67,27 @@ class QueryCombiner:
     def _run_batch(self) -> None:
         with self._lock:
             batch = [self._waiting.popleft() for _ in range(min(self._max_batch, len(self._waiting)))]
+        error: BaseException | None = None
         try:
             results = query_users_batch(self._engine, len(batch), self._cache)
         except BaseException as ex:  # noqa: BLE001 - every waiter gets the error, re-raised there
-            for waiter in batch:
-                waiter.error = ex
+            error = ex
         else:
             for waiter, result in zip(batch, results):
                 waiter.result = result
         if self._on_batch is not None:
             self._on_batch(len(batch))
         with self._lock:
-            # Hand the lead to the first in line, who came while this batch ran.
+            if error is not None:
+                # NOTE: those who queued while this batch failed would meet the same database
+                # and wait a whole timeout more each, in turn; they share the error instead, so
+                # nobody waits much longer than one timeout for a 503.
+                batch += self._waiting
+                self._waiting.clear()
+                for waiter in batch:
+                    waiter.error = error
             if self._waiting:
+                # Hand the lead to the first in line, who came while this batch ran.
                 successor = self._waiting[0]
                 successor.lead = True
                 successor.done.set()

@@ -1,0 +1,207 @@
+"""Fault injection against the real daemon and real databases (`pytest -m fault`).
+
+Each test records what it measured in the session's reliability report (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import signal
+import statistics
+import threading
+import time
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from maxtwo_cli.core import db
+from maxtwo_cli.core.schema import users
+from maxtwo_cli.core.settings import Settings
+from tests.conftest import libpq_url
+from tests.helpers import state
+from tests.pgserver import ThrowawayPostgres
+from tests.serve_process import ServeProcess, get
+
+pytestmark = pytest.mark.fault
+
+
+class Clients:
+    """A few threads requesting GET / back to back, recording (start, latency, status)."""
+
+    def __init__(self, base: str, threads: int = 4) -> None:
+        self.base = base
+        self.samples: list[tuple[float, float, int | str]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                status = get(self.base + "/", timeout=30)[0]
+            except OSError as ex:
+                status = type(ex).__name__
+            with self._lock:
+                self.samples.append((started, time.monotonic() - started, status))
+
+    def __enter__(self) -> Clients:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+    def between(self, start: float, end: float) -> list[tuple[float, float, int | str]]:
+        return [sample for sample in self.samples if start <= sample[0] < end]
+
+
+def test_database_outage_under_load(tmp_path, reliability):
+    with ThrowawayPostgres(fsync=False) as server:
+        engine = db.create_engine(Settings(database_url=server.url))
+        with ServeProcess(server.url, interval=1, seed_count=2000) as daemon:
+            daemon.start(tmp_path / "serve.log")
+            with Clients(daemon.base) as clients:
+                time.sleep(1.0)
+                server.stop()
+                down_at = time.monotonic()
+                time.sleep(5.0)
+                starting_at = time.monotonic()
+                server.start()
+                back_at = time.monotonic()
+                epoch = state(engine).epoch
+                recovered_at = None
+                while time.monotonic() - back_at < 10:
+                    done = [s for s in clients.between(back_at, time.monotonic()) if s[2] == 200]
+                    if done:
+                        recovered_at = min(s[0] + s[1] for s in done)
+                        break
+                    time.sleep(0.05)
+                time.sleep(1.5)
+            # Requests made and answered entirely while the server was down.
+            during = [s for s in clients.between(down_at, starting_at) if s[0] + s[1] <= starting_at]
+            statuses = {s[2] for s in during}
+            new_epoch = state(engine).epoch
+            assert daemon.process.poll() is None  # never crashed
+            assert daemon.terminate() == 0
+        engine.dispose()
+
+    assert during and statuses <= {503}  # every request in the outage: a 503, no 500, no hang
+    worst = max(s[1] for s in during)
+    assert worst < 7  # the 5 s connect timeout bounds every answer
+    assert recovered_at is not None and recovered_at - back_at < 2
+    assert new_epoch > epoch  # the scheduler randomized again after the outage
+    reliability.record(
+        "A database outage under load: 503s, then recovery without a restart",
+        "A real PostgreSQL server is stopped for 5 s under a running `maxtwo serve` "
+        "(`--interval 1`) while 4 clients request `GET /` back to back, then started again.",
+        [
+            f"requests during the outage: {len(during)}, all answered 503 (statuses seen: "
+            f"{sorted(map(str, statuses))})",
+            f"slowest answer during the outage: {worst * 1000:.0f} ms; median "
+            f"{statistics.median(s[1] for s in during) * 1000:.0f} ms",
+            f"first 200 after the server came back: {(recovered_at - back_at) * 1000:.0f} ms later",
+            f"randomizations after recovery: epoch {epoch} -> {new_epoch}; daemon exit code 0",
+        ],
+    )
+
+
+def test_stuck_lock_turns_into_503_within_the_statement_timeout(database_url, tmp_path, reliability):
+    with ServeProcess(database_url, interval=60, seed_count=2000) as daemon:
+        daemon.start(tmp_path / "serve.log")
+        assert daemon.get("/")[0] == 200
+        if database_url.startswith("postgresql"):
+            holder = psycopg.connect(libpq_url(database_url))
+            holder.execute("SELECT * FROM query_state FOR UPDATE")  # a transaction stays open
+        else:
+            holder = db.create_engine(Settings(database_url=database_url)).connect()
+            holder.begin()  # BEGIN IMMEDIATE: the write lock
+            holder.execute(users.update().where(users.c.id == 1).values(points=1))
+        with Clients(daemon.base, threads=8) as clients:
+            time.sleep(8)
+            holder.rollback()
+            released_at = time.monotonic()
+            time.sleep(1.5)
+        holder.close()
+        stuck = clients.between(0, released_at - 6)
+        after = clients.between(released_at + 0.5, time.monotonic())
+        threads_alive = daemon.metric("maxtwo_query_batch_size_count")
+        assert daemon.terminate() == 0
+
+    assert stuck and {s[2] for s in stuck} == {503}
+    slowest = max(s[1] for s in stuck)
+    assert slowest < 7  # the 5 s statement (or busy) timeout, not a pile-up
+    assert after and {s[2] for s in after} == {200}
+    kind = "PostgreSQL" if database_url.startswith("postgresql") else "SQLite"
+    reliability.record(
+        f"A stuck lock ({kind}): 503 within the statement timeout, then recovery",
+        "A test connection holds the lock a query needs (PostgreSQL: `SELECT ... FOR UPDATE` on the "
+        "query-state row; SQLite: the write lock) for 8 s while 8 clients request `GET /`.",
+        [
+            f"requests answered while the lock was held: {len(stuck)}, all 503; slowest "
+            f"{slowest * 1000:.0f} ms (statement timeout 5 s)",
+            f"requests after the release: {len(after)}, all 200",
+            f"query transactions run by the daemon in all: {threads_alive:.0f}",
+        ],
+    )
+
+
+def test_sigkill_during_a_randomization_leaves_nothing_half_done(tmp_path, reliability):
+    rows = 1_000_000
+    with ThrowawayPostgres(fsync=True) as server:
+        engine = db.create_engine(Settings(database_url=server.url))
+        with ServeProcess(server.url, interval=2, seed_count=rows) as daemon:
+            daemon.start(tmp_path / "serve.log", wait=False)
+            daemon.wait_ready(timeout=120)
+            before = state(engine)
+            # Wait until the daemon's UPDATE of every user is running, then kill it outright.
+            deadline, running = time.monotonic() + 30, False
+            with psycopg.connect(libpq_url(server.url), autocommit=True) as watcher:
+                while not running and time.monotonic() < deadline:
+                    running = watcher.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                        "AND query LIKE 'UPDATE users SET points%'"
+                    ).fetchone()[0] > 0
+                    time.sleep(0.02)
+                assert running
+                daemon.process.send_signal(signal.SIGKILL)
+                daemon.process.wait(10)
+                # The server notices the dead client and rolls its transaction back.
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'UPDATE users SET points%' "
+                    "AND state <> 'idle'"
+                ).fetchone()[0]:
+                    time.sleep(0.1)
+        after = state(engine)
+        with engine.connect() as conn:
+            stamps = conn.execute(sa.select(users.c.updated_at).distinct()).scalars().all()
+            count = conn.scalar(sa.select(sa.func.count()).select_from(users))
+        # The killed run either committed entirely (then it is the state's run) or not at all.
+        assert len(stamps) == 1
+        assert count == rows
+        if after.epoch == before.epoch:
+            outcome = "rolled back"
+        else:
+            outcome = "committed before the kill"
+            assert stamps[0] == after.randomized_at
+        with ServeProcess(server.url, interval=60, seed_count=rows) as restarted:
+            started = time.monotonic()
+            restarted.start(tmp_path / "restart.log")
+            ready_in = time.monotonic() - started
+            assert restarted.get("/")[0] == 200
+            assert restarted.terminate() == 0
+        engine.dispose()
+    reliability.record(
+        "A crash during a randomization: all or nothing",
+        f"`maxtwo serve` (PostgreSQL, fsync on, {rows:,} users) is SIGKILLed while its UPDATE of "
+        "every user runs (seen in pg_stat_activity); then the table is checked and a new daemon started.",
+        [
+            f"the killed run: {outcome}; distinct updated_at values afterwards: {len(stamps)}; "
+            f"rows: {count:,}; epoch {before.epoch} -> {after.epoch}",
+            f"a restarted daemon answered its first request {ready_in:.2f} s after start",
+        ],
+    )

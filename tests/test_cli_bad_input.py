@@ -1,0 +1,62 @@
+"""Every option of every command, given an out-of-range, wrong-type or empty value: exit 2 and
+one line on stderr, no traceback, nothing created."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from typer.testing import CliRunner
+
+from maxtwo_cli.cli import app
+from tests.serve_process import MAXTWO
+
+runner = CliRunner()
+
+BAD_VALUES = [
+    ("seed", "--count", ["-1", "abc", "", "1.5"]),
+    ("serve", "--port", ["0", "65536", "-1", "http", ""]),
+    ("serve", "--threads", ["0", "-3", "many", ""]),
+    ("serve", "--interval", ["0", "-1", "soon", ""]),
+    ("serve", "--seed-count", ["-1", "lots", ""]),
+]
+CASES = [(command, option, value) for command, option, values in BAD_VALUES for value in values]
+
+
+@pytest.mark.parametrize(("command", "option", "value"), CASES)
+def test_bad_option_values_are_one_line_usage_errors(command, option, value, tmp_path):
+    url = f"sqlite:///{tmp_path / 'maxtwo.db'}"
+    result = runner.invoke(app, [command, option, value, "--database-url", url])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and option in lines[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "maxtwo.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("MAXTWO_PORT", "70000"), ("MAXTWO_THREADS", "0"), ("MAXTWO_INTERVAL", "x"), ("MAXTWO_SEED_COUNT", "-5")],
+)
+def test_bad_environment_values_are_usage_errors_too(variable, value, tmp_path):
+    result = runner.invoke(app, ["serve", "--database-url", f"sqlite:///{tmp_path / 'x.db'}"], env={variable: value})
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and variable in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--database-url"], ["seed", "--count"], ["nonsense"], ["query", "extra"]])
+def test_missing_values_and_unknown_words(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+
+
+def test_the_installed_command_gives_the_same_single_line(tmp_path):
+    done = subprocess.run(
+        [str(MAXTWO), "serve", "--port", "99999", "--database-url", f"sqlite:///{tmp_path / 'x.db'}"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "--port" in done.stderr

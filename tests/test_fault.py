@@ -205,3 +205,55 @@ def test_sigkill_during_a_randomization_leaves_nothing_half_done(tmp_path, relia
             f"a restarted daemon answered its first request {ready_in:.2f} s after start",
         ],
     )
+
+
+def test_three_daemons_one_run_per_interval_and_a_killed_runner_is_replaced(postgres_url, tmp_path, reliability):
+    interval = 2
+    engine = db.create_engine(Settings(database_url=postgres_url))
+    daemons = [ServeProcess(postgres_url, interval=interval, seed_count=2000) for _ in range(3)]
+    try:
+        for number, daemon in enumerate(daemons):
+            daemon.start(tmp_path / f"serve-{number}.log")
+        runs = lambda: [d.metric("maxtwo_randomize_duration_seconds_count") for d in daemons]  # noqa: E731
+        # From the middle of one interval to the middle of another, 10 intervals later.
+        time.sleep(interval * (int(time.time() / interval) + 1.5) - time.time())
+        epoch_before, runs_before = state(engine).epoch, runs()
+        time.sleep(10 * interval)
+        epoch_after, runs_after = state(engine).epoch, runs()
+        performed = [after - before for before, after in zip(runs_before, runs_after)]
+        assert epoch_after - epoch_before == 10
+        assert sum(performed) == 10
+        assert all(daemon.get("/")[0] == 200 for daemon in daemons)
+
+        # Kill the daemon that did the last run, in the middle of the interval after it.
+        last_runner = max(range(3), key=lambda n: float(daemons[n].metric(
+            "maxtwo_randomize_last_success_timestamp_seconds")))
+        daemons[last_runner].process.send_signal(signal.SIGKILL)
+        daemons[last_runner].process.wait(10)
+        next_boundary = interval * (int(time.time() / interval) + 1)
+        time.sleep(next_boundary + 1 - time.time())
+        after_kill = state(engine)
+        late_by = after_kill.randomized_at.timestamp() - next_boundary
+        assert after_kill.epoch == epoch_after + 1 or after_kill.epoch == epoch_after + 2
+        assert 0 <= late_by < 1
+        survivors = [d for n, d in enumerate(daemons) if n != last_runner]
+        assert all(daemon.get("/")[0] == 200 for daemon in survivors)
+        for daemon in survivors:
+            assert daemon.terminate() == 0
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+        engine.dispose()
+    reliability.record(
+        "Several daemons: one randomization per interval between them",
+        f"Three `maxtwo serve` processes share one PostgreSQL database with `--interval {interval}`; "
+        "randomizations are counted over 10 intervals (database epoch and each daemon's metrics), "
+        "then the daemon that performed the last run is SIGKILLed.",
+        [
+            f"10 boundaries crossed: {epoch_after - epoch_before} randomizations in the database; "
+            f"performed per daemon: {', '.join(f'{count:.0f}' for count in performed)}",
+            f"after killing the last runner, the next boundary's run started {late_by * 1000:.0f} ms "
+            "after the boundary, performed by a survivor",
+            "all daemons answered GET / with 200 throughout; the survivors exited 0 on SIGTERM",
+        ],
+    )

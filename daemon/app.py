@@ -26,7 +26,14 @@ def create_app(settings: Settings, engine: Engine, *, metrics: Metrics | None = 
     """The API: GET /, /healthz, /metrics, /openapi.json; JSON errors everywhere."""
     metrics = metrics or Metrics()
     app = falcon.App(middleware=[RequestMetrics(metrics)])
-    combiner = QueryCombiner(engine, AnswerCache(), on_batch=metrics.query_batch_size.observe)
+    combiner = QueryCombiner(
+        engine,
+        AnswerCache(),
+        # Above every database bound (connect, statement and TCP timeouts), so it only ends a
+        # wait that nothing else would.
+        max_wait=settings.connect_timeout + 2 * settings.statement_timeout,
+        on_batch=metrics.query_batch_size.observe,
+    )
     app.add_route("/", QueryResource(combiner, metrics))
     app.add_route("/healthz", HealthResource(engine))
     app.add_route("/metrics", MetricsResource(metrics))
@@ -53,7 +60,9 @@ class RequestMetrics:
         # the number of time series.
         route = req.uri_template or "unmatched"
         status = str(falcon.http_status_to_code(resp.status))
-        self._metrics.requests.labels(route=route, method=req.method, status=status).inc()
+        # APPSEC: clients choose the method; an unknown one must not make a new time series.
+        method = req.method if req.method in falcon.COMBINED_METHODS else "OTHER"
+        self._metrics.requests.labels(route=route, method=method, status=status).inc()
         started = getattr(req.context, "started", None)
         if started is not None:
             self._metrics.request_latency.labels(route=route).observe(time.perf_counter() - started)

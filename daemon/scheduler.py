@@ -63,9 +63,11 @@ class RandomizeScheduler:
         """
         deadline = time.monotonic() + timeout
         self._stop.set()
-        for thread in (self._loop_thread, self._run_thread):
-            if thread is not None:
-                thread.join(max(0.0, deadline - time.monotonic()))
+        # The loop first: once it has ended, no new run can start behind our back.
+        if self._loop_thread is not None:
+            self._loop_thread.join(max(0.0, deadline - time.monotonic()))
+        if self._run_thread is not None:
+            self._run_thread.join(max(0.0, deadline - time.monotonic()))
         running = self._run_thread is not None and self._run_thread.is_alive()
         if running:
             log.warning("a randomization is still running at shutdown; the database will roll it back")
@@ -92,6 +94,8 @@ class RandomizeScheduler:
             self._stop.wait(wait)
 
     def _on_due(self) -> None:
+        if self._stop.is_set():
+            return
         due_at = self._due_job.next_run.astimezone(dt.UTC)
         if self._run_thread is not None and self._run_thread.is_alive():
             self._metrics.randomize_skipped.labels(reason="overlap").inc()

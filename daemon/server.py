@@ -59,6 +59,11 @@ class BindError(MaxtwoError):
 
 def serve(settings: Settings) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
+    # NOTE: `schedule` compares naive local times, which repeat or skip an hour when daylight
+    # saving time changes: the whole daemon runs in UTC, so the minutely runs never bunch up or
+    # pause (and the log's times are UTC too).
+    os.environ["TZ"] = "UTC"
+    time.tzset()
     configure_logging()
     log.info("maxtwo %s starting (pid %d)", __version__, os.getpid())
     # Requests and the scheduler get pools of their own, so a burst of requests can never take
@@ -142,6 +147,15 @@ def bind(app, settings: Settings) -> BaseWSGIServer:
     except OSError as ex:
         reason = "the port is already in use" if ex.errno == errno.EADDRINUSE else ex.strerror
         raise BindError(f"cannot listen on {settings.host}:{settings.port}: {reason}") from None
+    except ValueError:  # waitress: a host it cannot resolve
+        raise BindError(f"cannot listen on {settings.host!r}: not an address or host name") from None
+    if not isinstance(server, BaseWSGIServer):
+        # NOTE: a name with several addresses (localhost: 127.0.0.1 and ::1) makes waitress
+        # build a multi-socket server, which the graceful drain below does not drive.
+        server.close()
+        raise BindError(
+            f"--host {settings.host} resolves to several addresses; give one (e.g. 127.0.0.1 or ::1)"
+        )
     server.channel_class = QuietChannel
     return server
 
@@ -189,11 +203,16 @@ def _drain(server: BaseWSGIServer, deadline: float) -> None:
     """Stop listening, answer every request already received, then close everything."""
     # Connections that completed their handshake but wait in the backlog count as accepted:
     # take them in before the listening socket closes (closing it would reset them).
-    while len(server._map) < WAITRESS_CONNECTION_LIMIT:
-        before = len(server._map)
-        server.handle_accept()
-        if len(server._map) == before:
-            break
+    for _ in range(WAITRESS_BACKLOG):
+        try:
+            accepted = server.accept()
+            if accepted is None:
+                break
+            conn, addr = accepted
+            server.set_socket_options(conn)
+        except OSError:
+            continue  # one client gave up in the backlog; the next may not have
+        server.channel_class(server, conn, server.fix_addr(addr), server.adj, map=server._map)
     # Close the listening socket only; the trigger that wakes this loop must stay open.
     wasyncore.dispatcher.close(server)
     while time.monotonic() < deadline:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -177,8 +178,9 @@ def query(
 
 
 def _positive(value: float) -> float:
-    if value <= 0:
-        raise typer.BadParameter("must be greater than 0")
+    # NOTE: nan and inf are floats too; a day is a generous upper bound for "every interval".
+    if not math.isfinite(value) or not 0 < value <= 86_400:
+        raise typer.BadParameter("must be a number of seconds greater than 0 and at most 86400")
     return value
 
 
@@ -217,7 +219,7 @@ def serve(
 ) -> None:
     """Serve the HTTP API and randomize every interval, until SIGTERM.
 
-    Example: maxtwo serve --port 4000 --database-url postgresql+psycopg://maxtwo:PASSWORD@db/maxtwo
+    Example: MAXTWO_DATABASE_URL=postgresql+psycopg://maxtwo:PASSWORD@db/maxtwo maxtwo serve --port 4000
     """
     settings = Settings(
         database_url=database_url or default_database_url(),
@@ -278,10 +280,14 @@ def _fail(message: str, settings: Settings) -> NoReturn:
 def _scrub(message: str, settings: Settings) -> str:
     # APPSEC: whatever produced the message, the password in the URL never reaches the screen.
     try:
-        password = db.parse_database_url(settings.database_url).password
+        secrets = db.secrets_of(db.parse_database_url(settings.database_url))
     except MaxtwoError:
-        return message
-    return message.replace(str(password), "***") if password else message
+        return message  # the URL was refused, and that message never quotes it
+    except Exception:  # noqa: BLE001 - an unparseable URL: say nothing that could quote it
+        return "the database URL is not valid; " + db.URL_HELP
+    for secret in secrets:
+        message = message.replace(secret, "***")
+    return message
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -45,12 +45,13 @@ def set_max_number(engine: sa.Engine, value: int) -> None:
 
 
 def assert_chain(results) -> None:
-    """Every query's previous time is the time recorded by exactly one other query; the first
-    query ever (and only it) got None."""
-    previous = [result.previous for result in results]
-    recorded = sorted(result.recorded_at for result in results)
-    assert previous.count(None) == 1
-    assert sorted(moment for moment in previous if moment is not None) == recorded[:-1]
+    """In the order of their recorded times, each query got the time recorded by the one just
+    before it, and the first (the first query ever, and only it) got None."""
+    ordered = sorted(results, key=lambda result: result.recorded_at)
+    assert ordered[0].previous is None
+    for earlier, later in zip(ordered, ordered[1:]):
+        assert later.previous == earlier.recorded_at
+        assert later.recorded_at > earlier.recorded_at
 
 
 def run_in_threads(work, threads: int, per_thread: int) -> list:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -40,7 +41,7 @@ def test_batch_count_must_be_positive(seeded):
 
 def test_concurrent_callers_share_transactions_and_keep_the_chain(seeded):
     sizes: list[int] = []
-    combiner = QueryCombiner(seeded, AnswerCache(), on_batch=sizes.append)
+    combiner = QueryCombiner(seeded, AnswerCache(), max_wait=30, on_batch=sizes.append)
     results = run_in_threads(combiner.query, threads=16, per_thread=20)
 
     assert len(results) == 320
@@ -54,7 +55,7 @@ def test_every_waiter_of_a_failing_batch_gets_the_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where a directory should be")
     engine = db.create_engine(Settings(database_url=f"sqlite:///{blocker / 'maxtwo.db'}"))
-    combiner = QueryCombiner(engine)
+    combiner = QueryCombiner(engine, max_wait=30)
     errors = []
 
     def worker() -> None:
@@ -70,3 +71,35 @@ def test_every_waiter_of_a_failing_batch_gets_the_error(tmp_path):
         thread.join(30)
     assert len(errors) == 8
     assert not any(thread.is_alive() for thread in threads)
+
+
+def test_a_follower_gives_up_after_max_wait_when_the_leader_is_stuck(tmp_path):
+    url = f"sqlite:///{tmp_path / 'maxtwo.db'}"
+    engine = db.create_engine(Settings(database_url=url, statement_timeout=20))
+    from maxtwo_cli.core import schema
+
+    schema.ensure_schema(engine)
+    holder = db.create_engine(Settings(database_url=url)).connect()
+    holder.begin()  # the write lock: the leader's BEGIN IMMEDIATE waits up to 20 s
+    combiner = QueryCombiner(engine, max_wait=1)
+    outcomes = []
+    leader = threading.Thread(target=lambda: outcomes.append(_try(combiner.query)))
+    leader.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    follower_outcome = _try(combiner.query)
+    waited = time.monotonic() - started
+    holder.rollback()
+    holder.close()
+    leader.join(30)
+    assert isinstance(follower_outcome, DatabaseUnavailableError)
+    assert 0.9 < waited < 3
+    assert not isinstance(outcomes[0], Exception)  # the leader succeeds once the lock is free
+    engine.dispose()
+
+
+def _try(function):
+    try:
+        return function()
+    except Exception as ex:  # noqa: BLE001 - the outcome is what the test looks at
+        return ex

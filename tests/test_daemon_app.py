@@ -164,3 +164,12 @@ def test_database_unreachable_is_a_503_json_that_reveals_nothing(database_url, t
     assert metrics.status_code == 200
     assert 'route="/",status="503"' in metrics.text
     engine.dispose()
+
+
+@pytest.mark.filterwarnings("ignore:Unknown REQUEST_METHOD")  # wsgiref's validator; the point
+def test_unknown_methods_do_not_make_new_metric_series(client):
+    for method in ("X0ZZ", "X1ZZ", "BREW"):
+        assert client.simulate_request(method, "/").status_code in (400, 405)
+    text = client.simulate_get("/metrics").text
+    assert 'method="OTHER"' in text
+    assert "X0ZZ" not in text and "BREW" not in text

@@ -46,9 +46,16 @@ def parse_database_url(raw: str) -> URL:
     """Parse and normalise a database URL, or raise ConfigurationError without echoing it."""
     try:
         url = sa.make_url(raw.strip())
-    except exc.ArgumentError:
+    except (exc.ArgumentError, ValueError):
+        # NOTE: ValueError for e.g. an unencoded "@" or ":" in the password (a bad port).
         # APPSEC: an unparseable URL may still hold a password, so it is never repeated back.
         raise ConfigurationError(f"the database URL cannot be parsed; {URL_HELP}") from None
+    if "@" in (url.host or ""):
+        # APPSEC: an unencoded "@" in the password moved part of it into the host name.
+        raise ConfigurationError(
+            "the database URL's host contains '@': percent-encode '@' and ':' in the "
+            f"password (%40, %3A); {URL_HELP}"
+        )
     driver = _DRIVERS.get(url.drivername)
     if driver is None:
         raise ConfigurationError(
@@ -63,9 +70,23 @@ def parse_database_url(raw: str) -> URL:
     return url
 
 
+# libpq also takes secrets as query parameters (?password=...).
+_SECRET_QUERY_KEYS = ("password", "sslpassword", "sslkey")
+
+
 def redact(url: URL) -> str:
     """The URL as it may appear in any output: the password, if any, is replaced by ***."""
-    return url.render_as_string(hide_password=True)
+    hidden = {key: "***" for key in _SECRET_QUERY_KEYS if key in url.query}
+    return url.update_query_dict(hidden).render_as_string(hide_password=True)
+
+
+def secrets_of(url: URL) -> list[str]:
+    """Every secret the URL carries, for scrubbing messages that might quote them."""
+    found = [str(url.password)] if url.password else []
+    for key in _SECRET_QUERY_KEYS:
+        value = url.query.get(key)
+        found += [value] if isinstance(value, str) else list(value or ())
+    return [secret for secret in found if secret]
 
 
 def create_engine(settings: Settings, *, pool_size: int = 5) -> Engine:
@@ -96,6 +117,14 @@ def _create_postgres_engine(url: URL, settings: Settings, pool_size: int) -> Eng
             "connect_timeout": max(1, math.ceil(settings.connect_timeout)),
             "application_name": "maxtwo",
             "options": options,
+            # NOTE: statement_timeout is enforced by the server; if the server's host dies or
+            # the network drops packets, only the client's TCP timeouts end the wait. Unsent
+            # data times out after the statement bound, an idle link is probed after 5 s.
+            "tcp_user_timeout": int(settings.statement_timeout * 1000),
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
         },
     )
 
@@ -141,6 +170,20 @@ def is_postgres(engine: Engine | sa.Connection) -> bool:
     return engine.dialect.name == "postgresql"
 
 
+# How long a long job (seed, randomize) waits for a lock held by another before giving up.
+LONG_JOB_LOCK_TIMEOUT = 60.0
+
+
+def set_job_timeouts(conn: sa.Connection, statement_timeout: float | None) -> None:
+    """For the rest of this PostgreSQL transaction: bound its statements by `statement_timeout`
+    seconds (None: no bound, for jobs whose length grows with the table) and its lock waits by
+    LONG_JOB_LOCK_TIMEOUT, so that lifting the one never turns a stuck lock into a hang."""
+    statement_ms = 0 if statement_timeout is None else max(1, int(statement_timeout * 1000))
+    conn.execute(sa.select(sa.func.set_config("statement_timeout", str(statement_ms), True)))
+    lock_ms = int(LONG_JOB_LOCK_TIMEOUT * 1000)
+    conn.execute(sa.select(sa.func.set_config("lock_timeout", str(lock_ms), True)))
+
+
 def ping(engine: Engine) -> None:
     """Check that the database answers; raise DatabaseUnavailableError if it does not."""
     with database_errors(engine), engine.connect() as conn:
@@ -163,10 +206,9 @@ def database_errors(engine: Engine) -> Iterator[None]:
 def _translate(engine: Engine, original: BaseException | None) -> MaxtwoError:
     where = redact(engine.url)
     detail = _first_line(original)
-    password = engine.url.password
-    if password:
+    for secret in secrets_of(engine.url):
         # APPSEC: a driver may quote the connection string; never let the password through.
-        detail = detail.replace(str(password), "***")
+        detail = detail.replace(secret, "***")
     if isinstance(original, psycopg.errors.QueryCanceled):
         return DatabaseUnavailableError(
             f"the database at {where} did not answer in time ({detail}); "

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from maxtwo_cli.core.clock import as_utc, utcnow
-from maxtwo_cli.core.db import database_errors, is_postgres
+from maxtwo_cli.core.db import database_errors, is_postgres, set_job_timeouts
 from maxtwo_cli.core.schema import MAX_POINTS, draw_max_number, randomizer_state, users
 
 # An arbitrary constant naming the scheduled randomization among advisory locks.
@@ -90,8 +90,7 @@ def randomize_in_transaction(
 ) -> tuple[int, dt.datetime, int]:
     """The randomization itself, inside the caller's transaction: (epoch, randomized_at, rows)."""
     if is_postgres(conn):
-        timeout_ms = 0 if timeout is None else max(1, int(timeout * 1000))
-        conn.execute(sa.select(sa.func.set_config("statement_timeout", str(timeout_ms), True)))
+        set_job_timeouts(conn, timeout)
         now: sa.ColumnElement[dt.datetime] | dt.datetime = sa.func.now()
         points = _POSTGRES_POINTS
     else:

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from maxtwo_cli.core.clock import utcnow
-from maxtwo_cli.core.db import database_errors, is_postgres
+from maxtwo_cli.core.db import READ_ONLY_OPTION, database_errors, is_postgres, set_job_timeouts
 from maxtwo_cli.core.errors import AlreadySeededError
 from maxtwo_cli.core.schema import (
     UtcTimestamp,
@@ -73,7 +73,7 @@ def seed_users(
         postgres = is_postgres(conn)
         if postgres:
             # Seeding may take longer than a request's statement timeout.
-            conn.execute(sa.select(sa.func.set_config("statement_timeout", "0", True)))
+            set_job_timeouts(conn, None)
             # Serialise with randomizations and other seeds (SQLite's BEGIN IMMEDIATE already has).
             conn.execute(sa.select(randomizer_state.c.id).with_for_update())
         existing = conn.scalar(sa.select(sa.func.count()).select_from(users))
@@ -90,7 +90,8 @@ def seed_users(
             state_update = state_update.values(max_number=draw_max_number())
         epoch = conn.scalar(state_update.returning(randomizer_state.c.epoch))
         if reset:
-            # Last, so the query-state row is locked only for the moment before commit.
+            # NOTE: on PostgreSQL the TRUNCATE above already holds every query off until the
+            # commit (they answer 503 once past their statement timeout): a reset is an outage.
             conn.execute(query_state.update().values(last_query_at=None))
     if is_postgres(engine):
         _vacuum_users(engine)
@@ -100,7 +101,8 @@ def seed_users(
 def has_users(engine: Engine) -> bool:
     """Whether the users table holds at least one row."""
     with database_errors(engine), engine.connect() as conn:
-        return conn.scalar(sa.select(sa.exists().where(users.c.id.is_not(None)))) or False
+        conn = conn.execution_options(**{READ_ONLY_OPTION: True})
+        return bool(conn.scalar(sa.select(sa.exists(sa.select(users.c.id)))))
 
 
 def _insert_users(
@@ -136,5 +138,8 @@ def _vacuum_users(engine: Engine) -> None:
     with database_errors(engine), engine.connect() as conn:
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
         conn.exec_driver_sql("SET statement_timeout = 0")
-        conn.exec_driver_sql("VACUUM (ANALYZE) users")
-        conn.exec_driver_sql("RESET statement_timeout")
+        try:
+            conn.exec_driver_sql("VACUUM (ANALYZE) users")
+        finally:
+            # The connection goes back to the pool: with its bound again.
+            conn.exec_driver_sql("RESET statement_timeout")

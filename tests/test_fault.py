@@ -257,3 +257,95 @@ def test_three_daemons_one_run_per_interval_and_a_killed_runner_is_replaced(post
             "all daemons answered GET / with 200 throughout; the survivors exited 0 on SIGTERM",
         ],
     )
+
+
+class FreezableProxy:
+    """A TCP proxy to PostgreSQL that can stop forwarding: a database that goes silent without
+    closing anything (a hung server, a network that drops packets)."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket as socket_module
+
+        self._socket_module = socket_module
+        self.target_port = target_port
+        self.listener = socket_module.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                server = self._socket_module.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                self.flowing.wait()  # frozen: the bytes are taken in and go nowhere
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._closed = True
+        self.flowing.set()
+        self.listener.close()
+
+
+def test_a_database_that_goes_silent_gets_503s_not_a_hang(postgres_url, tmp_path, reliability):
+    url = sa.make_url(postgres_url)
+    proxy = FreezableProxy(url.port)
+    proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
+    try:
+        with ServeProcess(proxied, interval=60, seed_count=500) as daemon:
+            daemon.start(tmp_path / "serve.log")
+            assert daemon.get("/")[0] == 200
+            proxy.flowing.clear()
+            with Clients(daemon.base, threads=4) as clients:
+                time.sleep(20)
+                proxy.flowing.set()
+                thawed_at = time.monotonic()
+                time.sleep(3)
+            silent = clients.between(0, thawed_at - 16)
+            after = clients.between(thawed_at + 1, time.monotonic())
+            assert daemon.terminate() == 0
+    finally:
+        proxy.close()
+    # One request leads the stuck transaction and waits as long as the silence (nothing on the
+    # client side can end a call the server's kernel keeps acknowledging); every other request
+    # gives up at the request path's own bound: connect + 2 x statement timeout = 15 s.
+    leaders = [s for s in silent if s[1] >= 17]
+    bounded = [s for s in silent if s[1] < 17]
+    assert len(leaders) <= 1
+    assert bounded and {s[2] for s in bounded} == {503}
+    slowest = max(s[1] for s in bounded)
+    assert after and {s[2] for s in after} == {200}
+    reliability.record(
+        "A database that goes silent: 503s within a bound, not a hang",
+        "A TCP proxy between `maxtwo serve` and PostgreSQL stops forwarding for 20 s (the "
+        "connections stay open, so neither the statement timeout nor TCP notices) while 4 "
+        "clients request `GET /`; then it forwards again.",
+        [
+            f"requests made while the database was silent: {len(silent)}; {len(bounded)} answered "
+            f"503, the slowest after {slowest:.1f} s (bound: connect + 2 x statement timeout = "
+            f"15 s); {len(leaders)} (the one running the transaction) waited out the silence",
+            f"requests after it spoke again: {len(after)}, all 200",
+        ],
+    )

@@ -72,9 +72,7 @@ class QueryCombiner:
         if me.lead:
             self._run_batch()
         if me.error is not None:
-            # A copy per caller: raising one exception object in many threads would tangle
-            # their tracebacks together.
-            raise copy.copy(me.error).with_traceback(None) from None
+            raise _own_copy(me.error) from None
         assert me.result is not None
         return me.result
 
@@ -110,3 +108,12 @@ class QueryCombiner:
                     self._leading = False
             for waiter in batch:
                 waiter.done.set()
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    """A copy of a shared error for one caller: raising one exception object in many threads
+    would tangle their tracebacks together."""
+    try:
+        return copy.copy(error).with_traceback(None)
+    except Exception:  # noqa: BLE001 - an exception type that cannot be copied: share it
+        return error

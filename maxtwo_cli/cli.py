@@ -170,7 +170,7 @@ def query(
         # Plain print: rich would re-wrap and colour the JSON.
         print(json.dumps(body))
         return
-    table = Table("id", "points", title="users above the hidden number")
+    table = Table("id", "points")
     for user in result.users:
         table.add_row(str(user.id), str(user.points))
     stdout.print(table)

@@ -53,6 +53,16 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": {
                             "description": "The answer.",
+                            "headers": {
+                                "X-Maxtwo-Recorded-At": {
+                                    "description": "The time this query recorded, ISO 8601 with microseconds.",
+                                    "schema": {"type": "string"},
+                                },
+                                "X-Maxtwo-Previous-At": {
+                                    "description": "`timestamp` at full precision; absent on the first query ever.",
+                                    "schema": {"type": "string"},
+                                },
+                            },
                             "content": {
                                 "application/json": {
                                     "schema": {"$ref": "#/components/schemas/QueryAnswer"},

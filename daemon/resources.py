@@ -29,6 +29,11 @@ class QueryResource:
         result = self._combiner.query()
         self._metrics.epoch.set(result.epoch)
         resp.media = result.api_body()
+        # The chain at full precision (the body's timestamp has whole seconds): lets a client
+        # check that it got exactly the time the query before it recorded.
+        resp.set_header("X-Maxtwo-Recorded-At", result.recorded_at.isoformat())
+        if result.previous is not None:
+            resp.set_header("X-Maxtwo-Previous-At", result.previous.isoformat())
 
 
 class HealthResource:

@@ -33,6 +33,10 @@ def test_get_root_is_the_core_query(client, engine):
     assert 1 <= len(first.json["users"]) <= 2 or state(engine).max_number == 100
     second = client.simulate_get("/")
     assert second.json["timestamp"] is not None
+    # The same chain at full precision in the headers.
+    assert "x-maxtwo-previous-at" not in first.headers
+    assert second.headers["x-maxtwo-previous-at"] == first.headers["x-maxtwo-recorded-at"]
+    assert second.json["timestamp"] == first.headers["x-maxtwo-recorded-at"][:19].replace("T", " ") + "Z"
     assert second.json["users"] == first.json["users"]  # same epoch, same answer
     max_number = state(engine).max_number
     assert all(user["points"] > max_number for user in second.json["users"])

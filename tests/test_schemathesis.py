@@ -26,7 +26,9 @@ def test_the_api_matches_its_openapi_document(database_url, tmp_path, reliabilit
         )
         assert daemon.terminate() == 0
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    summary = [line.strip() for line in done.stdout.splitlines() if "generated" in line or "No issues" in line]
+    summary = [
+        line.strip("= ") for line in done.stdout.splitlines() if "generated" in line or "No issues" in line
+    ]
     kind = "PostgreSQL" if database_url.startswith("postgresql") else "SQLite"
     reliability.record(
         f"The API matches its OpenAPI document ({kind})",

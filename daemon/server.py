@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import faulthandler
 import logging
 import os
 import signal
@@ -65,11 +66,15 @@ def serve(settings: Settings) -> None:
     os.environ["TZ"] = "UTC"
     time.tzset()
     configure_logging()
+    # NOTE: a fatal signal would otherwise end the daemon without a word in the journal: SQLite
+    # maps the -shm file into memory, and a write to it that the file system refuses (an
+    # immutable or vanished file) is a SIGBUS. This prints every thread's stack to stderr first.
+    faulthandler.enable()
     log.info("maxtwo %s starting (pid %d)", __version__, os.getpid())
     # Requests and the scheduler get pools of their own, so a burst of requests can never take
     # the connection a randomization needs.
     engine = db.create_engine(settings, pool_size=2)
-    request_engine = db.create_engine(settings, pool_size=settings.threads)
+    request_engine = db.create_engine(settings, pool_size=settings.threads, pre_ping=False)
     log.info("database: %s", db.redact(engine.url))
     try:
         schema.ensure_schema(engine)

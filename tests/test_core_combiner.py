@@ -73,28 +73,37 @@ def test_every_waiter_of_a_failing_batch_gets_the_error(tmp_path):
     assert not any(thread.is_alive() for thread in threads)
 
 
-def test_a_follower_gives_up_after_max_wait_when_the_leader_is_stuck(tmp_path):
+def test_every_caller_gives_up_after_max_wait_while_the_transaction_is_stuck(tmp_path):
     url = f"sqlite:///{tmp_path / 'maxtwo.db'}"
     engine = db.create_engine(Settings(database_url=url, statement_timeout=20))
     from maxtwo_cli.core import schema
 
     schema.ensure_schema(engine)
     holder = db.create_engine(Settings(database_url=url)).connect()
-    holder.begin()  # the write lock: the leader's BEGIN IMMEDIATE waits up to 20 s
+    holder.begin()  # the write lock: the committer's BEGIN IMMEDIATE waits up to 20 s
     combiner = QueryCombiner(engine, max_wait=1)
-    outcomes = []
-    leader = threading.Thread(target=lambda: outcomes.append(_try(combiner.query)))
-    leader.start()
+    outcomes: list[tuple[float, object]] = []
+
+    def caller() -> None:
+        started = time.monotonic()
+        outcome = _try(combiner.query)
+        outcomes.append((time.monotonic() - started, outcome))
+
+    first = threading.Thread(target=caller)  # its batch is the stuck one
+    first.start()
     time.sleep(0.3)
-    started = time.monotonic()
-    follower_outcome = _try(combiner.query)
-    waited = time.monotonic() - started
+    later = [threading.Thread(target=caller) for _ in range(4)]  # they queue behind it
+    for thread in later:
+        thread.start()
+    for thread in [first, *later]:
+        thread.join(10)
     holder.rollback()
     holder.close()
-    leader.join(30)
-    assert isinstance(follower_outcome, DatabaseUnavailableError)
-    assert 0.9 < waited < 3
-    assert not isinstance(outcomes[0], Exception)  # the leader succeeds once the lock is free
+    assert len(outcomes) == 5
+    assert all(isinstance(outcome, DatabaseUnavailableError) for _, outcome in outcomes)
+    assert all(0.9 < waited < 3 for waited, _ in outcomes)
+    # Once the lock is free, the stuck batch commits and the next callers are answered.
+    assert combiner.query().previous is not None
     engine.dispose()
 
 

@@ -3,9 +3,14 @@
 Every query writes (it records its time), and a durable write costs a disk flush. The query
 chain serialises those writes on one row, so on their own, queries could never go faster than
 one flush each. Here the threads of a process that query at the same moment share one
-transaction: one of them (the leader) runs `query_users_batch` for everybody waiting, and each
-gets its own link of the chain. Nobody is answered before the commit, so nothing is less durable
-than a query of its own. Queries from other processes still serialise on the database row.
+transaction: a committer thread takes everybody waiting, runs `query_users_batch` for them and
+hands each its own link of the chain, then takes whoever came meanwhile. Nobody is answered
+before the commit, so nothing is less durable than a query of its own. Queries from other
+processes still serialise on the database row.
+
+NOTE: the transaction runs in a thread of its own, not in one of the callers', so that every
+caller can give up after `max_wait`: a database that stops answering without closing the
+connection (a frozen server) holds up the committer, never a request.
 """
 
 from __future__ import annotations
@@ -20,13 +25,16 @@ from sqlalchemy.engine import Engine
 from maxtwo_cli.core.errors import DatabaseUnavailableError
 from maxtwo_cli.core.query import AnswerCache, QueryResult, query_users_batch
 
+# The committer thread ends after this long without queries (and starts again on the next),
+# so an idle combiner holds no thread.
+_IDLE_SECONDS = 5.0
+
 
 class _Waiter:
-    __slots__ = ("done", "lead", "result", "error")
+    __slots__ = ("done", "result", "error")
 
     def __init__(self) -> None:
         self.done = threading.Event()
-        self.lead = False
         self.result: QueryResult | None = None
         self.error: BaseException | None = None
 
@@ -41,7 +49,7 @@ class QueryCombiner:
         max_batch: int = 256,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
-        """`max_wait`: seconds a caller waits for others' transactions before giving up with
+        """`max_wait`: seconds a caller waits for its answer before giving up with
         DatabaseUnavailableError (a bound above the database timeouts, never reached normally)."""
         self._engine = engine
         self._cache = cache
@@ -49,65 +57,62 @@ class QueryCombiner:
         self._max_batch = max_batch
         self._on_batch = on_batch
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
         self._waiting: deque[_Waiter] = deque()
-        self._leading = False
+        self._committing = False  # whether the committer thread is running
 
     def query(self) -> QueryResult:
         """The same as core.query.query_users, sharing a transaction with concurrent callers."""
         me = _Waiter()
         with self._lock:
             self._waiting.append(me)
-            if not self._leading:
-                # Invariant: whenever somebody waits, there is a leader; now it is me (and I
-                # am first in line, so my query is in the batch I run).
-                self._leading = me.lead = True
-        if not me.lead and not me.done.wait(self._max_wait):
+            if self._committing:
+                self._arrived.notify()
+            else:
+                self._committing = True
+                threading.Thread(target=self._commit_loop, name="maxtwo-query-committer", daemon=True).start()
+        if not me.done.wait(self._max_wait):
             with self._lock:
-                if me in self._waiting and not me.lead:
+                if me in self._waiting:
                     self._waiting.remove(me)
-                    raise DatabaseUnavailableError(
-                        f"no answer from the database within {self._max_wait:.0f} s"
-                    )
-            me.done.wait()  # it was taken into a batch (or handed the lead) just now
-        if me.lead:
-            self._run_batch()
+            # NOTE: if its batch is running, the time it records will be the next caller's
+            # `previous` although this caller got an error: as when a client gives up.
+            raise DatabaseUnavailableError(f"no answer from the database within {self._max_wait:.0f} s")
         if me.error is not None:
             raise _own_copy(me.error) from None
         assert me.result is not None
         return me.result
 
-    def _run_batch(self) -> None:
-        with self._lock:
-            batch = [self._waiting.popleft() for _ in range(min(self._max_batch, len(self._waiting)))]
-        error: BaseException | None = None
+    def _commit_loop(self) -> None:
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    self._arrived.wait(_IDLE_SECONDS)
+                    if not self._waiting:
+                        self._committing = False
+                        return
+                batch = [self._waiting.popleft() for _ in range(min(self._max_batch, len(self._waiting)))]
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[_Waiter]) -> None:
         try:
             results = query_users_batch(self._engine, len(batch), self._cache)
-            for waiter, result in zip(batch, results):
-                waiter.result = result
-            if self._on_batch is not None:
-                self._on_batch(len(batch))
         except BaseException as ex:  # noqa: BLE001 - every waiter gets the error, re-raised there
-            error = ex
-        finally:
-            # Whatever happened above, the lead is handed on, or nobody would ever lead again.
             with self._lock:
-                if error is not None:
-                    # NOTE: those who queued while this batch failed would meet the same
-                    # database and wait a whole timeout more each, in turn; they share the
-                    # error instead, so nobody waits much longer than one timeout for a 503.
-                    batch += self._waiting
-                    self._waiting.clear()
-                    for waiter in batch:
-                        waiter.error = error
-                if self._waiting:
-                    # Hand the lead to the first in line, who came while this batch ran.
-                    successor = self._waiting[0]
-                    successor.lead = True
-                    successor.done.set()
-                else:
-                    self._leading = False
+                # NOTE: those who queued while this batch failed would meet the same database
+                # and wait a whole timeout more each, in turn; they share the error instead, so
+                # nobody waits much longer than one timeout for a 503.
+                batch += self._waiting
+                self._waiting.clear()
             for waiter in batch:
+                waiter.error = ex
                 waiter.done.set()
+            return
+        for waiter, result in zip(batch, results):
+            waiter.result = result
+            waiter.done.set()
+        if self._on_batch is not None:
+            self._on_batch(len(batch))
 
 
 def _own_copy(error: BaseException) -> BaseException:

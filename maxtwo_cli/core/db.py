@@ -89,15 +89,20 @@ def secrets_of(url: URL) -> list[str]:
     return [secret for secret in found if secret]
 
 
-def create_engine(settings: Settings, *, pool_size: int = 5) -> Engine:
-    """Create an engine for settings.database_url; connects lazily, creates nothing yet."""
+def create_engine(settings: Settings, *, pool_size: int = 5, pre_ping: bool = True) -> Engine:
+    """Create an engine for settings.database_url; connects lazily, creates nothing yet.
+
+    `pre_ping` (PostgreSQL): check each pooled connection with a round trip before use, so the
+    pool recovers by itself after a database restart. The request path turns it off and
+    recovers on its own (core.query), because it would double the round trips per query.
+    """
     url = parse_database_url(settings.database_url)
     if url.get_backend_name() == "sqlite":
         return _create_sqlite_engine(url, settings, pool_size)
-    return _create_postgres_engine(url, settings, pool_size)
+    return _create_postgres_engine(url, settings, pool_size, pre_ping)
 
 
-def _create_postgres_engine(url: URL, settings: Settings, pool_size: int) -> Engine:
+def _create_postgres_engine(url: URL, settings: Settings, pool_size: int, pre_ping: bool) -> Engine:
     statement_timeout_ms = int(settings.statement_timeout * 1000)
     # Every statement is bounded, so a stuck lock turns into an error, not a hang. Long jobs
     # (seed, randomize) lift the bound for their own transaction only. Options given in the
@@ -109,8 +114,7 @@ def _create_postgres_engine(url: URL, settings: Settings, pool_size: int) -> Eng
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        # NOTE: a pool that pings before use recovers by itself after a database restart.
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         # APPSEC: bound values never end up in exception messages.
         hide_parameters=True,
         connect_args={
@@ -228,16 +232,26 @@ def _translate(engine: Engine, original: BaseException | None) -> MaxtwoError:
             f"{engine.url.database} is not a SQLite database; point --database-url elsewhere"
         )
     if isinstance(original, sqlite3.OperationalError):
-        if "locked" in detail or "busy" in detail:
-            return DatabaseUnavailableError(
-                f"the SQLite file {engine.url.database} stayed locked by another process; "
-                "try again, or check for a stuck maxtwo process"
-            )
-        return DatabaseUnavailableError(
-            f"cannot use the SQLite file {engine.url.database}: {detail}; "
-            "check that its directory exists and is writable"
-        )
+        return DatabaseUnavailableError(_sqlite_advice(engine.url.database, original, detail))
     return DatabaseUnavailableError(f"the database at {where} failed: {detail}")
+
+
+def _sqlite_advice(path: str | None, error: sqlite3.OperationalError, detail: str) -> str:
+    """What went wrong with a SQLite file and what to do, from SQLite's primary result code."""
+    name = getattr(error, "sqlite_errorname", None) or ""
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in detail:
+        return (f"the SQLite file {path} stayed locked by another process; "
+                "try again, or check for a stuck maxtwo process")
+    if name.startswith("SQLITE_FULL"):
+        return f"the disk holding the SQLite file {path} is full; free some space and try again"
+    if name.startswith("SQLITE_READONLY"):
+        return (f"the SQLite file {path} is read-only ({detail}); make the file, its directory "
+                "and its -wal/-shm files writable by this user")
+    if name.startswith("SQLITE_IOERR"):
+        return (f"the SQLite file {path} could not be read or written ({detail}, {name}); check "
+                "its file system: full, read-only or failing")
+    return (f"cannot use the SQLite file {path}: {detail}; "
+            "check that its directory exists and is writable")
 
 
 def _first_line(error: BaseException | None) -> str:

@@ -51,7 +51,7 @@ class UtcTimestamp(sa.TypeDecorator[dt.datetime]):
         if value is None:
             return None
         if dialect.name == "sqlite":
-            return _EPOCH + dt.timedelta(microseconds=value)
+            return from_microseconds(value)
         return value.astimezone(dt.UTC)
 
 
@@ -62,6 +62,11 @@ def to_microseconds(moment: dt.datetime) -> int:
     if moment.tzinfo is None:
         raise ValueError("timestamps must be timezone-aware")
     return (moment - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+def from_microseconds(value: int) -> dt.datetime:
+    return _EPOCH + dt.timedelta(microseconds=value)
+
 
 users = sa.Table(
     "users",

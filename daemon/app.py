@@ -29,8 +29,8 @@ def create_app(settings: Settings, engine: Engine, *, metrics: Metrics | None = 
     combiner = QueryCombiner(
         engine,
         AnswerCache(),
-        # Above every database bound (connect, statement and TCP timeouts), so it only ends a
-        # wait that nothing else would.
+        # Room for the batch running when a request comes and its own, each bounded by the
+        # database timeouts; it ends a wait that nothing else would (a server gone silent).
         max_wait=settings.connect_timeout + 2 * settings.statement_timeout,
         on_batch=metrics.query_batch_size.observe,
     )

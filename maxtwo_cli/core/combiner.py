@@ -10,12 +10,13 @@ processes still serialise on the database row.
 
 NOTE: the transaction runs in a thread of its own, not in one of the callers', so that every
 caller can give up after `max_wait`: a database that stops answering without closing the
-connection (a frozen server) holds up the committer, never a request.
+connection (a frozen server) holds up the committer indefinitely, a request at most max_wait.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from sqlalchemy.engine import Engine
 
 from maxtwo_cli.core.errors import DatabaseUnavailableError
 from maxtwo_cli.core.query import AnswerCache, QueryResult, query_users_batch
+
+log = logging.getLogger(__name__)
 
 # The committer thread ends after this long without queries (and starts again on the next),
 # so an idle combiner holds no thread.
@@ -49,8 +52,8 @@ class QueryCombiner:
         max_batch: int = 256,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
-        """`max_wait`: seconds a caller waits for its answer before giving up with
-        DatabaseUnavailableError (a bound above the database timeouts, never reached normally)."""
+        """`max_wait`: seconds a caller waits for its answer (its batch and the one running when
+        it came) before giving up with DatabaseUnavailableError."""
         self._engine = engine
         self._cache = cache
         self._max_wait = max_wait
@@ -69,30 +72,43 @@ class QueryCombiner:
             if self._committing:
                 self._arrived.notify()
             else:
+                try:
+                    threading.Thread(target=self._commit_loop, name="maxtwo-query-committer", daemon=True).start()
+                except RuntimeError as ex:  # no thread to be had (resources, interpreter shutdown)
+                    self._waiting.remove(me)
+                    raise DatabaseUnavailableError(f"cannot start the query thread: {ex}") from None
                 self._committing = True
-                threading.Thread(target=self._commit_loop, name="maxtwo-query-committer", daemon=True).start()
         if not me.done.wait(self._max_wait):
             with self._lock:
                 if me in self._waiting:
                     self._waiting.remove(me)
-            # NOTE: if its batch is running, the time it records will be the next caller's
-            # `previous` although this caller got an error: as when a client gives up.
-            raise DatabaseUnavailableError(f"no answer from the database within {self._max_wait:.0f} s")
+                answered = me.done.is_set()  # in the instant between the timeout and the lock
+            if not answered:
+                # NOTE: if its batch is running, the time it records will be the next caller's
+                # `previous` although this caller got an error: as when a client gives up.
+                raise DatabaseUnavailableError(f"no answer from the database within {self._max_wait:.0f} s")
         if me.error is not None:
             raise _own_copy(me.error) from None
         assert me.result is not None
         return me.result
 
     def _commit_loop(self) -> None:
-        while True:
-            with self._lock:
-                if not self._waiting:
-                    self._arrived.wait(_IDLE_SECONDS)
+        try:
+            while True:
+                with self._lock:
                     if not self._waiting:
-                        self._committing = False
-                        return
-                batch = [self._waiting.popleft() for _ in range(min(self._max_batch, len(self._waiting)))]
-            self._run_batch(batch)
+                        self._arrived.wait(_IDLE_SECONDS)
+                        if not self._waiting:
+                            self._committing = False
+                            return
+                    batch = [self._waiting.popleft() for _ in range(min(self._max_batch, len(self._waiting)))]
+                self._run_batch(batch)
+        except BaseException:
+            # Never reached by design (_run_batch hands every error to its waiters); if it is,
+            # the next caller starts a new committer rather than waiting for a dead one.
+            with self._lock:
+                self._committing = False
+            raise
 
     def _run_batch(self, batch: list[_Waiter]) -> None:
         try:
@@ -108,11 +124,14 @@ class QueryCombiner:
                 waiter.error = ex
                 waiter.done.set()
             return
+        if self._on_batch is not None:
+            try:
+                self._on_batch(len(batch))
+            except Exception:  # a metrics callback must never cost anybody an answer
+                log.exception("on_batch callback failed")
         for waiter, result in zip(batch, results):
             waiter.result = result
             waiter.done.set()
-        if self._on_batch is not None:
-            self._on_batch(len(batch))
 
 
 def _own_copy(error: BaseException) -> BaseException:

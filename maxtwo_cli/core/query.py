@@ -11,6 +11,7 @@ every cache at once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import sqlite3
@@ -141,13 +142,18 @@ def query_users_batch(engine: Engine, count: int, cache: AnswerCache | None = No
                 previous, last, epoch, answer = _query_postgres(pooled.driver_connection, cached, count)
             else:
                 previous, last, epoch, answer = _query_sqlite(pooled.driver_connection, cached, count)
-        except psycopg.OperationalError:
+        except psycopg.Error:
             if pooled.driver_connection.broken:
                 # The server went away (restart, outage): every pooled connection is as dead
                 # as this one, so start a fresh pool, as SQLAlchemy does on a disconnect. The
                 # request engine does not ping before each use: that would cost a round trip.
                 pooled.invalidate()
                 engine.dispose()
+            raise
+        except sqlite3.Error:
+            # NOTE: a connection opened while the file could not be written (read-only, full
+            # disk) stays read-only for good; a fresh one costs little.
+            pooled.invalidate()
             raise
         finally:
             pooled.close()
@@ -175,6 +181,8 @@ class _DriverStatement:
         self._order = compiled.positiontup
 
     def parameters(self, **values: Any) -> tuple[Any, ...] | dict[str, Any]:
+        if not values.keys() <= self._defaults.keys():
+            raise TypeError(f"unknown parameters {sorted(values.keys() - self._defaults.keys())}")
         merged = {**self._defaults, **values}
         if self._order is None:
             return merged
@@ -256,6 +264,9 @@ def _query_sqlite(
         connection.execute("COMMIT")
     except BaseException:
         if connection.in_transaction:
-            connection.execute("ROLLBACK")
+            # A failed ROLLBACK must not hide the error that caused it; the caller invalidates
+            # the connection anyway.
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
         raise
     return previous, last, epoch, answer

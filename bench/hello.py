@@ -3,7 +3,7 @@ waitress through maxtwo's own `daemon.server.bind()`, so every waitress setting 
 connection limit, backlog, channel timeout, poll) is the daemon's by construction. Whatever
 separates its req/s from `maxtwo serve`'s is maxtwo's own work per request.
 
-    python -m bench.hello --port 8000 --threads 8
+    python -m bench.hello --port 8000 --threads 16
 """
 
 from __future__ import annotations

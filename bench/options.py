@@ -7,6 +7,8 @@ import dataclasses
 import os
 from pathlib import Path
 
+from bench.processes import SERVE_THREADS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_URL_ENV = "MAXTWO_BENCH_POSTGRES_URL"
 
@@ -56,6 +58,7 @@ class BenchOptions:
             "connections": list(self.connections),
             "span_interval": self.span_interval,
             "tiny": self.tiny,
+            "threads": SERVE_THREADS,
             "postgres": "given URL" if self.postgres_url else "throwaway server started by the harness",
         }
 

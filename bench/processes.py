@@ -18,10 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench.targets import process_environment
+from maxtwo_cli.core.settings import Settings
 
 MAXTWO = Path(sys.executable).with_name("maxtwo")
 HOST = "127.0.0.1"
-SERVE_THREADS = 8
+SERVE_THREADS = Settings().threads
 STOP_SECONDS = 20.0  # maxtwo promises 10 s (drain, then a running randomization)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

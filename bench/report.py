@@ -190,7 +190,7 @@ def _load(results: dict) -> str:
     if _failed(section):
         return "\n".join([*lines, _failure("load", section)])
     lines += [f"`wrk -t2 -cC -d{parameters['load_seconds']}s --latency` against `maxtwo serve` "
-              f"(`--threads 8 --interval 60`, {parameters['rows']:,} users) and against the hello-world app "
+              f"(`--threads {parameters.get('threads', 8)} --interval 60`, {parameters['rows']:,} users) and against the hello-world app "
               "(bench/hello.py: a constant body, served through the daemon's own `bind()`), taking turns. "
               "Figures are medians of the runs; max latency is the worst run's; errors add up every measured "
               "run (non-2xx/3xx responses plus socket connect/read/write/timeout errors).", "",

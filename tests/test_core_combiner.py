@@ -4,11 +4,13 @@ import threading
 import time
 
 import pytest
+import sqlalchemy as sa
 
+from maxtwo_cli.core import combiner as combiner_module
 from maxtwo_cli.core import db
 from maxtwo_cli.core.combiner import QueryCombiner
 from maxtwo_cli.core.errors import DatabaseUnavailableError
-from maxtwo_cli.core.query import AnswerCache, query_users, query_users_batch
+from maxtwo_cli.core.query import AnswerCache, BatchRunner, query_users, query_users_batch
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.seed import seed_users
 from maxtwo_cli.core.settings import Settings
@@ -37,6 +39,46 @@ def test_a_batch_is_a_chain_in_one_transaction(seeded):
 def test_batch_count_must_be_positive(seeded):
     with pytest.raises(ValueError):
         query_users_batch(seeded, 0)
+
+
+def test_a_runner_holds_one_connection_from_batch_to_batch_until_released(seeded):
+    runner = BatchRunner(seeded)
+    first = runner.run(2)
+    assert seeded.pool.checkedout() == 1
+    second = runner.run(3)
+    assert seeded.pool.checkedout() == 1
+    assert_chain([*first, *second])
+    runner.release()
+    assert seeded.pool.checkedout() == 0
+    runner.release()  # twice is harmless
+
+
+def test_a_runner_drops_a_connection_the_server_closed_and_takes_a_fresh_one(postgres_engine):
+    seed_users(postgres_engine, 100)
+    runner = BatchRunner(postgres_engine)
+    before = runner.run(1)[0]
+    with postgres_engine.begin() as other:
+        other.execute(
+            sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        )
+    with pytest.raises(DatabaseUnavailableError):
+        runner.run(1)
+    assert postgres_engine.pool.checkedout() == 0
+    after = runner.run(1)[0]
+    assert after.previous == before.recorded_at  # the failed batch recorded nothing
+    runner.release()
+
+
+def test_an_idle_committer_gives_its_connection_back(seeded, monkeypatch):
+    monkeypatch.setattr(combiner_module, "_IDLE_SECONDS", 0.2)
+    combiner = QueryCombiner(seeded, max_wait=30)
+    run_in_threads(combiner.query, threads=4, per_thread=5)
+    deadline = time.monotonic() + 10
+    while seeded.pool.checkedout() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert seeded.pool.checkedout() == 0
+    assert combiner.query().previous is not None  # and a new committer starts on demand
 
 
 def test_concurrent_callers_share_transactions_and_keep_the_chain(seeded):

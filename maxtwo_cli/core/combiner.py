@@ -3,7 +3,7 @@
 Every query writes (it records its time), and a durable write costs a disk flush. The query
 chain serialises those writes on one row, so on their own, queries could never go faster than
 one flush each. Here the threads of a process that query at the same moment share one
-transaction: a committer thread takes everybody waiting, runs `query_users_batch` for them and
+transaction: a committer thread takes everybody waiting, runs one query batch for them and
 hands each its own link of the chain, then takes whoever came meanwhile. Nobody is answered
 before the commit, so nothing is less durable than a query of its own. Queries from other
 processes still serialise on the database row.
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from sqlalchemy.engine import Engine
 
 from maxtwo_cli.core.errors import DatabaseUnavailableError
-from maxtwo_cli.core.query import AnswerCache, QueryResult, query_users_batch
+from maxtwo_cli.core.query import AnswerCache, BatchRunner, QueryResult
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +34,31 @@ _IDLE_SECONDS = 5.0
 
 
 class _Waiter:
-    __slots__ = ("done", "result", "error")
+    """One caller's place in the queue.
+
+    NOTE: signalled through a bare lock, held until the answer is in, rather than a
+    threading.Event, whose wait and set run several Python-level lock operations: this is paid
+    twice per request.
+    """
+
+    __slots__ = ("_pending", "error", "result")
 
     def __init__(self) -> None:
-        self.done = threading.Event()
+        self._pending = threading.Lock()
+        self._pending.acquire()
         self.result: QueryResult | None = None
         self.error: BaseException | None = None
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the answer (or an error) came within `timeout` seconds."""
+        return self._pending.acquire(timeout=timeout)
+
+    def answered(self) -> bool:
+        return not self._pending.locked()
+
+    def answer(self) -> None:
+        """Called once, by the committer, after setting result or error."""
+        self._pending.release()
 
 
 class QueryCombiner:
@@ -78,11 +97,11 @@ class QueryCombiner:
                     self._waiting.remove(me)
                     raise DatabaseUnavailableError(f"cannot start the query thread: {ex}") from None
                 self._committing = True
-        if not me.done.wait(self._max_wait):
+        if not me.wait(self._max_wait):
             with self._lock:
                 if me in self._waiting:
                     self._waiting.remove(me)
-                answered = me.done.is_set()  # in the instant between the timeout and the lock
+                answered = me.answered()  # in the instant between the timeout and the lock
             if not answered:
                 # NOTE: if its batch is running, the time it records will be the next caller's
                 # `previous` although this caller got an error: as when a client gives up.
@@ -93,6 +112,8 @@ class QueryCombiner:
         return me.result
 
     def _commit_loop(self) -> None:
+        # Holds one database connection from batch to batch while queries keep coming.
+        runner = BatchRunner(self._engine, self._cache)
         try:
             while True:
                 with self._lock:
@@ -102,17 +123,19 @@ class QueryCombiner:
                             self._committing = False
                             return
                     batch = [self._waiting.popleft() for _ in range(min(self._max_batch, len(self._waiting)))]
-                self._run_batch(batch)
+                self._run_batch(runner, batch)
         except BaseException:
             # Never reached by design (_run_batch hands every error to its waiters); if it is,
             # the next caller starts a new committer rather than waiting for a dead one.
             with self._lock:
                 self._committing = False
             raise
+        finally:
+            runner.release()
 
-    def _run_batch(self, batch: list[_Waiter]) -> None:
+    def _run_batch(self, runner: BatchRunner, batch: list[_Waiter]) -> None:
         try:
-            results = query_users_batch(self._engine, len(batch), self._cache)
+            results = runner.run(len(batch))
         except BaseException as ex:  # noqa: BLE001 - every waiter gets the error, re-raised there
             with self._lock:
                 # NOTE: those who queued while this batch failed would meet the same database
@@ -122,7 +145,7 @@ class QueryCombiner:
                 self._waiting.clear()
             for waiter in batch:
                 waiter.error = ex
-                waiter.done.set()
+                waiter.answer()
             return
         if self._on_batch is not None:
             try:
@@ -131,7 +154,7 @@ class QueryCombiner:
                 log.exception("on_batch callback failed")
         for waiter, result in zip(batch, results):
             waiter.result = result
-            waiter.done.set()
+            waiter.answer()
 
 
 def _own_copy(error: BaseException) -> BaseException:

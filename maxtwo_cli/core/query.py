@@ -128,47 +128,81 @@ def query_users_batch(engine: Engine, count: int, cache: AnswerCache | None = No
     recorded before the batch, each later one the time recorded by the one before it (times
     one microsecond apart), and all share one snapshot, so they carry the same users.
     """
-    if count < 1:
-        raise ValueError("count must be >= 1")
-    cached = cache.get() if cache is not None else None
-    with database_errors(engine):
-        # NOTE: this runs for every request, so it talks to the driver directly, with the
-        # statements rendered once below: SQLAlchemy's per-call work (connection and
-        # transaction objects, events, result processing) cost three times the statements
-        # themselves on SQLite (0.7 ms vs 0.2 ms per transaction, measured).
-        pooled = engine.raw_connection()
-        try:
-            if is_postgres(engine):
-                previous, last, epoch, answer = _query_postgres(pooled.driver_connection, cached, count)
-            else:
-                previous, last, epoch, answer = _query_sqlite(pooled.driver_connection, cached, count)
-        except psycopg.Error:
-            if pooled.driver_connection.broken:
-                # The server went away (restart, outage): every pooled connection is as dead
-                # as this one, so start a fresh pool, as SQLAlchemy does on a disconnect. The
-                # request engine does not ping before each use: that would cost a round trip.
+    runner = BatchRunner(engine, cache)
+    try:
+        return runner.run(count)
+    finally:
+        runner.release()
+
+
+class BatchRunner:
+    """Runs query batches (see query_users_batch) on one pooled connection, held from the first
+    batch until release(): for a caller that runs batch after batch, a pool checkout and return
+    per batch cost a fifth of the batch (measured on SQLite).
+
+    Not thread-safe: one runner per thread.
+    """
+
+    def __init__(self, engine: Engine, cache: AnswerCache | None = None) -> None:
+        self._engine = engine
+        self._cache = cache
+        self._pooled: Any = None  # SQLAlchemy's pooled connection, while held
+
+    def run(self, count: int) -> list[QueryResult]:
+        if count < 1:
+            raise ValueError("count must be >= 1")
+        cache = self._cache
+        cached = cache.get() if cache is not None else None
+        with database_errors(self._engine):
+            # NOTE: this runs for every request, so it talks to the driver directly, with the
+            # statements rendered once below: SQLAlchemy's per-call work (connection and
+            # transaction objects, events, result processing) cost three times the statements
+            # themselves on SQLite (0.7 ms vs 0.2 ms per transaction, measured).
+            if self._pooled is None:
+                self._pooled = self._engine.raw_connection()
+            pooled = self._pooled
+            try:
+                if is_postgres(self._engine):
+                    previous, last, epoch, answer = _query_postgres(pooled.driver_connection, cached, count)
+                else:
+                    previous, last, epoch, answer = _query_sqlite(pooled.driver_connection, cached, count)
+            except psycopg.Error:
+                if pooled.driver_connection.broken:
+                    # The server went away (restart, outage): every pooled connection is as
+                    # dead as this one, so start a fresh pool, as SQLAlchemy does on a
+                    # disconnect. The request engine does not ping before each use: that would
+                    # cost a round trip.
+                    pooled.invalidate()
+                    self._engine.dispose()
+                self.release()
+                raise
+            except sqlite3.Error:
+                # NOTE: a connection opened while the file could not be written (read-only,
+                # full disk) stays read-only for good; a fresh one costs little.
                 pooled.invalidate()
-                engine.dispose()
-            raise
-        except sqlite3.Error:
-            # NOTE: a connection opened while the file could not be written (read-only, full
-            # disk) stays read-only for good; a fresh one costs little.
-            pooled.invalidate()
-            raise
-        finally:
+                self.release()
+                raise
+            except BaseException:
+                self.release()
+                raise
+        if cache is not None and (cached is None or cached[0] != epoch):
+            cache.put(epoch, answer)
+        recorded = [last - (count - 1 - index) * _TICK for index in range(count)]
+        return [
+            QueryResult(
+                users=answer,
+                previous=previous if index == 0 else recorded[index - 1],
+                recorded_at=recorded[index],
+                epoch=epoch,
+            )
+            for index in range(count)
+        ]
+
+    def release(self) -> None:
+        """Return the held connection to the pool (the next run takes one again)."""
+        pooled, self._pooled = self._pooled, None
+        if pooled is not None:
             pooled.close()
-    if cache is not None and (cached is None or cached[0] != epoch):
-        cache.put(epoch, answer)
-    recorded = [last - (count - 1 - index) * _TICK for index in range(count)]
-    return [
-        QueryResult(
-            users=answer,
-            previous=previous if index == 0 else recorded[index - 1],
-            recorded_at=recorded[index],
-            epoch=epoch,
-        )
-        for index in range(count)
-    ]
 
 
 class _DriverStatement:

@@ -7,6 +7,7 @@ SIGTERM first (maxtwo drains and exits 0), SIGKILL if it does not go in time.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -18,11 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench.targets import process_environment
-from maxtwo_cli.core.settings import Settings
+from maxtwo_cli.core.settings import DEFAULT_THREADS
 
 MAXTWO = Path(sys.executable).with_name("maxtwo")
 HOST = "127.0.0.1"
-SERVE_THREADS = Settings().threads
+SERVE_THREADS = DEFAULT_THREADS
 STOP_SECONDS = 20.0  # maxtwo promises 10 s (drain, then a running randomization)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,9 +53,11 @@ class ServerProcess:
     def start(self, ready_timeout: float) -> None:
         with open(self.log_path, "w") as log:
             # The child keeps its own copy of the descriptor; ours can close at once.
+            # A process group of its own: a server with several processes is stopped as systemd
+            # stops a service, every process at once.
             self.process = subprocess.Popen(self._args, env=self._env, cwd=REPO_ROOT,
                                             stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT)
+                                            stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -69,13 +72,18 @@ class ServerProcess:
         if self.process is None:
             return None
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self._signal_group(signal.SIGTERM)
             try:
                 self.process.wait(STOP_SECONDS)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+                pass
+        self._signal_group(signal.SIGKILL)  # whatever is left of the group
+        self.process.wait(10)
         return self.process.returncode
+
+    def _signal_group(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signum)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -93,21 +101,21 @@ def running(server: ServerProcess, ready_timeout: float = 120.0) -> Iterator[Ser
         server.stop()
 
 
-def maxtwo_serve(url: str, *, seed_count: int, interval: float, log_path: Path) -> ServerProcess:
+def maxtwo_serve(url: str, *, seed_count: int, interval: float, log_path: Path, workers: int = 1) -> ServerProcess:
     """The installed `maxtwo serve`, exactly as deployed but on a free local port."""
     if not MAXTWO.exists():
         raise RuntimeError(f"{MAXTWO} not found: install maxtwo into this Python (pip install -e .)")
     port = free_port()
     args = [str(MAXTWO), "serve", "--host", HOST, "--port", str(port), "--threads", str(SERVE_THREADS),
-            "--interval", f"{interval:g}", "--seed-count", str(seed_count)]
+            "--workers", str(workers), "--interval", f"{interval:g}", "--seed-count", str(seed_count)]
     return ServerProcess("maxtwo serve", args, process_environment(url), port, "/healthz", log_path)
 
 
-def hello_world(log_path: Path) -> ServerProcess:
+def hello_world(log_path: Path, workers: int = 1) -> ServerProcess:
     """bench/hello.py: a constant answer on the same waitress settings as maxtwo serve."""
     port = free_port()
     args = [sys.executable, "-m", "bench.hello", "--host", HOST, "--port", str(port),
-            "--threads", str(SERVE_THREADS)]
+            "--threads", str(SERVE_THREADS), "--workers", str(workers)]
     return ServerProcess("hello-world app", args, process_environment(None), port, "/", log_path)
 
 

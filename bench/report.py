@@ -85,10 +85,44 @@ def _headline(results: dict) -> str:
     for connections in results["parameters"]["connections"]:
         lines.append(_row(f"GET /, {connections} connections: maxtwo req/s / hello-world req/s", [
             _x(_nested(steady.get(db), "by_connections", str(connections), "ours_over_hello")) for db in DATABASES]))
+    several = _load_part(results, "workers")
+    for connections in results["parameters"]["connections"]:
+        lines.append(_row(f"GET /, {connections} connections: maxtwo --workers {load.WORKERS} req/s / "
+                          f"hello-world req/s (1 process; {load.WORKERS} processes)", [
+            f"{_x(_nested(several.get(db), 'by_connections', str(connections), 'ours_over_hello_one_process'))}; "
+            f"{_x(_nested(several.get(db), 'by_connections', str(connections), 'ours_over_hello'))}"
+            for db in DATABASES]))
     span = _load_part(results, "span")
     lines.append(_row("GET /: p99 inside / outside randomizations (median window p99)",
                       [_x(_nested(span.get(db), "inside_over_outside")) for db in DATABASES]))
     return "\n".join(lines)
+
+
+def _several_processes(section: dict, parameters: dict) -> list[str]:
+    part = section.get("workers") or {}
+    workers = part.get("workers", load.WORKERS)
+    lines = [f"### {workers} serving processes", "",
+             f"The same wrk runs against `maxtwo serve --workers {workers}` (each process with "
+             f"`--threads {parameters.get('threads', 8)}`; a supervisor runs the randomizer) and the "
+             f"hello-world app in {workers} processes on one listening socket, taking turns. *vs 1 process*: "
+             "against the hello-world app's single process in the table above (same run, minutes earlier). "
+             "The goals table judges the one-process configuration against the one-process app.", "",
+             "| database | connections | maxtwo req/s | p99 | errors | hello-world req/s | ours / hello, same processes | ours / hello, vs 1 process | peak RSS, all processes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for database in DATABASES:
+        result = part.get(database)
+        if _failed(result):
+            notes.append(_failure(database, result))
+            continue
+        for connections, summary in result["by_connections"].items():
+            ours, hello = summary[load.OURS], summary[load.HELLO]
+            errors = ours["non_2xx_3xx"] + sum(ours["socket_errors"].values())
+            lines.append(_row(database, [
+                connections, f"{ours['requests_per_second']:,.0f}", _ms(ours["p99_ms"]), f"{errors:,}",
+                f"{hello['requests_per_second']:,.0f}", _x(summary["ours_over_hello"]),
+                _x(summary.get("ours_over_hello_one_process")), _mb(result.get("serve_peak_rss_bytes"))]))
+    return [*lines, "", *notes]
 
 
 def _goals(results: dict) -> str:
@@ -219,6 +253,7 @@ def _load(results: dict) -> str:
     lines += ["", *notes]
     if _plotted(results, LOAD):
         lines += ["", f"![GET / req/s, maxtwo vs hello-world](img/{LOAD})"]
+    lines += ["", *_several_processes(section, parameters)]
     lines += ["", "### Latency across randomizations", "",
               f"`maxtwo serve --interval {parameters['span_interval']:g}` under back-to-back 1 s wrk windows at "
               f"{load.SPAN_CONNECTIONS} connections (after one warm-up window), until at least "

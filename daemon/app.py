@@ -22,18 +22,20 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 5
 
 
-def create_app(settings: Settings, engine: Engine, *, metrics: Metrics | None = None) -> falcon.App:
-    """The API: GET /, /healthz, /metrics, /openapi.json; JSON errors everywhere."""
+def create_app(
+    settings: Settings,
+    engine: Engine,
+    *,
+    metrics: Metrics | None = None,
+    combiner: QueryCombiner | None = None,
+) -> falcon.App:
+    """The API: GET /, /healthz, /metrics, /openapi.json; JSON errors everywhere.
+
+    `combiner`: the one GET / queries through (by default, query_combiner()'s); its owner
+    closes it at shutdown."""
     metrics = metrics or Metrics()
     app = falcon.App(middleware=[RequestMetrics(metrics)])
-    combiner = QueryCombiner(
-        engine,
-        AnswerCache(),
-        # Room for the batch running when a request comes and its own, each bounded by the
-        # database timeouts; it ends a wait that nothing else would (a server gone silent).
-        max_wait=settings.connect_timeout + 2 * settings.statement_timeout,
-        on_batch=metrics.query_batch_size.observe,
-    )
+    combiner = combiner or query_combiner(settings, engine, metrics)
     app.add_route("/", QueryResource(combiner, metrics))
     app.add_route("/healthz", HealthResource(engine))
     app.add_route("/metrics", MetricsResource(metrics))
@@ -42,6 +44,17 @@ def create_app(settings: Settings, engine: Engine, *, metrics: Metrics | None = 
     app.add_error_handler(Exception, _unexpected)
     app.set_error_serializer(_serialize_error)
     return app
+
+
+def query_combiner(settings: Settings, engine: Engine, metrics: Metrics) -> QueryCombiner:
+    return QueryCombiner(
+        engine,
+        AnswerCache(),
+        # Room for the batch running when a request comes and its own, each bounded by the
+        # database timeouts; it ends a wait that nothing else would (a server gone silent).
+        max_wait=settings.connect_timeout + 2 * settings.statement_timeout,
+        on_batch=metrics.query_batch_size.observe,
+    )
 
 
 class RequestMetrics:

@@ -6,7 +6,7 @@ import json
 import logging
 
 import falcon
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy.engine import Engine
 
 from daemon.metrics import Metrics
@@ -61,7 +61,7 @@ class MetricsResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = CONTENT_TYPE_LATEST
-        resp.data = generate_latest(self._metrics.registry)
+        resp.data = self._metrics.exposition()
 
 
 class OpenApiResource:

@@ -14,9 +14,11 @@ import faulthandler
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import waitress
 from waitress import wasyncore
@@ -25,7 +27,7 @@ from waitress.server import BaseWSGIServer
 from sqlalchemy.engine import Engine
 
 from daemon import systemd
-from daemon.app import create_app
+from daemon.app import create_app, query_combiner
 from daemon.metrics import Metrics
 from daemon.scheduler import RandomizeScheduler
 from maxtwo_cli import __version__
@@ -41,6 +43,8 @@ log = logging.getLogger("maxtwo")
 # accepted, then give a running randomization the rest.
 DRAIN_SECONDS = 5.0
 SCHEDULER_STOP_SECONDS = 3.0
+# The query committer gives its connection back (a stuck transaction is not waited out).
+COMBINER_STOP_SECONDS = 1.0
 # How often the serving loop looks up from poll() to notice a stop request.
 LOOP_TICK_SECONDS = 0.2
 # A connection counts as idle (safe to close at shutdown) once quiet this long: a client that
@@ -71,29 +75,60 @@ def serve(settings: Settings) -> None:
     # immutable or vanished file) is a SIGBUS. This prints every thread's stack to stderr first.
     faulthandler.enable()
     log.info("maxtwo %s starting (pid %d)", __version__, os.getpid())
-    # Requests and the scheduler get pools of their own, so a burst of requests can never take
-    # the connection a randomization needs.
+    if settings.workers > 1:
+        from daemon.workers import supervise  # NOTE: imported here: it imports this module
+
+        supervise(settings)
+        return
     engine = db.create_engine(settings, pool_size=2)
-    request_engine = db.create_engine(settings, pool_size=settings.threads, pre_ping=False)
-    log.info("database: %s", db.redact(engine.url))
     try:
-        schema.ensure_schema(engine)
-        seed_if_empty(engine, settings.seed_count)
+        prepare_database(engine, settings)
+        listener = listen(settings)
+        log.info("listening on http://%s:%s", *listener.getsockname()[:2])
         metrics = Metrics()
-        server = bind(create_app(settings, request_engine, metrics=metrics), settings)
-        log.info("listening on http://%s:%s", server.effective_host, server.effective_port)
-        systemd.notify("READY=1")
+        # Requests and the scheduler get pools of their own, so a burst of requests can never
+        # take the connection a randomization needs.
         scheduler = RandomizeScheduler(scheduled_job(engine, settings.interval), settings.interval, metrics)
-        scheduler.start()
-        stop = _stop_on_signals()
+
+        def ready() -> None:
+            systemd.notify("READY=1")
+            scheduler.start()
+
+        serve_requests(settings, listener, metrics, stop_on_signals(), on_ready=ready)
+        scheduler.stop(SCHEDULER_STOP_SECONDS)
+    finally:
+        engine.dispose()
+    log.info("stopped")
+
+
+def prepare_database(engine: Engine, settings: Settings) -> None:
+    """The schema, and the users if there are none yet (see --seed-count)."""
+    log.info("database: %s", db.redact(engine.url))
+    schema.ensure_schema(engine)
+    seed_if_empty(engine, settings.seed_count)
+
+
+def serve_requests(
+    settings: Settings,
+    listener: socket.socket,
+    metrics: Metrics,
+    stop: threading.Event,
+    *,
+    on_ready: Callable[[], None],
+) -> None:
+    """Answer HTTP on `listener` until `stop` is set, then drain: what every serving process does."""
+    request_engine = db.create_engine(settings, pool_size=settings.threads, pre_ping=False)
+    combiner = query_combiner(settings, request_engine, metrics)
+    try:
+        app = create_app(settings, request_engine, metrics=metrics, combiner=combiner)
+        server = bind(app, settings, listener)
+        on_ready()
         _serve_until(server, stop)
         log.info("stopping: answering the requests already accepted")
         _drain(server, time.monotonic() + DRAIN_SECONDS)
-        scheduler.stop(SCHEDULER_STOP_SECONDS)
     finally:
+        combiner.close(COMBINER_STOP_SECONDS)
         request_engine.dispose()
-        engine.dispose()
-    log.info("stopped")
 
 
 def configure_logging() -> None:
@@ -135,32 +170,49 @@ def scheduled_job(engine: Engine, interval: float):
     return job
 
 
-def bind(app, settings: Settings) -> BaseWSGIServer:
+def listen(settings: Settings) -> socket.socket:
+    """The listening socket for settings.host and settings.port (0: any free port)."""
     try:
-        server = waitress.create_server(
-            app,
-            host=settings.host,
-            port=settings.port,
-            threads=settings.threads,
-            connection_limit=WAITRESS_CONNECTION_LIMIT,
-            channel_timeout=WAITRESS_CHANNEL_TIMEOUT,
-            backlog=WAITRESS_BACKLOG,
-            asyncore_use_poll=True,  # select() cannot watch more than 1024 descriptors
-            ident="maxtwo",
-            expose_tracebacks=False,
+        addresses = socket.getaddrinfo(
+            settings.host, settings.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
         )
-    except OSError as ex:
-        reason = "the port is already in use" if ex.errno == errno.EADDRINUSE else ex.strerror
-        raise BindError(f"cannot listen on {settings.host}:{settings.port}: {reason}") from None
-    except ValueError:  # waitress: a host it cannot resolve
+    except (OSError, UnicodeError):
         raise BindError(f"cannot listen on {settings.host!r}: not an address or host name") from None
-    if not isinstance(server, BaseWSGIServer):
-        # NOTE: a name with several addresses (localhost: 127.0.0.1 and ::1) makes waitress
-        # build a multi-socket server, which the graceful drain below does not drive.
-        server.close()
+    if len({address[4] for address in addresses}) > 1:
+        # NOTE: a name with several addresses (localhost: 127.0.0.1 and ::1) would need a socket
+        # each, which the graceful drain below does not drive.
         raise BindError(
             f"--host {settings.host} resolves to several addresses; give one (e.g. 127.0.0.1 or ::1)"
         )
+    family, kind, proto, _, address = addresses[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        # As waitress does: a restart may bind while the last run's connections are in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(WAITRESS_BACKLOG)
+    except OSError as ex:
+        sock.close()
+        reason = "the port is already in use" if ex.errno == errno.EADDRINUSE else ex.strerror
+        raise BindError(f"cannot listen on {settings.host}:{settings.port}: {reason}") from None
+    return sock
+
+
+def bind(app, settings: Settings, listener: socket.socket | None = None) -> BaseWSGIServer:
+    """A waitress server for `app` on `listener` (by default, a new one from listen())."""
+    server = waitress.create_server(
+        app,
+        sockets=[listener or listen(settings)],
+        threads=settings.threads,
+        connection_limit=WAITRESS_CONNECTION_LIMIT,
+        channel_timeout=WAITRESS_CHANNEL_TIMEOUT,
+        backlog=WAITRESS_BACKLOG,
+        asyncore_use_poll=True,  # select() cannot watch more than 1024 descriptors
+        ident="maxtwo",
+        expose_tracebacks=False,
+    )
     server.channel_class = QuietChannel
     return server
 
@@ -183,7 +235,7 @@ class QuietChannel(HTTPChannel):
         return super().writable()
 
 
-def _stop_on_signals() -> threading.Event:
+def stop_on_signals() -> threading.Event:
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:

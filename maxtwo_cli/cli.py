@@ -26,7 +26,7 @@ from maxtwo_cli.core.errors import MaxtwoError
 from maxtwo_cli.core.query import query_users
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.seed import seed_users
-from maxtwo_cli.core.settings import DEFAULT_SEED_COUNT, Settings, default_database_url
+from maxtwo_cli.core.settings import DEFAULT_SEED_COUNT, DEFAULT_THREADS, Settings, default_database_url
 
 class OneLineErrors(typer.core.TyperGroup):
     """Usage errors as one line on stderr (exit 2), instead of a usage banner and a box."""
@@ -196,7 +196,17 @@ def serve(
     threads: Annotated[
         int,
         typer.Option("--threads", envvar="MAXTWO_THREADS", min=1, help="Request-handling threads."),
-    ] = 8,
+    ] = DEFAULT_THREADS,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            envvar="MAXTWO_WORKERS",
+            min=1,
+            help="Serving processes sharing the port, each with --threads threads (more than 1: "
+            "a supervisor process runs the randomizer and watches them).",
+        ),
+    ] = 1,
     interval: Annotated[
         float,
         typer.Option(
@@ -226,6 +236,7 @@ def serve(
         host=host,
         port=port,
         threads=threads,
+        workers=workers,
         interval=interval,
         seed_count=seed_count,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 
 import sqlalchemy as sa
@@ -72,3 +74,20 @@ def run_in_threads(work, threads: int, per_thread: int) -> list:
     for thread in pool:
         thread.join()
     return results
+
+
+def notify_socket(path) -> socket.socket:
+    """A stand-in for systemd's notification socket (NOTIFY_SOCKET=path)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    listener.settimeout(0.2)
+    return listener
+
+
+def notifications(listener: socket.socket) -> list[str]:
+    """The messages waiting on it, until 0.2 s pass without one."""
+    messages = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            messages.append(listener.recv(4096).decode())
+    return messages

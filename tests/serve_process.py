@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -50,7 +51,10 @@ class ServeProcess:
     def start(self, log_path: Path, wait: bool = True) -> ServeProcess:
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(self._args, env=self._env, stdout=self._log, stderr=subprocess.STDOUT)
+        # A session of its own: stop() can kill every process it started (serve --workers forks).
+        self.process = subprocess.Popen(
+            self._args, env=self._env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         if wait:
             self.wait_ready()
         return self
@@ -83,8 +87,9 @@ class ServeProcess:
         return self.process.wait(timeout)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
         if getattr(self, "_log", None):
             self._log.close()

@@ -187,3 +187,17 @@ def test_python_dash_m_works():
 
 def test_the_daemon_package_is_ours_not_python_daemon():
     assert Path(daemon.__file__).resolve().parent == Path(__file__).resolve().parents[1] / "daemon"
+
+
+def test_serve_defaults_are_the_settings_defaults():
+    # The options' defaults are what --help shows and what `maxtwo serve` runs with; the
+    # Settings defaults are what the docs and the benchmark harness read.
+    import inspect
+
+    from maxtwo_cli.cli import serve
+    from maxtwo_cli.core.settings import Settings
+
+    defaults = Settings(database_url="sqlite:///unused.db")
+    parameters = inspect.signature(serve).parameters
+    for name in ("host", "port", "threads", "workers", "interval", "seed_count"):
+        assert parameters[name].default == getattr(defaults, name), name

@@ -7,7 +7,7 @@ import pytest
 import sqlalchemy as sa
 
 from maxtwo_cli.core import combiner as combiner_module
-from maxtwo_cli.core import db
+from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.combiner import QueryCombiner
 from maxtwo_cli.core.errors import DatabaseUnavailableError
 from maxtwo_cli.core.query import AnswerCache, BatchRunner, query_users, query_users_batch
@@ -57,15 +57,16 @@ def test_a_runner_drops_a_connection_the_server_closed_and_takes_a_fresh_one(pos
     seed_users(postgres_engine, 100)
     runner = BatchRunner(postgres_engine)
     before = runner.run(1)[0]
+    held = runner._pooled.driver_connection
     with postgres_engine.begin() as other:
-        other.execute(
-            sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid()")
-        )
+        other.execute(sa.select(sa.func.pg_terminate_backend(held.info.backend_pid)))
+    old_pool = postgres_engine.pool
     with pytest.raises(DatabaseUnavailableError):
         runner.run(1)
-    assert postgres_engine.pool.checkedout() == 0
+    assert old_pool.checkedout() == 0 and runner._pooled is None  # dropped, not kept
+    assert postgres_engine.pool is not old_pool  # the pool was started afresh
     after = runner.run(1)[0]
+    assert runner._pooled.driver_connection is not held
     assert after.previous == before.recorded_at  # the failed batch recorded nothing
     runner.release()
 
@@ -118,8 +119,6 @@ def test_every_waiter_of_a_failing_batch_gets_the_error(tmp_path):
 def test_every_caller_gives_up_after_max_wait_while_the_transaction_is_stuck(tmp_path):
     url = f"sqlite:///{tmp_path / 'maxtwo.db'}"
     engine = db.create_engine(Settings(database_url=url, statement_timeout=20))
-    from maxtwo_cli.core import schema
-
     schema.ensure_schema(engine)
     holder = db.create_engine(Settings(database_url=url)).connect()
     holder.begin()  # the write lock: the committer's BEGIN IMMEDIATE waits up to 20 s
@@ -154,3 +153,58 @@ def _try(function):
         return function()
     except Exception as ex:  # noqa: BLE001 - the outcome is what the test looks at
         return ex
+
+
+def test_an_answer_that_comes_after_its_caller_gave_up_harms_nobody(seeded, monkeypatch):
+    release = threading.Event()
+    real_run = BatchRunner.run
+
+    def slow_run(self, count):
+        release.wait(10)
+        return real_run(self, count)
+
+    monkeypatch.setattr(BatchRunner, "run", slow_run)
+    crashes: list = []
+    monkeypatch.setattr(threading, "excepthook", crashes.append)
+    combiner = QueryCombiner(seeded, max_wait=0.3)
+    started = time.monotonic()
+    with pytest.raises(DatabaseUnavailableError):
+        combiner.query()  # its batch is running when it gives up
+    assert 0.25 < time.monotonic() - started < 5
+    release.set()  # the batch commits and answers the caller that left
+    monkeypatch.setattr(BatchRunner, "run", real_run)
+    assert combiner.query().previous is not None  # the committer lives on
+    combiner.close(5)
+    assert not crashes
+    assert seeded.pool.checkedout() == 0
+
+
+def test_close_ends_the_committer_and_gives_its_connection_back(seeded):
+    combiner = QueryCombiner(seeded, max_wait=30)
+    combiner.query()
+    assert seeded.pool.checkedout() == 1  # held between batches
+    combiner.close(5)
+    assert seeded.pool.checkedout() == 0
+    assert not combiner._committer.is_alive()
+
+
+def test_sqlite_query_transactions_queue_on_the_writers_lock(tmp_path):
+    import fcntl
+
+    url = f"sqlite:///{tmp_path / 'maxtwo.db'}"
+    engine = db.create_engine(Settings(database_url=url))
+    schema.ensure_schema(engine)
+    seed_users(engine, 10)
+    query_users(engine)
+    lock_file = tmp_path / "maxtwo.db-writers"
+    assert lock_file.exists()
+    with open(lock_file) as held:  # another process's writer, in the middle of its transaction
+        fcntl.flock(held, fcntl.LOCK_EX)
+        done = threading.Event()
+        thread = threading.Thread(target=lambda: (query_users(engine), done.set()))
+        thread.start()
+        assert not done.wait(0.5)  # it waits for the lock...
+        fcntl.flock(held, fcntl.LOCK_UN)
+        assert done.wait(10)  # ...and goes the moment it is free
+    thread.join()
+    engine.dispose()

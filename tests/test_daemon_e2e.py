@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import math
-import socket
 import threading
 import time
 
@@ -14,7 +13,7 @@ from maxtwo_cli.core import db
 from maxtwo_cli.core.clock import format_api_timestamp
 from maxtwo_cli.core.schema import users
 from maxtwo_cli.core.settings import Settings
-from tests.helpers import state
+from tests.helpers import notifications, notify_socket, state
 from tests.pgserver import ThrowawayPostgres
 from tests.serve_process import ServeProcess
 
@@ -154,26 +153,13 @@ def test_two_daemons_randomize_exactly_once_per_interval(postgres_url, tmp_path)
 
 
 def test_sd_notify_ready_watchdog_stopping(tmp_path):
-    address = str(tmp_path / "notify.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(address)
-    listener.settimeout(0.2)
-    messages: list[str] = []
-    env = {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1000000"}
+    listener = notify_socket(tmp_path / "notify.sock")
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "1000000"}
     with ServeProcess(f"sqlite:///{tmp_path / 'maxtwo.db'}", interval=60, seed_count=10, env=env) as daemon:
         daemon.start(tmp_path / "serve.log")
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            try:
-                messages.append(listener.recv(4096).decode())
-            except TimeoutError:
-                pass
+        time.sleep(3)
         assert daemon.terminate() == 0
-        try:
-            while True:
-                messages.append(listener.recv(4096).decode())
-        except TimeoutError:
-            pass
+        messages = notifications(listener)
     listener.close()
     assert messages[0] == "READY=1"
     assert messages.count("WATCHDOG=1") >= 4  # every 0.5 s (half of WATCHDOG_USEC)

@@ -82,6 +82,8 @@ class QueryCombiner:
         self._arrived = threading.Condition(self._lock)
         self._waiting: deque[_Waiter] = deque()
         self._committing = False  # whether the committer thread is running
+        self._committer: threading.Thread | None = None
+        self._closing = False
 
     def query(self) -> QueryResult:
         """The same as core.query.query_users, sharing a transaction with concurrent callers."""
@@ -92,11 +94,13 @@ class QueryCombiner:
                 self._arrived.notify()
             else:
                 try:
-                    threading.Thread(target=self._commit_loop, name="maxtwo-query-committer", daemon=True).start()
+                    committer = threading.Thread(target=self._commit_loop, name="maxtwo-query-committer", daemon=True)
+                    committer.start()
                 except RuntimeError as ex:  # no thread to be had (resources, interpreter shutdown)
                     self._waiting.remove(me)
                     raise DatabaseUnavailableError(f"cannot start the query thread: {ex}") from None
                 self._committing = True
+                self._committer = committer
         if not me.wait(self._max_wait):
             with self._lock:
                 if me in self._waiting:
@@ -111,17 +115,31 @@ class QueryCombiner:
         assert me.result is not None
         return me.result
 
+    def close(self, timeout: float) -> None:
+        """Let the committer finish what is queued, give its connection back and end, waiting
+        up to `timeout` s for it (a transaction stuck in the database is not waited out). For
+        shutdown, once no more queries come: the engine's dispose() cannot close a connection
+        the committer holds."""
+        with self._lock:
+            self._closing = True
+            self._arrived.notify()
+            committer = self._committer
+        if committer is not None:
+            committer.join(timeout)
+
     def _commit_loop(self) -> None:
-        # Holds one database connection from batch to batch while queries keep coming.
-        runner = BatchRunner(self._engine, self._cache)
+        runner = None
         try:
+            # Holds one database connection from batch to batch, and for up to _IDLE_SECONDS
+            # after the last.
+            runner = BatchRunner(self._engine, self._cache)
             while True:
                 with self._lock:
-                    if not self._waiting:
+                    if not self._waiting and not self._closing:
                         self._arrived.wait(_IDLE_SECONDS)
-                        if not self._waiting:
-                            self._committing = False
-                            return
+                    if not self._waiting:
+                        self._committing = False
+                        return
                     batch = [self._waiting.popleft() for _ in range(min(self._max_batch, len(self._waiting)))]
                 self._run_batch(runner, batch)
         except BaseException:
@@ -131,7 +149,8 @@ class QueryCombiner:
                 self._committing = False
             raise
         finally:
-            runner.release()
+            if runner is not None:
+                runner.release()
 
     def _run_batch(self, runner: BatchRunner, batch: list[_Waiter]) -> None:
         try:

@@ -24,7 +24,7 @@ from sqlalchemy.dialects.sqlite import pysqlite as sqlite_pysqlite
 from sqlalchemy.engine import Engine
 
 from maxtwo_cli.core.clock import as_utc, format_api_timestamp, utcnow
-from maxtwo_cli.core.db import database_errors, is_postgres
+from maxtwo_cli.core.db import SqliteWriterQueue, database_errors, is_postgres
 from maxtwo_cli.core.schema import (
     MAX_POINTS,
     from_microseconds,
@@ -147,6 +147,7 @@ class BatchRunner:
         self._engine = engine
         self._cache = cache
         self._pooled: Any = None  # SQLAlchemy's pooled connection, while held
+        self._sqlite_writers = None if is_postgres(engine) else SqliteWriterQueue(engine)
 
     def run(self, count: int) -> list[QueryResult]:
         if count < 1:
@@ -162,10 +163,11 @@ class BatchRunner:
                 self._pooled = self._engine.raw_connection()
             pooled = self._pooled
             try:
-                if is_postgres(self._engine):
+                if self._sqlite_writers is None:
                     previous, last, epoch, answer = _query_postgres(pooled.driver_connection, cached, count)
                 else:
-                    previous, last, epoch, answer = _query_sqlite(pooled.driver_connection, cached, count)
+                    with self._sqlite_writers:
+                        previous, last, epoch, answer = _query_sqlite(pooled.driver_connection, cached, count)
             except psycopg.Error:
                 if pooled.driver_connection.broken:
                     # The server went away (restart, outage): every pooled connection is as
@@ -203,6 +205,8 @@ class BatchRunner:
         pooled, self._pooled = self._pooled, None
         if pooled is not None:
             pooled.close()
+        if self._sqlite_writers is not None:
+            self._sqlite_writers.close()
 
 
 class _DriverStatement:

@@ -11,6 +11,10 @@ import os
 from pathlib import Path
 
 DEFAULT_SEED_COUNT = 1_000_000
+# NOTE: a request thread waits while its query shares a transaction with the others (see
+# core/combiner.py), so more threads make bigger batches: 16 served 20-30 % more GET / than 8
+# on both databases with a lower p99 (bench/NOTES.md); beyond that, nothing more.
+DEFAULT_THREADS = 16
 
 
 def default_database_url() -> str:
@@ -34,10 +38,10 @@ class Settings:
     database_url: str = dataclasses.field(default_factory=default_database_url)
     host: str = "127.0.0.1"
     port: int = 4000
-    # NOTE: a request thread waits while its query shares a transaction with the others (see
-    # core/combiner.py), so more threads make bigger batches: 16 served 20-30 % more GET / than 8
-    # on both databases with a lower p99 (bench/NOTES.md); beyond that, nothing more.
-    threads: int = 16
+    threads: int = DEFAULT_THREADS
+    # Serving processes sharing the listening socket (each with `threads` threads); >1 adds a
+    # supervising process that runs the scheduler.
+    workers: int = 1
     interval: float = 60.0
     seed_count: int = DEFAULT_SEED_COUNT
     # Seconds to wait for a TCP connection to PostgreSQL before reporting it unreachable.

@@ -69,7 +69,7 @@ def serve(settings: Settings) -> None:
     # pause (and the log's times are UTC too).
     os.environ["TZ"] = "UTC"
     time.tzset()
-    configure_logging()
+    configure_logging(with_pid=settings.workers > 1)
     # NOTE: a fatal signal would otherwise end the daemon without a word in the journal: SQLite
     # maps the -shm file into memory, and a write to it that the file system refuses (an
     # immutable or vanished file) is a SIGBUS. This prints every thread's stack to stderr first.
@@ -131,10 +131,13 @@ def serve_requests(
         request_engine.dispose()
 
 
-def configure_logging() -> None:
-    """One line per event on stderr; journald adds its own timestamps."""
+def configure_logging(*, with_pid: bool = False) -> None:
+    """One line per event on stderr; journald adds its own timestamps. `with_pid`: for several
+    processes, whose lines journald files under the one that opened the stream."""
     under_journald = bool(os.environ.get("JOURNAL_STREAM"))
     fmt = "%(levelname)s %(name)s: %(message)s"
+    if with_pid:
+        fmt = "[%(process)d] " + fmt
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.INFO,
@@ -172,9 +175,10 @@ def scheduled_job(engine: Engine, interval: float):
 
 def listen(settings: Settings) -> socket.socket:
     """The listening socket for settings.host and settings.port (0: any free port)."""
+    host = settings.host.removeprefix("[").removesuffix("]")  # [::1], as in a URL
     try:
         addresses = socket.getaddrinfo(
-            settings.host, settings.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
+            host, settings.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
         )
     except (OSError, UnicodeError):
         raise BindError(f"cannot listen on {settings.host!r}: not an address or host name") from None

@@ -20,6 +20,7 @@ handing work to each other; several processes spread that over the cores (bench/
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -83,9 +84,11 @@ def supervise(settings: Settings) -> None:
                 supervisor = os.getpid()
                 pid = os.fork()
                 if pid == 0:
-                    os.close(ready_read)
-                    _stop_when_orphaned(stop, supervisor)
-                    _work(settings, listener, metrics_directory, stop, ready_write, number)
+                    try:
+                        os.close(ready_read)
+                        _work(settings, listener, metrics_directory, stop, ready_write, number, supervisor)
+                    finally:
+                        os._exit(1)  # NOTE: a child must never unwind into the supervisor's code
                 workers[pid] = number
         finally:
             os.close(ready_write)
@@ -128,17 +131,21 @@ def _work(
     stop: threading.Event,
     ready_write: int,
     number: int,
+    supervisor: int,
 ) -> NoReturn:
     """A worker's whole life, in the forked child: it never returns into the supervisor's code."""
     status = 1
     try:
+        _stop_when_orphaned(stop, supervisor)
         # Only the supervisor may talk to systemd (NotifyAccess=main refuses the others anyway).
         for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
             os.environ.pop(name, None)
 
         def ready() -> None:
             log.info("worker %d serving (pid %d)", number, os.getpid())
-            os.write(ready_write, b".")
+            # A supervisor stopped while its workers start has stopped listening: no matter.
+            with contextlib.suppress(BrokenPipeError):
+                os.write(ready_write, b".")
             os.close(ready_write)
 
         serve_requests(settings, listener, Metrics(metrics_directory), stop, on_ready=ready)
@@ -183,9 +190,12 @@ def _await_ready(ready_read: int, workers: dict[int, int], stop: threading.Event
 
 def _watch(workers: dict[int, int], stop: threading.Event) -> str | None:
     """Until SIGTERM or SIGINT (None), or until a worker ends on its own (a message)."""
-    while not stop.wait(POLL_SECONDS):
+    # NOTE: sleep, not stop.wait(): the signal handler that sets `stop` runs in this thread,
+    # and Event.set() in it would deadlock on the lock Event.wait() may be holding.
+    while not stop.is_set():
+        time.sleep(POLL_SECONDS)
         ended = _reap(workers)
-        if ended:
+        if ended and not stop.is_set():  # under systemd every process gets SIGTERM at once
             return ended
     return None
 
@@ -203,7 +213,6 @@ def _reap(workers: dict[int, int]) -> str | None:
         number = workers.pop(pid, None)
         if number is not None and message is None:
             message = f"worker {number} (pid {pid}) ended: {_describe(status)}; stopping the daemon"
-            log.error("%s", message)
     return message
 
 

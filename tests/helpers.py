@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
+import time
 
 import sqlalchemy as sa
 
@@ -84,10 +84,16 @@ def notify_socket(path) -> socket.socket:
     return listener
 
 
-def notifications(listener: socket.socket) -> list[str]:
-    """The messages waiting on it, until 0.2 s pass without one."""
+def notifications(listener: socket.socket, seconds: float = 0.0) -> list[str]:
+    """The messages it receives for `seconds`, then until 0.2 s pass without one.
+
+    NOTE: read as they come: the kernel queues only a few datagrams (net.unix.max_dgram_qlen,
+    10 here), and then the sender blocks."""
     messages = []
-    with contextlib.suppress(TimeoutError):
-        while True:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
             messages.append(listener.recv(4096).decode())
-    return messages
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                return messages

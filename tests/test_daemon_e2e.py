@@ -157,9 +157,9 @@ def test_sd_notify_ready_watchdog_stopping(tmp_path):
     env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "1000000"}
     with ServeProcess(f"sqlite:///{tmp_path / 'maxtwo.db'}", interval=60, seed_count=10, env=env) as daemon:
         daemon.start(tmp_path / "serve.log")
-        time.sleep(3)
+        messages = notifications(listener, seconds=3)
         assert daemon.terminate() == 0
-        messages = notifications(listener)
+        messages += notifications(listener)
     listener.close()
     assert messages[0] == "READY=1"
     assert messages.count("WATCHDOG=1") >= 4  # every 0.5 s (half of WATCHDOG_USEC)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import math
 import os
 import sqlite3
@@ -27,6 +28,8 @@ from maxtwo_cli.core.errors import (
     SchemaMismatchError,
 )
 from maxtwo_cli.core.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # An execution option for transactions that only read: on SQLite they need not wait for the
 # write lock (WAL readers run beside a writer).
@@ -286,9 +289,17 @@ class SqliteWriterQueue:
         if self._descriptor is None and self._path is not None:
             self._descriptor = _open_lock_file(self._path)
             if self._descriptor is None:
-                self._path = None  # not again for every transaction
+                self._give_up("cannot be opened")
         if self._descriptor is not None:
-            fcntl.flock(self._descriptor, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(self._descriptor, fcntl.LOCK_EX)
+            except OSError as ex:  # a file system without flock() (ENOLCK)
+                self.close()
+                self._give_up(f"cannot be locked ({ex.strerror})")
+
+    def _give_up(self, reason: str) -> None:
+        log.warning("%s %s: SQLite writers will wait in its busy handler instead", self._path, reason)
+        self._path = None  # not again for every transaction
 
     def __exit__(self, *exc_info: object) -> None:
         if self._descriptor is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import Any
 
 import falcon
 from sqlalchemy.engine import Engine
@@ -62,6 +63,11 @@ class RequestMetrics:
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        # NOTE: labels() validates and sorts its arguments on every call, which cost GET / more
+        # than the counting itself; each series' child is looked up once and kept here. The
+        # keys are bounded (routes, known methods, status codes), so these stay small.
+        self._counters: dict[tuple[str, str, object], Any] = {}
+        self._timers: dict[str, Any] = {}
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.started = time.perf_counter()
@@ -72,13 +78,20 @@ class RequestMetrics:
         # NOTE: the URI template, never the raw path, so a scan of random URLs cannot blow up
         # the number of time series.
         route = req.uri_template or "unmatched"
-        status = str(falcon.http_status_to_code(resp.status))
         # APPSEC: clients choose the method; an unknown one must not make a new time series.
         method = req.method if req.method in falcon.COMBINED_METHODS else "OTHER"
-        self._metrics.requests.labels(route=route, method=method, status=status).inc()
+        key = (route, method, resp.status)
+        counter = self._counters.get(key)
+        if counter is None:
+            status = str(falcon.http_status_to_code(resp.status))
+            counter = self._counters[key] = self._metrics.requests.labels(route=route, method=method, status=status)
+        counter.inc()
         started = getattr(req.context, "started", None)
         if started is not None:
-            self._metrics.request_latency.labels(route=route).observe(time.perf_counter() - started)
+            timer = self._timers.get(route)
+            if timer is None:
+                timer = self._timers[route] = self._metrics.request_latency.labels(route=route)
+            timer.observe(time.perf_counter() - started)
 
 
 def _database_unavailable(req: falcon.Request, resp: falcon.Response, ex: MaxtwoError, params: dict) -> None:

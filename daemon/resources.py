@@ -24,11 +24,16 @@ class QueryResource:
     def __init__(self, combiner: QueryCombiner, metrics: Metrics) -> None:
         self._combiner = combiner
         self._metrics = metrics
+        self._epoch_seen: int | None = None
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         result = self._combiner.query()
-        self._metrics.epoch.set(result.epoch)
-        resp.media = result.api_body()
+        if result.epoch != self._epoch_seen:  # the gauge changes once per epoch, not per request
+            self._epoch_seen = result.epoch
+            self._metrics.epoch.set(result.epoch)
+        # NOTE: JSON text made by the core (the users rendered once per epoch), not resp.media:
+        # falcon's media handler would serialise the whole body again for every request.
+        resp.data = result.api_json().encode()
         # The chain at full precision (the body's timestamp has whole seconds): lets a client
         # check that it got exactly the time the query before it recorded.
         resp.set_header("X-Maxtwo-Recorded-At", result.recorded_at.isoformat())

@@ -7,7 +7,6 @@ errors stay Typer's exit 2); MAXTWO_DEBUG=1 shows the traceback instead.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -22,6 +21,7 @@ from rich.table import Table
 
 from maxtwo_cli import __version__
 from maxtwo_cli.core import db, schema
+from maxtwo_cli.core.clock import format_api_timestamp
 from maxtwo_cli.core.errors import MaxtwoError
 from maxtwo_cli.core.query import query_users
 from maxtwo_cli.core.randomize import randomize_points
@@ -165,16 +165,15 @@ def query(
         engine = _open(settings)
         result = query_users(engine)
         engine.dispose()
-    body = result.api_body()
     if as_json:
         # Plain print: rich would re-wrap and colour the JSON.
-        print(json.dumps(body))
+        print(result.api_json())
         return
     table = Table("id", "points")
     for user in result.users:
         table.add_row(str(user.id), str(user.points))
     stdout.print(table)
-    stdout.print(f"previous query: {body['timestamp'] or 'never'}")
+    stdout.print(f"previous query: {format_api_timestamp(result.previous) or 'never'}")
 
 
 def _positive(value: float) -> float:

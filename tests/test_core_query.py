@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import subprocess
 import sys
 import threading
@@ -10,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from maxtwo_cli.core import db, schema
-from maxtwo_cli.core.query import AnswerCache, query_users
+from maxtwo_cli.core.query import AnswerCache, QueryResult, User, query_users
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.schema import users
 from maxtwo_cli.core.seed import seed_users
@@ -73,6 +74,25 @@ def test_api_body_shape(seeded):
     second = query_users(seeded).api_body()
     assert len(second["timestamp"]) == len("2020-07-30 17:09:33Z")
     assert second["timestamp"].endswith("Z")
+
+
+@pytest.mark.parametrize("users", [(), (User(id=1, points=30),), (User(id=1, points=30), User(id=72, points=100))])
+@pytest.mark.parametrize("previous", [None, dt.datetime(2020, 7, 30, 17, 9, 33, 999_999, tzinfo=dt.UTC)])
+def test_api_json_is_json_dumps_of_the_body(users, previous):
+    result = QueryResult(users=users, previous=previous, recorded_at=dt.datetime.now(dt.UTC), epoch=1)
+    assert result.api_json() == json.dumps(result.api_body())
+
+
+def test_api_json_follows_the_users_it_is_given(seeded):
+    # The users' JSON is rendered once per answer and reused; a new answer must never get the
+    # rendering of an old one.
+    cache = AnswerCache()
+    for max_number in (0, 99, 100, 0):
+        set_max_number(seeded, max_number)
+        randomize_points(seeded)
+        set_max_number(seeded, max_number)
+        body = json.loads(query_users(seeded, cache).api_json())
+        assert [(user["id"], user["points"]) for user in body["users"]] == expected_answer(seeded)
 
 
 def test_concurrent_queries_form_a_chain(seeded):

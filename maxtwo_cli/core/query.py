@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import json
 import sqlite3
 from typing import Any
 
@@ -97,6 +98,28 @@ class QueryResult:
             "users": [{"id": user.id, "points": user.points} for user in self.users],
             "timestamp": format_api_timestamp(self.previous),
         }
+
+    def api_json(self) -> str:
+        """api_body() as JSON text, exactly as json.dumps() writes it."""
+        timestamp = format_api_timestamp(self.previous)
+        # The timestamp's characters need no escaping.
+        timestamp_json = "null" if timestamp is None else f'"{timestamp}"'
+        return f'{{"users": {_users_json(self.users)}, "timestamp": {timestamp_json}}}'
+
+
+# The users of the last answer rendered, and their JSON. NOTE: every answer of an epoch shares
+# one users tuple (the AnswerCache's), so GET / renders it once per epoch, not once per request;
+# holding the tuple here also keeps its identity from being reused by another.
+_rendered_users: tuple[tuple[User, ...], str] = ((), "[]")
+
+
+def _users_json(users: tuple[User, ...]) -> str:
+    global _rendered_users
+    rendered, text = _rendered_users
+    if rendered is not users:
+        text = json.dumps([{"id": user.id, "points": user.points} for user in users])
+        _rendered_users = (users, text)
+    return text
 
 
 class AnswerCache:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import sqlalchemy as sa
 
 from maxtwo_cli.core import seed as seed_module
 from maxtwo_cli.core.clock import utcnow
@@ -95,3 +96,42 @@ def test_ids_continue_after_a_seed(engine):
             users.insert().values(inserted_at=utcnow(), updated_at=utcnow()).returning(users.c.id)
         )
     assert new_id == 11
+
+
+def interrupt(done: int, total: int) -> None:
+    raise RuntimeError("interrupted")
+
+
+def test_a_failed_seed_leaves_the_users_and_the_table_as_they_were(engine):
+    seed_users(engine, 500)
+    before = state(engine)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        seed_users(engine, 1_000, reset=True, on_progress=interrupt)
+    assert [row.id for row in user_rows(engine)] == list(range(1, 501))
+    assert state(engine) == before
+    seed_users(engine, 300, reset=True)  # the table still works as before
+    assert [row.id for row in user_rows(engine)] == list(range(1, 301))
+
+
+def test_postgres_bulk_load_leaves_the_table_definition_as_it_was(postgres_engine):
+    # The load drops the primary key and gives the timestamps defaults for its own length;
+    # afterwards (committed or not) the table must be exactly maxtwo's again.
+    def definition() -> tuple:
+        with postgres_engine.connect() as conn:
+            constraints = conn.execute(sa.text(
+                "SELECT conname, contype FROM pg_constraint WHERE conrelid = 'users'::regclass ORDER BY 1"
+            )).all()
+            defaults = conn.execute(sa.text(
+                "SELECT column_name, column_default FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = 'users' ORDER BY 1"
+            )).all()
+            options = conn.scalar(sa.text("SELECT reloptions FROM pg_class WHERE oid = 'users'::regclass"))
+        return constraints, defaults, options
+
+    original = definition()
+    assert ("users_pkey", "p") in original[0] and original[2] == ["fillfactor=50"]
+    seed_users(postgres_engine, 2_000)
+    assert definition() == original
+    with pytest.raises(RuntimeError, match="interrupted"):
+        seed_users(postgres_engine, 2_000, reset=True, on_progress=interrupt)
+    assert definition() == original

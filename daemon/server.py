@@ -22,12 +22,12 @@ from collections.abc import Callable
 
 import waitress
 from waitress import wasyncore
-from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer
 from sqlalchemy.engine import Engine
 
 from daemon import systemd
 from daemon.app import create_app, query_combiner
+from daemon.eventloop import ChangePoller, QuietChannel
 from daemon.metrics import Metrics
 from daemon.scheduler import RandomizeScheduler
 from maxtwo_cli import __version__
@@ -221,24 +221,6 @@ def bind(app, settings: Settings, listener: socket.socket | None = None) -> Base
     return server
 
 
-class QuietChannel(HTTPChannel):
-    """waitress's channel, minus a busy loop that starves the request threads.
-
-    NOTE: while a request is being answered, its worker thread writes and flushes the response
-    itself (holding the channel's output lock). Stock waitress still asks poll() for POLLOUT on
-    that socket, which is always ready, so the main loop spins on a lock it cannot take, holding
-    the GIL: measured, the main thread burned a whole core and GET / fell to a few hundred
-    requests/s. Here the main loop only waits to write when no request is running (the worker
-    pulls the loop's trigger when it finishes) or when a huge response must be drained while the
-    worker waits at the high-water mark.
-    """
-
-    def writable(self) -> bool:
-        if self.requests and self.total_outbufs_len < self.adj.outbuf_high_watermark:
-            return bool(self.will_close)
-        return super().writable()
-
-
 def stop_on_signals() -> threading.Event:
     stop = threading.Event()
 
@@ -254,10 +236,18 @@ def stop_on_signals() -> threading.Event:
 
 
 def _serve_until(server: BaseWSGIServer, stop: threading.Event) -> None:
-    # NOTE: waitress's own run() loops until an exception; this loop is the same poll, in
-    # short ticks, so a stop request is noticed without tearing the loop down mid-response.
-    while not stop.is_set():
-        wasyncore.loop(timeout=LOOP_TICK_SECONDS, map=server._map, use_poll=True, count=1)
+    # NOTE: waitress's own run() loops until an exception; this loop polls in short ticks, so a
+    # stop request is noticed without tearing the loop down mid-response.
+    if not ChangePoller.available():
+        while not stop.is_set():
+            wasyncore.loop(timeout=LOOP_TICK_SECONDS, map=server._map, use_poll=True, count=1)
+        return
+    poller = ChangePoller(server)
+    try:
+        while not stop.is_set():
+            poller.poll(LOOP_TICK_SECONDS)
+    finally:
+        poller.close()
 
 
 def _drain(server: BaseWSGIServer, deadline: float) -> None:

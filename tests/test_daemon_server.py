@@ -1,4 +1,4 @@
-"""Unit checks of the waitress adjustments in daemon/server.py."""
+"""Unit checks of the waitress adjustments in daemon/server.py and daemon/eventloop.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import socket
 import pytest
 from waitress.adjustments import Adjustments
 
-from daemon.server import BindError, QuietChannel, bind
+from daemon.eventloop import QuietChannel
+from daemon.server import BindError, bind
 from maxtwo_cli.core.settings import Settings
 
 

@@ -27,6 +27,7 @@ def state(engine: sa.Engine) -> sa.Row:
                 randomizer_state.c.max_number,
                 randomizer_state.c.randomized_at,
                 query_state.c.last_query_at,
+                query_state.c.previous_query_at,
             ).join_from(randomizer_state, query_state, randomizer_state.c.id == query_state.c.id)
         ).one()
 

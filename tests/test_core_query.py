@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -11,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from maxtwo_cli.core import db, schema
-from maxtwo_cli.core.query import AnswerCache, QueryResult, User, query_users
+from maxtwo_cli.core.query import AnswerCache, BatchRunner, QueryResult, User, query_users
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.schema import users
 from maxtwo_cli.core.seed import seed_users
@@ -93,6 +94,32 @@ def test_api_json_follows_the_users_it_is_given(seeded):
         set_max_number(seeded, max_number)
         body = json.loads(query_users(seeded, cache).api_json())
         assert [(user["id"], user["points"]) for user in body["users"]] == expected_answer(seeded)
+
+
+def test_the_state_row_keeps_what_the_last_query_got(seeded):
+    first = query_users(seeded)
+    second = query_users(seeded)
+    current = state(seeded)
+    assert current.last_query_at == second.recorded_at
+    assert current.previous_query_at == second.previous == first.recorded_at
+
+
+def test_an_answered_batch_is_committed_and_holds_no_lock(seeded):
+    runner = BatchRunner(seeded)  # holds its connection from batch to batch, as the committer does
+    try:
+        results = runner.run(3)
+        # Another connection, refusing to wait: the batch's transaction must be over.
+        if seeded.dialect.name == "sqlite":
+            other = sqlite3.connect(seeded.url.database, timeout=0, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+            other.close()
+        else:
+            with seeded.begin() as conn:
+                conn.execute(sa.text("SELECT id FROM query_state FOR UPDATE NOWAIT"))
+        assert state(seeded).last_query_at == results[-1].recorded_at
+    finally:
+        runner.release()
 
 
 def test_concurrent_queries_form_a_chain(seeded):

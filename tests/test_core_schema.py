@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.clock import utcnow
 from maxtwo_cli.core.errors import ConfigurationError, SchemaMismatchError
+from maxtwo_cli.core.query import query_users
 from maxtwo_cli.core.settings import Settings, default_database_url
 from tests.helpers import state
 
@@ -45,6 +46,18 @@ def test_ensure_schema_from_several_processes_at_once(settings):
         assert conn.scalar(sa.select(sa.func.count()).select_from(schema.randomizer_state)) == 1
         assert conn.scalar(sa.select(sa.func.count()).select_from(schema.query_state)) == 1
     engine.dispose()
+
+
+def test_a_database_made_before_previous_query_at_gets_it(engine):
+    # An older maxtwo's query_state had no previous_query_at; ensure_schema adds it, keeping
+    # the chain.
+    schema.ensure_schema(engine)
+    first = query_users(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE query_state DROP COLUMN previous_query_at"))
+    schema.ensure_schema(engine)
+    schema.ensure_schema(engine)  # and only once
+    assert query_users(engine).previous == first.recorded_at
 
 
 def test_points_outside_0_to_100_are_refused_by_the_database(engine):

@@ -99,8 +99,14 @@ query_state = sa.Table(
     metadata,
     sa.Column("id", sa.SmallInteger, primary_key=True, autoincrement=False),
     sa.Column("last_query_at", UtcTimestamp(), nullable=True),
+    # What the last query got as its previous time. NOTE: SQLite's RETURNING shows only new
+    # values, so keeping the old one in the row is what lets a query be one statement there.
+    sa.Column("previous_query_at", UtcTimestamp(), nullable=True),
     sa.CheckConstraint("id = 1", name="query_state_single_row"),
 )
+
+# Columns added after a release: (table, column). ensure_schema adds them to older databases.
+_ADDED_COLUMNS = ((query_state, query_state.c.previous_query_at),)
 
 
 def draw_max_number() -> int:
@@ -119,6 +125,7 @@ def ensure_schema(engine: Engine) -> None:
         if is_postgres(conn):
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
         metadata.create_all(conn)
+        _add_missing_columns(conn)
         _check_shape(conn)
         insert = postgresql.insert if is_postgres(conn) else sqlite.insert
         conn.execute(
@@ -127,6 +134,16 @@ def ensure_schema(engine: Engine) -> None:
             .on_conflict_do_nothing()
         )
         conn.execute(insert(query_state).values(id=1, last_query_at=None).on_conflict_do_nothing())
+
+
+def _add_missing_columns(conn: sa.Connection) -> None:
+    """Bring a database made by an older maxtwo up to date (nullable columns, no data moved)."""
+    inspector = sa.inspect(conn)
+    for table, column in _ADDED_COLUMNS:
+        found = {existing["name"] for existing in inspector.get_columns(table.name)}
+        if column.name not in found:
+            ddl = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
+            conn.execute(sa.DDL(f"ALTER TABLE {table.name} ADD COLUMN {ddl}"))
 
 
 def _check_shape(conn: sa.Connection) -> None:

@@ -24,9 +24,10 @@ from maxtwo_cli.core.db import create_engine, parse_database_url, redact
 from maxtwo_cli.core.settings import Settings
 
 # The throwaway server's settings. NOTE: all of them keep every commit durable (fsync stays on,
-# synchronous_commit stays on); they only give the minutely full-table UPDATE room: enough
-# shared memory for a 10M-row table, a WAL buffer for its burst, and no checkpoint forced by
-# WAL volume or time in the middle of a timed run.
+# synchronous_commit stays on); they only give the minutely full-table UPDATE room: shared
+# memory that holds the 1M-row table (a 10M-row table and its index, 1.3 GB, do not fit, and
+# 3GB measured no faster there: bench/NOTES.md), a WAL buffer for its burst, and no checkpoint
+# forced by WAL volume or time in the middle of a timed run.
 POSTGRES_SETTINGS = {
     "shared_buffers": "1GB",
     "wal_buffers": "64MB",

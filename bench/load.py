@@ -2,7 +2,8 @@
 
 - Steady load: for each connection count, `maxtwo serve` (seeded with N users, randomizing every
   60 s) and the hello-world app (bench/hello.py, same waitress settings) take turns under
-  `wrk -t2 -cC -dDs --latency`: one warm-up each, then rounds. Ratio: ours / hello req/s.
+  `wrk -t2 -cC -dDs --latency`: one warm-up each, then rounds. Ratio: the median over the rounds
+  of ours / hello req/s; beside it the server's CPU time per request, which drifts far less.
 - Several processes: the same steady load against `maxtwo serve --workers 2` and the hello-world
   app in 2 processes (same listen/bind/fork). Ratios: against the hello-world app in 2 processes
   (same process count) and in 1 process (from the steady load above, same run).
@@ -77,17 +78,19 @@ def _steady(target, hello, options: BenchOptions, work_dir: Path, ready_timeout:
         by_connections = {}
         for connections in options.connections:
             rounds = run_in_rounds({
-                OURS: lambda c=connections: run_wrk(server.url, c, options.load_seconds),
-                HELLO: lambda c=connections: run_wrk(hello.url, c, options.load_seconds),
-            }, options.runs)
+                OURS: lambda c=connections: run_wrk(server.url, c, options.load_seconds, server.pid),
+                HELLO: lambda c=connections: run_wrk(hello.url, c, options.load_seconds, hello.pid),
+            }, options.load_runs)
             summary = {name: _summarize(result) for name, result in rounds.items()}
-            summary["ours_over_hello"] = ratio(summary[OURS]["requests_per_second"],
-                                               summary[HELLO]["requests_per_second"])
+            summary.update(_paired_ratios(rounds[OURS].runs, rounds[HELLO].runs))
             by_connections[str(connections)] = summary
             say(f"  GET / on {target.name}, {workers} process(es), {connections} connections: "
                 f"{summary[OURS]['requests_per_second']:,.0f} req/s vs hello "
-                f"{summary[HELLO]['requests_per_second']:,.0f} ({summary['ours_over_hello']:.2f}x), "
-                f"p99 {summary[OURS]['p99_ms']:.1f} ms, errors {summary[OURS]['errors']}")
+                f"{summary[HELLO]['requests_per_second']:,.0f} ({summary['ours_over_hello']:.2f}x; rounds "
+                + ", ".join(f"{value:.2f}" for value in summary["ours_over_hello_by_round"])
+                + f"), CPU per request {_fmt(summary[OURS]['cpu_us_per_request'])} vs "
+                f"{_fmt(summary[HELLO]['cpu_us_per_request'])} us, p99 {summary[OURS]['p99_ms']:.1f} ms, "
+                f"errors {summary[OURS]['errors']}")
     spans = randomizations(log_path)
     for summary in by_connections.values():
         for run in [summary[OURS]["warmup"], *summary[OURS]["runs"]]:
@@ -172,6 +175,22 @@ def _classify(window: dict, spans: list[dict], interval: float) -> str:
     return "outside"
 
 
+def _paired_ratios(ours: list[dict], hello: list[dict]) -> dict:
+    """maxtwo against the hello-world app, round by round: each round's two runs came minutes
+    closer together than the runs of other rounds, so their ratio carries less of the machine's
+    drift than a ratio of medians would. The headline is the median of those ratios."""
+    by_round = [ratio(a["requests_per_second"], b["requests_per_second"]) for a, b in zip(ours, hello)]
+    cpu_by_round = [ratio(b.get("cpu_us_per_request"), a.get("cpu_us_per_request")) for a, b in zip(ours, hello)]
+    cpu_by_round = [value for value in cpu_by_round if value is not None]
+    return {
+        "ours_over_hello": statistics.median(by_round),
+        "ours_over_hello_by_round": by_round,
+        # hello's CPU per request / ours: 1.0 would mean maxtwo's own work costs nothing.
+        "hello_cpu_over_ours": statistics.median(cpu_by_round) if cpu_by_round else None,
+        "hello_cpu_over_ours_by_round": cpu_by_round,
+    }
+
+
 def _summarize(rounds: Rounds[dict]) -> dict:
     """Medians of the measured runs' figures; the worst max latency; errors added up."""
     runs = rounds.runs
@@ -180,6 +199,7 @@ def _summarize(rounds: Rounds[dict]) -> dict:
         "warmup": rounds.warmup,
         "runs": runs,
         "requests_per_second": statistics.median(run["requests_per_second"] for run in runs),
+        "cpu_us_per_request": _median_or_none(run.get("cpu_us_per_request") for run in runs),
         "p50_ms": statistics.median(run["p50_ms"] for run in runs),
         "p99_ms": statistics.median(run["p99_ms"] for run in runs),
         "max_ms": max(run["max_ms"] for run in runs),
@@ -188,6 +208,11 @@ def _summarize(rounds: Rounds[dict]) -> dict:
         "errors": sum(errors_of(run) for run in runs),
         "warmup_errors": errors_of(rounds.warmup),
     }
+
+
+def _median_or_none(values) -> float | None:
+    present = [value for value in values if value is not None]
+    return statistics.median(present) if present else None
 
 
 def _p99_summary(p99s: list[float]) -> dict:

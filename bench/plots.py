@@ -108,7 +108,7 @@ def plot_load(results: dict, path: Path) -> bool:
         axis.bar_label(bars, labels=[f"{height:,.0f}" for height in heights], fontsize=8, padding=2)
     axis.set_xticks(range(len(groups)), [f"{label}\nours / hello {summary['ours_over_hello']:.2f}x"
                                          for label, summary in groups])
-    axis.set_ylabel(f"requests/s (median of {results['parameters']['runs']} wrk runs; higher is better)")
+    axis.set_ylabel(f"requests/s (median of {results['parameters'].get('load_runs', results['parameters']['runs'])} wrk runs; higher is better)")
     axis.set_title("GET / under wrk: maxtwo serve vs a hello-world app on the same waitress settings")
     axis.legend(fontsize=8)
     axis.margins(y=0.15)

@@ -64,7 +64,7 @@ Written by `{results['command']}` on {machine.get('date', 'an unknown date')}, i
 {results['runtime_seconds']:.0f} s, on the machine described [below](#machine) (commit
 {machine.get('commit') or 'unknown'}). Raw figures, every individual run included:
 [`bench-results.json`](bench-results.json). Every time is the median of {parameters['runs']} runs after
-one warm-up; every headline figure is a ratio against a baseline measured in the same run on the
+one warm-up (GET /: {parameters.get('load_runs', parameters['runs'])} wrk rounds); every headline figure is a ratio against a baseline measured in the same run on the
 same machine (see [Method](#method)).{tiny}
 """
 
@@ -83,8 +83,11 @@ def _headline(results: dict) -> str:
     ]
     steady = _load_part(results, "steady")
     for connections in results["parameters"]["connections"]:
-        lines.append(_row(f"GET /, {connections} connections: maxtwo req/s / hello-world req/s", [
+        lines.append(_row(f"GET /, {connections} connections: maxtwo req/s / hello-world req/s (median of rounds)", [
             _x(_nested(steady.get(db), "by_connections", str(connections), "ours_over_hello")) for db in DATABASES]))
+    for connections in results["parameters"]["connections"]:
+        lines.append(_row(f"GET /, {connections} connections: hello-world CPU per request / maxtwo CPU per request", [
+            _x(_nested(steady.get(db), "by_connections", str(connections), "hello_cpu_over_ours")) for db in DATABASES]))
     several = _load_part(results, "workers")
     for connections in results["parameters"]["connections"]:
         lines.append(_row(f"GET /, {connections} connections: maxtwo --workers {load.WORKERS} req/s / "
@@ -225,11 +228,15 @@ def _load(results: dict) -> str:
         return "\n".join([*lines, _failure("load", section)])
     lines += [f"`wrk -t2 -cC -d{parameters['load_seconds']}s --latency` against `maxtwo serve` "
               f"(`--threads {parameters.get('threads', 8)} --interval 60`, {parameters['rows']:,} users) and against the hello-world app "
-              "(bench/hello.py: a constant body, served through the daemon's own `bind()`), taking turns. "
-              "Figures are medians of the runs; max latency is the worst run's; errors add up every measured "
-              "run (non-2xx/3xx responses plus socket connect/read/write/timeout errors).", "",
-              "| database | connections | server | req/s | p50 | p99 | max | non-2xx/3xx | socket errors | ours / hello |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "(bench/hello.py: a constant body, served through the daemon's own `bind()` on waitress's own loop), "
+              "taking turns. Figures are medians of the runs; max latency is the worst run's; errors add up every "
+              "measured run (non-2xx/3xx responses plus socket connect/read/write/timeout errors). *ours / hello* "
+              "is the median of the rounds' ratios (each round's two runs follow each other, so the machine's "
+              "drift between rounds cancels), the rounds' own in brackets. *CPU per request*: user + system time "
+              "of the server's processes during the run over the requests answered (PostgreSQL's own work not "
+              "included); it varies far less than req/s on a shared machine.", "",
+              "| database | connections | server | req/s | CPU per request | p50 | p99 | max | non-2xx/3xx | socket errors | ours / hello |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for database in DATABASES:
         result = (section.get("steady") or {}).get(database)
@@ -241,10 +248,11 @@ def _load(results: dict) -> str:
                 figures = summary[name]
                 sockets = figures["socket_errors"]
                 lines.append(_row(database, [
-                    connections, name, f"{figures['requests_per_second']:,.0f}", _ms(figures["p50_ms"]),
+                    connections, name, f"{figures['requests_per_second']:,.0f}", _us(figures.get("cpu_us_per_request")),
+                    _ms(figures["p50_ms"]),
                     _ms(figures["p99_ms"]), _ms(figures["max_ms"]), f"{figures['non_2xx_3xx']:,}",
                     f"{sum(sockets.values()):,} (" + ", ".join(f"{k} {v}" for k, v in sockets.items()) + ")",
-                    _x(summary["ours_over_hello"]) if name == load.OURS else ""]))
+                    _paired(summary) if name == load.OURS else ""]))
         overlapped = sum(run.get("overlapped_randomization", False) for summary in result["by_connections"].values()
                          for run in summary[load.OURS]["runs"])
         if overlapped:
@@ -340,10 +348,12 @@ def _method(results: dict) -> str:
 
 - **Command**: `{results['command']}`; parameters: {parameters['rows']:,} users, scale sizes
   {', '.join(f'{size:,}' for size in parameters['scale_rows'])}, {parameters['load_seconds']} s per wrk run,
-  {parameters['runs']} runs after 1 warm-up, connections {', '.join(map(str, parameters['connections']))}.
+  {parameters['runs']} runs after 1 warm-up ({parameters.get('load_runs', parameters['runs'])} wrk rounds for GET /),
+  connections {', '.join(map(str, parameters['connections']))}.
 - **Runs**: each contender runs once as a warm-up (recorded, never counted), then the contenders take
   turns for {parameters['runs']} rounds, so that drift on a shared machine touches all of them alike.
-  Tables show the median; the JSON keeps every run.
+  Tables show the median; GET /'s *ours / hello* is the median of the rounds' ratios; the JSON keeps
+  every run.
 - **Databases**: SQLite is a file in a temporary directory (WAL, `synchronous=FULL`, as maxtwo opens it);
   PostgreSQL is a local server with fsync on (settings under [Machine](#machine)). Every benchmark gets
   a fresh database: a new file, or a new schema selected with `?options=-csearch_path%3D<schema>`,
@@ -441,6 +451,16 @@ def _rate(rows: int, seconds: float) -> str:
 
 def _x(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _us(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f} us"
+
+
+def _paired(summary: dict) -> str:
+    """The median of the rounds' ratios, and the rounds' own."""
+    rounds = summary.get("ours_over_hello_by_round") or []
+    return _x(summary.get("ours_over_hello")) + (f" ({', '.join(f'{value:.2f}' for value in rounds)})" if rounds else "")
 
 
 def _ms(value: float | None) -> str:

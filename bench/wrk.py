@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import time
 
+import psutil
+
 INSTALL_HINT = "install wrk: apt-get install wrk"
 WRK_THREADS = 2
 
@@ -18,20 +20,44 @@ def wrk_path() -> str | None:
     return shutil.which("wrk")
 
 
-def run_wrk(url: str, connections: int, seconds: int) -> dict:
-    """One wrk run; its figures, plus the wall-clock window it ran in (for matching with logs)."""
+def run_wrk(url: str, connections: int, seconds: int, server_pid: int | None = None) -> dict:
+    """One wrk run; its figures, plus the wall-clock window it ran in (for matching with logs).
+
+    `server_pid`: also the CPU time (user + system) the server's processes used during the run,
+    per request answered. NOTE: far steadier than req/s on a shared machine, where what else runs
+    changes how much of the CPU a server gets, not how much it needs per request.
+    """
     wrk = wrk_path()
     if wrk is None:
         raise RuntimeError(INSTALL_HINT)
     # NOTE: wrk takes whole seconds only ("500ms" and "0.5s" are refused).
     args = [wrk, f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    cpu_before = cpu_seconds(server_pid) if server_pid is not None else None
     started_at = time.time()
     proc = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60)
     ended_at = time.time()
     if proc.returncode != 0:
         raise RuntimeError(f"wrk failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
-    return {"connections": connections, "seconds": seconds, "started_at": started_at,
-            "ended_at": ended_at, **parse_wrk_output(proc.stdout)}
+    figures = {"connections": connections, "seconds": seconds, "started_at": started_at,
+               "ended_at": ended_at, **parse_wrk_output(proc.stdout)}
+    if cpu_before is not None:
+        used = cpu_seconds(server_pid) - cpu_before
+        figures["server_cpu_seconds"] = used
+        figures["cpu_us_per_request"] = used / figures["requests"] * 1e6 if figures["requests"] else None
+    return figures
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (the serving workers)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:  # a child that ended meanwhile
+            continue
+        total += times.user + times.system
+    return total
 
 
 def parse_wrk_output(text: str) -> dict:

@@ -289,7 +289,8 @@ _POSTGRES_STATEMENT = _DriverStatement(_POSTGRES_QUERY, postgresql_psycopg.diale
 # and everything it reads comes from one snapshot).
 # - SET sees the row as it was, so previous_query_at keeps the time being replaced and
 #   RETURNING (which shows only new values) can return it;
-# - the recorded time is `now` from Python, nudged past the previous one, in microseconds;
+# - the recorded time is `now` from Python (taken as the statement is sent, before any wait for
+#   a randomization's write lock), nudged past the previous one, in microseconds;
 # - the users are only read when the caller has no cached answer for this epoch, and never when
 #   max_number is 100; a subquery of RETURNING must be one value, hence "id points,id points".
 # NOTE: one statement instead of BEGIN IMMEDIATE, three statements and COMMIT: every one of them

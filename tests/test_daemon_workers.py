@@ -122,8 +122,10 @@ def test_a_worker_that_dies_takes_the_daemon_down_with_exit_status_1(tmp_path):
 
 
 def test_workers_stop_when_their_supervisor_is_killed(tmp_path):
+    # NOTE: a killed supervisor cannot remove its metrics directory (under systemd, PrivateTmp=
+    # goes with the service); TMPDIR keeps this one in the test's own directory.
     with ServeProcess(f"sqlite:///{tmp_path / 'maxtwo.db'}", interval=60, seed_count=10,
-                      extra_args=("--workers", str(WORKERS))) as daemon:
+                      env={"TMPDIR": str(tmp_path)}, extra_args=("--workers", str(WORKERS))) as daemon:
         daemon.start(tmp_path / "serve.log")
         workers = _workers(daemon)
         daemon.process.send_signal(signal.SIGKILL)

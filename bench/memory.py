@@ -13,10 +13,8 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
-
 from bench.common import say
-from bench.processes import MAXTWO, REPO_ROOT
+from bench.processes import MAXTWO, REPO_ROOT, tree_total
 from bench.targets import process_environment
 
 SAMPLE_SECONDS = 0.05
@@ -49,18 +47,10 @@ class PeakRssSampler:
 
     def _sample(self) -> bool:
         """Add one sample; False once the process is gone."""
-        try:
-            root = psutil.Process(self._pid)
-            processes = [root, *root.children(recursive=True)]
-        except psutil.Error:
+        total = tree_total(self._pid, lambda process: process.memory_info().rss)
+        if total is None:
             return False
-        total = 0
-        for process in processes:
-            try:
-                total += process.memory_info().rss
-            except psutil.Error:
-                continue  # a child that exited between the listing and the reading
-        self.peak_bytes = max(self.peak_bytes, total)
+        self.peak_bytes = max(self.peak_bytes, int(total))
         self.samples += 1
         return True
 

@@ -15,8 +15,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import psutil
 
 from bench.targets import process_environment
 from maxtwo_cli.core.settings import DEFAULT_THREADS
@@ -26,6 +28,23 @@ HOST = "127.0.0.1"
 SERVE_THREADS = DEFAULT_THREADS
 STOP_SECONDS = 20.0  # maxtwo promises 10 s (drain, then a running randomization)
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def tree_total(pid: int, read: Callable[[psutil.Process], float]) -> float | None:
+    """read(process) summed over `pid` and its children (a supervisor's serving workers);
+    None once `pid` is gone. A child that ends between the listing and the reading is skipped."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None
+    total = 0.0
+    for process in processes:
+        try:
+            total += read(process)
+        except psutil.Error:
+            continue
+    return total
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import time
 
-import psutil
+from bench.processes import tree_total
 
 INSTALL_HINT = "install wrk: apt-get install wrk"
 WRK_THREADS = 2
@@ -49,14 +49,9 @@ def run_wrk(url: str, connections: int, seconds: int, server_pid: int | None = N
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process and its children (the serving workers)."""
-    root = psutil.Process(pid)
-    total = 0.0
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            times = process.cpu_times()
-        except psutil.Error:  # a child that ended meanwhile
-            continue
-        total += times.user + times.system
+    total = tree_total(pid, lambda process: sum(process.cpu_times()[:2]))  # user, system
+    if total is None:
+        raise RuntimeError(f"the server under load (pid {pid}) is gone")
     return total
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 
 import falcon
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -25,12 +26,16 @@ class QueryResource:
         self._combiner = combiner
         self._metrics = metrics
         self._epoch_seen: int | None = None
+        self._epoch_lock = threading.Lock()
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         result = self._combiner.query()
         if result.epoch != self._epoch_seen:  # the gauge changes once per epoch, not per request
-            self._epoch_seen = result.epoch
-            self._metrics.epoch.set(result.epoch)
+            with self._epoch_lock:
+                # Epochs only grow: a request thread late with an older one must not set it back.
+                if self._epoch_seen is None or result.epoch > self._epoch_seen:
+                    self._epoch_seen = result.epoch
+                    self._metrics.epoch.set(result.epoch)
         # NOTE: JSON text made by the core (the users rendered once per epoch), not resp.media:
         # falcon's media handler would serialise the whole body again for every request.
         resp.data = result.api_json().encode()

@@ -121,7 +121,7 @@ def test_every_caller_gives_up_after_max_wait_while_the_transaction_is_stuck(tmp
     engine = db.create_engine(Settings(database_url=url, statement_timeout=20))
     schema.ensure_schema(engine)
     holder = db.create_engine(Settings(database_url=url)).connect()
-    holder.begin()  # the write lock: the committer's BEGIN IMMEDIATE waits up to 20 s
+    holder.begin()  # the write lock: the committer's UPDATE waits for it up to 20 s
     combiner = QueryCombiner(engine, max_wait=3)
     outcomes: list[tuple[float, object]] = []
 

@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from maxtwo_cli.core import db, schema
+from maxtwo_cli.core.errors import DatabaseUnavailableError
 from maxtwo_cli.core.query import AnswerCache, BatchRunner, QueryResult, User, query_users
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.schema import users
@@ -221,5 +222,26 @@ def test_sqlite_query_waits_for_the_write_lock_without_error(tmp_path):
         assert worker.is_alive()  # waiting, not failed
     worker.join(10)
     assert worker_result and worker_result[0].previous is None
+    engine.dispose()
+    holder.dispose()
+
+
+def test_a_query_that_waits_too_long_for_a_lock_says_so_and_the_next_one_works(database_url):
+    engine = db.create_engine(Settings(database_url=database_url, statement_timeout=0.3))
+    schema.ensure_schema(engine)
+    seed_users(engine, 100)
+    holder = db.create_engine(Settings(database_url=database_url))
+    runner = BatchRunner(engine)
+    with holder.begin() as conn:  # the lock a query needs, held past its timeout
+        conn.execute(schema.query_state.update().values(last_query_at=None))
+        with pytest.raises(DatabaseUnavailableError) as failed:
+            runner.run(1)
+    assert ("stayed locked" if database_url.startswith("sqlite") else "did not answer in time") \
+        in str(failed.value)
+    if database_url.startswith("postgresql"):
+        with engine.connect() as conn:  # the pool got back the connection as it lent it out
+            assert conn.connection.driver_connection.autocommit is False
+    assert runner.run(1)[0].previous is None
+    runner.release()
     engine.dispose()
     holder.dispose()

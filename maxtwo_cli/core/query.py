@@ -88,7 +88,7 @@ class QueryResult:
     def api_body(self) -> dict[str, Any]:
         """The body of GET / and of `maxtwo query --json`."""
         return {
-            "users": [{"id": user.id, "points": user.points} for user in self.users],
+            "users": _user_dicts(self.users),
             "timestamp": format_api_timestamp(self.previous),
         }
 
@@ -106,11 +106,15 @@ class QueryResult:
 _rendered_users: tuple[tuple[User, ...], str] = ((), "[]")
 
 
+def _user_dicts(users: tuple[User, ...]) -> list[dict[str, int]]:
+    return [{"id": user.id, "points": user.points} for user in users]
+
+
 def _users_json(users: tuple[User, ...]) -> str:
     global _rendered_users
     rendered, text = _rendered_users
     if rendered is not users:
-        text = json.dumps([{"id": user.id, "points": user.points} for user in users])
+        text = json.dumps(_user_dicts(users))
         _rendered_users = (users, text)
     return text
 
@@ -227,15 +231,23 @@ class BatchRunner:
         """Return the held connection to the pool (the next run takes one again)."""
         pooled, self._pooled = self._pooled, None
         cursor, self._cursor = self._cursor, None
-        if cursor is not None:
-            cursor.close()
-        if pooled is not None:
-            driver = pooled.driver_connection  # None once invalidated
-            if self._sqlite_writers is None and driver is not None and not driver.broken:
-                driver.autocommit = False  # as the pool's other users expect it
+        try:
+            if pooled is None:
+                return
+            driver = pooled.driver_connection  # None once invalidated: its cursor went with it
+            if driver is not None:
+                try:
+                    cursor.close()
+                    if self._sqlite_writers is None and not driver.broken:
+                        driver.autocommit = False  # as the pool's other users expect it
+                except (psycopg.Error, sqlite3.Error):
+                    # e.g. a statement interrupted half-way: a connection in a state we cannot
+                    # undo must not go back to the pool (nor hide the error that got us here).
+                    pooled.invalidate()
             pooled.close()
-        if self._sqlite_writers is not None:
-            self._sqlite_writers.close()
+        finally:
+            if self._sqlite_writers is not None:
+                self._sqlite_writers.close()
 
 
 class _DriverStatement:

@@ -125,8 +125,8 @@ def ensure_schema(engine: Engine) -> None:
         if is_postgres(conn):
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
         metadata.create_all(conn)
-        _add_missing_columns(conn)
         _check_shape(conn)
+        _add_missing_columns(conn)
         insert = postgresql.insert if is_postgres(conn) else sqlite.insert
         conn.execute(
             insert(randomizer_state)
@@ -151,7 +151,8 @@ def _check_shape(conn: sa.Connection) -> None:
     inspector = sa.inspect(conn)
     for table in metadata.sorted_tables:
         found = {column["name"] for column in inspector.get_columns(table.name)}
-        missing = set(table.columns.keys()) - found
+        added_later = {column.name for owner, column in _ADDED_COLUMNS if owner is table}
+        missing = set(table.columns.keys()) - found - added_later
         if missing:
             raise SchemaMismatchError(
                 f"the database already has a table {table.name!r} that maxtwo did not create "

@@ -1,4 +1,5 @@
-"""Seeding: N users at 0 points, inserted set-based inside the database in one transaction."""
+"""Seeding: N users at 0 points in one transaction: on SQLite made by a set-based INSERT inside
+the database, on PostgreSQL loaded by COPY with only the ids sent."""
 
 from __future__ import annotations
 
@@ -20,20 +21,22 @@ from maxtwo_cli.core.schema import (
     users,
 )
 
-# Rows per INSERT statement: big enough that statement overhead vanishes, small enough that a
-# progress bar moves. All batches share one transaction, so the seed is still all-or-nothing.
+# Rows per step (an INSERT statement on SQLite, a run of COPY writes on PostgreSQL): big enough
+# that per-step overhead vanishes, small enough that a progress bar moves. All steps share one
+# transaction, so the seed is still all-or-nothing.
 # NOTE: SQLite's generator below makes exactly 100,000 ids per statement; keep them equal.
 SEED_BATCH_SIZE = 100_000
 
 # PostgreSQL: the bulk-load recipe of its manual ("Populating a Database"), all inside the seed's
-# transaction. The table is emptied in this transaction, which lets COPY ... FREEZE write the rows
-# already frozen, in one WAL record per page rather than per row, with no VACUUM pass needed
-# later to stamp them; and the primary key is built once, sorted, after the load rather than
-# entry by entry. Only the ids travel (text, one batch at a time: no row ever exists in Python);
+# transaction. COPY inserts a page of rows at a time (one WAL record per page, not per row); the
+# table is emptied in this transaction, which lets FREEZE write the rows already frozen, so no
+# later pass has to stamp them; and the primary key is built once, sorted, after the load rather
+# than entry by entry. Only the ids travel (text, one batch at a time: no row ever exists in Python);
 # the timestamps are column defaults for the length of the load: now(), the transaction's time.
 # Measured with 1M users: 1.3-1.5 s, against 3.5-3.9 s for INSERT ... SELECT generate_series into
 # the indexed table (bench/NOTES.md).
-# NOTE: ACCESS EXCLUSIVE on users until the commit (TRUNCATE, ALTER TABLE): queries wait for it.
+# NOTE: ACCESS EXCLUSIVE on users until the commit (TRUNCATE, ALTER TABLE), on every seed, the
+# first of an empty table included: queries wait for it (past their statement timeout, a 503).
 _POSTGRES_LOAD_START = [
     sa.text("TRUNCATE users"),
     # The name PostgreSQL gives an unnamed primary key, as maxtwo's schema creates it.
@@ -112,7 +115,7 @@ def seed_users(
         epoch = conn.scalar(state_update.returning(randomizer_state.c.epoch))
         if reset:
             # NOTE: on PostgreSQL the load's TRUNCATE already holds every query off until the
-            # commit (they answer 503 once past their statement timeout): a reset is an outage.
+            # commit (see _POSTGRES_LOAD_START): a reset is an outage.
             conn.execute(query_state.update().values(last_query_at=None))
     if is_postgres(engine):
         _vacuum_users(engine)
@@ -161,11 +164,13 @@ def _load_users_postgres(
 
 
 def _vacuum_users(engine: Engine) -> None:
-    """Set hint bits and the visibility map now, changing no data.
+    """The planner's statistics for the new rows, and the visibility map, changing no data.
 
-    NOTE: without it the first randomization after a seed also pays for stamping every freshly
-    inserted row and runs about twice as slow (measured on 1M rows). VACUUM cannot run inside
-    a transaction block, hence its own autocommit connection after the seed has committed.
+    NOTE: before the load used COPY FREEZE, this VACUUM also stamped every freshly inserted row;
+    without it the first randomization after a seed paid for that and ran about twice as slow
+    (measured on 1M rows). Frozen rows need no stamping, and VACUUM skips the pages the
+    visibility map already marks. VACUUM cannot run inside a transaction block, hence its own
+    autocommit connection after the seed has committed.
     """
     with database_errors(engine), engine.connect() as conn:
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")

@@ -138,8 +138,9 @@ def _goals(results: dict) -> str:
 def _seed(results: dict) -> str:
     rows = results["parameters"]["rows"]
     lines = [f"## 1. Seed {rows:,} users", "",
-             f"maxtwo's `seed_users` (rows generated inside the database, one transaction; on PostgreSQL "
-             f"including the `VACUUM (ANALYZE)` that follows) against {seed.BASELINE}: rows built in Python "
+             f"maxtwo's `seed_users` (one transaction; on SQLite rows generated inside the database, on "
+             f"PostgreSQL only the ids sent by COPY, the `VACUUM (ANALYZE)` that follows included) "
+             f"against {seed.BASELINE}: rows built in Python "
              "chunk by chunk, one transaction, into the same table.", "",
              "| database | maxtwo | rows/s | chunked baseline | rows/s | baseline / maxtwo |",
              "|---|---|---|---|---|---|"]

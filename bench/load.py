@@ -180,13 +180,13 @@ def _paired_ratios(ours: list[dict], hello: list[dict]) -> dict:
     closer together than the runs of other rounds, so their ratio carries less of the machine's
     drift than a ratio of medians would. The headline is the median of those ratios."""
     by_round = [ratio(a["requests_per_second"], b["requests_per_second"]) for a, b in zip(ours, hello)]
-    cpu_by_round = [ratio(b.get("cpu_us_per_request"), a.get("cpu_us_per_request")) for a, b in zip(ours, hello)]
-    cpu_by_round = [value for value in cpu_by_round if value is not None]
+    cpu_ratios = (ratio(b.get("cpu_us_per_request"), a.get("cpu_us_per_request")) for a, b in zip(ours, hello))
+    cpu_by_round = [value for value in cpu_ratios if value is not None]
     return {
         "ours_over_hello": statistics.median(by_round),
         "ours_over_hello_by_round": by_round,
         # hello's CPU per request / ours: 1.0 would mean maxtwo's own work costs nothing.
-        "hello_cpu_over_ours": statistics.median(cpu_by_round) if cpu_by_round else None,
+        "hello_cpu_over_ours": _median_or_none(cpu_by_round),
         "hello_cpu_over_ours_by_round": cpu_by_round,
     }
 

@@ -32,7 +32,7 @@ class QueryResource:
         result = self._combiner.query()
         if result.epoch != self._epoch_seen:  # the gauge changes once per epoch, not per request
             with self._epoch_lock:
-                # Epochs only grow: a request thread late with an older one must not set it back.
+                # Epochs only grow: a thread late with an older one must not set it back.
                 if self._epoch_seen is None or result.epoch > self._epoch_seen:
                     self._epoch_seen = result.epoch
                     self._metrics.epoch.set(result.epoch)

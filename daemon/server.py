@@ -29,9 +29,11 @@ from daemon import systemd
 from daemon.app import create_app, query_combiner
 from daemon.eventloop import ChangePoller, QuietChannel
 from daemon.metrics import Metrics
+from daemon.querylane import QueryLaneDispatcher
 from daemon.scheduler import RandomizeScheduler
 from maxtwo_cli import __version__
 from maxtwo_cli.core import db, schema
+from maxtwo_cli.core.combiner import QueryCombiner
 from maxtwo_cli.core.errors import AlreadySeededError, MaxtwoError
 from maxtwo_cli.core.randomize import RandomizeResult, randomize_if_due
 from maxtwo_cli.core.seed import has_users, seed_users
@@ -121,7 +123,7 @@ def serve_requests(
     combiner = query_combiner(settings, request_engine, metrics)
     try:
         app = create_app(settings, request_engine, metrics=metrics, combiner=combiner)
-        server = bind(app, settings, listener)
+        server = bind(app, settings, listener, query_lane=combiner)
         on_ready()
         _serve_until(server, stop)
         log.info("stopping: answering the requests already accepted")
@@ -204,8 +206,17 @@ def listen(settings: Settings) -> socket.socket:
     return sock
 
 
-def bind(app, settings: Settings, listener: socket.socket | None = None) -> BaseWSGIServer:
-    """A waitress server for `app` on `listener` (by default, a new one from listen())."""
+def bind(
+    app, settings: Settings, listener: socket.socket | None = None, *, query_lane: QueryCombiner | None = None
+) -> BaseWSGIServer:
+    """A waitress server for `app` on `listener` (by default, a new one from listen()).
+
+    `query_lane`: the combiner that app's GET / queries through, to answer those requests in
+    batches (daemon/querylane.py) rather than one request thread each."""
+    dispatcher = None
+    if query_lane is not None:
+        dispatcher = QueryLaneDispatcher(query_lane, paths=["/"])
+        dispatcher.set_thread_count(settings.threads)
     server = waitress.create_server(
         app,
         sockets=[listener or listen(settings)],
@@ -216,6 +227,9 @@ def bind(app, settings: Settings, listener: socket.socket | None = None) -> Base
         asyncore_use_poll=True,  # select() cannot watch more than 1024 descriptors
         ident="maxtwo",
         expose_tracebacks=False,
+        # NOTE: waitress's own hook for a dispatcher of one's own (it calls it a test shim;
+        # waitress is pinned below 3.1 for this and the channel subclass). None: its default.
+        _dispatcher=dispatcher,
     )
     server.channel_class = QuietChannel
     return server

@@ -9,6 +9,7 @@ import time
 import sqlalchemy as sa
 
 from maxtwo_cli.core.schema import query_state, randomizer_state, users
+from maxtwo_cli.core.settings import Settings
 
 
 def points_histogram(engine: sa.Engine) -> dict[int, int]:
@@ -98,3 +99,16 @@ def notifications(listener: socket.socket, seconds: float = 0.0) -> list[str]:
         except TimeoutError:
             if time.monotonic() >= deadline:
                 return messages
+
+
+def unreachable_settings(database_url: str, tmp_path) -> Settings:
+    """Settings for a database of the same kind that cannot be reached."""
+    if database_url.startswith("sqlite"):
+        blocker = tmp_path / "file"
+        blocker.write_text("a file where a directory should be")
+        return Settings(database_url=f"sqlite:///{blocker / 'maxtwo.db'}")
+    # A port nobody listens on: connection refused at once.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return Settings(database_url=f"postgresql://maxtwo:s3cret@127.0.0.1:{port}/maxtwo", connect_timeout=2)

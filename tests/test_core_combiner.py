@@ -94,6 +94,81 @@ def test_concurrent_callers_share_transactions_and_keep_the_chain(seeded):
     assert_chain(results)
 
 
+def test_query_many_is_a_chain_of_answers_from_one_batch(seeded):
+    sizes: list[int] = []
+    combiner = QueryCombiner(seeded, AnswerCache(), max_wait=30, on_batch=sizes.append)
+    before = combiner.query()
+    many = combiner.query_many(5)
+    assert sizes == [1, 5]
+    assert many[0].previous == before.recorded_at
+    assert_chain([before, *many] if before.previous is None else [*many])
+    assert state(seeded).last_query_at == many[-1].recorded_at
+    with pytest.raises(ValueError):
+        combiner.query_many(0)
+    combiner.close(5)
+
+
+def test_waiters_for_several_answers_are_batched_whole_within_max_batch(seeded, monkeypatch):
+    running, release = threading.Event(), threading.Event()
+    real_run = BatchRunner.run
+
+    def held_run(self, count):
+        running.set()
+        release.wait(10)  # the first batch runs only once the others have queued
+        return real_run(self, count)
+
+    monkeypatch.setattr(BatchRunner, "run", held_run)
+    sizes: list[int] = []
+    combiner = QueryCombiner(seeded, max_wait=30, max_batch=4, on_batch=sizes.append)
+    first = threading.Thread(target=combiner.query)
+    first.start()
+    assert running.wait(10)
+    answers: list[list] = []
+    queued = [threading.Thread(target=lambda: answers.append(combiner.query_many(3))) for _ in range(3)]
+    for thread in queued:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while len(combiner._waiting) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for thread in [first, *queued]:
+        thread.join(20)
+    # Two waiters for 3 would make a batch of 6, over max_batch; one is never split.
+    assert sizes == [1, 3, 3, 3]
+    assert sorted(len(batch) for batch in answers) == [3, 3, 3]
+    for batch in answers:
+        for earlier, later in zip(batch, batch[1:]):
+            assert later.previous == earlier.recorded_at
+    combiner.close(5)
+
+
+def test_a_prefetched_answer_is_returned_once_without_asking_the_database(seeded):
+    sizes: list[int] = []
+    combiner = QueryCombiner(seeded, max_wait=30, on_batch=sizes.append)
+    fetched = combiner.query_many(1)[0]
+    others: list = []
+    with combiner.prefetched(fetched):
+        other = threading.Thread(target=lambda: others.append(combiner.query()))
+        other.start()
+        other.join(10)
+        assert combiner.query() is fetched  # for this thread only, and once
+        after = combiner.query()
+    assert sizes == [1, 1, 1]  # the prefetched answer cost no batch
+    assert others[0].recorded_at not in (fetched.recorded_at, after.recorded_at)
+    assert combiner.query().previous == after.recorded_at  # the context is gone
+    combiner.close(5)
+
+
+def test_a_prefetched_error_is_raised_as_this_callers_own_copy(seeded):
+    combiner = QueryCombiner(seeded, max_wait=30)
+    shared = DatabaseUnavailableError("the database went away")
+    with combiner.prefetched(shared), pytest.raises(DatabaseUnavailableError, match="went away") as raised:
+        combiner.query()
+    assert raised.value is not shared
+    assert combiner.query() is not None  # only once, and only inside
+    combiner.close(5)
+
+
 def test_every_waiter_of_a_failing_batch_gets_the_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where a directory should be")

@@ -4,7 +4,6 @@ and error body."""
 from __future__ import annotations
 
 import logging
-import socket
 
 import falcon.testing
 import pytest
@@ -14,8 +13,7 @@ from daemon.openapi import openapi_document
 from maxtwo_cli.core import db
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.seed import seed_users
-from maxtwo_cli.core.settings import Settings
-from tests.helpers import set_max_number, state
+from tests.helpers import set_max_number, state, unreachable_settings
 
 
 @pytest.fixture
@@ -137,20 +135,8 @@ def test_unexpected_errors_are_a_generic_500_with_the_traceback_in_the_log(setti
     assert "secret internals" in caplog.text and "Traceback" in caplog.text
 
 
-def _unreachable_settings(database_url: str, tmp_path) -> Settings:
-    if database_url.startswith("sqlite"):
-        blocker = tmp_path / "file"
-        blocker.write_text("a file where a directory should be")
-        return Settings(database_url=f"sqlite:///{blocker / 'maxtwo.db'}")
-    # A port nobody listens on: connection refused at once.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return Settings(database_url=f"postgresql://maxtwo:s3cret@127.0.0.1:{port}/maxtwo", connect_timeout=2)
-
-
 def test_database_unreachable_is_a_503_json_that_reveals_nothing(database_url, tmp_path):
-    settings = _unreachable_settings(database_url, tmp_path)
+    settings = unreachable_settings(database_url, tmp_path)
     engine = db.create_engine(settings)
     client = falcon.testing.TestClient(create_app(settings, engine))
 

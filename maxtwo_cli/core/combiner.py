@@ -4,9 +4,10 @@ Every query writes (it records its time), and a durable write costs a disk flush
 chain serialises those writes on one row, so on their own, queries could never go faster than
 one flush each. Here the threads of a process that query at the same moment share one
 transaction: a committer thread takes everybody waiting, runs one query batch for them and
-hands each its own link of the chain, then takes whoever came meanwhile. Nobody is answered
-before the commit, so nothing is less durable than a query of its own. Queries from other
-processes still serialise on the database row.
+hands each its own link of the chain, then takes whoever came meanwhile. A caller can also ask
+for several queries at once (query_many: the daemon's query lane, for the requests it holds).
+Nobody is answered before the commit, so nothing is less durable than a query of its own.
+Queries from other processes still serialise on the database row.
 
 NOTE: the transaction runs in a thread of its own, not in one of the callers', so that every
 caller can give up after `max_wait`: a database that stops answering without closing the
@@ -15,11 +16,12 @@ connection (a frozen server) holds up the committer indefinitely, a request at m
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from sqlalchemy.engine import Engine
 
@@ -34,19 +36,20 @@ _IDLE_SECONDS = 5.0
 
 
 class _Waiter:
-    """One caller's place in the queue.
+    """One caller's place in the queue, for `wanted` queries.
 
     NOTE: signalled through a bare lock, held until the answer is in, rather than a
     threading.Event, whose wait and set run several Python-level lock operations: this is paid
     twice per request.
     """
 
-    __slots__ = ("_pending", "error", "result")
+    __slots__ = ("_pending", "error", "results", "wanted")
 
-    def __init__(self) -> None:
+    def __init__(self, wanted: int) -> None:
         self._pending = threading.Lock()
         self._pending.acquire()
-        self.result: QueryResult | None = None
+        self.wanted = wanted
+        self.results: list[QueryResult] = []
         self.error: BaseException | None = None
 
     def wait(self, timeout: float) -> bool:
@@ -84,10 +87,29 @@ class QueryCombiner:
         self._committing = False  # whether the committer thread is running
         self._committer: threading.Thread | None = None
         self._closing = False
+        self._prefetched = _Prefetched()
 
     def query(self) -> QueryResult:
-        """The same as core.query.query_users, sharing a transaction with concurrent callers."""
-        me = _Waiter()
+        """The same as core.query.query_users, sharing a transaction with concurrent callers
+        (or the answer prefetched for this thread, see prefetched())."""
+        prefetched = self._prefetched.answer
+        if prefetched is not None:
+            self._prefetched.answer = None
+            if isinstance(prefetched, BaseException):
+                raise _own_copy(prefetched) from None
+            return prefetched
+        return self.query_many(1)[0]
+
+    @property
+    def max_wait(self) -> float:
+        return self._max_wait
+
+    def query_many(self, count: int, *, timeout: float | None = None) -> list[QueryResult]:
+        """`count` queries in a row, as `count` callers of query() would get them, in one batch.
+        `timeout`: seconds to wait instead of max_wait (0: only what is answered at once)."""
+        if count < 1:
+            raise ValueError("count must be >= 1")
+        me = _Waiter(count)
         with self._lock:
             self._waiting.append(me)
             if self._committing:
@@ -101,7 +123,7 @@ class QueryCombiner:
                     raise DatabaseUnavailableError(f"cannot start the query thread: {ex}") from None
                 self._committing = True
                 self._committer = committer
-        if not me.wait(self._max_wait):
+        if not me.wait(self._max_wait if timeout is None else max(timeout, 0.0)):
             with self._lock:
                 if me in self._waiting:
                     self._waiting.remove(me)
@@ -112,8 +134,18 @@ class QueryCombiner:
                 raise DatabaseUnavailableError(f"no answer from the database within {self._max_wait:.0f} s")
         if me.error is not None:
             raise _own_copy(me.error) from None
-        assert me.result is not None
-        return me.result
+        return me.results
+
+    @contextlib.contextmanager
+    def prefetched(self, answer: QueryResult | BaseException) -> Iterator[None]:
+        """Inside, the calling thread's next query() returns `answer` (or raises it) without
+        asking the database: for a caller that fetched answers for several requests at once
+        (query_many) and then serves them one by one through code that calls query()."""
+        self._prefetched.answer = answer
+        try:
+            yield
+        finally:
+            self._prefetched.answer = None
 
     def close(self, timeout: float) -> None:
         """Let the committer finish what is queued, give its connection back and end, waiting
@@ -140,7 +172,7 @@ class QueryCombiner:
                     if not self._waiting:
                         self._committing = False
                         return
-                    batch = [self._waiting.popleft() for _ in range(min(self._max_batch, len(self._waiting)))]
+                    batch = self._take_batch()
                 self._run_batch(runner, batch)
         except BaseException:
             # Never reached by design (_run_batch hands every error to its waiters); if it is,
@@ -152,9 +184,21 @@ class QueryCombiner:
             if runner is not None:
                 runner.release()
 
+    def _take_batch(self) -> list[_Waiter]:
+        """The waiters at the front of the queue, as many as max_batch queries allows (at least
+        one). Called with the lock held, the queue not empty."""
+        waiting = self._waiting
+        batch = [waiting.popleft()]
+        queries = batch[0].wanted
+        while waiting and queries + waiting[0].wanted <= self._max_batch:
+            queries += waiting[0].wanted
+            batch.append(waiting.popleft())
+        return batch
+
     def _run_batch(self, runner: BatchRunner, batch: list[_Waiter]) -> None:
+        queries = sum(waiter.wanted for waiter in batch)
         try:
-            results = runner.run(len(batch))
+            results = runner.run(queries)
         except BaseException as ex:  # noqa: BLE001 - every waiter gets the error, re-raised there
             with self._lock:
                 # NOTE: those who queued while this batch failed would meet the same database
@@ -168,12 +212,18 @@ class QueryCombiner:
             return
         if self._on_batch is not None:
             try:
-                self._on_batch(len(batch))
+                self._on_batch(queries)
             except Exception:  # a metrics callback must never cost anybody an answer
                 log.exception("on_batch callback failed")
-        for waiter, result in zip(batch, results):
-            waiter.result = result
+        start = 0
+        for waiter in batch:
+            waiter.results = results[start : start + waiter.wanted]
+            start += waiter.wanted
             waiter.answer()
+
+
+class _Prefetched(threading.local):
+    answer: QueryResult | BaseException | None = None
 
 
 def _own_copy(error: BaseException) -> BaseException:

@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 
 DEFAULT_SEED_COUNT = 1_000_000
-# NOTE: a request thread waits while its query shares a transaction with the others (see
-# core/combiner.py), so more threads make bigger batches: 16 served 20-30 % more GET / than 8
-# on both databases with a lower p99 (bench/NOTES.md); beyond that, nothing more.
+# NOTE: chosen when GET / still ran on these threads (16 served 20-30 % more than 8, as bigger
+# batches; bench/NOTES.md). GET / now has a thread of its own (daemon/querylane.py), so they
+# serve the other routes; the hello-world baseline of the benchmarks runs with the same number.
 DEFAULT_THREADS = 16
 
 

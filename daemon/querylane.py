@@ -11,8 +11,9 @@ queue for one lane thread, which takes all of them at once, asks the combiner fo
 answers in one batch, then answers each request in turn through the same Falcon app, whose
 query() returns the answer fetched for it (QueryCombiner.prefetched). Everything else (and a
 GET / the lane would not recognise, e.g. a malformed one) goes to the request threads as
-before. One wake-up per batch instead of two per request; every response is still made by the
-app, in order, once its batch has committed.
+before. Per batch, three wake-ups (the lane's, the committer's, the lane's again for the
+answers) instead of two per request; every response is still made by the app, in order, once
+its batch has committed.
 """
 
 from __future__ import annotations
@@ -101,14 +102,18 @@ class QueryLaneDispatcher(ThreadedTaskDispatcher):
                 if self._lane_stopping:
                     self._lane_thread = None
                     return
-                queued = list(self._lane)
-                self._lane.clear()
+                # At most one transaction's worth; the rest go in the next.
+                queued = [self._lane.popleft() for _ in range(min(len(self._lane), self._combiner.max_batch))]
             # NOTE: every request waits for the database at most max_wait from its arrival, as
             # it would in a request thread of its own; the oldest of the batch sets the bound.
             timeout = queued[0][1] + self._combiner.max_wait - time.perf_counter()
             try:
                 answers: list = self._combiner.query_many(len(queued), timeout=timeout)
-            except Exception as ex:  # noqa: BLE001 - each request turns it into its error response
+            except BaseException as ex:  # noqa: BLE001 - each request turns it into its error response
+                if not isinstance(ex, Exception):
+                    # NOTE: raised in the committer and handed over; raising it here would end
+                    # the lane, and every GET / after would wait forever. The app answers 500.
+                    ex = RuntimeError(f"the query batch failed: {ex!r}")
                 with self._lane_lock:
                     # NOTE: as in the combiner: those who queued while this batch failed would
                     # meet the same database and wait a whole timeout more; they share the error.

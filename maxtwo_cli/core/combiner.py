@@ -10,8 +10,9 @@ Nobody is answered before the commit, so nothing is less durable than a query of
 Queries from other processes still serialise on the database row.
 
 NOTE: the transaction runs in a thread of its own, not in one of the callers', so that every
-caller can give up after `max_wait`: a database that stops answering without closing the
-connection (a frozen server) holds up the committer indefinitely, a request at most max_wait.
+caller can give up after `max_wait` (or the timeout it asks for): a database that stops
+answering without closing the connection (a frozen server) holds up the committer
+indefinitely, a caller at most that long.
 """
 
 from __future__ import annotations
@@ -103,6 +104,11 @@ class QueryCombiner:
     @property
     def max_wait(self) -> float:
         return self._max_wait
+
+    @property
+    def max_batch(self) -> int:
+        """Queries per transaction; a caller asking for more at once still gets one."""
+        return self._max_batch
 
     def query_many(self, count: int, *, timeout: float | None = None) -> list[QueryResult]:
         """`count` queries in a row, as `count` callers of query() would get them, in one batch.

@@ -194,7 +194,12 @@ def serve(
     ] = 4000,
     threads: Annotated[
         int,
-        typer.Option("--threads", envvar="MAXTWO_THREADS", min=1, help="Request threads, for every route but GET / (one thread answers those in batches)."),
+        typer.Option(
+            "--threads",
+            envvar="MAXTWO_THREADS",
+            min=1,
+            help="Request threads, for every route but GET / (one thread answers those in batches).",
+        ),
     ] = DEFAULT_THREADS,
     workers: Annotated[
         int,

@@ -53,7 +53,8 @@ def serve(settings: Settings, engine, max_wait: float = 30) -> Iterator[Served]:
         served.threads[environ["REQUEST_METHOD"], environ["PATH_INFO"]].add(threading.current_thread().name)
         return app(environ, start_response)
 
-    server = bind(recording, Settings(database_url=settings.database_url, port=0, threads=REQUEST_THREADS), query_lane=combiner)
+    listening = Settings(database_url=settings.database_url, port=0, threads=REQUEST_THREADS)
+    server = bind(recording, listening, query_lane=combiner)
     served = Served(server.socket.getsockname()[1], combiner, server)
     served.batch_sizes, served.metrics = sizes, metrics
     stop = threading.Event()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import datetime as dt
 import http.client
 import json
@@ -29,14 +30,14 @@ from tests.helpers import unreachable_settings
 REQUEST_THREADS = 4
 
 
+@dataclasses.dataclass
 class Served:
-    def __init__(self, port: int, combiner: QueryCombiner, server) -> None:
-        self.port = port
-        self.combiner = combiner
-        self.server = server
-        self.threads: dict[tuple[str, str], set[str]] = collections.defaultdict(set)  # (method, path) -> names
-        self.batch_sizes: list[int] = []
-        self.metrics = Metrics()
+    port: int
+    server: object
+    metrics: Metrics
+    batch_sizes: list[int]  # queries per batch, as the combiner reported them
+    # (method, path) -> names of the threads that answered them
+    threads: dict[tuple[str, str], set[str]] = dataclasses.field(default_factory=lambda: collections.defaultdict(set))
 
     def connect(self) -> http.client.HTTPConnection:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
@@ -55,8 +56,7 @@ def serve(settings: Settings, engine, max_wait: float = 30) -> Iterator[Served]:
 
     listening = Settings(database_url=settings.database_url, port=0, threads=REQUEST_THREADS)
     server = bind(recording, listening, query_lane=combiner)
-    served = Served(server.socket.getsockname()[1], combiner, server)
-    served.batch_sizes, served.metrics = sizes, metrics
+    served = Served(server.socket.getsockname()[1], server, metrics, sizes)
     stop = threading.Event()
     loop = threading.Thread(target=_serve_until, args=(server, stop), daemon=True)
     loop.start()

@@ -68,8 +68,10 @@ def _hammer(port: int, stop: threading.Event, outcomes: list, lock: threading.Lo
         connected_at = None  # a refused connection was never in flight
         try:
             connection.connect()
-        except ConnectionRefusedError:
-            outcome = "refused"  # the listener is closed: never accepted, nothing lost
+        except (ConnectionRefusedError, ConnectionResetError):
+            # The listener is closed (or closing, in that instant a handshake is reset): never
+            # accepted, nothing lost.
+            outcome = "refused"
         else:
             # NOTE: stamped once connected; stamped before, a thread descheduled across the
             # SIGTERM would count a connection refused after it as in flight before it.

@@ -3,13 +3,15 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
+from maxtwo_cli.core import db, schema
 from maxtwo_cli.core import seed as seed_module
 from maxtwo_cli.core.clock import utcnow
-from maxtwo_cli.core.errors import AlreadySeededError
+from maxtwo_cli.core.errors import AlreadySeededError, SchemaMismatchError
 from maxtwo_cli.core.query import query_users
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.schema import users
 from maxtwo_cli.core.seed import seed_users
+from maxtwo_cli.core.settings import Settings
 from tests.helpers import distinct_updated_at, points_histogram, state, user_rows
 
 
@@ -111,6 +113,25 @@ def test_a_failed_seed_leaves_the_users_and_the_table_as_they_were(engine):
     assert state(engine) == before
     seed_users(engine, 300, reset=True)  # the table still works as before
     assert [row.id for row in user_rows(engine)] == list(range(1, 301))
+
+
+def test_a_users_table_that_does_not_number_from_1_is_not_seeded(tmp_path):
+    # SQLite numbers the seeded rows itself; an AUTOINCREMENT table (not maxtwo's, same columns)
+    # would continue after the largest id it ever held.
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{tmp_path / 'other.db'}"))
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "CREATE TABLE users (id INTEGER PRIMARY KEY AUTOINCREMENT, points SMALLINT NOT NULL, "
+            "inserted_at BIGINT NOT NULL, updated_at BIGINT NOT NULL)"
+        ))
+    schema.ensure_schema(engine)
+    seed_users(engine, 5)
+    before = state(engine)
+    with pytest.raises(SchemaMismatchError, match="did not number new users from 1"):
+        seed_users(engine, 3, reset=True)
+    assert [row.id for row in user_rows(engine)] == [1, 2, 3, 4, 5]
+    assert state(engine) == before
+    engine.dispose()
 
 
 def test_postgres_bulk_load_leaves_the_table_definition_as_it_was(postgres_engine):

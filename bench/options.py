@@ -23,7 +23,10 @@ DEFAULTS = {
     # of the rounds' ratios, and req/s on this machine drifts by minutes.
     "load_seconds": 10,
     "load_runs": 5,
-    "runs": 3,
+    # NOTE: 5, not the issue's minimum of 3: in the run of a9f7862 two of three rounds of the
+    # PostgreSQL seed and randomization ran 1.5-1.9x slower than the third, for every contender
+    # (other tenants: steal time), and a median of 3 then is one of the slow ones.
+    "runs": 5,
     "connections": "50,200",
     # NOTE: long enough that 1 s windows fall outside a 1M-user PostgreSQL randomization, which
     # under load took 2-4 s on this machine (at 5 s, one run had no window outside at all).

@@ -24,8 +24,9 @@ DEFAULTS = {
     "load_seconds": 10,
     "load_runs": 5,
     # NOTE: 5, not the minimum of 3: in the run of a9f7862 two of three rounds of the
-    # PostgreSQL seed and randomization ran 1.5-1.9x slower than the third, for every contender
-    # (other tenants: steal time), and a median of 3 then is one of the slow ones.
+    # PostgreSQL seed and randomization ran 1.2-2.0x slower than the third, every contender's
+    # (other tenants: steal time), and a median of 3 then is one of the slow ones. The scale
+    # benchmark runs as often: the whole run takes about 4 minutes longer (29 vs 25 minutes).
     "runs": 5,
     "connections": "50,200",
     # NOTE: long enough that 1 s windows fall outside a 1M-user PostgreSQL randomization, which

@@ -115,23 +115,31 @@ def test_a_failed_seed_leaves_the_users_and_the_table_as_they_were(engine):
     assert [row.id for row in user_rows(engine)] == list(range(1, 301))
 
 
-def test_a_users_table_that_does_not_number_from_1_is_not_seeded(tmp_path):
-    # SQLite numbers the seeded rows itself; an AUTOINCREMENT table (not maxtwo's, same columns)
-    # would continue after the largest id it ever held.
+@pytest.mark.parametrize(
+    "id_column",
+    [
+        "id INTEGER PRIMARY KEY AUTOINCREMENT",  # goes on after the largest id it ever held
+        "id BIGINT NOT NULL PRIMARY KEY",  # no rowid alias: SQLite gives no id at all
+    ],
+)
+def test_a_users_table_that_does_not_number_from_1_is_not_seeded(tmp_path, id_column):
+    # SQLite numbers the seeded rows itself; a table that is not maxtwo's (same columns) may not.
     engine = db.create_engine(Settings(database_url=f"sqlite:///{tmp_path / 'other.db'}"))
-    with engine.begin() as conn:
-        conn.execute(sa.text(
-            "CREATE TABLE users (id INTEGER PRIMARY KEY AUTOINCREMENT, points SMALLINT NOT NULL, "
-            "inserted_at BIGINT NOT NULL, updated_at BIGINT NOT NULL)"
-        ))
-    schema.ensure_schema(engine)
-    seed_users(engine, 5)
-    before = state(engine)
-    with pytest.raises(SchemaMismatchError, match="did not number new users from 1"):
-        seed_users(engine, 3, reset=True)
-    assert [row.id for row in user_rows(engine)] == [1, 2, 3, 4, 5]
-    assert state(engine) == before
-    engine.dispose()
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                f"CREATE TABLE users ({id_column}, points SMALLINT NOT NULL, "
+                "inserted_at BIGINT NOT NULL, updated_at BIGINT NOT NULL)"
+            ))
+            conn.execute(sa.text("INSERT INTO users VALUES (5, 0, 0, 0)"))
+        schema.ensure_schema(engine)
+        before = state(engine)
+        with pytest.raises(SchemaMismatchError, match="not maxtwo's: it refused new users or did not number them 1, 2, 3"):
+            seed_users(engine, 3, reset=True)
+        assert [row.id for row in user_rows(engine)] == [5]
+        assert state(engine) == before
+    finally:
+        engine.dispose()
 
 
 def test_postgres_bulk_load_leaves_the_table_definition_as_it_was(postgres_engine):

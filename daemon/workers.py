@@ -56,6 +56,8 @@ POLL_SECONDS = 0.2
 # Workers drain for DRAIN_SECONDS; then they are killed.
 WORKER_STOP_SECONDS = DRAIN_SECONDS + 2.0
 ORPHAN_CHECK_SECONDS = 1.0
+# The workers' shared metrics live in <temporary directory>/<prefix><supervisor pid>-<random>.
+METRICS_DIRECTORY_PREFIX = "maxtwo-metrics-"
 
 
 class WorkerError(MaxtwoError):
@@ -70,7 +72,7 @@ def supervise(settings: Settings) -> None:
     finally:
         engine.dispose()  # NOTE: no database connection may be shared through fork()
     listener = listen(settings)
-    metrics_directory = tempfile.mkdtemp(prefix="maxtwo-metrics-")
+    metrics_directory = _new_metrics_directory()
     workers: dict[int, int] = {}  # pid -> worker number
     scheduler: RandomizeScheduler | None = None
     scheduler_engine = None
@@ -157,6 +159,48 @@ def _work(
     finally:
         logging.shutdown()
         os._exit(status)
+
+
+def _new_metrics_directory() -> str:
+    """A fresh directory for the workers' metrics, named after this supervisor, once those that
+    killed supervisors left behind are gone.
+
+    NOTE: a supervisor removes its directory when it stops; one that was killed (SIGKILL, the
+    OOM killer) cannot. Under systemd PrivateTmp= goes with the service; elsewhere each such
+    directory would stay in /tmp for good. Only this user's directories whose supervisor no
+    longer runs are removed (a reused pid keeps its directory until that process is gone too).
+    """
+    parent = tempfile.gettempdir()
+    entries: list[os.DirEntry[str]] = []
+    with contextlib.suppress(OSError):
+        entries = list(os.scandir(parent))
+    for entry in entries:
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to look at
+            if _left_by_a_killed_supervisor(entry):
+                log.info("removing the metrics directory of a supervisor that was killed: %s", entry.path)
+                shutil.rmtree(entry.path, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{METRICS_DIRECTORY_PREFIX}{os.getpid()}-", dir=parent)
+
+
+def _left_by_a_killed_supervisor(entry: os.DirEntry[str]) -> bool:
+    pid = entry.name.removeprefix(METRICS_DIRECTORY_PREFIX).partition("-")[0]
+    return (
+        entry.name.startswith(METRICS_DIRECTORY_PREFIX)
+        and pid.isdigit()
+        and entry.is_dir(follow_symlinks=False)
+        and entry.stat(follow_symlinks=False).st_uid == os.getuid()
+        and not _running(int(pid))
+    )
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _stop_when_orphaned(stop: threading.Event, supervisor: int) -> None:

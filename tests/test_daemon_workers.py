@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import http.client
+import os
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import psutil
 
+from daemon import workers as workers_module
+from daemon.workers import METRICS_DIRECTORY_PREFIX
 from tests.helpers import notifications, notify_socket
 from tests.serve_process import ServeProcess
 
@@ -121,18 +126,62 @@ def test_a_worker_that_dies_takes_the_daemon_down_with_exit_status_1(tmp_path):
     assert len(errors) == 1 and "Traceback" not in log
 
 
-def test_workers_stop_when_their_supervisor_is_killed(tmp_path):
-    # NOTE: a killed supervisor cannot remove its metrics directory (under systemd, PrivateTmp=
-    # goes with the service); TMPDIR keeps this one in the test's own directory.
-    with ServeProcess(f"sqlite:///{tmp_path / 'maxtwo.db'}", interval=60, seed_count=10,
-                      env={"TMPDIR": str(tmp_path)}, extra_args=("--workers", str(WORKERS))) as daemon:
-        daemon.start(tmp_path / "serve.log")
-        workers = _workers(daemon)
-        daemon.process.send_signal(signal.SIGKILL)
-        daemon.process.wait(10)
-        gone, alive = psutil.wait_procs(workers, timeout=15)
+def _metrics_directories(parent: Path) -> list[str]:
+    return sorted(path.name for path in parent.glob(f"{METRICS_DIRECTORY_PREFIX}*"))
+
+
+def test_workers_stop_when_their_supervisor_is_killed_and_the_next_daemon_cleans_up(tmp_path):
+    # TMPDIR: the metrics directories in the test's own directory, where nothing else runs.
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+
+    def daemon() -> ServeProcess:
+        return ServeProcess(f"sqlite:///{tmp_path / 'maxtwo.db'}", interval=60, seed_count=10,
+                            env={"TMPDIR": str(tmp)}, extra_args=("--workers", str(WORKERS)))
+
+    with daemon() as first:
+        first.start(tmp_path / "serve.log")
+        workers = _workers(first)
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait(10)
+        _, alive = psutil.wait_procs(workers, timeout=15)
         assert not alive
-        assert "the supervisor" in daemon.log() and "is gone" in daemon.log()
+        assert "the supervisor" in first.log() and "is gone" in first.log()
+    # A killed supervisor cannot remove its directory...
+    [left_behind] = _metrics_directories(tmp)
+    assert left_behind.startswith(f"{METRICS_DIRECTORY_PREFIX}{first.process.pid}-")
+
+    with daemon() as second:
+        second.start(tmp_path / "serve-2.log")
+        # ... the next daemon does, and makes its own.
+        [own] = _metrics_directories(tmp)
+        assert own.startswith(f"{METRICS_DIRECTORY_PREFIX}{second.process.pid}-")
+        assert second.terminate() == 0
+    assert _metrics_directories(tmp) == []
+
+
+def test_only_directories_of_this_users_supervisors_that_are_gone_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = tmp_path / f"{METRICS_DIRECTORY_PREFIX}999999999-a"  # above any pid_max: not running
+    running = tmp_path / f"{METRICS_DIRECTORY_PREFIX}{os.getpid()}-b"
+    not_ours = [tmp_path / f"{METRICS_DIRECTORY_PREFIX}x-c", tmp_path / "maxtwo-metricsd"]
+    for directory in (gone, running, *not_ours):
+        directory.mkdir()
+    a_file = tmp_path / f"{METRICS_DIRECTORY_PREFIX}999999998-e"
+    a_file.write_text("not a directory")
+
+    new = Path(workers_module._new_metrics_directory())
+
+    assert not gone.exists()
+    assert running.is_dir() and all(directory.is_dir() for directory in not_ours) and a_file.is_file()
+    assert new.parent == tmp_path and new.name.startswith(f"{METRICS_DIRECTORY_PREFIX}{os.getpid()}-")
+
+    # Another user's directory stays, even when its supervisor is gone.
+    gone.mkdir()
+    real_uid = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: real_uid + 1)
+    workers_module._new_metrics_directory()
+    assert gone.is_dir()
 
 
 def test_only_the_supervisor_notifies_systemd(tmp_path):

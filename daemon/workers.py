@@ -10,7 +10,8 @@ handing work to each other; several processes spread that over the cores (bench/
   socket; the kernel gives each new connection to one of them.
 - The supervisor alone talks to systemd: READY=1 once every worker serves, WATCHDOG=1 from its
   scheduler, STOPPING=1. It alone randomizes: one scheduler per daemon, as with one process.
-- /metrics, from whichever worker answers, sums every process's figures (daemon/metrics.py).
+- /metrics, from whichever worker answers, sums every process's figures (daemon/metrics.py),
+  kept in a temporary directory the supervisor removes, or the next one if it was killed.
 - SIGTERM or SIGINT: each worker drains as a single process does; the supervisor passes the
   signal on, waits for them, stops its scheduler and exits 0.
 - A worker that ends on its own takes the daemon down (the others drain, exit status 1):
@@ -21,8 +22,10 @@ handing work to each other; several processes spread that over the cores (bench/
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
+import re
 import select
 import shutil
 import signal
@@ -58,6 +61,7 @@ WORKER_STOP_SECONDS = DRAIN_SECONDS + 2.0
 ORPHAN_CHECK_SECONDS = 1.0
 # The workers' shared metrics live in <temporary directory>/<prefix><supervisor pid>-<random>.
 METRICS_DIRECTORY_PREFIX = "maxtwo-metrics-"
+_METRICS_DIRECTORY_NAME = re.compile(re.escape(METRICS_DIRECTORY_PREFIX) + r"([0-9]{1,7})-.+")  # pid_max <= 2**22
 
 
 class WorkerError(MaxtwoError):
@@ -72,7 +76,7 @@ def supervise(settings: Settings) -> None:
     finally:
         engine.dispose()  # NOTE: no database connection may be shared through fork()
     listener = listen(settings)
-    metrics_directory = _new_metrics_directory()
+    metrics_directory, metrics_directory_lock = _new_metrics_directory()
     workers: dict[int, int] = {}  # pid -> worker number
     scheduler: RandomizeScheduler | None = None
     scheduler_engine = None
@@ -121,6 +125,7 @@ def supervise(settings: Settings) -> None:
         if scheduler_engine is not None:
             scheduler_engine.dispose()
         shutil.rmtree(metrics_directory, ignore_errors=True)
+        os.close(metrics_directory_lock)
     if failure is not None:
         raise WorkerError(failure)
     log.info("stopped")
@@ -161,14 +166,17 @@ def _work(
         os._exit(status)
 
 
-def _new_metrics_directory() -> str:
-    """A fresh directory for the workers' metrics, named after this supervisor, once those that
-    killed supervisors left behind are gone.
+def _new_metrics_directory() -> tuple[str, int]:
+    """A fresh directory for the workers' metrics, named after this supervisor, and a descriptor
+    holding its lock, once the directories that killed supervisors left behind are gone.
 
     NOTE: a supervisor removes its directory when it stops; one that was killed (SIGKILL, the
     OOM killer) cannot. Under systemd PrivateTmp= goes with the service; elsewhere each such
-    directory would stay in /tmp for good. Only this user's directories whose supervisor no
-    longer runs are removed (a reused pid keeps its directory until that process is gone too).
+    directory would stay in /tmp for good. The lock (flock(), inherited by the workers through
+    fork()) is what tells a directory in use: held until the supervisor and every worker it
+    forked have ended, whichever pid namespace they are in. Only this user's directories are
+    looked at, and only those whose supervisor pid does not run here either, so a directory
+    made a moment ago, not yet locked, is left alone.
     """
     parent = tempfile.gettempdir()
     entries: list[os.DirEntry[str]] = []
@@ -179,18 +187,28 @@ def _new_metrics_directory() -> str:
             if _left_by_a_killed_supervisor(entry):
                 log.info("removing the metrics directory of a supervisor that was killed: %s", entry.path)
                 shutil.rmtree(entry.path, ignore_errors=True)
-    return tempfile.mkdtemp(prefix=f"{METRICS_DIRECTORY_PREFIX}{os.getpid()}-", dir=parent)
+    directory = tempfile.mkdtemp(prefix=f"{METRICS_DIRECTORY_PREFIX}{os.getpid()}-", dir=parent)
+    lock = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    with contextlib.suppress(OSError):  # a file system without flock(): the pid check remains
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    return directory, lock
 
 
 def _left_by_a_killed_supervisor(entry: os.DirEntry[str]) -> bool:
-    pid = entry.name.removeprefix(METRICS_DIRECTORY_PREFIX).partition("-")[0]
-    return (
-        entry.name.startswith(METRICS_DIRECTORY_PREFIX)
-        and pid.isdigit()
-        and entry.is_dir(follow_symlinks=False)
-        and entry.stat(follow_symlinks=False).st_uid == os.getuid()
-        and not _running(int(pid))
-    )
+    name = _METRICS_DIRECTORY_NAME.fullmatch(entry.name)
+    if (
+        name is None
+        or not entry.is_dir(follow_symlinks=False)
+        or entry.stat(follow_symlinks=False).st_uid != os.geteuid()
+        or _running(int(name[1]))
+    ):
+        return False
+    descriptor = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError (EWOULDBLOCK): in use
+    finally:
+        os.close(descriptor)  # releases the lock taken just now
+    return True
 
 
 def _running(pid: int) -> bool:
@@ -198,8 +216,8 @@ def _running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:  # another user's process: running all the same
+        pass
     return True
 
 

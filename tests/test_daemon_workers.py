@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from daemon import workers as workers_module
 from daemon.workers import METRICS_DIRECTORY_PREFIX
@@ -156,32 +158,57 @@ def test_workers_stop_when_their_supervisor_is_killed_and_the_next_daemon_cleans
         # ... the next daemon does, and makes its own.
         [own] = _metrics_directories(tmp)
         assert own.startswith(f"{METRICS_DIRECTORY_PREFIX}{second.process.pid}-")
+        # Locked while the daemon runs, whatever the pid in its name says to another namespace.
+        probe = os.open(tmp / own, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(probe)
         assert second.terminate() == 0
     assert _metrics_directories(tmp) == []
 
 
-def test_only_directories_of_this_users_supervisors_that_are_gone_are_removed(tmp_path, monkeypatch):
+def test_only_unlocked_directories_of_this_users_supervisors_that_are_gone_are_removed(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    gone = tmp_path / f"{METRICS_DIRECTORY_PREFIX}999999999-a"  # above any pid_max: not running
+    gone = tmp_path / f"{METRICS_DIRECTORY_PREFIX}4194305-a"  # above the largest pid_max: not running
     running = tmp_path / f"{METRICS_DIRECTORY_PREFIX}{os.getpid()}-b"
-    not_ours = [tmp_path / f"{METRICS_DIRECTORY_PREFIX}x-c", tmp_path / "maxtwo-metricsd"]
-    for directory in (gone, running, *not_ours):
+    in_use = tmp_path / f"{METRICS_DIRECTORY_PREFIX}4194306-c"  # e.g. a supervisor in another pid namespace
+    not_ours = [
+        tmp_path / f"{METRICS_DIRECTORY_PREFIX}x-d",
+        tmp_path / f"{METRICS_DIRECTORY_PREFIX}\u00b2-e",  # a digit to str.isdigit(), not to int()
+        tmp_path / f"{METRICS_DIRECTORY_PREFIX}99999999999-f",  # beyond os.kill()'s range
+        tmp_path / "maxtwo-metricsg",
+    ]
+    for directory in (gone, running, in_use, *not_ours):
         directory.mkdir()
-    a_file = tmp_path / f"{METRICS_DIRECTORY_PREFIX}999999998-e"
+    a_file = tmp_path / f"{METRICS_DIRECTORY_PREFIX}4194307-h"
     a_file.write_text("not a directory")
-
-    new = Path(workers_module._new_metrics_directory())
+    a_link = tmp_path / f"{METRICS_DIRECTORY_PREFIX}4194308-i"
+    a_link.symlink_to(running)
+    holder = os.open(in_use, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        new, lock = workers_module._new_metrics_directory()
+        os.close(lock)
+        assert in_use.is_dir()
+    finally:
+        os.close(holder)
 
     assert not gone.exists()
-    assert running.is_dir() and all(directory.is_dir() for directory in not_ours) and a_file.is_file()
-    assert new.parent == tmp_path and new.name.startswith(f"{METRICS_DIRECTORY_PREFIX}{os.getpid()}-")
+    assert running.is_dir() and all(directory.is_dir() for directory in not_ours)
+    assert a_file.is_file() and a_link.is_symlink()
+    assert Path(new).parent == tmp_path and Path(new).name.startswith(f"{METRICS_DIRECTORY_PREFIX}{os.getpid()}-")
 
-    # Another user's directory stays, even when its supervisor is gone.
-    gone.mkdir()
-    real_uid = os.getuid()
-    monkeypatch.setattr(os, "getuid", lambda: real_uid + 1)
-    workers_module._new_metrics_directory()
-    assert gone.is_dir()
+    # Unlocked now, and another user's: left alone all the same.
+    euid = os.geteuid()
+    monkeypatch.setattr(os, "geteuid", lambda: euid + 1)
+    os.close(workers_module._new_metrics_directory()[1])
+    assert in_use.is_dir()
+    monkeypatch.undo()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    os.close(workers_module._new_metrics_directory()[1])
+    assert not in_use.exists()
 
 
 def test_only_the_supervisor_notifies_systemd(tmp_path):

@@ -6,7 +6,9 @@
 - Randomizing: one `UPDATE users SET points = floor(random()*101), updated_at = now()` on a
   default table (a plain CREATE TABLE: no fillfactor, no CHECK; on SQLite SQLAlchemy's default
   DateTime storage, ISO-8601 text) - the best published approach.
-- The floor (PostgreSQL): maxtwo's own table and UPDATE, but UNLOGGED, so no WAL at all.
+- The floor: what the update of every row costs at the least. PostgreSQL: maxtwo's own table and
+  UPDATE, but UNLOGGED, so no WAL at all. SQLite (which has no unlogged tables): maxtwo's own
+  table and durable transaction, every user given the same constant points, so no random().
 """
 
 from __future__ import annotations
@@ -123,6 +125,17 @@ def create_unlogged_copy(engine: Engine, rows: int) -> None:
         conn.exec_driver_sql("ALTER TABLE users SET UNLOGGED")
     seed_users(engine, rows)
     vacuum_analyze(engine)
+
+
+_CONSTANT_POINTS = 50
+
+
+def constant_update(engine: Engine) -> int:
+    """The SQLite floor: maxtwo's update of every row, a constant in place of random() (its state
+    row, one more row in the same transaction, left out)."""
+    with engine.begin() as conn:
+        return conn.execute(schema.users.update().values(
+            points=_CONSTANT_POINTS, updated_at=dt.datetime.now(dt.UTC))).rowcount
 
 
 def is_logged(engine: Engine) -> bool:

@@ -25,27 +25,31 @@ def plot_seed_randomize(results: dict, path: Path) -> bool:
         ("seed", f"Seed {results['parameters']['rows']:,} users",
          [(seed.OURS, "ours"), (seed.BASELINE, "baseline")]),
         ("randomize", f"Randomize {results['parameters']['rows']:,} users",
-         [(randomize.OURS, "ours"), (randomize.NAIVE, "baseline"), (randomize.UNLOGGED, "floor")]),
+         [(randomize.OURS, "ours"), (randomize.NAIVE, "baseline"), (randomize.FLOORS, "floor")]),
     ]
     if not any(_ok(results, section, database) for section, _, _ in panels for database in DATABASES):
         return False
     figure, axes = plt.subplots(1, 2, figsize=(12, 5))
     for axis, (section, title, contenders) in zip(axes, panels):
         width = 0.8 / len(contenders)
-        for index, (contender, color) in enumerate(contenders):
+        for index, (names, color) in enumerate(contenders):
+            # A tuple: one bar per database, whichever of these contenders it ran (the floors).
+            names = names if isinstance(names, tuple) else (names,)
             xs, heights = [], []
             for position, database in enumerate(DATABASES):
-                median = (_ok(results, section, database) or {}).get("contenders", {}).get(contender, {}).get("median")
-                if median is not None:
-                    xs.append(position + (index - (len(contenders) - 1) / 2) * width)
-                    heights.append(median)
-            bars = axis.bar(xs, heights, width, label=contender, color=COLORS[color])
+                measured = (_ok(results, section, database) or {}).get("contenders", {})
+                for name in names:
+                    if measured.get(name, {}).get("median") is not None:
+                        xs.append(position + (index - (len(contenders) - 1) / 2) * width)
+                        heights.append(measured[name]["median"])
+            label = randomize.FLOOR_LABEL if len(names) > 1 else names[0]
+            bars = axis.bar(xs, heights, width, label=label, color=COLORS[color])
             axis.bar_label(bars, labels=[_seconds(height) for height in heights], fontsize=8, padding=2)
         axis.set_xticks(range(len(DATABASES)), DATABASES)
         axis.set_ylabel(f"seconds (median of {results['parameters']['runs']} runs; lower is better)")
         axis.set_title(title)
-        axis.legend(fontsize=8)
-        axis.margins(y=0.15)
+        axis.legend(fontsize=8, loc="upper left")
+        axis.margins(y=0.3)  # room for the legend above the bars
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

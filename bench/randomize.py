@@ -48,18 +48,19 @@ def run(target, rows: int, runs: int) -> dict:
             vacuum_analyze(ours_engine)
             unlogged_engine = stack.enter_context(target.fresh_engine("randomize_unlogged"))
             create_unlogged_copy(unlogged_engine, rows)
-            contenders[UNLOGGED] = lambda: _timed(lambda: randomize_points(unlogged_engine))
+            floor = UNLOGGED
+            contenders[floor] = lambda: _timed(lambda: randomize_points(unlogged_engine))
             logged = is_logged(ours_engine)
         else:
             constant_engine = stack.enter_context(target.fresh_engine("randomize_constant"))
             ensure_schema(constant_engine)
             seed_users(constant_engine, rows)
-            contenders[CONSTANT] = lambda: _timed(lambda: constant_update(constant_engine))
+            floor = CONSTANT
+            contenders[floor] = lambda: _timed(lambda: constant_update(constant_engine))
         rounds = run_in_rounds(contenders, runs)
 
     summaries = {name: timing_summary(result) for name, result in rounds.items()}
     ours = summaries[OURS]["median"]
-    floor = UNLOGGED if target.is_postgres else CONSTANT
     result = {
         "rows": rows,
         "contenders": summaries,

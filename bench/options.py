@@ -32,6 +32,8 @@ DEFAULTS = {
     # NOTE: long enough that 1 s windows fall outside a 1M-user PostgreSQL randomization, which
     # under load took 2-4 s on this machine (at 5 s, one run had no window outside at all).
     "span_interval": 10.0,
+    # The time a randomization must fit in: the daemon's interval.
+    "scale_budget": 60.0,
 }
 # NOTE: the span interval is 2 s, not 1 s, even at tiny scale: wrk only takes whole seconds,
 # so its windows last 1 s and an interval of 1 s would leave no window outside a randomization.
@@ -42,6 +44,8 @@ TINY = {
     "load_runs": 3,
     "runs": 3,
     "span_interval": 2.0,
+    # NOTE: small enough that the search for the largest table within it runs on tiny tables.
+    "scale_budget": 0.1,
 }
 
 
@@ -54,6 +58,7 @@ class BenchOptions:
     runs: int
     connections: tuple[int, ...]
     span_interval: float
+    scale_budget: float
     out: Path
     postgres_url: str | None = dataclasses.field(repr=False)  # APPSEC: may hold a password
     tiny: bool
@@ -69,6 +74,7 @@ class BenchOptions:
             "warmup_runs": 1,
             "connections": list(self.connections),
             "span_interval": self.span_interval,
+            "scale_budget": self.scale_budget,
             "tiny": self.tiny,
             "threads": SERVE_THREADS,
             "postgres": "given URL" if self.postgres_url else "throwaway server started by the harness",
@@ -96,13 +102,16 @@ def parse_options(argv: list[str]) -> BenchOptions:
                         help=f"wrk connection counts (default {DEFAULTS['connections']})")
     parser.add_argument("--span-interval", type=float, help="`maxtwo serve --interval` for the "
                         f"run spanning randomizations (default {DEFAULTS['span_interval']:g})")
+    parser.add_argument("--scale-budget", type=_positive_float, help="seconds a randomization must "
+                        "fit in: the scale benchmark searches for the largest table randomized within "
+                        f"them (default {DEFAULTS['scale_budget']:g}, the daemon's interval)")
     parser.add_argument("--postgres-url", help=f"an existing PostgreSQL server to use (default: "
                         f"${POSTGRES_URL_ENV}, else a throwaway server started and stopped here)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs",
                         help="directory for performance.md, bench-results.json and img/ "
                         "(default: the repository's docs/)")
     parser.add_argument("--tiny", action="store_true", help="the CI preset: 20k rows, scale "
-                        "20000,40000, 2 s load, 3 runs; explicit flags still win")
+                        "20000,40000 with a 0.1 s budget, 2 s load, 3 runs; explicit flags still win")
     args = parser.parse_args(argv)
 
     preset = {**DEFAULTS, **(TINY if args.tiny else {})}
@@ -122,6 +131,7 @@ def parse_options(argv: list[str]) -> BenchOptions:
         runs=pick("runs"),
         connections=pick("connections"),
         span_interval=pick("span_interval"),
+        scale_budget=pick("scale_budget"),
         out=args.out,
         postgres_url=args.postgres_url or os.environ.get(POSTGRES_URL_ENV) or None,
         tiny=args.tiny,
@@ -131,6 +141,13 @@ def parse_options(argv: list[str]) -> BenchOptions:
 def _positive_int(text: str) -> int:
     value = int(text.replace("_", ""))
     if value <= 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
         raise argparse.ArgumentTypeError("must be greater than 0")
     return value
 

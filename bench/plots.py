@@ -57,29 +57,46 @@ def plot_seed_randomize(results: dict, path: Path) -> bool:
 
 
 def plot_randomize_scale(results: dict, path: Path) -> bool:
-    """Seconds vs rows on PostgreSQL: every run, the medians and the linear fit."""
+    """Seconds vs rows on PostgreSQL: every run, the medians, the linear fit over the fixed sizes,
+    and the sizes measured by the search for the largest table within the interval."""
     scaling = _ok(results, "scale", "PostgreSQL")
     if not scaling or not scaling.get("points"):
         return False
     points = scaling["points"]
-    millions = [point["rows"] / 1e6 for point in points]
+    probes = (scaling.get("search") or {}).get("probes") or []
+    budget = scaling["interval_seconds"]
     figure, axis = plt.subplots(figsize=(8, 5))
-    for point in points:
+    for point in points + probes:
         axis.scatter([point["rows"] / 1e6] * len(point["randomize"]["runs"]), point["randomize"]["runs"],
                      color=COLORS["ours"], alpha=0.3, s=14)
-    axis.plot(millions, [point["randomize"]["median"] for point in points], "o", color=COLORS["ours"],
-              label="median of the runs")
+    axis.plot([point["rows"] / 1e6 for point in points], [point["randomize"]["median"] for point in points],
+              "o", color=COLORS["ours"], label="median of the runs, fixed sizes")
+    timed = [probe for probe in probes if probe["randomize"]["median"] is not None]
+    if timed:
+        axis.plot([probe["rows"] / 1e6 for probe in timed], [probe["randomize"]["median"] for probe in timed],
+                  "D", color=COLORS["hello"], label=f"median of the runs, sizes searched for the {budget:g} s limit")
+    untimed = [probe for probe in probes if probe["randomize"]["median"] is None]
+    if untimed:
+        axis.plot([probe["rows"] / 1e6 for probe in untimed], [probe["randomize"]["warmup"] for probe in untimed],
+                  "x", color=COLORS["hello"], label="warm-up only (over the limit)")
+    largest = max((point["rows"] for point in points + probes), default=0) / 1e6
     fit = scaling.get("fit")
     if fit:
-        span = [0, max(millions) * 1.05]
+        span = [0, largest * 1.05]
         slope, intercept = fit["seconds_per_million_rows"], fit["intercept_seconds"]
-        label = f"linear fit: {slope:.3f} s per million rows {'+' if intercept >= 0 else '-'} {abs(intercept):.3f} s"
+        label = (f"linear fit over the fixed sizes: {slope:.3f} s per million rows "
+                 f"{'+' if intercept >= 0 else '-'} {abs(intercept):.3f} s")
         axis.plot(span, [intercept + slope * x for x in span], "--", color=COLORS["baseline"], label=label)
-        if "extrapolated_rows_within_interval" in scaling:
-            axis.text(0.02, 0.85, f"60 s interval fits ~{scaling['extrapolated_rows_within_interval']:,} rows "
-                      "(extrapolated from the fit)", transform=axis.transAxes, fontsize=9)
-    if max(point["randomize"]["median"] for point in points) > scaling["interval_seconds"] / 2:
-        axis.axhline(scaling["interval_seconds"], color=COLORS["floor"], linestyle=":", label="the 60 s interval")
+    notes = []
+    if scaling.get("largest_measured_within_interval"):
+        notes.append(f"largest measured within {budget:g} s: {scaling['largest_measured_within_interval']:,} rows")
+    if "extrapolated_rows_within_interval" in scaling:
+        notes.append(f"extrapolated from the fit: ~{scaling['extrapolated_rows_within_interval']:,} rows")
+    if notes:
+        axis.text(0.02, 0.80, "\n".join(notes), transform=axis.transAxes, fontsize=9)
+    medians = [point["randomize"]["median"] or point["randomize"]["warmup"] for point in points + probes]
+    if max(medians) > budget / 2:
+        axis.axhline(budget, color=COLORS["floor"], linestyle=":", label=f"the {budget:g} s interval")
     axis.set_xlabel("users (millions)")
     axis.set_ylabel("randomize, seconds")
     axis.set_title("Randomize on PostgreSQL: one atomic, durable UPDATE of every user")

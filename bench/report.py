@@ -187,38 +187,78 @@ def _randomize(results: dict) -> str:
 
 
 def _scale(results: dict) -> str:
+    runs = results["parameters"]["runs"]
     lines = ["## 3. Randomize at scale (PostgreSQL)", "",
-             "Each size: a fresh schema seeded by the core (seed time: one run), then "
-             f"{results['parameters']['runs']} timed randomizations after a warm-up.", ""]
+             f"Each size: a fresh schema seeded by the core (seed time: one run), then {runs} timed "
+             "randomizations after a warm-up.", ""]
     result = (results.get("scale") or {}).get("PostgreSQL")
     if _failed(result):
         return "\n".join([*lines, _failure("PostgreSQL", result)])
+    budget = result["interval_seconds"]
     lines += ["| users | seed (one run) | randomize (median) | rows/s | runs |", "|---|---|---|---|---|"]
-    for point in result["points"]:
-        timing = point["randomize"]
-        lines.append(_row(f"{point['rows']:,}", [_s(point["seed_seconds"]), _s(timing["median"]),
-                                                  f"{point['rows_per_second']:,.0f}", _list_s(timing["runs"])]))
+    lines += [_scale_row(point) for point in result["points"]]
     lines.append("")
-    largest = result.get("largest_measured_within_interval")
-    lines.append(f"- Largest measured table randomized within the {result['interval_seconds']:.0f} s interval: "
-                 + (f"**{largest:,} users**." if largest else "none of the measured sizes."))
     if "fit" in result:
         fit = result["fit"]
         lines.append(f"- Linear fit over the medians: {fit['seconds_per_million_rows']:.3f} s per million users "
                      f"{'+' if fit['intercept_seconds'] >= 0 else '-'} {abs(fit['intercept_seconds']):.3f} s.")
     predictions = []
     if "extrapolated_rows_within_interval" in result:
-        predictions.append(f"about {result['extrapolated_rows_within_interval']:,} users fit in "
-                           f"{result['interval_seconds']:.0f} s")
+        predictions.append(f"about {result['extrapolated_rows_within_interval']:,} users fit in {budget:g} s")
     if "extrapolated_seconds_for_10m" in result:
         predictions.append(f"10M users take about {result['extrapolated_seconds_for_10m']:.2f} s")
     if predictions:
         lines.append(f"- **Extrapolated** from that fit, not measured: {' and '.join(predictions)}. An "
-                     "extrapolation assumes the table and its WAL stay within memory and I/O bandwidth; "
-                     "measure before relying on it.")
+                     "extrapolation assumes the table and its WAL stay within memory and I/O bandwidth; the "
+                     "search below measures how large a table fits.")
+    lines += ["", *_scale_search(result, budget)]
     if _plotted(results, RANDOMIZE_SCALE):
         lines += ["", f"![randomize seconds vs users on PostgreSQL](img/{RANDOMIZE_SCALE})"]
     return "\n".join(lines)
+
+
+def _scale_row(point: dict) -> str:
+    timing = point["randomize"]
+    if timing["median"] is None:
+        return _row(f"{point['rows']:,}", [_s(point["seed_seconds"]), f"over: warm-up {_s(timing['warmup'])}",
+                                           "n/a", "none (the warm-up was over the limit)"])
+    return _row(f"{point['rows']:,}", [_s(point["seed_seconds"]), _s(timing["median"]),
+                                       f"{point['rows_per_second']:,.0f}", _list_s(timing["runs"])])
+
+
+def _scale_search(result: dict, budget: float) -> list[str]:
+    """The measured answer to "how large a table still fits in the interval"."""
+    search = result.get("search") or {}
+    probes = search.get("probes") or []
+    lines = [f"### The largest table randomized within {budget:g} s", ""]
+    if "max_probes" in search:
+        lines += ["Measured, not extrapolated: sizes beyond the fixed ones, each seeded and timed like them "
+                  f"(a warm-up, then {search['probe_runs']} timed runs; none when the warm-up alone took over "
+                  f"{search['give_up_after_budgets']:g} times the {budget:g} s). The first is the fit's "
+                  "estimate; each next is where the last one puts the limit if time grows in proportion to "
+                  "rows, a little past it towards the side not measured yet. The search stops once the largest "
+                  "size that fit and the smallest that did not are within a factor of "
+                  f"{search['resolution']:g}, or after {search['max_probes']} sizes.", ""]
+    if probes:
+        lines += ["| users | seed (one run) | randomize (median) | rows/s | runs |", "|---|---|---|---|---|"]
+        lines += [_scale_row(point) for point in probes]
+        lines.append("")
+    largest = result.get("largest_measured_within_interval")
+    smallest_over = result.get("smallest_measured_over_interval")
+    measured = {point["rows"]: point["randomize"] for point in result["points"] + probes}
+    if largest is None:
+        lines.append(f"- None of the measured sizes was randomized within {budget:g} s.")
+    else:
+        lines.append(f"- Largest measured table randomized within {budget:g} s: **{largest:,} users** "
+                     f"(median {_s(measured[largest]['median'])}).")
+    if smallest_over is not None:
+        over = measured[smallest_over]
+        took = (f"median {_s(over['median'])}" if over["median"] is not None
+                else f"warm-up {_s(over['warmup'])}")
+        lines.append(f"- Smallest measured table over {budget:g} s: {smallest_over:,} users ({took}).")
+    elif largest is not None:
+        lines.append("- Every measured size fit: the search ran out of sizes before one did not.")
+    return lines
 
 
 def _load(results: dict) -> str:

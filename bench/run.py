@@ -70,9 +70,11 @@ def _run_benchmarks(targets: list, options: BenchOptions, work_dir: Path, result
     results["randomize"] = {target.name: attempt(
         f"randomize on {target.name}", lambda target=target: randomize.run(target, options.rows, options.runs))
         for target in targets}
-    say(f"3. randomize at scale on PostgreSQL: {', '.join(f'{rows:,}' for rows in options.scale_rows)} users")
+    say(f"3. randomize at scale on PostgreSQL: {', '.join(f'{rows:,}' for rows in options.scale_rows)} users, "
+        f"then the largest table randomized within {options.scale_budget:g} s")
     results["scale"] = {target.name: attempt(
-        "scale", lambda target=target: scale.run(target, options.scale_rows, options.runs))
+        "scale", lambda target=target: scale.run(target, options.scale_rows, options.runs,
+                                                 options.scale_budget))
         for target in postgres_only(targets)} or {"PostgreSQL": missing_postgres}
     say(f"4. GET / under load ({', '.join(map(str, options.connections))} connections, "
         f"{options.load_seconds} s per run)")

@@ -16,7 +16,8 @@ SEED_RANDOMIZE = "seed-randomize.png"
 RANDOMIZE_SCALE = "randomize-scale.png"
 LOAD = "load.png"
 DATABASES = ("SQLite", "PostgreSQL")
-COLORS = {"ours": "#1f77b4", "baseline": "#d62728", "floor": "#7f7f7f", "hello": "#ff7f0e"}
+COLORS = {"ours": "#1f77b4", "baseline": "#d62728", "floor": "#7f7f7f", "hello": "#ff7f0e",
+          "search": "#2ca02c"}
 
 
 def plot_seed_randomize(results: dict, path: Path) -> bool:
@@ -74,11 +75,11 @@ def plot_randomize_scale(results: dict, path: Path) -> bool:
     timed = [probe for probe in probes if probe["randomize"]["median"] is not None]
     if timed:
         axis.plot([probe["rows"] / 1e6 for probe in timed], [probe["randomize"]["median"] for probe in timed],
-                  "D", color=COLORS["hello"], label=f"median of the runs, sizes searched for the {budget:g} s limit")
+                  "D", color=COLORS["search"], label=f"median of the runs, sizes searched for the {budget:g} s limit")
     untimed = [probe for probe in probes if probe["randomize"]["median"] is None]
     if untimed:
         axis.plot([probe["rows"] / 1e6 for probe in untimed], [probe["randomize"]["warmup"] for probe in untimed],
-                  "x", color=COLORS["hello"], label="warm-up only (over the limit)")
+                  "x", color=COLORS["search"], label="warm-up only (over the limit)")
     largest = max((point["rows"] for point in points + probes), default=0) / 1e6
     fit = scaling.get("fit")
     if fit:
@@ -96,7 +97,7 @@ def plot_randomize_scale(results: dict, path: Path) -> bool:
         axis.text(0.02, 0.80, "\n".join(notes), transform=axis.transAxes, fontsize=9)
     medians = [point["randomize"]["median"] or point["randomize"]["warmup"] for point in points + probes]
     if max(medians) > budget / 2:
-        axis.axhline(budget, color=COLORS["floor"], linestyle=":", label=f"the {budget:g} s interval")
+        axis.axhline(budget, color=COLORS["floor"], linestyle=":", label=f"the {budget:g} s budget")
     axis.set_xlabel("users (millions)")
     axis.set_ylabel("randomize, seconds")
     axis.set_title("Randomize on PostgreSQL: one atomic, durable UPDATE of every user")

@@ -57,6 +57,9 @@ def _title(results: dict) -> str:
     parameters, machine = results["parameters"], results.get("machine") or {}
     tiny = ("\n\n> **A `--tiny` run (the CI preset).** Its figures only show that the harness works; "
             "goals stated for 1M or 10M users are not judged.") if parameters["tiny"] else ""
+    search = _nested(results, "scale", "PostgreSQL", "search") or {}
+    searched = (f"; table sizes searched beyond the fixed ones: {search['probe_runs']} runs"
+                if search.get("probes") else "")
     return f"""
 # Performance
 
@@ -64,7 +67,7 @@ Written by `{results['command']}` on {machine.get('date', 'an unknown date')}, i
 {results['runtime_seconds']:.0f} s, on the machine described [below](#machine) (commit
 {machine.get('commit') or 'unknown'}). Raw figures, every individual run included:
 [`bench-results.json`](bench-results.json). Every time is the median of {parameters['runs']} runs after
-one warm-up (GET /: {parameters.get('load_runs', parameters['runs'])} wrk rounds); every headline figure is a ratio against a baseline measured in the same run on the
+one warm-up (GET /: {parameters.get('load_runs', parameters['runs'])} wrk rounds{searched}); every headline figure is a ratio against a baseline measured in the same run on the
 same machine (see [Method](#method)).{tiny}
 """
 
@@ -200,7 +203,7 @@ def _scale(results: dict) -> str:
     lines.append("")
     if "fit" in result:
         fit = result["fit"]
-        lines.append(f"- Linear fit over the medians: {fit['seconds_per_million_rows']:.3f} s per million users "
+        lines.append(f"- Linear fit over the fixed sizes' medians: {fit['seconds_per_million_rows']:.3f} s per million users "
                      f"{'+' if fit['intercept_seconds'] >= 0 else '-'} {abs(fit['intercept_seconds']):.3f} s.")
     predictions = []
     if "extrapolated_rows_within_interval" in result:
@@ -234,15 +237,23 @@ def _scale_search(result: dict, budget: float) -> list[str]:
     if "max_probes" in search:
         lines += ["Measured, not extrapolated: sizes beyond the fixed ones, each seeded and timed like them "
                   f"(a warm-up, then {search['probe_runs']} timed runs; none when the warm-up alone took over "
-                  f"{search['give_up_after_budgets']:g} times the {budget:g} s). The first is the fit's "
-                  "estimate; each next is where the last one puts the limit if time grows in proportion to "
-                  "rows, a little past it towards the side not measured yet. The search stops once the largest "
-                  "size that fit and the smallest that did not are within a factor of "
+                  f"{search['give_up_after_budgets']:g} times the {budget:g} s). The first is where the fit "
+                  "puts the limit; each next is where the last measurement puts it if time grows in "
+                  f"proportion to rows, moved {search['margin']:g}x past it towards the side not measured "
+                  "yet. Every size is rounded down to two significant digits and kept between the largest "
+                  f"size that fit and the smallest that did not, and at most {search['growth']:g}x the size "
+                  "it starts from. The search stops once those two are within a factor of "
                   f"{search['resolution']:g}, or after {search['max_probes']} sizes.", ""]
     if probes:
         lines += ["| users | seed (one run) | randomize (median) | rows/s | runs |", "|---|---|---|---|---|"]
         lines += [_scale_row(point) for point in probes]
         lines.append("")
+    elif "error" not in search:
+        lines += ["No size was searched: the fixed sizes already bracket the limit closely enough, or "
+                  "none of them fit.", ""]
+    if "error" in search:
+        failed = search["error"]
+        lines += [f"The search stopped when {failed['rows']:,} users failed: `{failed['error']}`.", ""]
     largest = result.get("largest_measured_within_interval")
     smallest_over = result.get("smallest_measured_over_interval")
     measured = {point["rows"]: point["randomize"] for point in result["points"] + probes}
@@ -257,7 +268,8 @@ def _scale_search(result: dict, budget: float) -> list[str]:
                 else f"warm-up {_s(over['warmup'])}")
         lines.append(f"- Smallest measured table over {budget:g} s: {smallest_over:,} users ({took}).")
     elif largest is not None:
-        lines.append("- Every measured size fit: the search ran out of sizes before one did not.")
+        lines.append(f"- Every measured size fit: the search stopped after {len(probes)} sizes, before one "
+                     "did not.")
     return lines
 
 
@@ -390,7 +402,8 @@ def _method(results: dict) -> str:
 ## Method
 
 - **Command**: `{results['command']}`; parameters: {parameters['rows']:,} users, scale sizes
-  {', '.join(f'{size:,}' for size in parameters['scale_rows'])}, {parameters['load_seconds']} s per wrk run,
+  {', '.join(f'{size:,}' for size in parameters['scale_rows'])} and a search for the largest table randomized
+  within {parameters.get('scale_budget', 60):g} s, {parameters['load_seconds']} s per wrk run,
   {parameters['runs']} runs after 1 warm-up ({parameters.get('load_runs', parameters['runs'])} wrk rounds for GET /),
   connections {', '.join(map(str, parameters['connections']))}.
 - **Runs**: each contender runs once as a warm-up (recorded, never counted), then the contenders take

@@ -7,19 +7,21 @@ from __future__ import annotations
 import statistics
 
 from bench.baselines import vacuum_analyze
-from bench.common import Rounds, Stopwatch, say, timing_summary
+from bench.common import Rounds, Stopwatch, attempt, say, timing_summary
 from bench.options import GOAL_SCALE_ROWS
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.schema import ensure_schema
 from maxtwo_cli.core.seed import seed_users
 
 INTERVAL_SECONDS = 60.0
-# The search for the largest table randomized within the budget (bench/NOTES.md). Each size is
-# where the last measurement puts the limit if time grows in proportion to rows (the first: the
-# fit's estimate), moved by MARGIN towards the side not yet measured so that the next size is
-# likely to close the gap, kept strictly between the largest size that fit and the smallest that
-# did not, and at most GROWTH times the size it starts from. The search stops after MAX_PROBES
-# sizes, or once those two are within RESOLUTION of each other.
+# The search for the largest table randomized within the budget (bench/NOTES.md). NOTE: each
+# size is placed where the last measurement puts the limit if time grows in proportion to rows
+# (the first: where the fit puts it), then moved by MARGIN past it, towards the side not measured
+# yet, so that the next measurement is likely to close the bracket instead of landing on the
+# limit itself, where noise decides. A size stays strictly between the largest size that fit and
+# the smallest that did not, and at most GROWTH times the size it starts from: a fit over small
+# tables can promise far more rows than the disk holds. The search stops after MAX_PROBES sizes
+# (each costs minutes near a 60 s budget), or once the bracket is narrower than RESOLUTION.
 MAX_PROBES = 3
 MARGIN = 1.1
 RESOLUTION = 1.25
@@ -75,14 +77,20 @@ def search_limit(target, points: list[dict], runs: int, budget: float, estimate:
     fits, over = _split(points, budget)
     probes: list[dict] = []
     search = {"budget_seconds": budget, "estimate": estimate, "max_probes": MAX_PROBES,
-              "probe_runs": min(runs, PROBE_RUNS), "resolution": RESOLUTION,
-              "give_up_after_budgets": GIVE_UP_AFTER_BUDGETS, "probes": probes}
+              "probe_runs": min(runs, PROBE_RUNS), "margin": MARGIN, "resolution": RESOLUTION,
+              "growth": GROWTH, "give_up_after_budgets": GIVE_UP_AFTER_BUDGETS, "probes": probes}
     if not fits:
         return search  # nothing fits: nothing to search up from
     low, high = max(fits), min(over) if over else None
     rows = _next_size(low, high, estimate or low * MARGIN * MARGIN, low)
     while rows is not None and len(probes) < MAX_PROBES:
-        probe = _measure(target, rows, search["probe_runs"], give_up_after=budget * GIVE_UP_AFTER_BUDGETS)
+        # NOTE: a size that fails (a disk too small for it) ends the search, not the benchmark:
+        # the fixed sizes and the sizes measured so far stay in the results.
+        probe = attempt(f"scale {rows:,} on {target.name}", lambda rows=rows: _measure(
+            target, rows, search["probe_runs"], give_up_after=budget * GIVE_UP_AFTER_BUDGETS))
+        if "error" in probe:
+            search["error"] = {"rows": rows, **probe}
+            break
         probes.append(probe)
         timing = probe["randomize"]
         seconds = timing["median"] if timing["median"] is not None else timing["warmup"]
@@ -90,15 +98,16 @@ def search_limit(target, points: list[dict], runs: int, budget: float, estimate:
             low, limit = rows, rows * budget / seconds * MARGIN
         else:
             high, limit = rows, rows * budget / seconds / MARGIN
-        if high is not None and high <= low * RESOLUTION:
-            break
         rows = _next_size(low, high, limit, rows)
     return search
 
 
 def _next_size(low: int, high: int | None, wanted: float, start: int) -> int | None:
     """`wanted` in two significant digits, at most GROWTH times `start` and strictly between the
-    largest size that fit and the smallest that did not; None when no such size is left."""
+    largest size that fit and the smallest that did not; None once those two are within
+    RESOLUTION, or when no such size is left."""
+    if high is not None and high <= low * RESOLUTION:
+        return None
     rows = _round_rows(int(min(wanted, start * GROWTH)))
     if rows <= low or (high is not None and rows >= high):
         rows = _round_rows(int((low * high) ** 0.5)) if high is not None else _round_rows(low * 2)

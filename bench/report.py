@@ -235,14 +235,13 @@ def _scale_search(result: dict, budget: float) -> list[str]:
     probes = search.get("probes") or []
     lines = [f"### The largest table randomized within {budget:g} s", ""]
     if "max_probes" in search:
-        # NOTE: results written by f4213fd hold no margin and growth; it used 1.1 and 8.
         lines += ["Measured, not extrapolated: sizes beyond the fixed ones, each seeded and timed like them "
                   f"(a warm-up, then {search['probe_runs']} timed runs; none when the warm-up alone took over "
                   f"{search['give_up_after_budgets']:g} times the {budget:g} s). The first is where the fit "
                   "puts the limit; each next is where the last measurement puts it if time grows in "
-                  f"proportion to rows, moved {search.get('margin', 1.1):g}x past it towards the side not measured "
+                  f"proportion to rows, moved {search['margin']:g}x past it towards the side not measured "
                   "yet. Every size is rounded down to two significant digits and kept between the largest "
-                  f"size that fit and the smallest that did not, and at most {search.get('growth', 8):g}x the size "
+                  f"size that fit and the smallest that did not, and at most {search['growth']:g}x the size "
                   "it starts from. The search stops once those two are within a factor of "
                   f"{search['resolution']:g}, or after {search['max_probes']} sizes.", ""]
     if probes:

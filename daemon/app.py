@@ -11,17 +11,21 @@ from typing import Any
 import falcon
 from sqlalchemy.engine import Engine
 
-from daemon import querylane
+from daemon.batcher import Batcher, QueryKind
 from daemon.metrics import Metrics
 from daemon.resources import HealthResource, MetricsResource, OpenApiResource, QueryResource
-from maxtwo_cli.core.combiner import QueryCombiner
 from maxtwo_cli.core.errors import MaxtwoError
-from maxtwo_cli.core.query import AnswerCache
 from maxtwo_cli.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 5
+
+# WSGI environ entries a server may set for a request it fetched the answer of ahead (the
+# daemon's query lane, daemon/transport.py): GET /'s answer (or the error to answer with), and
+# the time.perf_counter() at which the request arrived, so its latency counts the wait.
+PREFETCHED_ANSWER = "maxtwo.prefetched_answer"
+ARRIVED_AT = "maxtwo.arrived_at"
 
 
 def create_app(
@@ -29,16 +33,16 @@ def create_app(
     engine: Engine,
     *,
     metrics: Metrics | None = None,
-    combiner: QueryCombiner | None = None,
+    batcher: Batcher | None = None,
 ) -> falcon.App:
     """The API: GET /, /healthz, /metrics, /openapi.json; JSON errors everywhere.
 
-    `combiner`: the one GET / queries through (by default, query_combiner()'s); its owner
-    closes it at shutdown."""
+    `batcher`: the one GET / writes through (by default, new_batcher()'s); its owner closes it
+    at shutdown."""
     metrics = metrics or Metrics()
     app = falcon.App(middleware=[RequestMetrics(metrics)])
-    combiner = combiner or query_combiner(settings, engine, metrics)
-    app.add_route("/", QueryResource(combiner, metrics))
+    batcher = batcher or new_batcher(settings, engine, metrics)
+    app.add_route("/", QueryResource(batcher, metrics, PREFETCHED_ANSWER))
     app.add_route("/healthz", HealthResource(engine))
     app.add_route("/metrics", MetricsResource(metrics))
     app.add_route("/openapi.json", OpenApiResource())
@@ -48,15 +52,26 @@ def create_app(
     return app
 
 
-def query_combiner(settings: Settings, engine: Engine, metrics: Metrics) -> QueryCombiner:
-    return QueryCombiner(
+def new_batcher(settings: Settings, engine: Engine, metrics: Metrics) -> Batcher:
+    """The group commit for every write the API makes."""
+
+    def observe(kind: str, count: int) -> None:
+        if kind == QueryKind.name:
+            metrics.query_batch_size.observe(count)
+
+    return Batcher(
         engine,
-        AnswerCache(),
+        [QueryKind()],
         # Room for the batch running when a request comes and its own, each bounded by the
         # database timeouts; it ends a wait that nothing else would (a server gone silent).
-        max_wait=settings.connect_timeout + 2 * settings.statement_timeout,
-        on_batch=metrics.query_batch_size.observe,
+        max_wait=batch_timeout(settings),
+        on_batch=observe,
     )
+
+
+def batch_timeout(settings: Settings) -> float:
+    """The longest a healthy batch can take: connecting, then its statements, each bounded."""
+    return settings.connect_timeout + 2 * settings.statement_timeout
 
 
 class RequestMetrics:
@@ -71,8 +86,8 @@ class RequestMetrics:
         self._timers: dict[str, Any] = {}
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        arrived = querylane.arrived_at()  # a GET / waits for its batch before the app sees it
-        req.context.started = arrived if arrived is not None else time.perf_counter()
+        # A GET / from the query lane waited for its batch before the app saw it.
+        req.context.started = req.env.get(ARRIVED_AT) or time.perf_counter()
 
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool

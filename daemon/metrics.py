@@ -1,33 +1,15 @@
 """The daemon's Prometheus metrics, in a registry of its own (one per app, so tests and
-several apps in one process never collide in the global registry).
-
-With several serving processes (`serve --workers`), every process keeps its figures in files
-of a directory they share (prometheus_client's multiprocess mode), and whichever worker answers
-/metrics reports the sum over all of them, the supervisor's randomizations included.
-"""
+several apps in one process never collide in the global registry). Each daemon reports its own;
+Prometheus sums over instances."""
 
 from __future__ import annotations
 
-import os
-
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
-
-
-def share_between_processes(directory: str) -> None:
-    """From now on, in this process and in processes forked from it, every new metric keeps its
-    value in a file under `directory` (one file per process and kind)."""
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-    # NOTE: prometheus_client picks the value class from that variable once, at import, which
-    # the daemon's own imports have done long before; its own tests switch it the same way.
-    # The multi-worker tests read /metrics, so a change there fails a test, not production.
-    values.ValueClass = values.MultiProcessValue()
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
-    def __init__(self, shared_directory: str | None = None) -> None:
-        """`shared_directory`: the one given to share_between_processes(), if it was called."""
-        self._shared_directory = shared_directory
+    def __init__(self) -> None:
         # NOTE: the *_created series double the output and nobody here graphs them.
         prometheus_client.disable_created_metrics()
         self.registry = CollectorRegistry()
@@ -60,7 +42,6 @@ class Metrics:
             "maxtwo_randomize_last_success_timestamp_seconds",
             "Unix time of the last successful randomization this process performed.",
             registry=self.registry,
-            multiprocess_mode="max",
         )
         self.randomize_failures = Counter(
             "maxtwo_randomize_failures_total",
@@ -78,16 +59,10 @@ class Metrics:
             "maxtwo_epoch",
             "The current randomization epoch, as last seen by this process.",
             registry=self.registry,
-            multiprocess_mode="max",
         )
         for reason in ("overlap", "elsewhere"):
             self.randomize_skipped.labels(reason=reason)
 
     def exposition(self) -> bytes:
-        """The Prometheus text format of every metric: this process's, or with several
-        processes, the sum over all of them."""
-        if self._shared_directory is None:
-            return prometheus_client.generate_latest(self.registry)
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=self._shared_directory)
-        return prometheus_client.generate_latest(registry)
+        """The Prometheus text format of every metric."""
+        return prometheus_client.generate_latest(self.registry)

@@ -201,16 +201,6 @@ def serve(
             help="Request threads, for every route but GET / (one thread answers those in batches).",
         ),
     ] = DEFAULT_THREADS,
-    workers: Annotated[
-        int,
-        typer.Option(
-            "--workers",
-            envvar="MAXTWO_WORKERS",
-            min=1,
-            help="Serving processes sharing the port, each with --threads threads (more than 1: "
-            "a supervisor process runs the randomizer and watches them).",
-        ),
-    ] = 1,
     interval: Annotated[
         float,
         typer.Option(
@@ -240,7 +230,6 @@ def serve(
         host=host,
         port=port,
         threads=threads,
-        workers=workers,
         interval=interval,
         seed_count=seed_count,
     )

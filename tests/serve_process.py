@@ -51,7 +51,7 @@ class ServeProcess:
     def start(self, log_path: Path, wait: bool = True) -> ServeProcess:
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        # A session of its own: stop() can kill every process it started (serve --workers forks).
+        # A session of its own: stop() can kill whatever it started.
         self.process = subprocess.Popen(
             self._args, env=self._env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )

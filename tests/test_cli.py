@@ -199,5 +199,5 @@ def test_serve_defaults_are_the_settings_defaults():
 
     defaults = Settings(database_url="sqlite:///unused.db")
     parameters = inspect.signature(serve).parameters
-    for name in ("host", "port", "threads", "workers", "interval", "seed_count"):
+    for name in ("host", "port", "threads", "interval", "seed_count"):
         assert parameters[name].default == getattr(defaults, name), name

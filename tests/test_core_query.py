@@ -13,7 +13,8 @@ import sqlalchemy as sa
 
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.errors import DatabaseUnavailableError
-from maxtwo_cli.core.query import AnswerCache, BatchRunner, QueryResult, User, query_users
+from maxtwo_cli.core.batch import HeldConnection
+from maxtwo_cli.core.query import AnswerCache, QueryResult, User, query_users, run_query_batch
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.schema import users
 from maxtwo_cli.core.seed import seed_users
@@ -106,9 +107,9 @@ def test_the_state_row_keeps_what_the_last_query_got(seeded):
 
 
 def test_an_answered_batch_is_committed_and_holds_no_lock(seeded):
-    runner = BatchRunner(seeded)  # holds its connection from batch to batch, as the committer does
+    runner = HeldConnection(seeded)  # holds its connection from batch to batch, as the batcher does
     try:
-        results = runner.run(3)
+        results = run_query_batch(runner, 3)
         # Another connection, refusing to wait: the batch's transaction must be over.
         if seeded.dialect.name == "sqlite":
             other = sqlite3.connect(seeded.url.database, timeout=0, isolation_level=None)
@@ -231,17 +232,17 @@ def test_a_query_that_waits_too_long_for_a_lock_says_so_and_the_next_one_works(d
     schema.ensure_schema(engine)
     seed_users(engine, 100)
     holder = db.create_engine(Settings(database_url=database_url))
-    runner = BatchRunner(engine)
+    runner = HeldConnection(engine)
     with holder.begin() as conn:  # the lock a query needs, held past its timeout
         conn.execute(schema.query_state.update().values(last_query_at=None))
         with pytest.raises(DatabaseUnavailableError) as failed:
-            runner.run(1)
+            run_query_batch(runner, 1)
     assert ("stayed locked" if database_url.startswith("sqlite") else "did not answer in time") \
         in str(failed.value)
     if database_url.startswith("postgresql"):
         with engine.connect() as conn:  # the pool got back the connection as it lent it out
             assert conn.connection.driver_connection.autocommit is False
-    assert runner.run(1)[0].previous is None
+    assert run_query_batch(runner, 1)[0].previous is None
     runner.release()
     engine.dispose()
     holder.dispose()

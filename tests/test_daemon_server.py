@@ -1,43 +1,27 @@
-"""Unit checks of the waitress adjustments in daemon/server.py and daemon/eventloop.py."""
+"""daemon/server.py: the process around the app, in-process: listening, the watchdog that
+watches the serving loop and the batcher, signals, and the exit paths."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import threading
+import time
+from collections.abc import Iterator
 
 import pytest
-from waitress.adjustments import Adjustments
 
-from daemon.eventloop import QuietChannel
-from daemon.server import BindError, bind
+from daemon import server as server_module
+from daemon.batcher import QueryKind
+from daemon.metrics import Metrics
+from daemon.server import BindError, StopRequest, listen, serve, serve_requests
+from daemon.transport import QuietChannel
 from maxtwo_cli.core.settings import Settings
+from tests.helpers import notify_socket
 
-
-def channel(*, requests: int, outbuf: int, will_close: bool = False) -> QuietChannel:
-    # NOTE: only the attributes writable() reads; no socket is needed to decide.
-    instance = object.__new__(QuietChannel)
-    instance.adj = Adjustments()
-    instance.requests = [object()] * requests
-    instance.total_outbufs_len = outbuf
-    instance.will_close = will_close
-    instance.close_when_flushed = False
-    return instance
-
-
-def test_no_poll_for_writing_while_the_worker_writes_its_own_response():
-    assert not channel(requests=1, outbuf=120).writable()
-
-
-def test_poll_for_writing_once_the_request_is_done():
-    assert channel(requests=0, outbuf=120).writable()
-
-
-def test_a_huge_response_is_still_drained_by_the_main_loop():
-    assert channel(requests=1, outbuf=Adjustments().outbuf_high_watermark).writable()
-
-
-def test_a_channel_told_to_close_still_closes():
-    assert channel(requests=1, outbuf=0, will_close=True).writable()
-    assert not channel(requests=0, outbuf=0).writable()
+# systemd's WatchdogSec= in microseconds: pings every 0.2 s (half of it).
+WATCHDOG_USEC = "400000"
 
 
 def test_a_host_with_several_addresses_is_refused_in_one_line(monkeypatch):
@@ -50,9 +34,157 @@ def test_a_host_with_several_addresses_is_refused_in_one_line(monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
     with pytest.raises(BindError, match="several addresses"):
-        bind(lambda environ, start_response: [], Settings(database_url="sqlite:///x.db", host="dual.example", port=0))
+        listen(Settings(database_url="sqlite:///x.db", host="dual.example", port=0))
 
 
 def test_a_host_that_is_no_address_is_a_bind_error():
     with pytest.raises(BindError):
-        bind(lambda environ, start_response: [], Settings(database_url="sqlite:///x.db", host="no such host..", port=0))
+        listen(Settings(database_url="sqlite:///x.db", host="no such host..", port=0))
+
+
+def test_a_signal_only_records_itself():
+    stop = StopRequest()
+    assert not stop.requested()
+    stop(signal.SIGTERM, None)
+    assert stop.requested() and stop.signal == signal.SIGTERM
+
+
+class Pings:
+    """WATCHDOG=1 messages as they arrive on a stand-in for systemd's notification socket."""
+
+    def __init__(self, path) -> None:
+        self._listener = notify_socket(path)
+        self.times: list[float] = []
+        self.messages: list[str] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._done.is_set():
+            try:
+                message = self._listener.recv(4096).decode()
+            except TimeoutError:
+                continue
+            self.messages.append(message)
+            if message == "WATCHDOG=1":
+                self.times.append(time.monotonic())
+
+    def between(self, start: float, end: float) -> int:
+        return len([moment for moment in self.times if start <= moment <= end])
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(5)
+        self._listener.close()
+
+
+@pytest.fixture
+def watched(tmp_path, monkeypatch) -> Iterator[tuple[int, Pings]]:
+    """serve_requests() in a thread, on SQLite, under a watchdog with short timeouts."""
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+    monkeypatch.setenv("WATCHDOG_USEC", WATCHDOG_USEC)
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    monkeypatch.setattr(server_module, "LOOP_STALE_SECONDS", 1.0)
+    pings = Pings(tmp_path / "notify.sock")
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}", port=0, threads=4,
+                        connect_timeout=0.5, statement_timeout=0.5)
+    from maxtwo_cli.core import db, schema
+    from maxtwo_cli.core.seed import seed_users
+
+    engine = db.create_engine(settings)
+    schema.ensure_schema(engine)
+    seed_users(engine, 10)
+    engine.dispose()
+    listener = listen(settings)
+    stop = threading.Event()
+    serving = threading.Thread(target=serve_requests, args=(settings, listener, Metrics(), stop.is_set), daemon=True)
+    serving.start()
+    try:
+        yield listener.getsockname()[1], pings
+    finally:
+        stop.set()
+        serving.join(30)
+        pings.close()
+        listener.close()
+
+
+def wait_for_pings(pings: Pings, count: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while len(pings.times) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(pings.times) >= count, pings.messages
+
+
+def test_the_watchdog_stops_when_the_serving_loop_freezes_and_resumes_after(watched, monkeypatch):
+    port, pings = watched
+    wait_for_pings(pings, 3)
+    frozen, thawed = threading.Event(), threading.Event()
+    real_read = QuietChannel.handle_read
+
+    def freezing_read(self):
+        frozen.set()
+        thawed.wait(30)  # the serving loop hangs here, as in a deadlock or an endless loop
+        real_read(self)
+
+    monkeypatch.setattr(QuietChannel, "handle_read", freezing_read)
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert frozen.wait(10)
+        time.sleep(1.5)  # past LOOP_STALE_SECONDS (1 s): from here on, no pings
+        quiet_from = time.monotonic()
+        time.sleep(1.5)  # 7 pings' worth
+        assert pings.between(quiet_from, time.monotonic()) == 0
+        thawed.set()
+        client.settimeout(10)
+        assert client.recv(100).startswith(b"HTTP/1.1 200")
+    before = len(pings.times)
+    wait_for_pings(pings, before + 3)  # the loop turns again: so do the pings
+
+
+def test_the_watchdog_stops_while_a_batch_runs_past_every_timeout(watched, monkeypatch):
+    port, pings = watched
+    wait_for_pings(pings, 3)
+    stuck, released = threading.Event(), threading.Event()
+    real_apply = QueryKind.apply
+
+    def stuck_apply(self, held, payloads):
+        stuck.set()
+        released.wait(30)  # a driver call that never returns (a frozen server, a lost packet)
+        return real_apply(self, held, payloads)
+
+    monkeypatch.setattr(QueryKind, "apply", stuck_apply)
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.settimeout(20)
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert stuck.wait(10)
+        # The caller gives up at its max_wait (1.5 s) with a 503; the serving loop goes on.
+        assert client.recv(100).startswith(b"HTTP/1.1 503")
+        # The batch limit: max_wait plus LOOP_STALE_SECONDS, 2.5 s from the batch's start.
+        time.sleep(2.0)
+        quiet_from = time.monotonic()
+        time.sleep(1.5)
+        assert pings.between(quiet_from, time.monotonic()) == 0
+        released.set()
+    before = len(pings.times)
+    wait_for_pings(pings, before + 3)
+
+
+def test_the_scheduler_stops_and_tz_is_left_alone_when_serving_fails(tmp_path, monkeypatch):
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+
+    def failing(settings, listener, metrics, stopping, *, on_ready, **_):
+        on_ready()  # the scheduler starts here
+        raise RuntimeError("the serving loop died")
+
+    monkeypatch.setattr(server_module, "serve_requests", failing)
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}", port=0, seed_count=10, interval=3600)
+    with pytest.raises(RuntimeError, match="died"):
+        serve(settings)
+    deadline = time.monotonic() + 10
+    while any(thread.name.startswith("maxtwo-scheduler") for thread in threading.enumerate()):
+        assert time.monotonic() < deadline, [thread.name for thread in threading.enumerate()]
+        time.sleep(0.05)
+    assert os.environ["TZ"] == "Europe/Berlin"
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)

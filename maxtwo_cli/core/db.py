@@ -8,10 +8,8 @@ differs lives next to the job that runs it (seed.py, randomize.py, query.py).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import math
-import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -263,58 +261,3 @@ def _first_line(error: BaseException | None) -> str:
     text = str(error or "unknown error").strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
-
-
-class SqliteWriterQueue:
-    """An exclusive flock() on `<database file>-writers`, held around a write transaction.
-
-    NOTE: processes that write the same SQLite file at once (several serving workers) would
-    otherwise meet in SQLite's busy handler, which retries after sleeping 1, 2, 5 ... 100 ms:
-    measured with two workers, a p90 of 430 ms. Queued on a file lock, each goes the moment the
-    other commits. A lock file of its own, never the database file: closing any descriptor of
-    the database would drop SQLite's own POSIX locks on it. Where the file cannot be opened
-    (a read-only directory), writers fall back to the busy handler, which is slower, not wrong.
-    A holder is one short transaction, itself bounded by the busy timeout; if its process dies,
-    the kernel releases the lock.
-
-    One per thread (each opens its own descriptor, so threads exclude each other too).
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        database = engine.url.database if not is_postgres(engine) else None
-        self._path = f"{database}-writers" if database and database != ":memory:" else None
-        self._descriptor: int | None = None
-
-    def __enter__(self) -> None:
-        if self._descriptor is None and self._path is not None:
-            self._descriptor = _open_lock_file(self._path)
-            if self._descriptor is None:
-                self._give_up("cannot be opened")
-        if self._descriptor is not None:
-            try:
-                fcntl.flock(self._descriptor, fcntl.LOCK_EX)
-            except OSError as ex:  # a file system without flock() (ENOLCK)
-                self.close()
-                self._give_up(f"cannot be locked ({ex.strerror})")
-
-    def _give_up(self, reason: str) -> None:
-        log.warning("%s %s: SQLite writers will wait in its busy handler instead", self._path, reason)
-        self._path = None  # not again for every transaction
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._descriptor is not None:
-            fcntl.flock(self._descriptor, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        descriptor, self._descriptor = self._descriptor, None
-        if descriptor is not None:
-            os.close(descriptor)
-
-
-def _open_lock_file(path: str) -> int | None:
-    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):  # flock() works on either
-        try:
-            return os.open(path, flags | os.O_CLOEXEC, 0o600)
-        except OSError:
-            continue
-    return None

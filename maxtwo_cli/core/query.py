@@ -24,7 +24,7 @@ from sqlalchemy.dialects.sqlite import pysqlite as sqlite_pysqlite
 from sqlalchemy.engine import Engine
 
 from maxtwo_cli.core.clock import as_utc, format_api_timestamp, utcnow
-from maxtwo_cli.core.db import SqliteWriterQueue, database_errors, is_postgres
+from maxtwo_cli.core.batch import HeldConnection
 from maxtwo_cli.core.schema import MAX_POINTS, from_microseconds, to_microseconds
 
 ANSWER_SIZE = 2
@@ -148,108 +148,37 @@ def query_users_batch(engine: Engine, count: int, cache: AnswerCache | None = No
     recorded before the batch, each later one the time recorded by the one before it (times
     one microsecond apart), and all share one snapshot, so they carry the same users.
     """
-    runner = BatchRunner(engine, cache)
+    held = HeldConnection(engine)
     try:
-        return runner.run(count)
+        return run_query_batch(held, count, cache)
     finally:
-        runner.release()
+        held.release()
 
 
-class BatchRunner:
-    """Runs query batches (see query_users_batch) on one pooled connection, held from the first
-    batch until release(): for a caller that runs batch after batch, a pool checkout and return
-    per batch cost a fifth of the batch (measured on SQLite).
+def run_query_batch(held: HeldConnection, count: int, cache: AnswerCache | None = None) -> list[QueryResult]:
+    """query_users_batch() on a held connection: for a caller that runs batch after batch.
 
-    Not thread-safe: one runner per thread.
-    """
-
-    def __init__(self, engine: Engine, cache: AnswerCache | None = None) -> None:
-        self._engine = engine
-        self._cache = cache
-        self._pooled: Any = None  # SQLAlchemy's pooled connection, while held
-        self._cursor: Any = None  # the driver's cursor on it
-        self._sqlite_writers = None if is_postgres(engine) else SqliteWriterQueue(engine)
-
-    def run(self, count: int) -> list[QueryResult]:
-        if count < 1:
-            raise ValueError("count must be >= 1")
-        cache = self._cache
-        cached = cache.get() if cache is not None else None
-        with database_errors(self._engine):
-            # NOTE: this runs for every request, so it talks to the driver directly, with the
-            # statements rendered once below: SQLAlchemy's per-call work (connection and
-            # transaction objects, events, result processing) cost three times the statements
-            # themselves on SQLite (0.7 ms vs 0.2 ms per transaction, measured).
-            if self._pooled is None:
-                self._pooled = self._engine.raw_connection()
-            pooled = self._pooled
-            try:
-                if self._cursor is None:
-                    # The held connection stays in autocommit, with one cursor, until release():
-                    # the statement is its own transaction (no BEGIN and COMMIT round trips).
-                    # NOTE: maxtwo's SQLite connections always are; its engine emits BEGIN itself.
-                    if self._sqlite_writers is None:
-                        pooled.driver_connection.autocommit = True
-                    self._cursor = pooled.driver_connection.cursor()
-                if self._sqlite_writers is None:
-                    previous, last, epoch, answer = _query_postgres(self._cursor, cached, count)
-                else:
-                    with self._sqlite_writers:
-                        previous, last, epoch, answer = _query_sqlite(self._cursor, cached, count)
-            except psycopg.Error:
-                if pooled.driver_connection.broken:
-                    # The server went away (restart, outage): every pooled connection is as
-                    # dead as this one, so start a fresh pool, as SQLAlchemy does on a
-                    # disconnect. The request engine does not ping before each use: that would
-                    # cost a round trip.
-                    pooled.invalidate()
-                    self._engine.dispose()
-                self.release()
-                raise
-            except sqlite3.Error:
-                # NOTE: a connection opened while the file could not be written (read-only,
-                # full disk) stays read-only for good; a fresh one costs little.
-                pooled.invalidate()
-                self.release()
-                raise
-            except BaseException:
-                self.release()
-                raise
-        if cache is not None and (cached is None or cached[0] != epoch):
-            cache.put(epoch, answer)
-        recorded = [last - (count - 1 - index) * _TICK for index in range(count)]
-        return [
-            QueryResult(
-                users=answer,
-                previous=previous if index == 0 else recorded[index - 1],
-                recorded_at=recorded[index],
-                epoch=epoch,
-            )
-            for index in range(count)
-        ]
-
-    def release(self) -> None:
-        """Return the held connection to the pool (the next run takes one again)."""
-        pooled, self._pooled = self._pooled, None
-        cursor, self._cursor = self._cursor, None
-        try:
-            if pooled is None:
-                return
-            driver = pooled.driver_connection  # None once invalidated: its cursor went with it
-            if driver is not None:
-                try:
-                    if cursor is not None:
-                        cursor.close()
-                    if self._sqlite_writers is None and not driver.broken:
-                        driver.autocommit = False  # as the pool's other users expect it
-                except (psycopg.Error, sqlite3.Error):
-                    # e.g. a statement interrupted half-way: a connection in a state we cannot
-                    # undo must not go back to the pool (nor hide the error that got us here).
-                    pooled.invalidate()
-            pooled.close()
-        finally:
-            if self._sqlite_writers is not None:
-                self._sqlite_writers.close()
+    One statement: on its own it is its own transaction; inside held.transaction() it commits
+    with the rest."""
+    if count < 1:
+        raise ValueError("count must be >= 1")
+    cached = cache.get() if cache is not None else None
+    if held.postgres:
+        previous, last, epoch, answer = held.run(lambda cursor: _query_postgres(cursor, cached, count))
+    else:
+        previous, last, epoch, answer = held.run(lambda cursor: _query_sqlite(cursor, cached, count))
+    if cache is not None and (cached is None or cached[0] != epoch):
+        cache.put(epoch, answer)
+    recorded = [last - (count - 1 - index) * _TICK for index in range(count)]
+    return [
+        QueryResult(
+            users=answer,
+            previous=previous if index == 0 else recorded[index - 1],
+            recorded_at=recorded[index],
+            epoch=epoch,
+        )
+        for index in range(count)
+    ]
 
 
 class _DriverStatement:

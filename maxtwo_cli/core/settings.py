@@ -12,8 +12,9 @@ from pathlib import Path
 
 DEFAULT_SEED_COUNT = 1_000_000
 # NOTE: chosen when GET / still ran on these threads (16 served 20-30 % more than 8, as bigger
-# batches; bench/NOTES.md). GET / now has a thread of its own (daemon/querylane.py), so they
-# serve the other routes; the hello-world baseline of the benchmarks runs with the same number.
+# batches; bench/NOTES.md). GET / now has a thread of its own (the query lane,
+# daemon/transport.py), so they serve the other routes; the hello-world baseline of the
+# benchmarks runs with the same number.
 DEFAULT_THREADS = 16
 
 
@@ -39,9 +40,6 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 4000
     threads: int = DEFAULT_THREADS
-    # Serving processes sharing the listening socket (each with `threads` threads); >1 adds a
-    # supervising process that runs the scheduler.
-    workers: int = 1
     interval: float = 60.0
     seed_count: int = DEFAULT_SEED_COUNT
     # Seconds to wait for a TCP connection to PostgreSQL before reporting it unreachable.

@@ -1,0 +1,279 @@
+"""Group commit for every kind of write the daemon makes: many requests, one transaction.
+
+Every GET / writes (it records its time), and a durable write costs a disk flush; on their own,
+writes could never go faster than one flush each. Here the requests of this process that write
+at the same moment share one transaction: a committer thread takes everybody waiting, runs one
+batch for them and hands each its own outcome, then takes whoever came meanwhile. Nobody is
+answered before the commit, so nothing is less durable than a transaction of its own.
+
+Operations come in kinds (`Kind`: GET /'s query today), each applied to its part of the batch
+by one call. A kind reports an operation's own failure by returning the exception in its place;
+a kind that raises fails its whole part, and with several kinds in a batch each part runs in a
+savepoint, so the other kinds still commit. Only a failure of the transaction itself (the
+database gone, the commit refused) fails everybody.
+
+NOTE: the transaction runs in a thread of its own, not in one of the callers', so that every
+caller can give up after `max_wait` (or the timeout it asks for): a database that stops
+answering without closing the connection (a frozen server) holds up the committer
+indefinitely, a caller at most that long. running_for() lets the watchdog see such a batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+from sqlalchemy.engine import Engine
+
+from maxtwo_cli.core.batch import HeldConnection
+from maxtwo_cli.core.errors import DatabaseUnavailableError
+from maxtwo_cli.core.query import AnswerCache, run_query_batch
+
+log = logging.getLogger(__name__)
+
+# The committer thread ends after this long without work (and starts again on the next), so an
+# idle batcher holds no thread and no connection.
+IDLE_SECONDS = 5.0
+
+
+class Kind(Protocol):
+    """One kind of write operation."""
+
+    name: str
+    # Whether apply() is one statement, which in autocommit is its own transaction: a batch of
+    # this kind alone then needs no BEGIN and COMMIT round trips.
+    one_statement: bool
+
+    def apply(self, held: HeldConnection, payloads: Sequence[Any]) -> list[Any]:
+        """The outcome of each operation, in order: its result, or the exception it fails with."""
+        ...
+
+
+class QueryKind:
+    """GET /: record the query time, return the answer (core.query)."""
+
+    name = "query"
+    one_statement = True
+
+    def __init__(self, cache: AnswerCache | None = None) -> None:
+        self._cache = cache if cache is not None else AnswerCache()
+
+    def apply(self, held: HeldConnection, payloads: Sequence[Any]) -> list[Any]:
+        return list(run_query_batch(held, len(payloads), self._cache))
+
+
+class _Waiter:
+    """One caller's place in the queue, for len(payloads) operations of one kind.
+
+    NOTE: signalled through a bare lock, held until the outcome is in, rather than a
+    threading.Event, whose wait and set run several Python-level lock operations: this is paid
+    twice per request.
+    """
+
+    __slots__ = ("_pending", "kind", "outcomes", "payloads")
+
+    def __init__(self, kind: str, payloads: Sequence[Any]) -> None:
+        self._pending = threading.Lock()
+        self._pending.acquire()
+        self.kind = kind
+        self.payloads = payloads
+        self.outcomes: list[Any] = []
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the outcome came within `timeout` seconds."""
+        return self._pending.acquire(timeout=timeout)
+
+    def answered(self) -> bool:
+        return not self._pending.locked()
+
+    def answer(self, outcomes: list[Any]) -> None:
+        """Called once, by the committer."""
+        self.outcomes = outcomes
+        self._pending.release()
+
+
+class Batcher:
+    def __init__(
+        self,
+        engine: Engine,
+        kinds: Iterable[Kind],
+        *,
+        max_wait: float,
+        max_batch: int = 256,
+        on_batch: Callable[[str, int], None] | None = None,
+    ) -> None:
+        """`max_wait`: seconds a caller waits for its outcome (its batch and the one running when
+        it came) before giving up with DatabaseUnavailableError. `max_batch`: operations per
+        transaction; a caller asking for more at once still gets one. `on_batch(kind, count)`:
+        called for each kind's part of every committed batch."""
+        self._engine = engine
+        self._kinds = {kind.name: kind for kind in kinds}
+        self.max_wait = max_wait
+        self.max_batch = max_batch
+        self._on_batch = on_batch
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._waiting: deque[_Waiter] = deque()
+        self._committing = False  # whether the committer thread is running
+        self._committer: threading.Thread | None = None
+        self._closing = False
+        self._batch_started: float | None = None  # time.monotonic() of the running batch
+
+    def submit(self, kind: str, payload: Any = None) -> Any:
+        """Apply one operation in the next batch; its result once committed, or its error."""
+        [outcome] = self.submit_many(kind, [payload])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def submit_many(self, kind: str, payloads: Sequence[Any], *, timeout: float | None = None) -> list[Any]:
+        """Several operations of one kind in one batch, in order, as many callers of submit()
+        would get them; each outcome is its result or its exception (raised by nobody).
+        `timeout`: seconds to wait instead of max_wait (0: only what is answered at once)."""
+        if not payloads:
+            raise ValueError("no operations")
+        if kind not in self._kinds:
+            raise ValueError(f"unknown kind of operation {kind!r}")
+        me = _Waiter(kind, payloads)
+        with self._lock:
+            self._waiting.append(me)
+            if self._committing:
+                self._arrived.notify()
+            else:
+                try:
+                    committer = threading.Thread(target=self._commit_loop, name="maxtwo-batcher", daemon=True)
+                    committer.start()
+                except RuntimeError as ex:  # no thread to be had (resources, interpreter shutdown)
+                    self._waiting.remove(me)
+                    raise DatabaseUnavailableError(f"cannot start the batch thread: {ex}") from None
+                self._committing = True
+                self._committer = committer
+        if not me.wait(self.max_wait if timeout is None else max(timeout, 0.0)):
+            with self._lock:
+                if me in self._waiting:
+                    self._waiting.remove(me)
+                answered = me.answered()  # in the instant between the timeout and the lock
+            if not answered:
+                # NOTE: if its batch is running, what it writes will still commit although
+                # this caller got an error: as when a client gives up.
+                error = DatabaseUnavailableError(f"no answer from the database within {self.max_wait:.0f} s")
+                return [error] * len(payloads)
+        return [_own_copy(outcome) if isinstance(outcome, BaseException) else outcome for outcome in me.outcomes]
+
+    def running_for(self) -> float:
+        """Seconds the running batch has taken so far; 0 when none runs."""
+        started = self._batch_started
+        return 0.0 if started is None else time.monotonic() - started
+
+    def close(self, timeout: float) -> None:
+        """Let the committer finish what is queued, give its connection back and end, waiting
+        up to `timeout` s for it (a transaction stuck in the database is not waited out). For
+        shutdown, once no more operations come: the engine's dispose() cannot close a
+        connection the committer holds."""
+        with self._lock:
+            self._closing = True
+            self._arrived.notify()
+            committer = self._committer
+        if committer is not None:
+            committer.join(timeout)
+
+    def _commit_loop(self) -> None:
+        # Holds one database connection from batch to batch, and for up to IDLE_SECONDS after.
+        held = HeldConnection(self._engine)
+        try:
+            while True:
+                with self._lock:
+                    if not self._waiting and not self._closing:
+                        self._arrived.wait(IDLE_SECONDS)
+                    if not self._waiting:
+                        self._committing = False
+                        return
+                    batch = self._take_batch()
+                self._run_batch(held, batch)
+        except BaseException:
+            # Never reached by design (_run_batch hands every error to its waiters); if it is,
+            # the next caller starts a new committer rather than waiting for a dead one.
+            with self._lock:
+                self._committing = False
+            raise
+        finally:
+            held.release()
+
+    def _take_batch(self) -> list[_Waiter]:
+        """The waiters at the front of the queue, as many as max_batch operations allows (at
+        least one). Called with the lock held, the queue not empty."""
+        waiting = self._waiting
+        batch = [waiting.popleft()]
+        count = len(batch[0].payloads)
+        while waiting and count + len(waiting[0].payloads) <= self.max_batch:
+            count += len(waiting[0].payloads)
+            batch.append(waiting.popleft())
+        return batch
+
+    def _run_batch(self, held: HeldConnection, batch: list[_Waiter]) -> None:
+        parts: dict[str, list[_Waiter]] = {}
+        for waiter in batch:
+            parts.setdefault(waiter.kind, []).append(waiter)
+        self._batch_started = time.monotonic()
+        try:
+            if len(parts) == 1 and self._kinds[batch[0].kind].one_statement:
+                outcomes = {batch[0].kind: self._apply(held, batch[0].kind, parts[batch[0].kind])}
+            else:
+                with held.transaction():
+                    outcomes = {name: self._apply_alone(held, name, waiters) for name, waiters in parts.items()}
+        except BaseException as ex:  # noqa: BLE001 - every waiter gets the error
+            with self._lock:
+                # NOTE: those who queued while this batch failed would meet the same database
+                # and wait a whole timeout more each, in turn; they share the error instead, so
+                # nobody waits much longer than one timeout for a 503.
+                batch += self._waiting
+                self._waiting.clear()
+            for waiter in batch:
+                waiter.answer([ex] * len(waiter.payloads))
+            return
+        finally:
+            self._batch_started = None
+        for name, waiters in parts.items():
+            results = outcomes[name]
+            if self._on_batch is not None:
+                try:
+                    self._on_batch(name, len(results))
+                except Exception:  # a metrics callback must never cost anybody an answer
+                    log.exception("on_batch callback failed")
+            start = 0
+            for waiter in waiters:
+                waiter.answer(results[start : start + len(waiter.payloads)])
+                start += len(waiter.payloads)
+
+    def _apply(self, held: HeldConnection, name: str, waiters: list[_Waiter]) -> list[Any]:
+        payloads = [payload for waiter in waiters for payload in waiter.payloads]
+        outcomes = self._kinds[name].apply(held, payloads)
+        if len(outcomes) != len(payloads):
+            raise RuntimeError(f"{name}: {len(outcomes)} outcomes for {len(payloads)} operations")
+        return outcomes
+
+    def _apply_alone(self, held: HeldConnection, name: str, waiters: list[_Waiter]) -> list[Any]:
+        """_apply() in a savepoint: if the kind fails, its part fails and the rest goes on."""
+        try:
+            with held.savepoint():
+                return self._apply(held, name, waiters)
+        except Exception as ex:
+            if not held.held:
+                raise  # the connection went with it: the transaction cannot commit
+            log.warning("%d %s operations failed, the rest of their batch goes on: %s",
+                        sum(len(waiter.payloads) for waiter in waiters), name, ex)
+            return [ex] * sum(len(waiter.payloads) for waiter in waiters)
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    """A copy of a shared error for one caller: raising one exception object in many threads
+    would tangle their tracebacks together."""
+    try:
+        return copy.copy(error).with_traceback(None)
+    except Exception:  # noqa: BLE001 - an exception type that cannot be copied: share it
+        return error

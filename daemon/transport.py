@@ -1,0 +1,483 @@
+"""waitress, and the few of its internals maxtwo adjusts: the only module that imports it.
+
+Each adjustment is a hook into waitress's internals. tests/test_daemon_transport.py checks that
+every one still exists in the installed release (and names it if not); bench/NOTES.md holds the
+paired measurement that keeps each speed hook:
+
+- QuietChannel.writable: waitress's connection, minus a busy loop that starved the request
+  threads (about 10x on GET /).
+- QueryLane: GET / answered in batches by one lane thread instead of a request thread each
+  (a dispatcher of our own, passed through create_server's `_dispatcher`; the answer reaches
+  the app in its WSGI environ, through the channel's task class).
+- ChangePoller: the serving loop's poll set kept across passes (epoll) instead of rebuilt from
+  every connection on every pass.
+- StrictFramingParser: a request with both Transfer-Encoding and Content-Length is answered and
+  its connection closed (RFC 9112 section 6.1), so nothing pipelined behind it is read with
+  framing an intermediary may have seen differently.
+- Transport.serve_until / drain: a loop that turns in short ticks (a stop request is noticed
+  without tearing the loop down mid-response) and a shutdown that answers every request
+  already received before closing, which waitress's own run()/close() do not.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import waitress
+from waitress import wasyncore
+from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
+from waitress.server import BaseWSGIServer
+from waitress.task import ThreadedTaskDispatcher, WSGITask
+
+log = logging.getLogger(__name__)
+
+# waitress settings. NOTE: channel_timeout drops idle keep-alive connections; the connection
+# limit is above the 200 concurrent clients we test with, below the default fd limit (1024).
+CONNECTION_LIMIT = 512
+CHANNEL_TIMEOUT = 30
+BACKLOG = 1024
+# How often the serving loop looks up from poll() to notice a stop request (and so how often,
+# at least, it turns: the watchdog counts on it).
+LOOP_TICK_SECONDS = 0.2
+# A connection counts as idle (safe to close at shutdown) once quiet this long: a client that
+# has just connected may not have sent its request yet, and closing it then would reset it.
+QUIET_SECONDS = 0.25
+# Seconds between the ChangePoller's passes that ask every connection.
+FULL_CHECK_SECONDS = 1.0
+
+# epoll's event bits are poll()'s (EPOLLIN == POLLIN and so on), which wasyncore.readwrite reads.
+_READ = select.POLLIN | select.POLLPRI
+_WRITE = select.POLLOUT
+
+# The connection this thread is answering a request of, if any (see QuietChannel.service): the
+# ChangePoller learns from it which connection a trigger pull was for. Transport-internal.
+_answering = threading.local()
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryLane:
+    """What the lane needs: which requests it takes, and how to get their answers."""
+
+    paths: frozenset[str]
+    # fetch(count, timeout): `count` outcomes (an answer, or the exception to answer with),
+    # waiting at most `timeout` seconds.
+    fetch: Callable[[int, float], list[Any]]
+    max_batch: int
+    # Seconds a request may wait for its answer from its arrival (the oldest of a batch sets it).
+    max_wait: float
+    # environ_for(outcome, arrived): the WSGI environ entries that hand the app its outcome.
+    environ_for: Callable[[Any, float], dict[str, Any]]
+
+
+class StrictFramingParser(HTTPRequestParser):
+    def parse_header(self, header_plus: bytes) -> None:
+        super().parse_header(header_plus)
+        # waitress already lets Transfer-Encoding win (and drops the header); RFC 9112 section
+        # 6.1 also asks the server to close the connection after answering such a request.
+        if self.chunked and "CONTENT_LENGTH" in self.headers:
+            self.headers["CONNECTION"] = "close"
+            self.connection_close = True
+
+
+class LaneTask(WSGITask):
+    def get_environment(self) -> dict[str, Any]:
+        environ = super().get_environment()
+        extra = getattr(self.channel, "lane_environ", None)
+        if extra:
+            environ.update(extra)
+        return environ
+
+
+class QuietChannel(HTTPChannel):
+    """waitress's channel, minus a busy loop that starves the request threads, and telling the
+    ChangePoller (if the server has one) about itself.
+
+    NOTE: while a request is being answered, its worker thread writes and flushes the response
+    itself (holding the channel's output lock). Stock waitress still asks poll() for POLLOUT on
+    that socket, which is always ready, so the main loop spins on a lock it cannot take, holding
+    the GIL: measured, the main thread burned a whole core and GET / fell to a few hundred
+    requests/s. Here the main loop only waits to write when no request is running (the worker
+    pulls the loop's trigger when it finishes) or when a huge response must be drained while the
+    worker waits at the high-water mark.
+    """
+
+    parser_class = StrictFramingParser
+    task_class = LaneTask
+    lane_environ: dict[str, Any] | None = None  # set by the lane around service()
+
+    def writable(self) -> bool:
+        if self.requests and self.total_outbufs_len < self.adj.outbuf_high_watermark:
+            return bool(self.will_close)
+        return super().writable()
+
+    def service(self) -> None:
+        _answering.channel = self
+        try:
+            super().service()
+        finally:
+            _answering.channel = None
+
+    def add_channel(self, map=None) -> None:
+        super().add_channel(map)
+        poller = getattr(self.server, "change_poller", None)
+        if poller is not None:
+            poller.touched(self._fileno)
+
+    def del_channel(self, map=None) -> None:
+        descriptor = self._fileno
+        super().del_channel(map)
+        poller = getattr(self.server, "change_poller", None)
+        if poller is not None:
+            poller.forget(descriptor)
+
+
+class Transport:
+    """A waitress server for `app` on `listener`, driven by serve_until() and drain().
+
+    `lane`: answer its requests in batches on one thread (see QueryLaneDispatcher).
+    `change_poller`: the serving loop's epoll set (Linux); otherwise waitress's own poll loop.
+    `quiet_channel`: the busy-poll fix; off only to measure what it is worth.
+    """
+
+    def __init__(
+        self,
+        app: Callable,
+        listener: socket.socket,
+        *,
+        threads: int,
+        lane: QueryLane | None = None,
+        change_poller: bool = True,
+        quiet_channel: bool = True,
+    ) -> None:
+        dispatcher = None
+        if lane is not None:
+            dispatcher = QueryLaneDispatcher(lane)
+            dispatcher.set_thread_count(threads)
+        self.server: BaseWSGIServer = waitress.create_server(
+            app,
+            sockets=[listener],
+            threads=threads,
+            connection_limit=CONNECTION_LIMIT,
+            channel_timeout=CHANNEL_TIMEOUT,
+            backlog=BACKLOG,
+            asyncore_use_poll=True,  # select() cannot watch more than 1024 descriptors
+            ident="maxtwo",
+            expose_tracebacks=False,
+            # NOTE: waitress's own hook for a dispatcher of one's own (it calls it a test shim).
+            # None: its default.
+            _dispatcher=dispatcher,
+        )
+        if quiet_channel:
+            self.server.channel_class = QuietChannel
+        self._change_poller = change_poller and quiet_channel and ChangePoller.available()
+
+    def serve_until(self, stopping: Callable[[], bool], on_turn: Callable[[], None] = lambda: None) -> None:
+        """Answer requests until stopping() is true; on_turn() at every turn of the loop (at
+        least every LOOP_TICK_SECONDS)."""
+        # NOTE: waitress's own run() loops until an exception; this loop polls in short ticks,
+        # so a stop request is noticed without tearing the loop down mid-response.
+        server = self.server
+        poller = ChangePoller(server) if self._change_poller else None
+        try:
+            while not stopping():
+                on_turn()
+                if poller is not None:
+                    poller.poll(LOOP_TICK_SECONDS)
+                else:
+                    wasyncore.loop(timeout=LOOP_TICK_SECONDS, map=server._map, use_poll=True, count=1)
+        finally:
+            if poller is not None:
+                poller.close()
+
+    def drain(self, seconds: float, on_turn: Callable[[], None] = lambda: None) -> bool:
+        """Stop listening, answer every request already received (for up to `seconds`), then
+        close everything. Whether everything was answered in time."""
+        server = self.server
+        deadline = time.monotonic() + seconds
+        # Connections that completed their handshake but wait in the backlog count as accepted:
+        # take them in before the listening socket closes (closing it would reset them).
+        for _ in range(BACKLOG):
+            try:
+                accepted = server.accept()
+                if accepted is None:
+                    break
+                conn, addr = accepted
+                server.set_socket_options(conn)
+            except OSError:
+                continue  # one client gave up in the backlog; the next may not have
+            server.channel_class(server, conn, server.fix_addr(addr), server.adj, map=server._map)
+        # Close the listening socket only; the trigger that wakes this loop must stay open.
+        wasyncore.dispatcher.close(server)
+        answered = False
+        while time.monotonic() < deadline:
+            on_turn()
+            if not any(_busy(channel) for channel in list(server.active_channels.values())) and not (
+                server.task_dispatcher.queue or server.task_dispatcher.active_count
+            ):
+                answered = True
+                break
+            wasyncore.loop(timeout=0.05, map=server._map, use_poll=True, count=1)
+        server.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
+        wasyncore.close_all(server._map)
+        return answered
+
+    def close(self) -> None:
+        """Close at once, answered or not (what drain() ends with)."""
+        self.server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
+        wasyncore.close_all(self.server._map)
+
+
+def _busy(channel) -> bool:
+    """A request in progress, a response unsent, or bytes that may still be on their way."""
+    return bool(
+        channel.requests
+        or channel.request is not None
+        or channel.total_outbufs_len
+        or time.time() - channel.last_activity < QUIET_SECONDS
+    )
+
+
+class QueryLaneDispatcher(ThreadedTaskDispatcher):
+    """waitress's dispatcher with one lane more: complete requests for the lane's paths queue
+    for one lane thread, which takes all of them at once, fetches as many answers in one batch,
+    then answers each request in turn through the same app, which finds its answer in its WSGI
+    environ. Everything else (and a request the lane would not recognise, e.g. a malformed one)
+    goes to the request threads as before.
+
+    NOTE: waitress wakes a request thread for every request, and a GET / thread then sleeps
+    again until its batch commits: two sleeps and wake-ups per request, which cost more than the
+    app itself. Per batch here: three wake-ups (the lane's, the committer's, the lane's again
+    for the answers); every response is still made by the app, in order, once its batch has
+    committed (bench/NOTES.md).
+    """
+
+    def __init__(self, lane: QueryLane) -> None:
+        super().__init__()
+        self._spec = lane
+        self._lane: collections.deque = collections.deque()  # (channel, arrived)
+        self._lane_lock = threading.Lock()
+        self._lane_ready = threading.Condition(self._lane_lock)
+        self._lane_thread: threading.Thread | None = None
+        self._lane_stopping = False
+
+    def add_task(self, task) -> None:
+        # NOTE: called with the channel's requests_lock held (by the serving thread when a
+        # request is complete, or by a request thread for the next pipelined request), so its
+        # first request cannot change under us.
+        if self._is_lane_request(task):
+            with self._lane_lock:
+                self._lane.append((task, time.perf_counter()))
+                self._lane_ready.notify()
+            return
+        super().add_task(task)
+
+    def _is_lane_request(self, channel) -> bool:
+        requests = getattr(channel, "requests", None)
+        if not requests:
+            return False
+        request = requests[0]
+        return request.error is None and request.command == "GET" and request.path in self._spec.paths
+
+    def set_thread_count(self, count: int) -> None:
+        super().set_thread_count(count)
+        with self._lane_lock:
+            # The lane runs while there are request threads (waitress sets 0 to shut down).
+            self._lane_stopping = count == 0
+            if count > 0 and self._lane_thread is None:
+                # NOTE: one thread: a second one, waiting for its batch while the first answers
+                # its own, cost 40-70 us more CPU per request and served less (bench/NOTES.md).
+                self._lane_thread = threading.Thread(target=self._serve_lane, name="maxtwo-query-lane", daemon=True)
+                self._lane_thread.start()
+            self._lane_ready.notify()
+
+    def shutdown(self, cancel_pending: bool = True, timeout: float = 5) -> bool:
+        lane_thread = self._lane_thread
+        result = super().shutdown(cancel_pending, timeout)  # stops the lane too (set_thread_count)
+        if lane_thread is not None:
+            lane_thread.join(timeout)  # a batch stuck in the database is not waited out
+        if cancel_pending:
+            with self._lane_lock:
+                pending = [channel for channel, _ in self._lane]
+                self._lane.clear()
+            for channel in pending:
+                channel.cancel()
+        return result
+
+    def _serve_lane(self) -> None:
+        spec = self._spec
+        while True:
+            with self._lane_lock:
+                while not self._lane and not self._lane_stopping:
+                    self._lane_ready.wait()
+                if self._lane_stopping:
+                    self._lane_thread = None
+                    return
+                # At most one transaction's worth; the rest go in the next.
+                queued = [self._lane.popleft() for _ in range(min(len(self._lane), spec.max_batch))]
+            # NOTE: every request waits for the database at most max_wait from its arrival, as
+            # it would in a request thread of its own; the oldest of the batch sets the bound.
+            timeout = queued[0][1] + spec.max_wait - time.perf_counter()
+            try:
+                outcomes = spec.fetch(len(queued), timeout)
+            except Exception as ex:  # noqa: BLE001 - each request turns it into its error response
+                outcomes = [ex] * len(queued)
+            if any(isinstance(outcome, BaseException) for outcome in outcomes):
+                with self._lane_lock:
+                    # NOTE: as in the batcher: those who queued while this batch failed would
+                    # meet the same database and wait a whole timeout more; they share the error.
+                    failed = next(outcome for outcome in outcomes if isinstance(outcome, BaseException))
+                    shared = list(self._lane)
+                    self._lane.clear()
+                queued += shared
+                outcomes = list(outcomes) + [failed] * len(shared)
+            for (channel, arrived), outcome in zip(queued, outcomes, strict=True):
+                channel.lane_environ = spec.environ_for(outcome, arrived)
+                try:
+                    channel.service()
+                except BaseException:
+                    # As waitress's own request threads: log it and go on with the rest.
+                    log.exception("Exception when servicing %r", channel)
+                finally:
+                    channel.lane_environ = None
+
+
+class ChangePoller:
+    """One pass of the serving loop at a time (poll()), for a server whose channels are
+    QuietChannels; close() hands the server back to waitress's own loop. Linux only (epoll).
+
+    waitress's own poller (wasyncore.poll2) builds a new poll set on every pass, asking every
+    open connection whether it wants to read or write; a pass runs every time a response is
+    sent or a request arrives. While GET / requests wait for their shared commit, the serving
+    thread has the interpreter to itself and makes pass after pass: with 200 connections, most
+    of its time went into asking (bench/NOTES.md). Here one epoll set lives across passes, and
+    a pass asks only what may have changed since the last:
+    - the connections that had an event in the last pass (reading or writing changed them);
+    - the connections a request thread touched: it pulls the loop's trigger when it finishes a
+      request (or needs the loop to write for it), and the pull records which connection it
+      was answering. A connection that waits for its answer changes in no other way;
+    - new connections, and the listening socket and the trigger (always);
+    - every connection once a second: waitress's maintenance closes idle connections from the
+      loop, and whatever the rules above could miss is caught within that second.
+    """
+
+    @staticmethod
+    def available() -> bool:
+        return hasattr(select, "epoll")
+
+    def __init__(self, server: BaseWSGIServer) -> None:
+        self._server = server
+        self._map = server._map
+        self._epoll = select.epoll()
+        self._registered: dict[int, tuple[object, int]] = {}  # descriptor -> (dispatcher, events)
+        # Appended to by request threads, emptied by the loop: deque's append and popleft are
+        # atomic, a set's iteration is not.
+        self._touched: collections.deque[int] = collections.deque()
+        self._fired: list[int] = []
+        self._next_full_check = 0.0
+        # The listening socket and the trigger: not connections, few, asked every pass.
+        self._others = [fd for fd, dispatcher in self._map.items() if not isinstance(dispatcher, HTTPChannel)]
+        self._pull_trigger = server.pull_trigger
+        server.pull_trigger = self._pull_trigger_for
+        server.change_poller = self
+
+    def close(self) -> None:
+        del self._server.pull_trigger  # the class's own again
+        del self._server.change_poller
+        self._epoll.close()
+
+    def touched(self, descriptor: int | None) -> None:
+        if descriptor is not None:
+            self._touched.append(descriptor)
+
+    def forget(self, descriptor: int | None) -> None:
+        """A connection is closing (its descriptor is still open)."""
+        known = self._registered.pop(descriptor, None)
+        if known is not None and known[1]:
+            try:
+                self._epoll.unregister(descriptor)
+            except OSError:  # closed already, or epoll is
+                pass
+
+    def poll(self, timeout: float) -> None:
+        """Ask what may have changed, wait up to `timeout` s for events, handle them."""
+        channels = self._map
+        now = time.monotonic()
+        if now >= self._next_full_check:
+            self._next_full_check = now + FULL_CHECK_SECONDS
+            for descriptor, (dispatcher, _) in list(self._registered.items()):
+                if channels.get(descriptor) is not dispatcher:
+                    self.forget(descriptor)
+            candidates: Iterable[int] = set(channels)
+        else:
+            candidates = set(self._fired)
+            candidates.update(self._others)
+            touched = self._touched
+            while touched:
+                candidates.add(touched.popleft())
+        for descriptor in candidates:
+            dispatcher = channels.get(descriptor)
+            if dispatcher is None:
+                self.forget(descriptor)
+            else:
+                self._update(descriptor, dispatcher)
+        events = self._epoll.poll(timeout)
+        self._fired = [descriptor for descriptor, _ in events]
+        for descriptor, flags in events:
+            dispatcher = channels.get(descriptor)
+            if dispatcher is not None:
+                wasyncore.readwrite(dispatcher, flags)
+
+    def _pull_trigger_for(self, *args) -> None:
+        channel = getattr(_answering, "channel", None)
+        if channel is not None:
+            self.touched(channel._fileno)
+        self._pull_trigger(*args)
+
+    def _update(self, descriptor: int, dispatcher) -> None:
+        """Register what the dispatcher waits for now, as wasyncore.poll2 would ask it."""
+        wanted = 0
+        if dispatcher.readable():
+            wanted |= _READ
+        if dispatcher.writable() and not dispatcher.accepting:
+            wanted |= _WRITE
+        known = self._registered.get(descriptor)
+        # NOTE: another dispatcher on a known descriptor: the old one was closed, and the
+        # kernel dropped its registration with it.
+        current = known[1] if known is not None and known[0] is dispatcher else 0
+        if known is not None and known[0] is dispatcher and current == wanted:
+            return
+        epoll = self._epoll
+        try:
+            if wanted and current:
+                epoll.modify(descriptor, wanted)
+            elif wanted:
+                epoll.register(descriptor, wanted)
+            else:
+                # NOTE: poll2 leaves out a dispatcher that waits for nothing; so must epoll, or
+                # it would still report a hang-up of a client whose request is being answered.
+                epoll.unregister(descriptor)
+        except FileExistsError:  # registered after all (a dispatcher we had not seen yet)
+            epoll.modify(descriptor, wanted)
+        except FileNotFoundError:  # not registered after all
+            if wanted:
+                epoll.register(descriptor, wanted)
+        except OSError:  # the descriptor is closed: the dispatcher is on its way out
+            self._registered.pop(descriptor, None)
+            return
+        self._registered[descriptor] = (dispatcher, wanted)
+
+
+def configure_logging() -> None:
+    # NOTE: waitress warns "Task queue depth is N" once per queued request under load, which
+    # would flood the journal exactly when it matters; queueing is visible in the latency
+    # histogram instead.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)

@@ -1,0 +1,148 @@
+"""One database connection held from batch to batch, for callers that write many times a second.
+
+A pool checkout and return per batch cost a fifth of a query batch on SQLite, and SQLAlchemy's
+per-call work (connection and transaction objects, events, result processing) three times the
+statements themselves (0.7 ms vs 0.2 ms per transaction, bench/NOTES.md). So the hot paths
+talk to the driver directly: the held connection stays in autocommit with one cursor until
+release(), a single statement is its own transaction, and transaction() brackets several.
+
+Not thread-safe: one per thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import psycopg
+from sqlalchemy.engine import Engine
+
+from maxtwo_cli.core.db import database_errors, is_postgres
+
+T = TypeVar("T")
+
+
+class HeldConnection:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.postgres = is_postgres(engine)
+        self._pooled: Any = None  # SQLAlchemy's pooled connection, while held
+        self._cursor: Any = None  # the driver's cursor on it
+        self._in_transaction = False
+        self._savepoints = 0
+
+    def run(self, work: Callable[[Any], T]) -> T:
+        """`work(cursor)`, its driver errors turned into MaxtwoErrors.
+
+        Outside a transaction, an error gives the connection back (or throws it away if it is
+        broken) and the next run takes a fresh one; inside one, the transaction's owner rolls
+        back (to a savepoint, or all of it) and goes on, unless the connection is broken."""
+        with database_errors(self.engine):
+            try:
+                return work(self._held_cursor())
+            except (psycopg.Error, sqlite3.Error):
+                if not (self._in_transaction and self.held and not self._broken()):
+                    self._discard()
+                raise
+            except BaseException:
+                if not self._in_transaction:
+                    self.release()
+                raise
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Everything run inside commits together, or not at all.
+
+        On SQLite, BEGIN IMMEDIATE takes the write lock up front (a deferred transaction that
+        upgrades later can fail with SQLITE_BUSY without waiting for the busy timeout)."""
+        self.run(lambda cursor: cursor.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE"))
+        self._in_transaction = True
+        try:
+            yield
+        except BaseException:
+            self._in_transaction = False
+            self._rollback("ROLLBACK")
+            raise
+        self._in_transaction = False
+        self.run(lambda cursor: cursor.execute("COMMIT"))
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Inside transaction(): what runs inside is undone alone if it raises."""
+        self._savepoints += 1
+        name = f"maxtwo_{self._savepoints}"
+        self.run(lambda cursor: cursor.execute(f"SAVEPOINT {name}"))
+        try:
+            yield
+        except BaseException:
+            self._rollback(f"ROLLBACK TO SAVEPOINT {name}")
+            raise
+        self.run(lambda cursor: cursor.execute(f"RELEASE SAVEPOINT {name}"))
+
+    @property
+    def held(self) -> bool:
+        """Whether a connection is held (False after an error gave it back, until the next run)."""
+        return self._cursor is not None
+
+    def release(self) -> None:
+        """Return the held connection to the pool (the next run takes one again)."""
+        pooled, self._pooled = self._pooled, None
+        cursor, self._cursor = self._cursor, None
+        self._in_transaction = False
+        self._savepoints = 0
+        if pooled is None:
+            return
+        driver = pooled.driver_connection  # None once invalidated: its cursor went with it
+        if driver is not None:
+            try:
+                if cursor is not None:
+                    cursor.close()
+                if self.postgres and not driver.broken:
+                    driver.autocommit = False  # as the pool's other users expect it
+            except (psycopg.Error, sqlite3.Error):
+                # e.g. a statement interrupted half-way, a transaction still open: a connection
+                # in a state we cannot undo must not go back to the pool (nor hide the error
+                # that got us here).
+                pooled.invalidate()
+        pooled.close()
+
+    def _rollback(self, statement: str) -> None:
+        """Undo after an error; a connection that cannot even do that is thrown away."""
+        if not self.held:
+            return
+        try:
+            self._cursor.execute(statement)
+        except (psycopg.Error, sqlite3.Error):
+            self._discard()
+
+    def _broken(self) -> bool:
+        return self.postgres and self._pooled is not None and self._pooled.driver_connection.broken
+
+    def _discard(self) -> None:
+        pooled = self._pooled
+        if pooled is not None:
+            if self._broken():
+                # The server went away (restart, outage): every pooled connection is as dead
+                # as this one, so start a fresh pool, as SQLAlchemy does on a disconnect. The
+                # request engine does not ping before each use: that would cost a round trip.
+                pooled.invalidate()
+                self.engine.dispose()
+            elif not self.postgres:
+                # NOTE: a SQLite connection opened while the file could not be written
+                # (read-only, full disk) stays read-only for good; a fresh one costs little.
+                pooled.invalidate()
+        self.release()
+
+    def _held_cursor(self) -> Any:
+        if self._cursor is None:
+            if self._pooled is None:
+                self._pooled = self.engine.raw_connection()
+            driver = self._pooled.driver_connection
+            # NOTE: maxtwo's SQLite connections always are in autocommit; its engine emits
+            # BEGIN itself (core/db.py).
+            if self.postgres:
+                driver.autocommit = True
+            self._cursor = driver.cursor()
+        return self._cursor

@@ -1,0 +1,55 @@
+"""A real waitress server (daemon/transport.py) with a WSGI app, in a thread of the test
+process, on a free port: for tests that speak HTTP over real sockets but need to look inside."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+from daemon.server import TransportOptions, query_lane
+from daemon.batcher import Batcher
+from daemon.transport import Transport
+
+
+class Running:
+    def __init__(self, transport: Transport, listener: socket.socket, stop: threading.Event) -> None:
+        self.transport = transport
+        self.server = transport.server
+        self.port = listener.getsockname()[1]
+        self.stop = stop
+
+    def connect(self, timeout: float = 30) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+
+@contextlib.contextmanager
+def running(
+    app: Callable,
+    *,
+    batcher: Batcher | None = None,
+    threads: int = 4,
+    options: TransportOptions = TransportOptions(),
+    on_turn: Callable[[], None] = lambda: None,
+) -> Iterator[Running]:
+    """`batcher`: GET / goes through the query lane with it (if options.query_lane)."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+    transport = Transport(
+        app,
+        listener,
+        threads=threads,
+        lane=query_lane(batcher) if batcher is not None and options.query_lane else None,
+        change_poller=options.change_poller,
+        quiet_channel=options.quiet_channel,
+    )
+    stop = threading.Event()
+    loop = threading.Thread(target=transport.serve_until, args=(stop.is_set, on_turn), daemon=True)
+    loop.start()
+    try:
+        yield Running(transport, listener, stop)
+    finally:
+        stop.set()
+        loop.join(5)
+        transport.close()

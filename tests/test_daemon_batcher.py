@@ -1,0 +1,353 @@
+"""daemon/batcher.py: group commit on real databases, GET /'s queries and other kinds."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from daemon import batcher as batcher_module
+from daemon.batcher import Batcher, QueryKind
+from maxtwo_cli.core import db, schema
+from maxtwo_cli.core.batch import HeldConnection
+from maxtwo_cli.core.errors import DatabaseUnavailableError
+from maxtwo_cli.core.query import AnswerCache, QueryResult, query_users, query_users_batch, run_query_batch
+from maxtwo_cli.core.randomize import randomize_points
+from maxtwo_cli.core.seed import seed_users
+from maxtwo_cli.core.settings import Settings
+from tests.helpers import assert_chain, run_in_threads, state
+
+
+@pytest.fixture
+def seeded(engine):
+    seed_users(engine, 1000)
+    randomize_points(engine)
+    return engine
+
+
+def test_a_batch_is_a_chain_in_one_transaction(seeded):
+    before = query_users(seeded)
+    batch = query_users_batch(seeded, 5)
+    assert batch[0].previous == before.recorded_at
+    for earlier, later in zip(batch, batch[1:]):
+        assert later.previous == earlier.recorded_at
+        assert later.recorded_at > earlier.recorded_at
+    assert len({result.users for result in batch}) == 1
+    assert state(seeded).last_query_at == batch[-1].recorded_at
+    assert query_users(seeded).previous == batch[-1].recorded_at
+
+
+def test_batch_count_must_be_positive(seeded):
+    with pytest.raises(ValueError):
+        query_users_batch(seeded, 0)
+
+
+def test_a_runner_holds_one_connection_from_batch_to_batch_until_released(seeded):
+    runner = HeldConnection(seeded)
+    first = run_query_batch(runner, 2)
+    assert seeded.pool.checkedout() == 1
+    second = run_query_batch(runner, 3)
+    assert seeded.pool.checkedout() == 1
+    assert_chain([*first, *second])
+    runner.release()
+    assert seeded.pool.checkedout() == 0
+    runner.release()  # twice is harmless
+
+
+def test_a_runner_drops_a_connection_the_server_closed_and_takes_a_fresh_one(postgres_engine):
+    seed_users(postgres_engine, 100)
+    runner = HeldConnection(postgres_engine)
+    before = run_query_batch(runner, 1)[0]
+    held = runner._pooled.driver_connection
+    with postgres_engine.begin() as other:
+        other.execute(sa.select(sa.func.pg_terminate_backend(held.info.backend_pid)))
+    old_pool = postgres_engine.pool
+    with pytest.raises(DatabaseUnavailableError):
+        run_query_batch(runner, 1)
+    assert old_pool.checkedout() == 0 and runner._pooled is None  # dropped, not kept
+    assert postgres_engine.pool is not old_pool  # the pool was started afresh
+    after = run_query_batch(runner, 1)[0]
+    assert runner._pooled.driver_connection is not held
+    assert after.previous == before.recorded_at  # the failed batch recorded nothing
+    runner.release()
+
+
+def test_an_idle_committer_gives_its_connection_back(seeded, monkeypatch):
+    monkeypatch.setattr(batcher_module, "IDLE_SECONDS", 0.2)
+    batcher = Batcher(seeded, [QueryKind()], max_wait=30)
+    run_in_threads(lambda: batcher.submit("query"), threads=4, per_thread=5)
+    deadline = time.monotonic() + 10
+    while seeded.pool.checkedout() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert seeded.pool.checkedout() == 0
+    assert batcher.submit("query").previous is not None  # and a new committer starts on demand
+
+
+def test_concurrent_callers_share_transactions_and_keep_the_chain(seeded):
+    sizes: list[int] = []
+    batcher = Batcher(seeded, [QueryKind(AnswerCache())], max_wait=30, on_batch=lambda kind, count: sizes.append(count))
+    results = run_in_threads(lambda: batcher.submit("query"), threads=16, per_thread=20)
+
+    assert len(results) == 320
+    assert sum(sizes) == 320
+    assert max(sizes) > 1  # 16 threads at once: some of them shared a transaction
+    assert len(sizes) < 320
+    assert_chain(results)
+
+
+def test_query_many_is_a_chain_of_answers_from_one_batch(seeded):
+    sizes: list[int] = []
+    batcher = Batcher(seeded, [QueryKind(AnswerCache())], max_wait=30, on_batch=lambda kind, count: sizes.append(count))
+    before = batcher.submit("query")
+    many = batcher.submit_many("query", [None] * 5)
+    assert sizes == [1, 5]
+    assert many[0].previous == before.recorded_at
+    assert_chain([before, *many] if before.previous is None else [*many])
+    assert state(seeded).last_query_at == many[-1].recorded_at
+    with pytest.raises(ValueError):
+        batcher.submit_many("query", [])
+    batcher.close(5)
+
+
+def test_waiters_for_several_answers_are_batched_whole_within_max_batch(seeded, monkeypatch):
+    running, release = threading.Event(), threading.Event()
+    real_apply = QueryKind.apply
+
+    def held_apply(self, held, payloads):
+        running.set()
+        release.wait(10)  # the first batch runs only once the others have queued
+        return real_apply(self, held, payloads)
+
+    monkeypatch.setattr(QueryKind, "apply", held_apply)
+    sizes: list[int] = []
+    batcher = Batcher(seeded, [QueryKind()], max_wait=30, max_batch=4, on_batch=lambda kind, count: sizes.append(count))
+    first = threading.Thread(target=lambda: batcher.submit("query"))
+    first.start()
+    assert running.wait(10)
+    answers: list[list] = []
+    queued = [threading.Thread(target=lambda: answers.append(batcher.submit_many("query", [None] * 3))) for _ in range(3)]
+    for thread in queued:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while len(batcher._waiting) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for thread in [first, *queued]:
+        thread.join(20)
+    # Two waiters for 3 would make a batch of 6, over max_batch; one is never split.
+    assert sizes == [1, 3, 3, 3]
+    assert sorted(len(batch) for batch in answers) == [3, 3, 3]
+    for batch in answers:
+        for earlier, later in zip(batch, batch[1:]):
+            assert later.previous == earlier.recorded_at
+    batcher.close(5)
+
+
+def test_an_answer_that_comes_after_its_caller_gave_up_harms_nobody(seeded, monkeypatch):
+    release = threading.Event()
+    real_apply = QueryKind.apply
+
+    def slow_apply(self, held, payloads):
+        release.wait(10)
+        return real_apply(self, held, payloads)
+
+    monkeypatch.setattr(QueryKind, "apply", slow_apply)
+    crashes: list = []
+    monkeypatch.setattr(threading, "excepthook", crashes.append)
+    batcher = Batcher(seeded, [QueryKind()], max_wait=0.3)
+    started = time.monotonic()
+    with pytest.raises(DatabaseUnavailableError):
+        batcher.submit("query")  # its batch is running when it gives up
+    assert 0.25 < time.monotonic() - started < 5
+    release.set()  # the batch commits and answers the caller that left
+    monkeypatch.setattr(QueryKind, "apply", real_apply)
+    assert batcher.submit("query").previous is not None  # the committer lives on
+    batcher.close(5)
+    assert not crashes
+    assert seeded.pool.checkedout() == 0
+
+
+def test_close_ends_the_committer_and_gives_its_connection_back(seeded):
+    batcher = Batcher(seeded, [QueryKind()], max_wait=30)
+    batcher.submit("query")
+    assert seeded.pool.checkedout() == 1  # held between batches
+    batcher.close(5)
+    assert seeded.pool.checkedout() == 0
+    assert not batcher._committer.is_alive()
+
+
+
+
+def test_every_waiter_of_a_failing_batch_gets_the_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a directory should be")
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{blocker / 'maxtwo.db'}"))
+    batcher = Batcher(engine, [QueryKind()], max_wait=30)
+    errors = []
+
+    def worker() -> None:
+        try:
+            batcher.submit("query")
+        except DatabaseUnavailableError as ex:
+            errors.append(ex)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(errors) == 8
+    assert not any(thread.is_alive() for thread in threads)
+
+
+def test_every_caller_gives_up_after_max_wait_while_the_transaction_is_stuck(tmp_path):
+    url = f"sqlite:///{tmp_path / 'maxtwo.db'}"
+    engine = db.create_engine(Settings(database_url=url, statement_timeout=20))
+    schema.ensure_schema(engine)
+    holder = db.create_engine(Settings(database_url=url)).connect()
+    holder.begin()  # the write lock: the committer's UPDATE waits for it up to 20 s
+    batcher = Batcher(engine, [QueryKind()], max_wait=3)
+    outcomes: list[tuple[float, object]] = []
+
+    def caller() -> None:
+        started = time.monotonic()
+        outcome = _try(lambda: batcher.submit("query"))
+        outcomes.append((time.monotonic() - started, outcome))
+
+    first = threading.Thread(target=caller)  # its batch is the stuck one
+    first.start()
+    time.sleep(0.3)
+    later = [threading.Thread(target=caller) for _ in range(4)]  # they queue behind it
+    for thread in later:
+        thread.start()
+    for thread in [first, *later]:
+        thread.join(20)
+    holder.rollback()
+    holder.close()
+    assert len(outcomes) == 5
+    assert all(isinstance(outcome, DatabaseUnavailableError) for _, outcome in outcomes)
+    # Each gives up at its own max_wait (3 s), not at the lock's 20 s.
+    assert all(2.9 < waited < 15 for waited, _ in outcomes)
+    # Once the lock is free, the stuck batch commits and the next callers are answered.
+    assert batcher.submit("query").previous is not None
+    engine.dispose()
+
+
+# --- several kinds of operation in one batch -------------------------------------------------
+
+NOTES = sa.Table("test_notes", sa.MetaData(), sa.Column("text", sa.Text, nullable=False, unique=True))
+
+
+class NoteKind:
+    """A second kind of write for these tests: insert a note. A note "bad" fails alone (the
+    kind returns its error); a note "raise" makes the kind raise for its whole part."""
+
+    name = "note"
+    one_statement = False
+
+    def apply(self, held, payloads):
+        if "raise" in payloads:
+            held.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('written before raising')"))
+            raise RuntimeError("this kind failed as a whole")
+        outcomes = []
+        for text in payloads:
+            if text == "bad":
+                outcomes.append(ValueError("a bad note"))
+                continue
+            placeholder = "%s" if held.postgres else "?"
+            held.run(lambda cursor: cursor.execute(f"INSERT INTO test_notes (text) VALUES ({placeholder})", (text,)))
+            outcomes.append(f"noted {text}")
+        return outcomes
+
+
+@pytest.fixture
+def two_kinds(seeded, monkeypatch):
+    """A batcher with queries and notes, whose first batch starts only once everything the test
+    submits has queued: all of it lands in one batch."""
+    NOTES.create(seeded)
+    gate = threading.Event()
+    real_apply = QueryKind.apply
+
+    def gated(self, held, payloads):
+        gate.wait(10)
+        return real_apply(self, held, payloads)
+
+    monkeypatch.setattr(QueryKind, "apply", gated)
+    parts: list[tuple[str, int]] = []
+    batcher = Batcher(seeded, [QueryKind(), NoteKind()], max_wait=30, on_batch=lambda kind, count: parts.append((kind, count)))
+    yield batcher, gate, parts
+    batcher.close(5)
+
+
+def submit_together(batcher, gate, submissions):
+    """Each (kind, payload) from a thread of its own; the outcome or error of each, in order."""
+    outcomes: dict[int, object] = {}
+    opener = threading.Thread(target=lambda: outcomes.setdefault(-1, _try(lambda: batcher.submit("query"))))
+    opener.start()  # its batch waits at the gate; everything below queues for the next one
+    deadline = time.monotonic() + 10
+    while not batcher.running_for() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    threads = [threading.Thread(target=lambda i=i, kind=kind, payload=payload:
+                                outcomes.__setitem__(i, _try(lambda: batcher.submit(kind, payload))))
+               for i, (kind, payload) in enumerate(submissions)]
+    for thread in threads:
+        thread.start()
+    while len(batcher._waiting) < len(submissions) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gate.set()
+    for thread in [opener, *threads]:
+        thread.join(20)
+    return [outcomes[i] for i in range(len(submissions))]
+
+
+def notes(engine) -> set[str]:
+    with engine.connect() as conn:
+        return set(conn.execute(sa.select(NOTES.c.text)).scalars())
+
+
+def test_kinds_share_one_transaction_and_a_failing_operation_fails_alone(seeded, two_kinds):
+    batcher, gate, parts = two_kinds
+    outcomes = submit_together(batcher, gate, [("note", "a"), ("query", None), ("note", "bad"), ("note", "b")])
+    assert outcomes[0] == "noted a" and outcomes[3] == "noted b"
+    assert isinstance(outcomes[1], QueryResult)
+    assert isinstance(outcomes[2], ValueError)
+    assert notes(seeded) == {"a", "b"}
+    assert sorted(parts[1:]) == [("note", 3), ("query", 1)]  # one batch after the opener's
+
+
+def test_a_kind_that_raises_fails_its_own_part_and_the_rest_commits(seeded, two_kinds):
+    batcher, gate, parts = two_kinds
+    outcomes = submit_together(batcher, gate, [("query", None), ("note", "a"), ("note", "raise"), ("query", None)])
+    assert isinstance(outcomes[0], QueryResult) and isinstance(outcomes[3], QueryResult)
+    assert outcomes[3].previous == outcomes[0].recorded_at  # the queries committed, as a chain
+    assert state(seeded).last_query_at == outcomes[3].recorded_at
+    assert all(isinstance(outcome, RuntimeError) for outcome in outcomes[1:3])
+    assert notes(seeded) == set()  # the failed part left nothing behind, not even its first insert
+    # And the batcher goes on.
+    assert batcher.submit("note", "after") == "noted after"
+    assert notes(seeded) == {"after"}
+
+
+def test_a_unique_violation_inside_a_kind_is_rolled_back_to_its_savepoint(seeded, two_kinds):
+    batcher, gate, _ = two_kinds
+    gate.set()
+    assert batcher.submit("note", "same") == "noted same"
+    outcomes = submit_together(batcher, gate, [("query", None), ("note", "same")])  # a real driver error
+    assert isinstance(outcomes[0], QueryResult)
+    assert isinstance(outcomes[1], DatabaseUnavailableError)  # the driver error, translated
+    assert state(seeded).last_query_at == outcomes[0].recorded_at
+
+
+def test_an_unknown_kind_is_refused(seeded):
+    batcher = Batcher(seeded, [QueryKind()], max_wait=30)
+    with pytest.raises(ValueError, match="unknown kind"):
+        batcher.submit("nonsense")
+
+
+def _try(function):
+    try:
+        return function()
+    except Exception as ex:  # noqa: BLE001 - the outcome is what the test looks at
+        return ex

@@ -1,0 +1,516 @@
+"""daemon/transport.py: waitress and the hooks maxtwo keeps into its internals, over real sockets.
+
+- Every hook still exists in the installed waitress (a release that renames one fails here,
+  naming it, rather than in production).
+- QuietChannel: no busy loop while a request thread writes its own response.
+- The query lane: GET / answered in batches on one thread, on SQLite and PostgreSQL.
+- The ChangePoller: a change it missed would leave a client waiting for the next full check
+  (a second) or loop tick (0.2 s).
+- Both Transfer-Encoding and Content-Length: answered, then the connection closed.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import datetime as dt
+import http.client
+import importlib.metadata
+import inspect
+import json
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import waitress.channel
+import waitress.parser
+import waitress.server
+import waitress.task
+from waitress import wasyncore
+from waitress.adjustments import Adjustments
+
+from daemon import transport
+from daemon.app import create_app
+from daemon.batcher import Batcher, QueryKind
+from daemon.metrics import Metrics
+from daemon.server import TransportOptions
+from daemon.transport import FULL_CHECK_SECONDS, QuietChannel
+from maxtwo_cli.core import db, schema
+from maxtwo_cli.core.query import run_query_batch
+from maxtwo_cli.core.randomize import randomize_points
+from maxtwo_cli.core.seed import seed_users
+from maxtwo_cli.core.settings import Settings
+from tests.helpers import unreachable_settings
+from tests.inprocess import running
+
+REQUEST_THREADS = 4
+WAITRESS = importlib.metadata.version("waitress")
+
+# (where, name, what it must be): every waitress internal daemon/transport.py relies on.
+HOOKS = [
+    (waitress, "create_server", lambda hook: "_dispatcher" in inspect.signature(hook).parameters),
+    (waitress.channel.HTTPChannel, "writable", callable),
+    (waitress.channel.HTTPChannel, "service", callable),
+    (waitress.channel.HTTPChannel, "add_channel", callable),
+    (waitress.channel.HTTPChannel, "del_channel", callable),
+    (waitress.channel.HTTPChannel, "task_class", lambda hook: hook is waitress.task.WSGITask),
+    (waitress.channel.HTTPChannel, "parser_class", lambda hook: hook is waitress.parser.HTTPRequestParser),
+    (waitress.channel.HTTPChannel, "cancel", callable),
+    (waitress.parser.HTTPRequestParser, "parse_header", callable),
+    (waitress.task.WSGITask, "get_environment", callable),
+    (waitress.task.ThreadedTaskDispatcher, "add_task", callable),
+    (waitress.task.ThreadedTaskDispatcher, "set_thread_count", callable),
+    (waitress.task.ThreadedTaskDispatcher, "shutdown", callable),
+    (waitress.server.BaseWSGIServer, "channel_class", lambda hook: hook is waitress.channel.HTTPChannel),
+    (waitress.server.BaseWSGIServer, "pull_trigger", callable),
+    (waitress.server.BaseWSGIServer, "accept", callable),
+    (waitress.server.BaseWSGIServer, "fix_addr", callable),
+    (waitress.server.BaseWSGIServer, "set_socket_options", callable),
+    (wasyncore, "loop", callable),
+    (wasyncore, "readwrite", callable),
+    (wasyncore, "close_all", callable),
+    (wasyncore.dispatcher, "close", callable),
+]
+
+
+def hello(environ, start_response):
+    body = environ["wsgi.input"].read() or b"hello"
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+@pytest.mark.parametrize(("where", "name", "check"), HOOKS, ids=[f"{getattr(w, '__name__', w)}.{n}" for w, n, _ in HOOKS])
+def test_every_waitress_hook_still_exists(where, name, check):
+    hook = getattr(where, name, None)
+    assert hook is not None and check(hook), (
+        f"waitress {WAITRESS}: the hook {getattr(where, '__name__', where)}.{name} that daemon/transport.py "
+        "relies on is gone or changed; port the transport (bench/NOTES.md says what each hook is worth)"
+    )
+
+
+def test_the_hooks_the_transport_reads_on_live_objects_still_exist(tmp_path):
+    """Attributes that exist only on instances: a real server and a real connection."""
+    with running(hello) as served:
+        server = served.server
+        missing = [name for name in ("_map", "active_channels", "task_dispatcher", "adj", "trigger")
+                   if not hasattr(server, name)]
+        missing += [f"task_dispatcher.{name}" for name in ("queue", "active_count")
+                    if not hasattr(server.task_dispatcher, name)]
+        with socket.create_connection(("127.0.0.1", served.port)) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.recv(100)
+            [channel] = list(server.active_channels.values())
+            missing += [f"channel.{name}" for name in ("requests", "request", "total_outbufs_len", "last_activity",
+                                                       "will_close", "_fileno", "adj")
+                        if not hasattr(channel, name)]
+    assert not missing, f"waitress {WAITRESS}: daemon/transport.py reads {missing}, which are gone"
+
+
+# --- QuietChannel.writable -------------------------------------------------------------------
+
+
+def channel(*, requests: int, outbuf: int, will_close: bool = False) -> QuietChannel:
+    # NOTE: only the attributes writable() reads; no socket is needed to decide.
+    instance = object.__new__(QuietChannel)
+    instance.adj = Adjustments()
+    instance.requests = [object()] * requests
+    instance.total_outbufs_len = outbuf
+    instance.will_close = will_close
+    instance.close_when_flushed = False
+    return instance
+
+
+def test_no_poll_for_writing_while_the_worker_writes_its_own_response():
+    assert not channel(requests=1, outbuf=120).writable()
+
+
+def test_poll_for_writing_once_the_request_is_done():
+    assert channel(requests=0, outbuf=120).writable()
+
+
+def test_a_huge_response_is_still_drained_by_the_main_loop():
+    assert channel(requests=1, outbuf=Adjustments().outbuf_high_watermark).writable()
+
+
+def test_a_channel_told_to_close_still_closes():
+    assert channel(requests=1, outbuf=0, will_close=True).writable()
+    assert not channel(requests=0, outbuf=0).writable()
+
+
+# --- Transfer-Encoding with Content-Length -------------------------------------------------
+
+
+def read_all(sock: socket.socket) -> bytes:
+    sock.settimeout(10)
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_request_with_both_framings_is_answered_and_its_connection_closed():
+    smuggling = (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n"
+                 b"3\r\nabc\r\n0\r\n\r\n"
+                 b"GET /behind HTTP/1.1\r\nHost: x\r\n\r\n")
+    with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.sendall(smuggling)
+        answer = read_all(sock)  # ends: the server closed the connection
+    assert answer.count(b"HTTP/1.1 ") == 1, answer  # the request behind it was never read
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"abc")
+    assert b"Connection: close" in answer
+
+
+def test_a_chunked_request_alone_keeps_its_connection():
+    with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+                     b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = read_all(sock)
+    assert answer.count(b"HTTP/1.1 200") == 2
+
+
+# --- the query lane ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Served:
+    port: int
+    transport: transport.Transport
+    metrics: Metrics
+    batch_sizes: list[int]  # queries per batch, as the batcher reported them
+    # (method, path) -> names of the threads that answered them
+    threads: dict[tuple[str, str], set[str]] = dataclasses.field(default_factory=lambda: collections.defaultdict(set))
+
+    def connect(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+
+
+@contextlib.contextmanager
+def serve(settings: Settings, engine, max_wait: float = 30) -> Iterator[Served]:
+    sizes: list[int] = []
+    batcher = Batcher(engine, [QueryKind()], max_wait=max_wait, on_batch=lambda kind, count: sizes.append(count))
+    metrics = Metrics()
+    app = create_app(settings, engine, metrics=metrics, batcher=batcher)
+    served: Served
+
+    def recording(environ, start_response):
+        served.threads[environ["REQUEST_METHOD"], environ["PATH_INFO"]].add(threading.current_thread().name)
+        return app(environ, start_response)
+
+    try:
+        with running(recording, batcher=batcher, threads=REQUEST_THREADS) as live:
+            served = Served(live.port, live.transport, metrics, sizes)
+            yield served
+    finally:
+        batcher.close(5)
+
+
+@pytest.fixture
+def served(settings, engine) -> Iterator[Served]:
+    seed_users(engine, 200)
+    randomize_points(engine)
+    with serve(settings, engine) as live:
+        yield live
+
+
+def get(connection: http.client.HTTPConnection, path: str = "/") -> http.client.HTTPResponse:
+    connection.request("GET", path)
+    response = connection.getresponse()
+    response.body = response.read()
+    return response
+
+
+def links(response: http.client.HTTPResponse) -> tuple[dt.datetime, dt.datetime | None]:
+    """(recorded, previous) of one GET / answer, from its headers (full precision)."""
+    previous = response.getheader("X-Maxtwo-Previous-At")
+    return (
+        dt.datetime.fromisoformat(response.getheader("X-Maxtwo-Recorded-At")),
+        dt.datetime.fromisoformat(previous) if previous else None,
+    )
+
+
+def test_get_root_is_answered_by_the_lane_and_everything_else_by_request_threads(served):
+    connection = served.connect()
+    for _ in range(3):
+        response = get(connection)
+        assert response.status == 200
+        assert set(json.loads(response.body)) == {"users", "timestamp"}
+        assert response.getheader("Cache-Control") == "no-store"
+    assert get(connection, "/healthz").status == 200
+    connection.request("POST", "/")
+    assert connection.getresponse().status == 405
+    assert served.threads["GET", "/"] == {"maxtwo-query-lane"}
+    assert served.threads["GET", "/healthz"] and served.threads["POST", "/"]
+    assert "maxtwo-query-lane" not in served.threads["GET", "/healthz"] | served.threads["POST", "/"]
+
+
+def test_a_client_cannot_hand_the_app_an_answer_through_a_header(served):
+    # The lane's answer travels in the WSGI environ under a key no header can produce.
+    connection = served.connect()
+    connection.request("GET", "/", headers={"Maxtwo.Prefetched-Answer": "x", "Maxtwo-Prefetched-Answer": "x"})
+    response = connection.getresponse()
+    assert response.status == 200 and set(json.loads(response.read())) == {"users", "timestamp"}
+
+
+def test_concurrent_clients_share_batches_larger_than_the_thread_pool_and_keep_the_chain(served):
+    clients, per_client = 30, 20
+    answers: list[tuple[dt.datetime, dt.datetime | None]] = []
+    statuses: list[int] = []
+    barrier = threading.Barrier(clients)
+
+    def client() -> None:
+        connection = served.connect()
+        barrier.wait()
+        for _ in range(per_client):
+            response = get(connection)
+            statuses.append(response.status)
+            answers.append(links(response))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert statuses == [200] * clients * per_client
+    ordered = sorted(answers)
+    for (earlier, _), (later, previous) in zip(ordered, ordered[1:]):
+        assert previous == earlier  # every answer got the time of the one just before it
+    assert sum(served.batch_sizes) == clients * per_client
+    # Request threads could only ever batch as many as there are threads.
+    assert max(served.batch_sizes) > REQUEST_THREADS
+
+
+def test_pipelined_requests_on_one_connection_are_answered_in_order(served):
+    paths = ["/", "/healthz", "/", "/", "/openapi.json", "/"]
+    with socket.create_connection(("127.0.0.1", served.port), timeout=30) as sock:
+        sock.sendall(b"".join(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for path in paths))
+        reader = sock.makefile("rb")
+        bodies = [read_response(reader) for _ in paths]
+    kinds = ["query" if "users" in body else "health" if "status" in body else "openapi" for body, _ in bodies]
+    assert kinds == ["query", "health", "query", "query", "openapi", "query"]
+    recorded = [at for body, at in bodies if "users" in body]
+    assert recorded == sorted(recorded) and len(set(recorded)) == 4
+
+
+def read_response(reader) -> tuple[dict, str | None]:
+    """One HTTP/1.1 response from a stream of several: (JSON body, X-Maxtwo-Recorded-At)."""
+    assert reader.readline().split()[1] == b"200"
+    headers = {}
+    while (line := reader.readline()) != b"\r\n":
+        name, _, value = line.decode().partition(":")
+        headers[name.lower()] = value.strip()
+    return json.loads(reader.read(int(headers["content-length"]))), headers.get("x-maxtwo-recorded-at")
+
+
+def test_a_failing_database_answers_every_lane_request_with_a_json_503(database_url, tmp_path):
+    settings = unreachable_settings(database_url, tmp_path)
+    engine = db.create_engine(settings)
+    statuses, bodies = [], []
+    with serve(settings, engine) as served:
+
+        def client() -> None:
+            response = get(served.connect())
+            statuses.append((response.status, response.getheader("Retry-After")))
+            bodies.append(json.loads(response.body))
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert statuses == [(503, "5")] * 8
+        assert all(body["status"] == 503 for body in bodies)
+        assert served.threads["GET", "/"] == {"maxtwo-query-lane"}
+    engine.dispose()
+
+
+@pytest.mark.slow
+def test_requests_queued_while_a_batch_fails_share_its_error_instead_of_waiting_again(database_url):
+    settings = Settings(database_url=database_url, statement_timeout=2.0)
+    engine = db.create_engine(settings)
+    schema.ensure_schema(engine)
+    seed_users(engine, 10)
+    holder = db.create_engine(Settings(database_url=database_url))
+    waits: list[tuple[int, float]] = []
+    with serve(settings, engine) as served, holder.begin() as conn:
+        # The lock every query needs, held for longer than two batches' timeouts.
+        conn.execute(schema.query_state.update().values(last_query_at=None))
+
+        def client() -> None:
+            started = time.monotonic()
+            waits.append((get(served.connect()).status, time.monotonic() - started))
+
+        first = threading.Thread(target=client)
+        first.start()
+        time.sleep(0.5)  # its batch waits for the lock; the others queue in the lane
+        later = [threading.Thread(target=client) for _ in range(5)]
+        for thread in later:
+            thread.start()
+        for thread in [first, *later]:
+            thread.join(20)
+    assert [status for status, _ in waits] == [503] * 6
+    # A batch of their own would have waited out the lock's 2 s once more: 3.5 s or more.
+    assert max(waited for _, waited in waits) < 3.4
+    engine.dispose()
+    holder.dispose()
+
+
+def slowed_queries(monkeypatch, seconds: float) -> None:
+    def slow(self, held, payloads):
+        time.sleep(seconds)
+        return list(run_query_batch(held, len(payloads), self._cache))
+
+    monkeypatch.setattr(QueryKind, "apply", slow)
+
+
+@pytest.mark.slow
+def test_a_request_waits_at_most_max_wait_from_its_arrival_not_from_its_batch(settings, engine, monkeypatch):
+    seed_users(engine, 10)
+    slowed_queries(monkeypatch, 1.6)
+    outcomes: dict[str, tuple[int, float]] = {}
+    with serve(settings, engine, max_wait=2.0) as served:
+
+        def client(name: str) -> None:
+            started = time.monotonic()
+            outcomes[name] = (get(served.connect()).status, time.monotonic() - started)
+
+        first = threading.Thread(target=client, args=("first",))
+        first.start()
+        time.sleep(0.2)
+        second = threading.Thread(target=client, args=("second",))  # queues behind the first batch
+        second.start()
+        for thread in (first, second):
+            thread.join(20)
+        assert outcomes["first"][0] == 200
+        # Its own batch would be answered 1.6 s after the first's, 3 s after it came: past
+        # its 2 s, so it gets a 503 at about 2 s instead.
+        status, waited = outcomes["second"]
+        assert status == 503 and 1.9 < waited < 3.0
+
+
+def test_the_latency_histogram_counts_the_wait_for_the_batch(served, monkeypatch):
+    slowed_queries(monkeypatch, 0.3)
+    assert get(served.connect()).status == 200
+    sample = served.metrics.registry.get_sample_value
+    assert sample("maxtwo_http_request_duration_seconds_count", {"route": "/"}) == 1
+    assert sample("maxtwo_http_request_duration_seconds_sum", {"route": "/"}) >= 0.3
+
+
+def test_shutdown_ends_the_lane_thread(served):
+    assert get(served.connect()).status == 200
+    lane = [thread for thread in threading.enumerate() if thread.name == "maxtwo-query-lane"]
+    assert lane
+    served.transport.close()
+    assert not any(thread.is_alive() for thread in lane)
+
+
+# --- the serving loop ----------------------------------------------------------------------
+
+# More than waitress's outbuf_high_watermark (16 MiB): the request thread must wait for the
+# loop to drain it, which it asks for through the trigger.
+HUGE = 20 * 1024 * 1024
+
+
+def plain(environ, start_response):
+    if environ["PATH_INFO"] == "/huge":
+        body = b"x" * HUGE
+    elif environ["PATH_INFO"] == "/slow":
+        time.sleep(0.3)  # the connection is busy for a while: only its thread can free it
+        body = b"slow"
+    else:
+        body = b"hello"
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+@pytest.fixture
+def passes(monkeypatch) -> list[float]:
+    """The times of the serving loop's passes (the ChangePoller's)."""
+    times: list[float] = []
+    original = transport.ChangePoller.poll
+
+    def counted(self, timeout: float) -> None:
+        times.append(time.monotonic())
+        original(self, timeout)
+
+    monkeypatch.setattr(transport.ChangePoller, "poll", counted)
+    return times
+
+
+@pytest.fixture
+def port(passes) -> Iterator[int]:
+    with running(plain) as served:
+        yield served.port
+
+
+def timed_get(connection: http.client.HTTPConnection, path: str = "/") -> tuple[float, bytes]:
+    started = time.monotonic()
+    connection.request("GET", path)
+    response = connection.getresponse()
+    body = response.read()
+    assert response.status == 200
+    return time.monotonic() - started, body
+
+
+# NOTE: a missed re-registration costs at least a loop tick (0.2 s) per request, a missed
+# change a full check (1 s): the bounds below sit between those and a loaded machine's latency.
+def test_requests_on_one_keep_alive_connection_never_wait_for_a_tick(port, passes):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    latencies = [timed_get(connection)[0] for _ in range(100)]
+    assert passes  # the loop under test is the one that records them
+    assert statistics.median(latencies) < transport.LOOP_TICK_SECONDS / 2
+
+
+def test_many_connections_taking_turns(port):
+    connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(20)]
+    latencies = [timed_get(connection)[0] for _ in range(5) for connection in connections]
+    assert statistics.median(latencies) < transport.LOOP_TICK_SECONDS / 2
+
+
+def test_a_connection_idle_past_a_full_check_is_still_heard(port):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    timed_get(connection)
+    time.sleep(FULL_CHECK_SECONDS * 1.5)
+    assert timed_get(connection)[0] < FULL_CHECK_SECONDS
+
+
+def test_a_connection_freed_by_its_request_thread_is_heard_again(port):
+    slow = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    other = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    latencies = []
+    for _ in range(5):
+        waiting = threading.Thread(target=timed_get, args=(slow, "/slow"))
+        waiting.start()
+        timed_get(other)  # the loop makes passes while the slow one is answered
+        waiting.join()
+        latencies.append(timed_get(slow)[0])
+    assert statistics.median(latencies) < FULL_CHECK_SECONDS / 2
+
+
+def test_a_huge_response_is_drained_by_the_loop(port, passes):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    seconds, body = timed_get(connection, "/huge")
+    assert len(body) == HUGE
+    assert timed_get(connection)[1] == b"hello"  # and the connection goes on
+    # Once drained, the connection no longer waits to write: the idle loop only ticks (every
+    # 0.2 s, 5 a second) instead of spinning on a socket that is always writable (thousands).
+    quiet_from = time.monotonic()
+    time.sleep(1.0)
+    assert len([moment for moment in passes if moment > quiet_from]) <= 20
+
+
+@pytest.mark.parametrize("options", [TransportOptions(change_poller=False), TransportOptions(query_lane=False)],
+                         ids=["waitress-loop", "no-lane"])
+def test_every_hook_can_be_turned_off_for_the_benchmark(settings, engine, options):
+    seed_users(engine, 20)
+    batcher = Batcher(engine, [QueryKind()], max_wait=30)
+    app = create_app(settings, engine, batcher=batcher)
+    try:
+        with running(app, batcher=batcher, options=options) as served:
+            connection = served.connect()
+            assert [get(connection).status for _ in range(5)] == [200] * 5
+    finally:
+        batcher.close(5)

@@ -1,9 +1,11 @@
 """The minutely randomizer: a `schedule` loop in one thread beside waitress.
 
-- Runs are aligned to wall-clock multiples of the interval (60 s: every minute on the minute),
-  each computed from the clock, never from the previous run, so nothing drifts.
-- Each run happens in a worker thread, so the loop keeps pinging the systemd watchdog; a run
-  still going when the next one is due makes that one skip (logged and counted).
+- Runs are aligned to multiples of the interval since the Unix epoch (60 s: every minute on the
+  minute, UTC), each computed from the clock (time.time(), seconds since the epoch, which know no
+  time zone), never from the previous run, so nothing drifts and a daylight saving change in the
+  local zone neither pauses the runs for an hour nor bunches them up.
+- Each run happens in a worker thread, so the loop stays on time; a run still going when the
+  next one is due makes that one skip (logged and counted).
 - A failing run is logged and counted and the loop goes on; the next interval retries.
 """
 
@@ -18,7 +20,6 @@ from collections.abc import Callable
 
 import schedule
 
-from daemon import systemd
 from daemon.metrics import Metrics
 from maxtwo_cli.core.errors import MaxtwoError
 from maxtwo_cli.core.randomize import RandomizeResult
@@ -35,30 +36,49 @@ def next_boundary(now: float, interval: float) -> float:
     return (math.floor(now / interval) + 1) * interval
 
 
+def utc(timestamp: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC)
+
+
 class RandomizeScheduler:
-    def __init__(self, job: Job, interval: float, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        job: Job,
+        interval: float,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+        wait: Callable[[float], object] | None = None,
+    ) -> None:
+        """`clock`: seconds since the Unix epoch. `wait(seconds)`: sleep up to that long, or less
+        once stop() is called (default: a wait on the stop event); tests pass a fake pair."""
         self._job = job
         self._interval = interval
         self._metrics = metrics
+        self._clock = clock
         self._stop = threading.Event()
+        self._wait = wait if wait is not None else self._stop.wait
         self._loop_thread: threading.Thread | None = None
         self._run_thread: threading.Thread | None = None
+        # NOTE: `schedule` computes its due times in naive local time (datetime.now()), which
+        # repeats or skips an hour when daylight saving time changes: it holds the job and runs
+        # it (run_all), but the loop decides when, from the clock. What it computes itself
+        # (job.next_run, idle_seconds) is never read.
         self._scheduler = schedule.Scheduler()
-        self._watchdog = systemd.watchdog_interval()
+        self._scheduler.every(interval).seconds.do(self._on_due)
+        self._due = 0.0  # the next boundary, in seconds since the epoch
+        self._slot = 0.0  # the boundary being run, for _on_due
 
     def start(self) -> None:
-        # NOTE: `schedule` only knows "every N seconds after the last run", which drifts by the
-        # run's duration; its job is re-aimed at the next wall-clock boundary after every run.
-        self._due_job = self._scheduler.every(self._interval).seconds.do(self._on_due)
-        self._aim(time.time())
+        self._due = next_boundary(self._clock(), self._interval)
+        log.info("randomizing every %g s, next at %s", self._interval, utc(self._due).isoformat())
         self._loop_thread = threading.Thread(target=self._loop, name="maxtwo-scheduler", daemon=True)
         self._loop_thread.start()
-        log.info("randomizing every %g s, next at %s", self._interval, self._due_job.next_run)
 
     def stop(self, timeout: float) -> bool:
-        """Stop the loop and wait up to `timeout` s for a running randomization to end.
+        """Stop the loop and wait up to `timeout` s for it and a running randomization to end.
 
-        Returns False if it is still running; the process may exit anyway, because a
+        Returns False if either is still running; the process may exit anyway, because a
         transaction that never commits is rolled back by the database.
         """
         deadline = time.monotonic() + timeout
@@ -71,32 +91,41 @@ class RandomizeScheduler:
         running = self._run_thread is not None and self._run_thread.is_alive()
         if running:
             log.warning("a randomization is still running at shutdown; the database will roll it back")
-        return not running
-
-    def _aim(self, now: float) -> None:
-        # `schedule` works in naive local time.
-        self._due_job.next_run = dt.datetime.fromtimestamp(next_boundary(now, self._interval))
+        looping = self._loop_thread is not None and self._loop_thread.is_alive()
+        if looping:
+            log.warning("the scheduler loop did not stop within %g s", timeout)
+        return not (running or looping)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            before = self._due_job.next_run
-            self._scheduler.run_pending()
-            if self._due_job.next_run != before:
-                # It ran, and `schedule` set "now + interval"; re-aim at the next boundary after
-                # the slot it ran for (a late loop skips no slot, a slow one repeats none).
-                self._aim(max(time.time(), before.timestamp()))
-            if self._watchdog is not None:
-                systemd.notify("WATCHDOG=1")
-            idle = self._scheduler.idle_seconds
-            wait = 1.0 if idle is None else max(0.0, idle)
-            if self._watchdog is not None:
-                wait = min(wait, self._watchdog)
-            self._stop.wait(wait)
+            now = self._clock()
+            if now < self._due - self._interval:
+                # The system clock was set back: aim at the next boundary from where it is now,
+                # rather than wait for the one aimed at before.
+                self._due = next_boundary(now, self._interval)
+            if now < self._due:
+                self._wait(self._due - now)
+                continue
+            # The latest boundary reached: a loop woken late (a suspended machine, a stepped
+            # clock) runs once, for the slot it is in, rather than once for each one missed.
+            slot = max(self._due, math.floor(now / self._interval) * self._interval)
+            missed = round((slot - self._due) / self._interval)
+            if missed:
+                log.warning(
+                    "%d randomization(s) due from %s missed: the scheduler woke up late",
+                    missed,
+                    utc(self._due).isoformat(),
+                )
+            self._slot = slot
+            self._scheduler.run_all()
+            # The boundary after the slot just handled: a slow pass repeats no slot, and a loop
+            # that is late again is handled as above.
+            self._due = next_boundary(slot, self._interval)
 
     def _on_due(self) -> None:
         if self._stop.is_set():
             return
-        due_at = self._due_job.next_run.astimezone(dt.UTC)
+        due_at = utc(self._slot)
         if self._run_thread is not None and self._run_thread.is_alive():
             self._metrics.randomize_skipped.labels(reason="overlap").inc()
             log.warning("randomization due at %s skipped: the previous one is still running", due_at)

@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import logging
+import threading
+import time
+
+import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -12,6 +17,7 @@ from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.schema import users
 from maxtwo_cli.core.seed import seed_users
 from maxtwo_cli.core.settings import Settings
+from tests.conftest import libpq_url
 from tests.helpers import distinct_updated_at, points_histogram, state, user_rows
 
 
@@ -164,3 +170,115 @@ def test_postgres_bulk_load_leaves_the_table_definition_as_it_was(postgres_engin
     with pytest.raises(RuntimeError, match="interrupted"):
         seed_users(postgres_engine, 2_000, reset=True, on_progress=interrupt)
     assert definition() == original
+
+
+def test_a_seed_refreshes_the_statistics_without_a_warning(engine, caplog):
+    with caplog.at_level(logging.WARNING, logger="maxtwo_cli.core.seed"):
+        result = seed_users(engine, 1_000)
+    assert result.statistics_warning is None
+    assert not caplog.records
+
+
+class LockAfterCommit:
+    """Another session that asks for a lock on users while the seed's transaction holds it, so
+    it gets the lock the moment the seed commits, before the VACUUM that follows: the VACUUM
+    then waits for it for real. `terminate`: end the waiting VACUUM's connection instead, as if
+    the database went away."""
+
+    def __init__(self, url: str, *, terminate: bool = False) -> None:
+        self.url = libpq_url(url)
+        self.terminate = terminate
+        self.release = threading.Event()
+        self.errors: list[BaseException] = []
+        self.thread: threading.Thread | None = None
+        self.pid: int | None = None
+        self.opened = threading.Event()
+
+    def on_progress(self, done: int, total: int) -> None:
+        """Seed progress: at the end of the load (still in the seed's transaction), queue the lock."""
+        if done < total:
+            return
+        self.thread = threading.Thread(target=self._hold, daemon=True)
+        self.thread.start()
+        assert self.opened.wait(10)
+        with psycopg.connect(self.url, autocommit=True) as watcher:
+            assert wait_until(lambda: watcher.execute(
+                "SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted", (self.pid,)
+            ).fetchone()[0] == 1), "the other session never queued for the lock"
+
+    def _hold(self) -> None:
+        try:
+            with psycopg.connect(self.url) as conn:
+                self.pid = conn.info.backend_pid
+                self.opened.set()
+                conn.execute("LOCK TABLE users IN SHARE UPDATE EXCLUSIVE MODE")
+                if self.terminate:
+                    self._terminate_vacuum()
+                self.release.wait(10)
+                conn.rollback()
+        except BaseException as ex:  # noqa: BLE001 - reported by done()
+            self.errors.append(ex)
+
+    def _terminate_vacuum(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as killer:
+            def waiting_vacuum() -> int | None:
+                row = killer.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE query LIKE 'VACUUM%%' "
+                    "AND wait_event_type = 'Lock'"
+                ).fetchone()
+                return row[0] if row else None
+
+            assert wait_until(lambda: waiting_vacuum() is not None), "no VACUUM ever waited"
+            killer.execute("SELECT pg_terminate_backend(%s)", (waiting_vacuum(),))
+
+    def done(self) -> None:
+        self.release.set()
+        if self.thread is not None:
+            self.thread.join(10)
+        assert not self.errors
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize(
+    ("terminate", "reason"),
+    [(False, "lock timeout"), (True, "terminating connection")],
+    ids=["lock-timeout", "connection-ended"],
+)
+def test_a_failed_vacuum_after_a_committed_seed_is_a_warning(
+    postgres_engine, postgres_url, monkeypatch, caplog, terminate, reason
+):
+    monkeypatch.setattr(seed_module, "VACUUM_LOCK_TIMEOUT", 10.0 if terminate else 0.2)
+    seed_users(postgres_engine, 100)
+    before = state(postgres_engine)
+    other = LockAfterCommit(postgres_url, terminate=terminate)
+    try:
+        with caplog.at_level(logging.WARNING, logger="maxtwo_cli.core.seed"):
+            result = seed_users(postgres_engine, 2_000, reset=True, on_progress=other.on_progress)
+        # The seed returned and its rows are committed (read while the other session still
+        # holds its lock, which does not keep readers out).
+        assert result.rows == 2_000
+        assert [row.id for row in user_rows(postgres_engine)] == list(range(1, 2_001))
+        assert state(postgres_engine).epoch == before.epoch + 1
+    finally:
+        other.done()
+    assert result.statistics_warning is not None and reason in result.statistics_warning
+    [record] = [record for record in caplog.records if record.name == "maxtwo_cli.core.seed"]
+    assert record.levelno == logging.WARNING
+    message = record.getMessage()
+    assert "\n" not in message
+    assert "seeded 2000 users, but the planner's statistics were not refreshed" in message
+    assert reason in message
+    password = sa.make_url(postgres_url).password
+    if password:
+        assert password not in message and password not in caplog.text
+    # The pool is not left with a dead or unbounded connection: the next seed vacuums fine.
+    caplog.clear()
+    assert seed_users(postgres_engine, 10, reset=True).statistics_warning is None

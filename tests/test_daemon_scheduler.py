@@ -1,51 +1,170 @@
-"""The scheduler's timing rules, with a short interval and jobs that stand in for the database
-(the real randomization is covered end to end in test_daemon_e2e.py)."""
+"""The scheduler's timing rules, with jobs that stand in for the database (the real
+randomization is covered end to end in test_daemon_e2e.py).
+
+Most tests run on a fake clock (seconds since the epoch that move only when the scheduler waits)
+in a zone with daylight saving time, across its changes; `schedule`'s own idea of now follows
+the same fake clock, so a scheduler that let `schedule`'s naive local times decide would see the
+local clock jump as it would in production.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import itertools
+import logging
+import os
 import threading
 import time
+import types
+from collections.abc import Callable, Iterator
 
 import pytest
+import schedule
 
 from daemon.metrics import Metrics
 from daemon.scheduler import RandomizeScheduler, next_boundary
 from maxtwo_cli.core.errors import DatabaseUnavailableError
 from maxtwo_cli.core.randomize import RandomizeResult
 
-INTERVAL = 0.5
+TIMEOUT = 10.0  # for anything that should happen at once; only a broken scheduler waits it out
+
+# Europe/Berlin: 2026-10-25 03:00 CEST becomes 02:00 CET at 01:00 UTC (the local hour repeats);
+# 2026-03-29 02:00 CET becomes 03:00 CEST at 01:00 UTC (the local hour is skipped).
+FALL_BACK = dt.datetime(2026, 10, 25, 1, 0, tzinfo=dt.UTC).timestamp()
+SPRING_FORWARD = dt.datetime(2026, 3, 29, 1, 0, tzinfo=dt.UTC).timestamp()
 
 
 def result(seconds: float = 0.01) -> RandomizeResult:
     return RandomizeResult(rows=1, seconds=seconds, epoch=1, randomized_at=dt.datetime.now(dt.UTC))
 
 
+def utc(timestamp: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC)
+
+
+def boundaries(start: float, end: float, interval: float) -> list[float]:
+    """The multiples of `interval` in (start, end]."""
+    found = []
+    at = next_boundary(start, interval)
+    while at <= end:
+        found.append(at)
+        at += interval
+    return found
+
+
+def join_runs() -> None:
+    # NOTE: the fake clock stands still while a run's thread finishes (in production the run has
+    # the rest of the interval); the scheduler names that thread.
+    for thread in threading.enumerate():
+        if thread.name == "maxtwo-randomize" and thread is not threading.current_thread():
+            thread.join(TIMEOUT)
+
+
+class FakeClock:
+    """time() and wait() for the scheduler: each wait moves the clock on by exactly what was
+    asked for (plus any `oversleep` set), after `settle(now)` has let the runs started so far
+    have their effect. From `end` on the clock stops and waits return at once, until the test
+    stops the scheduler."""
+
+    # A scheduler that asks for waits of 0 over and over (runs bunched up) would never move the
+    # clock; after this many waits the clock jumps to the end and the test fails on its runs.
+    MAX_WAITS = 2_000
+
+    def __init__(self, start: float, end: float, settle: Callable[[float], None] | None = None) -> None:
+        self.now = start
+        self.end = end
+        self.settle = settle or (lambda now: None)
+        self.oversleep = 0.0
+        self.waits = 0
+        self.at_end = threading.Event()
+
+    def time(self) -> float:
+        return self.now
+
+    def wait(self, seconds: float) -> bool:
+        if self.now >= self.end:
+            self.at_end.set()
+            time.sleep(0.01)
+            return False
+        self.settle(self.now)
+        self.waits += 1
+        if self.waits > self.MAX_WAITS:
+            self.now = self.end
+            return False
+        self.now = min(self.now + seconds + self.oversleep, self.end)
+        self.oversleep = 0.0
+        return False
+
+
 class Recorder:
-    def __init__(self, behaviour=None) -> None:
+    """The job: records the (fake) time it started and the due time it was given."""
+
+    def __init__(self, clock: Callable[[], float], behaviour=None) -> None:
+        self.clock = clock
         self.calls: list[tuple[float, dt.datetime]] = []
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
         self.behaviour = behaviour
 
     def __call__(self, due_at: dt.datetime):
         with self.lock:
-            self.calls.append((time.time(), due_at))
+            self.calls.append((self.clock(), due_at))
             number = len(self.calls)
+            self.lock.notify_all()
         if self.behaviour is not None:
             return self.behaviour(number)
         return result()
 
+    def wait_for(self, count: int) -> None:
+        with self.lock:
+            self.lock.wait_for(lambda: len(self.calls) >= count, TIMEOUT)
 
-def sample(metrics: Metrics, name: str, **labels: str) -> float:
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
     return metrics.registry.get_sample_value(name, labels or None)
 
 
-def run_for(job, seconds: float, metrics: Metrics | None = None) -> Metrics:
+@pytest.fixture
+def berlin() -> Iterator[None]:
+    """The process in Europe/Berlin for the test, back to the host's zone afterwards."""
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = "Europe/Berlin"
+    time.tzset()
+    try:
+        # Without the zone's data the test would silently run in UTC and prove nothing.
+        assert time.localtime(FALL_BACK - 1).tm_isdst == 1 and time.localtime(FALL_BACK).tm_isdst == 0
+        assert time.localtime(SPRING_FORWARD - 1).tm_isdst == 0
+        assert time.localtime(SPRING_FORWARD).tm_isdst == 1
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = saved
+        time.tzset()
+
+
+def schedule_follows(clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`schedule`'s now (naive local time, datetime.now()) read from the fake clock."""
+
+    class ClockDatetime(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime.fromtimestamp(clock.time(), tz)
+
+    fake = types.SimpleNamespace(datetime=ClockDatetime, timedelta=dt.timedelta, time=dt.time)
+    monkeypatch.setattr(schedule, "datetime", fake)
+
+
+def run_on(clock: FakeClock, job, interval: float, monkeypatch, metrics: Metrics | None = None) -> Metrics:
+    """Run a scheduler on `clock` until the clock reaches its end, then stop it."""
+    schedule_follows(clock, monkeypatch)
     metrics = metrics or Metrics()
-    scheduler = RandomizeScheduler(job, INTERVAL, metrics)
+    scheduler = RandomizeScheduler(job, interval, metrics, clock=clock.time, wait=clock.wait)
     scheduler.start()
-    time.sleep(seconds)
-    assert scheduler.stop(5)
+    try:
+        assert clock.at_end.wait(TIMEOUT * 6), "the fake clock never reached the end of the window"
+    finally:
+        assert scheduler.stop(TIMEOUT)
     return metrics
 
 
@@ -55,27 +174,126 @@ def test_next_boundary():
     assert next_boundary(0.2, 0.5) == 0.5
 
 
-def test_runs_are_aligned_to_wall_clock_boundaries_without_drift():
-    job = Recorder(lambda n: (time.sleep(0.2), result(0.2))[1])  # each run takes 40% of the interval
-    run_for(job, 3.2)
-    assert 5 <= len(job.calls) <= 7
-    for started, due_at in job.calls:
-        assert due_at.timestamp() % INTERVAL == pytest.approx(0, abs=1e-6)
-        assert 0 <= started - due_at.timestamp() < 0.15  # on time, not pushed by the last run
-    slots = [due_at.timestamp() for _, due_at in job.calls]
-    assert all(b - a == pytest.approx(INTERVAL) for a, b in zip(slots, slots[1:]))
+@pytest.mark.parametrize(
+    ("start", "end", "interval"),
+    [
+        (FALL_BACK - 180, FALL_BACK + 210, 60),  # 00:57:00 to 01:03:30 UTC
+        (FALL_BACK - 60, FALL_BACK + 90, 10),
+        (SPRING_FORWARD - 180, SPRING_FORWARD + 210, 60),
+        (SPRING_FORWARD - 60, SPRING_FORWARD + 90, 10),
+    ],
+    ids=["fall-back-60s", "fall-back-10s", "spring-forward-60s", "spring-forward-10s"],
+)
+def test_runs_happen_at_each_utc_boundary_across_a_dst_change(berlin, monkeypatch, start, end, interval):
+    expected = boundaries(start, end, interval)
+    recorder: Recorder
+
+    def settle(now: float) -> None:
+        recorder.wait_for(len(boundaries(start, now, interval)))
+        join_runs()
+
+    clock = FakeClock(start, end, settle)
+    recorder = Recorder(clock.time)
+    metrics = run_on(clock, recorder, interval, monkeypatch)
+
+    # One run per boundary, none skipped, none doubled, each exactly on time, each told its
+    # boundary as an aware UTC time.
+    assert [due_at for _, due_at in recorder.calls] == [utc(at) for at in expected]
+    assert [started for started, _ in recorder.calls] == expected
+    assert all(due_at.utcoffset() == dt.timedelta(0) for _, due_at in recorder.calls)
+    assert not sample(metrics, "maxtwo_randomize_skipped_total", reason="overlap")
 
 
-def test_a_run_still_going_makes_the_next_skip():
-    job = Recorder(lambda n: (time.sleep(1.2) if n == 1 else None, result())[1])
-    metrics = run_for(job, 3.4)
-    skipped = sample(metrics, "maxtwo_randomize_skipped_total", reason="overlap")
-    assert skipped >= 2  # the slow first run covered two later slots
-    starts = [started for started, _ in job.calls]
-    assert starts[1] - starts[0] >= 1.2  # never two at once
+def test_start_logs_the_next_run_in_utc(berlin, monkeypatch, caplog):
+    clock = FakeClock(FALL_BACK - 61.5, FALL_BACK - 61.5)  # 02:58:58.5 CEST
+    schedule_follows(clock, monkeypatch)
+    scheduler = RandomizeScheduler(Recorder(clock.time), 60, Metrics(), clock=clock.time, wait=clock.wait)
+    with caplog.at_level(logging.INFO, logger="daemon.scheduler"):
+        scheduler.start()
+        assert scheduler.stop(TIMEOUT)
+    assert "randomizing every 60 s, next at 2026-10-25T00:59:00+00:00" in caplog.messages
 
 
-def test_a_failing_run_is_counted_and_the_loop_goes_on():
+def test_stop_ends_the_loop_promptly():
+    # A real clock and the default wait: the next run is up to an hour away, and stop() must not
+    # wait for it (stop returns False if the loop is still going after its timeout).
+    scheduler = RandomizeScheduler(Recorder(time.time), 3600, Metrics())
+    scheduler.start()
+    assert scheduler.stop(TIMEOUT)
+
+
+def test_runs_on_the_real_clock_are_on_boundaries():
+    interval = 0.5
+    recorder = Recorder(time.time)
+    scheduler = RandomizeScheduler(recorder, interval, Metrics())
+    scheduler.start()
+    try:
+        recorder.wait_for(3)
+    finally:
+        assert scheduler.stop(TIMEOUT)
+    assert len(recorder.calls) >= 3
+    slots = [due_at.timestamp() for _, due_at in recorder.calls]
+    assert all(slot % interval == pytest.approx(0, abs=1e-6) for slot in slots)
+    assert all(started >= due_at.timestamp() for started, due_at in recorder.calls)  # never early
+    # Consecutive boundaries (a loaded machine may run late, then it skips rather than repeats).
+    assert all(b > a for a, b in itertools.pairwise(slots))
+
+
+def test_a_loop_woken_late_runs_once_for_the_current_slot(berlin, monkeypatch, caplog):
+    interval = 10
+    start = FALL_BACK - 15
+    end = FALL_BACK + 75
+    recorder: Recorder
+
+    def settle(now: float) -> None:
+        recorder.wait_for(1 if now >= FALL_BACK - 10 else 0)
+        join_runs()
+
+    clock = FakeClock(start, end, settle)
+
+    def behaviour(number: int) -> RandomizeResult:
+        if number == 1:
+            clock.oversleep = 2.5 * interval  # as if the machine were suspended for a while
+        return result()
+
+    recorder = Recorder(clock.time, behaviour)
+    with caplog.at_level(logging.WARNING, logger="daemon.scheduler"):
+        run_on(clock, recorder, interval, monkeypatch)
+    # The first run at FALL_BACK-10; the loop then wakes at FALL_BACK+25 instead of FALL_BACK:
+    # one run for the slot it is in (FALL_BACK+20), the two before it missed, then on time again.
+    slots = [due_at.timestamp() - FALL_BACK for _, due_at in recorder.calls]
+    assert slots == [-10, 20, 30, 40, 50, 60, 70]
+    assert any("2 randomization(s) due from 2026-10-25T01:00:00+00:00 missed" in message for message in caplog.messages)
+
+
+def test_a_run_still_going_makes_the_next_skip(monkeypatch):
+    interval = 10
+    start = 995.0
+    first = 1000.0
+    release = threading.Event()
+    recorder: Recorder
+
+    def settle(now: float) -> None:
+        if now >= first:
+            recorder.wait_for(1)
+        if now >= first + 3 * interval:
+            release.set()
+            join_runs()
+
+    def behaviour(number: int) -> RandomizeResult:
+        if number == 1:
+            release.wait(TIMEOUT)
+        return result()
+
+    clock = FakeClock(start, first + 6 * interval, settle)
+    recorder = Recorder(clock.time, behaviour)
+    metrics = run_on(clock, recorder, interval, monkeypatch)
+    # The first run covered the next three boundaries; then on time again.
+    assert sample(metrics, "maxtwo_randomize_skipped_total", reason="overlap") == 3
+    assert [due_at.timestamp() for _, due_at in recorder.calls] == [1000, 1040, 1050, 1060]
+
+
+def test_a_failing_run_is_counted_and_the_loop_goes_on(monkeypatch):
     def behaviour(number):
         if number <= 2:
             raise DatabaseUnavailableError("database down")
@@ -83,29 +301,69 @@ def test_a_failing_run_is_counted_and_the_loop_goes_on():
             raise RuntimeError("a bug")
         return result()
 
-    job = Recorder(behaviour)
-    metrics = run_for(job, 2.9)
+    start, end, interval = 1000.0, 1060.0, 10
+    recorder: Recorder
+
+    def settle(now: float) -> None:
+        recorder.wait_for(len(boundaries(start, now, interval)))
+        join_runs()
+
+    clock = FakeClock(start, end, settle)
+    recorder = Recorder(clock.time, behaviour)
+    metrics = run_on(clock, recorder, interval, monkeypatch)
     assert sample(metrics, "maxtwo_randomize_failures_total") == 3
-    assert len(job.calls) >= 5
+    assert len(recorder.calls) == 6
     assert sample(metrics, "maxtwo_randomize_last_success_timestamp_seconds") > 0
 
 
-def test_a_run_done_elsewhere_is_counted_as_skipped():
-    metrics = run_for(Recorder(lambda n: None), 1.2)
-    assert sample(metrics, "maxtwo_randomize_skipped_total", reason="elsewhere") >= 2
+def test_a_run_done_elsewhere_is_counted_as_skipped(monkeypatch):
+    start, end, interval = 1000.0, 1030.0, 10
+    recorder: Recorder
+
+    def settle(now: float) -> None:
+        recorder.wait_for(len(boundaries(start, now, interval)))
+        join_runs()
+
+    clock = FakeClock(start, end, settle)
+    recorder = Recorder(clock.time, lambda number: None)
+    metrics = run_on(clock, recorder, interval, monkeypatch)
+    assert sample(metrics, "maxtwo_randomize_skipped_total", reason="elsewhere") == 3
     assert sample(metrics, "maxtwo_randomize_duration_seconds_count") == 0
+
+
+def start_one_run(job) -> tuple[RandomizeScheduler, threading.Event]:
+    """A scheduler whose fake clock reaches one boundary and stands still; `started` once the run has."""
+    started = threading.Event()
+
+    def run(due_at: dt.datetime):
+        started.set()
+        return job()
+
+    clock = FakeClock(999.0, 1000.0)
+    scheduler = RandomizeScheduler(run, 10, Metrics(), clock=clock.time, wait=clock.wait)
+    scheduler.start()
+    assert started.wait(TIMEOUT)
+    return scheduler, started
 
 
 def test_stop_waits_for_a_running_randomization():
     finished = threading.Event()
 
-    def slow(number):
-        time.sleep(0.8)
+    def slow():
+        time.sleep(0.3)
         finished.set()
-        return result(0.8)
+        return result(0.3)
 
-    scheduler = RandomizeScheduler(Recorder(slow), INTERVAL, Metrics())
-    scheduler.start()
-    time.sleep(INTERVAL + 0.2)  # the first run has started
-    assert scheduler.stop(5)
+    scheduler, _ = start_one_run(slow)
+    assert scheduler.stop(TIMEOUT)
     assert finished.is_set()
+
+
+def test_stop_gives_up_on_a_randomization_that_outlasts_its_timeout():
+    release = threading.Event()
+    scheduler, _ = start_one_run(lambda: (release.wait(TIMEOUT), result())[1])
+    try:
+        assert scheduler.stop(0.05) is False
+    finally:
+        release.set()
+        join_runs()

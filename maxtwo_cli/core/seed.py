@@ -4,6 +4,7 @@ the database, on PostgreSQL loaded by COPY with only the ids sent."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 
@@ -11,8 +12,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from maxtwo_cli.core.clock import utcnow
-from maxtwo_cli.core.db import READ_ONLY_OPTION, database_errors, is_postgres, set_job_timeouts
-from maxtwo_cli.core.errors import AlreadySeededError, SchemaMismatchError
+from maxtwo_cli.core.db import (
+    LONG_JOB_LOCK_TIMEOUT,
+    READ_ONLY_OPTION,
+    database_errors,
+    is_postgres,
+    set_job_timeouts,
+)
+from maxtwo_cli.core.errors import AlreadySeededError, MaxtwoError, SchemaMismatchError
 from maxtwo_cli.core.schema import (
     UtcTimestamp,
     draw_max_number,
@@ -20,6 +27,12 @@ from maxtwo_cli.core.schema import (
     randomizer_state,
     users,
 )
+
+log = logging.getLogger(__name__)
+
+# How long the VACUUM after a seed waits for a lock on users held by another session before
+# giving up (it is not worth a hang: the seed has committed, autovacuum catches up later).
+VACUUM_LOCK_TIMEOUT = LONG_JOB_LOCK_TIMEOUT
 
 # Rows per step (an INSERT statement on SQLite, a run of COPY writes on PostgreSQL): big enough
 # that per-step overhead vanishes, small enough that a progress bar moves. All steps share one
@@ -68,6 +81,9 @@ class SeedResult:
     rows: int
     seconds: float
     epoch: int
+    # Why the planner's statistics could not be refreshed after the committed seed (one line,
+    # no secrets), or None when they were (or need not be, as on SQLite).
+    statistics_warning: str | None = None
 
     @property
     def rows_per_second(self) -> float:
@@ -117,9 +133,26 @@ def seed_users(
             # NOTE: on PostgreSQL the load's TRUNCATE already holds every query off until the
             # commit (see _POSTGRES_LOAD_START): a reset is an outage.
             conn.execute(query_state.update().values(last_query_at=None))
+    statistics_warning = None
     if is_postgres(engine):
-        _vacuum_users(engine)
-    return SeedResult(rows=count, seconds=time.perf_counter() - started, epoch=epoch)
+        try:
+            _vacuum_users(engine)
+        except MaxtwoError as ex:
+            # The users are committed: a seed that failed only here is no failed seed (and a
+            # daemon seeding at start-up still starts). Autovacuum refreshes them later.
+            statistics_warning = f"VACUUM (ANALYZE) users after the seed failed: {ex}"
+            log.warning(
+                "seeded %d users, but the planner's statistics were not refreshed (%s); "
+                "autovacuum will, or run VACUUM (ANALYZE) users",
+                count,
+                statistics_warning,
+            )
+    return SeedResult(
+        rows=count,
+        seconds=time.perf_counter() - started,
+        epoch=epoch,
+        statistics_warning=statistics_warning,
+    )
 
 
 def has_users(engine: Engine) -> bool:
@@ -189,13 +222,20 @@ def _vacuum_users(engine: Engine) -> None:
     without it the first randomization after a seed paid for that and ran about twice as slow
     (measured on 1M rows). Frozen rows need no stamping, and VACUUM skips the pages the
     visibility map already marks. VACUUM cannot run inside a transaction block, hence its own
-    autocommit connection after the seed has committed.
+    autocommit connection after the seed has committed. Its length grows with the table, so
+    no statement bound; a lock held elsewhere still ends in an error, never a hang.
     """
     with database_errors(engine), engine.connect() as conn:
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-        conn.exec_driver_sql("SET statement_timeout = 0")
         try:
+            conn.exec_driver_sql("SET statement_timeout = 0")
+            lock_ms = max(1, int(VACUUM_LOCK_TIMEOUT * 1000))
+            conn.execute(sa.select(sa.func.set_config("lock_timeout", str(lock_ms), False)))
             conn.exec_driver_sql("VACUUM (ANALYZE) users")
-        finally:
-            # The connection goes back to the pool: with its bound again.
+            # The connection goes back to the pool: with the engine's bounds again.
             conn.exec_driver_sql("RESET statement_timeout")
+            conn.exec_driver_sql("RESET lock_timeout")
+        except BaseException:
+            # Gone, or still without its bounds: either way never back into the pool.
+            conn.invalidate()
+            raise

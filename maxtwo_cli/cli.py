@@ -124,6 +124,13 @@ def seed(
         f"seeded {result.rows:,} users in {result.seconds:.2f} s "
         f"({result.rows_per_second:,.0f} rows/s)"
     )
+    if result.statistics_warning:
+        # The users are committed; only the planner's statistics wait for autovacuum.
+        stderr.print(
+            "note: the planner's statistics were not refreshed; autovacuum will, "
+            "or run VACUUM (ANALYZE) users",
+            markup=False, highlight=False, soft_wrap=True,
+        )
 
 
 @app.command()

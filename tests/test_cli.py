@@ -201,3 +201,18 @@ def test_serve_defaults_are_the_settings_defaults():
     parameters = inspect.signature(serve).parameters
     for name in ("host", "port", "threads", "interval", "seed_count"):
         assert parameters[name].default == getattr(defaults, name), name
+
+
+def test_a_seed_whose_statistics_were_not_refreshed_succeeds_with_a_note(postgres_url, monkeypatch):
+    from maxtwo_cli.core import seed as seed_module
+    from maxtwo_cli.core.errors import DatabaseUnavailableError
+
+    def failing_vacuum(engine):
+        raise DatabaseUnavailableError("the database at postgresql://maxtwo:***@x/db did not answer in time")
+
+    monkeypatch.setattr(seed_module, "_vacuum_users", failing_vacuum)
+    result = invoke("seed", "--count", "100", "--database-url", postgres_url)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("seeded 100 users")
+    assert result.stderr.strip() == ("note: the planner's statistics were not refreshed; autovacuum will, "
+                                     "or run VACUUM (ANALYZE) users")

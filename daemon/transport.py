@@ -16,7 +16,8 @@ paired measurement that keeps each speed hook:
   framing an intermediary may have seen differently.
 - Transport.serve_until / drain: a loop that turns in short ticks (a stop request is noticed
   without tearing the loop down mid-response) and a shutdown that answers every request
-  already received before closing, which waitress's own run()/close() do not.
+  already received, closing each kept-alive connection once answered, which waitress's own
+  run()/close() do not.
 """
 
 from __future__ import annotations
@@ -220,6 +221,8 @@ class Transport:
         answered = False
         while time.monotonic() < deadline:
             on_turn()
+            for channel in list(server.active_channels.values()):
+                _close_after_answering(channel)
             if not any(_busy(channel) for channel in list(server.active_channels.values())) and not (
                 server.task_dispatcher.queue or server.task_dispatcher.active_count
             ):
@@ -234,6 +237,20 @@ class Transport:
         """Close at once, answered or not (what drain() ends with)."""
         self.server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
         wasyncore.close_all(self.server._map)
+
+
+def _close_after_answering(channel) -> None:
+    """From now on the connection takes no new request: it closes once what it has received is
+    answered (at once if that is nothing). A client that keeps its connection open, as a
+    reverse proxy does, would otherwise send request after request into a daemon that is
+    stopping, until the drain's deadline cut one off with its answer unsent; closed, it goes to
+    another instance instead.
+
+    NOTE: not while a request is half received (it is answered first), nor within QUIET_SECONDS
+    of the last activity (a client that has just connected may be about to send one)."""
+    if channel.request is None and (channel.requests or time.time() - channel.last_activity >= QUIET_SECONDS):
+        # waitress's own flag: received() reads nothing more, the loop closes once flushed.
+        channel.close_when_flushed = True
 
 
 def _busy(channel) -> bool:

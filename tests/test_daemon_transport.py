@@ -105,7 +105,7 @@ def test_the_hooks_the_transport_reads_on_live_objects_still_exist(tmp_path):
             sock.recv(100)
             [channel] = list(server.active_channels.values())
             missing += [f"channel.{name}" for name in ("requests", "request", "total_outbufs_len", "last_activity",
-                                                       "will_close", "_fileno", "adj")
+                                                       "will_close", "close_when_flushed", "_fileno", "adj")
                         if not hasattr(channel, name)]
     assert not missing, f"waitress {WAITRESS}: daemon/transport.py reads {missing}, which are gone"
 

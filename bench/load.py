@@ -4,9 +4,6 @@
   60 s) and the hello-world app (bench/hello.py, same waitress settings) take turns under
   `wrk -t2 -cC -dDs --latency`: one warm-up each, then rounds. Ratio: the median over the rounds
   of ours / hello req/s; beside it the server's CPU time per request, which drifts far less.
-- Several processes: the same steady load against `maxtwo serve --workers 2` and the hello-world
-  app in 2 processes (same listen/bind/fork). Ratios: against the hello-world app in 2 processes
-  (same process count) and in 1 process (from the steady load above, same run).
 - Across randomizations: `maxtwo serve --interval S` under back-to-back 1 s wrk windows at 50
   connections until at least two randomizations have run, 2.5 intervals have passed and two
   windows or more fell both inside and outside randomizations. The randomizations' start and
@@ -39,7 +36,6 @@ SPAN_WINDOW_SECONDS = 1  # wrk's shortest run
 SPAN_MIN_INTERVALS = 2.5
 SPAN_MIN_RANDOMIZATIONS = 2
 SPAN_MIN_WINDOWS_EACH = 2  # inside and outside: a p99 of one window alone says little
-WORKERS = 2  # serving processes in the several-process runs: this machine's cores
 
 
 def run(targets: list, options: BenchOptions, work_dir: Path) -> dict:
@@ -48,19 +44,13 @@ def run(targets: list, options: BenchOptions, work_dir: Path) -> dict:
         return {"skipped": f"wrk is not installed ({INSTALL_HINT})"}
     # Seeding N users happens before `serve` answers: allow for it.
     ready_timeout = 120 + options.rows / 10_000
-    results: dict = {"steady": {}, "span": {}, "workers": {"workers": WORKERS}}
+    results: dict = {"steady": {}, "span": {}}
     with running(hello_world(work_dir / "hello.log")) as hello, PeakRssSampler(hello.pid) as hello_rss:
         for target in targets:
             results["steady"][target.name] = attempt(
                 f"load on {target.name}",
                 lambda target=target: _steady(target, hello, options, work_dir, ready_timeout))
         results["hello_peak_rss_bytes"] = hello_rss.peak_bytes
-    with running(hello_world(work_dir / f"hello-{WORKERS}-workers.log", workers=WORKERS)) as hello:
-        for target in targets:
-            results["workers"][target.name] = attempt(
-                f"load with {WORKERS} workers on {target.name}",
-                lambda target=target: _steady(target, hello, options, work_dir, ready_timeout, workers=WORKERS))
-            _compare_with_one_process(results["workers"][target.name], results["steady"][target.name], target.name)
     for target in targets:
         results["span"][target.name] = attempt(
             f"load across randomizations on {target.name}",
@@ -68,9 +58,9 @@ def run(targets: list, options: BenchOptions, work_dir: Path) -> dict:
     return results
 
 
-def _steady(target, hello, options: BenchOptions, work_dir: Path, ready_timeout: float, workers: int = 1) -> dict:
-    log_path = work_dir / f"serve-steady-{target.name}-{workers}-workers.log"
-    serve = maxtwo_serve_for(options.rows, STEADY_INTERVAL, log_path, workers)
+def _steady(target, hello, options: BenchOptions, work_dir: Path, ready_timeout: float) -> dict:
+    log_path = work_dir / f"serve-steady-{target.name}.log"
+    serve = maxtwo_serve_for(options.rows, STEADY_INTERVAL, log_path)
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(target.fresh_database("load"))
         server = stack.enter_context(running(serve(url), ready_timeout))
@@ -84,7 +74,7 @@ def _steady(target, hello, options: BenchOptions, work_dir: Path, ready_timeout:
             summary = {name: _summarize(result) for name, result in rounds.items()}
             summary.update(_paired_ratios(rounds[OURS].runs, rounds[HELLO].runs))
             by_connections[str(connections)] = summary
-            say(f"  GET / on {target.name}, {workers} process(es), {connections} connections: "
+            say(f"  GET / on {target.name}, {connections} connections: "
                 f"{summary[OURS]['requests_per_second']:,.0f} req/s vs hello "
                 f"{summary[HELLO]['requests_per_second']:,.0f} ({summary['ours_over_hello']:.2f}x; rounds "
                 + ", ".join(f"{value:.2f}" for value in summary["ours_over_hello_by_round"])
@@ -142,25 +132,9 @@ def _span(target, options: BenchOptions, work_dir: Path, ready_timeout: float) -
     return result
 
 
-def maxtwo_serve_for(rows: int, interval: float, log_path: Path, workers: int = 1):
+def maxtwo_serve_for(rows: int, interval: float, log_path: Path):
     """A factory: the URL is only known once the fresh database exists."""
-    return lambda url: maxtwo_serve(url, seed_count=rows, interval=interval, log_path=log_path, workers=workers)
-
-
-def _compare_with_one_process(several: dict, one: dict, name: str) -> None:
-    """Add to each connection count of the several-process run its ratio to the hello-world app
-    in one process, measured earlier in this run."""
-    if "error" in several or "error" in one:
-        return
-    for connections, summary in several["by_connections"].items():
-        single = one["by_connections"].get(connections)
-        if single is None:
-            continue
-        summary["hello_one_process_requests_per_second"] = single[HELLO]["requests_per_second"]
-        summary["ours_over_hello_one_process"] = ratio(summary[OURS]["requests_per_second"],
-                                                       single[HELLO]["requests_per_second"])
-        say(f"  GET / on {name}, {connections} connections: maxtwo in {WORKERS} processes / hello-world in one: "
-            f"{summary['ours_over_hello_one_process']:.2f}x")
+    return lambda url: maxtwo_serve(url, seed_count=rows, interval=interval, log_path=log_path)
 
 
 def _classify(window: dict, spans: list[dict], interval: float) -> str:

@@ -1,4 +1,4 @@
-"""Benchmark 5: peak resident memory, sampled every 50 ms over a process and all its children.
+"""Benchmark 5: peak resident memory of a process, sampled every 50 ms.
 
 `maxtwo serve` is sampled by the load benchmark while wrk runs; here `maxtwo seed --count N` is
 compared with `maxtwo seed --count 0` (same imports, same connection, no rows), so the
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from bench.common import say
-from bench.processes import MAXTWO, REPO_ROOT, tree_total
+from bench.processes import MAXTWO, REPO_ROOT, read_process
 from bench.targets import process_environment
 
 SAMPLE_SECONDS = 0.05
@@ -47,10 +47,10 @@ class PeakRssSampler:
 
     def _sample(self) -> bool:
         """Add one sample; False once the process is gone."""
-        total = tree_total(self._pid, lambda process: process.memory_info().rss)
-        if total is None:
+        rss = read_process(self._pid, lambda process: process.memory_info().rss)
+        if rss is None:
             return False
-        self.peak_bytes = max(self.peak_bytes, int(total))
+        self.peak_bytes = max(self.peak_bytes, int(rss))
         self.samples += 1
         return True
 

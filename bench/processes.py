@@ -7,8 +7,6 @@ SIGTERM first (maxtwo drains and exits 0), SIGKILL if it does not go in time.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -30,21 +28,12 @@ STOP_SECONDS = 20.0  # maxtwo promises 10 s (drain, then a running randomization
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def tree_total(pid: int, read: Callable[[psutil.Process], float]) -> float | None:
-    """read(process) summed over `pid` and its children (a supervisor's serving workers);
-    None once `pid` is gone. A child that ends between the listing and the reading is skipped."""
+def read_process(pid: int, read: Callable[[psutil.Process], float]) -> float | None:
+    """read(process) for `pid`; None once it is gone."""
     try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
+        return read(psutil.Process(pid))
     except psutil.Error:
         return None
-    total = 0.0
-    for process in processes:
-        try:
-            total += read(process)
-        except psutil.Error:
-            continue
-    return total
 
 
 def free_port() -> int:
@@ -72,8 +61,8 @@ class ServerProcess:
     def start(self, ready_timeout: float) -> None:
         with open(self.log_path, "w") as log:
             # The child keeps its own copy of the descriptor; ours can close at once.
-            # A process group of its own: a server with several processes is stopped as systemd
-            # stops a service, every process at once.
+            # A session of its own: a Ctrl-C in the harness's terminal does not reach the server,
+            # which the harness then stops itself (running() below), politely.
             self.process = subprocess.Popen(self._args, env=self._env, cwd=REPO_ROOT,
                                             stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -91,18 +80,13 @@ class ServerProcess:
         if self.process is None:
             return None
         if self.process.poll() is None:
-            self._signal_group(signal.SIGTERM)
+            self.process.terminate()
             try:
                 self.process.wait(STOP_SECONDS)
             except subprocess.TimeoutExpired:
-                pass
-        self._signal_group(signal.SIGKILL)  # whatever is left of the group
-        self.process.wait(10)
+                self.process.kill()
+                self.process.wait(10)
         return self.process.returncode
-
-    def _signal_group(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signum)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -120,21 +104,21 @@ def running(server: ServerProcess, ready_timeout: float = 120.0) -> Iterator[Ser
         server.stop()
 
 
-def maxtwo_serve(url: str, *, seed_count: int, interval: float, log_path: Path, workers: int = 1) -> ServerProcess:
+def maxtwo_serve(url: str, *, seed_count: int, interval: float, log_path: Path) -> ServerProcess:
     """The installed `maxtwo serve`, exactly as deployed but on a free local port."""
     if not MAXTWO.exists():
         raise RuntimeError(f"{MAXTWO} not found: install maxtwo into this Python (pip install -e .)")
     port = free_port()
     args = [str(MAXTWO), "serve", "--host", HOST, "--port", str(port), "--threads", str(SERVE_THREADS),
-            "--workers", str(workers), "--interval", f"{interval:g}", "--seed-count", str(seed_count)]
+            "--interval", f"{interval:g}", "--seed-count", str(seed_count)]
     return ServerProcess("maxtwo serve", args, process_environment(url), port, "/healthz", log_path)
 
 
-def hello_world(log_path: Path, workers: int = 1) -> ServerProcess:
+def hello_world(log_path: Path) -> ServerProcess:
     """bench/hello.py: a constant answer on the same waitress settings as maxtwo serve."""
     port = free_port()
     args = [sys.executable, "-m", "bench.hello", "--host", HOST, "--port", str(port),
-            "--threads", str(SERVE_THREADS), "--workers", str(workers)]
+            "--threads", str(SERVE_THREADS)]
     return ServerProcess("hello-world app", args, process_environment(None), port, "/", log_path)
 
 

@@ -92,44 +92,10 @@ def _headline(results: dict) -> str:
     for connections in results["parameters"]["connections"]:
         lines.append(_row(f"GET /, {connections} connections: hello-world CPU per request / maxtwo CPU per request", [
             _x(_nested(steady.get(db), "by_connections", str(connections), "hello_cpu_over_ours")) for db in DATABASES]))
-    several = _load_part(results, "workers")
-    for connections in results["parameters"]["connections"]:
-        lines.append(_row(f"GET /, {connections} connections: maxtwo --workers {load.WORKERS} req/s / "
-                          f"hello-world req/s (1 process; {load.WORKERS} processes)", [
-            f"{_x(_nested(several.get(db), 'by_connections', str(connections), 'ours_over_hello_one_process'))}; "
-            f"{_x(_nested(several.get(db), 'by_connections', str(connections), 'ours_over_hello'))}"
-            for db in DATABASES]))
     span = _load_part(results, "span")
     lines.append(_row("GET /: p99 inside / outside randomizations (median window p99)",
                       [_x(_nested(span.get(db), "inside_over_outside")) for db in DATABASES]))
     return "\n".join(lines)
-
-
-def _several_processes(section: dict, parameters: dict) -> list[str]:
-    part = section.get("workers") or {}
-    workers = part.get("workers", load.WORKERS)
-    lines = [f"### {workers} serving processes", "",
-             f"The same wrk runs against `maxtwo serve --workers {workers}` (each process with "
-             f"`--threads {parameters.get('threads', 8)}`; a supervisor runs the randomizer) and the "
-             f"hello-world app in {workers} processes on one listening socket, taking turns. *vs 1 process*: "
-             "against the hello-world app's single process in the table above (same run, minutes earlier). "
-             "The goals table judges the one-process configuration against the one-process app.", "",
-             "| database | connections | maxtwo req/s | p99 | errors | hello-world req/s | ours / hello, same processes | ours / hello, vs 1 process | peak RSS, all processes |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    notes = []
-    for database in DATABASES:
-        result = part.get(database)
-        if _failed(result):
-            notes.append(_failure(database, result))
-            continue
-        for connections, summary in result["by_connections"].items():
-            ours, hello = summary[load.OURS], summary[load.HELLO]
-            errors = ours["non_2xx_3xx"] + sum(ours["socket_errors"].values())
-            lines.append(_row(database, [
-                connections, f"{ours['requests_per_second']:,.0f}", _ms(ours["p99_ms"]), f"{errors:,}",
-                f"{hello['requests_per_second']:,.0f}", _x(summary["ours_over_hello"]),
-                _x(summary.get("ours_over_hello_one_process")), _mb(result.get("serve_peak_rss_bytes"))]))
-    return [*lines, "", *notes]
 
 
 def _goals(results: dict) -> str:
@@ -171,7 +137,9 @@ def _randomize(results: dict) -> str:
              "(SQLite: `abs(random()) % 101` and ISO-8601 text timestamps, SQLAlchemy's default storage), "
              "and against a floor, maxtwo's update with one cost taken away: on PostgreSQL its WAL (the update on "
              "an UNLOGGED copy of maxtwo's table), on SQLite (no unlogged tables) random() (maxtwo's durable update "
-             "on a copy of its table with every user's points set to a constant).", "",
+             "on a copy of its table with every user's points set to a constant). *naive / maxtwo* is "
+             "information, not a goal: on PostgreSQL it is bounded by naive / floor, which depends on the host; "
+             "*maxtwo / floor* is the goal.", "",
              "| database | maxtwo | rows/s | naive | floor | naive / maxtwo | maxtwo / floor |",
              "|---|---|---|---|---|---|---|"]
     failures = []
@@ -284,12 +252,12 @@ def _load(results: dict) -> str:
         return "\n".join([*lines, _failure("load", section)])
     lines += [f"`wrk -t2 -cC -d{parameters['load_seconds']}s --latency` against `maxtwo serve` "
               f"(`--threads {parameters.get('threads', 8)} --interval 60`, {parameters['rows']:,} users) and against the hello-world app "
-              "(bench/hello.py: a constant body, served through the daemon's own `bind()` on waitress's own loop), "
+              "(bench/hello.py: a constant body, served by the daemon's own transport, its query lane aside), "
               "taking turns. Figures are medians of the runs; max latency is the worst run's; errors add up every "
               "measured run (non-2xx/3xx responses plus socket connect/read/write/timeout errors). *ours / hello* "
               "is the median of the rounds' ratios (each round's two runs follow each other, so the machine's "
               "drift between rounds cancels), the rounds' own in brackets. *CPU per request*: user + system time "
-              "of the server's processes during the run over the requests answered (PostgreSQL's own work not "
+              "of the server process during the run over the requests answered (PostgreSQL's own work not "
               "included); it varies far less than req/s on a shared machine.", "",
               "| database | connections | server | req/s | CPU per request | p50 | p99 | max | non-2xx/3xx | socket errors | ours / hello |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -317,7 +285,6 @@ def _load(results: dict) -> str:
     lines += ["", *notes]
     if _plotted(results, LOAD):
         lines += ["", f"![GET / req/s, maxtwo vs hello-world](img/{LOAD})"]
-    lines += ["", *_several_processes(section, parameters)]
     lines += ["", "### Latency across randomizations", "",
               f"`maxtwo serve --interval {parameters['span_interval']:g}` under back-to-back 1 s wrk windows at "
               f"{load.SPAN_CONNECTIONS} connections (after one warm-up window), until at least "
@@ -349,7 +316,7 @@ def _load(results: dict) -> str:
 def _memory(results: dict) -> str:
     rows = results["parameters"]["rows"]
     lines = ["## 5. Memory", "",
-             "Peak RSS, sampled every 50 ms with psutil over the process and all its children.", "",
+             "Peak RSS of each process, sampled every 50 ms with psutil.", "",
              "| process | SQLite | PostgreSQL |", "|---|---|---|"]
     steady, span = _load_part(results, "steady"), _load_part(results, "span")
     lines.append(_row("`maxtwo serve` under steady load (wrk runs above)",
@@ -357,7 +324,7 @@ def _memory(results: dict) -> str:
     lines.append(_row("`maxtwo serve` under load across randomizations",
                       [_mb(_nested(span.get(db), "serve_peak_rss_bytes")) for db in DATABASES]))
     hello = _mb((results.get("load") or {}).get("hello_peak_rss_bytes"))
-    lines.append(_row("hello-world app under the same load (one process, the baseline for both)", [hello, hello]))
+    lines.append(_row("hello-world app under the same load (the baseline for both)", [hello, hello]))
     memory = results.get("memory") or {}
     lines.append(_row(f"`maxtwo seed --count {rows}`",
                       [_mb(_nested(_ok(memory.get(db)), "seed", "peak_rss_bytes")) for db in DATABASES]))
@@ -424,7 +391,7 @@ def _method(results: dict) -> str:
 - **Load**: wrk runs on the same 2 cores as the server, so both compete for CPU; the hello-world app pays
   the same price, which is why only the ratio is a headline. wrk's default 2 s timeout counts slower
   requests as socket timeouts.
-- **Memory**: psutil samples RSS every 50 ms, summed over the process and its children; serve is sampled
+- **Memory**: psutil samples each process's RSS every 50 ms; serve is sampled
   from its first answered request to the end of its load runs (after its start-up seed).
 - **Goals** stated for 1M (or 10M) users are judged only when the run used that size.
 """

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import time
 
-from bench.processes import tree_total
+from bench.processes import read_process
 
 INSTALL_HINT = "install wrk: apt-get install wrk"
 WRK_THREADS = 2
@@ -23,7 +23,7 @@ def wrk_path() -> str | None:
 def run_wrk(url: str, connections: int, seconds: int, server_pid: int | None = None) -> dict:
     """One wrk run; its figures, plus the wall-clock window it ran in (for matching with logs).
 
-    `server_pid`: also the CPU time (user + system) the server's processes used during the run,
+    `server_pid`: also the CPU time (user + system) the server process used during the run,
     per request answered. NOTE: far steadier than req/s on a shared machine, where what else runs
     changes how much of the CPU a server gets, not how much it needs per request.
     """
@@ -48,8 +48,8 @@ def run_wrk(url: str, connections: int, seconds: int, server_pid: int | None = N
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its children (the serving workers)."""
-    total = tree_total(pid, lambda process: sum(process.cpu_times()[:2]))  # user, system
+    """User + system CPU seconds of a process."""
+    total = read_process(pid, lambda process: sum(process.cpu_times()[:2]))  # user, system
     if total is None:
         raise RuntimeError(f"the server under load (pid {pid}) is gone")
     return total

@@ -1,8 +1,8 @@
 """The hello-world baseline for GET /: a Falcon app that answers a constant body, served by
 maxtwo's own transport (`daemon.server.listen()` and `daemon.transport.Transport`), so every
-waitress setting (threads, connection limit, backlog, channel timeout, poll) and the serving
-loop's hooks are the daemon's by construction; only the query lane is left out, as there is no
-query to batch. Whatever separates its req/s from `maxtwo serve`'s is maxtwo's own work per
+waitress setting (threads, connection limit, backlog, channel timeout, poll) and the busy-poll
+fix are the daemon's by construction; the query lane (there is no query to batch) and the
+change poller (below) are left out. Whatever separates its req/s from `maxtwo serve`'s is maxtwo's own work per
 request.
 
     python -m bench.hello --port 8000 --threads 16
@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     # would otherwise cost this app time under load that maxtwo does not spend.
     configure_logging()
     settings = Settings(database_url="sqlite:///unused.db", host=args.host, port=args.port, threads=args.threads)
-    server = Transport(create_app(), listen(settings), threads=settings.threads)
+    # NOTE: waitress's own serving loop, as before the transport was split out: the hello-world
+    # app was 4-12 % slower on the ChangePoller (bench/NOTES.md), so the ratio gains only what
+    # maxtwo gains.
+    server = Transport(create_app(), listen(settings), threads=settings.threads, change_poller=False)
     stop = StopRequest().install()
     server.serve_until(stop.requested)  # until SIGTERM (the harness stops it)
     server.drain(DRAIN_SECONDS)

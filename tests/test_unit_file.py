@@ -248,7 +248,6 @@ def test_env_example_sets_only_maxtwo_variables() -> None:
     assert all(key.startswith("MAXTWO_") for key in keys), keys
     # Every variable and every `serve` setting is documented.
     assert keys == {"MAXTWO_DATABASE_URL", "MAXTWO_HOST", "MAXTWO_PORT", "MAXTWO_THREADS",
-                    "MAXTWO_WORKERS",
                     "MAXTWO_INTERVAL", "MAXTWO_SEED_COUNT"}
     # The comments assign or expand no other variable either.
     text = ENV_EXAMPLE.read_text()

@@ -105,6 +105,33 @@ query_state = sa.Table(
     sa.CheckConstraint("id = 1", name="query_state_single_row"),
 )
 
+# The counters service (core/counters.py). NOTE: on PostgreSQL every increment rewrites its row;
+# no index covers value and a third of each page stays free, so those updates stay HOT (the new
+# row version on the same page, no index entry). On SQLite a STRICT table can never hold a
+# non-integer: SQLite's + turns a 64-bit overflow into a REAL, which it would then refuse.
+counters = sa.Table(
+    "counters",
+    metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    # STRICT tables know INTEGER (64 bits), not BIGINT.
+    sa.Column("value", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+    sa.CheckConstraint("length(key) BETWEEN 1 AND 255", name="counters_key_length"),
+    postgresql_with={"fillfactor": 70},
+    sqlite_strict=True,
+    sqlite_with_rowid=False,
+)
+
+# Idempotency-Key of an applied increment, recorded in its transaction: a retry within 24 hours
+# is answered without applying it again. The daemon deletes expired keys.
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    # What the request asked for (core/counters.py, Increment.fingerprint): a retry must match.
+    sa.Column("fingerprint", sa.Text, nullable=False),
+    sa.Column("created_at", UtcTimestamp(), nullable=False, index=True),
+)
+
 # Columns added after a release: (table, column). ensure_schema adds them to older databases.
 _ADDED_COLUMNS = ((query_state, query_state.c.previous_query_at),)
 

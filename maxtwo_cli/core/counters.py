@@ -1,0 +1,351 @@
+"""Counters: durable increments of 64-bit totals kept under string keys.
+
+The database adds: no process ever holds a total, so any number of daemons on one database
+keep exact totals. Increments are applied in batches (daemon/batcher.py gathers them, one
+transaction each; the CLI applies one), in one order everywhere: Idempotency-Keys first, then
+counters, each sorted by key, so that concurrent batches of several daemons lock rows in the
+same order and never deadlock.
+
+A total never leaves the signed 64-bit range: an increment that would take it out fails alone
+(CounterOverflowError), and every other increment of its batch applies. Concurrent increments
+may be applied in any order, so a batch applies all of a key's increments at once whenever
+their sum keeps the total in range (some order of them then does at every step); only for a
+key where it does not are they applied one by one, in arrival order, and the ones that would
+overflow refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from maxtwo_cli.core.batch import HeldConnection
+from maxtwo_cli.core.clock import utcnow
+from maxtwo_cli.core.db import database_errors
+from maxtwo_cli.core.errors import MaxtwoError
+from maxtwo_cli.core.schema import counters, from_microseconds, idempotency_keys, to_microseconds
+
+log = logging.getLogger(__name__)
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+MAX_KEY_LENGTH = 255
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+IDEMPOTENCY_TTL = dt.timedelta(hours=24)
+
+
+class InvalidIncrementError(MaxtwoError):
+    """A key or value an increment cannot have (HTTP 422, CLI usage error)."""
+
+
+class CounterOverflowError(MaxtwoError):
+    """The increment would take the counter's total out of the signed 64-bit range."""
+
+
+class IdempotencyKeyReusedError(MaxtwoError):
+    """An Idempotency-Key already used, within 24 hours, for a different increment."""
+
+
+def check_key(key: object) -> str:
+    """The key, if a counter can have it; InvalidIncrementError if not."""
+    if not isinstance(key, str):
+        raise InvalidIncrementError("key must be a string")
+    if not 1 <= len(key) <= MAX_KEY_LENGTH:
+        raise InvalidIncrementError(f"key must be 1 to {MAX_KEY_LENGTH} characters long")
+    if "\x00" in key:
+        raise InvalidIncrementError("key must not contain U+0000")
+    # NOTE: a lone surrogate ("\udc80", which JSON's \u escapes can make) cannot be stored as
+    # UTF-8 by either database.
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidIncrementError("key must be valid Unicode (no unpaired surrogates)") from None
+    return key
+
+
+def check_value(value: object) -> int:
+    """The value, if it is an integer in the signed 64-bit range; InvalidIncrementError if not."""
+    # NOTE: bool is an int in Python, and JSON's true must not count as 1.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidIncrementError("value must be an integer")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise InvalidIncrementError(f"value must be between {INT64_MIN} and {INT64_MAX}")
+    return value
+
+
+def check_idempotency_key(key: str) -> str:
+    """An Idempotency-Key: 1 to 255 printable ASCII characters."""
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH or not all(" " <= char <= "~" for char in key):
+        raise InvalidIncrementError(
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII characters"
+        )
+    return key
+
+
+@dataclasses.dataclass(frozen=True)
+class Increment:
+    key: str
+    value: int
+    idempotency_key: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """What a retry under the same Idempotency-Key must ask for again."""
+        return hashlib.sha256(json.dumps([self.key, self.value]).encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Applied:
+    """An increment's outcome: committed with its batch (or earlier, for a replay)."""
+
+    key: str
+    # The counter's total once the batch applied; None for a replay (nothing applied now).
+    total: int | None
+    replayed: bool = False
+
+
+def increment(engine: Engine, key: str, value: int, idempotency_key: str | None = None) -> Applied:
+    """Add `value` to the counter `key` in a transaction of its own; its new total."""
+    item = Increment(check_key(key), check_value(value), idempotency_key)
+    held = HeldConnection(engine)
+    try:
+        with held.transaction():
+            [outcome] = apply_increments(held, [item])
+    finally:
+        held.release()
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def apply_increments(held: HeldConnection, items: Sequence[Increment], now: dt.datetime | None = None) -> list[Any]:
+    """Apply a batch of increments inside the caller's transaction (held.transaction()).
+
+    The outcome of each, in order: Applied, or the error it alone fails with
+    (CounterOverflowError, IdempotencyKeyReusedError). A database error raises."""
+    now = now or utcnow()
+    outcomes: list[Any] = [None] * len(items)
+    first_uses: dict[str | None, int] = {}
+    to_apply = _settle_idempotency_keys(held, items, now, outcomes, first_uses)
+    claimed_by = {index: items[index].idempotency_key for index in to_apply if items[index].idempotency_key}
+    totals, refused = _add(held, [(index, items[index]) for index in to_apply])
+    for index in to_apply:
+        if index in refused:
+            outcomes[index] = CounterOverflowError(
+                f"adding {items[index].value} to counter {items[index].key!r} would take it out of the "
+                f"signed 64-bit range ({INT64_MIN}..{INT64_MAX}); it keeps its value"
+            )
+        else:
+            outcomes[index] = Applied(items[index].key, totals[items[index].key])
+    # A refused increment leaves no trace, its Idempotency-Key included: a retry is refused again.
+    unclaim = sorted({claimed_by[index] for index in refused if index in claimed_by})
+    if unclaim:
+        held.run(lambda cursor: _execute_each(cursor, held, "DELETE FROM idempotency_keys WHERE key = ?",
+                                              [(key,) for key in unclaim]))
+    # A retry of a refused increment inside the same batch is refused with it.
+    for index, outcome in enumerate(outcomes):
+        if isinstance(outcome, Applied) and outcome.replayed:
+            first = first_uses.get(items[index].idempotency_key)
+            if first in refused:
+                outcomes[index] = outcomes[first]
+    return outcomes
+
+
+def _settle_idempotency_keys(
+    held: HeldConnection, items: Sequence[Increment], now: dt.datetime, outcomes: list[Any], first_use: dict
+) -> list[int]:
+    """Claim the batch's Idempotency-Keys; fill in the outcomes of replays and conflicts; return
+    the indexes of the increments to apply. `first_use`: filled with each key's first increment."""
+    for index, item in enumerate(items):
+        if item.idempotency_key is not None:
+            first_use.setdefault(item.idempotency_key, index)
+    if not first_use:
+        return list(range(len(items)))
+    keys = sorted(first_use)
+    # NOTE: a claim waits for a concurrent transaction inserting the same key (another daemon's
+    # batch) and then finds it taken: one of the two applies the increment, never both.
+    claimed = set(held.run(lambda cursor: _claim(cursor, held, keys, [items[first_use[key]].fingerprint for key in keys], now)))
+    taken = [key for key in keys if key not in claimed]
+    expired_before = now - IDEMPOTENCY_TTL
+    recorded: dict[str, str] = {}
+    if taken:
+        rows = held.run(lambda cursor: _recorded(cursor, held, taken))
+        renew = []
+        for key, fingerprint, created_at in rows:
+            if created_at < expired_before:  # not deleted yet, but expired: a new use
+                renew.append(key)
+                claimed.add(key)
+            else:
+                recorded[key] = fingerprint
+        if renew:
+            held.run(lambda cursor: _execute_each(
+                cursor, held, "UPDATE idempotency_keys SET fingerprint = ?, created_at = ? WHERE key = ?",
+                [(items[first_use[key]].fingerprint, _timestamp(held, now), key) for key in renew]))
+    to_apply = []
+    for index, item in enumerate(items):
+        key = item.idempotency_key
+        if key is None or (key in claimed and first_use[key] == index):
+            to_apply.append(index)
+            continue
+        # Used before: by an earlier request, or earlier in this very batch.
+        fingerprint = recorded.get(key, items[first_use[key]].fingerprint)
+        if fingerprint == item.fingerprint:
+            outcomes[index] = Applied(item.key, None, replayed=True)
+        else:
+            outcomes[index] = IdempotencyKeyReusedError(
+                "this Idempotency-Key was used within the last 24 hours for a different increment"
+            )
+    return to_apply
+
+
+def _add(held: HeldConnection, items: list[tuple[int, Increment]]) -> tuple[dict[str, int], set[int]]:
+    """Add the increments; (each key's total afterwards, the indexes refused for overflow)."""
+    by_key: dict[str, list[tuple[int, int]]] = {}
+    for index, item in items:
+        by_key.setdefault(item.key, []).append((index, item.value))
+    sums = {key: sum(value for _, value in values) for key, values in by_key.items()}
+    fast = sorted(key for key, total in sums.items() if INT64_MIN <= total <= INT64_MAX)
+    totals: dict[str, int] = {}
+    if fast:
+        totals.update(held.run(lambda cursor: _upsert(cursor, held, fast, [sums[key] for key in fast])))
+    refused: set[int] = set()
+    # The keys whose sum would leave the range (or whose sum is no 64-bit value at all): one by
+    # one, in arrival order. Their rows are locked already, by the upsert, or come after it in
+    # key order.
+    for key in sorted(set(by_key) - totals.keys()):
+        current = held.run(lambda cursor: _current(cursor, held, key))
+        total = 0 if current is None else current
+        for index, value in by_key[key]:
+            if INT64_MIN <= total + value <= INT64_MAX:
+                total += value
+            else:
+                refused.add(index)
+        if len(refused & {index for index, _ in by_key[key]}) < len(by_key[key]):
+            held.run(lambda cursor: _set(cursor, held, key, total, current is None))
+        totals[key] = total
+    return totals, refused
+
+
+def _param(held: HeldConnection) -> str:
+    return "%s" if held.postgres else "?"
+
+
+def _execute_each(cursor: Any, held: HeldConnection, sql: str, rows: list[tuple]) -> None:
+    """`sql` (with ? markers) once per row."""
+    statement = sql.replace("?", "%s") if held.postgres else sql
+    for row in rows:
+        cursor.execute(statement, row)
+
+
+def _timestamp(held: HeldConnection, moment: dt.datetime) -> Any:
+    return moment if held.postgres else to_microseconds(moment)
+
+
+# NOTE: `value + delta` must never be computed when it would overflow (PostgreSQL raises, which
+# would fail the whole batch; SQLite makes a REAL, which the STRICT table refuses). The CASE
+# decides by the sign of the current value which bound to compare with, computing only
+# differences that stay in range; CASE evaluates only the branch it takes.
+_IN_RANGE = (
+    "CASE WHEN counters.value >= 0 THEN excluded.value <= 9223372036854775807 - counters.value "
+    "ELSE excluded.value >= -9223372036854775807 - 1 - counters.value END"
+)
+_UPSERT_POSTGRES = (
+    "INSERT INTO counters (key, value) "
+    "SELECT key, value FROM unnest(%s::text[], %s::bigint[]) AS batch (key, value) ORDER BY key "
+    f"ON CONFLICT (key) DO UPDATE SET value = counters.value + excluded.value WHERE {_IN_RANGE} "
+    "RETURNING key, value"
+)
+# NOTE: SQLite parses `INSERT ... SELECT ... ON CONFLICT` ambiguously without a WHERE clause in
+# the SELECT (its documented workaround is `WHERE true`).
+_UPSERT_SQLITE = (
+    "INSERT INTO counters (key, value) "
+    "SELECT json_extract(item.value, '$[0]'), json_extract(item.value, '$[1]') FROM json_each(?) AS item "
+    f"WHERE true ON CONFLICT (key) DO UPDATE SET value = counters.value + excluded.value WHERE {_IN_RANGE} "
+    "RETURNING key, value"
+)
+
+
+def _upsert(cursor: Any, held: HeldConnection, keys: list[str], values: list[int]) -> list[tuple[str, int]]:
+    """One statement for the whole batch: new keys inserted, the others added to unless the
+    total would leave the range (those are missing from what it returns)."""
+    if held.postgres:
+        return cursor.execute(_UPSERT_POSTGRES, (keys, values)).fetchall()
+    return cursor.execute(_UPSERT_SQLITE, (json.dumps(list(zip(keys, values))),)).fetchall()
+
+
+def _current(cursor: Any, held: HeldConnection, key: str) -> int | None:
+    lock = " FOR UPDATE" if held.postgres else ""
+    row = cursor.execute(f"SELECT value FROM counters WHERE key = {_param(held)}{lock}", (key,)).fetchone()
+    return None if row is None else row[0]
+
+
+def _set(cursor: Any, held: HeldConnection, key: str, total: int, new: bool) -> None:
+    marker = _param(held)
+    if new:
+        cursor.execute(f"INSERT INTO counters (key, value) VALUES ({marker}, {marker})", (key, total))
+    else:
+        cursor.execute(f"UPDATE counters SET value = {marker} WHERE key = {marker}", (total, key))
+
+
+def _claim(cursor: Any, held: HeldConnection, keys: list[str], fingerprints: list[str], now: dt.datetime) -> list[str]:
+    if held.postgres:
+        rows = cursor.execute(
+            "INSERT INTO idempotency_keys (key, fingerprint, created_at) "
+            "SELECT key, fingerprint, %s FROM unnest(%s::text[], %s::text[]) AS claim (key, fingerprint) "
+            "ORDER BY key ON CONFLICT (key) DO NOTHING RETURNING key",
+            (now, keys, fingerprints),
+        ).fetchall()
+    else:
+        rows = cursor.execute(
+            "INSERT INTO idempotency_keys (key, fingerprint, created_at) "
+            "SELECT json_extract(item.value, '$[0]'), json_extract(item.value, '$[1]'), ? FROM json_each(?) AS item "
+            "WHERE true ON CONFLICT (key) DO NOTHING RETURNING key",
+            (to_microseconds(now), json.dumps(list(zip(keys, fingerprints)))),
+        ).fetchall()
+    return [row[0] for row in rows]
+
+
+def _recorded(cursor: Any, held: HeldConnection, keys: list[str]) -> list[tuple[str, str, dt.datetime]]:
+    if held.postgres:
+        rows = cursor.execute(
+            "SELECT key, fingerprint, created_at FROM idempotency_keys WHERE key = ANY(%s) ORDER BY key FOR UPDATE",
+            (keys,),
+        ).fetchall()
+        return [(key, fingerprint, created_at.astimezone(dt.UTC)) for key, fingerprint, created_at in rows]
+    rows = cursor.execute(
+        "SELECT key, fingerprint, created_at FROM idempotency_keys WHERE key IN (SELECT value FROM json_each(?))",
+        (json.dumps(keys),),
+    ).fetchall()
+    return [(key, fingerprint, from_microseconds(created_at)) for key, fingerprint, created_at in rows]
+
+
+def read_counter(engine: Engine, key: str) -> int | None:
+    """The committed total of counter `key`; None if it was never incremented."""
+    with database_errors(engine), engine.connect() as conn:
+        return conn.scalar(sa.select(counters.c.value).where(counters.c.key == key))
+
+
+def list_counters(engine: Engine, keys: Sequence[str] | None = None, limit: int = 100) -> list[tuple[str, int]]:
+    """(key, total) sorted by key: of `keys` (those ever incremented), or the first `limit`."""
+    statement = sa.select(counters.c.key, counters.c.value).order_by(counters.c.key)
+    if keys:
+        statement = statement.where(counters.c.key.in_(list(keys)))
+    else:
+        statement = statement.limit(limit)
+    with database_errors(engine), engine.connect() as conn:
+        return [(key, value) for key, value in conn.execute(statement)]
+
+
+def delete_expired_idempotency_keys(engine: Engine, now: dt.datetime | None = None) -> int:
+    """Forget the Idempotency-Keys older than 24 hours; how many."""
+    expired_before = (now or utcnow()) - IDEMPOTENCY_TTL
+    with database_errors(engine), engine.begin() as conn:
+        return conn.execute(idempotency_keys.delete().where(idempotency_keys.c.created_at < expired_before)).rowcount

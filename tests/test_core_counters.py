@@ -1,0 +1,211 @@
+"""core/counters.py on SQLite and a real PostgreSQL: totals, overflow, Idempotency-Keys."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from maxtwo_cli.core import db
+from maxtwo_cli.core.batch import HeldConnection
+from maxtwo_cli.core.counters import (
+    INT64_MAX,
+    INT64_MIN,
+    Applied,
+    CounterOverflowError,
+    IdempotencyKeyReusedError,
+    Increment,
+    InvalidIncrementError,
+    apply_increments,
+    check_idempotency_key,
+    check_key,
+    check_value,
+    delete_expired_idempotency_keys,
+    increment,
+    list_counters,
+    read_counter,
+)
+from maxtwo_cli.core.schema import counters, idempotency_keys
+
+
+def batch(engine, items, now=None):
+    held = HeldConnection(engine)
+    try:
+        with held.transaction():
+            return apply_increments(held, items, now)
+    finally:
+        held.release()
+
+
+def test_increments_add_subtract_and_zero_changes_nothing(engine):
+    assert increment(engine, "a", 5).total == 5
+    assert increment(engine, "a", -7).total == -2
+    assert increment(engine, "a", 0).total == -2
+    assert read_counter(engine, "a") == -2
+    assert read_counter(engine, "never") is None
+
+
+def test_zero_creates_a_counter_at_zero(engine):
+    assert increment(engine, "z", 0).total == 0
+    assert list_counters(engine) == [("z", 0)]
+
+
+def test_a_batch_sums_by_key_and_reports_each_keys_total(engine):
+    outcomes = batch(engine, [Increment("b", 2), Increment("a", 1), Increment("b", 3), Increment("a", -4)])
+    assert outcomes == [Applied("b", 5), Applied("a", -3), Applied("b", 5), Applied("a", -3)]
+    assert list_counters(engine) == [("a", -3), ("b", 5)]
+
+
+@pytest.mark.parametrize(("start", "delta"), [(INT64_MAX, 1), (INT64_MIN, -1), (INT64_MAX - 5, 6), (INT64_MIN + 5, -6)])
+def test_an_overflowing_increment_fails_alone_and_the_rest_of_its_batch_applies(engine, start, delta):
+    increment(engine, "edge", start)
+    outcomes = batch(engine, [Increment("other", 1), Increment("edge", delta), Increment("third", -1)])
+    assert outcomes[0] == Applied("other", 1) and outcomes[2] == Applied("third", -1)
+    assert isinstance(outcomes[1], CounterOverflowError)
+    assert read_counter(engine, "edge") == start  # kept its value
+    assert read_counter(engine, "other") == 1 and read_counter(engine, "third") == -1
+
+
+def test_the_extremes_themselves_are_reachable(engine):
+    assert increment(engine, "max", INT64_MAX).total == INT64_MAX
+    assert increment(engine, "min", INT64_MIN).total == INT64_MIN
+    assert increment(engine, "max", INT64_MIN).total == -1
+    with pytest.raises(CounterOverflowError):
+        increment(engine, "min", -1)
+
+
+def test_a_key_whose_batch_sum_overflows_applies_what_fits_in_arrival_order(engine):
+    increment(engine, "k", INT64_MAX - 10)
+    # Their sum (14) would overflow: one by one, 6 fits (MAX-4), the next 6 does not, -2 fits
+    # (MAX-6), 4 fits (MAX-2).
+    outcomes = batch(engine, [Increment("k", 6), Increment("k", 6), Increment("k", -2), Increment("k", 4)])
+    assert isinstance(outcomes[1], CounterOverflowError)
+    assert [outcome.total for index, outcome in enumerate(outcomes) if index != 1] == [INT64_MAX - 2] * 3
+    assert read_counter(engine, "k") == INT64_MAX - 2
+
+
+def test_a_new_key_whose_sum_is_no_64_bit_value_is_applied_as_far_as_it_fits(engine):
+    outcomes = batch(engine, [Increment("n", INT64_MAX), Increment("n", INT64_MAX)])
+    assert outcomes[0] == Applied("n", INT64_MAX) and isinstance(outcomes[1], CounterOverflowError)
+
+
+def test_sums_that_cross_the_range_midway_but_end_inside_apply_whole(engine):
+    # In arrival order the second would overflow; applied together (concurrent requests, any
+    # order is theirs) the total fits, so all three apply.
+    outcomes = batch(engine, [Increment("m", INT64_MAX), Increment("m", 1), Increment("m", -2)])
+    assert outcomes == [Applied("m", INT64_MAX - 1)] * 3
+
+
+def test_the_table_never_holds_a_non_integer(engine):
+    if engine.dialect.name == "sqlite":  # (PostgreSQL's bigint column rounds a 1.5 itself)
+        with pytest.raises(sa.exc.DBAPIError), engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO counters (key, value) VALUES ('r', 1.5)"))
+        with pytest.raises(sa.exc.DBAPIError), engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO counters (key, value) VALUES ('r', 9223372036854775807 + 1)"))
+    with pytest.raises(sa.exc.DBAPIError), engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO counters (key, value) VALUES ('s', 'five')"))
+
+
+def test_an_idempotency_key_retry_is_applied_once(engine):
+    first = increment(engine, "i", 3, idempotency_key="retry-1")
+    again = increment(engine, "i", 3, idempotency_key="retry-1")
+    assert first.total == 3 and again == Applied("i", None, replayed=True)
+    assert read_counter(engine, "i") == 3
+
+
+def test_an_idempotency_key_with_a_different_body_is_refused(engine):
+    increment(engine, "i", 3, idempotency_key="once")
+    with pytest.raises(IdempotencyKeyReusedError):
+        increment(engine, "i", 4, idempotency_key="once")
+    with pytest.raises(IdempotencyKeyReusedError):
+        increment(engine, "j", 3, idempotency_key="once")
+    assert read_counter(engine, "i") == 3 and read_counter(engine, "j") is None
+
+
+def test_the_same_idempotency_key_twice_in_one_batch(engine):
+    outcomes = batch(engine, [Increment("d", 1, "dup"), Increment("d", 1, "dup"), Increment("d", 2, "dup")])
+    assert outcomes[0] == Applied("d", 1)
+    assert outcomes[1] == Applied("d", None, replayed=True)
+    assert isinstance(outcomes[2], IdempotencyKeyReusedError)
+    assert read_counter(engine, "d") == 1
+
+
+def test_a_refused_increment_leaves_its_idempotency_key_unused(engine):
+    increment(engine, "o", INT64_MAX)
+    with pytest.raises(CounterOverflowError):
+        increment(engine, "o", 1, idempotency_key="over")
+    with pytest.raises(CounterOverflowError):
+        increment(engine, "o", 1, idempotency_key="over")  # refused again, not replayed
+    increment(engine, "o", -1)
+    assert increment(engine, "o", 1, idempotency_key="over").total == INT64_MAX
+
+
+def test_an_expired_idempotency_key_is_a_new_use_and_is_deleted(engine):
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(hours=25)
+    batch(engine, [Increment("e", 1, "old")], now=long_ago)
+    assert increment(engine, "e", 1, idempotency_key="old").total == 2  # expired: applied again
+    batch(engine, [Increment("e", 5, "older")], now=long_ago)
+    assert delete_expired_idempotency_keys(engine) == 1
+    with engine.connect() as conn:
+        assert sorted(conn.execute(sa.select(idempotency_keys.c.key)).scalars()) == ["old"]
+
+
+def test_list_counters_sorted_limited_or_by_key(engine):
+    for key in ["c", "a", "b"]:
+        increment(engine, key, ord(key))
+    assert list_counters(engine) == [("a", 97), ("b", 98), ("c", 99)]
+    assert list_counters(engine, limit=2) == [("a", 97), ("b", 98)]
+    assert list_counters(engine, ["c", "nope", "a"]) == [("a", 97), ("c", 99)]
+
+
+def test_keys_of_every_shape_round_trip(engine):
+    keys = ["/", "a/b", "%2F", "ключ", "emoji 😀", " spaced ", "x" * 255, "'; DROP TABLE counters; --", "?&#"]
+    for key in keys:
+        increment(engine, key, 1)
+    assert [read_counter(engine, key) for key in keys] == [1] * len(keys)
+
+
+def test_concurrent_increments_from_many_threads_are_exact(engine):
+    rng = random.Random(7)
+    plan = [[(f"k{rng.randrange(10)}", rng.randrange(-1000, 1000)) for _ in range(50)] for _ in range(8)]
+    expected: dict[str, int] = {}
+    for work in plan:
+        for key, value in work:
+            expected[key] = expected.get(key, 0) + value
+    errors = []
+
+    def worker(work) -> None:
+        try:
+            for key, value in work:
+                increment(engine, key, value)
+        except Exception as ex:  # noqa: BLE001 - reported below
+            errors.append(ex)
+
+    threads = [threading.Thread(target=worker, args=(work,)) for work in plan]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    assert dict(list_counters(engine, limit=1000)) == expected
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "a\x00b", 5, None, "\udc80"])
+def test_bad_keys(key):
+    with pytest.raises(InvalidIncrementError):
+        check_key(key)
+
+
+@pytest.mark.parametrize("value", [True, False, 1.0, "5", None, INT64_MAX + 1, INT64_MIN - 1])
+def test_bad_values(value):
+    with pytest.raises(InvalidIncrementError):
+        check_value(value)
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "tab\there", "é", "new\nline"])
+def test_bad_idempotency_keys(key):
+    with pytest.raises(InvalidIncrementError):
+        check_idempotency_key(key)

@@ -11,9 +11,16 @@ from typing import Any
 import falcon
 from sqlalchemy.engine import Engine
 
-from daemon.batcher import Batcher, QueryKind
+from daemon.batcher import Batcher, IncrementKind, QueryKind
 from daemon.metrics import Metrics
-from daemon.resources import HealthResource, MetricsResource, OpenApiResource, QueryResource
+from daemon.resources import (
+    CounterResource,
+    HealthResource,
+    IncrementResource,
+    MetricsResource,
+    OpenApiResource,
+    QueryResource,
+)
 from maxtwo_cli.core.errors import MaxtwoError
 from maxtwo_cli.core.settings import Settings
 
@@ -35,7 +42,8 @@ def create_app(
     metrics: Metrics | None = None,
     batcher: Batcher | None = None,
 ) -> falcon.App:
-    """The API: GET /, /healthz, /metrics, /openapi.json; JSON errors everywhere.
+    """The API: GET /, POST /increment, GET /counters/{key}, /healthz, /metrics, /openapi.json;
+    JSON errors everywhere.
 
     `batcher`: the one GET / writes through (by default, new_batcher()'s); its owner closes it
     at shutdown."""
@@ -43,6 +51,9 @@ def create_app(
     app = falcon.App(middleware=[RequestMetrics(metrics)])
     batcher = batcher or new_batcher(settings, engine, metrics)
     app.add_route("/", QueryResource(batcher, metrics, PREFETCHED_ANSWER))
+    app.add_route("/increment", IncrementResource(batcher, metrics))
+    # NOTE: `path`: a key may hold "/" (sent as %2F, which the server decodes before routing).
+    app.add_route("/counters/{key:path}", CounterResource(engine))
     app.add_route("/healthz", HealthResource(engine))
     app.add_route("/metrics", MetricsResource(metrics))
     app.add_route("/openapi.json", OpenApiResource())
@@ -55,18 +66,22 @@ def create_app(
 def new_batcher(settings: Settings, engine: Engine, metrics: Metrics) -> Batcher:
     """The group commit for every write the API makes."""
 
-    def observe(kind: str, count: int) -> None:
-        if kind == QueryKind.name:
-            metrics.query_batch_size.observe(count)
+    sizes = {QueryKind.name: metrics.query_batch_size, IncrementKind.name: metrics.increment_batch_size}
 
-    return Batcher(
+    def observe(kind: str, count: int) -> None:
+        sizes[kind].observe(count)
+
+    batcher = Batcher(
         engine,
-        [QueryKind()],
+        [QueryKind(), IncrementKind()],
         # Room for the batch running when a request comes and its own, each bounded by the
         # database timeouts; it ends a wait that nothing else would (a server gone silent).
         max_wait=batch_timeout(settings),
         on_batch=observe,
+        on_commit=metrics.batch_commit_seconds.observe,
     )
+    metrics.batch_queue_depth.set_function(batcher.pending)
+    return batcher
 
 
 def batch_timeout(settings: Settings) -> float:

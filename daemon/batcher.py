@@ -6,7 +6,7 @@ at the same moment share one transaction: a committer thread takes everybody wai
 batch for them and hands each its own outcome, then takes whoever came meanwhile. Nobody is
 answered before the commit, so nothing is less durable than a transaction of its own.
 
-Operations come in kinds (`Kind`: GET /'s query today), each applied to its part of the batch
+Operations come in kinds (`Kind`: GET /'s query, POST /increment's increment), each applied to its part of the batch
 by one call. A kind reports an operation's own failure by returning the exception in its place;
 a kind that raises fails its whole part, and with several kinds in a batch each part runs in a
 savepoint, so the other kinds still commit. Only a failure of the transaction itself (the
@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from sqlalchemy.engine import Engine
 
 from maxtwo_cli.core.batch import HeldConnection
+from maxtwo_cli.core.counters import apply_increments
 from maxtwo_cli.core.errors import DatabaseUnavailableError
 from maxtwo_cli.core.query import AnswerCache, run_query_batch
 
@@ -65,6 +66,20 @@ class QueryKind:
 
     def apply(self, held: HeldConnection, payloads: Sequence[Any]) -> list[Any]:
         return list(run_query_batch(held, len(payloads), self._cache))
+
+
+class IncrementKind:
+    """POST /increment: add to a counter (core.counters); its payloads are Increments."""
+
+    name = "increment"
+    one_statement = False
+
+    def apply(self, held: HeldConnection, payloads: Sequence[Any]) -> list[Any]:
+        return apply_increments(held, payloads)
+
+
+class QueueFullError(DatabaseUnavailableError):
+    """More operations wait for the database than the batcher holds: try again shortly."""
 
 
 class _Waiter:
@@ -105,17 +120,24 @@ class Batcher:
         *,
         max_wait: float,
         max_batch: int = 256,
+        max_pending: int = 100_000,
         on_batch: Callable[[str, int], None] | None = None,
+        on_commit: Callable[[float], None] | None = None,
     ) -> None:
         """`max_wait`: seconds a caller waits for its outcome (its batch and the one running when
         it came) before giving up with DatabaseUnavailableError. `max_batch`: operations per
-        transaction; a caller asking for more at once still gets one. `on_batch(kind, count)`:
-        called for each kind's part of every committed batch."""
+        transaction; a caller asking for more at once still gets one. `max_pending`: operations
+        waiting at most (more: QueueFullError at once, so memory stays flat whatever the load).
+        `on_batch(kind, count)`: called for each kind's part of every committed batch;
+        `on_commit(seconds)`: once per committed batch, with its duration."""
         self._engine = engine
         self._kinds = {kind.name: kind for kind in kinds}
         self.max_wait = max_wait
         self.max_batch = max_batch
         self._on_batch = on_batch
+        self._on_commit = on_commit
+        self.max_pending = max_pending
+        self._queued = 0  # operations waiting, not yet taken into a batch
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._waiting: deque[_Waiter] = deque()
@@ -141,6 +163,9 @@ class Batcher:
             raise ValueError(f"unknown kind of operation {kind!r}")
         me = _Waiter(kind, payloads)
         with self._lock:
+            if self._queued + len(payloads) > self.max_pending and self._queued:
+                return [QueueFullError(f"{self._queued} operations already wait for the database")] * len(payloads)
+            self._queued += len(payloads)
             self._waiting.append(me)
             if self._committing:
                 self._arrived.notify()
@@ -150,6 +175,7 @@ class Batcher:
                     committer.start()
                 except RuntimeError as ex:  # no thread to be had (resources, interpreter shutdown)
                     self._waiting.remove(me)
+                    self._queued -= len(payloads)
                     raise DatabaseUnavailableError(f"cannot start the batch thread: {ex}") from None
                 self._committing = True
                 self._committer = committer
@@ -157,6 +183,7 @@ class Batcher:
             with self._lock:
                 if me in self._waiting:
                     self._waiting.remove(me)
+                    self._queued -= len(payloads)
                 answered = me.answered()  # in the instant between the timeout and the lock
             if not answered:
                 # NOTE: if its batch is running, what it writes will still commit although
@@ -164,6 +191,10 @@ class Batcher:
                 error = DatabaseUnavailableError(f"no answer from the database within {self.max_wait:.0f} s")
                 return [error] * len(payloads)
         return [_own_copy(outcome) if isinstance(outcome, BaseException) else outcome for outcome in me.outcomes]
+
+    def pending(self) -> int:
+        """Operations waiting for a batch (the running one's not counted)."""
+        return self._queued
 
     def running_for(self) -> float:
         """Seconds the running batch has taken so far; 0 when none runs."""
@@ -213,6 +244,7 @@ class Batcher:
         while waiting and count + len(waiting[0].payloads) <= self.max_batch:
             count += len(waiting[0].payloads)
             batch.append(waiting.popleft())
+        self._queued -= count
         return batch
 
     def _run_batch(self, held: HeldConnection, batch: list[_Waiter]) -> None:
@@ -233,11 +265,17 @@ class Batcher:
                 # nobody waits much longer than one timeout for a 503.
                 batch += self._waiting
                 self._waiting.clear()
+                self._queued = 0
             for waiter in batch:
                 waiter.answer([ex] * len(waiter.payloads))
             return
         finally:
-            self._batch_started = None
+            started, self._batch_started = self._batch_started, None
+        if self._on_commit is not None and started is not None:
+            try:
+                self._on_commit(time.monotonic() - started)
+            except Exception:  # a metrics callback must never cost anybody an answer
+                log.exception("on_commit callback failed")
         for name, waiters in parts.items():
             results = outcomes[name]
             if self._on_batch is not None:

@@ -8,6 +8,10 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
+INCREMENT_REJECTIONS = ("malformed", "too_large", "unsupported_media_type", "invalid", "overflow",
+                        "idempotency_conflict", "queue_full", "unavailable")
+
+
 class Metrics:
     def __init__(self) -> None:
         # NOTE: the *_created series double the output and nobody here graphs them.
@@ -62,6 +66,36 @@ class Metrics:
         )
         for reason in ("overlap", "elsewhere"):
             self.randomize_skipped.labels(reason=reason)
+        self.increments_applied = Counter(
+            "maxtwo_increments_applied_total",
+            "POST /increment requests committed (answered 202), replays of an Idempotency-Key included.",
+            registry=self.registry,
+        )
+        self.increments_rejected = Counter(
+            "maxtwo_increments_rejected_total",
+            "POST /increment requests refused, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in INCREMENT_REJECTIONS:
+            self.increments_rejected.labels(reason=reason)
+        self.increment_batch_size = Histogram(
+            "maxtwo_increment_batch_size",
+            "Increments applied per database transaction (concurrent requests share one commit).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
+        self.batch_commit_seconds = Histogram(
+            "maxtwo_batch_commit_duration_seconds",
+            "Time from a batch's start to its commit, every kind of write together.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.batch_queue_depth = Gauge(
+            "maxtwo_batch_queue_depth",
+            "Writes (queries, increments) waiting for a batch.",
+            registry=self.registry,
+        )
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""

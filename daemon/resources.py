@@ -10,11 +10,21 @@ import falcon
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy.engine import Engine
 
-from daemon.batcher import Batcher, QueryKind
+from daemon.batcher import Batcher, IncrementKind, QueryKind, QueueFullError
 from daemon.metrics import Metrics
 from daemon.openapi import openapi_document
+from maxtwo_cli.core.counters import (
+    CounterOverflowError,
+    IdempotencyKeyReusedError,
+    Increment,
+    InvalidIncrementError,
+    check_idempotency_key,
+    check_key,
+    check_value,
+    read_counter,
+)
 from maxtwo_cli.core.db import ping
-from maxtwo_cli.core.errors import MaxtwoError
+from maxtwo_cli.core.errors import DatabaseUnavailableError, MaxtwoError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +62,95 @@ class QueryResource:
         resp.set_header("X-Maxtwo-Recorded-At", result.recorded_at.isoformat())
         if result.previous is not None:
             resp.set_header("X-Maxtwo-Previous-At", result.previous.isoformat())
+
+
+# The largest POST /increment body read: {"key": 255 characters, "value": 20 digits} fits many
+# times over, even with every character \u-escaped.
+MAX_INCREMENT_BODY = 4096
+_INCREMENT_FIELDS = {"key", "value"}
+
+
+def parse_increment(content_type: str | None, body: bytes, idempotency_key: str | None) -> Increment:
+    """The Increment a POST /increment asks for, or the falcon.HTTPError to answer it with."""
+    if content_type is None or content_type.split(";")[0].strip().lower() != falcon.MEDIA_JSON:
+        raise falcon.HTTPUnsupportedMediaType(description="send the body as application/json")
+    if len(body) > MAX_INCREMENT_BODY:
+        raise falcon.HTTPContentTooLarge(description=f"the body may be at most {MAX_INCREMENT_BODY} bytes")
+    try:
+        document = json.loads(body)
+    except ValueError:  # JSONDecodeError, and bytes that are no UTF-8
+        raise falcon.HTTPBadRequest(description="the body is not valid JSON") from None
+    if not isinstance(document, dict):
+        raise falcon.HTTPBadRequest(description='the body must be a JSON object: {"key": "...", "value": N}')
+    fields = set(document)
+    if fields != _INCREMENT_FIELDS:
+        missing, unknown = sorted(_INCREMENT_FIELDS - fields), sorted(fields - _INCREMENT_FIELDS)
+        problems = [f"missing field {name!r}" for name in missing] + [f"unknown field {name!r}" for name in unknown]
+        raise falcon.HTTPUnprocessableEntity(description="; ".join(problems))
+    try:
+        key = check_key(document["key"])
+        value = check_value(document["value"])
+    except InvalidIncrementError as ex:
+        raise falcon.HTTPUnprocessableEntity(description=str(ex)) from None
+    if idempotency_key is not None:
+        try:
+            check_idempotency_key(idempotency_key)
+        except InvalidIncrementError as ex:
+            raise falcon.HTTPBadRequest(description=str(ex)) from None
+    return Increment(key, value, idempotency_key)
+
+
+class IncrementResource:
+    """POST /increment: 202 once the increment is committed (group commit with its batch)."""
+
+    def __init__(self, batcher: Batcher, metrics: Metrics) -> None:
+        self._batcher = batcher
+        self._metrics = metrics
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        length = req.content_length
+        try:
+            if length is not None and length > MAX_INCREMENT_BODY:
+                raise falcon.HTTPContentTooLarge(description=f"the body may be at most {MAX_INCREMENT_BODY} bytes")
+            item = parse_increment(req.content_type, req.bounded_stream.read(MAX_INCREMENT_BODY + 1),
+                                   req.get_header("Idempotency-Key"))
+        except falcon.HTTPError as ex:
+            self._metrics.increments_rejected.labels(reason=_REJECTED_REASONS.get(ex.status_code, "invalid")).inc()
+            raise
+        try:
+            self._batcher.submit(IncrementKind.name, item)
+        except CounterOverflowError as ex:
+            self._metrics.increments_rejected.labels(reason="overflow").inc()
+            raise falcon.HTTPConflict(description=str(ex)) from None
+        except IdempotencyKeyReusedError as ex:
+            self._metrics.increments_rejected.labels(reason="idempotency_conflict").inc()
+            raise falcon.HTTPUnprocessableEntity(description=str(ex)) from None
+        except QueueFullError:
+            self._metrics.increments_rejected.labels(reason="queue_full").inc()
+            raise
+        except DatabaseUnavailableError:
+            self._metrics.increments_rejected.labels(reason="unavailable").inc()
+            raise
+        self._metrics.increments_applied.inc()
+        resp.status = falcon.HTTP_202
+        resp.data = b""
+
+
+_REJECTED_REASONS = {400: "malformed", 413: "too_large", 415: "unsupported_media_type", 422: "invalid"}
+
+
+class CounterResource:
+    """GET /counters/{key}: the committed total."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
+        resp.cache_control = ["no-store"]
+        total = read_counter(self._engine, key) if key else None
+        if total is None:
+            raise falcon.HTTPNotFound(description="no counter under this key: it was never incremented")
+        resp.media = {"key": key, "value": total}
 
 
 class HealthResource:

@@ -9,12 +9,12 @@ import time
 
 import sqlalchemy as sa
 
+from devtools.pgserver import ThrowawayPostgres
 from maxtwo_cli.core import db
 from maxtwo_cli.core.clock import format_api_timestamp
 from maxtwo_cli.core.schema import users
 from maxtwo_cli.core.settings import Settings
 from tests.helpers import notifications, notify_socket, state
-from tests.pgserver import ThrowawayPostgres
 from tests.serve_process import ServeProcess
 
 

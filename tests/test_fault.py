@@ -20,12 +20,12 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
+from devtools.pgserver import ThrowawayPostgres
 from maxtwo_cli.core import db
 from maxtwo_cli.core.schema import users
 from maxtwo_cli.core.settings import Settings
 from tests.conftest import libpq_url
 from tests.helpers import distinct_updated_at, state
-from tests.pgserver import ThrowawayPostgres
 from tests.serve_process import MAXTWO, ServeProcess, get
 
 pytestmark = pytest.mark.fault

@@ -7,6 +7,7 @@ import math
 import threading
 import time
 
+import pytest
 import sqlalchemy as sa
 
 from devtools.pgserver import ThrowawayPostgres
@@ -126,6 +127,7 @@ def test_sigterm_during_a_burst_answers_everything_and_exits_0(database_url, tmp
         assert "Task queue depth" not in daemon.log()
 
 
+@pytest.mark.slow  # several intervals of two daemons
 def test_two_daemons_randomize_exactly_once_per_interval(postgres_url, tmp_path):
     engine = db.create_engine(Settings(database_url=postgres_url))
     with ServeProcess(postgres_url, interval=1, seed_count=2000) as first, \
@@ -168,6 +170,7 @@ def test_sd_notify_ready_watchdog_stopping(tmp_path):
     assert messages[-1] == "STOPPING=1"
 
 
+@pytest.mark.slow  # its own PostgreSQL server, stopped and started
 def test_the_daemon_rides_out_a_database_outage(tmp_path):
     """Its own PostgreSQL server, stopped and started again under the running daemon."""
     with ThrowawayPostgres(fsync=False) as server:

@@ -28,7 +28,7 @@ from tests.conftest import libpq_url
 from tests.helpers import distinct_updated_at, state
 from tests.serve_process import MAXTWO, ServeProcess, get
 
-pytestmark = pytest.mark.fault
+pytestmark = [pytest.mark.fault, pytest.mark.slow]  # 5-30 s each: outages, kills, full disks
 
 
 class Clients:

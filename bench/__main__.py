@@ -3,9 +3,9 @@
 import sys
 from pathlib import Path
 
-# NOTE: the throwaway PostgreSQL server comes from tests/pgserver.py, and `tests` is not an
-# installed package: the repository root must be importable, and must win over any stray
-# top-level `tests` package some dependency may have installed.
+# NOTE: the throwaway PostgreSQL server comes from devtools/pgserver.py, and `devtools` is not
+# an installed package: the repository root must be importable, and must win over any stray
+# top-level `devtools` package some dependency may have installed.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path[:1]:
     sys.path.insert(0, str(REPO_ROOT))

@@ -142,7 +142,7 @@ def open_postgres(given_url: str | None) -> Iterator[PostgresTarget]:
         finally:
             target.dispose()
         return
-    from tests.pgserver import ThrowawayPostgres  # the repository root is on sys.path
+    from devtools.pgserver import ThrowawayPostgres  # the repository root is on sys.path
 
     settings = ", ".join(f"{name}={value}" for name, value in POSTGRES_SETTINGS.items())
     say(f"PostgreSQL: starting a throwaway server (fsync on, {settings})")

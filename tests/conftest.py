@@ -1,7 +1,7 @@
 """Fixtures: every core test runs on a SQLite file and on a real PostgreSQL server.
 
 PostgreSQL comes from MAXTWO_TEST_POSTGRES_URL when set; otherwise the session starts a
-throwaway server (tests/pgserver.py) the first time a PostgreSQL test needs it. Each test gets
+throwaway server (devtools/pgserver.py) the first time a PostgreSQL test needs it. Each test gets
 its own PostgreSQL schema (via search_path), so tests never see each other's tables.
 """
 
@@ -16,9 +16,9 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
+from devtools import pgserver
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.settings import Settings
-from tests import pgserver
 
 DATABASES = ["sqlite", "postgres"]
 

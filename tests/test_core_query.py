@@ -186,26 +186,47 @@ def test_postgres_query_does_not_wait_for_a_running_randomization(postgres_engin
     seed_users(engine, ROWS)
     randomize_points(engine)
     old_epoch = state(engine).epoch
+    gate_key = 424242  # an advisory lock this test holds: the randomization stops at it
     with engine.begin() as conn:
-        # Hold the randomization open (its row locks taken) for two seconds near its end.
+        # Hold the randomization open (its row locks taken) near its end, until the test says so.
         conn.execute(sa.text(
             "CREATE FUNCTION slow_update() RETURNS trigger LANGUAGE plpgsql AS "
-            "$$ BEGIN PERFORM pg_sleep(2); RETURN NEW; END $$"
+            f"$$ BEGIN PERFORM pg_advisory_xact_lock({gate_key}); RETURN NEW; END $$"
         ))
         conn.execute(sa.text(
             "CREATE TRIGGER slow_last_row BEFORE UPDATE ON users FOR EACH ROW "
             f"WHEN (NEW.id = {ROWS}) EXECUTE FUNCTION slow_update()"
         ))
-    worker = threading.Thread(target=randomize_points, args=(engine,))
-    worker.start()
-    time.sleep(0.5)
-    started = time.monotonic()
-    during = query_users(engine)
-    waited = time.monotonic() - started
-    worker.join()
-    assert waited < 1.0
+    # NOTE: ordering, not a stopwatch: the query must finish while the randomization is still
+    # held at the gate. Had it waited for the randomization's locks, it could only have ended in
+    # the statement timeout's error, since the gate opens after the query returns.
+    with engine.connect() as gate:
+        gate.execute(sa.select(sa.func.pg_advisory_lock(gate_key)))
+        worker = threading.Thread(target=randomize_points, args=(engine,))
+        worker.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not _waits_on_advisory_lock(gate) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert _waits_on_advisory_lock(gate), "the randomization never reached the gate"
+            during = query_users(engine)
+            assert worker.is_alive()
+        finally:
+            gate.execute(sa.select(sa.func.pg_advisory_unlock(gate_key)))
+            gate.commit()
+            worker.join()
     assert during.epoch == old_epoch
     assert query_users(engine).epoch == old_epoch + 1
+
+
+def _waits_on_advisory_lock(conn) -> bool:
+    """Whether another backend is blocked on an advisory lock (the randomization at the gate)."""
+    waiting = conn.scalar(sa.text(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND wait_event = 'advisory' AND pid <> pg_backend_pid()"
+    ))
+    conn.rollback()  # NOTE: pg_stat_activity is a snapshot per transaction; the lock is per session
+    return bool(waiting)
 
 
 def test_sqlite_query_waits_for_the_write_lock_without_error(tmp_path):

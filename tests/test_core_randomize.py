@@ -178,6 +178,6 @@ def test_randomize_if_due_stands_back_while_another_run_holds_the_lock(postgres_
     with postgres_engine.begin() as conn:
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(RANDOMIZE_LOCK_KEY)))
         # Another daemon's run is in progress: this one must not wait, and must not run.
-        started = time.monotonic()
+        # NOTE: no stopwatch needed: the lock's holder is this very thread, so a call that waited
+        # for it could only end in the statement timeout's error, never return None.
         assert randomize_if_due(postgres_engine, due_at=utcnow(), interval=60) is None
-        assert time.monotonic() - started < 2

@@ -20,15 +20,20 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
+from devtools.pgserver import ThrowawayPostgres
 from maxtwo_cli.core import db
 from maxtwo_cli.core.schema import users
 from maxtwo_cli.core.settings import Settings
 from tests.conftest import libpq_url
 from tests.helpers import distinct_updated_at, state
-from tests.pgserver import ThrowawayPostgres
 from tests.serve_process import MAXTWO, ServeProcess, get
 
-pytestmark = pytest.mark.fault
+pytestmark = [pytest.mark.fault, pytest.mark.slow]  # 5-30 s each: outages, kills, full disks
+
+# NOTE: the bounds below tell a bounded wait from a hang or a pile-up, with slack for a loaded
+# 2-core machine; docs/reliability.md records what was actually measured.
+SLACK = 3.0  # seconds on top of a timeout that bounds an answer
+RECOVERY = 5.0  # seconds from the fault's end to the first 200
 
 
 class Clients:
@@ -97,8 +102,8 @@ def test_database_outage_under_load(tmp_path, reliability):
 
     assert during and statuses <= {503}  # every request in the outage: a 503, no 500, no hang
     worst = max(s[1] for s in during)
-    assert worst < 7  # the 5 s connect timeout bounds every answer
-    assert recovered_at is not None and recovered_at - back_at < 2
+    assert worst < 5 + SLACK  # the 5 s connect timeout bounds every answer
+    assert recovered_at is not None and recovered_at - back_at < RECOVERY
     assert new_epoch > epoch  # the scheduler randomized again after the outage
     reliability.record(
         "A database outage under load: 503s, then recovery without a restart",
@@ -139,7 +144,7 @@ def test_stuck_lock_turns_into_503_within_the_statement_timeout(database_url, tm
 
     assert stuck and {s[2] for s in stuck} == {503}
     slowest = max(s[1] for s in stuck)
-    assert slowest < 7  # the 5 s statement (or busy) timeout, not a pile-up
+    assert slowest < 5 + SLACK  # the 5 s statement (or busy) timeout, not a pile-up
     assert after and {s[2] for s in after} == {200}
     kind = "PostgreSQL" if database_url.startswith("postgresql") else "SQLite"
     reliability.record(
@@ -237,11 +242,16 @@ def test_three_daemons_one_run_per_interval_and_a_killed_runner_is_replaced(post
         daemons[last_runner].process.send_signal(signal.SIGKILL)
         daemons[last_runner].process.wait(10)
         next_boundary = interval * (int(time.time() / interval) + 1)
-        time.sleep(next_boundary + 1 - time.time())
+        # The next boundary's run, by a survivor: seen before the boundary after it (a loaded
+        # machine may start it late, but not an interval late).
+        known_epoch = state(engine).epoch
+        time.sleep(max(0.0, next_boundary - time.time()))
+        while state(engine).epoch == known_epoch and time.time() < next_boundary + interval - 0.2:
+            time.sleep(0.05)
         after_kill = state(engine)
         late_by = after_kill.randomized_at.timestamp() - next_boundary
-        assert after_kill.epoch == epoch_after + 1 or after_kill.epoch == epoch_after + 2
-        assert 0 <= late_by < 1
+        assert after_kill.epoch == known_epoch + 1
+        assert 0 <= late_by < interval
         survivors = [d for n, d in enumerate(daemons) if n != last_runner]
         assert all(daemon.get("/")[0] == 200 for daemon in survivors)
         for daemon in survivors:
@@ -329,7 +339,8 @@ def test_a_database_that_goes_silent_gets_503s_not_a_hang(postgres_url, tmp_path
                 proxy.flowing.set()
                 thawed_at = time.monotonic()
                 time.sleep(3)
-            silent = clients.between(0, thawed_at - 16)
+            # Made in the first 2 s of the silence: each must be answered before it ends.
+            silent = clients.between(0, thawed_at - 18)
             after = clients.between(thawed_at + 1, time.monotonic())
             assert daemon.terminate() == 0
     finally:
@@ -339,7 +350,7 @@ def test_a_database_that_goes_silent_gets_503s_not_a_hang(postgres_url, tmp_path
     # own bound, connect + 2 x statement timeout = 15 s.
     assert silent and {s[2] for s in silent} == {503}
     slowest = max(s[1] for s in silent)
-    assert slowest < 17
+    assert all(s[0] + s[1] < thawed_at for s in silent)  # answered while still silent: no hang
     assert after and {s[2] for s in after} == {200}
     reliability.record(
         "A database that goes silent: 503s within a bound, not a hang",
@@ -461,11 +472,11 @@ def test_a_full_disk_gets_503_and_exit_1_then_recovers(tmp_path, reliability):
     statuses = {s[2] for s in while_full}
     assert while_full and statuses <= {200, 503}  # no 500, no dropped connection
     assert 503 in statuses
-    assert max(s[1] for s in while_full) < 2
+    assert max(s[1] for s in while_full) < 5  # below the 5 s busy timeout: none waited one out
     assert failures >= 2 and epoch_while_full == epoch_before  # every run while full failed
     randomize_error = one_line_error(randomize, "full", "free some space")
     one_line_error(reset, "full")  # and the reset rolled back: the 20,000 users are all there
-    assert recovered and recovered[0][0] + recovered[0][1] - freed_at < 2
+    assert recovered and recovered[0][0] + recovered[0][1] - freed_at < RECOVERY
     assert status == 200 and set(body) == {"users", "timestamp"}
     assert current.epoch > epoch_while_full  # randomizations resumed with no restart
     reliability.record(
@@ -518,10 +529,10 @@ def test_a_read_only_database_file_gets_503_and_exit_1_then_recovers(tmp_path, r
     statuses = {s[2] for s in while_read_only}
     assert while_read_only and statuses == {503}
     slowest = max(s[1] for s in while_read_only)
-    assert slowest < 2
+    assert slowest < 5  # below the 5 s busy timeout: none waited one out
     randomize_error = one_line_error(randomize, "read-only")
     one_line_error(query, "read-only")
-    assert recovered and recovered[0][0] + recovered[0][1] - made_writable < 2
+    assert recovered and recovered[0][0] + recovered[0][1] - made_writable < RECOVERY
     reliability.record(
         "A read-only database file (SQLite): 503 and exit 1, then recovery",
         "Under a running `maxtwo serve` and 4 clients, the SQLite file, its -wal file and its "

@@ -58,6 +58,7 @@ def test_garbage_gets_400(daemon):
     assert daemon.get("/")[0] == 200
 
 
+@pytest.mark.slow  # 3 s of trickling clients
 def test_slow_clients_do_not_block_the_others(daemon):
     """Slowloris: 100 connections that trickle a header byte now and then."""
     slow = []
@@ -79,6 +80,7 @@ def test_slow_clients_do_not_block_the_others(daemon):
             sock.close()
 
 
+@pytest.mark.slow  # 700 connections held open
 def test_a_burst_above_the_connection_limit(daemon):
     """More connections than waitress's limit (512): the excess waits in the backlog, memory and
     threads stay bounded, and the service answers as soon as the burst goes away."""

@@ -12,7 +12,7 @@ import pytest
 
 from tests.serve_process import ServeProcess
 
-pytestmark = pytest.mark.fault
+pytestmark = [pytest.mark.fault, pytest.mark.slow]  # 60 s of load on each database
 
 CLIENTS = 200
 SECONDS = 60

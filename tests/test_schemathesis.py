@@ -16,6 +16,9 @@ pytestmark = pytest.mark.fault
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 
 
+# NOTE: the API is the same on both databases; the development loop checks it on SQLite.
+@pytest.mark.parametrize("database_url", ["sqlite", pytest.param("postgres", marks=pytest.mark.slow)],
+                         indirect=True)
 def test_the_api_matches_its_openapi_document(database_url, tmp_path, reliability):
     with ServeProcess(database_url, interval=2, seed_count=1000) as daemon:
         daemon.start(tmp_path / "serve.log")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
 import sqlalchemy as sa
 
 from tests.serve_process import MAXTWO, ServeProcess
 
 
+@pytest.mark.slow  # a full run of every command and the daemon (~15 s)
 def test_the_password_appears_nowhere(postgres_url, postgres_server, tmp_path):
     password = postgres_server.password
     seen: list[str] = []

@@ -26,7 +26,7 @@ from bench.wrk import errors_of, run_wrk
 
 VARIANTS = {
     "all hooks": [],
-    "no query lane": ["--no-query-lane"],
+    "no lane": ["--no-lane"],
     "no change poller": ["--no-change-poller"],
     "no quiet channel": ["--no-quiet-channel"],
 }

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import falcon
 from sqlalchemy.engine import Engine
 
-from daemon.batcher import Batcher, IncrementKind, QueryKind
+from daemon.batcher import Batcher, IncrementKind, QueryKind, QueueFullError
 from daemon.metrics import Metrics
 from daemon.resources import (
     CounterResource,
@@ -20,19 +20,27 @@ from daemon.resources import (
     MetricsResource,
     OpenApiResource,
     QueryResource,
+    parse_increment,
 )
-from maxtwo_cli.core.errors import MaxtwoError
+from maxtwo_cli.core.counters import Increment
+from maxtwo_cli.core.errors import DatabaseUnavailableError, MaxtwoError
 from maxtwo_cli.core.settings import Settings
+
+if TYPE_CHECKING:  # the app never needs the transport (nor waitress) itself
+    from daemon.transport import LaneRequest
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 5
 
-# WSGI environ entries a server may set for a request it fetched the answer of ahead (the
-# daemon's query lane, daemon/transport.py): GET /'s answer (or the error to answer with), and
-# the time.perf_counter() at which the request arrived, so its latency counts the wait.
+# WSGI environ entries a server may set for a request whose outcome it fetched ahead (the
+# daemon's lane, daemon/transport.py, with fetch_outcomes() below): the outcome (GET /'s answer,
+# an increment's Applied, or the error to answer with), and the time.perf_counter() at which the
+# request arrived, so its latency counts the wait.
 PREFETCHED_ANSWER = "maxtwo.prefetched_answer"
 ARRIVED_AT = "maxtwo.arrived_at"
+# The routes whose writes the lane batches: (method, path).
+LANE_ROUTES = frozenset({("GET", "/"), ("POST", "/increment")})
 
 
 def create_app(
@@ -51,7 +59,7 @@ def create_app(
     app = falcon.App(middleware=[RequestMetrics(metrics)])
     batcher = batcher or new_batcher(settings, engine, metrics)
     app.add_route("/", QueryResource(batcher, metrics, PREFETCHED_ANSWER))
-    app.add_route("/increment", IncrementResource(batcher, metrics))
+    app.add_route("/increment", IncrementResource(batcher, metrics, PREFETCHED_ANSWER))
     # NOTE: `path`: a key may hold "/" (sent as %2F, which the server decodes before routing).
     app.add_route("/counters/{key:path}", CounterResource(engine))
     app.add_route("/healthz", HealthResource(engine))
@@ -82,6 +90,40 @@ def new_batcher(settings: Settings, engine: Engine, metrics: Metrics) -> Batcher
     )
     metrics.batch_queue_depth.set_function(batcher.pending)
     return batcher
+
+
+def fetch_outcomes(batcher: Batcher, requests: list[LaneRequest], timeout: float) -> list[Any]:
+    """The outcome of each of LANE_ROUTES' requests, their writes in one batch: what the
+    resources would get themselves (daemon/resources.py), a malformed increment's HTTP error
+    included."""
+    outcomes: list[Any] = [None] * len(requests)
+    queries: list[int] = []
+    increments: list[tuple[int, Increment]] = []
+    for index, request in enumerate(requests):
+        if request.method == "GET":
+            queries.append(index)
+            continue
+        try:
+            increments.append((index, parse_increment(
+                request.headers.get("CONTENT_TYPE"), request.body, request.headers.get("IDEMPOTENCY_KEY"))))
+        except falcon.HTTPError as ex:
+            outcomes[index] = ex
+    deadline = time.monotonic() + timeout
+    tickets = []
+    if queries:
+        tickets.append((queries, batcher.enqueue(QueryKind.name, [None] * len(queries))))
+    if increments:
+        tickets.append(([index for index, _ in increments],
+                        batcher.enqueue(IncrementKind.name, [item for _, item in increments])))
+    for indexes, ticket in tickets:
+        for index, outcome in zip(indexes, batcher.outcomes(ticket, deadline - time.monotonic()), strict=True):
+            outcomes[index] = outcome
+    return outcomes
+
+
+def is_outage(outcome: Any) -> bool:
+    """Whether an outcome says the database failed (not just this one request)."""
+    return isinstance(outcome, DatabaseUnavailableError) and not isinstance(outcome, QueueFullError)
 
 
 def batch_timeout(settings: Settings) -> float:

@@ -82,7 +82,7 @@ class QueueFullError(DatabaseUnavailableError):
     """More operations wait for the database than the batcher holds: try again shortly."""
 
 
-class _Waiter:
+class Ticket:
     """One caller's place in the queue, for len(payloads) operations of one kind.
 
     NOTE: signalled through a bare lock, held until the outcome is in, rather than a
@@ -140,7 +140,7 @@ class Batcher:
         self._queued = 0  # operations waiting, not yet taken into a batch
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
-        self._waiting: deque[_Waiter] = deque()
+        self._waiting: deque[Ticket] = deque()
         self._committing = False  # whether the committer thread is running
         self._committer: threading.Thread | None = None
         self._closing = False
@@ -157,14 +157,21 @@ class Batcher:
         """Several operations of one kind in one batch, in order, as many callers of submit()
         would get them; each outcome is its result or its exception (raised by nobody).
         `timeout`: seconds to wait instead of max_wait (0: only what is answered at once)."""
+        return self.outcomes(self.enqueue(kind, payloads), timeout)
+
+    def enqueue(self, kind: str, payloads: Sequence[Any]) -> Ticket:
+        """Queue operations of one kind for the next batch without waiting: a caller with
+        operations of several kinds enqueues each, then waits for them all (outcomes()), and
+        they share a batch."""
         if not payloads:
             raise ValueError("no operations")
         if kind not in self._kinds:
             raise ValueError(f"unknown kind of operation {kind!r}")
-        me = _Waiter(kind, payloads)
+        me = Ticket(kind, payloads)
         with self._lock:
             if self._queued + len(payloads) > self.max_pending and self._queued:
-                return [QueueFullError(f"{self._queued} operations already wait for the database")] * len(payloads)
+                me.answer([QueueFullError(f"{self._queued} operations already wait for the database")] * len(payloads))
+                return me
             self._queued += len(payloads)
             self._waiting.append(me)
             if self._committing:
@@ -179,17 +186,22 @@ class Batcher:
                     raise DatabaseUnavailableError(f"cannot start the batch thread: {ex}") from None
                 self._committing = True
                 self._committer = committer
+        return me
+
+    def outcomes(self, ticket: Ticket, timeout: float | None = None) -> list[Any]:
+        """The outcomes of enqueue()d operations, waiting up to `timeout` s (default max_wait)."""
+        me = ticket
         if not me.wait(self.max_wait if timeout is None else max(timeout, 0.0)):
             with self._lock:
                 if me in self._waiting:
                     self._waiting.remove(me)
-                    self._queued -= len(payloads)
+                    self._queued -= len(me.payloads)
                 answered = me.answered()  # in the instant between the timeout and the lock
             if not answered:
                 # NOTE: if its batch is running, what it writes will still commit although
                 # this caller got an error: as when a client gives up.
                 error = DatabaseUnavailableError(f"no answer from the database within {self.max_wait:.0f} s")
-                return [error] * len(payloads)
+                return [error] * len(me.payloads)
         return [_own_copy(outcome) if isinstance(outcome, BaseException) else outcome for outcome in me.outcomes]
 
     def pending(self) -> int:
@@ -235,7 +247,7 @@ class Batcher:
         finally:
             held.release()
 
-    def _take_batch(self) -> list[_Waiter]:
+    def _take_batch(self) -> list[Ticket]:
         """The waiters at the front of the queue, as many as max_batch operations allows (at
         least one). Called with the lock held, the queue not empty."""
         waiting = self._waiting
@@ -247,8 +259,8 @@ class Batcher:
         self._queued -= count
         return batch
 
-    def _run_batch(self, held: HeldConnection, batch: list[_Waiter]) -> None:
-        parts: dict[str, list[_Waiter]] = {}
+    def _run_batch(self, held: HeldConnection, batch: list[Ticket]) -> None:
+        parts: dict[str, list[Ticket]] = {}
         for waiter in batch:
             parts.setdefault(waiter.kind, []).append(waiter)
         self._batch_started = time.monotonic()
@@ -288,14 +300,14 @@ class Batcher:
                 waiter.answer(results[start : start + len(waiter.payloads)])
                 start += len(waiter.payloads)
 
-    def _apply(self, held: HeldConnection, name: str, waiters: list[_Waiter]) -> list[Any]:
+    def _apply(self, held: HeldConnection, name: str, waiters: list[Ticket]) -> list[Any]:
         payloads = [payload for waiter in waiters for payload in waiter.payloads]
         outcomes = self._kinds[name].apply(held, payloads)
         if len(outcomes) != len(payloads):
             raise RuntimeError(f"{name}: {len(outcomes)} outcomes for {len(payloads)} operations")
         return outcomes
 
-    def _apply_alone(self, held: HeldConnection, name: str, waiters: list[_Waiter]) -> list[Any]:
+    def _apply_alone(self, held: HeldConnection, name: str, waiters: list[Ticket]) -> list[Any]:
         """_apply() in a savepoint: if the kind fails, its part fails and the rest goes on."""
         try:
             with held.savepoint():

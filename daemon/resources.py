@@ -103,37 +103,51 @@ def parse_increment(content_type: str | None, body: bytes, idempotency_key: str 
 class IncrementResource:
     """POST /increment: 202 once the increment is committed (group commit with its batch)."""
 
-    def __init__(self, batcher: Batcher, metrics: Metrics) -> None:
+    def __init__(self, batcher: Batcher, metrics: Metrics, prefetched_key: str) -> None:
+        """`prefetched_key`: the environ entry holding an outcome the server fetched ahead, if any."""
         self._batcher = batcher
         self._metrics = metrics
+        self._prefetched_key = prefetched_key
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        length = req.content_length
+        outcome = req.env.get(self._prefetched_key)
+        if outcome is None:
+            outcome = self._apply(req)
+        if isinstance(outcome, BaseException):
+            raise self._http_error(outcome).with_traceback(None)
+        self._metrics.increments_applied.inc()
+        resp.status = falcon.HTTP_202
+        resp.data = b""
+
+    def _apply(self, req: falcon.Request) -> object:
+        """What the lane would have fetched: the outcome, or the error to answer with."""
         try:
+            length = req.content_length
             if length is not None and length > MAX_INCREMENT_BODY:
                 raise falcon.HTTPContentTooLarge(description=f"the body may be at most {MAX_INCREMENT_BODY} bytes")
             item = parse_increment(req.content_type, req.bounded_stream.read(MAX_INCREMENT_BODY + 1),
                                    req.get_header("Idempotency-Key"))
         except falcon.HTTPError as ex:
-            self._metrics.increments_rejected.labels(reason=_REJECTED_REASONS.get(ex.status_code, "invalid")).inc()
-            raise
-        try:
-            self._batcher.submit(IncrementKind.name, item)
-        except CounterOverflowError as ex:
-            self._metrics.increments_rejected.labels(reason="overflow").inc()
-            raise falcon.HTTPConflict(description=str(ex)) from None
-        except IdempotencyKeyReusedError as ex:
-            self._metrics.increments_rejected.labels(reason="idempotency_conflict").inc()
-            raise falcon.HTTPUnprocessableEntity(description=str(ex)) from None
-        except QueueFullError:
-            self._metrics.increments_rejected.labels(reason="queue_full").inc()
-            raise
-        except DatabaseUnavailableError:
-            self._metrics.increments_rejected.labels(reason="unavailable").inc()
-            raise
-        self._metrics.increments_applied.inc()
-        resp.status = falcon.HTTP_202
-        resp.data = b""
+            return ex
+        [outcome] = self._batcher.submit_many(IncrementKind.name, [item])
+        return outcome
+
+    def _http_error(self, error: BaseException) -> BaseException:
+        """The error to raise for a failed increment, counted by reason."""
+        if isinstance(error, falcon.HTTPError):
+            reason = _REJECTED_REASONS.get(error.status_code, "invalid")
+        elif isinstance(error, CounterOverflowError):
+            reason, error = "overflow", falcon.HTTPConflict(description=str(error))
+        elif isinstance(error, IdempotencyKeyReusedError):
+            reason, error = "idempotency_conflict", falcon.HTTPUnprocessableEntity(description=str(error))
+        elif isinstance(error, QueueFullError):
+            reason = "queue_full"  # a MaxtwoError: the app's handler answers 503
+        elif isinstance(error, DatabaseUnavailableError):
+            reason = "unavailable"
+        else:
+            return error  # unexpected: the app's handler logs it and answers 500
+        self._metrics.increments_rejected.labels(reason=reason).inc()
+        return error
 
 
 _REJECTED_REASONS = {400: "malformed", 413: "too_large", 415: "unsupported_media_type", 422: "invalid"}

@@ -23,13 +23,24 @@ from collections.abc import Callable
 from sqlalchemy.engine import Engine
 
 from daemon import systemd, transport
-from daemon.app import ARRIVED_AT, PREFETCHED_ANSWER, batch_timeout, create_app, new_batcher
-from daemon.batcher import Batcher, QueryKind
+from daemon.app import (
+    ARRIVED_AT,
+    LANE_ROUTES,
+    PREFETCHED_ANSWER,
+    batch_timeout,
+    create_app,
+    fetch_outcomes,
+    is_outage,
+    new_batcher,
+)
+from daemon.batcher import Batcher
+from daemon.resources import MAX_INCREMENT_BODY
 from daemon.metrics import Metrics
 from daemon.scheduler import RandomizeScheduler
 from daemon.watchdog import Watchdog
 from maxtwo_cli import __version__
 from maxtwo_cli.core import db, schema
+from maxtwo_cli.core.counters import delete_expired_idempotency_keys
 from maxtwo_cli.core.errors import AlreadySeededError, MaxtwoError
 from maxtwo_cli.core.randomize import RandomizeResult, randomize_if_due
 from maxtwo_cli.core.seed import has_users, seed_users
@@ -57,7 +68,7 @@ class TransportOptions:
     """The transport's speed hooks (daemon/transport.py), all on in production; the benchmark
     that keeps them (bench/hooks.py) turns them off one by one."""
 
-    query_lane: bool = True
+    lane: bool = True
     change_poller: bool = True
     quiet_channel: bool = True
 
@@ -148,7 +159,7 @@ def serve_requests(
             app,
             listener,
             threads=settings.threads,
-            lane=query_lane(batcher) if options.query_lane else None,
+            lane=batched_routes(batcher) if options.lane else None,
             change_poller=options.change_poller,
             quiet_channel=options.quiet_channel,
         )
@@ -166,15 +177,17 @@ def serve_requests(
         request_engine.dispose()
 
 
-def query_lane(batcher: Batcher) -> transport.QueryLane:
-    """GET / through the transport's lane: answers fetched in batches, handed to the app in its
-    environ (daemon/app.py's PREFETCHED_ANSWER)."""
-    return transport.QueryLane(
-        paths=frozenset(["/"]),
-        fetch=lambda count, timeout: batcher.submit_many(QueryKind.name, [None] * count, timeout=timeout),
+def batched_routes(batcher: Batcher) -> transport.Lane:
+    """GET / and POST /increment through the transport's lane: their outcomes fetched in
+    batches (daemon/app.py's fetch_outcomes), handed to the app in its environ."""
+    return transport.Lane(
+        routes=LANE_ROUTES,
+        fetch=lambda requests, timeout: fetch_outcomes(batcher, requests, timeout),
         max_batch=batcher.max_batch,
         max_wait=batcher.max_wait,
-        environ_for=lambda answer, arrived: {PREFETCHED_ANSWER: answer, ARRIVED_AT: arrived},
+        max_body=MAX_INCREMENT_BODY,
+        environ_for=lambda outcome, arrived: {PREFETCHED_ANSWER: outcome, ARRIVED_AT: arrived},
+        is_outage=is_outage,
     )
 
 
@@ -214,11 +227,30 @@ def seed_if_empty(engine: Engine, count: int) -> None:
     log.info("seeded %d users in %.2f s (%.0f rows/s)", result.rows, result.seconds, result.rows_per_second)
 
 
+# How often the scheduler also deletes the Idempotency-Keys past their 24 hours.
+IDEMPOTENCY_CLEANUP_SECONDS = 3600
+
+
 def scheduled_job(engine: Engine, interval: float):
     def job(due_at: dt.datetime) -> RandomizeResult | None:
-        return randomize_if_due(engine, due_at=due_at, interval=interval)
+        result = randomize_if_due(engine, due_at=due_at, interval=interval)
+        # Once an hour (the first run at or after each full hour); every daemon does it, and a
+        # DELETE of what is already gone costs nothing.
+        if due_at.timestamp() % IDEMPOTENCY_CLEANUP_SECONDS < interval:
+            forget_expired_idempotency_keys(engine)
+        return result
 
     return job
+
+
+def forget_expired_idempotency_keys(engine: Engine) -> None:
+    try:
+        deleted = delete_expired_idempotency_keys(engine)
+    except MaxtwoError as ex:  # the next hour tries again
+        log.warning("deleting expired Idempotency-Keys failed: %s", ex)
+        return
+    if deleted:
+        log.info("deleted %d expired Idempotency-Keys", deleted)
 
 
 def listen(settings: Settings) -> socket.socket:

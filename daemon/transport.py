@@ -6,9 +6,10 @@ paired measurement that keeps each speed hook:
 
 - QuietChannel.writable: waitress's connection, minus a busy loop that starved the request
   threads (about 10x on GET /).
-- QueryLane: GET / answered in batches by one lane thread instead of a request thread each
-  (a dispatcher of our own, passed through create_server's `_dispatcher`; the answer reaches
-  the app in its WSGI environ, through the channel's task class).
+- Lane: the batched routes (GET /, POST /increment) answered in batches by one lane thread
+  instead of a request thread each (a dispatcher of our own, passed through create_server's
+  `_dispatcher`; the outcome reaches the app in its WSGI environ, through the channel's task
+  class).
 - ChangePoller: the serving loop's poll set kept across passes (epoll) instead of rebuilt from
   every connection on every pass.
 - StrictFramingParser: a request with both Transfer-Encoding and Content-Length is answered and
@@ -65,18 +66,34 @@ _answering = threading.local()
 
 
 @dataclasses.dataclass(frozen=True)
-class QueryLane:
-    """What the lane needs: which requests it takes, and how to get their answers."""
+class LaneRequest:
+    """A complete request, as the lane hands it to Lane.fetch."""
 
-    paths: frozenset[str]
-    # fetch(count, timeout): `count` outcomes (an answer, or the exception to answer with),
-    # waiting at most `timeout` seconds.
-    fetch: Callable[[int, float], list[Any]]
+    method: str
+    path: str
+    # waitress's request headers: names upper case, "-" written "_" (CONTENT_TYPE, ...).
+    headers: dict[str, str]
+    # At most Lane.max_body + 1 bytes of the body (more tells the app it is too large).
+    body: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Lane:
+    """What the lane needs: which requests it takes, and how to get their outcomes."""
+
+    routes: frozenset[tuple[str, str]]  # (method, path)
+    # fetch(requests, timeout): an outcome for each request (what the app answers it with, an
+    # exception included), waiting at most `timeout` seconds.
+    fetch: Callable[[list[LaneRequest], float], list[Any]]
     max_batch: int
     # Seconds a request may wait for its answer from its arrival (the oldest of a batch sets it).
     max_wait: float
+    max_body: int
     # environ_for(outcome, arrived): the WSGI environ entries that hand the app its outcome.
     environ_for: Callable[[Any, float], dict[str, Any]]
+    # is_outage(outcome): whether it says the database failed, which the requests queued in the
+    # lane meanwhile would meet too (they share it instead of waiting out a timeout again).
+    is_outage: Callable[[Any], bool]
 
 
 class StrictFramingParser(HTTPRequestParser):
@@ -144,7 +161,7 @@ class QuietChannel(HTTPChannel):
 class Transport:
     """A waitress server for `app` on `listener`, driven by serve_until() and drain().
 
-    `lane`: answer its requests in batches on one thread (see QueryLaneDispatcher).
+    `lane`: answer its requests in batches on one thread (see LaneDispatcher).
     `change_poller`: the serving loop's epoll set (Linux); otherwise waitress's own poll loop.
     `quiet_channel`: the busy-poll fix; off only to measure what it is worth.
     """
@@ -155,13 +172,13 @@ class Transport:
         listener: socket.socket,
         *,
         threads: int,
-        lane: QueryLane | None = None,
+        lane: Lane | None = None,
         change_poller: bool = True,
         quiet_channel: bool = True,
     ) -> None:
         dispatcher = None
         if lane is not None:
-            dispatcher = QueryLaneDispatcher(lane)
+            dispatcher = LaneDispatcher(lane)
             dispatcher.set_thread_count(threads)
         self.server: BaseWSGIServer = waitress.create_server(
             app,
@@ -263,10 +280,10 @@ def _busy(channel) -> bool:
     )
 
 
-class QueryLaneDispatcher(ThreadedTaskDispatcher):
-    """waitress's dispatcher with one lane more: complete requests for the lane's paths queue
-    for one lane thread, which takes all of them at once, fetches as many answers in one batch,
-    then answers each request in turn through the same app, which finds its answer in its WSGI
+class LaneDispatcher(ThreadedTaskDispatcher):
+    """waitress's dispatcher with one lane more: complete requests for the lane's routes queue
+    for one lane thread, which takes all of them at once, fetches their outcomes in one batch,
+    then answers each request in turn through the same app, which finds its outcome in its WSGI
     environ. Everything else (and a request the lane would not recognise, e.g. a malformed one)
     goes to the request threads as before.
 
@@ -277,7 +294,7 @@ class QueryLaneDispatcher(ThreadedTaskDispatcher):
     committed (bench/NOTES.md).
     """
 
-    def __init__(self, lane: QueryLane) -> None:
+    def __init__(self, lane: Lane) -> None:
         super().__init__()
         self._spec = lane
         self._lane: collections.deque = collections.deque()  # (channel, arrived)
@@ -302,7 +319,7 @@ class QueryLaneDispatcher(ThreadedTaskDispatcher):
         if not requests:
             return False
         request = requests[0]
-        return request.error is None and request.command == "GET" and request.path in self._spec.paths
+        return request.error is None and (request.command, request.path) in self._spec.routes
 
     def set_thread_count(self, count: int) -> None:
         super().set_thread_count(count)
@@ -329,6 +346,14 @@ class QueryLaneDispatcher(ThreadedTaskDispatcher):
                 channel.cancel()
         return result
 
+    def _lane_request(self, channel) -> LaneRequest:
+        request = channel.requests[0]
+        body = b""
+        if request.command != "GET":
+            # NOTE: the app gets its outcome, not the body: reading it here leaves wsgi.input empty.
+            body = request.get_body_stream().read(self._spec.max_body + 1)
+        return LaneRequest(request.command, request.path, request.headers, body)
+
     def _serve_lane(self) -> None:
         spec = self._spec
         while True:
@@ -344,14 +369,14 @@ class QueryLaneDispatcher(ThreadedTaskDispatcher):
             # it would in a request thread of its own; the oldest of the batch sets the bound.
             timeout = queued[0][1] + spec.max_wait - time.perf_counter()
             try:
-                outcomes = spec.fetch(len(queued), timeout)
+                outcomes = spec.fetch([self._lane_request(channel) for channel, _ in queued], timeout)
             except Exception as ex:  # noqa: BLE001 - each request turns it into its error response
                 outcomes = [ex] * len(queued)
-            if any(isinstance(outcome, BaseException) for outcome in outcomes):
+            failed = next((outcome for outcome in outcomes if spec.is_outage(outcome)), None)
+            if failed is not None:
                 with self._lane_lock:
                     # NOTE: as in the batcher: those who queued while this batch failed would
                     # meet the same database and wait a whole timeout more; they share the error.
-                    failed = next(outcome for outcome in outcomes if isinstance(outcome, BaseException))
                     shared = list(self._lane)
                     self._lane.clear()
                 queued += shared

@@ -9,7 +9,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 
-from daemon.server import TransportOptions, query_lane
+from daemon.server import TransportOptions, batched_routes
 from daemon.batcher import Batcher
 from daemon.transport import Transport
 
@@ -34,13 +34,13 @@ def running(
     options: TransportOptions = TransportOptions(),
     on_turn: Callable[[], None] = lambda: None,
 ) -> Iterator[Running]:
-    """`batcher`: GET / goes through the query lane with it (if options.query_lane)."""
+    """`batcher`: GET / and POST /increment go through the lane with it (if options.lane)."""
     listener = socket.create_server(("127.0.0.1", 0), backlog=128)
     transport = Transport(
         app,
         listener,
         threads=threads,
-        lane=query_lane(batcher) if batcher is not None and options.query_lane else None,
+        lane=batched_routes(batcher) if batcher is not None and options.lane else None,
         change_poller=options.change_poller,
         quiet_channel=options.quiet_channel,
     )

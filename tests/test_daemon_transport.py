@@ -502,7 +502,7 @@ def test_a_huge_response_is_drained_by_the_loop(port, passes):
     assert len([moment for moment in passes if moment > quiet_from]) <= 20
 
 
-@pytest.mark.parametrize("options", [TransportOptions(change_poller=False), TransportOptions(query_lane=False)],
+@pytest.mark.parametrize("options", [TransportOptions(change_poller=False), TransportOptions(lane=False)],
                          ids=["waitress-loop", "no-lane"])
 def test_every_hook_can_be_turned_off_for_the_benchmark(settings, engine, options):
     seed_users(engine, 20)

@@ -234,10 +234,6 @@ def _add(held: HeldConnection, items: list[tuple[int, Increment]]) -> tuple[dict
     return totals, refused
 
 
-def _param(held: HeldConnection) -> str:
-    return "%s" if held.postgres else "?"
-
-
 def _execute_each(cursor: Any, held: HeldConnection, sql: str, rows: list[tuple]) -> None:
     """`sql` (with ? markers) once per row."""
     statement = sql.replace("?", "%s") if held.postgres else sql
@@ -253,14 +249,13 @@ def _timestamp(held: HeldConnection, moment: dt.datetime) -> Any:
 # would fail the whole batch; SQLite makes a REAL, which the STRICT table refuses). The CASE
 # decides by the sign of the current value which bound to compare with, computing only
 # differences that stay in range; CASE evaluates only the branch it takes.
-_IN_RANGE = (
-    "CASE WHEN counters.value >= 0 THEN excluded.value <= 9223372036854775807 - counters.value "
-    "ELSE excluded.value >= -9223372036854775807 - 1 - counters.value END"
-)
+# (Spelled out in each statement: the static check refuses SQL assembled from strings.)
 _UPSERT_POSTGRES = (
     "INSERT INTO counters (key, value) "
     "SELECT key, value FROM unnest(%s::text[], %s::bigint[]) AS batch (key, value) ORDER BY key "
-    f"ON CONFLICT (key) DO UPDATE SET value = counters.value + excluded.value WHERE {_IN_RANGE} "
+    "ON CONFLICT (key) DO UPDATE SET value = counters.value + excluded.value WHERE "
+    "CASE WHEN counters.value >= 0 THEN excluded.value <= 9223372036854775807 - counters.value "
+    "ELSE excluded.value >= -9223372036854775807 - 1 - counters.value END "
     "RETURNING key, value"
 )
 # NOTE: SQLite parses `INSERT ... SELECT ... ON CONFLICT` ambiguously without a WHERE clause in
@@ -268,7 +263,9 @@ _UPSERT_POSTGRES = (
 _UPSERT_SQLITE = (
     "INSERT INTO counters (key, value) "
     "SELECT json_extract(item.value, '$[0]'), json_extract(item.value, '$[1]') FROM json_each(?) AS item "
-    f"WHERE true ON CONFLICT (key) DO UPDATE SET value = counters.value + excluded.value WHERE {_IN_RANGE} "
+    "WHERE true ON CONFLICT (key) DO UPDATE SET value = counters.value + excluded.value WHERE "
+    "CASE WHEN counters.value >= 0 THEN excluded.value <= 9223372036854775807 - counters.value "
+    "ELSE excluded.value >= -9223372036854775807 - 1 - counters.value END "
     "RETURNING key, value"
 )
 
@@ -282,17 +279,18 @@ def _upsert(cursor: Any, held: HeldConnection, keys: list[str], values: list[int
 
 
 def _current(cursor: Any, held: HeldConnection, key: str) -> int | None:
-    lock = " FOR UPDATE" if held.postgres else ""
-    row = cursor.execute(f"SELECT value FROM counters WHERE key = {_param(held)}{lock}", (key,)).fetchone()
+    if held.postgres:
+        row = cursor.execute("SELECT value FROM counters WHERE key = %s FOR UPDATE", (key,)).fetchone()
+    else:
+        row = cursor.execute("SELECT value FROM counters WHERE key = ?", (key,)).fetchone()
     return None if row is None else row[0]
 
 
 def _set(cursor: Any, held: HeldConnection, key: str, total: int, new: bool) -> None:
-    marker = _param(held)
     if new:
-        cursor.execute(f"INSERT INTO counters (key, value) VALUES ({marker}, {marker})", (key, total))
+        _execute_each(cursor, held, "INSERT INTO counters (key, value) VALUES (?, ?)", [(key, total)])
     else:
-        cursor.execute(f"UPDATE counters SET value = {marker} WHERE key = {marker}", (total, key))
+        _execute_each(cursor, held, "UPDATE counters SET value = ? WHERE key = ?", [(total, key)])
 
 
 def _claim(cursor: Any, held: HeldConnection, keys: list[str], fingerprints: list[str], now: dt.datetime) -> list[str]:

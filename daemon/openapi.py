@@ -78,6 +78,67 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/increment": {
+                "post": {
+                    "operationId": "increment",
+                    "summary": "Add `value` to the counter under `key`; answered once committed.",
+                    "description": (
+                        "202 only after the transaction holding this increment has committed (many "
+                        "requests share one transaction). A retry with the same Idempotency-Key and "
+                        "the same body within 24 hours answers 202 without applying it again."
+                    ),
+                    "parameters": [
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "required": False,
+                            "description": "1 to 255 printable ASCII characters; the retry of a request uses the same.",
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
+                        }
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Increment"}}},
+                    },
+                    "responses": {
+                        "202": {"description": "Committed: the counter holds the increment (no body)."},
+                        "400": _error("The body is not JSON, or not a JSON object; or a malformed Idempotency-Key."),
+                        "409": _error("The counter's total would leave the signed 64-bit range; it keeps its value."),
+                        "413": _error("The body is larger than 4096 bytes."),
+                        "415": _error("The body is not application/json."),
+                        "422": _error(
+                            "A missing or unknown field, a wrong type, a value out of range, a key of the "
+                            "wrong length; or an Idempotency-Key already used for a different body."
+                        ),
+                        "503": _error("The database is unavailable or too many increments wait; retry after Retry-After seconds."),
+                        **common_errors,
+                    },
+                }
+            },
+            "/counters/{key}": {
+                "get": {
+                    "operationId": "counter",
+                    "summary": "The committed total of one counter.",
+                    "parameters": [
+                        {
+                            "name": "key",
+                            "in": "path",
+                            "required": True,
+                            "description": "The counter's key, percent-encoded (a / as %2F).",
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The counter.",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Counter"}}},
+                        },
+                        "404": _error("No counter under this key: it was never incremented."),
+                        "503": _error("The database is unavailable; retry after Retry-After seconds."),
+                        **{code: error for code, error in common_errors.items() if code != "404"},
+                    },
+                }
+            },
             "/healthz": {
                 "get": {
                     "operationId": "health",
@@ -143,6 +204,24 @@ def openapi_document() -> dict[str, Any]:
                             "type": ["string", "null"],
                             "pattern": r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}Z$",
                         },
+                    },
+                },
+                "Increment": {
+                    "type": "object",
+                    "required": ["key", "value"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "key": {"type": "string", "minLength": 1, "maxLength": 255},
+                        "value": {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
+                    },
+                },
+                "Counter": {
+                    "type": "object",
+                    "required": ["key", "value"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "key": {"type": "string"},
+                        "value": {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
                     },
                 },
                 "Health": {

@@ -1,0 +1,192 @@
+"""POST /increment and GET /counters/{key} in-process, on SQLite and PostgreSQL: every status,
+on the request-thread path (falcon.testing) and through the lane (a real waitress server)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import urllib.parse
+
+import falcon.testing
+import pytest
+
+from daemon.app import create_app, new_batcher
+from daemon.batcher import Batcher, IncrementKind, QueryKind
+from daemon.metrics import Metrics
+from maxtwo_cli.core import db
+from maxtwo_cli.core.counters import INT64_MAX, INT64_MIN, read_counter
+from tests.helpers import unreachable_settings
+from tests.inprocess import running
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+def app_parts(settings, engine):
+    metrics = Metrics()
+    batcher = new_batcher(settings, engine, metrics)
+    yield create_app(settings, engine, metrics=metrics, batcher=batcher), batcher, metrics
+    batcher.close(5)
+
+
+@pytest.fixture
+def client(app_parts):
+    return falcon.testing.TestClient(app_parts[0])
+
+
+def post(client, body, headers=JSON):
+    text = body if isinstance(body, str) else json.dumps(body)
+    return client.simulate_post("/increment", body=text, headers=headers)
+
+
+def rejected(metrics: Metrics, reason: str) -> float:
+    return metrics.registry.get_sample_value("maxtwo_increments_rejected_total", {"reason": reason})
+
+
+def test_202_with_an_empty_body_and_the_total_reads_back(client, engine):
+    for value in (5, -7, 0):
+        response = post(client, {"key": "a", "value": value})
+        assert response.status_code == 202 and response.content == b""
+    got = client.simulate_get("/counters/a")
+    assert got.status_code == 200 and got.json == {"key": "a", "value": -2}
+    assert got.headers["cache-control"] == "no-store"
+    assert read_counter(engine, "a") == -2
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    ("{", "malformed"), ("[1, 2]", "malformed"), ('"key"', "malformed"), ("\xff", "malformed"),
+    ({"key": "a"}, "invalid"), ({"value": 1}, "invalid"), ({"key": "a", "value": 1, "extra": 0}, "invalid"),
+    ({"key": "a", "value": True}, "invalid"), ({"key": "a", "value": 1.0}, "invalid"),
+    ({"key": "a", "value": "5"}, "invalid"), ({"key": "a", "value": None}, "invalid"),
+    ({"key": "a", "value": INT64_MAX + 1}, "invalid"), ({"key": "a", "value": INT64_MIN - 1}, "invalid"),
+    ({"key": "", "value": 1}, "invalid"), ({"key": "x" * 256, "value": 1}, "invalid"),
+    ({"key": "a\u0000b", "value": 1}, "invalid"), ({"key": 5, "value": 1}, "invalid"),
+])
+def test_bad_bodies_are_refused_and_nothing_is_applied(client, app_parts, engine, body, reason):
+    response = post(client, body)
+    assert response.status_code == (400 if reason == "malformed" else 422)
+    assert response.json["status"] == response.status_code and response.json["description"]
+    assert rejected(app_parts[2], reason) == 1
+    assert read_counter(engine, "a") is None
+
+
+def test_413_415_and_a_bad_idempotency_key(client, app_parts):
+    assert post(client, "x" * 5000).status_code == 413
+    assert post(client, {"key": "a", "value": 1}, headers={"Content-Type": "text/plain"}).status_code == 415
+    assert client.simulate_post("/increment", body='{"key": "a", "value": 1}').status_code == 415
+    charset = post(client, {"key": "a", "value": 1}, headers={"Content-Type": "application/json; charset=utf-8"})
+    assert charset.status_code == 202
+    bad_key = post(client, {"key": "a", "value": 1}, headers={**JSON, "Idempotency-Key": "é"})
+    assert bad_key.status_code == 400
+    assert rejected(app_parts[2], "too_large") == 1 and rejected(app_parts[2], "unsupported_media_type") == 2
+
+
+def test_409_keeps_the_value(client, engine, app_parts):
+    assert post(client, {"key": "big", "value": INT64_MAX}).status_code == 202
+    refused = post(client, {"key": "big", "value": 1})
+    assert refused.status_code == 409 and "64-bit" in refused.json["description"]
+    assert read_counter(engine, "big") == INT64_MAX
+    assert rejected(app_parts[2], "overflow") == 1
+
+
+def test_idempotency_key_replay_and_conflict(client, engine):
+    headers = {**JSON, "Idempotency-Key": "order-17"}
+    assert post(client, {"key": "i", "value": 3}, headers).status_code == 202
+    assert post(client, {"key": "i", "value": 3}, headers).status_code == 202
+    conflict = post(client, {"key": "i", "value": 4}, headers)
+    assert conflict.status_code == 422 and "Idempotency-Key" in conflict.json["description"]
+    assert read_counter(engine, "i") == 3
+
+
+def test_404_for_a_key_never_incremented_and_keys_with_slashes(client):
+    assert client.simulate_get("/counters/nothing").status_code == 404
+    assert client.simulate_get("/counters/nothing").json["status"] == 404
+    for key in ["a/b", "/", "ключ", "100%", "?x=1#y"]:
+        assert post(client, {"key": key, "value": 1}).status_code == 202
+        got = client.simulate_get("/counters/" + urllib.parse.quote(key, safe=""))
+        assert got.status_code == 200 and got.json == {"key": key, "value": 1}, key
+
+
+def test_503_when_the_database_is_unavailable(database_url, tmp_path):
+    settings = unreachable_settings(database_url, tmp_path)
+    engine = db.create_engine(settings)
+    client = falcon.testing.TestClient(create_app(settings, engine))
+    response = post(client, {"key": "a", "value": 1})
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    assert client.simulate_get("/counters/a").status_code == 503
+    engine.dispose()
+
+
+def test_503_when_too_many_increments_wait(settings, engine, monkeypatch):
+    gate = threading.Event()
+    real_apply = IncrementKind.apply
+    monkeypatch.setattr(IncrementKind, "apply", lambda self, held, payloads: (gate.wait(10), real_apply(self, held, payloads))[1])
+    batcher = Batcher(engine, [QueryKind(), IncrementKind()], max_wait=30, max_pending=2)
+    client = falcon.testing.TestClient(create_app(settings, engine, batcher=batcher))
+    statuses: list[int] = []
+
+    def send() -> threading.Thread:
+        thread = threading.Thread(target=lambda: statuses.append(post(client, {"key": "q", "value": 1}).status_code))
+        thread.start()
+        return thread
+
+    def until(condition) -> None:
+        waited = threading.Event()
+        for _ in range(400):
+            if condition():
+                return
+            waited.wait(0.05)
+        raise AssertionError("timed out")
+
+    threads = [send()]
+    until(lambda: batcher.running_for() > 0)  # its batch runs, held at the gate
+    threads += [send(), send()]
+    until(lambda: batcher.pending() == 2)  # two wait: the queue is full
+    refused = post(client, {"key": "q", "value": 1})
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+    gate.set()
+    for thread in threads:
+        thread.join(20)
+    statuses.append(refused.status_code)
+    assert sorted(statuses) == [202, 202, 202, 503]
+    assert read_counter(engine, "q") == 3
+    batcher.close(5)
+
+
+def test_the_lane_answers_increments_and_queries_in_shared_batches(settings, engine, app_parts):
+    app, batcher, metrics = app_parts
+    statuses: list[int] = []
+    with running(app, batcher=batcher) as served:
+
+        def client(index: int) -> None:
+            connection = served.connect()
+            for round_ in range(20):
+                if round_ % 5 == 0:
+                    connection.request("GET", "/")
+                else:
+                    connection.request("POST", "/increment", body=json.dumps({"key": f"k{index % 3}", "value": 1}),
+                                       headers=JSON)
+                response = connection.getresponse()
+                response.read()
+                statuses.append(response.status)
+
+        threads = [threading.Thread(target=client, args=(index,)) for index in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        # Every kind of answer through the lane, too.
+        connection = served.connect()
+        for body, headers, status in [("{", JSON, 400), ('{"key": "k0"}', JSON, 422), ("{}", {}, 415),
+                                      ('{"key": "big", "value": 9223372036854775807}', JSON, 202),
+                                      ('{"key": "big", "value": 1}', JSON, 409), ("x" * 5000, JSON, 413)]:
+            connection.request("POST", "/increment", body=body, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            assert response.status == status, body
+    assert sorted(set(statuses)) == [200, 202] and len(statuses) == 240
+    assert sum(read_counter(engine, f"k{index}") for index in range(3)) == 12 * 16
+    sample = metrics.registry.get_sample_value
+    assert sample("maxtwo_increment_batch_size_sum") == 12 * 16 + 2
+    assert sample("maxtwo_increment_batch_size_count") < 12 * 16  # increments shared transactions

@@ -89,12 +89,22 @@ class ReliabilityReport:
     def record(self, promise: str, method: str, figures: list[str]) -> None:
         self.sections.append((promise, method, figures))
 
+    # Everything above this line in the file is written by hand (what is promised) and kept.
+    MARKER = "<!-- Below: written by the test run. -->"
+
     def write(self, path: str) -> None:
         import datetime as dt
         import platform
 
+        try:
+            with open(path) as handle:
+                kept = handle.read().split(self.MARKER)[0].rstrip("\n") + "\n\n"
+        except FileNotFoundError:
+            kept = "# Reliability\n\n"
         lines = [
-            "# Reliability",
+            self.MARKER,
+            "",
+            "## Measured",
             "",
             "Written by the test run (`MAXTWO_RELIABILITY_REPORT=docs/reliability.md "
             ".venv/bin/python -m pytest -m fault`), not by hand: each section is one fault test, "
@@ -105,9 +115,9 @@ class ReliabilityReport:
             "",
         ]
         for promise, method, figures in sorted(self.sections):
-            lines += [f"## {promise}", "", method, ""] + [f"- {figure}" for figure in figures] + [""]
+            lines += [f"### {promise}", "", method, ""] + [f"- {figure}" for figure in figures] + [""]
         with open(path, "w") as handle:
-            handle.write("\n".join(lines))
+            handle.write(kept + "\n".join(lines))
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,10 @@ errors stay Typer's exit 2); MAXTWO_DEBUG=1 shows the traceback instead.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
+import re
 import sys
 from collections.abc import Iterator
 from typing import Annotated, Any, NoReturn
@@ -18,10 +20,13 @@ import typer.core
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from maxtwo_cli import __version__
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.clock import format_api_timestamp
+from maxtwo_cli.core.counters import InvalidIncrementError, check_key, check_value, list_counters
+from maxtwo_cli.core.counters import increment as increment_counter
 from maxtwo_cli.core.errors import MaxtwoError
 from maxtwo_cli.core.query import query_users
 from maxtwo_cli.core.randomize import randomize_points
@@ -52,6 +57,44 @@ class OneLineErrors(typer.core.TyperGroup):
             sys.exit(exit_code)
         # In non-standalone mode an Exit comes back as its code, success as the command's None.
         sys.exit(outcome if isinstance(outcome, int) else 0)
+
+
+_NEGATIVE_INTEGER = re.compile(r"-[0-9]+")
+
+
+class NegativeNumberArguments(typer.core.TyperCommand):
+    """A command whose arguments may be negative integers (`maxtwo increment a -5`).
+
+    Click takes every word that starts with '-' for an option, so `-5` would be "No such option".
+    Here the words are put in the order Click reads unambiguously: the options (with their
+    values), then `--`, then the arguments, in their order. Unknown options stay errors.
+    """
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        valued = {
+            name
+            for param in self.get_params(ctx)
+            if getattr(param, "param_type_name", None) == "option" and not getattr(param, "is_flag", False)
+            for name in param.opts
+        }
+        options: list[str] = []
+        arguments: list[str] = []
+        words = iter(args)
+        for word in words:
+            if word == "--":
+                arguments.extend(words)
+            elif _NEGATIVE_INTEGER.fullmatch(word) or not word.startswith("-") or word == "-":
+                arguments.append(word)
+            else:
+                options.append(word)
+                if word in valued:
+                    value = next(words, None)
+                    if value is None:  # `--limit` last, without its value: Click says so
+                        return super().parse_args(ctx, args)
+                    options.append(value)
+        if not any(_NEGATIVE_INTEGER.fullmatch(word) for word in arguments):
+            return super().parse_args(ctx, args)
+        return super().parse_args(ctx, [*options, "--", *arguments])
 
 
 # APPSEC: database URLs carry passwords; tracebacks must never print local variables.
@@ -181,6 +224,115 @@ def query(
         table.add_row(str(user.id), str(user.points))
     stdout.print(table)
     stdout.print(f"previous query: {format_api_timestamp(result.previous) or 'never'}")
+
+
+def _counter_key(key: str) -> str:
+    try:
+        return check_key(key)
+    except InvalidIncrementError as ex:
+        raise typer.BadParameter(str(ex)) from None
+
+
+def _counter_keys(keys: list[str] | None) -> list[str] | None:
+    return [_counter_key(key) for key in keys] if keys else keys
+
+
+def _increment_value(value: int) -> int:
+    # NOTE: typer's int takes integers of any size; a total is a signed 64-bit integer.
+    try:
+        return check_value(value)
+    except InvalidIncrementError as ex:
+        raise typer.BadParameter(str(ex)) from None
+
+
+@app.command(cls=NegativeNumberArguments)
+def increment(
+    key: Annotated[
+        str,
+        typer.Argument(callback=_counter_key, metavar="KEY", show_default=False, help="The counter: 1 to 255 characters."),
+    ],
+    value: Annotated[
+        int,
+        typer.Argument(
+            callback=_increment_value,
+            metavar="VALUE",
+            show_default=False,
+            help="The integer to add (negative subtracts), in the signed 64-bit range.",
+        ),
+    ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help='Print {"key": KEY, "value": TOTAL} instead.')
+    ] = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Add VALUE to the counter KEY, durably; print "KEY: TOTAL" (its new total).
+
+    The same increment as POST /increment. TOTAL is always the line's last word.
+    A total stays in the signed 64-bit range: an increment that would leave it
+    fails (exit 1) and the counter keeps its value.
+    Negative values need no quoting; a KEY that starts with '-' goes after '--'.
+
+    Example: maxtwo increment page-views -5
+    """
+    settings = _settings(database_url)
+    with _reported_errors(settings):
+        engine = _open(settings)
+        try:
+            applied = increment_counter(engine, key, value)
+        finally:
+            engine.dispose()
+    # Plain print: rich would read markup in the key, and re-wrap or colour the line.
+    if as_json:
+        print(json.dumps({"key": applied.key, "value": applied.total}))
+    else:
+        print(f"{applied.key}: {applied.total}")
+
+
+@app.command(cls=NegativeNumberArguments)
+def counters(
+    keys: Annotated[
+        list[str] | None,
+        typer.Argument(
+            callback=_counter_keys,
+            metavar="KEY",
+            show_default=False,
+            help="Show these counters only (those never incremented are left out). Default: all.",
+        ),
+    ] = None,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, help="Show at most this many counters when no KEY is given.")
+    ] = 100,
+    as_json: Annotated[
+        bool, typer.Option("--json", help='Print {"counters": [{"key": KEY, "value": TOTAL}, ...]} instead.')
+    ] = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Show counters and their totals, sorted by key.
+
+    Example: maxtwo counters page-views signups --json
+    """
+    settings = _settings(database_url)
+    with _reported_errors(settings):
+        engine = _open(settings)
+        try:
+            rows = list_counters(engine, keys, limit=limit)
+        finally:
+            engine.dispose()
+    if as_json:
+        # Plain print: rich would re-wrap and colour the JSON.
+        print(json.dumps({"counters": [{"key": key, "value": total} for key, total in rows]}))
+        return
+    if not rows:
+        stdout.print("none of these counters was ever incremented" if keys else "no counters yet")
+        return
+    table = Table("key", "value")
+    table.columns[1].justify = "right"
+    for key, total in rows:
+        # Text: a key is data, never rich markup.
+        table.add_row(Text(key), str(total))
+    stdout.print(table)
+    if not keys and len(rows) == limit:
+        stdout.print(f"the first {limit} counters by key; --limit {limit * 10} shows more")
 
 
 def _positive(value: float) -> float:

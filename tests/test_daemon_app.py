@@ -92,7 +92,7 @@ def test_openapi_document(client):
     assert result.status_code == 200
     document = result.json
     assert document["openapi"].startswith("3.1")
-    assert set(document["paths"]) == {"/", "/healthz", "/metrics", "/openapi.json"}
+    assert set(document["paths"]) == {"/", "/increment", "/counters/{key}", "/healthz", "/metrics", "/openapi.json"}
     assert document == openapi_document()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -32,6 +33,23 @@ def get(url: str, timeout: float = 10.0) -> tuple[int, dict | str]:
         status, raw, kind = ex.code, ex.read(), ex.headers.get_content_type()
     text = raw.decode()
     return status, json.loads(text) if kind == "application/json" else text
+
+
+def post(port: int, path: str, body: bytes, headers: dict[str, str] | None = None,
+         timeout: float = 10.0) -> tuple[int, dict[str, str], dict | str]:
+    """POST body to 127.0.0.1:port on a fresh connection, with exactly these headers (none
+    added but Host and Content-Length); (status, headers lower-cased, parsed JSON body or text)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("POST", path, body, headers or {})
+        response = connection.getresponse()
+        raw = response.read()
+        kind = response.headers.get_content_type()
+        found = {name.lower(): value for name, value in response.getheaders()}
+    finally:
+        connection.close()
+    text = raw.decode()
+    return response.status, found, json.loads(text) if kind == "application/json" and text else text
 
 
 class ServeProcess:
@@ -74,6 +92,10 @@ class ServeProcess:
 
     def get(self, path: str = "/", timeout: float = 10.0) -> tuple[int, dict | str]:
         return get(self.base + path, timeout=timeout)
+
+    def post(self, path: str, body: bytes, headers: dict[str, str] | None = None,
+             timeout: float = 10.0) -> tuple[int, dict[str, str], dict | str]:
+        return post(self.port, path, body, headers, timeout=timeout)
 
     def metric(self, name: str) -> float:
         _, text = self.get("/metrics")

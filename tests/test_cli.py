@@ -21,8 +21,8 @@ def invoke(*args: str, env: dict[str, str] | None = None):
     return runner.invoke(app, list(args), env={"MAXTWO_DEBUG": None, **(env or {})})
 
 
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
+def assert_one_line_error(result, *fragments: str, exit_code: int = 1) -> None:
+    assert result.exit_code == exit_code, result.output
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

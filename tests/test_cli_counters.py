@@ -31,14 +31,7 @@ def counters_json(database_url: str, *args: str) -> list[dict]:
 
 
 def assert_usage_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ")
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0]
+    assert_one_line_error(result, *fragments, exit_code=2)
 
 
 @pytest.mark.parametrize("command", ["increment", "counters"])

@@ -454,3 +454,59 @@ def test_503_with_retry_after_while_the_database_is_down(tmp_path):
         # Refused while the database was down: never applied (a connection refused commits nothing).
         assert get_counter(daemon, "k") == 2
         assert daemon.terminate() == 0
+
+
+@pytest.mark.slow  # a daemon start and a SIGTERM under load, on both databases
+def test_sigterm_under_load_answers_every_request_it_read(database_url, tmp_path):
+    """SIGTERM mid-load: every request the daemon read is committed and answered 202, the rest
+    are refused at the connection and never applied; exit 0 within 10 s."""
+    keys = [f"term-{index:02d}" for index in range(16)]
+    acked, unanswered, statuses = Counter(), Counter(), Counter()
+    lock = threading.Lock()
+    deadline = time.monotonic() + LOAD_DEADLINE_SECONDS
+    with ServeProcess(database_url, interval=1, seed_count=200) as daemon:
+        daemon.start(tmp_path / "serve.log")
+
+        def work(key: str) -> None:
+            client = Client(daemon.port)
+            try:
+                while time.monotonic() < deadline:
+                    try:
+                        client.connect()
+                    except OSError:
+                        return  # refused: nothing sent
+                    try:
+                        status = client.post_increment(key, 1)
+                    except (OSError, http.client.HTTPException):
+                        with lock:
+                            unanswered[key] += 1
+                        continue  # a closed keep-alive connection: the next try reconnects
+                    with lock:
+                        statuses[status] += 1
+                        acked[key] += status == 202
+            finally:
+                client.close()
+
+        workers = [threading.Thread(target=work, args=(key,)) for key in keys]
+        for worker in workers:
+            worker.start()
+        while sum(acked.values()) < 1000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        assert daemon.terminate(timeout=15) == 0
+        stopped_in = time.monotonic() - started
+        for worker in workers:
+            worker.join(60)
+            assert not worker.is_alive(), "a client thread did not finish"
+        log = daemon.log()
+    assert stopped_in < 10
+    assert set(statuses) == {202}, statuses
+    assert "still unanswered" not in log and "Traceback" not in log
+    engine = db.create_engine(Settings(database_url=database_url))
+    try:
+        totals = {key: read_counter(engine, key) or 0 for key in keys}
+    finally:
+        engine.dispose()
+    # Nothing the daemon acknowledged is lost, and nothing it did not read was applied: a
+    # request without an answer is one it never read (the drain answers every one it did).
+    assert totals == {key: acked[key] for key in keys}, (totals, dict(acked), dict(unanswered))

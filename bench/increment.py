@@ -84,6 +84,7 @@ def run(targets: list, options: BenchOptions, work_dir: Path) -> dict:
 
 def _measure(target, hello, options: BenchOptions, work_dir: Path) -> dict:
     seconds = options.increment_seconds
+    load_before = os.getloadavg()
     with contextlib.ExitStack() as stack:
         ours_url = stack.enter_context(target.fresh_database("increment"))
         sync_url = stack.enter_context(target.fresh_database("increment_sync"))
@@ -125,7 +126,9 @@ def _measure(target, hello, options: BenchOptions, work_dir: Path) -> dict:
     return {"by_connections": by_connections, "hot_key_totals": hot_totals,
             "serve_peak_rss_bytes": ours_rss.peak_bytes, "sync_peak_rss_bytes": sync_rss.peak_bytes,
             "errors": sum(_all_errors(summary, name) for summary in by_connections.values()
-                          for name in (OURS, OURS_HOT))}
+                          for name in (OURS, OURS_HOT)),
+            # 1-, 5- and 15-minute load averages (2 cores): how shared the machine was.
+            "load_average": {"before": list(load_before), "after": list(os.getloadavg())}}
 
 
 def paired_ratios(rounds: dict[str, Rounds[dict]]) -> dict:
@@ -143,6 +146,12 @@ def paired_ratios(rounds: dict[str, Rounds[dict]]) -> dict:
         values = by_round(ours, other)
         figures[name] = median_or_none(values)
         figures[f"{name}_by_round"] = values
+    # The do-nothing app's server CPU per request / maxtwo's: steadier than req/s on a shared
+    # machine, and on a CPU-bound one what req/s follows (PostgreSQL's own CPU aside).
+    cpu = [ratio(b.get("cpu_us_per_request"), a.get("cpu_us_per_request"))
+           for a, b in zip(rounds[OURS].runs, rounds[DO_NOTHING].runs)]
+    figures["do_nothing_cpu_over_ours"] = median_or_none(cpu)
+    figures["do_nothing_cpu_over_ours_by_round"] = [value for value in cpu if value is not None]
     return figures
 
 

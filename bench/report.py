@@ -440,6 +440,13 @@ def _increment(results: dict) -> str:
                     _us(figures.get("cpu_us_per_request")), _ms(figures["p50_ms"]), _ms(figures["p99_ms"]),
                     _ms(figures["max_ms"]), _errors(figures), _increment_ratios(summary, name)]))
         totals = result.get("hot_key_totals") or {}
+        loads = result.get("load_average") or {}
+        if loads:
+            notes.append(f"- {database}: load average (1, 5, 15 min) before "
+                         f"{', '.join(f'{value:.2f}' for value in loads['before'])}, after "
+                         f"{', '.join(f'{value:.2f}' for value in loads['after'])}; do-nothing CPU per request / "
+                         "maxtwo's: " + ", ".join(f"{connections} connections {_x(summary.get('do_nothing_cpu_over_ours'))}"
+                                                  for connections, summary in result["by_connections"].items()) + ".")
         notes.append(f"- {database}: peak RSS of {increment.OURS} under this load "
                      f"{_mb(result.get('serve_peak_rss_bytes'))} (goal <= 120 MB), of the synchronous server "
                      f"{_mb(result.get('sync_peak_rss_bytes'))}; the hot key's total afterwards "

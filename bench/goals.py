@@ -2,7 +2,9 @@
 
 Goals stated for 1M rows (or 10M) are only judged when the run used that size: a 20k-row CI
 run shows the figure but says "not judged". Goals that do not depend on the size (GET / against
-the hello-world app, errors, serve's memory, durability) are judged on every run.
+the hello-world app, POST /increment against the do-nothing app and the synchronous approach,
+errors, serve's memory, durability) are judged on every run. Goals of benchmarks left out by
+--only are left out too.
 """
 
 from __future__ import annotations
@@ -10,14 +12,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from bench import load, randomize, seed
+from bench import increment, load, randomize, seed
 from bench.memory import MB
-from bench.options import GOAL_ROWS, GOAL_SCALE_ROWS
+from bench.options import GOAL_ROWS, GOAL_SCALE_ROWS, SECTIONS
 
 SERVE_RSS_LIMIT_BYTES = 120 * MB
 # Holding 1M rows in Python as (id, points, inserted_at, updated_at) tuples takes over 100 MB
 # (an 88-byte tuple and a 28-byte int per row); 16 MB leaves room for driver buffers only.
 SEED_GROWTH_LIMIT_BYTES = 16 * MB
+# POST /increment (the issue's goals): maxtwo's req/s against the do-nothing app's and the
+# synchronous approach's, medians of the rounds' ratios.
+INCREMENT_OVER_DO_NOTHING = 0.8
+INCREMENT_OVER_SYNC = 3.0
 
 
 def evaluate(results: dict) -> list[dict]:
@@ -25,14 +31,17 @@ def evaluate(results: dict) -> list[dict]:
     at_goal_size = rows == GOAL_ROWS
     size_note = f"run used {rows:,} rows; the goal is for {GOAL_ROWS:,}"
     goals: list[dict] = []
+    # The benchmark the goals judged next belong to (set before each group below).
+    section = ""
 
     def judge(goal: str, value: Any, show: Callable[[Any], str], passes: Callable[[Any], bool],
               judged: bool = True, why_not: str = "") -> None:
         if value is None:
-            goals.append({"goal": goal, "measured": "no data", "met": "no data (benchmark failed or skipped)"})
+            goals.append({"goal": goal, "measured": "no data", "met": "no data (benchmark failed or skipped)",
+                          "section": section})
             return
         met = ("yes" if passes(value) else "no") if judged else f"not judged ({why_not})"
-        goals.append({"goal": goal, "measured": show(value), "met": met})
+        goals.append({"goal": goal, "measured": show(value), "met": met, "section": section})
 
     def seconds(value: float) -> str:
         return f"{value:.3f} s"
@@ -40,6 +49,7 @@ def evaluate(results: dict) -> list[dict]:
     def times(value: float) -> str:
         return f"{value:.2f}x"
 
+    section = "randomize"
     pg_randomize = _ok(results, "randomize", "PostgreSQL")
     sqlite_randomize = _ok(results, "randomize", "SQLite")
     judge("PostgreSQL randomize 1M <= 1.0 s", _median(pg_randomize, randomize.OURS), seconds,
@@ -53,6 +63,7 @@ def evaluate(results: dict) -> list[dict]:
     judge("SQLite randomize 1M <= 0.5 s", _median(sqlite_randomize, randomize.OURS), seconds,
           lambda value: value <= 0.5, at_goal_size, size_note)
 
+    section = "seed"
     for database, limit in (("PostgreSQL", 1.5), ("SQLite", 1.0)):
         seeding = _ok(results, "seed", database)
         judge(f"{database} seed 1M <= {limit} s", _median(seeding, seed.OURS), seconds,
@@ -60,6 +71,7 @@ def evaluate(results: dict) -> list[dict]:
         judge(f"{database} seed >= 3x faster than the chunked baseline", _get(seeding, "baseline_over_ours"),
               times, lambda value: value >= 3, at_goal_size, size_note)
 
+    section = "load"
     steady = _get(results, "load", "steady") or {}
     span = _get(results, "load", "span") or {}
     connection_counts = results["parameters"]["connections"]
@@ -75,6 +87,7 @@ def evaluate(results: dict) -> list[dict]:
           _get(_ok_in(span, "PostgreSQL"), "inside_over_outside"), times, lambda value: value <= 2,
           at_goal_size, size_note)
 
+    section = "scale"
     scaling = _ok(results, "scale", "PostgreSQL")
     measured = (_get(scaling, "points") or []) + (_get(scaling, "search", "probes") or [])
     ten_million = next((point for point in measured if point["rows"] == GOAL_SCALE_ROWS
@@ -88,19 +101,47 @@ def evaluate(results: dict) -> list[dict]:
         goals.append({"goal": "10M-row randomize on PostgreSQL <= 12 s",
                       "measured": "not measured" if extrapolated is None
                       else f"{extrapolated:.2f} s (extrapolated from the fit)",
-                      "met": f"not judged (10M rows not measured, only {sizes})"})
+                      "met": f"not judged (10M rows not measured, only {sizes})", "section": section})
 
     for database in ("SQLite", "PostgreSQL"):
+        section = "load"
         peaks = [_get(_ok_in(part, database), "serve_peak_rss_bytes") for part in (steady, span)]
         peaks = [peak for peak in peaks if peak]
         judge(f"maxtwo serve peak RSS under load on {database} <= 120 MB", max(peaks) if peaks else None,
               lambda value: f"{value / MB:.1f} MB", lambda value: value <= SERVE_RSS_LIMIT_BYTES)
+        section = "memory"
         memory = _ok(results, "memory", database)
         judge(f"maxtwo seed on {database} holds no rows in Python memory "
               f"(peak RSS growth vs --count 0 <= {SEED_GROWTH_LIMIT_BYTES // MB} MB)",
               _get(memory, "growth_bytes"), lambda value: f"{value / MB:+.1f} MB",
               lambda value: value <= SEED_GROWTH_LIMIT_BYTES, at_goal_size, size_note)
-    return goals
+
+    section = "increment"
+    counting = results.get("increment") or {}
+    connection_counts = (results["parameters"].get("increment_connections") or []) if isinstance(counting, dict) else []
+    for database in ("SQLite", "PostgreSQL"):
+        measured = _ok_in(counting, database)
+        by_connections = _get(measured, "by_connections") or {}
+        for connections in connection_counts:
+            for key, keys in (("ours_over_do_nothing", "random keys"), ("hot_ours_over_do_nothing", "hot key")):
+                judge(f"POST /increment on {database}, {keys}, {connections} connections: "
+                      f">= {INCREMENT_OVER_DO_NOTHING}x the do-nothing app's req/s",
+                      _get(by_connections, str(connections), key), times,
+                      lambda value: value >= INCREMENT_OVER_DO_NOTHING)
+        for connections in connection_counts:
+            judge(f"POST /increment on {database}, random keys, {connections} connections: "
+                  f">= {INCREMENT_OVER_SYNC:g}x the synchronous approach's req/s",
+                  _get(by_connections, str(connections), "ours_over_sync"), times,
+                  lambda value: value >= INCREMENT_OVER_SYNC)
+        judge(f"POST /increment on {database}: zero errors (non-2xx/3xx and socket errors, every run of "
+              f"{increment.OURS}, warm-ups included)", _get(measured, "errors"), lambda value: f"{value:,}",
+              lambda value: value == 0)
+        judge(f"maxtwo serve peak RSS under POST /increment load on {database} <= 120 MB",
+              _get(measured, "serve_peak_rss_bytes"), lambda value: f"{value / MB:.1f} MB",
+              lambda value: value <= SERVE_RSS_LIMIT_BYTES)
+
+    chosen = set(results["parameters"].get("sections") or SECTIONS)
+    return [goal for goal in goals if goal["section"] in chosen]
 
 
 def _get(data: Any, *path: str) -> Any:

@@ -1,9 +1,13 @@
-"""The hello-world baseline for GET /: a Falcon app that answers a constant body, served by
-maxtwo's own transport (`daemon.server.listen()` and `daemon.transport.Transport`), so every
+"""The hello-world baseline for GET / (and the do-nothing one for POST /increment): a Falcon app
+that answers a constant body, served by maxtwo's own transport (`daemon.server.listen()` and `daemon.transport.Transport`), so every
 waitress setting (threads, connection limit, backlog, channel timeout, poll) and the busy-poll
 fix are the daemon's by construction; the query lane (there is no query to batch) and the
 change poller (below) are left out. Whatever separates its req/s from `maxtwo serve`'s is maxtwo's own work per
 request.
+
+POST /increment reads the body (waitress has buffered it already: reading it costs a copy, as it
+does maxtwo) and answers 202 with no body, without parsing it or touching a database: the
+peers' "simple" baseline (bench/increment.py).
 
     python -m bench.hello --port 8000 --threads 16
 """
@@ -24,9 +28,17 @@ class EmptyAnswerResource:
         resp.media = {"users": [], "timestamp": None}
 
 
+class DoNothingIncrementResource:
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.bounded_stream.read()
+        resp.status = falcon.HTTP_202
+        resp.data = b""
+
+
 def create_app() -> falcon.App:
     app = falcon.App()
     app.add_route("/", EmptyAnswerResource())
+    app.add_route("/increment", DoNothingIncrementResource())
     return app
 
 

@@ -71,7 +71,7 @@ def _steady(target, hello, options: BenchOptions, work_dir: Path, ready_timeout:
                 OURS: lambda c=connections: run_wrk(server.url, c, options.load_seconds, server.pid),
                 HELLO: lambda c=connections: run_wrk(hello.url, c, options.load_seconds, hello.pid),
             }, options.load_runs)
-            summary = {name: _summarize(result) for name, result in rounds.items()}
+            summary = {name: summarize_runs(result) for name, result in rounds.items()}
             summary.update(_paired_ratios(rounds[OURS].runs, rounds[HELLO].runs))
             by_connections[str(connections)] = summary
             say(f"  GET / on {target.name}, {connections} connections: "
@@ -160,12 +160,12 @@ def _paired_ratios(ours: list[dict], hello: list[dict]) -> dict:
         "ours_over_hello": statistics.median(by_round),
         "ours_over_hello_by_round": by_round,
         # hello's CPU per request / ours: 1.0 would mean maxtwo's own work costs nothing.
-        "hello_cpu_over_ours": _median_or_none(cpu_by_round),
+        "hello_cpu_over_ours": median_or_none(cpu_by_round),
         "hello_cpu_over_ours_by_round": cpu_by_round,
     }
 
 
-def _summarize(rounds: Rounds[dict]) -> dict:
+def summarize_runs(rounds: Rounds[dict]) -> dict:
     """Medians of the measured runs' figures; the worst max latency; errors added up."""
     runs = rounds.runs
     socket_errors = {kind: sum(run["socket_errors"][kind] for run in runs) for kind in runs[0]["socket_errors"]}
@@ -173,7 +173,7 @@ def _summarize(rounds: Rounds[dict]) -> dict:
         "warmup": rounds.warmup,
         "runs": runs,
         "requests_per_second": statistics.median(run["requests_per_second"] for run in runs),
-        "cpu_us_per_request": _median_or_none(run.get("cpu_us_per_request") for run in runs),
+        "cpu_us_per_request": median_or_none(run.get("cpu_us_per_request") for run in runs),
         "p50_ms": statistics.median(run["p50_ms"] for run in runs),
         "p99_ms": statistics.median(run["p99_ms"] for run in runs),
         "max_ms": max(run["max_ms"] for run in runs),
@@ -184,7 +184,7 @@ def _summarize(rounds: Rounds[dict]) -> dict:
     }
 
 
-def _median_or_none(values) -> float | None:
+def median_or_none(values) -> float | None:
     present = [value for value in values if value is not None]
     return statistics.median(present) if present else None
 

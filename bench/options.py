@@ -34,7 +34,13 @@ DEFAULTS = {
     "span_interval": 10.0,
     # The time a randomization must fit in: the daemon's interval.
     "scale_budget": 60.0,
+    # POST /increment (benchmark 6): the issue's connection counts; 5 contenders take turns at
+    # each, so runs are shorter than GET /'s (the section takes about 11 minutes as it is).
+    "increment_connections": "50,400",
+    "increment_seconds": 5,
 }
+# The benchmarks, as --only names them, in the order they run.
+SECTIONS = ("seed", "randomize", "scale", "load", "memory", "increment")
 # NOTE: the span interval is 2 s, not 1 s, even at tiny scale: wrk only takes whole seconds,
 # so its windows last 1 s and an interval of 1 s would leave no window outside a randomization.
 TINY = {
@@ -46,6 +52,7 @@ TINY = {
     "span_interval": 2.0,
     # NOTE: small enough that the search for the largest table within it runs on tiny tables.
     "scale_budget": 0.1,
+    "increment_seconds": 1,
 }
 
 
@@ -59,6 +66,9 @@ class BenchOptions:
     connections: tuple[int, ...]
     span_interval: float
     scale_budget: float
+    increment_connections: tuple[int, ...]
+    increment_seconds: int
+    sections: tuple[str, ...]
     out: Path
     postgres_url: str | None = dataclasses.field(repr=False)  # APPSEC: may hold a password
     tiny: bool
@@ -75,6 +85,9 @@ class BenchOptions:
             "connections": list(self.connections),
             "span_interval": self.span_interval,
             "scale_budget": self.scale_budget,
+            "increment_connections": list(self.increment_connections),
+            "increment_seconds": self.increment_seconds,
+            "sections": list(self.sections),
             "tiny": self.tiny,
             "threads": SERVE_THREADS,
             "postgres": "given URL" if self.postgres_url else "throwaway server started by the harness",
@@ -105,13 +118,20 @@ def parse_options(argv: list[str]) -> BenchOptions:
     parser.add_argument("--scale-budget", type=_positive_float, help="seconds a randomization must "
                         "fit in: the scale benchmark searches for the largest table randomized within "
                         f"them (default {DEFAULTS['scale_budget']:g}, the daemon's interval)")
+    parser.add_argument("--increment-connections", type=_int_list, help="wrk connection counts for "
+                        f"POST /increment (default {DEFAULTS['increment_connections']})")
+    parser.add_argument("--increment-seconds", type=_positive_int, help="seconds per wrk run for "
+                        f"POST /increment (default {DEFAULTS['increment_seconds']})")
+    parser.add_argument("--only", type=_sections, help="comma-separated benchmarks to run, of "
+                        f"{','.join(SECTIONS)} (default: all); the report leaves the others out")
     parser.add_argument("--postgres-url", help=f"an existing PostgreSQL server to use (default: "
                         f"${POSTGRES_URL_ENV}, else a throwaway server started and stopped here)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs",
                         help="directory for performance.md, bench-results.json and img/ "
                         "(default: the repository's docs/)")
     parser.add_argument("--tiny", action="store_true", help="the CI preset: 20k rows, scale "
-                        "20000,40000 with a 0.1 s budget, 2 s load, 3 runs; explicit flags still win")
+                        "20000,40000 with a 0.1 s budget, 2 s load, 1 s POST /increment runs, 3 runs; explicit flags "
+                        "still win")
     args = parser.parse_args(argv)
 
     preset = {**DEFAULTS, **(TINY if args.tiny else {})}
@@ -121,7 +141,7 @@ def parse_options(argv: list[str]) -> BenchOptions:
         if value is not None:
             return value
         default = preset[name]
-        return _int_list(default) if name in ("scale_rows", "connections") else default
+        return _int_list(default) if name in ("scale_rows", "connections", "increment_connections") else default
 
     return BenchOptions(
         rows=pick("rows"),
@@ -132,6 +152,9 @@ def parse_options(argv: list[str]) -> BenchOptions:
         connections=pick("connections"),
         span_interval=pick("span_interval"),
         scale_budget=pick("scale_budget"),
+        increment_connections=pick("increment_connections"),
+        increment_seconds=pick("increment_seconds"),
+        sections=args.only or SECTIONS,
         out=args.out,
         postgres_url=args.postgres_url or os.environ.get(POSTGRES_URL_ENV) or None,
         tiny=args.tiny,
@@ -157,6 +180,14 @@ def _at_least_three(text: str) -> int:
     if value < 3:
         raise argparse.ArgumentTypeError("every timing is a median of at least 3 runs")
     return value
+
+
+def _sections(text: str) -> tuple[str, ...]:
+    chosen = {part.strip() for part in text.split(",") if part.strip()}
+    unknown = sorted(chosen - set(SECTIONS))
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(SECTIONS)}: {text!r}")
+    return tuple(section for section in SECTIONS if section in chosen)
 
 
 def _int_list(text: str) -> tuple[int, ...]:

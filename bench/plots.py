@@ -10,14 +10,15 @@ matplotlib.use("Agg")  # before pyplot is imported: CI and servers have no displ
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench import load, randomize, seed  # noqa: E402
+from bench import increment, load, randomize, seed  # noqa: E402
 
 SEED_RANDOMIZE = "seed-randomize.png"
 RANDOMIZE_SCALE = "randomize-scale.png"
 LOAD = "load.png"
+INCREMENT = "increment.png"
 DATABASES = ("SQLite", "PostgreSQL")
 COLORS = {"ours": "#1f77b4", "baseline": "#d62728", "floor": "#7f7f7f", "hello": "#ff7f0e",
-          "search": "#2ca02c"}
+          "search": "#2ca02c", "ours_hot": "#aec7e8", "baseline_hot": "#ff9896"}
 
 
 def plot_seed_randomize(results: dict, path: Path) -> bool:
@@ -138,6 +139,47 @@ def plot_load(results: dict, path: Path) -> bool:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return True
+
+
+def plot_increment(results: dict, path: Path) -> bool:
+    """Bars: POST /increment req/s of maxtwo (random keys, hot key), the do-nothing app and the
+    synchronous approach (random keys, hot key), per database and connection count."""
+    section = results.get("increment") or {}
+    groups = []
+    for database in DATABASES:
+        result = section.get(database) if isinstance(section, dict) else None
+        if isinstance(result, dict) and "error" not in result:
+            groups += [(f"{database}\n{connections} conn.", summary)
+                       for connections, summary in result["by_connections"].items()]
+    if not groups:
+        return False
+    contenders = [(increment.OURS, "ours"), (increment.OURS_HOT, "ours_hot"), (increment.DO_NOTHING, "hello"),
+                  (increment.SYNC, "baseline"), (increment.SYNC_HOT, "baseline_hot")]
+    figure, axis = plt.subplots(figsize=(max(8, 3.2 * len(groups)), 5.5))
+    width = 0.8 / len(contenders)
+    for index, (name, color) in enumerate(contenders):
+        offset = (index - (len(contenders) - 1) / 2) * width
+        heights = [summary[name]["requests_per_second"] for _, summary in groups]
+        bars = axis.bar([position + offset for position in range(len(groups))], heights, width, label=name,
+                        color=COLORS[color])
+        axis.bar_label(bars, labels=[f"{height:,.0f}" for height in heights], fontsize=7, padding=2, rotation=90)
+    axis.set_xticks(range(len(groups)), [
+        f"{label}\nours / do-nothing {_times(summary['ours_over_do_nothing'])} (hot {_times(summary['hot_ours_over_do_nothing'])})"
+        f"\nours / synchronous {_times(summary['ours_over_sync'])} (hot {_times(summary['hot_ours_over_sync'])})"
+        for label, summary in groups], fontsize=8)
+    parameters = results["parameters"]
+    axis.set_ylabel(f"requests/s (median of {parameters.get('load_runs', parameters['runs'])} wrk runs; higher is better)")
+    axis.set_title("POST /increment under wrk: group commit vs a do-nothing app and a transaction per request")
+    axis.legend(fontsize=8, loc="upper center", ncols=3)
+    axis.margins(y=0.35)  # room for the legend above the bars
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def _times(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
 
 
 def _ok(results: dict, section: str, database: str) -> dict | None:

@@ -1,4 +1,5 @@
-"""HTTP servers under test as subprocesses: `maxtwo serve` and the hello-world app.
+"""HTTP servers under test as subprocesses: `maxtwo serve`, the hello-world app and the daemon
+with a synchronous POST /increment (bench/sync_increment.py).
 
 Each one gets a free port and a log file, is ready once it answers, and is always stopped:
 SIGTERM first (maxtwo drains and exits 0), SIGKILL if it does not go in time.
@@ -112,6 +113,14 @@ def maxtwo_serve(url: str, *, seed_count: int, interval: float, log_path: Path) 
     args = [str(MAXTWO), "serve", "--host", HOST, "--port", str(port), "--threads", str(SERVE_THREADS),
             "--interval", f"{interval:g}", "--seed-count", str(seed_count)]
     return ServerProcess("maxtwo serve", args, process_environment(url), port, "/healthz", log_path)
+
+
+def synchronous_increment_serve(url: str, *, seed_count: int, interval: float, log_path: Path) -> ServerProcess:
+    """bench/sync_increment.py: `maxtwo serve` with one transaction per POST /increment."""
+    port = free_port()
+    args = [sys.executable, "-m", "bench.sync_increment", "--host", HOST, "--port", str(port),
+            "--threads", str(SERVE_THREADS), "--interval", f"{interval:g}", "--seed-count", str(seed_count)]
+    return ServerProcess("synchronous increments", args, process_environment(url), port, "/healthz", log_path)
 
 
 def hello_world(log_path: Path) -> ServerProcess:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench import load, randomize, seed
+from bench import increment, load, randomize, seed
 from bench.common import scrub
-from bench.goals import SEED_GROWTH_LIMIT_BYTES
+from bench.goals import INCREMENT_OVER_DO_NOTHING, INCREMENT_OVER_SYNC, SEED_GROWTH_LIMIT_BYTES
 from bench.memory import MB
-from bench.plots import LOAD, RANDOMIZE_SCALE, SEED_RANDOMIZE
+from bench.options import SECTIONS
+from bench.plots import INCREMENT, LOAD, RANDOMIZE_SCALE, SEED_RANDOMIZE
 
 DATABASES = ("SQLite", "PostgreSQL")
 NOTES_PATH = Path(__file__).resolve().parent / "NOTES.md"
@@ -34,20 +35,24 @@ def write_markdown(results: dict, path: Path) -> None:
 
 
 def render_markdown(results: dict) -> str:
+    chosen = _chosen(results)
+    benchmarks = {"seed": _seed, "randomize": _randomize, "scale": _scale, "load": _load, "memory": _memory,
+                  "increment": _increment}
     sections = [
         _title(results),
         _headline(results),
         _goals(results),
-        _seed(results),
-        _randomize(results),
-        _scale(results),
-        _load(results),
-        _memory(results),
+        *(render(results) for name, render in benchmarks.items() if name in chosen),
         _machine(results),
         _method(results),
         _tried(results),
     ]
     return "\n\n".join(section.strip() for section in sections if section) + "\n"
+
+
+def _chosen(results: dict) -> set[str]:
+    """The benchmarks this run ran (--only)."""
+    return set(results["parameters"].get("sections") or SECTIONS)
 
 
 # -- sections -----------------------------------------------------------------------------------
@@ -60,6 +65,10 @@ def _title(results: dict) -> str:
     search = _nested(results, "scale", "PostgreSQL", "search") or {}
     searched = (f"; table sizes searched beyond the fixed ones: {search['probe_runs']} runs"
                 if search.get("probes") else "")
+    chosen = [name for name in SECTIONS if name in _chosen(results)]
+    if len(chosen) < len(SECTIONS):
+        tiny += (f"\n\n> **Only some benchmarks ran** (`--only {','.join(chosen)}`); the others, their "
+                 "goals and headline figures are left out.")
     return f"""
 # Performance
 
@@ -74,17 +83,29 @@ same machine (see [Method](#method)).{tiny}
 
 def _headline(results: dict) -> str:
     rows = results["parameters"]["rows"]
-    lines = [
-        "## Headline: ratios against same-run baselines", "",
-        "| figure | SQLite | PostgreSQL |", "|---|---|---|",
-        _row(f"seed {rows:,} users: chunked baseline time / maxtwo time",
-             [_x(_field(results, "seed", db, "baseline_over_ours")) for db in DATABASES]),
-        _row(f"randomize {rows:,} users: naive UPDATE time / maxtwo time",
-             [_x(_field(results, "randomize", db, "naive_over_ours")) for db in DATABASES]),
-        _row(f"randomize {rows:,} users: maxtwo time / floor time (SQLite: constant points, no random(); "
-             "PostgreSQL: UNLOGGED table, no WAL)",
-             [_x(_field(results, "randomize", db, "ours_over_floor")) for db in DATABASES]),
-    ]
+    chosen = _chosen(results)
+    lines = ["## Headline: ratios against same-run baselines", "",
+             "| figure | SQLite | PostgreSQL |", "|---|---|---|"]
+    if "seed" in chosen:
+        lines.append(_row(f"seed {rows:,} users: chunked baseline time / maxtwo time",
+                          [_x(_field(results, "seed", db, "baseline_over_ours")) for db in DATABASES]))
+    if "randomize" in chosen:
+        lines += [
+            _row(f"randomize {rows:,} users: naive UPDATE time / maxtwo time",
+                 [_x(_field(results, "randomize", db, "naive_over_ours")) for db in DATABASES]),
+            _row(f"randomize {rows:,} users: maxtwo time / floor time (SQLite: constant points, no random(); "
+                 "PostgreSQL: UNLOGGED table, no WAL)",
+                 [_x(_field(results, "randomize", db, "ours_over_floor")) for db in DATABASES]),
+        ]
+    if "load" in chosen:
+        lines += _load_headline(results)
+    if "increment" in chosen:
+        lines += _increment_headline(results)
+    return "\n".join(lines)
+
+
+def _load_headline(results: dict) -> list[str]:
+    lines = []
     steady = _load_part(results, "steady")
     for connections in results["parameters"]["connections"]:
         lines.append(_row(f"GET /, {connections} connections: maxtwo req/s / hello-world req/s (median of rounds)", [
@@ -95,7 +116,28 @@ def _headline(results: dict) -> str:
     span = _load_part(results, "span")
     lines.append(_row("GET /: p99 inside / outside randomizations (median window p99)",
                       [_x(_nested(span.get(db), "inside_over_outside")) for db in DATABASES]))
-    return "\n".join(lines)
+    return lines
+
+
+def _increment_headline(results: dict) -> list[str]:
+    section = results.get("increment") or {}
+    lines = []
+    for connections in results["parameters"].get("increment_connections") or []:
+        for key, what in (("ours_over_do_nothing", "random keys"), ("hot_ours_over_do_nothing", "hot key")):
+            lines.append(_row(f"POST /increment, {what}, {connections} connections: maxtwo req/s / do-nothing "
+                              "req/s (median of rounds)",
+                              [_x(_nested(section.get(db), "by_connections", str(connections), key))
+                               for db in DATABASES]))
+    for connections in results["parameters"].get("increment_connections") or []:
+        lines.append(_row(f"POST /increment, random keys, {connections} connections: maxtwo req/s / "
+                          "synchronous req/s (a transaction per request)",
+                          [_x(_nested(section.get(db), "by_connections", str(connections), "ours_over_sync"))
+                           for db in DATABASES]))
+    fsync = section.get("fsync") if isinstance(section, dict) else None
+    if isinstance(fsync, dict) and "error" not in fsync:
+        lines.append(_row("fsync of a 4 KiB append on the databases' disk (median / p99)",
+                          [f"{fsync['median_ms']:.3f} / {fsync['p99_ms']:.3f} ms"] * 2))
+    return lines
 
 
 def _goals(results: dict) -> str:
@@ -340,6 +382,104 @@ def _memory(results: dict) -> str:
     return "\n".join([*lines, "", *notes])
 
 
+def _increment(results: dict) -> str:
+    parameters = results["parameters"]
+    lines = ["## 6. POST /increment under load", ""]
+    section = results.get("increment") or {}
+    if "skipped" in section:
+        return "\n".join([*lines, f"**Skipped:** {section['skipped']}."])
+    if _failed(section):
+        return "\n".join([*lines, _failure("increment", section)])
+    lines += [
+        f"`wrk -t2 -cC -d{section['seconds']}s --latency -s bench/increment.lua`: each request a JSON body "
+        f"`{{\"key\": \"key-N\", \"value\": V}}`, N uniform in 1..{section['keys']:,}, V uniform in "
+        "-1000..1000, from a generator seeded per wrk thread; the *hot key* runs send every request to one key "
+        f"(`-- hot`). Three servers on the same waitress settings ({parameters.get('threads', 8)} threads) take "
+        f"turns, one warm-up each, then {parameters.get('load_runs', parameters['runs'])} rounds:",
+        "",
+        f"- **{increment.OURS}** as deployed (`--seed-count {section['seed_count']:,} --interval "
+        f"{section['interval']:g}`): the batcher puts the increments waiting at the same moment into one "
+        "transaction (group commit) and answers each 202 once it has committed;",
+        f"- the **{increment.DO_NOTHING}** (bench/hello.py): reads the body and answers 202, no parsing, no "
+        "database: the peers' \"simple\" baseline. It never reads the key, so its one run per round is the "
+        "baseline of both maxtwo runs of the round;",
+        "- the **synchronous approach** (bench/sync_increment.py): the same daemon, with POST /increment "
+        "running `core.counters.increment()` in its request thread, one transaction (the same validation and "
+        "upsert) per request.",
+        "",
+        "*ours / do-nothing* and *ours / synchronous* are medians of the rounds' ratios, the rounds' own in "
+        "brackets. Errors add up every run, warm-ups included (non-2xx/3xx responses plus socket errors; "
+        "wrk's 2 s timeout counts slower requests as timeouts). *CPU per request* is the server process's "
+        "(PostgreSQL's own work not included). The database server and wrk share the machine's 2 cores with "
+        "the server under test.",
+    ]
+    fsync = section.get("fsync") or {}
+    if "error" in fsync:
+        lines += ["", _failure("fsync latency", fsync)]
+    elif fsync:
+        lines += ["", f"**fsync latency** of this machine: appending {fsync['block_bytes']:,} bytes to a file and "
+                  f"`fsync()`ing it, {fsync['writes']} times in {fsync['directory']} ({fsync['filesystem']}, "
+                  f"where the databases live): median **{fsync['median_ms']:.3f} ms**, p99 {fsync['p99_ms']:.3f} ms, "
+                  f"max {fsync['max_ms']:.3f} ms. Every durable commit pays at least one; group commit pays one "
+                  "per batch instead of one per request, so its advantage over the synchronous approach grows "
+                  "with this figure (a fraction of a millisecond on these virtual disks, milliseconds on many "
+                  "real ones)."]
+    lines += ["", "| database | connections | server | req/s | CPU per request | p50 | p99 | max | errors | ratios |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for database in DATABASES:
+        result = section.get(database)
+        if _failed(result):
+            notes.append(_failure(database, result))
+            continue
+        for connections, summary in result["by_connections"].items():
+            for name in increment.CONTENDERS:
+                figures = summary[name]
+                lines.append(_row(database, [
+                    connections, name, f"{figures['requests_per_second']:,.0f}",
+                    _us(figures.get("cpu_us_per_request")), _ms(figures["p50_ms"]), _ms(figures["p99_ms"]),
+                    _ms(figures["max_ms"]), _errors(figures), _increment_ratios(summary, name)]))
+        totals = result.get("hot_key_totals") or {}
+        loads = result.get("load_average") or {}
+        if loads:
+            notes.append(f"- {database}: load average (1, 5, 15 min) before "
+                         f"{', '.join(f'{value:.2f}' for value in loads['before'])}, after "
+                         f"{', '.join(f'{value:.2f}' for value in loads['after'])}; do-nothing CPU per request / "
+                         "maxtwo's: " + ", ".join(f"{connections} connections {_x(summary.get('do_nothing_cpu_over_ours'))}"
+                                                  for connections, summary in result["by_connections"].items()) + ".")
+        notes.append(f"- {database}: peak RSS of {increment.OURS} under this load "
+                     f"{_mb(result.get('serve_peak_rss_bytes'))} (goal <= 120 MB), of the synchronous server "
+                     f"{_mb(result.get('sync_peak_rss_bytes'))}; the hot key's total afterwards "
+                     + ", ".join(f"{name}: {value}" for name, value in totals.items()) + ".")
+    notes.append(f"- Peak RSS of the {increment.DO_NOTHING} over the whole section: "
+                 f"{_mb(section.get('do_nothing_peak_rss_bytes'))}. Open files limit: "
+                 f"{(section.get('open_files_limit') or {}).get('soft')}.")
+    lines += ["", *notes,
+              "", f"Goals: maxtwo >= {INCREMENT_OVER_DO_NOTHING}x the do-nothing app's req/s at every connection "
+              f"count on both databases, hot key included; >= {INCREMENT_OVER_SYNC:g}x the synchronous approach "
+              "(random keys); zero errors; peak RSS <= 120 MB (see [Goals](#goals))."]
+    if _plotted(results, INCREMENT):
+        lines += ["", f"![POST /increment req/s, maxtwo vs the do-nothing app and the synchronous approach](img/{INCREMENT})"]
+    return "\n".join(lines)
+
+
+def _increment_ratios(summary: dict, name: str) -> str:
+    keys = {increment.OURS: (("ours_over_do_nothing", "/ do-nothing"), ("ours_over_sync", "/ synchronous")),
+            increment.OURS_HOT: (("hot_ours_over_do_nothing", "/ do-nothing"),
+                                 ("hot_ours_over_sync", "/ synchronous, hot"))}.get(name, ())
+    return "; ".join(f"{label} {_x(summary.get(key))} ({', '.join(f'{value:.2f}' for value in summary.get(key + '_by_round') or [])})"
+                     for key, label in keys)
+
+
+def _errors(figures: dict) -> str:
+    total = figures["errors"] + figures["warmup_errors"]
+    if not total:
+        return "0"
+    sockets = ", ".join(f"{kind} {count}" for kind, count in figures["socket_errors"].items() if count)
+    return (f"{total:,} (non-2xx/3xx {figures['non_2xx_3xx']:,}" + (f"; {sockets}" if sockets else "")
+            + (f"; warm-up {figures['warmup_errors']:,}" if figures["warmup_errors"] else "") + ")")
+
+
 def _machine(results: dict) -> str:
     machine = results.get("machine") or {}
     databases = machine.get("databases") or {}
@@ -391,6 +531,11 @@ def _method(results: dict) -> str:
 - **Load**: wrk runs on the same 2 cores as the server, so both compete for CPU; the hello-world app pays
   the same price, which is why only the ratio is a headline. wrk's default 2 s timeout counts slower
   requests as socket timeouts.
+- **POST /increment**: {parameters.get('increment_seconds', 'n/a')} s per wrk run at
+  {', '.join(map(str, parameters.get('increment_connections') or []))} connections, every server on a
+  fresh database (maxtwo and the synchronous approach each on its own); the fsync probe runs in the
+  harness's work directory, on the file system that holds the SQLite files and the throwaway
+  PostgreSQL's data directory.
 - **Memory**: psutil samples each process's RSS every 50 ms; serve is sampled
   from its first answered request to the end of its load runs (after its start-up seed).
 - **Goals** stated for 1M (or 10M) users are judged only when the run used that size.

@@ -1,4 +1,5 @@
-"""The order of a benchmark run: databases up, the five benchmarks, the outputs, databases down.
+"""The order of a benchmark run: databases up, the six benchmarks (or those --only names), the
+outputs, databases down.
 
 Each benchmark on each database is attempted on its own: a failure is recorded in the results
 (and the report) and the run goes on. Servers, subprocesses and temporary files are always
@@ -13,10 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import goals, load, memory, plots, randomize, report, scale, seed
+from bench import goals, increment, load, memory, plots, randomize, report, scale, seed
 from bench.common import attempt, say, scrub
 from bench.machine import describe_machine
-from bench.options import BenchOptions, parse_options
+from bench.options import SECTIONS, BenchOptions, parse_options
 from bench.targets import SqliteTarget, open_postgres, postgres_only
 
 
@@ -62,32 +63,45 @@ def _open_targets(options: BenchOptions, work_dir: Path, stack: contextlib.ExitS
 
 def _run_benchmarks(targets: list, options: BenchOptions, work_dir: Path, results: dict) -> None:
     missing_postgres = {"error": "PostgreSQL unavailable (see Machine)"}
-    say(f"1. seed {options.rows:,} users")
-    results["seed"] = {target.name: attempt(f"seed on {target.name}",
-                                            lambda target=target: seed.run(target, options.rows, options.runs))
-                       for target in targets}
-    say(f"2. randomize {options.rows:,} users")
-    results["randomize"] = {target.name: attempt(
-        f"randomize on {target.name}", lambda target=target: randomize.run(target, options.rows, options.runs))
-        for target in targets}
-    say(f"3. randomize at scale on PostgreSQL: {', '.join(f'{rows:,}' for rows in options.scale_rows)} users, "
-        f"then the largest table randomized within {options.scale_budget:g} s")
-    results["scale"] = {target.name: attempt(
-        "scale", lambda target=target: scale.run(target, options.scale_rows, options.runs,
-                                                 options.scale_budget))
-        for target in postgres_only(targets)} or {"PostgreSQL": missing_postgres}
-    say(f"4. GET / under load ({', '.join(map(str, options.connections))} connections, "
-        f"{options.load_seconds} s per run)")
-    results["load"] = attempt("load", lambda: load.run(targets, options, work_dir))
-    say(f"5. memory of maxtwo seed --count {options.rows:,}")
-    results["memory"] = {target.name: attempt(
-        f"memory on {target.name}", lambda target=target: memory.run_seed(target, options.rows, work_dir))
-        for target in targets}
+    chosen = set(options.sections)
+    if "seed" in chosen:
+        say(f"1. seed {options.rows:,} users")
+        results["seed"] = {target.name: attempt(
+            f"seed on {target.name}", lambda target=target: seed.run(target, options.rows, options.runs))
+            for target in targets}
+    if "randomize" in chosen:
+        say(f"2. randomize {options.rows:,} users")
+        results["randomize"] = {target.name: attempt(
+            f"randomize on {target.name}", lambda target=target: randomize.run(target, options.rows, options.runs))
+            for target in targets}
+    if "scale" in chosen:
+        say(f"3. randomize at scale on PostgreSQL: {', '.join(f'{rows:,}' for rows in options.scale_rows)} users, "
+            f"then the largest table randomized within {options.scale_budget:g} s")
+        results["scale"] = {target.name: attempt(
+            "scale", lambda target=target: scale.run(target, options.scale_rows, options.runs,
+                                                     options.scale_budget))
+            for target in postgres_only(targets)} or {"PostgreSQL": missing_postgres}
+    if "load" in chosen:
+        say(f"4. GET / under load ({', '.join(map(str, options.connections))} connections, "
+            f"{options.load_seconds} s per run)")
+        results["load"] = attempt("load", lambda: load.run(targets, options, work_dir))
+    if "memory" in chosen:
+        say(f"5. memory of maxtwo seed --count {options.rows:,}")
+        results["memory"] = {target.name: attempt(
+            f"memory on {target.name}", lambda target=target: memory.run_seed(target, options.rows, work_dir))
+            for target in targets}
+    if "increment" in chosen:
+        say(f"6. POST /increment under load ({', '.join(map(str, options.increment_connections))} connections, "
+            f"{options.increment_seconds} s per run)")
+        results["increment"] = attempt("increment", lambda: increment.run(targets, options, work_dir))
     if not postgres_only(targets):
         for section in ("seed", "randomize", "memory"):
-            results[section]["PostgreSQL"] = missing_postgres
-        if isinstance(results["load"], dict) and "steady" in results["load"]:
+            if section in results:
+                results[section]["PostgreSQL"] = missing_postgres
+        if isinstance(results.get("load"), dict) and "steady" in results["load"]:
             results["load"]["steady"]["PostgreSQL"] = results["load"]["span"]["PostgreSQL"] = missing_postgres
+        if isinstance(results.get("increment"), dict) and "connections" in results["increment"]:
+            results["increment"]["PostgreSQL"] = missing_postgres
 
 
 def _describe(target) -> dict:
@@ -101,7 +115,8 @@ def _write_outputs(results: dict, out: Path) -> None:
     (out / "img").mkdir(parents=True, exist_ok=True)
     results["plots"] = {}
     for name, plot in ((plots.SEED_RANDOMIZE, plots.plot_seed_randomize),
-                       (plots.RANDOMIZE_SCALE, plots.plot_randomize_scale), (plots.LOAD, plots.plot_load)):
+                       (plots.RANDOMIZE_SCALE, plots.plot_randomize_scale), (plots.LOAD, plots.plot_load),
+                       (plots.INCREMENT, plots.plot_increment)):
         outcome = attempt(f"plot {name}", lambda plot=plot, name=name: {
             "written": plot(results, out / "img" / name)})
         results["plots"][name] = ("written" if outcome.get("written") else
@@ -117,4 +132,4 @@ def _count_failures(results: dict) -> int:
             return 1 if "error" in node else sum(failed(child) for child in node.values())
         return 0
 
-    return sum(failed(results.get(section)) for section in ("seed", "randomize", "scale", "load", "memory"))
+    return sum(failed(results.get(section)) for section in SECTIONS)

@@ -6,6 +6,8 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
 from bench.processes import read_process
 
@@ -20,8 +22,11 @@ def wrk_path() -> str | None:
     return shutil.which("wrk")
 
 
-def run_wrk(url: str, connections: int, seconds: int, server_pid: int | None = None) -> dict:
+def run_wrk(url: str, connections: int, seconds: int, server_pid: int | None = None, *,
+            script: Path | None = None, script_args: Sequence[str] = ()) -> dict:
     """One wrk run; its figures, plus the wall-clock window it ran in (for matching with logs).
+
+    `script`: a Lua script (`wrk -s`) that makes the requests; `script_args` go after `--`.
 
     `server_pid`: also the CPU time (user + system) the server process used during the run,
     per request answered. NOTE: far steadier than req/s on a shared machine, where what else runs
@@ -31,7 +36,9 @@ def run_wrk(url: str, connections: int, seconds: int, server_pid: int | None = N
     if wrk is None:
         raise RuntimeError(INSTALL_HINT)
     # NOTE: wrk takes whole seconds only ("500ms" and "0.5s" are refused).
-    args = [wrk, f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    args = [wrk, f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds}s", "--latency",
+            *(["-s", str(script)] if script is not None else []), url,
+            *(["--", *script_args] if script_args else [])]
     cpu_before = cpu_seconds(server_pid) if server_pid is not None else None
     started_at = time.time()
     proc = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60)

@@ -4,8 +4,8 @@
 
 The issue's "synchronous approach": one transaction per request doing the same upsert, in the
 same server. Everything is the daemon as deployed (settings from MAXTWO_* variables: engine,
-start-up, transport with its query lane, waitress settings, the app's middleware and error
-handlers), except that POST /increment's resource calls `core.counters.increment()` in the
+start-up, transport, waitress settings, the app's middleware and error handlers), except that
+the lane is off and POST /increment's resource calls `core.counters.increment()` in the
 request thread, a transaction of its own per request (the same validation, the same
 `apply_increments` upsert on a batch of one), instead of handing the increment to the batcher.
 """
@@ -67,7 +67,9 @@ def main() -> None:
     # production offers no way to swap a resource, and a copy of serve() here would drift from the
     # daemon it stands in for. So this bench-only process rebinds that one name, before serving.
     daemon.server.create_app = create_synchronous_app
-    daemon.server.serve(settings)
+    # NOTE: without the lane, which would batch POST /increment itself: every request in a
+    # request thread of its own, its own transaction.
+    daemon.server.serve(settings, daemon.server.TransportOptions(lane=False))
 
 
 if __name__ == "__main__":

@@ -11,12 +11,14 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import sqlalchemy as sa
 
 from daemon import server as server_module
 from daemon.batcher import QueryKind
 from daemon.metrics import Metrics
 from daemon.server import BindError, StopRequest, listen, serve, serve_requests
 from daemon.transport import QuietChannel
+from maxtwo_cli.core.schema import idempotency_keys
 from maxtwo_cli.core.settings import Settings
 from tests.helpers import notify_socket
 
@@ -188,3 +190,28 @@ def test_the_scheduler_stops_and_tz_is_left_alone_when_serving_fails(tmp_path, m
     assert os.environ["TZ"] == "Europe/Berlin"
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_the_scheduled_job_deletes_expired_idempotency_keys_once_an_hour(engine):
+    import datetime as dt
+
+    from maxtwo_cli.core.batch import HeldConnection
+    from maxtwo_cli.core.counters import Increment, apply_increments, increment
+    from maxtwo_cli.core.seed import seed_users
+
+    seed_users(engine, 10)
+    held = HeldConnection(engine)
+    with held.transaction():
+        apply_increments(held, [Increment("c", 1, "old-key")], now=dt.datetime.now(dt.UTC) - dt.timedelta(hours=25))
+    held.release()
+    increment(engine, "c", 1, idempotency_key="new-key")
+    job = server_module.scheduled_job(engine, 60)
+
+    def keys() -> set[str]:
+        with engine.connect() as conn:
+            return set(conn.execute(sa.select(idempotency_keys.c.key)).scalars())
+
+    job(dt.datetime(2026, 12, 3, 18, 1, tzinfo=dt.UTC))  # not at a full hour: kept
+    assert keys() == {"old-key", "new-key"}
+    job(dt.datetime(2026, 12, 3, 19, 0, tzinfo=dt.UTC))
+    assert keys() == {"new-key"}

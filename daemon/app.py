@@ -66,6 +66,7 @@ def create_app(
     app.add_route("/metrics", MetricsResource(metrics))
     app.add_route("/openapi.json", OpenApiResource())
     app.add_error_handler(MaxtwoError, _database_unavailable)
+    app.add_error_handler(QueueFullError, _overloaded)
     app.add_error_handler(Exception, _unexpected)
     app.set_error_serializer(_serialize_error)
     return app
@@ -173,6 +174,15 @@ def _database_unavailable(req: falcon.Request, resp: falcon.Response, ex: Maxtwo
     log.warning("%s %s: 503: %s", req.method, req.path, ex)
     raise falcon.HTTPServiceUnavailable(
         description="the database is unavailable; try again shortly",
+        retry_after=RETRY_AFTER_SECONDS,
+    )
+
+
+def _overloaded(req: falcon.Request, resp: falcon.Response, ex: QueueFullError, params: dict) -> None:
+    # NOTE: no log line per refusal: under overload it would flood the journal exactly when it
+    # matters (maxtwo_increments_rejected_total{reason="queue_full"} counts them).
+    raise falcon.HTTPServiceUnavailable(
+        description="too many writes wait for the database; try again shortly",
         retry_after=RETRY_AFTER_SECONDS,
     )
 

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 CONNECTION_LIMIT = 512
 CHANNEL_TIMEOUT = 30
 BACKLOG = 1024
+# APPSEC: no route takes more than 4 KiB; waitress would otherwise buffer up to 1 GB of a body
+# (to a temporary file) before the app could refuse it. Past this, waitress answers 413 itself.
+MAX_REQUEST_BODY = 64 * 1024
 # How often the serving loop looks up from poll() to notice a stop request (and so how often,
 # at least, it turns: the watchdog counts on it).
 LOOP_TICK_SECONDS = 0.2
@@ -187,6 +190,7 @@ class Transport:
             connection_limit=CONNECTION_LIMIT,
             channel_timeout=CHANNEL_TIMEOUT,
             backlog=BACKLOG,
+            max_request_body_size=MAX_REQUEST_BODY,
             asyncore_use_poll=True,  # select() cannot watch more than 1024 descriptors
             ident="maxtwo",
             expose_tracebacks=False,

@@ -514,3 +514,10 @@ def test_every_hook_can_be_turned_off_for_the_benchmark(settings, engine, option
             assert [get(connection).status for _ in range(5)] == [200] * 5
     finally:
         batcher.close(5)
+
+
+def test_a_body_past_the_transport_limit_is_refused_before_it_is_buffered():
+    with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (transport.MAX_REQUEST_BODY + 1))
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 413")

@@ -250,13 +250,13 @@ class Transport:
                 answered = True
                 break
             wasyncore.loop(timeout=0.05, map=server._map, use_poll=True, count=1)
-        server.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
-        wasyncore.close_all(server._map)
+        self.close(thread_timeout=1)
         return answered
 
-    def close(self) -> None:
-        """Close at once, answered or not (what drain() ends with)."""
-        self.server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
+    def close(self, thread_timeout: float = 5) -> None:
+        """Close at once, answered or not (what drain() ends with), waiting up to
+        `thread_timeout` s for the request threads."""
+        self.server.task_dispatcher.shutdown(cancel_pending=True, timeout=thread_timeout)
         wasyncore.close_all(self.server._map)
 
 

@@ -9,7 +9,6 @@ import threading
 import pytest
 import sqlalchemy as sa
 
-from maxtwo_cli.core import db
 from maxtwo_cli.core.batch import HeldConnection
 from maxtwo_cli.core.counters import (
     INT64_MAX,
@@ -28,7 +27,7 @@ from maxtwo_cli.core.counters import (
     list_counters,
     read_counter,
 )
-from maxtwo_cli.core.schema import counters, idempotency_keys
+from maxtwo_cli.core.schema import idempotency_keys
 
 
 def batch(engine, items, now=None):

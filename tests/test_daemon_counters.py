@@ -3,7 +3,6 @@ on the request-thread path (falcon.testing) and through the lane (a real waitres
 
 from __future__ import annotations
 
-import http.client
 import json
 import threading
 import urllib.parse

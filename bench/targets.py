@@ -58,7 +58,7 @@ class SqliteTarget:
         try:
             yield f"sqlite:///{path}"
         finally:
-            for suffix in ("", "-wal", "-shm", "-journal"):
+            for suffix in ("", "-wal", "-shm", "-journal", "-query", "-query-wal", "-query-shm"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
 
     @contextlib.contextmanager

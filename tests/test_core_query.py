@@ -229,14 +229,53 @@ def _waits_on_advisory_lock(conn) -> bool:
     return bool(waiting)
 
 
-def test_sqlite_query_waits_for_the_write_lock_without_error(tmp_path):
+def test_sqlite_query_does_not_wait_for_a_running_randomization(tmp_path):
+    url = f"sqlite:///{tmp_path / 'maxtwo.db'}"
+    engine = db.create_engine(Settings(database_url=url))
+    schema.ensure_schema(engine)
+    seed_users(engine, ROWS)
+    randomize_points(engine)
+    old = state(engine)
+    old_answer = expected_answer(engine)
+    randomizer = db.create_engine(Settings(database_url=url))
+    gate, at_gate = threading.Event(), threading.Event()
+
+    @sa.event.listens_for(randomizer, "after_cursor_execute")
+    def _hold(_conn, _cursor, statement, *_args):
+        # The users are updated, not committed: the main file's write lock is held.
+        if statement.startswith("UPDATE users"):
+            at_gate.set()
+            gate.wait(60)
+
+    worker = threading.Thread(target=randomize_points, args=(randomizer,))
+    worker.start()
+    try:
+        assert at_gate.wait(60), "the randomization never reached the gate"
+        # NOTE: ordering, not a stopwatch: had the query waited for the randomization's lock,
+        # it could only have ended in the busy timeout's error (the gate opens after it).
+        during = query_users(engine)
+        assert worker.is_alive()
+    finally:
+        gate.set()
+        worker.join()
+    # The last committed snapshot: users and max_number of one epoch, the old one.
+    assert during.epoch == old.epoch
+    assert [(user.id, user.points) for user in during.users] == old_answer
+    after = query_users(engine)
+    assert after.epoch == old.epoch + 1 and after.previous == during.recorded_at
+    assert (tmp_path / "maxtwo.db-query").exists()
+    engine.dispose()
+    randomizer.dispose()
+
+
+def test_sqlite_query_waits_for_the_query_state_lock_without_error(tmp_path):
     url = f"sqlite:///{tmp_path / 'maxtwo.db'}"
     engine = db.create_engine(Settings(database_url=url, statement_timeout=10.0))
     schema.ensure_schema(engine)
     seed_users(engine, 100)
     holder = db.create_engine(Settings(database_url=url))
-    with holder.begin() as conn:  # BEGIN IMMEDIATE: the write lock, as a randomization holds it
-        conn.execute(users.update().values(points=1))
+    with holder.begin() as conn:  # another writer of the query state, holding its lock
+        conn.execute(schema.query_state.update().values(last_query_at=None))
         worker_result = []
         worker = threading.Thread(target=lambda: worker_result.append(query_users(engine)))
         worker.start()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 
@@ -59,6 +60,29 @@ def test_a_database_made_before_previous_query_at_gets_it(engine):
     schema.ensure_schema(engine)
     schema.ensure_schema(engine)  # and only once
     assert query_users(engine).previous == first.recorded_at
+
+
+def test_a_sqlite_database_with_its_query_state_inside_gets_it_moved_out(tmp_path):
+    # Before the query state had a file of its own, it was a table in the main file (without
+    # previous_query_at in the oldest databases); ensure_schema moves its time, keeping the chain.
+    path = tmp_path / "maxtwo.db"
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}"))
+    schema.ensure_schema(engine)
+    engine.dispose()
+    (tmp_path / "maxtwo.db-query").unlink()
+    last_query_at = 1_700_000_000_123_456  # microseconds, as SQLite stores it
+    with sqlite3.connect(path) as old:
+        old.execute("CREATE TABLE query_state (id SMALLINT PRIMARY KEY, last_query_at BIGINT)")
+        old.execute("INSERT INTO query_state VALUES (1, ?)", (last_query_at,))
+    old.close()
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}"))
+    schema.ensure_schema(engine)
+    schema.ensure_schema(engine)  # and only once
+    assert query_users(engine).previous == schema.from_microseconds(last_query_at)
+    engine.dispose()
+    with sqlite3.connect(path) as main_file:
+        assert main_file.execute("SELECT name FROM sqlite_master WHERE name = 'query_state'").fetchall() == []
+    main_file.close()
 
 
 def test_points_outside_0_to_100_are_refused_by_the_database(engine):

@@ -512,7 +512,8 @@ def test_a_read_only_database_file_gets_503_and_exit_1_then_recovers(tmp_path, r
         # mapping is a SIGBUS for any program (the daemon's faulthandler logs it; systemd
         # restarts). A read-only file system refuses the file and its journal like this.
         with Clients(daemon.base) as clients:
-            with immutable(path, path.with_name(path.name + "-wal"), directory):
+            files = [path.with_name(path.name + suffix) for suffix in ("", "-wal", "-query", "-query-wal")]
+            with immutable(*files, directory):
                 read_only_from = time.monotonic()
                 time.sleep(2)
                 randomize = maxtwo(url, "randomize")
@@ -535,8 +536,8 @@ def test_a_read_only_database_file_gets_503_and_exit_1_then_recovers(tmp_path, r
     assert recovered and recovered[0][0] + recovered[0][1] - made_writable < RECOVERY
     reliability.record(
         "A read-only database file (SQLite): 503 and exit 1, then recovery",
-        "Under a running `maxtwo serve` and 4 clients, the SQLite file, its -wal file and its "
-        "directory are made immutable (chattr +i: writes fail even through open files, even for "
+        "Under a running `maxtwo serve` and 4 clients, the SQLite file, its query-state file, "
+        "their -wal files and their directory are made immutable (chattr +i: writes fail even through open files, even for "
         "root); `maxtwo randomize` and `maxtwo query` run meanwhile; then they are made writable.",
         [
             f"requests while read-only: {len(while_read_only)}, all 503, the slowest in "

@@ -32,6 +32,18 @@ log = logging.getLogger(__name__)
 # An execution option for transactions that only read: on SQLite they need not wait for the
 # write lock (WAL readers run beside a writer).
 READ_ONLY_OPTION = "maxtwo_read_only"
+# An execution option for SQLite transactions whose first statement writes the main file and
+# that never touch the query state: they begin DEFERRED and so lock the main file alone. BEGIN
+# IMMEDIATE would lock every attached file too, the query state's included, and every query
+# would wait for them (a randomization holds its lock for 0.3 s per million users).
+MAIN_FILE_ONLY_OPTION = "maxtwo_main_file_only"
+
+# SQLite: the query state (the last query's time) lives in a file of its own beside the
+# database, attached to every connection under this schema name. A query writes only that file
+# and reads the users' last committed snapshot from the main one (WAL), so it never waits for a
+# randomization's write lock. NOTE: a transaction that writes both files commits atomically per
+# file only; only seed (which resets both) does.
+SQLITE_QUERY_SCHEMA = "maxtwo_query"
 
 URL_HELP = "expected sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"
 
@@ -136,8 +148,14 @@ def _create_postgres_engine(url: URL, settings: Settings, pool_size: int, pre_pi
     )
 
 
+def sqlite_query_state_path(database: str | Path) -> Path:
+    """The file that holds a SQLite database's query state: `maxtwo.db` -> `maxtwo.db-query`."""
+    return Path(f"{database}-query")
+
+
 def _create_sqlite_engine(url: URL, settings: Settings, pool_size: int) -> Engine:
     path = Path(url.database or "")
+    query_state_path = str(sqlite_query_state_path(path))
     with contextlib.suppress(OSError):
         # A missing parent directory is created on first use; a failure surfaces on connect
         # as a clear "cannot open" error.
@@ -160,15 +178,21 @@ def _create_sqlite_engine(url: URL, settings: Settings, pool_size: int) -> Engin
         # WAL lets readers go on while one writer works; FULL keeps every commit durable.
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"ATTACH DATABASE ? AS {SQLITE_QUERY_SCHEMA}", (query_state_path,))
+        cursor.execute(f"PRAGMA {SQLITE_QUERY_SCHEMA}.journal_mode=WAL")
+        cursor.execute(f"PRAGMA {SQLITE_QUERY_SCHEMA}.synchronous=FULL")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _begin(connection: sa.Connection) -> None:
         # Nearly every maxtwo transaction writes (even a query records its time), so take the
         # write lock up front: a DEFERRED transaction that upgrades later can fail with
-        # SQLITE_BUSY without waiting for the busy timeout. Read-only work says so (see ping).
-        read_only = connection.get_execution_options().get(READ_ONLY_OPTION, False)
-        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        # SQLITE_BUSY without waiting for the busy timeout. Read-only work says so (see ping),
+        # and so does work that writes the main file first and alone (MAIN_FILE_ONLY_OPTION):
+        # its first write takes the lock in the busy handler all the same.
+        options = connection.get_execution_options()
+        deferred = options.get(READ_ONLY_OPTION, False) or options.get(MAIN_FILE_ONLY_OPTION, False)
+        connection.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -249,7 +273,7 @@ def _sqlite_advice(path: str | None, error: sqlite3.OperationalError, detail: st
         return f"the disk holding the SQLite file {path} is full; free some space and try again"
     if name.startswith("SQLITE_READONLY"):
         return (f"the SQLite file {path} is read-only ({detail}); make the file, its directory "
-                "and its -wal/-shm files writable by this user")
+                "and its -wal, -shm and -query files writable by this user")
     if name.startswith("SQLITE_IOERR"):
         return (f"the SQLite file {path} could not be read or written ({detail}, {name}); check "
                 "its file system: full, read-only or failing")

@@ -227,9 +227,11 @@ def _query_postgres(
 _POSTGRES_STATEMENT = _DriverStatement(_POSTGRES_QUERY, postgresql_psycopg.dialect())
 
 
-# SQLite: the same in one statement, its own transaction in autocommit (a write statement takes
-# the write lock before it reads anything, so it waits in the busy handler like BEGIN IMMEDIATE,
-# and everything it reads comes from one snapshot).
+# SQLite: the same in one statement, its own transaction in autocommit. It writes only the
+# query-state file (core/db.py: SQLITE_QUERY_SCHEMA; SQLite finds query_state there), whose
+# write lock serialises queries, and reads the users and their state from the main file's last
+# committed snapshot (WAL), so a running randomization, holding the main file's lock, does not
+# make it wait. Users and max_number come from that one snapshot: one epoch.
 # - SET sees the row as it was, so previous_query_at keeps the time being replaced and
 #   RETURNING (which shows only new values) can return it;
 # - the recorded time is `now` from Python (taken as the statement is sent, before any wait for

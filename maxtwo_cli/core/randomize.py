@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from maxtwo_cli.core.clock import as_utc, utcnow
-from maxtwo_cli.core.db import database_errors, is_postgres, set_job_timeouts
+from maxtwo_cli.core.db import MAIN_FILE_ONLY_OPTION, database_errors, is_postgres, set_job_timeouts
 from maxtwo_cli.core.schema import MAX_POINTS, draw_max_number, randomizer_state, users
 
 # An arbitrary constant naming the scheduled randomization among advisory locks.
@@ -44,8 +44,9 @@ def randomize_points(engine: Engine, *, timeout: float | None = None) -> Randomi
     callers are serialised by the lock on the state row; each of them performs its own run.
     """
     started = time.perf_counter()
-    with database_errors(engine), engine.begin() as conn:
+    with database_errors(engine), _main_file_only(engine).begin() as conn:
         outcome = randomize_in_transaction(conn, timeout=timeout)
+    assert outcome is not None  # unconditional: it always runs
     return _timed(outcome, started)
 
 
@@ -62,16 +63,21 @@ def randomize_if_due(
     Returns None when it did not run.
     """
     started = time.perf_counter()
-    with database_errors(engine), engine.begin() as conn:
+    with database_errors(engine), _main_file_only(engine).begin() as conn:
         if is_postgres(conn) and not conn.scalar(
             sa.select(sa.func.pg_try_advisory_xact_lock(RANDOMIZE_LOCK_KEY))
         ):
             return None
-        last = conn.scalar(sa.select(randomizer_state.c.randomized_at))
-        if last is not None and as_utc(last) >= due_at - dt.timedelta(seconds=interval / 2):
-            return None
-        outcome = randomize_in_transaction(conn, timeout=interval)
-    return _timed(outcome, started)
+        outcome = randomize_in_transaction(
+            conn, timeout=interval, unless_run_since=due_at - dt.timedelta(seconds=interval / 2)
+        )
+    return None if outcome is None else _timed(outcome, started)
+
+
+def _main_file_only(engine: Engine) -> Engine:
+    """The engine for a randomization's transaction: on SQLite it locks the main file alone,
+    so queries (which write only the query-state file) go on meanwhile (core/db.py)."""
+    return engine.execution_options(**{MAIN_FILE_ONLY_OPTION: True})
 
 
 def _timed(outcome: tuple[int, dt.datetime, int], started: float) -> RandomizeResult:
@@ -86,9 +92,14 @@ def _timed(outcome: tuple[int, dt.datetime, int], started: float) -> RandomizeRe
 
 
 def randomize_in_transaction(
-    conn: sa.Connection, *, timeout: float | None = None
-) -> tuple[int, dt.datetime, int]:
-    """The randomization itself, inside the caller's transaction: (epoch, randomized_at, rows)."""
+    conn: sa.Connection, *, timeout: float | None = None, unless_run_since: dt.datetime | None = None
+) -> tuple[int, dt.datetime, int] | None:
+    """The randomization itself, inside the caller's transaction: (epoch, randomized_at, rows).
+
+    With `unless_run_since`: None, changing nothing, if a run began at or after that moment.
+    NOTE: the check is part of the first statement, a write: on SQLite a transaction that read
+    first would fail with SQLITE_BUSY_SNAPSHOT, not wait, if another writer committed before
+    its first write (it begins DEFERRED, see _main_file_only)."""
     if is_postgres(conn):
         set_job_timeouts(conn, timeout)
         now: sa.ColumnElement[dt.datetime] | dt.datetime = sa.func.now()
@@ -98,14 +109,19 @@ def randomize_in_transaction(
         points = _SQLITE_POINTS
     # The state row first: its lock serialises randomizations, and a query that reads the new
     # epoch is guaranteed to read the new points too (same transaction, same snapshot).
-    epoch, randomized_at = conn.execute(
-        randomizer_state.update()
-        .values(
-            max_number=draw_max_number(),
-            epoch=randomizer_state.c.epoch + 1,
-            randomized_at=now,
-        )
-        .returning(randomizer_state.c.epoch, randomizer_state.c.randomized_at)
-    ).one()
+    new_state = randomizer_state.update().values(
+        max_number=draw_max_number(),
+        epoch=randomizer_state.c.epoch + 1,
+        randomized_at=now,
+    )
+    if unless_run_since is not None:
+        last = randomizer_state.c.randomized_at
+        new_state = new_state.where(sa.or_(last.is_(None), last < unless_run_since))
+    state = conn.execute(
+        new_state.returning(randomizer_state.c.epoch, randomizer_state.c.randomized_at)
+    ).one_or_none()
+    if state is None:
+        return None
+    epoch, randomized_at = state
     rows = conn.execute(users.update().values(points=points, updated_at=now)).rowcount
     return epoch, randomized_at, rows

@@ -3,7 +3,9 @@
 State lives in the database, not in a process, so the CLI, one daemon or several daemons all
 share it and it survives restarts. It is split in two single-row tables on purpose: a query
 writes only `query_state`, a randomization writes only `randomizer_state` and `users`, so on
-PostgreSQL a running randomization (holding row locks) never blocks a query.
+PostgreSQL a running randomization (holding row locks) never blocks a query. SQLite locks
+whole files, so there `query_state` lives in a file of its own (core/db.py,
+SQLITE_QUERY_SCHEMA) for the same reason.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
-from maxtwo_cli.core.db import database_errors, is_postgres
+from maxtwo_cli.core.db import SQLITE_QUERY_SCHEMA, database_errors, is_postgres
 from maxtwo_cli.core.errors import SchemaMismatchError
 
 MAX_POINTS = 100
@@ -104,6 +106,12 @@ query_state = sa.Table(
     sa.Column("previous_query_at", UtcTimestamp(), nullable=True),
     sa.CheckConstraint("id = 1", name="query_state_single_row"),
 )
+# NOTE: on SQLite the same table in the attached query-state file. ensure_schema leaves no
+# query_state in the main file, so SQL that names it unqualified (SQLite looks in main, then
+# in attached files) finds this one.
+_sqlite_query_state = query_state.to_metadata(sa.MetaData(), schema=SQLITE_QUERY_SCHEMA)
+# Where databases made before that kept it.
+_sqlite_old_query_state = query_state.to_metadata(sa.MetaData(), schema="main")
 
 # The counters service (core/counters.py). NOTE: on PostgreSQL every increment rewrites its row;
 # no index covers value and a third of each page stays free, so those updates stay HOT (the new
@@ -149,12 +157,19 @@ def ensure_schema(engine: Engine) -> None:
     SQLite the BEGIN IMMEDIATE write lock does.
     """
     with database_errors(engine), engine.begin() as conn:
-        if is_postgres(conn):
+        postgres = is_postgres(conn)
+        if postgres:
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
-        metadata.create_all(conn)
-        _check_shape(conn)
-        _add_missing_columns(conn)
-        insert = postgresql.insert if is_postgres(conn) else sqlite.insert
+            tables = metadata.sorted_tables
+        else:
+            tables = [_sqlite_query_state if table is query_state else table for table in metadata.sorted_tables]
+        for table in tables:
+            table.create(conn, checkfirst=True)
+        _check_shape(conn, tables)
+        _add_missing_columns(conn, tables)
+        if not postgres:
+            _move_old_query_state(conn)
+        insert = postgresql.insert if postgres else sqlite.insert
         conn.execute(
             insert(randomizer_state)
             .values(id=1, max_number=draw_max_number(), epoch=0, randomized_at=None)
@@ -163,22 +178,45 @@ def ensure_schema(engine: Engine) -> None:
         conn.execute(insert(query_state).values(id=1, last_query_at=None).on_conflict_do_nothing())
 
 
-def _add_missing_columns(conn: sa.Connection) -> None:
+def _move_old_query_state(conn: sa.Connection) -> None:
+    """A SQLite database made before the query state had a file of its own: move it there.
+
+    NOTE: atomic per file only; if a crash splits it, the next run finds the old table still
+    there and moves the same row again (a row already moved is kept)."""
+    old = _sqlite_old_query_state
+    if not sa.inspect(conn).has_table(old.name, schema=old.schema):
+        return
+    _check_shape(conn, [old])
+    conn.execute(
+        sqlite.insert(_sqlite_query_state)
+        # NOTE: SQLite needs a WHERE before ON CONFLICT here (else ON reads as a join's).
+        .from_select(["id", "last_query_at"], sa.select(old.c.id, old.c.last_query_at).where(sa.true()))
+        .on_conflict_do_nothing()
+    )
+    old.drop(conn)
+
+
+def _add_missing_columns(conn: sa.Connection, tables: list[sa.Table]) -> None:
     """Bring a database made by an older maxtwo up to date (nullable columns, no data moved)."""
     inspector = sa.inspect(conn)
-    for table, column in _ADDED_COLUMNS:
-        found = {existing["name"] for existing in inspector.get_columns(table.name)}
-        if column.name not in found:
-            ddl = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
-            conn.execute(sa.DDL(f"ALTER TABLE {table.name} ADD COLUMN {ddl}"))
+    for table in tables:
+        found = {existing["name"] for existing in inspector.get_columns(table.name, schema=table.schema)}
+        for column in _columns_added_later(table):
+            if column.name not in found:
+                ddl = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
+                conn.execute(sa.DDL(f"ALTER TABLE {table.fullname} ADD COLUMN {ddl}"))
 
 
-def _check_shape(conn: sa.Connection) -> None:
-    """create_all skips tables that exist; make sure the ones it skipped are really ours."""
+def _columns_added_later(table: sa.Table) -> list[sa.Column[Any]]:
+    return [column for owner, column in _ADDED_COLUMNS if owner.name == table.name]
+
+
+def _check_shape(conn: sa.Connection, tables: list[sa.Table]) -> None:
+    """create() skips tables that exist; make sure the ones it skipped are really ours."""
     inspector = sa.inspect(conn)
-    for table in metadata.sorted_tables:
-        found = {column["name"] for column in inspector.get_columns(table.name)}
-        added_later = {column.name for owner, column in _ADDED_COLUMNS if owner is table}
+    for table in tables:
+        found = {column["name"] for column in inspector.get_columns(table.name, schema=table.schema)}
+        added_later = {column.name for column in _columns_added_later(table)}
         missing = set(table.columns.keys()) - found - added_later
         if missing:
             raise SchemaMismatchError(

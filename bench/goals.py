@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from bench import increment, load, randomize, seed
+from bench import increment, load, randomize, seed, startup
 from bench.memory import MB
 from bench.options import GOAL_ROWS, GOAL_SCALE_ROWS, SECTIONS
 
@@ -24,6 +24,14 @@ SEED_GROWTH_LIMIT_BYTES = 16 * MB
 # synchronous approach's, medians of the rounds' ratios.
 INCREMENT_OVER_DO_NOTHING = 0.8
 INCREMENT_OVER_SYNC = 3.0
+# The CLI's start-up (issue 18): whole-process medians in seconds, and for `randomize --timing`
+# its wall time minus the time it reports.
+STARTUP_LIMITS = {
+    startup.VERSION: 0.15,
+    startup.HELP: 0.15,
+    startup.QUERY: 0.30,
+    startup.RANDOMIZE_OVERHEAD: 0.2,
+}
 
 
 def evaluate(results: dict) -> list[dict]:
@@ -139,6 +147,16 @@ def evaluate(results: dict) -> list[dict]:
         judge(f"maxtwo serve peak RSS under POST /increment load on {database} <= 120 MB",
               _get(measured, "serve_peak_rss_bytes"), lambda value: f"{value / MB:.1f} MB",
               lambda value: value <= SERVE_RSS_LIMIT_BYTES)
+
+    section = "startup"
+    starting = _ok_in(results, "startup")
+    for name, limit in STARTUP_LIMITS.items():
+        if name == startup.RANDOMIZE_OVERHEAD:
+            goal, value = f"{name} <= {limit:g} s (median)", _get(starting, "randomize_overhead", "median")
+        else:
+            on_sqlite = " on SQLite" if name == startup.QUERY else ""
+            goal, value = f"{name}{on_sqlite} <= {limit:g} s (whole process, median)", _median(starting, name)
+        judge(goal, value, seconds, lambda value, limit=limit: value <= limit)
 
     chosen = set(results["parameters"].get("sections") or SECTIONS)
     return [goal for goal in goals if goal["section"] in chosen]

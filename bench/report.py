@@ -6,9 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench import increment, load, randomize, seed
+from bench import increment, load, randomize, seed, startup
 from bench.common import scrub
-from bench.goals import INCREMENT_OVER_DO_NOTHING, INCREMENT_OVER_SYNC, SEED_GROWTH_LIMIT_BYTES
+from bench.goals import (
+    INCREMENT_OVER_DO_NOTHING,
+    INCREMENT_OVER_SYNC,
+    SEED_GROWTH_LIMIT_BYTES,
+    STARTUP_LIMITS,
+)
 from bench.memory import MB
 from bench.options import SECTIONS
 from bench.plots import INCREMENT, LOAD, RANDOMIZE_SCALE, SEED_RANDOMIZE
@@ -37,7 +42,7 @@ def write_markdown(results: dict, path: Path) -> None:
 def render_markdown(results: dict) -> str:
     chosen = _chosen(results)
     benchmarks = {"seed": _seed, "randomize": _randomize, "scale": _scale, "load": _load, "memory": _memory,
-                  "increment": _increment}
+                  "increment": _increment, "startup": _startup}
     sections = [
         _title(results),
         _headline(results),
@@ -101,6 +106,8 @@ def _headline(results: dict) -> str:
         lines += _load_headline(results)
     if "increment" in chosen:
         lines += _increment_headline(results)
+    if "startup" in chosen:
+        lines += _startup_headline(results)
     return "\n".join(lines)
 
 
@@ -138,6 +145,17 @@ def _increment_headline(results: dict) -> list[str]:
         lines.append(_row("fsync of a 4 KiB append on the databases' disk (median / p99)",
                           [f"{fsync['median_ms']:.3f} / {fsync['p99_ms']:.3f} ms"] * 2))
     return lines
+
+
+def _startup_headline(results: dict) -> list[str]:
+    section = _ok(results.get("startup"))
+    over_typer = (section or {}).get("over_typer") or {}
+    # NOTE: --version and --help touch no database: one figure for both columns, as fsync's below.
+    return [
+        *(_row(f"`{name}`: whole-process time / `{startup.TYPER}`", [_x(over_typer.get(name))] * 2)
+          for name in (startup.VERSION, startup.HELP)),
+        _row(f"`{startup.QUERY}`: whole-process time / `{startup.TYPER}`", [_x(over_typer.get(startup.QUERY)), "n/a"]),
+    ]
 
 
 def _goals(results: dict) -> str:
@@ -480,6 +498,37 @@ def _errors(figures: dict) -> str:
             + (f"; warm-up {figures['warmup_errors']:,}" if figures["warmup_errors"] else "") + ")")
 
 
+def _startup(results: dict) -> str:
+    lines = ["## 7. Start-up: the CLI as a whole process", ""]
+    result = results.get("startup")
+    if _failed(result):
+        return "\n".join([*lines, _failure("start-up", result)])
+    lines += [(f"Each command as a user or a script runs it: a new process, from spawning it to its exit "
+               f"(`subprocess.run`, `time.perf_counter`), {result['runs']} runs after one warm-up, every "
+               f"contender in turn. `{startup.QUERY}` and `{startup.RANDOMIZE}` run on a SQLite file seeded "
+               f"with {result['rows']:,} users (URL from `MAXTWO_DATABASE_URL`). The baselines come from the "
+               f"same run: the interpreter alone (`{startup.PYTHON}`) and the CLI framework alone "
+               f"(`{startup.TYPER}`)."), "",
+              "| command | median | runs | / `python -c pass` | / `import typer` | goal |",
+              "|---|---|---|---|---|---|"]
+    for name in (*startup.BASELINES, *startup.COMMANDS):
+        summary = result["contenders"][name]
+        limit = STARTUP_LIMITS.get(name)
+        lines.append(_row(f"`{name}`", [_s(summary["median"]), _list_s(summary["runs"]),
+                                        _x(result["over_python"].get(name)), _x(result["over_typer"].get(name)),
+                                        f"<= {limit:g} s" if limit else ""]))
+    overhead, reported = result["randomize_overhead"], result["randomize_reported"]
+    name = startup.RANDOMIZE_OVERHEAD
+    lines.append(_row(name, [_s(overhead["median"]), _list_s(overhead["runs"]),
+                             _x(result["over_python"].get(name)), _x(result["over_typer"].get(name)),
+                             f"<= {STARTUP_LIMITS[name]:g} s"]))
+    lines += ["", (f"- The time `{startup.RANDOMIZE}` reports (the randomization of {result['rows']:,} users, "
+                   f"commit included): median {_s(reported['median'])} ({_list_s(reported['runs'])})."),
+              ("- What each command imports is checked by tests/test_cli_startup.py; where the time goes "
+               "(`python -X importtime`) is in [What was tried](#what-was-tried).")]
+    return "\n".join(lines)
+
+
 def _machine(results: dict) -> str:
     machine = results.get("machine") or {}
     databases = machine.get("databases") or {}
@@ -538,6 +587,9 @@ def _method(results: dict) -> str:
   PostgreSQL's data directory.
 - **Memory**: psutil samples each process's RSS every 50 ms; serve is sampled
   from its first answered request to the end of its load runs (after its start-up seed).
+- **Start-up**: {parameters.get('startup_runs', 'n/a')} whole `maxtwo` processes per command after a warm-up,
+  taking turns with `python -c pass` and `python -c "import typer"`; environment without `MAXTWO_*`
+  variables but the database URL.
 - **Goals** stated for 1M (or 10M) users are judged only when the run used that size.
 """
 

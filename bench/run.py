@@ -1,4 +1,4 @@
-"""The order of a benchmark run: databases up, the six benchmarks (or those --only names), the
+"""The order of a benchmark run: databases up, the seven benchmarks (or those --only names), the
 outputs, databases down.
 
 Each benchmark on each database is attempted on its own: a failure is recorded in the results
@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import goals, increment, load, memory, plots, randomize, report, scale, seed
+from bench import goals, increment, load, memory, plots, randomize, report, scale, seed, startup
 from bench.common import attempt, say, scrub
 from bench.machine import describe_machine
 from bench.options import SECTIONS, BenchOptions, parse_options
@@ -94,6 +94,12 @@ def _run_benchmarks(targets: list, options: BenchOptions, work_dir: Path, result
         say(f"6. POST /increment under load ({', '.join(map(str, options.increment_connections))} connections, "
             f"{options.increment_seconds} s per run)")
         results["increment"] = attempt("increment", lambda: increment.run(targets, options, work_dir))
+    if "startup" in chosen:
+        sqlite = next(target for target in targets if not target.is_postgres)
+        say(f"7. start-up: whole maxtwo processes, {options.startup_runs} runs each "
+            f"(SQLite, {options.rows:,} users)")
+        results["startup"] = attempt("startup", lambda: startup.run(sqlite, options.rows, options.startup_runs,
+                                                                    work_dir))
     if not postgres_only(targets):
         for section in ("seed", "randomize", "memory"):
             if section in results:

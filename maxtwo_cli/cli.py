@@ -2,36 +2,38 @@
 
 No SQL here. Errors from the core are MaxtwoErrors: one line on stderr and exit 1 (usage
 errors stay Typer's exit 2); MAXTWO_DEBUG=1 shows the traceback instead.
+
+NOTE: each command imports the core modules it calls, and rich, inside its own body. At the
+top of this module, SQLAlchemy (about 150 ms here), psycopg and rich would be paid by
+`maxtwo --version`, `--help` and every shell completion; imported inside, a command pays only
+for what it runs, and psycopg only for a PostgreSQL URL (core/db.py). Only the standard library,
+typer, and the core's settings and errors (standard library only) are imported here.
+tests/test_cli_startup.py checks what each one imports.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import re
 import sys
 from collections.abc import Iterator
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 import typer.core
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from rich.text import Text
 
 from maxtwo_cli import __version__
-from maxtwo_cli.core import db, schema
-from maxtwo_cli.core.clock import format_api_timestamp
-from maxtwo_cli.core.counters import InvalidIncrementError, check_key, check_value, list_counters
-from maxtwo_cli.core.counters import increment as increment_counter
 from maxtwo_cli.core.errors import MaxtwoError
-from maxtwo_cli.core.query import query_users
-from maxtwo_cli.core.randomize import randomize_points
-from maxtwo_cli.core.seed import seed_users
 from maxtwo_cli.core.settings import DEFAULT_SEED_COUNT, DEFAULT_THREADS, Settings, default_database_url
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from sqlalchemy.engine import Engine
+
 
 class OneLineErrors(typer.core.TyperGroup):
     """Usage errors as one line on stderr (exit 2), instead of a usage banner and a box."""
@@ -104,11 +106,19 @@ app = typer.Typer(
     help="The points service: a million users, re-rolled every minute, two served at a time.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
-    add_completion=False,
+    # NOTE: Click's plain help: rich's (typer.rich_utils, which loads rich.markdown) would add
+    # about 90 ms to every `--help`, almost doubling it (bench/NOTES.md).
+    rich_markup_mode=None,
 )
 
-stdout = Console()
-stderr = Console(stderr=True)
+
+@functools.cache
+def _console(*, stderr: bool = False) -> Console:
+    """rich's console for stdout (or stderr), made on first use: rich is imported to render only."""
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
 
 DatabaseUrlOption = Annotated[
     str | None,
@@ -128,7 +138,7 @@ DatabaseUrlOption = Annotated[
 
 def _version(value: bool) -> None:
     if value:
-        stdout.print(f"maxtwo {__version__}")
+        print(f"maxtwo {__version__}")
         raise typer.Exit()
 
 
@@ -157,19 +167,21 @@ def seed(
 
     Example: maxtwo seed --count 1000000
     """
+    from maxtwo_cli.core.seed import seed_users
+
     settings = _settings(database_url)
     with _reported_errors(settings):
         engine = _open(settings)
         with _progress_bar(count) as on_progress:
             result = seed_users(engine, count, reset=reset, on_progress=on_progress)
         engine.dispose()
-    stdout.print(
+    _console().print(
         f"seeded {result.rows:,} users in {result.seconds:.2f} s "
         f"({result.rows_per_second:,.0f} rows/s)"
     )
     if result.statistics_warning:
         # The users are committed; only the planner's statistics wait for autovacuum.
-        stderr.print(
+        _console(stderr=True).print(
             "note: the planner's statistics were not refreshed; autovacuum will, "
             "or run VACUUM (ANALYZE) users",
             markup=False, highlight=False, soft_wrap=True,
@@ -187,13 +199,15 @@ def randomize(
 
     Example: maxtwo randomize --timing
     """
+    from maxtwo_cli.core.randomize import randomize_points
+
     settings = _settings(database_url)
     with _reported_errors(settings):
         engine = _open(settings)
         result = randomize_points(engine)
         engine.dispose()
     if timing:
-        stdout.print(
+        _console().print(
             f"randomized {result.rows:,} users in {result.seconds:.3f} s "
             f"({result.rows_per_second:,.0f} rows/s)"
         )
@@ -210,6 +224,8 @@ def query(
 
     Example: maxtwo query --json
     """
+    from maxtwo_cli.core.query import query_users
+
     settings = _settings(database_url)
     with _reported_errors(settings):
         engine = _open(settings)
@@ -219,25 +235,39 @@ def query(
         # Plain print: rich would re-wrap and colour the JSON.
         print(result.api_json())
         return
+    from rich.table import Table
+
+    from maxtwo_cli.core.clock import format_api_timestamp
+
     table = Table("id", "points")
     for user in result.users:
         table.add_row(str(user.id), str(user.points))
-    stdout.print(table)
-    stdout.print(f"previous query: {format_api_timestamp(result.previous) or 'never'}")
+    _console().print(table)
+    _console().print(f"previous query: {format_api_timestamp(result.previous) or 'never'}")
 
 
-def _counter_key(key: str) -> str:
+# NOTE: shell completion parses the words typed so far too (ctx.resilient_parsing), and must not
+# pay for the core's imports: the argument callbacks check values only when a command runs.
+def _counter_key(ctx: typer.Context, key: str) -> str:
+    if ctx.resilient_parsing:
+        return key
+    from maxtwo_cli.core.counters import InvalidIncrementError, check_key
+
     try:
         return check_key(key)
     except InvalidIncrementError as ex:
         raise typer.BadParameter(str(ex)) from None
 
 
-def _counter_keys(keys: list[str] | None) -> list[str] | None:
-    return [_counter_key(key) for key in keys] if keys else keys
+def _counter_keys(ctx: typer.Context, keys: list[str] | None) -> list[str] | None:
+    return [_counter_key(ctx, key) for key in keys] if keys else keys
 
 
-def _increment_value(value: int) -> int:
+def _increment_value(ctx: typer.Context, value: int) -> int:
+    if ctx.resilient_parsing:
+        return value
+    from maxtwo_cli.core.counters import InvalidIncrementError, check_value
+
     # NOTE: typer's int takes integers of any size; a total is a signed 64-bit integer.
     try:
         return check_value(value)
@@ -274,6 +304,8 @@ def increment(
 
     Example: maxtwo increment page-views -5
     """
+    from maxtwo_cli.core.counters import increment as increment_counter
+
     settings = _settings(database_url)
     with _reported_errors(settings):
         engine = _open(settings)
@@ -311,6 +343,8 @@ def counters(
 
     Example: maxtwo counters page-views signups --json
     """
+    from maxtwo_cli.core.counters import list_counters
+
     settings = _settings(database_url)
     with _reported_errors(settings):
         engine = _open(settings)
@@ -322,17 +356,20 @@ def counters(
         # Plain print: rich would re-wrap and colour the JSON.
         print(json.dumps({"counters": [{"key": key, "value": total} for key, total in rows]}))
         return
+    from rich.table import Table
+    from rich.text import Text
+
     if not rows:
-        stdout.print("none of these counters was ever incremented" if keys else "no counters yet")
+        _console().print("none of these counters was ever incremented" if keys else "no counters yet")
         return
     table = Table("key", "value")
     table.columns[1].justify = "right"
     for key, total in rows:
         # Text: a key is data, never rich markup.
         table.add_row(Text(key), str(total))
-    stdout.print(table)
+    _console().print(table)
     if not keys and len(rows) == limit:
-        stdout.print(f"the first {limit} counters by key; --limit {limit * 10} shows more")
+        _console().print(f"the first {limit} counters by key; --limit {limit * 10} shows more")
 
 
 def _positive(value: float) -> float:
@@ -403,7 +440,9 @@ def _settings(database_url: str | None) -> Settings:
     return Settings(database_url=database_url or default_database_url())
 
 
-def _open(settings: Settings) -> db.Engine:
+def _open(settings: Settings) -> Engine:
+    from maxtwo_cli.core import db, schema
+
     engine = db.create_engine(settings, pool_size=1)
     schema.ensure_schema(engine)
     return engine
@@ -412,9 +451,18 @@ def _open(settings: Settings) -> db.Engine:
 @contextlib.contextmanager
 def _progress_bar(total: int) -> Iterator[object]:
     """A rich progress bar on a terminal; nothing at all otherwise (scripts, pipes, CI)."""
+    stderr = _console(stderr=True)
     if not stderr.is_terminal or total == 0:
         yield None
         return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     columns = (TextColumn("seeding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=stderr, transient=True) as progress:
         task = progress.add_task("seed", total=total)
@@ -436,12 +484,14 @@ def _reported_errors(settings: Settings) -> Iterator[None]:
 
 
 def _fail(message: str, settings: Settings) -> NoReturn:
-    stderr.print(f"Error: {_scrub(message, settings)}", markup=False, highlight=False, soft_wrap=True)
+    _console(stderr=True).print(f"Error: {_scrub(message, settings)}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(1) from None
 
 
 def _scrub(message: str, settings: Settings) -> str:
     # APPSEC: whatever produced the message, the password in the URL never reaches the screen.
+    from maxtwo_cli.core import db
+
     try:
         secrets = db.secrets_of(db.parse_database_url(settings.database_url))
     except MaxtwoError:

@@ -12,14 +12,12 @@ Not thread-safe: one per thread.
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-import psycopg
 from sqlalchemy.engine import Engine
 
-from maxtwo_cli.core.db import database_errors, is_postgres
+from maxtwo_cli.core.db import database_errors, driver_errors, is_postgres
 
 T = TypeVar("T")
 
@@ -42,7 +40,7 @@ class HeldConnection:
         with database_errors(self.engine):
             try:
                 return work(self._held_cursor())
-            except (psycopg.Error, sqlite3.Error):
+            except driver_errors():
                 if not (self._in_transaction and self.held and not self._broken()):
                     self._discard()
                 raise
@@ -101,7 +99,7 @@ class HeldConnection:
                     cursor.close()
                 if self.postgres and not driver.broken:
                     driver.autocommit = False  # as the pool's other users expect it
-            except (psycopg.Error, sqlite3.Error):
+            except driver_errors():
                 # e.g. a statement interrupted half-way, a transaction still open: a connection
                 # in a state we cannot undo must not go back to the pool (nor hide the error
                 # that got us here).
@@ -114,7 +112,7 @@ class HeldConnection:
             return
         try:
             self._cursor.execute(statement)
-        except (psycopg.Error, sqlite3.Error):
+        except driver_errors():
             self._discard()
 
     def _broken(self) -> bool:

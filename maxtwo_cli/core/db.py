@@ -11,10 +11,10 @@ import contextlib
 import logging
 import math
 import sqlite3
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Engine
@@ -221,6 +221,17 @@ def ping(engine: Engine) -> None:
         conn.execution_options(**{READ_ONLY_OPTION: True}).execute(sa.select(1))
 
 
+def driver_errors() -> tuple[type[Exception], ...]:
+    """The base classes of the drivers' errors, for `except db.driver_errors():`.
+
+    NOTE: psycopg is imported only by a PostgreSQL engine's first connection (SQLAlchemy's
+    dialect does it), never here: a SQLite command does not pay the 60 ms it takes. Until it is
+    imported, none of its errors can have been raised.
+    """
+    psycopg = sys.modules.get("psycopg")
+    return (sqlite3.Error,) if psycopg is None else (sqlite3.Error, psycopg.Error)
+
+
 @contextlib.contextmanager
 def database_errors(engine: Engine) -> Iterator[None]:
     """Turn driver errors raised inside the block into MaxtwoErrors with a useful message."""
@@ -230,7 +241,7 @@ def database_errors(engine: Engine) -> Iterator[None]:
         raise
     except exc.DBAPIError as ex:
         raise _translate(engine, ex.orig) from None
-    except (sqlite3.Error, psycopg.Error) as ex:
+    except driver_errors() as ex:
         raise _translate(engine, ex) from None
 
 
@@ -240,17 +251,18 @@ def _translate(engine: Engine, original: BaseException | None) -> MaxtwoError:
     for secret in secrets_of(engine.url):
         # APPSEC: a driver may quote the connection string; never let the password through.
         detail = detail.replace(secret, "***")
-    if isinstance(original, psycopg.errors.QueryCanceled):
+    psycopg = sys.modules.get("psycopg")  # None: no psycopg error was raised (driver_errors())
+    if psycopg is not None and isinstance(original, psycopg.errors.QueryCanceled):
         return DatabaseUnavailableError(
             f"the database at {where} did not answer in time ({detail}); "
             "check for long-running transactions or locks"
         )
-    if isinstance(original, psycopg.OperationalError):
+    if psycopg is not None and isinstance(original, psycopg.OperationalError):
         return DatabaseUnavailableError(
             f"cannot use the database at {where}: {detail}; "
             "check that the server is running and the URL's host, port, user and password"
         )
-    if isinstance(original, psycopg.errors.InsufficientPrivilege):
+    if psycopg is not None and isinstance(original, psycopg.errors.InsufficientPrivilege):
         return DatabaseUnavailableError(
             f"the database at {where} refused: {detail}; check the role's privileges"
         )

@@ -15,9 +15,8 @@ import dataclasses
 import datetime as dt
 import json
 import sqlite3
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import psycopg as postgresql_psycopg
 from sqlalchemy.dialects.sqlite import pysqlite as sqlite_pysqlite
@@ -26,6 +25,9 @@ from sqlalchemy.engine import Engine
 from maxtwo_cli.core.clock import as_utc, format_api_timestamp, utcnow
 from maxtwo_cli.core.batch import HeldConnection
 from maxtwo_cli.core.schema import MAX_POINTS, from_microseconds, to_microseconds
+
+if TYPE_CHECKING:
+    import psycopg  # NOTE: for annotations only: a query on SQLite never imports psycopg
 
 ANSWER_SIZE = 2
 _TICK = dt.timedelta(microseconds=1)

@@ -1,0 +1,162 @@
+"""What each command imports, and shell completion.
+
+Every `maxtwo` call, and every Tab of a shell completing one, pays the interpreter's start and
+its imports: SQLAlchemy alone takes about 150 ms here. So each command imports only what it
+runs (cli.py's docstring says how), and these tests check it on the installed entry point with
+`python -X importtime`, in fresh processes. No timing asserts: the machine is shared and noisy;
+the start-up goals are the benchmarks' (bench/startup.py, docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from maxtwo_cli import __version__
+from maxtwo_cli.cli import app
+
+MAXTWO = Path(sys.executable).with_name("maxtwo")
+# Packages a command that needs no database must not load (the daemon's: `serve` only).
+DATABASE_PACKAGES = ("sqlalchemy", "psycopg")
+DAEMON_PACKAGES = ("daemon", "falcon", "waitress", "schedule", "prometheus_client")
+
+
+def _environment(**extra: str) -> dict[str, str]:
+    """This environment without maxtwo's settings, a shell's completion request or Typer's."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("MAXTWO_", "_MAXTWO_", "TYPER_", "COMP_"))}
+    return {**env, **extra}
+
+
+def run_maxtwo(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run the installed `maxtwo` in a fresh interpreter; its result and every module it imported."""
+    done = subprocess.run([sys.executable, "-X", "importtime", str(MAXTWO), *args],
+                          env=env or _environment(), capture_output=True, text=True, timeout=60, check=False)
+    modules = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines()
+               if line.startswith("import time:") and line.count("|") == 2}
+    done.stderr = "\n".join(line for line in done.stderr.splitlines()
+                            if not line.startswith("import time:"))
+    return done, modules
+
+
+def loaded(modules: set[str], *packages: str) -> list[str]:
+    return sorted(name for name in modules if name.split(".")[0] in packages)
+
+
+def test_the_probe_sees_what_a_command_imports(tmp_path):
+    """The check below is live: a command that opens a database does import SQLAlchemy."""
+    done, modules = run_maxtwo("query", "--json", "--database-url", f"sqlite:///{tmp_path / 'm.db'}")
+    assert done.returncode == 0, done.stderr
+    assert "sqlalchemy" in modules and "maxtwo_cli.core.query" in modules
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["query", "--help"], ["increment", "--help"]])
+def test_version_and_help_import_no_database_daemon_or_rich_code(args):
+    done, modules = run_maxtwo(*args)
+    assert done.returncode == 0, done.stderr
+    assert "maxtwo_cli.cli" in modules
+    assert loaded(modules, *DATABASE_PACKAGES, *DAEMON_PACKAGES, "rich") == []
+    if args == ["--version"]:
+        assert done.stdout == f"maxtwo {__version__}\n"
+
+
+def test_a_query_on_sqlite_imports_no_psycopg(tmp_path):
+    url = f"sqlite:///{tmp_path / 'maxtwo.db'}"
+    done, modules = run_maxtwo("query", "--database-url", url)
+    assert done.returncode == 0, done.stderr
+    assert "previous query: never" in done.stdout
+    # NOTE: SQLAlchemy's PostgreSQL dialect does load (the tables' postgresql_with options name
+    # it), but not the driver.
+    assert loaded(modules, "psycopg", "psycopg_binary", *DAEMON_PACKAGES) == []
+    # --json prints without rich.
+    done, modules = run_maxtwo("query", "--json", "--database-url", url)
+    assert done.returncode == 0, done.stderr
+    assert loaded(modules, "psycopg", "rich") == []
+
+
+def test_randomize_on_sqlite_imports_no_psycopg(tmp_path):
+    done, modules = run_maxtwo("randomize", "--timing", "--database-url", f"sqlite:///{tmp_path / 'maxtwo.db'}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("randomized 0 users in ")
+    assert loaded(modules, "psycopg", *DAEMON_PACKAGES) == []
+
+
+def test_an_unreachable_postgresql_is_still_one_line_when_psycopg_loads_late():
+    """psycopg's errors are translated although core/db.py only imports it for a PostgreSQL URL."""
+    done, modules = run_maxtwo("query", "--database-url", "postgresql://maxtwo:s3cret@127.0.0.1:1/maxtwo")
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 0 and done.stderr.startswith("Error: cannot use the database at ")
+    assert "check that the server is running" in done.stderr
+    assert "s3cret" not in done.stderr and "Traceback" not in done.stderr
+    assert "psycopg" in modules
+
+
+# -- shell completion ---------------------------------------------------------------------------
+
+
+def test_help_offers_completion():
+    result = CliRunner().invoke(app, ["--help"], env={"MAXTWO_DEBUG": None})
+    assert result.exit_code == 0
+    assert "--install-completion" in result.stdout and "--show-completion" in result.stdout
+
+
+def complete_bash(words: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """What bash gets on Tab after `words` (the completion script runs maxtwo like this)."""
+    cword = len(words.split()) - (0 if words.endswith(" ") else 1)
+    return run_maxtwo(env=_environment(_MAXTWO_COMPLETE="complete_bash", COMP_WORDS=words, COMP_CWORD=str(cword)))
+
+
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        ("maxtwo ", ["seed", "randomize", "query", "increment", "counters", "serve"]),
+        ("maxtwo qu", ["query"]),
+        ("maxtwo query --", ["--json", "--database-url", "--help"]),
+        ("maxtwo randomize --t", ["--timing"]),
+        # Arguments and options already typed, some of them invalid: parsed leniently, no error.
+        ("maxtwo increment page-views -5 --", ["--json", "--database-url", "--help"]),
+        ("maxtwo increment '' 99999999999999999999 --j", ["--json"]),
+        ("maxtwo seed --count abc --r", ["--reset"]),
+        ("maxtwo counters a b --limit 3 --j", ["--json"]),
+    ],
+)
+def test_bash_completion_completes_without_loading_the_database_code(words, expected):
+    done, modules = complete_bash(words)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == expected
+    assert done.stderr == ""
+    assert loaded(modules, *DATABASE_PACKAGES, *DAEMON_PACKAGES) == []
+    assert "maxtwo_cli.core.counters" not in modules
+
+
+def test_show_completion_prints_the_bash_script(tmp_path):
+    # NOTE: Typer detects the shell from the parent process, hence bash -c; HOME is a temporary
+    # directory, so that nothing of the host's is read or written whatever Typer does.
+    done = subprocess.run(["bash", "--norc", "--noprofile", "-c", '"$0" --show-completion; exit $?', str(MAXTWO)],
+                          env=_environment(HOME=str(tmp_path)), capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "_MAXTWO_COMPLETE=complete_bash" in done.stdout
+    assert "complete -o default -F _maxtwo_completion maxtwo" in done.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_install_completion_writes_only_under_home(tmp_path):
+    """Run only with HOME in a temporary directory: it edits the user's ~/.bashrc."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {key: value for key, value in _environment(HOME=str(home)).items()
+           if not key.startswith("XDG_") and key not in ("ZDOTDIR", "BASH_ENV", "ENV")}
+    done = subprocess.run(["bash", "--norc", "--noprofile", "-c", '"$0" --install-completion; exit $?', str(MAXTWO)],
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    script = home / ".bash_completions" / "maxtwo.sh"
+    assert "_MAXTWO_COMPLETE=complete_bash" in script.read_text()
+    assert str(script) in (home / ".bashrc").read_text()
+    assert sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*")) == [
+        "home", "home/.bash_completions", "home/.bash_completions/maxtwo.sh", "home/.bashrc"]

@@ -70,9 +70,9 @@ def test_a_query_on_sqlite_imports_no_psycopg(tmp_path):
     done, modules = run_maxtwo("query", "--database-url", url)
     assert done.returncode == 0, done.stderr
     assert "previous query: never" in done.stdout
-    # NOTE: SQLAlchemy's PostgreSQL dialect does load (the tables' postgresql_with options name
-    # it), but not the driver.
+    # Nor SQLAlchemy's PostgreSQL dialect (60 ms): core/schema.py's _postgres_fillfactor.
     assert loaded(modules, "psycopg", "psycopg_binary", *DAEMON_PACKAGES) == []
+    assert "sqlalchemy.dialects.postgresql" not in modules
     # --json prints without rich.
     done, modules = run_maxtwo("query", "--json", "--database-url", url)
     assert done.returncode == 0, done.stderr
@@ -84,6 +84,7 @@ def test_randomize_on_sqlite_imports_no_psycopg(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("randomized 0 users in ")
     assert loaded(modules, "psycopg", *DAEMON_PACKAGES) == []
+    assert "sqlalchemy.dialects.postgresql" not in modules
 
 
 def test_an_unreachable_postgresql_is_still_one_line_when_psycopg_loads_late():

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import json
 import sqlite3
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import psycopg as postgresql_psycopg
 from sqlalchemy.dialects.sqlite import pysqlite as sqlite_pysqlite
 from sqlalchemy.engine import Engine
 
@@ -208,9 +208,10 @@ _Outcome = tuple[dt.datetime | None, dt.datetime, int, tuple[User, ...]]
 def _query_postgres(
     cursor: psycopg.Cursor, cached: tuple[int, tuple[User, ...]] | None, count: int
 ) -> _Outcome:
+    statement = _postgres_statement()
     rows = cursor.execute(
-        _POSTGRES_STATEMENT.sql,
-        _POSTGRES_STATEMENT.parameters(
+        statement.sql,
+        statement.parameters(
             count=count,
             cached_epoch=cached[0] if cached else None,
             max_points=MAX_POINTS,
@@ -226,7 +227,13 @@ def _query_postgres(
     return previous, as_utc(recorded_at), epoch, answer
 
 
-_POSTGRES_STATEMENT = _DriverStatement(_POSTGRES_QUERY, postgresql_psycopg.dialect())
+@functools.cache
+def _postgres_statement() -> _DriverStatement:
+    # NOTE: the PostgreSQL dialect is imported on first use: it takes 60 ms, which a command
+    # on SQLite need not pay.
+    from sqlalchemy.dialects.postgresql import psycopg as postgresql_psycopg
+
+    return _DriverStatement(_POSTGRES_QUERY, postgresql_psycopg.dialect())
 
 
 # SQLite: the same in one statement, its own transaction in autocommit. It writes only the

@@ -30,7 +30,15 @@ import waitress
 
 from daemon.app import batch_timeout
 from daemon.batcher import MAX_BATCH
-from daemon.server import DRAIN_SECONDS, StopRequest, TransportOptions, configure_logging, lane_for, listen, open_transport
+from daemon.server import (
+    DRAIN_SECONDS,
+    StopRequest,
+    TransportOptions,
+    configure_logging,
+    lane_for,
+    listen,
+    open_transport,
+)
 from daemon.transport import LaneRequest, waitress_settings
 from maxtwo_cli.core.settings import DEFAULT_THREADS, Settings
 

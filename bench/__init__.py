@@ -8,7 +8,8 @@ and PNG plots under docs/img/. One module per measured job:
 - randomize.py   2. randomizing N users: the core vs the naive UPDATE, and the no-WAL floor
 - scale.py       3. randomizing 1M..10M users on PostgreSQL, with a linear fit, and a search
                     for the largest table randomized within the 60 s interval
-- load.py        4. GET / under wrk: `maxtwo serve` vs a hello-world app, and during randomizations
+- load.py        4. GET / under wrk: `maxtwo serve` vs a hello-world app (on maxtwo's transport and on
+                    stock waitress), and during randomizations
 - memory.py      5. peak RSS of `maxtwo serve` under load and of `maxtwo seed`
 
 and the machinery around them: options.py (flags), targets.py (fresh databases), baselines.py

@@ -1,24 +1,26 @@
 """Benchmark 6: POST /increment under wrk, group commit against the do-nothing app and the
 synchronous approach.
 
-For each database and connection count (50 and 400: the peers measured at 400), three servers
+For each database and connection count (50 and 400: the peers measured at 400), four servers
 on the same waitress settings take turns under `wrk -t2 -cC -dDs --latency -s increment.lua`
 (bench/increment.lua: a JSON body per request, one of 10,000 keys and a value in -1000..1000,
 drawn from a generator seeded per wrk thread):
 
 - `maxtwo serve` as deployed: the batcher puts concurrent increments into one transaction
   (group commit) and answers 202 once it has committed;
-- the do-nothing app (bench/hello.py): 202 at once, no database (the peers' "simple" baseline);
+- the do-nothing app (bench/hello.py): 202 at once, no database (the peers' "simple" baseline),
+  twice: on maxtwo's own transport, its POSTs through the lane as maxtwo's are (the goal's
+  baseline), and on stock waitress with the same settings;
 - the synchronous approach (bench/sync_increment.py): the same daemon, but each POST /increment
   runs `core.counters.increment()` in its request thread, a transaction of its own.
 
 and once more with every request on the same key ("hot", `-- hot`), for maxtwo and the
 synchronous approach. NOTE: the do-nothing app never reads the key, so its one run per round
-is the baseline of both maxtwo runs of that round: a hot-key run of it would measure the same
-work again and add a sixth of the section's time.
+(on each transport) is the baseline of both maxtwo runs of that round: a hot-key run of it would
+measure the same work again and add a sixth of the section's time.
 
-One warm-up each, then rounds. Ratios: the median over the rounds of maxtwo / do-nothing and of
-maxtwo / synchronous req/s, each round's runs minutes apart at most. Beside them: errors
+One warm-up each, then rounds. Ratios: the median over the rounds of maxtwo / do-nothing (each
+transport) and of maxtwo / synchronous req/s, each round's runs minutes apart at most. Beside them: errors
 (non-2xx/3xx and socket errors, warm-ups included), the server's CPU time per request (the
 database server's own not included), maxtwo's peak RSS under this load, and the machine's fsync
 latency, which sets what a commit costs and so how much group commit saves.
@@ -44,11 +46,12 @@ from bench.processes import hello_world, maxtwo_serve, running, synchronous_incr
 from bench.wrk import INSTALL_HINT, run_wrk, wrk_path
 
 OURS = "maxtwo serve"
-DO_NOTHING = "do-nothing app"
+DO_NOTHING = "do-nothing app, maxtwo's transport"
+DO_NOTHING_STOCK = "do-nothing app, stock waitress"
 SYNC = "synchronous (a transaction per request)"
 OURS_HOT = f"{OURS}, hot key"
 SYNC_HOT = f"{SYNC}, hot key"
-CONTENDERS = (OURS, OURS_HOT, DO_NOTHING, SYNC, SYNC_HOT)
+CONTENDERS = (OURS, OURS_HOT, DO_NOTHING, DO_NOTHING_STOCK, SYNC, SYNC_HOT)
 
 SCRIPT = Path(__file__).resolve().with_suffix(".lua")
 KEYS = 10_000
@@ -74,15 +77,21 @@ def run(targets: list, options: BenchOptions, work_dir: Path) -> dict:
         fsync = results["fsync"]
         say(f"  fsync of {FSYNC_BLOCK} B appended, {FSYNC_WRITES} times in {fsync['directory']} "
             f"({fsync['filesystem']}): median {fsync['median_ms']:.3f} ms, p99 {fsync['p99_ms']:.3f} ms")
-    with running(hello_world(work_dir / "hello-increment.log")) as hello, PeakRssSampler(hello.pid) as hello_rss:
+    with contextlib.ExitStack() as stack:
+        hellos = {DO_NOTHING: stack.enter_context(running(hello_world(work_dir / "hello-increment.log"))),
+                  DO_NOTHING_STOCK: stack.enter_context(running(
+                      hello_world(work_dir / "hello-stock-increment.log", stock=True)))}
+        hello_rss = stack.enter_context(PeakRssSampler(hellos[DO_NOTHING].pid))
+        stock_rss = stack.enter_context(PeakRssSampler(hellos[DO_NOTHING_STOCK].pid))
         for target in targets:
             results[target.name] = attempt(f"POST /increment on {target.name}",
-                                           lambda target=target: _measure(target, hello, options, work_dir))
+                                           lambda target=target: _measure(target, hellos, options, work_dir))
         results["do_nothing_peak_rss_bytes"] = hello_rss.peak_bytes
+        results["stock_do_nothing_peak_rss_bytes"] = stock_rss.peak_bytes
     return results
 
 
-def _measure(target, hello, options: BenchOptions, work_dir: Path) -> dict:
+def _measure(target, hellos: dict, options: BenchOptions, work_dir: Path) -> dict:
     seconds = options.increment_seconds
     load_before = os.getloadavg()
     with contextlib.ExitStack() as stack:
@@ -106,7 +115,7 @@ def _measure(target, hello, options: BenchOptions, work_dir: Path) -> dict:
             rounds = run_in_rounds({
                 OURS: load(ours, connections, hot=False),
                 OURS_HOT: load(ours, connections, hot=True),
-                DO_NOTHING: load(hello, connections, hot=False),
+                **{name: load(hello, connections, hot=False) for name, hello in hellos.items()},
                 SYNC: load(sync, connections, hot=False),
                 SYNC_HOT: load(sync, connections, hot=True),
             }, options.load_runs)
@@ -114,9 +123,11 @@ def _measure(target, hello, options: BenchOptions, work_dir: Path) -> dict:
             summary.update(paired_ratios(rounds))
             by_connections[str(connections)] = summary
             say(f"  POST /increment on {target.name}, {connections} connections: {_rate(summary, OURS)} req/s "
-                f"(hot key {_rate(summary, OURS_HOT)}) vs do-nothing {_rate(summary, DO_NOTHING)}, "
+                f"(hot key {_rate(summary, OURS_HOT)}) vs do-nothing {_rate(summary, DO_NOTHING)} "
+                f"(stock waitress {_rate(summary, DO_NOTHING_STOCK)}), "
                 f"synchronous {_rate(summary, SYNC)} (hot {_rate(summary, SYNC_HOT)}); "
-                f"ours / do-nothing {_x(summary['ours_over_do_nothing'])} (hot {_x(summary['hot_ours_over_do_nothing'])}), "
+                f"ours / do-nothing {_x(summary['ours_over_do_nothing'])} (hot {_x(summary['hot_ours_over_do_nothing'])}; "
+                f"stock waitress {_x(summary['ours_over_stock_do_nothing'])}), "
                 f"ours / synchronous {_x(summary['ours_over_sync'])} (hot {_x(summary['hot_ours_over_sync'])}); "
                 f"CPU per request {_us(summary[OURS]['cpu_us_per_request'])} vs do-nothing "
                 f"{_us(summary[DO_NOTHING]['cpu_us_per_request'])}, synchronous {_us(summary[SYNC]['cpu_us_per_request'])}; "
@@ -132,8 +143,8 @@ def _measure(target, hello, options: BenchOptions, work_dir: Path) -> dict:
 
 
 def paired_ratios(rounds: dict[str, Rounds[dict]]) -> dict:
-    """Round by round, maxtwo against the do-nothing app and against the synchronous approach,
-    random keys and hot key; the headlines are the medians of those ratios."""
+    """Round by round, maxtwo against the do-nothing app (on each transport) and against the
+    synchronous approach, random keys and hot key; the headlines are the medians of those ratios."""
     def by_round(ours: str, other: str) -> list[float]:
         return [ratio(a["requests_per_second"], b["requests_per_second"])
                 for a, b in zip(rounds[ours].runs, rounds[other].runs)]
@@ -141,6 +152,8 @@ def paired_ratios(rounds: dict[str, Rounds[dict]]) -> dict:
     figures: dict = {}
     for name, ours, other in (("ours_over_do_nothing", OURS, DO_NOTHING),
                               ("hot_ours_over_do_nothing", OURS_HOT, DO_NOTHING),
+                              ("ours_over_stock_do_nothing", OURS, DO_NOTHING_STOCK),
+                              ("hot_ours_over_stock_do_nothing", OURS_HOT, DO_NOTHING_STOCK),
                               ("ours_over_sync", OURS, SYNC),
                               ("hot_ours_over_sync", OURS_HOT, SYNC_HOT)):
         values = by_round(ours, other)
@@ -148,10 +161,11 @@ def paired_ratios(rounds: dict[str, Rounds[dict]]) -> dict:
         figures[f"{name}_by_round"] = values
     # The do-nothing app's server CPU per request / maxtwo's: steadier than req/s on a shared
     # machine, and on a CPU-bound one what req/s follows (PostgreSQL's own CPU aside).
-    cpu = [ratio(b.get("cpu_us_per_request"), a.get("cpu_us_per_request"))
-           for a, b in zip(rounds[OURS].runs, rounds[DO_NOTHING].runs)]
-    figures["do_nothing_cpu_over_ours"] = median_or_none(cpu)
-    figures["do_nothing_cpu_over_ours_by_round"] = [value for value in cpu if value is not None]
+    for name, baseline in (("do_nothing", DO_NOTHING), ("stock_do_nothing", DO_NOTHING_STOCK)):
+        cpu = [ratio(b.get("cpu_us_per_request"), a.get("cpu_us_per_request"))
+               for a, b in zip(rounds[OURS].runs, rounds[baseline].runs)]
+        figures[f"{name}_cpu_over_ours"] = median_or_none(cpu)
+        figures[f"{name}_cpu_over_ours_by_round"] = [value for value in cpu if value is not None]
     return figures
 
 

@@ -1,9 +1,11 @@
 """Benchmark 4: GET / under load with wrk.
 
 - Steady load: for each connection count, `maxtwo serve` (seeded with N users, randomizing every
-  60 s) and the hello-world app (bench/hello.py, same waitress settings) take turns under
-  `wrk -t2 -cC -dDs --latency`: one warm-up each, then rounds. Ratio: the median over the rounds
-  of ours / hello req/s; beside it the server's CPU time per request, which drifts far less.
+  60 s) and two hello-world apps (bench/hello.py) take turns under `wrk -t2 -cC -dDs --latency`:
+  one warm-up each, then rounds. The baselines: the hello-world app on maxtwo's own transport
+  (a GET / travels maxtwo's path minus its work: the goal's), and on stock waitress with the same
+  settings (what the transport's hooks add on top). Ratios: the median over the rounds of ours /
+  baseline req/s; beside them the server's CPU time per request, which drifts far less.
 - Across randomizations: `maxtwo serve --interval S` under back-to-back 1 s wrk windows at 50
   connections until at least two randomizations have run, 2.5 intervals have passed and two
   windows or more fell both inside and outside randomizations. The randomizations' start and
@@ -29,7 +31,10 @@ from bench.serve_log import overlaps, randomizations
 from bench.wrk import INSTALL_HINT, errors_of, run_wrk, wrk_path
 
 OURS = "maxtwo serve"
-HELLO = "hello-world app"
+HELLO = "hello-world app, maxtwo's transport"
+HELLO_STOCK = "hello-world app, stock waitress"
+# The key each baseline's ratios go under in the results (ours_over_<key>, <key>_cpu_over_ours).
+BASELINE_KEYS = {HELLO: "hello", HELLO_STOCK: "stock_hello"}
 STEADY_INTERVAL = 60.0
 SPAN_CONNECTIONS = 50
 SPAN_WINDOW_SECONDS = 1  # wrk's shortest run
@@ -45,12 +50,17 @@ def run(targets: list, options: BenchOptions, work_dir: Path) -> dict:
     # Seeding N users happens before `serve` answers: allow for it.
     ready_timeout = 120 + options.rows / 10_000
     results: dict = {"steady": {}, "span": {}}
-    with running(hello_world(work_dir / "hello.log")) as hello, PeakRssSampler(hello.pid) as hello_rss:
+    with contextlib.ExitStack() as stack:
+        hellos = {HELLO: stack.enter_context(running(hello_world(work_dir / "hello.log"))),
+                  HELLO_STOCK: stack.enter_context(running(hello_world(work_dir / "hello-stock.log", stock=True)))}
+        hello_rss = stack.enter_context(PeakRssSampler(hellos[HELLO].pid))
+        stock_rss = stack.enter_context(PeakRssSampler(hellos[HELLO_STOCK].pid))
         for target in targets:
             results["steady"][target.name] = attempt(
                 f"load on {target.name}",
-                lambda target=target: _steady(target, hello, options, work_dir, ready_timeout))
+                lambda target=target: _steady(target, hellos, options, work_dir, ready_timeout))
         results["hello_peak_rss_bytes"] = hello_rss.peak_bytes
+        results["stock_hello_peak_rss_bytes"] = stock_rss.peak_bytes
     for target in targets:
         results["span"][target.name] = attempt(
             f"load across randomizations on {target.name}",
@@ -58,7 +68,7 @@ def run(targets: list, options: BenchOptions, work_dir: Path) -> dict:
     return results
 
 
-def _steady(target, hello, options: BenchOptions, work_dir: Path, ready_timeout: float) -> dict:
+def _steady(target, hellos: dict, options: BenchOptions, work_dir: Path, ready_timeout: float) -> dict:
     log_path = work_dir / f"serve-steady-{target.name}.log"
     serve = maxtwo_serve_for(options.rows, STEADY_INTERVAL, log_path)
     with contextlib.ExitStack() as stack:
@@ -69,18 +79,18 @@ def _steady(target, hello, options: BenchOptions, work_dir: Path, ready_timeout:
         for connections in options.connections:
             rounds = run_in_rounds({
                 OURS: lambda c=connections: run_wrk(server.url, c, options.load_seconds, server.pid),
-                HELLO: lambda c=connections: run_wrk(hello.url, c, options.load_seconds, hello.pid),
+                **{name: lambda c=connections, hello=hello: run_wrk(hello.url, c, options.load_seconds, hello.pid)
+                   for name, hello in hellos.items()},
             }, options.load_runs)
             summary = {name: summarize_runs(result) for name, result in rounds.items()}
-            summary.update(_paired_ratios(rounds[OURS].runs, rounds[HELLO].runs))
+            for name, key in BASELINE_KEYS.items():
+                summary.update(paired_ratios(rounds[OURS].runs, rounds[name].runs, key))
             by_connections[str(connections)] = summary
             say(f"  GET / on {target.name}, {connections} connections: "
-                f"{summary[OURS]['requests_per_second']:,.0f} req/s vs hello "
-                f"{summary[HELLO]['requests_per_second']:,.0f} ({summary['ours_over_hello']:.2f}x; rounds "
-                + ", ".join(f"{value:.2f}" for value in summary["ours_over_hello_by_round"])
-                + f"), CPU per request {_fmt(summary[OURS]['cpu_us_per_request'])} vs "
-                f"{_fmt(summary[HELLO]['cpu_us_per_request'])} us, p99 {summary[OURS]['p99_ms']:.1f} ms, "
-                f"errors {summary[OURS]['errors']}")
+                f"{summary[OURS]['requests_per_second']:,.0f} req/s, CPU per request "
+                f"{_fmt(summary[OURS]['cpu_us_per_request'])} us, p99 {summary[OURS]['p99_ms']:.1f} ms, "
+                f"errors {summary[OURS]['errors']}; vs "
+                + "; vs ".join(_against(summary, name, key) for name, key in BASELINE_KEYS.items()))
     spans = randomizations(log_path)
     for summary in by_connections.values():
         for run in [summary[OURS]["warmup"], *summary[OURS]["runs"]]:
@@ -149,20 +159,27 @@ def _classify(window: dict, spans: list[dict], interval: float) -> str:
     return "outside"
 
 
-def _paired_ratios(ours: list[dict], hello: list[dict]) -> dict:
-    """maxtwo against the hello-world app, round by round: each round's two runs came minutes
-    closer together than the runs of other rounds, so their ratio carries less of the machine's
-    drift than a ratio of medians would. The headline is the median of those ratios."""
-    by_round = [ratio(a["requests_per_second"], b["requests_per_second"]) for a, b in zip(ours, hello)]
-    cpu_ratios = (ratio(b.get("cpu_us_per_request"), a.get("cpu_us_per_request")) for a, b in zip(ours, hello))
+def paired_ratios(ours: list[dict], baseline: list[dict], key: str) -> dict:
+    """maxtwo against a baseline, round by round: each round's runs came minutes closer together
+    than the runs of other rounds, so their ratio carries less of the machine's drift than a
+    ratio of medians would. The headline is the median of those ratios. Keys: ours_over_<key>,
+    <key>_cpu_over_ours, and each with _by_round."""
+    by_round = [ratio(a["requests_per_second"], b["requests_per_second"]) for a, b in zip(ours, baseline)]
+    cpu_ratios = (ratio(b.get("cpu_us_per_request"), a.get("cpu_us_per_request")) for a, b in zip(ours, baseline))
     cpu_by_round = [value for value in cpu_ratios if value is not None]
     return {
-        "ours_over_hello": statistics.median(by_round),
-        "ours_over_hello_by_round": by_round,
-        # hello's CPU per request / ours: 1.0 would mean maxtwo's own work costs nothing.
-        "hello_cpu_over_ours": median_or_none(cpu_by_round),
-        "hello_cpu_over_ours_by_round": cpu_by_round,
+        f"ours_over_{key}": statistics.median(by_round),
+        f"ours_over_{key}_by_round": by_round,
+        # The baseline's CPU per request / ours: 1.0 would mean maxtwo's own work costs nothing.
+        f"{key}_cpu_over_ours": median_or_none(cpu_by_round),
+        f"{key}_cpu_over_ours_by_round": cpu_by_round,
     }
+
+
+def _against(summary: dict, name: str, key: str) -> str:
+    return (f"{name} {summary[name]['requests_per_second']:,.0f} req/s, "
+            f"{_fmt(summary[name]['cpu_us_per_request'])} us: {summary[f'ours_over_{key}']:.2f}x (rounds "
+            + ", ".join(f"{value:.2f}" for value in summary[f"ours_over_{key}_by_round"]) + ")")
 
 
 def summarize_runs(rounds: Rounds[dict]) -> dict:

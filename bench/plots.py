@@ -18,7 +18,7 @@ LOAD = "load.png"
 INCREMENT = "increment.png"
 DATABASES = ("SQLite", "PostgreSQL")
 COLORS = {"ours": "#1f77b4", "baseline": "#d62728", "floor": "#7f7f7f", "hello": "#ff7f0e",
-          "search": "#2ca02c", "ours_hot": "#aec7e8", "baseline_hot": "#ff9896"}
+          "search": "#2ca02c", "ours_hot": "#aec7e8", "baseline_hot": "#ff9896", "hello_stock": "#ffbb78"}
 
 
 def plot_seed_randomize(results: dict, path: Path) -> bool:
@@ -112,7 +112,8 @@ def plot_randomize_scale(results: dict, path: Path) -> bool:
 
 
 def plot_load(results: dict, path: Path) -> bool:
-    """Bars: req/s of maxtwo serve vs the hello-world app, per database and connection count."""
+    """Bars: req/s of maxtwo serve vs the hello-world app on maxtwo's transport and on stock
+    waitress, per database and connection count."""
     steady = (results.get("load") or {}).get("steady") or {}
     groups = []
     for database in DATABASES:
@@ -123,16 +124,19 @@ def plot_load(results: dict, path: Path) -> bool:
     if not groups:
         return False
     figure, axis = plt.subplots(figsize=(max(6, 2.2 * len(groups)), 5))
-    width = 0.38
-    for offset, (name, color) in ((-width / 2, (load.OURS, "ours")), (width / 2, (load.HELLO, "hello"))):
+    width = 0.27
+    for offset, (name, color) in ((-width, (load.OURS, "ours")), (0, (load.HELLO, "hello")),
+                                  (width, (load.HELLO_STOCK, "hello_stock"))):
         heights = [summary[name]["requests_per_second"] for _, summary in groups]
         bars = axis.bar([index + offset for index in range(len(groups))], heights, width, label=name,
                         color=COLORS[color])
         axis.bar_label(bars, labels=[f"{height:,.0f}" for height in heights], fontsize=8, padding=2)
     axis.set_xticks(range(len(groups)), [f"{label}\nours / hello {summary['ours_over_hello']:.2f}x"
-                                         for label, summary in groups])
+                                         f"\n(stock waitress {summary['ours_over_stock_hello']:.2f}x)"
+                                         for label, summary in groups], fontsize=8)
     axis.set_ylabel(f"requests/s (median of {results['parameters'].get('load_runs', results['parameters']['runs'])} wrk runs; higher is better)")
-    axis.set_title("GET / under wrk: maxtwo serve vs a hello-world app on the same waitress settings")
+    axis.set_title("GET / under wrk: maxtwo serve vs a hello-world app on maxtwo's transport and on stock waitress",
+                   fontsize=10)
     axis.legend(fontsize=8)
     axis.margins(y=0.15)
     figure.tight_layout()
@@ -142,8 +146,9 @@ def plot_load(results: dict, path: Path) -> bool:
 
 
 def plot_increment(results: dict, path: Path) -> bool:
-    """Bars: POST /increment req/s of maxtwo (random keys, hot key), the do-nothing app and the
-    synchronous approach (random keys, hot key), per database and connection count."""
+    """Bars: POST /increment req/s of maxtwo (random keys, hot key), the do-nothing app (maxtwo's
+    transport, stock waitress) and the synchronous approach (random keys, hot key), per database
+    and connection count."""
     section = results.get("increment") or {}
     groups = []
     for database in DATABASES:
@@ -154,7 +159,8 @@ def plot_increment(results: dict, path: Path) -> bool:
     if not groups:
         return False
     contenders = [(increment.OURS, "ours"), (increment.OURS_HOT, "ours_hot"), (increment.DO_NOTHING, "hello"),
-                  (increment.SYNC, "baseline"), (increment.SYNC_HOT, "baseline_hot")]
+                  (increment.DO_NOTHING_STOCK, "hello_stock"), (increment.SYNC, "baseline"),
+                  (increment.SYNC_HOT, "baseline_hot")]
     figure, axis = plt.subplots(figsize=(max(8, 3.2 * len(groups)), 5.5))
     width = 0.8 / len(contenders)
     for index, (name, color) in enumerate(contenders):
@@ -165,6 +171,7 @@ def plot_increment(results: dict, path: Path) -> bool:
         axis.bar_label(bars, labels=[f"{height:,.0f}" for height in heights], fontsize=7, padding=2, rotation=90)
     axis.set_xticks(range(len(groups)), [
         f"{label}\nours / do-nothing {_times(summary['ours_over_do_nothing'])} (hot {_times(summary['hot_ours_over_do_nothing'])})"
+        f"\n(stock waitress {_times(summary.get('ours_over_stock_do_nothing'))})"
         f"\nours / synchronous {_times(summary['ours_over_sync'])} (hot {_times(summary['hot_ours_over_sync'])})"
         for label, summary in groups], fontsize=8)
     parameters = results["parameters"]

@@ -123,12 +123,14 @@ def synchronous_increment_serve(url: str, *, seed_count: int, interval: float, l
     return ServerProcess("synchronous increments", args, process_environment(url), port, "/healthz", log_path)
 
 
-def hello_world(log_path: Path) -> ServerProcess:
-    """bench/hello.py: a constant answer on the same waitress settings as maxtwo serve."""
+def hello_world(log_path: Path, *, stock: bool = False) -> ServerProcess:
+    """bench/hello.py: a constant answer on maxtwo's own transport (or, `stock`, on waitress as
+    shipped with the same settings)."""
     port = free_port()
     args = [sys.executable, "-m", "bench.hello", "--host", HOST, "--port", str(port),
-            "--threads", str(SERVE_THREADS)]
-    return ServerProcess("hello-world app", args, process_environment(None), port, "/", log_path)
+            "--threads", str(SERVE_THREADS), "--transport", "stock" if stock else "maxtwo"]
+    name = "hello-world app on stock waitress" if stock else "hello-world app on maxtwo's transport"
+    return ServerProcess(name, args, process_environment(None), port, "/", log_path)
 
 
 def _answers(url: str) -> bool:

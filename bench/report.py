@@ -114,12 +114,14 @@ def _headline(results: dict) -> str:
 def _load_headline(results: dict) -> list[str]:
     lines = []
     steady = _load_part(results, "steady")
+    for key, baseline in (("hello", "hello-world on maxtwo's transport"), ("stock_hello", "hello-world on stock waitress")):
+        for connections in results["parameters"]["connections"]:
+            lines.append(_row(f"GET /, {connections} connections: maxtwo req/s / {baseline} req/s (median of rounds)", [
+                _x(_nested(steady.get(db), "by_connections", str(connections), f"ours_over_{key}")) for db in DATABASES]))
     for connections in results["parameters"]["connections"]:
-        lines.append(_row(f"GET /, {connections} connections: maxtwo req/s / hello-world req/s (median of rounds)", [
-            _x(_nested(steady.get(db), "by_connections", str(connections), "ours_over_hello")) for db in DATABASES]))
-    for connections in results["parameters"]["connections"]:
-        lines.append(_row(f"GET /, {connections} connections: hello-world CPU per request / maxtwo CPU per request", [
-            _x(_nested(steady.get(db), "by_connections", str(connections), "hello_cpu_over_ours")) for db in DATABASES]))
+        lines.append(_row(f"GET /, {connections} connections: CPU per request of hello-world on maxtwo's transport / "
+                          "maxtwo's", [_x(_nested(steady.get(db), "by_connections", str(connections), "hello_cpu_over_ours"))
+                                       for db in DATABASES]))
     span = _load_part(results, "span")
     lines.append(_row("GET /: p99 inside / outside randomizations (median window p99)",
                       [_x(_nested(span.get(db), "inside_over_outside")) for db in DATABASES]))
@@ -130,9 +132,11 @@ def _increment_headline(results: dict) -> list[str]:
     section = results.get("increment") or {}
     lines = []
     for connections in results["parameters"].get("increment_connections") or []:
-        for key, what in (("ours_over_do_nothing", "random keys"), ("hot_ours_over_do_nothing", "hot key")):
+        for key, what in (("ours_over_do_nothing", "random keys"), ("hot_ours_over_do_nothing", "hot key"),
+                          ("ours_over_stock_do_nothing", "random keys")):
+            baseline = "on stock waitress" if "stock" in key else "on maxtwo's transport"
             lines.append(_row(f"POST /increment, {what}, {connections} connections: maxtwo req/s / do-nothing "
-                              "req/s (median of rounds)",
+                              f"{baseline} req/s (median of rounds)",
                               [_x(_nested(section.get(db), "by_connections", str(connections), key))
                                for db in DATABASES]))
     for connections in results["parameters"].get("increment_connections") or []:
@@ -159,7 +163,8 @@ def _startup_headline(results: dict) -> list[str]:
 
 
 def _goals(results: dict) -> str:
-    lines = ["## Goals", "", "From issue 4; *met* is computed from the figures of this run.", "",
+    lines = ["## Goals", "", "From issues 4, 16 and 18; *met* is computed from the figures of this run. "
+             "Where a goal compares with a baseline, it names it.", "",
              "| goal | measured | met |", "|---|---|---|"]
     lines += [_row(goal["goal"], [goal["measured"], goal["met"]]) for goal in results.get("goals", [])]
     return "\n".join(lines)
@@ -311,15 +316,21 @@ def _load(results: dict) -> str:
     if _failed(section):
         return "\n".join([*lines, _failure("load", section)])
     lines += [f"`wrk -t2 -cC -d{parameters['load_seconds']}s --latency` against `maxtwo serve` "
-              f"(`--threads {parameters.get('threads', 8)} --interval 60`, {parameters['rows']:,} users) and against the hello-world app "
-              "(bench/hello.py: a constant body, served by the daemon's own transport, its query lane aside), "
-              "taking turns. Figures are medians of the runs; max latency is the worst run's; errors add up every "
-              "measured run (non-2xx/3xx responses plus socket connect/read/write/timeout errors). *ours / hello* "
-              "is the median of the rounds' ratios (each round's two runs follow each other, so the machine's "
-              "drift between rounds cancels), the rounds' own in brackets. *CPU per request*: user + system time "
+              f"(`--threads {parameters.get('threads', 8)} --interval 60`, {parameters['rows']:,} users) and against two "
+              "baselines, all three taking turns. Both baselines are the hello-world app of bench/hello.py (a constant "
+              f"body, no database): **{load.HELLO}** is served by the transport `maxtwo serve` answers on, built by "
+              "the daemon's own code (the busy-poll fix, the strict parser, the change poller, and the lane, which "
+              "takes its GET / as it takes maxtwo's), so a request there travels maxtwo's path minus maxtwo's own "
+              f"work: the goal's baseline. **{load.HELLO_STOCK}** is waitress as shipped with the same settings "
+              "(threads, connection limit, backlog, channel timeout, poll) and none of maxtwo's hooks: what the "
+              "transport's hooks are worth shows in the gap between the two. Figures are medians of the runs; max "
+              "latency is the worst run's; errors add up every "
+              "measured run (non-2xx/3xx responses plus socket connect/read/write/timeout errors). *ratios* are "
+              "medians of the rounds' ratios of maxtwo's req/s to each baseline's (each round's runs follow each "
+              "other, so the machine's drift between rounds cancels), the rounds' own in brackets. *CPU per request*: user + system time "
               "of the server process during the run over the requests answered (PostgreSQL's own work not "
               "included); it varies far less than req/s on a shared machine.", "",
-              "| database | connections | server | req/s | CPU per request | p50 | p99 | max | non-2xx/3xx | socket errors | ours / hello |",
+              "| database | connections | server | req/s | CPU per request | p50 | p99 | max | non-2xx/3xx | socket errors | ratios |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for database in DATABASES:
@@ -328,7 +339,7 @@ def _load(results: dict) -> str:
             notes.append(_failure(database, result))
             continue
         for connections, summary in result["by_connections"].items():
-            for name in (load.OURS, load.HELLO):
+            for name in (load.OURS, load.HELLO, load.HELLO_STOCK):
                 figures = summary[name]
                 sockets = figures["socket_errors"]
                 lines.append(_row(database, [
@@ -344,7 +355,7 @@ def _load(results: dict) -> str:
                             "randomization (they count, as they would in production; the median damps them).")
     lines += ["", *notes]
     if _plotted(results, LOAD):
-        lines += ["", f"![GET / req/s, maxtwo vs hello-world](img/{LOAD})"]
+        lines += ["", f"![GET / req/s, maxtwo vs hello-world on maxtwo's transport and on stock waitress](img/{LOAD})"]
     lines += ["", "### Latency across randomizations", "",
               f"`maxtwo serve --interval {parameters['span_interval']:g}` under back-to-back 1 s wrk windows at "
               f"{load.SPAN_CONNECTIONS} connections (after one warm-up window), until at least "
@@ -383,8 +394,9 @@ def _memory(results: dict) -> str:
                       [_mb(_nested(steady.get(db), "serve_peak_rss_bytes")) for db in DATABASES]))
     lines.append(_row("`maxtwo serve` under load across randomizations",
                       [_mb(_nested(span.get(db), "serve_peak_rss_bytes")) for db in DATABASES]))
-    hello = _mb((results.get("load") or {}).get("hello_peak_rss_bytes"))
-    lines.append(_row("hello-world app under the same load (the baseline for both)", [hello, hello]))
+    for key, name in (("hello_peak_rss_bytes", load.HELLO), ("stock_hello_peak_rss_bytes", load.HELLO_STOCK)):
+        hello = _mb((results.get("load") or {}).get(key))
+        lines.append(_row(f"{name} under the same load (the baseline for both)", [hello, hello]))
     memory = results.get("memory") or {}
     lines.append(_row(f"`maxtwo seed --count {rows}`",
                       [_mb(_nested(_ok(memory.get(db)), "seed", "peak_rss_bytes")) for db in DATABASES]))
@@ -412,15 +424,17 @@ def _increment(results: dict) -> str:
         f"`wrk -t2 -cC -d{section['seconds']}s --latency -s bench/increment.lua`: each request a JSON body "
         f"`{{\"key\": \"key-N\", \"value\": V}}`, N uniform in 1..{section['keys']:,}, V uniform in "
         "-1000..1000, from a generator seeded per wrk thread; the *hot key* runs send every request to one key "
-        f"(`-- hot`). Three servers on the same waitress settings ({parameters.get('threads', 8)} threads) take "
+        f"(`-- hot`). Four servers on the same waitress settings ({parameters.get('threads', 8)} threads) take "
         f"turns, one warm-up each, then {parameters.get('load_runs', parameters['runs'])} rounds:",
         "",
         f"- **{increment.OURS}** as deployed (`--seed-count {section['seed_count']:,} --interval "
         f"{section['interval']:g}`): the batcher puts the increments waiting at the same moment into one "
         "transaction (group commit) and answers each 202 once it has committed;",
-        f"- the **{increment.DO_NOTHING}** (bench/hello.py): reads the body and answers 202, no parsing, no "
-        "database: the peers' \"simple\" baseline. It never reads the key, so its one run per round is the "
-        "baseline of both maxtwo runs of the round;",
+        "- the **do-nothing app** (bench/hello.py): reads the body and answers 202, no parsing, no "
+        "database: the peers' \"simple\" baseline, twice: the "
+        f"**{increment.DO_NOTHING}** (its POSTs through the lane as maxtwo's are: the goal's baseline) and the "
+        f"**{increment.DO_NOTHING_STOCK}** (waitress as shipped, same settings, none of maxtwo's hooks). It "
+        "never reads the key, so its one run per round is the baseline of both maxtwo runs of the round;",
         "- the **synchronous approach** (bench/sync_increment.py): the same daemon, with POST /increment "
         "running `core.counters.increment()` in its request thread, one transaction (the same validation and "
         "upsert) per request.",
@@ -463,17 +477,18 @@ def _increment(results: dict) -> str:
             notes.append(f"- {database}: load average (1, 5, 15 min) before "
                          f"{', '.join(f'{value:.2f}' for value in loads['before'])}, after "
                          f"{', '.join(f'{value:.2f}' for value in loads['after'])}; do-nothing CPU per request / "
-                         "maxtwo's: " + ", ".join(f"{connections} connections {_x(summary.get('do_nothing_cpu_over_ours'))}"
+                         "maxtwo's (on maxtwo's transport): " + ", ".join(f"{connections} connections {_x(summary.get('do_nothing_cpu_over_ours'))}"
                                                   for connections, summary in result["by_connections"].items()) + ".")
         notes.append(f"- {database}: peak RSS of {increment.OURS} under this load "
                      f"{_mb(result.get('serve_peak_rss_bytes'))} (goal <= 120 MB), of the synchronous server "
                      f"{_mb(result.get('sync_peak_rss_bytes'))}; the hot key's total afterwards "
                      + ", ".join(f"{name}: {value}" for name, value in totals.items()) + ".")
-    notes.append(f"- Peak RSS of the {increment.DO_NOTHING} over the whole section: "
-                 f"{_mb(section.get('do_nothing_peak_rss_bytes'))}. Open files limit: "
+    notes.append(f"- Peak RSS over the whole section of the {increment.DO_NOTHING} "
+                 f"{_mb(section.get('do_nothing_peak_rss_bytes'))}, of the {increment.DO_NOTHING_STOCK} "
+                 f"{_mb(section.get('stock_do_nothing_peak_rss_bytes'))}. Open files limit: "
                  f"{(section.get('open_files_limit') or {}).get('soft')}.")
     lines += ["", *notes,
-              "", f"Goals: maxtwo >= {INCREMENT_OVER_DO_NOTHING}x the do-nothing app's req/s at every connection "
+              "", f"Goals: maxtwo >= {INCREMENT_OVER_DO_NOTHING}x the req/s of the {increment.DO_NOTHING} at every connection "
               f"count on both databases, hot key included; >= {INCREMENT_OVER_SYNC:g}x the synchronous approach "
               "(random keys); zero errors; peak RSS <= 120 MB (see [Goals](#goals))."]
     if _plotted(results, INCREMENT):
@@ -482,8 +497,10 @@ def _increment(results: dict) -> str:
 
 
 def _increment_ratios(summary: dict, name: str) -> str:
-    keys = {increment.OURS: (("ours_over_do_nothing", "/ do-nothing"), ("ours_over_sync", "/ synchronous")),
+    keys = {increment.OURS: (("ours_over_do_nothing", "/ do-nothing"), ("ours_over_stock_do_nothing", "/ do-nothing, stock"),
+                             ("ours_over_sync", "/ synchronous")),
             increment.OURS_HOT: (("hot_ours_over_do_nothing", "/ do-nothing"),
+                                 ("hot_ours_over_stock_do_nothing", "/ do-nothing, stock"),
                                  ("hot_ours_over_sync", "/ synchronous, hot"))}.get(name, ())
     return "; ".join(f"{label} {_x(summary.get(key))} ({', '.join(f'{value:.2f}' for value in summary.get(key + '_by_round') or [])})"
                      for key, label in keys)
@@ -565,7 +582,7 @@ def _method(results: dict) -> str:
   connections {', '.join(map(str, parameters['connections']))}.
 - **Runs**: each contender runs once as a warm-up (recorded, never counted), then the contenders take
   turns for {parameters['runs']} rounds, so that drift on a shared machine touches all of them alike.
-  Tables show the median; GET /'s *ours / hello* is the median of the rounds' ratios; the JSON keeps
+  Tables show the median; every ratio of req/s is the median of the rounds' ratios; the JSON keeps
   every run.
 - **Databases**: SQLite is a file in a temporary directory (WAL, `synchronous=FULL`, as maxtwo opens it);
   PostgreSQL is a local server with fsync on (settings under [Machine](#machine)). Every benchmark gets
@@ -577,8 +594,8 @@ def _method(results: dict) -> str:
   32,766 bound variables is below 40,000), each in one transaction, commit included.
 - **Randomize**: each contender's table is seeded once; the runs update it again and again, as the
   daemon does every minute. maxtwo's time is `randomize_points` end to end (state row, UPDATE, commit).
-- **Load**: wrk runs on the same 2 cores as the server, so both compete for CPU; the hello-world app pays
-  the same price, which is why only the ratio is a headline. wrk's default 2 s timeout counts slower
+- **Load**: wrk runs on the same 2 cores as the server, so both compete for CPU; the hello-world apps pay
+  the same price, which is why only the ratios are headlines. wrk's default 2 s timeout counts slower
   requests as socket timeouts.
 - **POST /increment**: {parameters.get('increment_seconds', 'n/a')} s per wrk run at
   {', '.join(map(str, parameters.get('increment_connections') or []))} connections, every server on a
@@ -679,9 +696,13 @@ def _us(value: float | None) -> str:
 
 
 def _paired(summary: dict) -> str:
-    """The median of the rounds' ratios, and the rounds' own."""
-    rounds = summary.get("ours_over_hello_by_round") or []
-    return _x(summary.get("ours_over_hello")) + (f" ({', '.join(f'{value:.2f}' for value in rounds)})" if rounds else "")
+    """Against each baseline: the median of the rounds' ratios, and the rounds' own."""
+    cells = []
+    for key, label in (("hello", "/ same transport"), ("stock_hello", "/ stock waitress")):
+        rounds = summary.get(f"ours_over_{key}_by_round") or []
+        cells.append(f"{label} {_x(summary.get(f'ours_over_{key}'))}"
+                     + (f" ({', '.join(f'{value:.2f}' for value in rounds)})" if rounds else ""))
+    return "; ".join(cells)
 
 
 def _ms(value: float | None) -> str:

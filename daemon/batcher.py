@@ -112,6 +112,10 @@ class Ticket:
         self._pending.release()
 
 
+# Operations per transaction, by default (the lane takes as many requests per batch).
+MAX_BATCH = 256
+
+
 class Batcher:
     def __init__(
         self,
@@ -119,7 +123,7 @@ class Batcher:
         kinds: Iterable[Kind],
         *,
         max_wait: float,
-        max_batch: int = 256,
+        max_batch: int = MAX_BATCH,
         max_pending: int = 100_000,
         on_batch: Callable[[str, int], None] | None = None,
         on_commit: Callable[[float], None] | None = None,

@@ -155,14 +155,7 @@ def serve_requests(
     )
     try:
         app = create_app(settings, request_engine, metrics=metrics, batcher=batcher)
-        server = transport.Transport(
-            app,
-            listener,
-            threads=settings.threads,
-            lane=batched_routes(batcher) if options.lane else None,
-            change_poller=options.change_poller,
-            quiet_channel=options.quiet_channel,
-        )
+        server = open_transport(app, listener, settings.threads, batched_routes(batcher), options)
         systemd.notify("READY=1")
         watchdog.start()
         on_ready()
@@ -177,14 +170,39 @@ def serve_requests(
         request_engine.dispose()
 
 
+def open_transport(
+    app: Callable, listener: socket.socket, threads: int, lane: transport.Lane, options: TransportOptions
+) -> transport.Transport:
+    """The transport `maxtwo serve` answers on, `lane` taking LANE_ROUTES' requests unless
+    options turn it off.
+
+    NOTE: the hello-world baseline (bench/hello.py) is built by this too, so that it travels
+    the daemon's path by construction and cannot drift from it."""
+    return transport.Transport(
+        app,
+        listener,
+        threads=threads,
+        lane=lane if options.lane else None,
+        change_poller=options.change_poller,
+        quiet_channel=options.quiet_channel,
+    )
+
+
 def batched_routes(batcher: Batcher) -> transport.Lane:
     """GET / and POST /increment through the transport's lane: their outcomes fetched in
     batches (daemon/app.py's fetch_outcomes), handed to the app in its environ."""
+    return lane_for(lambda requests, timeout: fetch_outcomes(batcher, requests, timeout),
+                    max_batch=batcher.max_batch, max_wait=batcher.max_wait)
+
+
+def lane_for(fetch: Callable[[list[transport.LaneRequest], float], list], *, max_batch: int,
+             max_wait: float) -> transport.Lane:
+    """The lane for LANE_ROUTES, their outcomes from fetch(requests, timeout)."""
     return transport.Lane(
         routes=LANE_ROUTES,
-        fetch=lambda requests, timeout: fetch_outcomes(batcher, requests, timeout),
-        max_batch=batcher.max_batch,
-        max_wait=batcher.max_wait,
+        fetch=fetch,
+        max_batch=max_batch,
+        max_wait=max_wait,
         max_body=MAX_INCREMENT_BODY,
         environ_for=lambda outcome, arrived: {PREFETCHED_ANSWER: outcome, ARRIVED_AT: arrived},
         is_outage=is_outage,

@@ -161,6 +161,21 @@ class QuietChannel(HTTPChannel):
             poller.forget(descriptor)
 
 
+def waitress_settings(threads: int) -> dict[str, Any]:
+    """The transport's waitress settings, all of them documented options (none a hook): the
+    stock-waitress baseline of the benchmarks (bench/hello.py) runs on them too."""
+    return {
+        "threads": threads,
+        "connection_limit": CONNECTION_LIMIT,
+        "channel_timeout": CHANNEL_TIMEOUT,
+        "backlog": BACKLOG,
+        "max_request_body_size": MAX_REQUEST_BODY,
+        "asyncore_use_poll": True,  # select() cannot watch more than 1024 descriptors
+        "ident": "maxtwo",
+        "expose_tracebacks": False,
+    }
+
+
 class Transport:
     """A waitress server for `app` on `listener`, driven by serve_until() and drain().
 
@@ -186,17 +201,10 @@ class Transport:
         self.server: BaseWSGIServer = waitress.create_server(
             app,
             sockets=[listener],
-            threads=threads,
-            connection_limit=CONNECTION_LIMIT,
-            channel_timeout=CHANNEL_TIMEOUT,
-            backlog=BACKLOG,
-            max_request_body_size=MAX_REQUEST_BODY,
-            asyncore_use_poll=True,  # select() cannot watch more than 1024 descriptors
-            ident="maxtwo",
-            expose_tracebacks=False,
             # NOTE: waitress's own hook for a dispatcher of one's own (it calls it a test shim).
             # None: its default.
             _dispatcher=dispatcher,
+            **waitress_settings(threads),
         )
         if quiet_channel:
             self.server.channel_class = QuietChannel

@@ -4,7 +4,7 @@ that answers a constant body, on one of two transports:
 - `--transport maxtwo` (the default): exactly the transport `maxtwo serve` answers on, built by
   the daemon's own code (`daemon.server.listen()`, `open_transport()` with the default
   `TransportOptions`, `lane_for()`): the busy-poll fix, the strict parser, the change poller,
-  and the lane, which takes GET / and POST /increment as it takes maxtwo's. Its fetch answers
+  and the lane, which takes GET / and POST /increment as it takes maxtwo's. Its submit answers
   at once with no outcome (no database), and the app ignores the outcome. So a GET / here
   travels a maxtwo GET /'s path minus the database work and the app's own (routing aside):
   whatever separates its req/s from `maxtwo serve`'s is maxtwo's own work per request.
@@ -65,9 +65,14 @@ def create_app() -> falcon.App:
     return app
 
 
-def no_outcomes(requests: list[LaneRequest], timeout: float) -> list[None]:
-    """The lane's fetch without a database: nothing to wait for, nothing to hand the app."""
+def no_outcomes(requests: list[LaneRequest]) -> list[None]:
+    """The lane's submit without a database: nothing to wait for, nothing to hand the app."""
     return [None] * len(requests)
+
+
+def collected(outcomes: list[None], timeout: float) -> list[None]:
+    """The lane's collect: the outcomes are there already."""
+    return outcomes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         server.run()
         return
-    lane = lane_for(no_outcomes, max_batch=MAX_BATCH, max_wait=batch_timeout(settings))
+    lane = lane_for(no_outcomes, collected, max_batch=MAX_BATCH, max_wait=batch_timeout(settings))
     transport = open_transport(create_app(), listener, settings.threads, lane, TransportOptions())
     stop = StopRequest().install()
     transport.serve_until(stop.requested)  # until SIGTERM (the harness stops it)

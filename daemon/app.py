@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 5
 
 # WSGI environ entries a server may set for a request whose outcome it fetched ahead (the
-# daemon's lane, daemon/transport.py, with fetch_outcomes() below): the outcome (GET /'s answer,
+# daemon's lane, daemon/transport.py, with enqueue_outcomes() below): the outcome (GET /'s answer,
 # an increment's Applied, or the error to answer with), and the time.perf_counter() at which the
 # request arrived, so its latency counts the wait.
 PREFETCHED_ANSWER = "maxtwo.prefetched_answer"
@@ -93,10 +93,10 @@ def new_batcher(settings: Settings, engine: Engine, metrics: Metrics) -> Batcher
     return batcher
 
 
-def fetch_outcomes(batcher: Batcher, requests: list[LaneRequest], timeout: float) -> list[Any]:
-    """The outcome of each of LANE_ROUTES' requests, their writes in one batch: what the
-    resources would get themselves (daemon/resources.py), a malformed increment's HTTP error
-    included."""
+def enqueue_outcomes(batcher: Batcher, requests: list[LaneRequest]) -> tuple[list[Any], list]:
+    """Start getting the outcome of each of LANE_ROUTES' requests, their writes in one batch:
+    what the resources would get themselves (daemon/resources.py), a malformed increment's HTTP
+    error included. The lane's submit; collect_outcomes() waits for them."""
     outcomes: list[Any] = [None] * len(requests)
     queries: list[int] = []
     increments: list[tuple[int, Increment]] = []
@@ -109,13 +109,19 @@ def fetch_outcomes(batcher: Batcher, requests: list[LaneRequest], timeout: float
                 request.headers.get("CONTENT_TYPE"), request.body, request.headers.get("IDEMPOTENCY_KEY"))))
         except falcon.HTTPError as ex:
             outcomes[index] = ex
-    deadline = time.monotonic() + timeout
     tickets = []
     if queries:
         tickets.append((queries, batcher.enqueue(QueryKind.name, [None] * len(queries))))
     if increments:
         tickets.append(([index for index, _ in increments],
                         batcher.enqueue(IncrementKind.name, [item for _, item in increments])))
+    return outcomes, tickets
+
+
+def collect_outcomes(batcher: Batcher, pending: tuple[list[Any], list], timeout: float) -> list[Any]:
+    """The outcomes enqueue_outcomes() started getting, waiting at most `timeout` s in all."""
+    outcomes, tickets = pending
+    deadline = time.monotonic() + timeout
     for indexes, ticket in tickets:
         for index, outcome in zip(indexes, batcher.outcomes(ticket, deadline - time.monotonic()), strict=True):
             outcomes[index] = outcome

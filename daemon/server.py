@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy.engine import Engine
 
@@ -29,7 +30,8 @@ from daemon.app import (
     PREFETCHED_ANSWER,
     batch_timeout,
     create_app,
-    fetch_outcomes,
+    collect_outcomes,
+    enqueue_outcomes,
     is_outage,
     new_batcher,
 )
@@ -190,17 +192,19 @@ def open_transport(
 
 def batched_routes(batcher: Batcher) -> transport.Lane:
     """GET / and POST /increment through the transport's lane: their outcomes fetched in
-    batches (daemon/app.py's fetch_outcomes), handed to the app in its environ."""
-    return lane_for(lambda requests, timeout: fetch_outcomes(batcher, requests, timeout),
+    batches (daemon/app.py's enqueue_outcomes), handed to the app in its environ."""
+    return lane_for(lambda requests: enqueue_outcomes(batcher, requests),
+                    lambda pending, timeout: collect_outcomes(batcher, pending, timeout),
                     max_batch=batcher.max_batch, max_wait=batcher.max_wait)
 
 
-def lane_for(fetch: Callable[[list[transport.LaneRequest], float], list], *, max_batch: int,
-             max_wait: float) -> transport.Lane:
-    """The lane for LANE_ROUTES, their outcomes from fetch(requests, timeout)."""
+def lane_for(submit: Callable[[list[transport.LaneRequest]], Any], collect: Callable[[Any, float], list], *,
+             max_batch: int, max_wait: float) -> transport.Lane:
+    """The lane for LANE_ROUTES, their outcomes from submit(requests) and collect(handle, timeout)."""
     return transport.Lane(
         routes=LANE_ROUTES,
-        fetch=fetch,
+        submit=submit,
+        collect=collect,
         max_batch=max_batch,
         max_wait=max_wait,
         max_body=MAX_INCREMENT_BODY,

@@ -70,7 +70,7 @@ _answering = threading.local()
 
 @dataclasses.dataclass(frozen=True)
 class LaneRequest:
-    """A complete request, as the lane hands it to Lane.fetch."""
+    """A complete request, as the lane hands it to Lane.submit."""
 
     method: str
     path: str
@@ -85,9 +85,11 @@ class Lane:
     """What the lane needs: which requests it takes, and how to get their outcomes."""
 
     routes: frozenset[tuple[str, str]]  # (method, path)
-    # fetch(requests, timeout): an outcome for each request (what the app answers it with, an
-    # exception included), waiting at most `timeout` seconds.
-    fetch: Callable[[list[LaneRequest], float], list[Any]]
+    # submit(requests): start getting an outcome for each request (what the app answers it
+    # with, an exception included), without waiting for it; a handle for collect().
+    submit: Callable[[list[LaneRequest]], Any]
+    # collect(handle, timeout): those outcomes, waiting at most `timeout` seconds for them.
+    collect: Callable[[Any, float], list[Any]]
     max_batch: int
     # Seconds a request may wait for its answer from its arrival (the oldest of a batch sets it).
     max_wait: float
@@ -367,41 +369,69 @@ class LaneDispatcher(ThreadedTaskDispatcher):
         return LaneRequest(request.command, request.path, request.headers, body)
 
     def _serve_lane(self) -> None:
-        spec = self._spec
+        # NOTE: the outcomes of one batch are collected, then the requests that arrived
+        # meanwhile are submitted, and only then is the first batch answered: the database
+        # works on the next batch while the lane answers (one batch at a time left each idle
+        # while the other worked; bench/NOTES.md).
+        in_flight: tuple[list, Any] | None = None  # ([(channel, arrived)], handle): submitted
         while True:
+            outcomes = self._collect(*in_flight) if in_flight is not None else None
             with self._lane_lock:
-                while not self._lane and not self._lane_stopping:
+                while not self._lane and in_flight is None and not self._lane_stopping:
                     self._lane_ready.wait()
-                if self._lane_stopping:
+                if self._lane_stopping and in_flight is None:
                     self._lane_thread = None
                     return
-                # At most one transaction's worth; the rest go in the next.
-                queued = [self._lane.popleft() for _ in range(min(len(self._lane), spec.max_batch))]
-            # NOTE: every request waits for the database at most max_wait from its arrival, as
-            # it would in a request thread of its own; the oldest of the batch sets the bound.
-            timeout = queued[0][1] + spec.max_wait - time.perf_counter()
-            try:
-                outcomes = spec.fetch([self._lane_request(channel) for channel, _ in queued], timeout)
-            except Exception as ex:  # noqa: BLE001 - each request turns it into its error response
-                outcomes = [ex] * len(queued)
-            failed = next((outcome for outcome in outcomes if spec.is_outage(outcome)), None)
-            if failed is not None:
-                with self._lane_lock:
-                    # NOTE: as in the batcher: those who queued while this batch failed would
-                    # meet the same database and wait a whole timeout more; they share the error.
+                failed = next((outcome for outcome in outcomes or () if self._spec.is_outage(outcome)), None)
+                queued: list = []
+                shared: list = []
+                if failed is not None:
+                    # NOTE: as in the batcher: those who queued while a batch failed would meet
+                    # the same database and wait a whole timeout more; they share its error.
                     shared = list(self._lane)
                     self._lane.clear()
-                queued += shared
-                outcomes = list(outcomes) + [failed] * len(shared)
-            for (channel, arrived), outcome in zip(queued, outcomes, strict=True):
-                channel.lane_environ = spec.environ_for(outcome, arrived)
-                try:
-                    channel.service()
-                except BaseException:
-                    # As waitress's own request threads: log it and go on with the rest.
-                    log.exception("Exception when servicing %r", channel)
-                finally:
-                    channel.lane_environ = None
+                elif not self._lane_stopping:  # (a stopping lane takes nothing new: see shutdown)
+                    # At most one transaction's worth; the rest go in the next.
+                    queued = [self._lane.popleft() for _ in range(min(len(self._lane), self._spec.max_batch))]
+            submitted = self._submit(queued) if queued else None
+            if in_flight is not None:
+                self._answer(in_flight[0] + shared, list(outcomes) + [failed] * len(shared))
+            in_flight = submitted
+
+    def _submit(self, queued: list) -> tuple[list, Any]:
+        try:
+            return queued, self._spec.submit([self._lane_request(channel) for channel, _ in queued])
+        except Exception as ex:  # noqa: BLE001 - each request turns it into its error response
+            return queued, _Failed(ex)
+
+    def _collect(self, queued: list, handle: Any) -> list[Any]:
+        # NOTE: every request waits for the database at most max_wait from its arrival, as it
+        # would in a request thread of its own; the oldest of the batch sets the bound.
+        timeout = queued[0][1] + self._spec.max_wait - time.perf_counter()
+        try:
+            if isinstance(handle, _Failed):
+                raise handle.error
+            return self._spec.collect(handle, timeout)
+        except Exception as ex:  # noqa: BLE001 - each request turns it into its error response
+            return [ex] * len(queued)
+
+    def _answer(self, queued: list, outcomes: list[Any]) -> None:
+        for (channel, arrived), outcome in zip(queued, outcomes, strict=True):
+            channel.lane_environ = self._spec.environ_for(outcome, arrived)
+            try:
+                channel.service()
+            except BaseException:
+                # As waitress's own request threads: log it and go on with the rest.
+                log.exception("Exception when servicing %r", channel)
+            finally:
+                channel.lane_environ = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Failed:
+    """A batch whose submit() raised: its requests are answered with the error."""
+
+    error: Exception
 
 
 class ChangePoller:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 from daemon.server import TransportOptions, batched_routes
 from daemon.batcher import Batcher
-from daemon.transport import Transport
+from daemon.transport import Lane, Transport
 
 
 class Running:
@@ -33,14 +33,16 @@ def running(
     threads: int = 4,
     options: TransportOptions = TransportOptions(),
     on_turn: Callable[[], None] = lambda: None,
+    lane: Lane | None = None,
 ) -> Iterator[Running]:
-    """`batcher`: GET / and POST /increment go through the lane with it (if options.lane)."""
+    """`batcher`: GET / and POST /increment go through the lane with it (if options.lane);
+    `lane`: through this lane instead."""
     listener = socket.create_server(("127.0.0.1", 0), backlog=128)
     transport = Transport(
         app,
         listener,
         threads=threads,
-        lane=batched_routes(batcher) if batcher is not None and options.lane else None,
+        lane=lane or (batched_routes(batcher) if batcher is not None and options.lane else None),
         change_poller=options.change_poller,
         quiet_channel=options.quiet_channel,
     )

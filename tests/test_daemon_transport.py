@@ -37,7 +37,7 @@ from daemon import transport
 from daemon.app import create_app
 from daemon.batcher import Batcher, QueryKind
 from daemon.metrics import Metrics
-from daemon.server import TransportOptions
+from daemon.server import TransportOptions, lane_for
 from daemon.transport import FULL_CHECK_SECONDS, QuietChannel
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.query import run_query_batch
@@ -389,6 +389,45 @@ def test_a_request_waits_at_most_max_wait_from_its_arrival_not_from_its_batch(se
         # its 2 s, so it gets a 503 at about 2 s instead.
         status, waited = outcomes["second"]
         assert status == 503 and 1.9 < waited < 3.0
+
+
+def test_the_lane_submits_what_arrived_before_it_answers_the_committed_batch():
+    events: list[str] = []
+    committed = threading.Event()
+
+    def submit(requests):
+        events.append(f"submit {len(requests)}")
+        return events.count("submit 1")  # the batch's number
+
+    def collect(batch, timeout):
+        if batch == 1:
+            assert committed.wait(10), "the test never let the first batch commit"
+        return [None]
+
+    def app(environ, start_response):
+        events.append("answer")
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    with running(app, lane=lane_for(submit, collect, max_batch=256, max_wait=10)) as live:
+        lane_queue = live.transport.server.task_dispatcher._lane
+        clients = [threading.Thread(target=lambda: get(live.connect())) for _ in range(2)]
+        clients[0].start()
+        _wait_for(lambda: events == ["submit 1"], "the first request's batch")
+        clients[1].start()
+        _wait_for(lambda: len(lane_queue) == 1, "the second request in the lane")
+        committed.set()
+        for client in clients:
+            client.join(10)
+    # While the database works on the second batch, the lane answers the first.
+    assert events == ["submit 1", "submit 1", "answer", "answer"]
+
+
+def _wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, f"never saw {what}"
+        time.sleep(0.01)
 
 
 def test_the_latency_histogram_counts_the_wait_for_the_batch(served, monkeypatch):

@@ -9,7 +9,8 @@ answered before the commit, so nothing is less durable than a transaction of its
 Operations come in kinds (`Kind`: GET /'s query, POST /increment's increment), each applied to its part of the batch
 by one call. A kind reports an operation's own failure by returning the exception in its place;
 a kind that raises fails its whole part, and with several kinds in a batch each part runs in a
-savepoint, so the other kinds still commit. Only a failure of the transaction itself (the
+savepoint, so the other kinds still commit (on SQLite, where the kinds write different files,
+each part commits on its own instead). Only a failure of the transaction itself (the
 database gone, the commit refused) fails everybody.
 
 NOTE: the transaction runs in a thread of its own, not in one of the callers', so that every
@@ -268,18 +269,22 @@ class Batcher:
         for waiter in batch:
             parts.setdefault(waiter.kind, []).append(waiter)
         self._batch_started = time.monotonic()
+        outcomes: dict[str, list[Any]] = {}
+        answered: set[str] = set()  # kinds answered already (SQLite, several kinds)
         try:
             if len(parts) == 1 and self._kinds[batch[0].kind].one_statement:
                 outcomes = {batch[0].kind: self._apply(held, batch[0].kind, parts[batch[0].kind])}
-            else:
+            elif len(parts) == 1 or held.postgres:
                 with held.transaction():
                     outcomes = {name: self._apply_alone(held, name, waiters) for name, waiters in parts.items()}
+            else:
+                self._run_kind_by_kind(held, parts, answered)
         except BaseException as ex:  # noqa: BLE001 - every waiter gets the error
             with self._lock:
                 # NOTE: those who queued while this batch failed would meet the same database
                 # and wait a whole timeout more each, in turn; they share the error instead, so
                 # nobody waits much longer than one timeout for a 503.
-                batch += self._waiting
+                batch = [waiter for waiter in batch if waiter.kind not in answered] + list(self._waiting)
                 self._waiting.clear()
                 self._queued = 0
             for waiter in batch:
@@ -293,16 +298,20 @@ class Batcher:
             except Exception:  # a metrics callback must never cost anybody an answer
                 log.exception("on_commit callback failed")
         for name, waiters in parts.items():
-            results = outcomes[name]
-            if self._on_batch is not None:
-                try:
-                    self._on_batch(name, len(results))
-                except Exception:  # a metrics callback must never cost anybody an answer
-                    log.exception("on_batch callback failed")
-            start = 0
-            for waiter in waiters:
-                waiter.answer(results[start : start + len(waiter.payloads)])
-                start += len(waiter.payloads)
+            if name not in answered:
+                self._answer(name, waiters, outcomes[name])
+
+    def _answer(self, name: str, waiters: list[Ticket], results: list[Any]) -> None:
+        """Hand each waiter of one kind its outcomes (the batch's part has committed)."""
+        if self._on_batch is not None:
+            try:
+                self._on_batch(name, len(results))
+            except Exception:  # a metrics callback must never cost anybody an answer
+                log.exception("on_batch callback failed")
+        start = 0
+        for waiter in waiters:
+            waiter.answer(results[start : start + len(waiter.payloads)])
+            start += len(waiter.payloads)
 
     def _apply(self, held: HeldConnection, name: str, waiters: list[Ticket]) -> list[Any]:
         payloads = [payload for waiter in waiters for payload in waiter.payloads]
@@ -310,6 +319,31 @@ class Batcher:
         if len(outcomes) != len(payloads):
             raise RuntimeError(f"{name}: {len(outcomes)} outcomes for {len(payloads)} operations")
         return outcomes
+
+    def _run_kind_by_kind(self, held: HeldConnection, parts: dict[str, list[Ticket]], answered: set[str]) -> None:
+        """SQLite, several kinds in a batch: each kind commits on its own and is answered at
+        once, queries first; `answered` gets the name of each kind answered.
+
+        NOTE: on SQLite the kinds write different files (a query only the query-state file,
+        core/db.py), and a transaction across files commits file by file: had its second commit
+        failed, the first part would be applied yet answered with the error. Separate commits
+        cost the same flushes, and the queries are answered without waiting for the increments,
+        which wait for the main file's write lock (a randomization holds it for a while)."""
+        for name in sorted(parts, key=lambda kind: not self._kinds[kind].one_statement):
+            size = sum(len(waiter.payloads) for waiter in parts[name])
+            try:
+                if self._kinds[name].one_statement:
+                    results = self._apply(held, name, parts[name])
+                else:
+                    with held.transaction():
+                        results = self._apply(held, name, parts[name])
+            except Exception as ex:
+                if not answered:
+                    raise  # nothing committed yet: the batch fails as one (and shares its error)
+                log.warning("%d %s operations failed, the rest of their batch committed: %s", size, name, ex)
+                results = [ex] * size
+            self._answer(name, parts[name], results)
+            answered.add(name)
 
     def _apply_alone(self, held: HeldConnection, name: str, waiters: list[Ticket]) -> list[Any]:
         """_apply() in a savepoint: if the kind fails, its part fails and the rest goes on."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import sqlalchemy as sa
 
@@ -112,3 +113,11 @@ def unreachable_settings(database_url: str, tmp_path) -> Settings:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return Settings(database_url=f"postgresql://maxtwo:s3cret@127.0.0.1:{port}/maxtwo", connect_timeout=2)
+
+
+def wait_for(condition: Callable[[], bool], what: str, seconds: float = 10) -> None:
+    """Poll until condition() holds; fail naming `what` if it never does."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"never saw {what}"
+        time.sleep(0.01)

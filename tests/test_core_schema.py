@@ -85,6 +85,21 @@ def test_a_sqlite_database_with_its_query_state_inside_gets_it_moved_out(tmp_pat
     main_file.close()
 
 
+def test_a_complete_sqlite_database_is_only_read_so_a_command_need_not_wait_for_a_randomization(tmp_path):
+    path = tmp_path / "maxtwo.db"
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}", statement_timeout=0.5))
+    schema.ensure_schema(engine)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the main file's write lock, as a randomization holds it
+    try:
+        schema.ensure_schema(engine)  # with the write lock it would fail: "stayed locked"
+        assert query_users(engine).previous is None
+    finally:
+        holder.rollback()
+        holder.close()
+    engine.dispose()
+
+
 def test_points_outside_0_to_100_are_refused_by_the_database(engine):
     for points in (-1, 101):
         with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import threading
 import time
 
@@ -17,7 +19,7 @@ from maxtwo_cli.core.query import AnswerCache, QueryResult, query_users, query_u
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.seed import seed_users
 from maxtwo_cli.core.settings import Settings
-from tests.helpers import assert_chain, run_in_threads, state
+from tests.helpers import assert_chain, run_in_threads, state, wait_for
 
 
 @pytest.fixture
@@ -262,11 +264,11 @@ class NoteKind:
         return outcomes
 
 
-@pytest.fixture
-def two_kinds(seeded, monkeypatch):
+@contextlib.contextmanager
+def queries_and_notes(engine, monkeypatch):
     """A batcher with queries and notes, whose first batch starts only once everything the test
     submits has queued: all of it lands in one batch."""
-    NOTES.create(seeded)
+    NOTES.create(engine)
     gate = threading.Event()
     real_apply = QueryKind.apply
 
@@ -276,9 +278,17 @@ def two_kinds(seeded, monkeypatch):
 
     monkeypatch.setattr(QueryKind, "apply", gated)
     parts: list[tuple[str, int]] = []
-    batcher = Batcher(seeded, [QueryKind(), NoteKind()], max_wait=30, on_batch=lambda kind, count: parts.append((kind, count)))
-    yield batcher, gate, parts
-    batcher.close(5)
+    batcher = Batcher(engine, [QueryKind(), NoteKind()], max_wait=30, on_batch=lambda kind, count: parts.append((kind, count)))
+    try:
+        yield batcher, gate, parts
+    finally:
+        batcher.close(5)
+
+
+@pytest.fixture
+def two_kinds(seeded, monkeypatch):
+    with queries_and_notes(seeded, monkeypatch) as batcher_gate_parts:
+        yield batcher_gate_parts
 
 
 def submit_together(batcher, gate, submissions):
@@ -338,6 +348,40 @@ def test_a_unique_violation_inside_a_kind_is_rolled_back_to_its_savepoint(seeded
     assert isinstance(outcomes[0], QueryResult)
     assert isinstance(outcomes[1], DatabaseUnavailableError)  # the driver error, translated
     assert state(seeded).last_query_at == outcomes[0].recorded_at
+
+
+def test_on_sqlite_a_mixed_batchs_queries_are_answered_while_the_main_file_is_locked(tmp_path, monkeypatch):
+    # On SQLite each kind of a batch commits on its own, queries first: they write only the
+    # query-state file, so they need not wait for the main file's lock behind the notes.
+    path = tmp_path / "maxtwo.db"
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}", statement_timeout=10.0))
+    schema.ensure_schema(engine)
+    seed_users(engine, 10)
+    with queries_and_notes(engine, monkeypatch) as (batcher, gate, parts):
+        results: dict[str, object] = {}
+        answered = threading.Event()
+        opener = threading.Thread(target=lambda: batcher.submit("query"))
+        opener.start()  # its batch waits at the gate; the two below queue for the next one
+        wait_for(lambda: batcher.running_for() > 0, "the opener's batch")
+        query = threading.Thread(target=lambda: (results.setdefault("query", batcher.submit("query")), answered.set()))
+        note = threading.Thread(target=lambda: results.setdefault("note", batcher.submit("note", "a")))
+        query.start()
+        note.start()
+        wait_for(lambda: len(batcher._waiting) == 2, "the query and the note in the queue")
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the main file's write lock, as a randomization holds it
+        try:
+            gate.set()
+            assert answered.wait(5), "the query waited for the main file's lock"
+            assert "note" not in results  # the note does wait for it
+        finally:
+            holder.rollback()
+            holder.close()
+        for thread in (opener, query, note):
+            thread.join(20)
+    assert isinstance(results["query"], QueryResult) and results["note"] == "noted a"
+    assert sorted(parts[1:]) == [("note", 1), ("query", 1)]  # one batch after the opener's
+    engine.dispose()
 
 
 def test_an_unknown_kind_is_refused(seeded):

@@ -44,7 +44,7 @@ from maxtwo_cli.core.query import run_query_batch
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.seed import seed_users
 from maxtwo_cli.core.settings import Settings
-from tests.helpers import unreachable_settings
+from tests.helpers import unreachable_settings, wait_for
 from tests.inprocess import running
 
 REQUEST_THREADS = 4
@@ -413,21 +413,14 @@ def test_the_lane_submits_what_arrived_before_it_answers_the_committed_batch():
         lane_queue = live.transport.server.task_dispatcher._lane
         clients = [threading.Thread(target=lambda: get(live.connect())) for _ in range(2)]
         clients[0].start()
-        _wait_for(lambda: events == ["submit 1"], "the first request's batch")
+        wait_for(lambda: events == ["submit 1"], "the first request's batch")
         clients[1].start()
-        _wait_for(lambda: len(lane_queue) == 1, "the second request in the lane")
+        wait_for(lambda: len(lane_queue) == 1, "the second request in the lane")
         committed.set()
         for client in clients:
             client.join(10)
     # While the database works on the second batch, the lane answers the first.
     assert events == ["submit 1", "submit 1", "answer", "answer"]
-
-
-def _wait_for(condition, what: str) -> None:
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline, f"never saw {what}"
-        time.sleep(0.01)
 
 
 def test_the_latency_histogram_counts_the_wait_for_the_batch(served, monkeypatch):

@@ -224,8 +224,8 @@ def ping(engine: Engine) -> None:
 def driver_errors() -> tuple[type[Exception], ...]:
     """The base classes of the drivers' errors, for `except db.driver_errors():`.
 
-    NOTE: psycopg is imported only by a PostgreSQL engine's first connection (SQLAlchemy's
-    dialect does it), never here: a SQLite command does not pay the 60 ms it takes. Until it is
+    NOTE: psycopg is imported only when a PostgreSQL engine is created (SQLAlchemy's dialect
+    does it), never here: a SQLite command does not pay the 60 ms it takes. Until it is
     imported, none of its errors can have been raised.
     """
     psycopg = sys.modules.get("psycopg")
@@ -268,7 +268,8 @@ def _translate(engine: Engine, original: BaseException | None) -> MaxtwoError:
         )
     if isinstance(original, sqlite3.DatabaseError) and "not a database" in detail:
         return SchemaMismatchError(
-            f"{engine.url.database} is not a SQLite database; point --database-url elsewhere"
+            f"{engine.url.database} (or {sqlite_query_state_path(engine.url.database or '')}, which "
+            "holds its query state) is not a SQLite database; point --database-url elsewhere"
         )
     if isinstance(original, sqlite3.OperationalError):
         return DatabaseUnavailableError(_sqlite_advice(engine.url.database, original, detail))
@@ -285,7 +286,8 @@ def _sqlite_advice(path: str | None, error: sqlite3.OperationalError, detail: st
         return f"the disk holding the SQLite file {path} is full; free some space and try again"
     if name.startswith("SQLITE_READONLY"):
         return (f"the SQLite file {path} is read-only ({detail}); make the file, its directory "
-                "and its -wal, -shm and -query files writable by this user")
+                "and the files beside it whose names begin with its own (-wal, -shm, -query, -query-wal, "
+                "-query-shm) writable by this user")
     if name.startswith("SQLITE_IOERR"):
         return (f"the SQLite file {path} could not be read or written ({detail}, {name}); check "
                 "its file system: full, read-only or failing")

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Engine
 
-from maxtwo_cli.core.db import SQLITE_QUERY_SCHEMA, database_errors, is_postgres
+from maxtwo_cli.core.db import READ_ONLY_OPTION, SQLITE_QUERY_SCHEMA, database_errors, is_postgres
 from maxtwo_cli.core.errors import SchemaMismatchError
 
 MAX_POINTS = 100
@@ -117,8 +117,8 @@ query_state = sa.Table(
     sa.CheckConstraint("id = 1", name="query_state_single_row"),
 )
 # NOTE: on SQLite the same table in the attached query-state file. ensure_schema leaves no
-# query_state in the main file, so SQL that names it unqualified (SQLite looks in main, then
-# in attached files) finds this one.
+# query_state in the main file, so SQL that names it unqualified (SQLite looks in temp, main,
+# then attached files; maxtwo makes no temp tables) finds this one.
 _sqlite_query_state = query_state.to_metadata(sa.MetaData(), schema=SQLITE_QUERY_SCHEMA)
 # Where databases made before that kept it.
 _sqlite_old_query_state = query_state.to_metadata(sa.MetaData(), schema="main")
@@ -164,21 +164,24 @@ def ensure_schema(engine: Engine) -> None:
 
     Safe to run any number of times and from several processes at once: on PostgreSQL a
     transaction-scoped advisory lock serialises creators (DDL is transactional there), on
-    SQLite the BEGIN IMMEDIATE write lock does.
+    SQLite the BEGIN IMMEDIATE write lock does. A database that is complete already is only
+    read: every command runs this first, and on SQLite the write lock would make it wait for a
+    running randomization.
     """
+    postgres = is_postgres(engine)
+    with database_errors(engine), engine.connect() as conn:
+        if _is_complete(conn.execution_options(**{READ_ONLY_OPTION: True})):
+            return
     with database_errors(engine), engine.begin() as conn:
-        postgres = is_postgres(conn)
         if postgres:
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
-            tables = metadata.sorted_tables
-        else:
-            tables = [_sqlite_query_state if table is query_state else table for table in metadata.sorted_tables]
+        tables = _tables_of(conn)
         for table in tables:
             table.create(conn, checkfirst=True)
         _check_shape(conn, tables)
         _add_missing_columns(conn, tables)
         if not postgres:
-            _move_old_query_state(conn)
+            _copy_old_query_state(conn)
         if postgres:
             from sqlalchemy.dialects.postgresql import insert  # NOTE: imported for PostgreSQL only (60 ms)
         else:
@@ -188,16 +191,53 @@ def ensure_schema(engine: Engine) -> None:
             .values(id=1, max_number=draw_max_number(), epoch=0, randomized_at=None)
             .on_conflict_do_nothing()
         )
-        conn.execute(insert(query_state).values(id=1, last_query_at=None).on_conflict_do_nothing())
+        conn.execute(insert(_query_state_of(conn)).values(id=1, last_query_at=None).on_conflict_do_nothing())
+    if not postgres:
+        # NOTE: a transaction of its own, after the copy has committed: SQLite commits the main
+        # file before attached ones, so a crash between the two commits of one transaction
+        # could drop the old table without the copy.
+        with database_errors(engine), engine.begin() as conn:
+            if _has_old_query_state(conn):
+                _sqlite_old_query_state.drop(conn)
 
 
-def _move_old_query_state(conn: sa.Connection) -> None:
-    """A SQLite database made before the query state had a file of its own: move it there.
+def _tables_of(conn: sa.Connection) -> list[sa.Table]:
+    """maxtwo's tables where this database keeps them (SQLite: query_state in its own file)."""
+    return [_query_state_of(conn) if table is query_state else table for table in metadata.sorted_tables]
 
-    NOTE: atomic per file only; if a crash splits it, the next run finds the old table still
-    there and moves the same row again (a row already moved is kept)."""
+
+def _query_state_of(conn: sa.Connection) -> sa.Table:
+    return query_state if is_postgres(conn) else _sqlite_query_state
+
+
+def _is_complete(conn: sa.Connection) -> bool:
+    """Whether every table, column and state row is there (and nothing is left to move)."""
+    inspector = sa.inspect(conn)
+    for table in _tables_of(conn):
+        if not inspector.has_table(table.name, schema=table.schema):
+            return False
+        found = {column["name"] for column in inspector.get_columns(table.name, schema=table.schema)}
+        if not set(table.columns.keys()) <= found:
+            return False
+    if not is_postgres(conn) and _has_old_query_state(conn):
+        return False
+    rows = sa.select(
+        sa.select(sa.func.count()).select_from(randomizer_state).scalar_subquery(),
+        sa.select(sa.func.count()).select_from(_query_state_of(conn)).scalar_subquery(),
+    )
+    return tuple(conn.execute(rows).one()) == (1, 1)
+
+
+def _has_old_query_state(conn: sa.Connection) -> bool:
     old = _sqlite_old_query_state
-    if not sa.inspect(conn).has_table(old.name, schema=old.schema):
+    return sa.inspect(conn).has_table(old.name, schema=old.schema)
+
+
+def _copy_old_query_state(conn: sa.Connection) -> None:
+    """A SQLite database made before the query state had a file of its own: copy its row there
+    (ensure_schema drops the old table once the copy has committed; a row copied before is kept)."""
+    old = _sqlite_old_query_state
+    if not _has_old_query_state(conn):
         return
     _check_shape(conn, [old])
     conn.execute(
@@ -206,7 +246,6 @@ def _move_old_query_state(conn: sa.Connection) -> None:
         .from_select(["id", "last_query_at"], sa.select(old.c.id, old.c.last_query_at).where(sa.true()))
         .on_conflict_do_nothing()
     )
-    old.drop(conn)
 
 
 def _add_missing_columns(conn: sa.Connection, tables: list[sa.Table]) -> None:

@@ -173,10 +173,10 @@ def serve_requests(
 
 
 def open_transport(
-    app: Callable, listener: socket.socket, threads: int, lane: transport.Lane, options: TransportOptions
+    app: Callable, listener: socket.socket, threads: int, lane: transport.Lane | None, options: TransportOptions
 ) -> transport.Transport:
-    """The transport `maxtwo serve` answers on, `lane` taking LANE_ROUTES' requests unless
-    options turn it off.
+    """The transport `maxtwo serve` answers on, `lane` (if any) taking LANE_ROUTES' requests
+    unless options turn it off.
 
     NOTE: the hello-world baseline (bench/hello.py) is built by this too, so that it travels
     the daemon's path by construction and cannot drift from it."""

@@ -9,7 +9,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 
-from daemon.server import TransportOptions, batched_routes
+from daemon.server import TransportOptions, batched_routes, open_transport
 from daemon.batcher import Batcher
 from daemon.transport import Lane, Transport
 
@@ -38,14 +38,9 @@ def running(
     """`batcher`: GET / and POST /increment go through the lane with it (if options.lane);
     `lane`: through this lane instead."""
     listener = socket.create_server(("127.0.0.1", 0), backlog=128)
-    transport = Transport(
-        app,
-        listener,
-        threads=threads,
-        lane=lane or (batched_routes(batcher) if batcher is not None and options.lane else None),
-        change_poller=options.change_poller,
-        quiet_channel=options.quiet_channel,
-    )
+    if lane is None and batcher is not None:
+        lane = batched_routes(batcher)
+    transport = open_transport(app, listener, threads, lane, options)
     stop = threading.Event()
     loop = threading.Thread(target=transport.serve_until, args=(stop.is_set, on_turn), daemon=True)
     loop.start()

@@ -42,7 +42,7 @@ MAIN_FILE_ONLY_OPTION = "maxtwo_main_file_only"
 # database, attached to every connection under this schema name. A query writes only that file
 # and reads the users' last committed snapshot from the main one (WAL), so it never waits for a
 # randomization's write lock. NOTE: a transaction that writes both files commits atomically per
-# file only; only seed (which resets both) does.
+# file only (main first); docs/design.md lists the few that do.
 SQLITE_QUERY_SCHEMA = "maxtwo_query"
 
 URL_HELP = "expected sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"

@@ -216,8 +216,7 @@ def _is_complete(conn: sa.Connection) -> bool:
     for table in _tables_of(conn):
         if not inspector.has_table(table.name, schema=table.schema):
             return False
-        found = {column["name"] for column in inspector.get_columns(table.name, schema=table.schema)}
-        if not set(table.columns.keys()) <= found:
+        if not set(table.columns.keys()) <= _column_names(inspector, table):
             return False
     if not is_postgres(conn) and _has_old_query_state(conn):
         return False
@@ -252,11 +251,16 @@ def _add_missing_columns(conn: sa.Connection, tables: list[sa.Table]) -> None:
     """Bring a database made by an older maxtwo up to date (nullable columns, no data moved)."""
     inspector = sa.inspect(conn)
     for table in tables:
-        found = {existing["name"] for existing in inspector.get_columns(table.name, schema=table.schema)}
+        found = _column_names(inspector, table)
         for column in _columns_added_later(table):
             if column.name not in found:
                 ddl = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
                 conn.execute(sa.DDL(f"ALTER TABLE {table.fullname} ADD COLUMN {ddl}"))
+
+
+def _column_names(inspector: sa.Inspector, table: sa.Table) -> set[str]:
+    """The names of the columns `table` has in the database (where this dialect keeps it)."""
+    return {column["name"] for column in inspector.get_columns(table.name, schema=table.schema)}
 
 
 def _columns_added_later(table: sa.Table) -> list[sa.Column[Any]]:
@@ -267,7 +271,7 @@ def _check_shape(conn: sa.Connection, tables: list[sa.Table]) -> None:
     """create() skips tables that exist; make sure the ones it skipped are really ours."""
     inspector = sa.inspect(conn)
     for table in tables:
-        found = {column["name"] for column in inspector.get_columns(table.name, schema=table.schema)}
+        found = _column_names(inspector, table)
         added_later = {column.name for column in _columns_added_later(table)}
         missing = set(table.columns.keys()) - found - added_later
         if missing:

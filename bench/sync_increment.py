@@ -7,7 +7,8 @@ same server. Everything is the daemon as deployed (settings from MAXTWO_* variab
 start-up, transport, waitress settings, the app's middleware and error handlers), except that
 the lane is off and POST /increment's resource calls `core.counters.increment()` in the
 request thread, a transaction of its own per request (the same validation, the same
-`apply_increments` upsert on a batch of one), instead of handing the increment to the batcher.
+`add_increments` as a batch of one: without an Idempotency-Key, the one upsert statement in
+autocommit, as maxtwo's batches), instead of handing the increment to the batcher.
 """
 
 from __future__ import annotations

@@ -8,10 +8,11 @@ answered before the commit, so nothing is less durable than a transaction of its
 
 Operations come in kinds (`Kind`: GET /'s query, POST /increment's increment), each applied to its part of the batch
 by one call. A kind reports an operation's own failure by returning the exception in its place;
-a kind that raises fails its whole part, and with several kinds in a batch each part runs in a
-savepoint, so the other kinds still commit (on SQLite, where the kinds write different files,
-each part commits on its own instead). Only a failure of the transaction itself (the
-database gone, the commit refused) fails everybody.
+a kind that raises fails its whole part. A batch of one kind is committed by the kind itself;
+on PostgreSQL a batch of several kinds is one transaction with each part in a savepoint, so the
+other kinds still commit (on SQLite, where the kinds write different files, each part commits
+on its own instead, in the order the kinds were given). Only a failure of the transaction
+itself (the database gone, the commit refused) fails everybody.
 
 NOTE: the transaction runs in a thread of its own, not in one of the callers', so that every
 caller can give up after `max_wait` (or the timeout it asks for): a database that stops
@@ -32,7 +33,7 @@ from typing import Any, Protocol
 from sqlalchemy.engine import Engine
 
 from maxtwo_cli.core.batch import HeldConnection
-from maxtwo_cli.core.counters import apply_increments
+from maxtwo_cli.core.counters import add_increments
 from maxtwo_cli.core.errors import DatabaseUnavailableError
 from maxtwo_cli.core.query import AnswerCache, run_query_batch
 
@@ -47,12 +48,13 @@ class Kind(Protocol):
     """One kind of write operation."""
 
     name: str
-    # Whether apply() is one statement, which in autocommit is its own transaction: a batch of
-    # this kind alone then needs no BEGIN and COMMIT round trips.
-    one_statement: bool
 
     def apply(self, held: HeldConnection, payloads: Sequence[Any]) -> list[Any]:
-        """The outcome of each operation, in order: its result, or the exception it fails with."""
+        """The outcome of each operation, in order: its result, or the exception it fails with.
+
+        Inside the batcher's transaction (held.in_transaction) it commits with it; outside one,
+        apply() commits what it writes itself (a single statement in autocommit is its own
+        transaction): a batch of one kind then needs no BEGIN and COMMIT round trips."""
         ...
 
 
@@ -60,7 +62,6 @@ class QueryKind:
     """GET /: record the query time, return the answer (core.query)."""
 
     name = "query"
-    one_statement = True
 
     def __init__(self, cache: AnswerCache | None = None) -> None:
         self._cache = cache if cache is not None else AnswerCache()
@@ -73,10 +74,9 @@ class IncrementKind:
     """POST /increment: add to a counter (core.counters); its payloads are Increments."""
 
     name = "increment"
-    one_statement = False
 
     def apply(self, held: HeldConnection, payloads: Sequence[Any]) -> list[Any]:
-        return apply_increments(held, payloads)
+        return add_increments(held, payloads)
 
 
 class QueueFullError(DatabaseUnavailableError):
@@ -272,9 +272,9 @@ class Batcher:
         outcomes: dict[str, list[Any]] = {}
         answered: set[str] = set()  # kinds answered already (SQLite, several kinds)
         try:
-            if len(parts) == 1 and self._kinds[batch[0].kind].one_statement:
+            if len(parts) == 1:
                 outcomes = {batch[0].kind: self._apply(held, batch[0].kind, parts[batch[0].kind])}
-            elif len(parts) == 1 or held.postgres:
+            elif held.postgres:
                 with held.transaction():
                     outcomes = {name: self._apply_alone(held, name, waiters) for name, waiters in parts.items()}
             else:
@@ -322,21 +322,18 @@ class Batcher:
 
     def _run_kind_by_kind(self, held: HeldConnection, parts: dict[str, list[Ticket]], answered: set[str]) -> None:
         """SQLite, several kinds in a batch: each kind commits on its own and is answered at
-        once, queries first; `answered` gets the name of each kind answered.
+        once, in the order the kinds were given (queries first); `answered` gets the name of
+        each kind answered.
 
         NOTE: on SQLite the kinds write different files (a query only the query-state file,
         core/db.py), and a transaction across files commits file by file: had its second commit
         failed, the first part would be applied yet answered with the error. Separate commits
         cost the same flushes, and the queries are answered without waiting for the increments,
         which wait for the main file's write lock (a randomization holds it for a while)."""
-        for name in sorted(parts, key=lambda kind: not self._kinds[kind].one_statement):
+        for name in [kind for kind in self._kinds if kind in parts]:
             size = sum(len(waiter.payloads) for waiter in parts[name])
             try:
-                if self._kinds[name].one_statement:
-                    results = self._apply(held, name, parts[name])
-                else:
-                    with held.transaction():
-                        results = self._apply(held, name, parts[name])
+                results = self._apply(held, name, parts[name])
             except Exception as ex:
                 if not answered:
                     raise  # nothing committed yet: the batch fails as one (and shares its error)

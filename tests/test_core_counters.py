@@ -18,6 +18,7 @@ from maxtwo_cli.core.counters import (
     IdempotencyKeyReusedError,
     Increment,
     InvalidIncrementError,
+    add_increments,
     apply_increments,
     check_idempotency_key,
     check_key,
@@ -27,16 +28,26 @@ from maxtwo_cli.core.counters import (
     list_counters,
     read_counter,
 )
+from maxtwo_cli.core.errors import DatabaseUnavailableError
 from maxtwo_cli.core.schema import idempotency_keys
 
 
-def batch(engine, items, now=None):
-    held = HeldConnection(engine)
-    try:
-        with held.transaction():
-            return apply_increments(held, items, now)
-    finally:
-        held.release()
+@pytest.fixture(params=["in the caller's transaction", "committed by itself"])
+def batch(request):
+    """Apply a batch as the batcher does: apply_increments() inside a transaction (a batch mixed
+    with queries on PostgreSQL), or add_increments() outside one (a batch of increments alone)."""
+
+    def run(engine, items, now=None):
+        held = HeldConnection(engine)
+        try:
+            if request.param == "committed by itself":
+                return add_increments(held, items, now)
+            with held.transaction():
+                return apply_increments(held, items, now)
+        finally:
+            held.release()
+
+    return run
 
 
 def test_increments_add_subtract_and_zero_changes_nothing(engine):
@@ -52,14 +63,14 @@ def test_zero_creates_a_counter_at_zero(engine):
     assert list_counters(engine) == [("z", 0)]
 
 
-def test_a_batch_sums_by_key_and_reports_each_keys_total(engine):
+def test_a_batch_sums_by_key_and_reports_each_keys_total(engine, batch):
     outcomes = batch(engine, [Increment("b", 2), Increment("a", 1), Increment("b", 3), Increment("a", -4)])
     assert outcomes == [Applied("b", 5), Applied("a", -3), Applied("b", 5), Applied("a", -3)]
     assert list_counters(engine) == [("a", -3), ("b", 5)]
 
 
 @pytest.mark.parametrize(("start", "delta"), [(INT64_MAX, 1), (INT64_MIN, -1), (INT64_MAX - 5, 6), (INT64_MIN + 5, -6)])
-def test_an_overflowing_increment_fails_alone_and_the_rest_of_its_batch_applies(engine, start, delta):
+def test_an_overflowing_increment_fails_alone_and_the_rest_of_its_batch_applies(engine, batch, start, delta):
     increment(engine, "edge", start)
     outcomes = batch(engine, [Increment("other", 1), Increment("edge", delta), Increment("third", -1)])
     assert outcomes[0] == Applied("other", 1) and outcomes[2] == Applied("third", -1)
@@ -76,7 +87,7 @@ def test_the_extremes_themselves_are_reachable(engine):
         increment(engine, "min", -1)
 
 
-def test_a_key_whose_batch_sum_overflows_applies_what_fits_in_arrival_order(engine):
+def test_a_key_whose_batch_sum_overflows_applies_what_fits_in_arrival_order(engine, batch):
     increment(engine, "k", INT64_MAX - 10)
     # Their sum (14) would overflow: one by one, 6 fits (MAX-4), the next 6 does not, -2 fits
     # (MAX-6), 4 fits (MAX-2).
@@ -86,16 +97,86 @@ def test_a_key_whose_batch_sum_overflows_applies_what_fits_in_arrival_order(engi
     assert read_counter(engine, "k") == INT64_MAX - 2
 
 
-def test_a_new_key_whose_sum_is_no_64_bit_value_is_applied_as_far_as_it_fits(engine):
+def test_a_new_key_whose_sum_is_no_64_bit_value_is_applied_as_far_as_it_fits(engine, batch):
     outcomes = batch(engine, [Increment("n", INT64_MAX), Increment("n", INT64_MAX)])
     assert outcomes[0] == Applied("n", INT64_MAX) and isinstance(outcomes[1], CounterOverflowError)
 
 
-def test_sums_that_cross_the_range_midway_but_end_inside_apply_whole(engine):
+def test_sums_that_cross_the_range_midway_but_end_inside_apply_whole(engine, batch):
     # In arrival order the second would overflow; applied together (concurrent requests, any
     # order is theirs) the total fits, so all three apply.
     outcomes = batch(engine, [Increment("m", INT64_MAX), Increment("m", 1), Increment("m", -2)])
     assert outcomes == [Applied("m", INT64_MAX - 1)] * 3
+
+
+class CountingHeld(HeldConnection):
+    """A held connection that counts its round trips (every run() is one statement here)."""
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        self.statements = 0
+
+    def run(self, work):
+        self.statements += 1
+        return super().run(work)
+
+
+def test_a_batch_without_idempotency_keys_is_one_statement_committed_by_itself(engine):
+    held = CountingHeld(engine)
+    try:
+        outcomes = add_increments(held, [Increment("b", 2), Increment("a", 1), Increment("b", 3)])
+        assert held.statements == 1  # no BEGIN, no COMMIT
+        assert not held.in_transaction
+    finally:
+        held.release()
+    assert outcomes == [Applied("b", 5), Applied("a", 1), Applied("b", 5)]
+    assert list_counters(engine) == [("a", 1), ("b", 5)]  # committed: another connection sees it
+
+
+def test_what_the_one_statement_leaves_out_is_applied_in_a_transaction_in_arrival_order(engine):
+    increment(engine, "edge", INT64_MAX - 5)
+    held = CountingHeld(engine)
+    try:
+        outcomes = add_increments(held, [Increment("edge", 3), Increment("x", 1), Increment("edge", 3),
+                                         Increment("edge", 2)])
+        # The statement, then BEGIN, the batch's retry of "edge", a read, a write and COMMIT.
+        assert held.statements > 1 and not held.in_transaction
+    finally:
+        held.release()
+    assert outcomes[1] == Applied("x", 1)
+    assert outcomes[0] == outcomes[3] == Applied("edge", INT64_MAX)
+    assert isinstance(outcomes[2], CounterOverflowError)
+    assert read_counter(engine, "edge") == INT64_MAX and read_counter(engine, "x") == 1
+
+
+def test_when_the_left_out_part_fails_the_committed_statement_still_answers(engine, monkeypatch):
+    from maxtwo_cli.core import counters as core_counters
+
+    increment(engine, "edge", INT64_MAX)
+
+    def database_gone(held, items, now=None):
+        raise DatabaseUnavailableError("the database went away")
+
+    monkeypatch.setattr(core_counters, "apply_increments", database_gone)
+    held = HeldConnection(engine)
+    try:
+        outcomes = add_increments(held, [Increment("x", 1), Increment("edge", 1)])
+    finally:
+        held.release()
+    assert outcomes[0] == Applied("x", 1)
+    assert isinstance(outcomes[1], DatabaseUnavailableError)
+    assert read_counter(engine, "x") == 1 and read_counter(engine, "edge") == INT64_MAX
+
+
+def test_inside_a_transaction_add_increments_commits_with_it(engine):
+    held = HeldConnection(engine)
+    try:
+        with pytest.raises(RuntimeError, match="rolled back"), held.transaction():
+            add_increments(held, [Increment("t", 1)])
+            raise RuntimeError("rolled back")
+    finally:
+        held.release()
+    assert read_counter(engine, "t") is None
 
 
 def test_the_table_never_holds_a_non_integer(engine):
@@ -124,7 +205,7 @@ def test_an_idempotency_key_with_a_different_body_is_refused(engine):
     assert read_counter(engine, "i") == 3 and read_counter(engine, "j") is None
 
 
-def test_the_same_idempotency_key_twice_in_one_batch(engine):
+def test_the_same_idempotency_key_twice_in_one_batch(engine, batch):
     outcomes = batch(engine, [Increment("d", 1, "dup"), Increment("d", 1, "dup"), Increment("d", 2, "dup")])
     assert outcomes[0] == Applied("d", 1)
     assert outcomes[1] == Applied("d", None, replayed=True)
@@ -142,7 +223,7 @@ def test_a_refused_increment_leaves_its_idempotency_key_unused(engine):
     assert increment(engine, "o", 1, idempotency_key="over").total == INT64_MAX
 
 
-def test_an_expired_idempotency_key_is_a_new_use_and_is_deleted(engine):
+def test_an_expired_idempotency_key_is_a_new_use_and_is_deleted(engine, batch):
     long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(hours=25)
     batch(engine, [Increment("e", 1, "old")], now=long_ago)
     assert increment(engine, "e", 1, idempotency_key="old").total == 2  # expired: applied again

@@ -247,9 +247,16 @@ class NoteKind:
     kind returns its error); a note "raise" makes the kind raise for its whole part."""
 
     name = "note"
-    one_statement = False
 
     def apply(self, held, payloads):
+        # Several statements: outside the batcher's transaction, a transaction of its own (the
+        # Kind contract), so that a part that raises leaves nothing behind.
+        if held.in_transaction:
+            return self._notes(held, payloads)
+        with held.transaction():
+            return self._notes(held, payloads)
+
+    def _notes(self, held, payloads):
         if "raise" in payloads:
             held.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('written before raising')"))
             raise RuntimeError("this kind failed as a whole")

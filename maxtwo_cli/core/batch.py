@@ -80,6 +80,11 @@ class HeldConnection:
         self.run(lambda cursor: cursor.execute(f"RELEASE SAVEPOINT {name}"))
 
     @property
+    def in_transaction(self) -> bool:
+        """Whether a transaction() is open."""
+        return self._in_transaction
+
+    @property
     def held(self) -> bool:
         """Whether a connection is held (False after an error gave it back, until the next run)."""
         return self._cursor is not None

@@ -275,8 +275,11 @@ class Batcher:
             if len(parts) == 1:
                 outcomes = {batch[0].kind: self._apply(held, batch[0].kind, parts[batch[0].kind])}
             elif held.postgres:
+                # NOTE: the parts in the order the kinds were given, whatever came first: the same
+                # lock order (the query-state row, then counters) in every daemon.
                 with held.transaction():
-                    outcomes = {name: self._apply_alone(held, name, waiters) for name, waiters in parts.items()}
+                    outcomes = {name: self._apply_alone(held, name, parts[name])
+                                for name in self._kinds if name in parts}
             else:
                 self._run_kind_by_kind(held, parts, answered)
         except BaseException as ex:  # noqa: BLE001 - every waiter gets the error

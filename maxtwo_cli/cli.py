@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 # NOTE: at exit, the interpreter's last garbage collections walk every object SQLAlchemy's
 # import made: 20-30 ms of each `maxtwo` call (bench/NOTES.md). Frozen objects are skipped
 # (the gc module's documented permanent generation); atexit handlers, module teardown and
-# reference counting still run as before, and every command has closed its database by then.
+# reference counting still run as before, and every command disposes of its engine (closing
+# its connections) before it returns, on errors too.
 atexit.register(gc.freeze)
 
 
@@ -180,9 +181,11 @@ def seed(
     settings = _settings(database_url)
     with _reported_errors(settings):
         engine = _open(settings)
-        with _progress_bar(count) as on_progress:
-            result = seed_users(engine, count, reset=reset, on_progress=on_progress)
-        engine.dispose()
+        try:
+            with _progress_bar(count) as on_progress:
+                result = seed_users(engine, count, reset=reset, on_progress=on_progress)
+        finally:
+            engine.dispose()
     # Plain print: importing rich for one line would cost `maxtwo seed` 20-25 ms.
     print(f"seeded {result.rows:,} users in {result.seconds:.2f} s ({result.rows_per_second:,.0f} rows/s)")
     if result.statistics_warning:
@@ -210,8 +213,10 @@ def randomize(
     settings = _settings(database_url)
     with _reported_errors(settings):
         engine = _open(settings)
-        result = randomize_points(engine)
-        engine.dispose()
+        try:
+            result = randomize_points(engine)
+        finally:
+            engine.dispose()
     if timing:
         print(f"randomized {result.rows:,} users in {result.seconds:.3f} s ({result.rows_per_second:,.0f} rows/s)")
 
@@ -232,8 +237,10 @@ def query(
     settings = _settings(database_url)
     with _reported_errors(settings):
         engine = _open(settings)
-        result = query_users(engine)
-        engine.dispose()
+        try:
+            result = query_users(engine)
+        finally:
+            engine.dispose()
     if as_json:
         # Plain print: rich would re-wrap and colour the JSON.
         print(result.api_json())
@@ -447,7 +454,11 @@ def _open(settings: Settings) -> Engine:
     from maxtwo_cli.core import db, schema
 
     engine = db.create_engine(settings, pool_size=1)
-    schema.ensure_schema(engine)
+    try:
+        schema.ensure_schema(engine)
+    except BaseException:
+        engine.dispose()
+        raise
     return engine
 
 

@@ -139,8 +139,9 @@ def test_what_the_one_statement_leaves_out_is_applied_in_a_transaction_in_arriva
     try:
         outcomes = add_increments(held, [Increment("edge", 3), Increment("x", 1), Increment("edge", 3),
                                          Increment("edge", 2)])
-        # The statement, then BEGIN, the batch's retry of "edge", a read, a write and COMMIT.
-        assert held.statements > 1 and not held.in_transaction
+        # The statement, then BEGIN, the left-out part's own try at "edge" (refused again), a read
+        # of it and a write, and COMMIT: the read and the write in one transaction.
+        assert held.statements == 6 and not held.in_transaction
     finally:
         held.release()
     assert outcomes[1] == Applied("x", 1)
@@ -172,11 +173,12 @@ def test_inside_a_transaction_add_increments_commits_with_it(engine):
     held = HeldConnection(engine)
     try:
         with pytest.raises(RuntimeError, match="rolled back"), held.transaction():
-            add_increments(held, [Increment("t", 1)])
+            # With an Idempotency-Key it would otherwise open (and commit) a transaction itself.
+            add_increments(held, [Increment("t", 1), Increment("u", 2, "key-u")])
             raise RuntimeError("rolled back")
     finally:
         held.release()
-    assert read_counter(engine, "t") is None
+    assert read_counter(engine, "t") is None and read_counter(engine, "u") is None
 
 
 def test_the_table_never_holds_a_non_integer(engine):

@@ -1,10 +1,15 @@
 """Counters: durable increments of 64-bit totals kept under string keys.
 
 The database adds: no process ever holds a total, so any number of daemons on one database
-keep exact totals. Increments are applied in batches (daemon/batcher.py gathers them, one
-transaction each; the CLI applies one), in one order everywhere: Idempotency-Keys first, then
-counters, each sorted by key, so that concurrent batches of several daemons lock rows in the
-same order and never deadlock.
+keep exact totals. Increments are applied in batches (daemon/batcher.py gathers them; the CLI
+applies one): a batch without Idempotency-Keys is one statement, plus a transaction of its own
+for what that statement leaves out (add_increments); otherwise one transaction. Rows are taken
+in one order everywhere: Idempotency-Keys first, then counters, each sorted by key, so that
+concurrent batches of several daemons lock rows in the same order. One exception: a key whose
+total would leave the range is taken after the batch's other keys. Without Idempotency-Keys
+that happens in a transaction of its own, holding nothing else; with them, in the batch's
+transaction, so two such batches could deadlock: PostgreSQL then fails one (a 503, and the
+Idempotency-Key makes the retry safe).
 
 A total never leaves the signed 64-bit range: an increment that would take it out fails alone
 (CounterOverflowError), and every other increment of its batch applies. Concurrent increments

@@ -265,9 +265,12 @@ class Batcher:
         return batch
 
     def _run_batch(self, held: HeldConnection, batch: list[Ticket]) -> None:
-        parts: dict[str, list[Ticket]] = {}
+        # NOTE: the parts in the order the kinds were given, whatever arrived first: the same lock
+        # order in every daemon (PostgreSQL: the query-state row, then counters), queries first.
+        by_kind: dict[str, list[Ticket]] = {name: [] for name in self._kinds}
         for waiter in batch:
-            parts.setdefault(waiter.kind, []).append(waiter)
+            by_kind[waiter.kind].append(waiter)
+        parts = {name: waiters for name, waiters in by_kind.items() if waiters}
         self._batch_started = time.monotonic()
         outcomes: dict[str, list[Any]] = {}
         answered: set[str] = set()  # kinds answered already (SQLite, several kinds)
@@ -275,11 +278,8 @@ class Batcher:
             if len(parts) == 1:
                 outcomes = {batch[0].kind: self._apply(held, batch[0].kind, parts[batch[0].kind])}
             elif held.postgres:
-                # NOTE: the parts in the order the kinds were given, whatever came first: the same
-                # lock order (the query-state row, then counters) in every daemon.
                 with held.transaction():
-                    outcomes = {name: self._apply_alone(held, name, parts[name])
-                                for name in self._kinds if name in parts}
+                    outcomes = {name: self._apply_alone(held, name, waiters) for name, waiters in parts.items()}
             else:
                 self._run_kind_by_kind(held, parts, answered)
         except BaseException as ex:  # noqa: BLE001 - every waiter gets the error
@@ -333,16 +333,16 @@ class Batcher:
         failed, the first part would be applied yet answered with the error. Separate commits
         cost the same flushes, and the queries are answered without waiting for the increments,
         which wait for the main file's write lock (a randomization holds it for a while)."""
-        for name in [kind for kind in self._kinds if kind in parts]:
-            size = sum(len(waiter.payloads) for waiter in parts[name])
+        for name, waiters in parts.items():
+            size = sum(len(waiter.payloads) for waiter in waiters)
             try:
-                results = self._apply(held, name, parts[name])
+                results = self._apply(held, name, waiters)
             except Exception as ex:
                 if not answered:
                     raise  # nothing committed yet: the batch fails as one (and shares its error)
                 log.warning("%d %s operations failed, the rest of their batch committed: %s", size, name, ex)
                 results = [ex] * size
-            self._answer(name, parts[name], results)
+            self._answer(name, waiters, results)
             answered.add(name)
 
     def _apply_alone(self, held: HeldConnection, name: str, waiters: list[Ticket]) -> list[Any]:

@@ -147,8 +147,7 @@ def add_increments(held: HeldConnection, items: Sequence[Increment], now: dt.dat
     sums: dict[str, int] = {}
     for item in items:
         sums[item.key] = sums.get(item.key, 0) + item.value
-    fast = sorted(key for key, total in sums.items() if INT64_MIN <= total <= INT64_MAX)
-    totals = dict(held.run(lambda cursor: _upsert(cursor, held, fast, [sums[key] for key in fast]))) if fast else {}
+    totals = _add_sums_in_range(held, sums)
     outcomes: list[Any] = [Applied(item.key, totals[item.key]) if item.key in totals else None for item in items]
     left_out = [index for index, outcome in enumerate(outcomes) if outcome is None]
     if left_out:
@@ -249,11 +248,7 @@ def _add(held: HeldConnection, items: list[tuple[int, Increment]]) -> tuple[dict
     by_key: dict[str, list[tuple[int, int]]] = {}
     for index, item in items:
         by_key.setdefault(item.key, []).append((index, item.value))
-    sums = {key: sum(value for _, value in values) for key, values in by_key.items()}
-    fast = sorted(key for key, total in sums.items() if INT64_MIN <= total <= INT64_MAX)
-    totals: dict[str, int] = {}
-    if fast:
-        totals.update(held.run(lambda cursor: _upsert(cursor, held, fast, [sums[key] for key in fast])))
+    totals = _add_sums_in_range(held, {key: sum(value for _, value in values) for key, values in by_key.items()})
     refused: set[int] = set()
     # The keys whose sum would leave the range (or whose sum is no 64-bit value at all): one by
     # one, in arrival order. Their rows are locked already, by the upsert, or come after it in
@@ -270,6 +265,16 @@ def _add(held: HeldConnection, items: list[tuple[int, Increment]]) -> tuple[dict
             held.run(lambda cursor: _set(cursor, held, key, total, current is None))
         totals[key] = total
     return totals, refused
+
+
+def _add_sums_in_range(held: HeldConnection, sums: dict[str, int]) -> dict[str, int]:
+    """Each key's sum added in one statement, keys sorted; the totals afterwards. A key is
+    missing from them if its sum is no 64-bit value or the total would leave the range: the
+    statement left it out, unchanged."""
+    fast = sorted(key for key, total in sums.items() if INT64_MIN <= total <= INT64_MAX)
+    if not fast:
+        return {}
+    return dict(held.run(lambda cursor: _upsert(cursor, held, fast, [sums[key] for key in fast])))
 
 
 def _execute_each(cursor: Any, held: HeldConnection, sql: str, rows: list[tuple]) -> None:

@@ -28,15 +28,21 @@ from maxtwo_cli.core.settings import Settings
 # memory that holds the 1M-row table (a 10M-row table and its index, 1.3 GB, do not fit, and
 # 3GB measured no faster there: bench/NOTES.md), a WAL buffer for its burst, and no checkpoint
 # forced by WAL volume or time in the middle of a timed run.
+# wal_init_zero off: a server that has run a while reuses the WAL segments its checkpoints
+# recycle; this one, new and rarely checkpointing, makes a new 16 MB segment every ~0.1 s of a
+# randomization and by default fills it with zeroes while holding the WAL write lock, so every
+# commit meanwhile waited ~45 ms (GET / p99 7x higher during randomizations, an artefact of a
+# new server; bench/NOTES.md). Off, a new segment is only sized: what a long-running server pays.
 POSTGRES_SETTINGS = {
     "shared_buffers": "1GB",
     "wal_buffers": "64MB",
     "max_wal_size": "8GB",
     "checkpoint_timeout": "30min",
+    "wal_init_zero": "off",
 }
 # What the report shows of the server's configuration, whoever set it.
 REPORTED_POSTGRES_SETTINGS = (
-    "shared_buffers", "wal_buffers", "max_wal_size", "checkpoint_timeout", "fsync",
+    "shared_buffers", "wal_buffers", "max_wal_size", "checkpoint_timeout", "wal_init_zero", "fsync",
     "synchronous_commit", "full_page_writes", "wal_level", "work_mem", "maintenance_work_mem",
     "max_connections",
 )

@@ -22,9 +22,9 @@ ENV_EXAMPLE = DEPLOY / "maxtwo.env.example"
 UNITS = [SERVICE, TEMPLATE]
 MAX_EXPOSURE = 1.5
 # The longest scheduled job worth running: the largest table randomized within the 60 s interval
-# (61M users on PostgreSQL: 54.3 s in docs/performance.md; by definition under 60 s). It runs
+# (69M users on PostgreSQL: 58.2 s in docs/performance.md; by definition under 60 s). It runs
 # beside what the watchdog watches, but WatchdogSec= stays above it anyway (STYLE.md section 8).
-LONGEST_JOB_SECONDS = 58
+LONGEST_JOB_SECONDS = 58.2
 
 # STYLE.md section 8, "Sandbox (as Synapse does)", plus what it takes to stay <= 1.5.
 STYLE_SANDBOX = {

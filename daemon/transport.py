@@ -11,7 +11,8 @@ paired measurement that keeps each speed hook:
   `_dispatcher`; the outcome reaches the app in its WSGI environ, through the channel's task
   class).
 - ChangePoller: the serving loop's poll set kept across passes (epoll) instead of rebuilt from
-  every connection on every pass.
+  every connection on every pass; and one trigger pull per lane batch answered instead of one
+  per response (ChangePoller.one_pull).
 - StrictFramingParser: a request with both Transfer-Encoding and Content-Length is answered and
   its connection closed (RFC 9112 section 6.1), so nothing pipelined behind it is read with
   framing an intermediary may have seen differently.
@@ -24,13 +25,14 @@ paired measurement that keeps each speed hook:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import waitress
@@ -64,7 +66,8 @@ _READ = select.POLLIN | select.POLLPRI
 _WRITE = select.POLLOUT
 
 # The connection this thread is answering a request of, if any (see QuietChannel.service): the
-# ChangePoller learns from it which connection a trigger pull was for. Transport-internal.
+# ChangePoller learns from it which connection a trigger pull was for; and whether this thread
+# holds its pulls for one at the end (ChangePoller.one_pull). Transport-internal.
 _answering = threading.local()
 
 
@@ -416,15 +419,19 @@ class LaneDispatcher(ThreadedTaskDispatcher):
             return [ex] * len(queued)
 
     def _answer(self, queued: list, outcomes: list[Any]) -> None:
-        for (channel, arrived), outcome in zip(queued, outcomes, strict=True):
-            channel.lane_environ = self._spec.environ_for(outcome, arrived)
-            try:
-                channel.service()
-            except BaseException:
-                # As waitress's own request threads: log it and go on with the rest.
-                log.exception("Exception when servicing %r", channel)
-            finally:
-                channel.lane_environ = None
+        if not queued:
+            return
+        poller = getattr(queued[0][0].server, "change_poller", None)
+        with poller.one_pull() if poller is not None else contextlib.nullcontext():
+            for (channel, arrived), outcome in zip(queued, outcomes, strict=True):
+                channel.lane_environ = self._spec.environ_for(outcome, arrived)
+                try:
+                    channel.service()
+                except BaseException:
+                    # As waitress's own request threads: log it and go on with the rest.
+                    log.exception("Exception when servicing %r", channel)
+                finally:
+                    channel.lane_environ = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -451,6 +458,10 @@ class ChangePoller:
     - new connections, and the listening socket and the trigger (always);
     - every connection once a second: waitress's maintenance closes idle connections from the
       loop, and whatever the rules above could miss is caught within that second.
+
+    A thread answering a batch (the lane) holds its pulls in one_pull() and makes one at the
+    end: waitress pulls after every response, and each pull woke the loop, which then traded
+    the interpreter lock with the lane once per response (bench/NOTES.md).
     """
 
     @staticmethod
@@ -481,6 +492,24 @@ class ChangePoller:
     def touched(self, descriptor: int | None) -> None:
         if descriptor is not None:
             self._touched.append(descriptor)
+
+    @contextlib.contextmanager
+    def one_pull(self) -> Iterator[None]:
+        """The trigger pulls this thread makes inside are recorded but held; one real pull at
+        the end wakes the loop for all of their connections.
+
+        NOTE: a pull for a connection over waitress's high-water mark is not held: the thread
+        pulls, then waits for the loop to drain the connection, and would wait forever.
+        """
+        _answering.holding_pulls = True
+        _answering.pulls_held = 0
+        try:
+            yield
+        finally:
+            _answering.holding_pulls = False
+            if _answering.pulls_held:
+                _answering.pulls_held = 0
+                self._pull_trigger()
 
     def forget(self, descriptor: int | None) -> None:
         """A connection is closing (its descriptor is still open)."""
@@ -524,6 +553,12 @@ class ChangePoller:
         channel = getattr(_answering, "channel", None)
         if channel is not None:
             self.touched(channel._fileno)
+            if (
+                getattr(_answering, "holding_pulls", False)
+                and channel.total_outbufs_len <= channel.adj.outbuf_high_watermark
+            ):
+                _answering.pulls_held += 1
+                return
         self._pull_trigger(*args)
 
     def _update(self, descriptor: int, dispatcher) -> None:

@@ -439,6 +439,78 @@ def test_shutdown_ends_the_lane_thread(served):
     assert not any(thread.is_alive() for thread in lane)
 
 
+@pytest.fixture
+def lane_pulls(monkeypatch) -> list[int]:
+    """The serving loop's trigger pulls the lane thread really made (not held), one entry each:
+    the response bytes its connection still held at that moment."""
+    pulls: list[int] = []
+    original = waitress.server.BaseWSGIServer.pull_trigger
+
+    def counted(self, *args) -> None:
+        if threading.current_thread().name == "maxtwo-query-lane":
+            channel = getattr(transport._answering, "channel", None)
+            pulls.append(channel.total_outbufs_len if channel is not None else 0)
+        original(self, *args)
+
+    # NOTE: the ChangePoller keeps the server's pull_trigger as it finds it at start: patched first.
+    monkeypatch.setattr(waitress.server.BaseWSGIServer, "pull_trigger", counted)
+    return pulls
+
+
+def test_the_lane_wakes_the_serving_loop_once_per_batch_not_once_per_request(lane_pulls):
+    later = 5
+    lane_queue: list = []
+    submitted: list[int] = []
+
+    def submit(requests):
+        submitted.append(len(requests))
+        return len(requests)
+
+    def collect(size, timeout):
+        if size == 1:  # the first batch commits once the others wait in the lane: one batch
+            wait_for(lambda: len(lane_queue[0]) == later, "the later requests in the lane")
+        return [None] * size
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    with running(app, lane=lane_for(submit, collect, max_batch=256, max_wait=10)) as live:
+        lane_queue.append(live.transport.server.task_dispatcher._lane)
+        first = threading.Thread(target=lambda: get(live.connect()))
+        first.start()
+        wait_for(lambda: submitted == [1], "the first request's batch")
+        rest = [threading.Thread(target=lambda: get(live.connect())) for _ in range(later)]
+        for client in rest:
+            client.start()
+        for client in [first, *rest]:
+            client.join(10)
+        assert not any(client.is_alive() for client in [first, *rest])
+    assert submitted == [1, later]
+    # One pull for the batch of 1, one for the batch of 5 (waitress alone pulls once per response).
+    assert len(lane_pulls) == 2
+
+
+def test_a_pull_for_a_response_over_the_high_water_mark_is_not_held(lane_pulls):
+    # The lane thread writes more than waitress's high-water mark (16 MiB) and waits for the loop
+    # to drain it: the pull that asks for that is made at once, not at the end of the batch.
+    chunk = b"x" * (1024 * 1024)
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Length", str(len(chunk) * 40))])
+        return [chunk] * 40
+
+    high_water_mark = Adjustments().outbuf_high_watermark
+    lane = lane_for(lambda requests: len(requests), lambda size, timeout: [None] * size, max_batch=256, max_wait=10)
+    with running(app, lane=lane) as live, socket.create_connection(("127.0.0.1", live.port), timeout=30) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        # Not reading yet: the response piles up in the connection's buffer past the mark.
+        wait_for(lambda: any(held > high_water_mark for held in lane_pulls), "a pull over the high-water mark")
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(chunk)
+    assert len(answer.partition(b"\r\n\r\n")[2]) == len(chunk) * 40
+
+
 # --- the serving loop ----------------------------------------------------------------------
 
 # More than waitress's outbuf_high_watermark (16 MiB): the request thread must wait for the

@@ -29,6 +29,7 @@ VARIANTS = {
     "no lane": ["--no-lane"],
     "no change poller": ["--no-change-poller"],
     "no quiet channel": ["--no-quiet-channel"],
+    "no one pull": ["--no-one-pull"],
 }
 
 

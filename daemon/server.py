@@ -73,6 +73,7 @@ class TransportOptions:
     lane: bool = True
     change_poller: bool = True
     quiet_channel: bool = True
+    one_pull: bool = True  # the lane's trigger pulls for a batch made as one (with the change poller)
 
 
 class StopRequest:
@@ -187,6 +188,7 @@ def open_transport(
         lane=lane if options.lane else None,
         change_poller=options.change_poller,
         quiet_channel=options.quiet_channel,
+        one_pull=options.one_pull,
     )
 
 

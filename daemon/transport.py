@@ -187,6 +187,8 @@ class Transport:
     `lane`: answer its requests in batches on one thread (see LaneDispatcher).
     `change_poller`: the serving loop's epoll set (Linux); otherwise waitress's own poll loop.
     `quiet_channel`: the busy-poll fix; off only to measure what it is worth.
+    `one_pull`: the lane's trigger pulls for a batch made as one (ChangePoller.one_pull); off
+    only to measure what it is worth.
     """
 
     def __init__(
@@ -198,10 +200,11 @@ class Transport:
         lane: Lane | None = None,
         change_poller: bool = True,
         quiet_channel: bool = True,
+        one_pull: bool = True,
     ) -> None:
         dispatcher = None
         if lane is not None:
-            dispatcher = LaneDispatcher(lane)
+            dispatcher = LaneDispatcher(lane, one_pull=one_pull)
             dispatcher.set_thread_count(threads)
         self.server: BaseWSGIServer = waitress.create_server(
             app,
@@ -311,9 +314,10 @@ class LaneDispatcher(ThreadedTaskDispatcher):
     committed (bench/NOTES.md).
     """
 
-    def __init__(self, lane: Lane) -> None:
+    def __init__(self, lane: Lane, *, one_pull: bool = True) -> None:
         super().__init__()
         self._spec = lane
+        self._one_pull = one_pull
         self._lane: collections.deque = collections.deque()  # (channel, arrived)
         self._lane_lock = threading.Lock()
         self._lane_ready = threading.Condition(self._lane_lock)
@@ -421,7 +425,7 @@ class LaneDispatcher(ThreadedTaskDispatcher):
     def _answer(self, queued: list, outcomes: list[Any]) -> None:
         if not queued:
             return
-        poller = getattr(queued[0][0].server, "change_poller", None)
+        poller = getattr(queued[0][0].server, "change_poller", None) if self._one_pull else None
         with poller.one_pull() if poller is not None else contextlib.nullcontext():
             for (channel, arrived), outcome in zip(queued, outcomes, strict=True):
                 channel.lane_environ = self._spec.environ_for(outcome, arrived)

@@ -107,6 +107,8 @@ def test_the_hooks_the_transport_reads_on_live_objects_still_exist(tmp_path):
             missing += [f"channel.{name}" for name in ("requests", "request", "total_outbufs_len", "last_activity",
                                                        "will_close", "close_when_flushed", "_fileno", "adj")
                         if not hasattr(channel, name)]
+            missing += [f"channel.adj.{name}" for name in ("outbuf_high_watermark",)
+                        if not hasattr(getattr(channel, "adj", None), name)]
     assert not missing, f"waitress {WAITRESS}: daemon/transport.py reads {missing}, which are gone"
 
 
@@ -606,8 +608,9 @@ def test_a_huge_response_is_drained_by_the_loop(port, passes):
     assert len([moment for moment in passes if moment > quiet_from]) <= 20
 
 
-@pytest.mark.parametrize("options", [TransportOptions(change_poller=False), TransportOptions(lane=False)],
-                         ids=["waitress-loop", "no-lane"])
+@pytest.mark.parametrize("options", [TransportOptions(change_poller=False), TransportOptions(lane=False),
+                                     TransportOptions(one_pull=False)],
+                         ids=["waitress-loop", "no-lane", "no-one-pull"])
 def test_every_hook_can_be_turned_off_for_the_benchmark(settings, engine, options):
     seed_users(engine, 20)
     batcher = Batcher(engine, [QueryKind()], max_wait=30)

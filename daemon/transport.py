@@ -132,8 +132,8 @@ class QuietChannel(HTTPChannel):
     that socket, which is always ready, so the main loop spins on a lock it cannot take, holding
     the GIL: measured, the main thread burned a whole core and GET / fell to a few hundred
     requests/s. Here the main loop only waits to write when no request is running (the worker
-    pulls the loop's trigger when it finishes) or when a huge response must be drained while the
-    worker waits at the high-water mark.
+    pulls the loop's trigger when it finishes; the lane once per batch) or when a huge response
+    must be drained while the worker waits at the high-water mark.
     """
 
     parser_class = StrictFramingParser
@@ -187,8 +187,8 @@ class Transport:
     `lane`: answer its requests in batches on one thread (see LaneDispatcher).
     `change_poller`: the serving loop's epoll set (Linux); otherwise waitress's own poll loop.
     `quiet_channel`: the busy-poll fix; off only to measure what it is worth.
-    `one_pull`: the lane's trigger pulls for a batch made as one (ChangePoller.one_pull); off
-    only to measure what it is worth.
+    `one_pull`: the lane's trigger pulls for a batch made as one (ChangePoller.one_pull, so only
+    with the change poller); off only to measure what it is worth.
     """
 
     def __init__(
@@ -502,17 +502,19 @@ class ChangePoller:
         """The trigger pulls this thread makes inside are recorded but held; one real pull at
         the end wakes the loop for all of their connections.
 
-        NOTE: a pull for a connection over waitress's high-water mark is not held: the thread
-        pulls, then waits for the loop to drain the connection, and would wait forever.
+        Held only while the loop has nothing to do for the connection at once: its output below
+        waitress's high-water mark and the connection not closing. Past the mark (or after a
+        failed send) the thread pulls and then waits for the loop to drain or close the
+        connection; held, that pull would leave it waiting for the loop's next tick each time.
         """
         _answering.holding_pulls = True
-        _answering.pulls_held = 0
+        _answering.pull_held = False
         try:
             yield
         finally:
             _answering.holding_pulls = False
-            if _answering.pulls_held:
-                _answering.pulls_held = 0
+            if _answering.pull_held:
+                _answering.pull_held = False
                 self._pull_trigger()
 
     def forget(self, descriptor: int | None) -> None:
@@ -559,9 +561,10 @@ class ChangePoller:
             self.touched(channel._fileno)
             if (
                 getattr(_answering, "holding_pulls", False)
-                and channel.total_outbufs_len <= channel.adj.outbuf_high_watermark
+                and channel.total_outbufs_len < channel.adj.outbuf_high_watermark
+                and not channel.will_close
             ):
-                _answering.pulls_held += 1
+                _answering.pull_held = True
                 return
         self._pull_trigger(*args)
 

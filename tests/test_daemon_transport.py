@@ -3,7 +3,8 @@
 - Every hook still exists in the installed waitress (a release that renames one fails here,
   naming it, rather than in production).
 - QuietChannel: no busy loop while a request thread writes its own response.
-- The query lane: GET / answered in batches on one thread, on SQLite and PostgreSQL.
+- The lane: GET / (and POST /increment) answered in batches on one thread, on SQLite and
+  PostgreSQL, waking the serving loop once per batch.
 - The ChangePoller: a change it missed would leave a client waiting for the next full check
   (a second) or loop tick (0.2 s).
 - Both Transfer-Encoding and Content-Length: answered, then the connection closed.

@@ -126,14 +126,15 @@ class Batcher:
         max_wait: float,
         max_batch: int = MAX_BATCH,
         max_pending: int = 100_000,
-        on_batch: Callable[[str, int], None] | None = None,
+        on_batch: Callable[[str, list[Any]], None] | None = None,
         on_commit: Callable[[float], None] | None = None,
     ) -> None:
         """`max_wait`: seconds a caller waits for its outcome (its batch and the one running when
         it came) before giving up with DatabaseUnavailableError. `max_batch`: operations per
         transaction; a caller asking for more at once still gets one. `max_pending`: operations
         waiting at most (more: QueueFullError at once, so memory stays flat whatever the load).
-        `on_batch(kind, count)`: called for each kind's part of every committed batch;
+        `on_batch(kind, outcomes)`: called with each kind's part of every batch once it has
+        committed (a part that failed on its own while the rest committed: with its errors);
         `on_commit(seconds)`: once per committed batch, with its duration."""
         self._engine = engine
         self._kinds = {kind.name: kind for kind in kinds}
@@ -308,7 +309,7 @@ class Batcher:
         """Hand each waiter of one kind its outcomes (the batch's part has committed)."""
         if self._on_batch is not None:
             try:
-                self._on_batch(name, len(results))
+                self._on_batch(name, results)
             except Exception:  # a metrics callback must never cost anybody an answer
                 log.exception("on_batch callback failed")
         start = 0

@@ -68,7 +68,8 @@ class Metrics:
             self.randomize_skipped.labels(reason=reason)
         self.increments_applied = Counter(
             "maxtwo_increments_applied_total",
-            "POST /increment requests committed (answered 202), replays of an Idempotency-Key included.",
+            "Increments committed, replays of an Idempotency-Key included: each answered 202, unless "
+            "its client or the daemon gave up waiting first (docs/reliability.md).",
             registry=self.registry,
         )
         self.increments_rejected = Counter(

@@ -102,7 +102,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                     "responses": {
                         "202": {"description": "Committed: the counter holds the increment (no body)."},
-                        "400": _error("The body is not JSON, or not a JSON object; or a malformed Idempotency-Key."),
+                        "400": _error("The body is not JSON in UTF-8, or not a JSON object; or a malformed Idempotency-Key."),
                         "409": _error("The counter's total would leave the signed 64-bit range; it keeps its value."),
                         "413": _error("The body is larger than 4096 bytes."),
                         "415": _error("The body is not application/json."),

@@ -89,7 +89,7 @@ def test_an_idle_committer_gives_its_connection_back(seeded, monkeypatch):
 
 def test_concurrent_callers_share_transactions_and_keep_the_chain(seeded):
     sizes: list[int] = []
-    batcher = Batcher(seeded, [QueryKind(AnswerCache())], max_wait=30, on_batch=lambda kind, count: sizes.append(count))
+    batcher = Batcher(seeded, [QueryKind(AnswerCache())], max_wait=30, on_batch=lambda kind, outcomes: sizes.append(len(outcomes)))
     results = run_in_threads(lambda: batcher.submit("query"), threads=16, per_thread=20)
 
     assert len(results) == 320
@@ -101,7 +101,7 @@ def test_concurrent_callers_share_transactions_and_keep_the_chain(seeded):
 
 def test_query_many_is_a_chain_of_answers_from_one_batch(seeded):
     sizes: list[int] = []
-    batcher = Batcher(seeded, [QueryKind(AnswerCache())], max_wait=30, on_batch=lambda kind, count: sizes.append(count))
+    batcher = Batcher(seeded, [QueryKind(AnswerCache())], max_wait=30, on_batch=lambda kind, outcomes: sizes.append(len(outcomes)))
     before = batcher.submit("query")
     many = batcher.submit_many("query", [None] * 5)
     assert sizes == [1, 5]
@@ -124,7 +124,7 @@ def test_waiters_for_several_answers_are_batched_whole_within_max_batch(seeded, 
 
     monkeypatch.setattr(QueryKind, "apply", held_apply)
     sizes: list[int] = []
-    batcher = Batcher(seeded, [QueryKind()], max_wait=30, max_batch=4, on_batch=lambda kind, count: sizes.append(count))
+    batcher = Batcher(seeded, [QueryKind()], max_wait=30, max_batch=4, on_batch=lambda kind, outcomes: sizes.append(len(outcomes)))
     first = threading.Thread(target=lambda: batcher.submit("query"))
     first.start()
     assert running.wait(10)
@@ -285,7 +285,7 @@ def queries_and_notes(engine, monkeypatch):
 
     monkeypatch.setattr(QueryKind, "apply", gated)
     parts: list[tuple[str, int]] = []
-    batcher = Batcher(engine, [QueryKind(), NoteKind()], max_wait=30, on_batch=lambda kind, count: parts.append((kind, count)))
+    batcher = Batcher(engine, [QueryKind(), NoteKind()], max_wait=30, on_batch=lambda kind, outcomes: parts.append((kind, len(outcomes))))
     try:
         yield batcher, gate, parts
     finally:

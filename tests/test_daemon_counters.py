@@ -13,6 +13,7 @@ import pytest
 from daemon.app import create_app, new_batcher
 from daemon.batcher import Batcher, IncrementKind, QueryKind
 from daemon.metrics import Metrics
+from daemon.resources import decode_json
 from maxtwo_cli.core import db
 from maxtwo_cli.core.counters import INT64_MAX, INT64_MIN, read_counter
 from tests.helpers import unreachable_settings
@@ -70,6 +71,27 @@ def test_bad_bodies_are_refused_and_nothing_is_applied(client, app_parts, engine
     assert read_counter(engine, "a") is None
 
 
+@pytest.mark.parametrize("body", [
+    b'{"key": "k", "value": 1}', b' \t\r\n{"key":"k","value":1}\n', b"\xef\xbb\xbf{}", b"\xef\xbb\xbf {}", b"[1]",
+    b'"\\ud800"', b"1 ", b"NaN", '{"k": "\u00e9"}'.encode(),
+    b"", b" ", b"\xef\xbb\xbf", b" \xef\xbb\xbf{}", b"{} x", b"{}{}", b"\x0c{}", b"{}\xc2\xa0", b"\xff", b"{",
+])
+def test_a_body_is_read_as_json_loads_reads_utf_8(body):
+    try:
+        expected = json.loads(body)
+    except ValueError:
+        with pytest.raises(ValueError):
+            decode_json(body)
+    else:
+        assert repr(decode_json(body)) == repr(expected)  # repr: NaN equals no NaN
+
+
+def test_json_in_another_encoding_than_utf_8_is_malformed(client, app_parts):
+    # RFC 8259: JSON between systems is UTF-8 (json.loads would guess UTF-16 and take this).
+    response = client.simulate_post("/increment", body='{"key": "a", "value": 1}'.encode("utf-16"), headers=JSON)
+    assert response.status_code == 400 and rejected(app_parts[2], "malformed") == 1
+
+
 def test_413_415_and_a_bad_idempotency_key(client, app_parts):
     assert post(client, "x" * 5000).status_code == 413
     assert post(client, {"key": "a", "value": 1}, headers={"Content-Type": "text/plain"}).status_code == 415
@@ -87,6 +109,7 @@ def test_409_keeps_the_value(client, engine, app_parts):
     assert refused.status_code == 409 and "64-bit" in refused.json["description"]
     assert read_counter(engine, "big") == INT64_MAX
     assert rejected(app_parts[2], "overflow") == 1
+    assert app_parts[2].registry.get_sample_value("maxtwo_increments_applied_total") == 1
 
 
 def test_idempotency_key_replay_and_conflict(client, engine):
@@ -188,4 +211,5 @@ def test_the_lane_answers_increments_and_queries_in_shared_batches(settings, eng
     assert sum(read_counter(engine, f"k{index}") for index in range(3)) == 12 * 16
     sample = metrics.registry.get_sample_value
     assert sample("maxtwo_increment_batch_size_sum") == 12 * 16 + 2
+    assert sample("maxtwo_increments_applied_total") == 12 * 16 + 1  # not the one refused with 409
     assert sample("maxtwo_increment_batch_size_count") < 12 * 16  # increments shared transactions

@@ -194,7 +194,7 @@ class Served:
 @contextlib.contextmanager
 def serve(settings: Settings, engine, max_wait: float = 30) -> Iterator[Served]:
     sizes: list[int] = []
-    batcher = Batcher(engine, [QueryKind()], max_wait=max_wait, on_batch=lambda kind, count: sizes.append(count))
+    batcher = Batcher(engine, [QueryKind()], max_wait=max_wait, on_batch=lambda kind, outcomes: sizes.append(len(outcomes)))
     metrics = Metrics()
     app = create_app(settings, engine, metrics=metrics, batcher=batcher)
     served: Served

@@ -56,12 +56,12 @@ class QueryResource:
         # falcon's media handler would serialise the whole body again for every request.
         resp.data = result.api_json().encode()
         # Every GET / records a query: no cache may answer one for the service.
-        resp.cache_control = ["no-store"]
+        resp.set_header("Cache-Control", "no-store")
         # The chain at full precision (the body's timestamp has whole seconds): lets a client
         # check that it got exactly the time the query before it recorded.
-        resp.set_header("X-Maxtwo-Recorded-At", result.recorded_at.isoformat())
-        if result.previous is not None:
-            resp.set_header("X-Maxtwo-Previous-At", result.previous.isoformat())
+        resp.set_header("X-Maxtwo-Recorded-At", result.recorded_text)
+        if result.previous_text is not None:
+            resp.set_header("X-Maxtwo-Previous-At", result.previous_text)
 
 
 # The largest POST /increment body read: {"key": 255 characters, "value": 20 digits} fits many

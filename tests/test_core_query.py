@@ -14,7 +14,8 @@ import sqlalchemy as sa
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.errors import DatabaseUnavailableError
 from maxtwo_cli.core.batch import HeldConnection
-from maxtwo_cli.core.query import AnswerCache, QueryResult, User, query_users, run_query_batch
+from maxtwo_cli.core.clock import format_api_timestamp, iso_text
+from maxtwo_cli.core.query import AnswerCache, QueryResult, User, query_users, query_users_batch, run_query_batch
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.schema import users
 from maxtwo_cli.core.seed import seed_users
@@ -84,6 +85,25 @@ def test_api_body_shape(seeded):
 def test_api_json_is_json_dumps_of_the_body(users, previous):
     result = QueryResult(users=users, previous=previous, recorded_at=dt.datetime.now(dt.UTC), epoch=1)
     assert result.api_json() == json.dumps(result.api_body())
+
+
+@pytest.mark.parametrize("moment", [
+    dt.datetime(2020, 7, 30, 17, 9, 33, 999_999, tzinfo=dt.UTC), dt.datetime(2020, 7, 30, 17, 9, 33, tzinfo=dt.UTC),
+    dt.datetime(2020, 7, 30, 19, 9, 33, 5, tzinfo=dt.timezone(dt.timedelta(hours=2))), dt.datetime(1999, 12, 31, 23, 59, 59),
+])
+def test_the_api_timestamp_is_the_utc_time_in_whole_seconds(moment):
+    utc = moment.astimezone(dt.UTC) if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+    assert format_api_timestamp(moment) == utc.strftime("%Y-%m-%d %H:%M:%SZ")
+    assert iso_text(moment) == utc.isoformat()
+
+
+def test_a_batch_formats_each_time_as_its_results_carry_it(seeded):
+    # run_query_batch() hands each result its times as text, made once per time for the batch.
+    for results in (query_users_batch(seeded, 1), query_users_batch(seeded, 5)):
+        for result in results:
+            assert result.recorded_text == result.recorded_at.isoformat()
+            assert result.previous_text == (None if result.previous is None else result.previous.isoformat())
+        assert [result.previous_text for result in results[1:]] == [result.recorded_text for result in results[:-1]]
 
 
 def test_api_json_follows_the_users_it_is_given(seeded):

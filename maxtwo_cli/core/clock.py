@@ -18,10 +18,20 @@ def as_utc(moment: dt.datetime) -> dt.datetime:
     return moment.astimezone(dt.UTC)
 
 
+def iso_text(moment: dt.datetime) -> str:
+    """ISO 8601 at full precision, in UTC: '2020-07-30T17:09:33.123456+00:00'."""
+    return as_utc(moment).isoformat()
+
+
+def api_timestamp(iso: str | None) -> str | None:
+    """The API's form of an iso_text() time: '2020-07-30 17:09:33Z' (whole seconds), or None
+    for "never".
+
+    NOTE: cut from the ISO text rather than formatted again: GET / sends a time both ways, and
+    formatting one cost it 3 us (strftime("%Y-%m-%d %H:%M:%SZ") 5 us)."""
+    return None if iso is None else f"{iso[:10]} {iso[11:19]}Z"
+
+
 def format_api_timestamp(moment: dt.datetime | None) -> str | None:
     """'2020-07-30 17:09:33Z' (whole seconds, UTC), or None for "never"."""
-    if moment is None:
-        return None
-    # NOTE: strftime("%Y-%m-%d %H:%M:%SZ") gives the same text at 1.6 times the cost; every
-    # GET / pays this.
-    return as_utc(moment).isoformat(" ", "seconds")[:19] + "Z"
+    return None if moment is None else api_timestamp(iso_text(moment))

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import pysqlite as sqlite_pysqlite
 from sqlalchemy.engine import Engine
 
-from maxtwo_cli.core.clock import as_utc, format_api_timestamp, utcnow
+from maxtwo_cli.core.clock import api_timestamp, as_utc, iso_text, utcnow
 from maxtwo_cli.core.batch import HeldConnection
 from maxtwo_cli.core.schema import MAX_POINTS, from_microseconds, to_microseconds
 
@@ -86,17 +86,29 @@ class QueryResult:
     # The time this query recorded (what the next query will get as `previous`).
     recorded_at: dt.datetime
     epoch: int
+    # The two times as iso_text() writes them (made from the times if not given).
+    # NOTE: given by run_query_batch(), which formats each time of a batch once: a query's
+    # recorded time is the next one's previous time, and GET / shows both (headers and body);
+    # three isoformat() calls per query were a tenth of GET /'s own work (bench/NOTES.md).
+    previous_text: str | None = dataclasses.field(default=None, compare=False)
+    recorded_text: str = dataclasses.field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.recorded_text:
+            object.__setattr__(self, "recorded_text", iso_text(self.recorded_at))
+        if self.previous_text is None and self.previous is not None:
+            object.__setattr__(self, "previous_text", iso_text(self.previous))
 
     def api_body(self) -> dict[str, Any]:
         """The body of GET / and of `maxtwo query --json`."""
         return {
             "users": _user_dicts(self.users),
-            "timestamp": format_api_timestamp(self.previous),
+            "timestamp": api_timestamp(self.previous_text),
         }
 
     def api_json(self) -> str:
         """api_body() as JSON text, exactly as json.dumps() writes it."""
-        timestamp = format_api_timestamp(self.previous)
+        timestamp = api_timestamp(self.previous_text)
         # The timestamp's characters need no escaping.
         timestamp_json = "null" if timestamp is None else f'"{timestamp}"'
         return f'{{"users": {_users_json(self.users)}, "timestamp": {timestamp_json}}}'
@@ -172,12 +184,16 @@ def run_query_batch(held: HeldConnection, count: int, cache: AnswerCache | None 
     if cache is not None and (cached is None or cached[0] != epoch):
         cache.put(epoch, answer)
     recorded = [last - (count - 1 - index) * _TICK for index in range(count)]
+    texts = [iso_text(moment) for moment in recorded]
+    previous_text = None if previous is None else iso_text(previous)
     return [
         QueryResult(
             users=answer,
             previous=previous if index == 0 else recorded[index - 1],
             recorded_at=recorded[index],
             epoch=epoch,
+            previous_text=previous_text if index == 0 else texts[index - 1],
+            recorded_text=texts[index],
         )
         for index in range(count)
     ]

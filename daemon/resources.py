@@ -70,7 +70,7 @@ MAX_INCREMENT_BODY = 4096
 _INCREMENT_FIELDS = {"key", "value"}
 # NOTE: json.loads() on bytes first guesses their encoding (UTF-8, -16 or -32) and then skips
 # whitespace with two regular expressions; both cost more than decoding the document itself (3.7
-# of 5.4 us per body, bench/NOTES.md). RFC 8259 makes UTF-8 the only encoding of JSON between
+# of 5.5 us per body, bench/NOTES.md). RFC 8259 makes UTF-8 the only encoding of JSON between
 # systems (a BOM may be ignored), and its whitespace is these four characters.
 _JSON_DECODER = json.JSONDecoder()
 _JSON_WHITESPACE = " \t\n\r"

@@ -78,7 +78,8 @@ _JSON_WHITESPACE = " \t\n\r"
 
 def decode_json(body: bytes) -> object:
     """The JSON document in a UTF-8 body (a BOM allowed), as json.loads() reads it; ValueError
-    if the body holds anything else."""
+    if the body holds anything else, RecursionError if it is nested too deep. (json.loads()
+    would also take UTF-16 and -32, and surrogates encoded as bytes, which UTF-8 forbids.)"""
     text = body.decode()
     if text.startswith("\ufeff"):  # a BOM ("utf-8-sig" would decode it away, slowly: 1.7 us)
         text = text[1:]
@@ -99,6 +100,8 @@ def parse_increment(content_type: str | None, body: bytes, idempotency_key: str 
         document = decode_json(body)
     except ValueError:  # JSONDecodeError, and bytes that are no UTF-8
         raise falcon.HTTPBadRequest(description="the body is not valid JSON") from None
+    except RecursionError:  # arrays or objects nested about a thousand deep: 1 KB does it
+        raise falcon.HTTPBadRequest(description="the body's JSON is nested too deeply") from None
     if not isinstance(document, dict):
         raise falcon.HTTPBadRequest(description='the body must be a JSON object: {"key": "...", "value": N}')
     fields = set(document)

@@ -10,12 +10,14 @@ import urllib.parse
 import falcon.testing
 import pytest
 
-from daemon.app import create_app, new_batcher
+import daemon.app
+from daemon.app import collect_outcomes, create_app, enqueue_outcomes, new_batcher
 from daemon.batcher import Batcher, IncrementKind, QueryKind
 from daemon.metrics import Metrics
 from daemon.resources import decode_json
+from daemon.transport import LaneRequest
 from maxtwo_cli.core import db
-from maxtwo_cli.core.counters import INT64_MAX, INT64_MIN, read_counter
+from maxtwo_cli.core.counters import INT64_MAX, INT64_MIN, Applied, read_counter
 from tests.helpers import unreachable_settings
 from tests.inprocess import running
 
@@ -87,9 +89,37 @@ def test_a_body_is_read_as_json_loads_reads_utf_8(body):
 
 
 def test_json_in_another_encoding_than_utf_8_is_malformed(client, app_parts):
-    # RFC 8259: JSON between systems is UTF-8 (json.loads would guess UTF-16 and take this).
-    response = client.simulate_post("/increment", body='{"key": "a", "value": 1}'.encode("utf-16"), headers=JSON)
-    assert response.status_code == 400 and rejected(app_parts[2], "malformed") == 1
+    # RFC 8259: JSON between systems is UTF-8 (json.loads would guess UTF-16 and take the first;
+    # it would take the second's surrogate, encoded as bytes, which UTF-8 forbids).
+    for body in ('{"key": "a", "value": 1}'.encode("utf-16"), b'{"key": "\xed\xb0\x80", "value": 1}'):
+        assert client.simulate_post("/increment", body=body, headers=JSON).status_code == 400, body
+    assert rejected(app_parts[2], "malformed") == 2
+
+
+def test_json_nested_too_deeply_is_malformed(client, app_parts):
+    # json's decoder raises RecursionError (no ValueError) about a thousand levels down.
+    response = client.simulate_post("/increment", body="[" * 2000, headers=JSON)
+    assert response.status_code == 400 and "nested" in response.json["description"]
+
+
+def test_an_unexpected_error_in_one_lane_request_is_its_own(app_parts, monkeypatch):
+    # The lane submits a batch's requests together: one that fails in an unforeseen way must get
+    # its own error (the app answers it 500), not fail the others' batch.
+    batcher = app_parts[1]
+    real_parse = daemon.app.parse_increment
+
+    def parse(content_type, body, idempotency_key):
+        if body == b"boom":
+            raise RuntimeError("unforeseen")
+        return real_parse(content_type, body, idempotency_key)
+
+    monkeypatch.setattr(daemon.app, "parse_increment", parse)
+    requests = [LaneRequest("POST", "/increment", {"CONTENT_TYPE": "application/json"}, body)
+                for body in (b"boom", b'{"key": "a", "value": 2}')] + [LaneRequest("GET", "/", {}, b"")]
+    bad, applied, query = collect_outcomes(batcher, enqueue_outcomes(batcher, requests), 30)
+    assert isinstance(bad, RuntimeError)
+    assert isinstance(applied, Applied) and applied.total == 2
+    assert query.recorded_at is not None
 
 
 def test_413_415_and_a_bad_idempotency_key(client, app_parts):
@@ -112,13 +142,15 @@ def test_409_keeps_the_value(client, engine, app_parts):
     assert app_parts[2].registry.get_sample_value("maxtwo_increments_applied_total") == 1
 
 
-def test_idempotency_key_replay_and_conflict(client, engine):
+def test_idempotency_key_replay_and_conflict(client, engine, app_parts):
     headers = {**JSON, "Idempotency-Key": "order-17"}
     assert post(client, {"key": "i", "value": 3}, headers).status_code == 202
     assert post(client, {"key": "i", "value": 3}, headers).status_code == 202
     conflict = post(client, {"key": "i", "value": 4}, headers)
     assert conflict.status_code == 422 and "Idempotency-Key" in conflict.json["description"]
     assert read_counter(engine, "i") == 3
+    # The replay counts as applied (it is answered 202), the conflict does not.
+    assert app_parts[2].registry.get_sample_value("maxtwo_increments_applied_total") == 2
 
 
 def test_404_for_a_key_never_incremented_and_keys_with_slashes(client):
@@ -202,7 +234,8 @@ def test_the_lane_answers_increments_and_queries_in_shared_batches(settings, eng
         connection = served.connect()
         for body, headers, status in [("{", JSON, 400), ('{"key": "k0"}', JSON, 422), ("{}", {}, 415),
                                       ('{"key": "big", "value": 9223372036854775807}', JSON, 202),
-                                      ('{"key": "big", "value": 1}', JSON, 409), ("x" * 5000, JSON, 413)]:
+                                      ('{"key": "big", "value": 1}', JSON, 409), ("x" * 5000, JSON, 413),
+                                      ("[" * 2000, JSON, 400)]:
             connection.request("POST", "/increment", body=body, headers=headers)
             response = connection.getresponse()
             response.read()

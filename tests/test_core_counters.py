@@ -30,6 +30,7 @@ from maxtwo_cli.core.counters import (
 )
 from maxtwo_cli.core.errors import DatabaseUnavailableError
 from maxtwo_cli.core.schema import idempotency_keys
+from tests.helpers import wait_for
 
 
 @pytest.fixture(params=["in the caller's transaction", "committed by itself"])
@@ -291,3 +292,49 @@ def test_bad_values(value):
 def test_bad_idempotency_keys(key):
     with pytest.raises(InvalidIncrementError):
         check_idempotency_key(key)
+
+
+def test_a_key_whose_sum_is_no_64_bit_value_is_locked_in_key_order_with_the_rest(postgres_engine):
+    """Another daemon's transaction takes "a" and then "b", the order every batch takes rows
+    in. A batch with Idempotency-Keys that adds to "b" and, beyond any 64-bit sum, to "a" must
+    take them in that order too: taking "b" first and then waiting for "a" would deadlock, and
+    PostgreSQL would fail one of the two after deadlock_timeout."""
+    increment(postgres_engine, "a", 1)
+    increment(postgres_engine, "b", 1)
+    other = postgres_engine.connect()  # its first statement opens a transaction
+    other.execute(sa.text("UPDATE counters SET value = value + 1 WHERE key = 'a'"))
+    outcomes: list = []
+
+    def batch() -> None:
+        held = HeldConnection(postgres_engine)
+        try:
+            items = [Increment("b", 1, "retry-b"), Increment("a", INT64_MAX - 2), Increment("a", INT64_MAX)]
+            outcomes.extend(add_increments(held, items))
+        except Exception as ex:  # noqa: BLE001 - asserted below
+            outcomes.append(ex)
+        finally:
+            held.release()
+
+    worker = threading.Thread(target=batch)
+    worker.start()
+    try:
+        wait_for(lambda: _lock_waits(postgres_engine) == 1, "the batch waiting for a row lock")
+        # Taking "b" now: the batch must not hold it.
+        other.execute(sa.text("SET LOCAL lock_timeout = '5s'"))
+        other.execute(sa.text("UPDATE counters SET value = value + 1 WHERE key = 'b'"))
+        other.commit()
+    finally:
+        other.close()
+        worker.join(30)
+    # "a" was 2 when the batch got it: MAX - 2 fits (MAX), then MAX does not.
+    assert outcomes[:2] == [Applied("b", 3), Applied("a", INT64_MAX)]
+    assert isinstance(outcomes[2], CounterOverflowError)
+    assert [read_counter(postgres_engine, key) for key in "ab"] == [INT64_MAX, 3]
+
+
+def _lock_waits(engine) -> int:
+    """How many statements on counters wait for a lock held by another transaction."""
+    with engine.connect() as conn:
+        return conn.scalar(sa.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%counters%'"
+        ))

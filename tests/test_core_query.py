@@ -326,3 +326,41 @@ def test_a_query_that_waits_too_long_for_a_lock_says_so_and_the_next_one_works(d
     runner.release()
     engine.dispose()
     holder.dispose()
+
+
+def test_a_deadlock_or_a_lock_timeout_is_not_blamed_on_the_url(postgres_engine):
+    """Both are OperationalErrors in psycopg, like a refused connection; the advice differs."""
+    with postgres_engine.begin() as conn:
+        conn.execute(schema.query_state.update().values(last_query_at=None))
+        with pytest.raises(DatabaseUnavailableError) as timed_out, db.database_errors(postgres_engine), \
+                postgres_engine.begin() as other:
+            other.execute(sa.text("SET LOCAL lock_timeout = '50ms'"))
+            other.execute(schema.query_state.update().values(last_query_at=None))
+    assert "did not grant a lock in time" in str(timed_out.value)
+    assert "URL" not in str(timed_out.value)
+
+    first, second = postgres_engine.connect(), postgres_engine.connect()
+    first.execute(sa.text("CREATE TABLE pair (id int PRIMARY KEY)"))
+    first.execute(sa.text("INSERT INTO pair VALUES (1), (2)"))
+    first.commit()
+    first.execute(sa.text("UPDATE pair SET id = id WHERE id = 1"))
+    second.execute(sa.text("UPDATE pair SET id = id WHERE id = 2"))
+    errors: list[Exception] = []
+
+    def take(conn, row: int) -> None:
+        try:
+            with db.database_errors(postgres_engine):
+                conn.execute(sa.text("UPDATE pair SET id = id WHERE id = :row"), {"row": row})
+        except DatabaseUnavailableError as ex:
+            errors.append(ex)
+        conn.rollback()
+
+    crossing = threading.Thread(target=take, args=(first, 2))
+    crossing.start()
+    take(second, 1)
+    crossing.join(30)
+    first.close()
+    second.close()
+    assert len(errors) == 1, errors  # PostgreSQL fails one of the two
+    assert "rolled the transaction back" in str(errors[0]) and "deadlock detected" in str(errors[0])
+    assert "URL" not in str(errors[0])

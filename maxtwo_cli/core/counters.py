@@ -5,11 +5,7 @@ keep exact totals. Increments are applied in batches (daemon/batcher.py gathers 
 applies one): a batch without Idempotency-Keys is one statement, plus a transaction of its own
 for what that statement leaves out (add_increments); otherwise one transaction. Rows are taken
 in one order everywhere: Idempotency-Keys first, then counters, each sorted by key, so that
-concurrent batches of several daemons lock rows in the same order. One exception: a key whose
-total would leave the range is taken after the batch's other keys. Without Idempotency-Keys
-that happens in a transaction of its own, holding nothing else; with them, in the batch's
-transaction, so two such batches could deadlock: PostgreSQL then fails one (a 503, and the
-Idempotency-Key makes the retry safe).
+concurrent batches of several daemons lock rows in the same order and never deadlock.
 
 A total never leaves the signed 64-bit range: an increment that would take it out fails alone
 (CounterOverflowError), and every other increment of its batch applies. Concurrent increments
@@ -248,21 +244,25 @@ def _add(held: HeldConnection, items: list[tuple[int, Increment]]) -> tuple[dict
     by_key: dict[str, list[tuple[int, int]]] = {}
     for index, item in items:
         by_key.setdefault(item.key, []).append((index, item.value))
-    totals = _add_sums_in_range(held, {key: sum(value for _, value in values) for key, values in by_key.items()})
+    sums = {key: sum(value for _, value in values) for key, values in by_key.items()}
+    # NOTE: a key whose sum is no 64-bit value goes into the one statement too, adding 0: so its
+    # row is locked in key order with the others' (taken later, it could deadlock with another
+    # daemon's batch), and a new key's row exists from here on (a first increment always fits).
+    no_sum = {key for key, total in sums.items() if not INT64_MIN <= total <= INT64_MAX}
+    totals = _add_sums_in_range(held, {key: 0 if key in no_sum else total for key, total in sums.items()})
     refused: set[int] = set()
-    # The keys whose sum would leave the range (or whose sum is no 64-bit value at all): one by
-    # one, in arrival order. Their rows are locked already, by the upsert, or come after it in
-    # key order.
-    for key in sorted(set(by_key) - totals.keys()):
-        current = held.run(lambda cursor: _current(cursor, held, key))
-        total = 0 if current is None else current
+    # The keys to apply one by one, in arrival order: those, and those whose sum would take the
+    # total out of the range (the statement left them out, but locked their rows).
+    for key in sorted(no_sum | (by_key.keys() - totals.keys())):
+        total = current = totals[key] if key in no_sum else _read_locked(held, key)
         for index, value in by_key[key]:
             if INT64_MIN <= total + value <= INT64_MAX:
                 total += value
             else:
                 refused.add(index)
-        if len(refused & {index for index, _ in by_key[key]}) < len(by_key[key]):
-            held.run(lambda cursor: _set(cursor, held, key, total, current is None))
+        if total != current:
+            held.run(lambda cursor, key=key, total=total: _execute_each(
+                cursor, held, "UPDATE counters SET value = ? WHERE key = ?", [(total, key)]))
         totals[key] = total
     return totals, refused
 
@@ -321,19 +321,14 @@ def _upsert(cursor: Any, held: HeldConnection, keys: list[str], values: list[int
     return cursor.execute(_UPSERT_SQLITE, (json.dumps(list(zip(keys, values))),)).fetchall()
 
 
-def _current(cursor: Any, held: HeldConnection, key: str) -> int | None:
+def _read_locked(held: HeldConnection, key: str) -> int:
+    """The total of a counter whose row this transaction has locked already."""
     if held.postgres:
-        row = cursor.execute("SELECT value FROM counters WHERE key = %s FOR UPDATE", (key,)).fetchone()
+        # Locked by the upsert already: FOR UPDATE keeps the read right on its own.
+        sql = "SELECT value FROM counters WHERE key = %s FOR UPDATE"
     else:
-        row = cursor.execute("SELECT value FROM counters WHERE key = ?", (key,)).fetchone()
-    return None if row is None else row[0]
-
-
-def _set(cursor: Any, held: HeldConnection, key: str, total: int, new: bool) -> None:
-    if new:
-        _execute_each(cursor, held, "INSERT INTO counters (key, value) VALUES (?, ?)", [(key, total)])
-    else:
-        _execute_each(cursor, held, "UPDATE counters SET value = ? WHERE key = ?", [(total, key)])
+        sql = "SELECT value FROM counters WHERE key = ?"
+    return held.run(lambda cursor: cursor.execute(sql, (key,)).fetchone()[0])
 
 
 def _claim(cursor: Any, held: HeldConnection, keys: list[str], fingerprints: list[str], now: dt.datetime) -> list[str]:

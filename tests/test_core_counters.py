@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import random
 import threading
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -101,6 +102,25 @@ def test_a_key_whose_batch_sum_overflows_applies_what_fits_in_arrival_order(engi
 def test_a_new_key_whose_sum_is_no_64_bit_value_is_applied_as_far_as_it_fits(engine, batch):
     outcomes = batch(engine, [Increment("n", INT64_MAX), Increment("n", INT64_MAX)])
     assert outcomes[0] == Applied("n", INT64_MAX) and isinstance(outcomes[1], CounterOverflowError)
+    assert read_counter(engine, "n") == INT64_MAX
+
+
+def test_a_new_key_whose_increments_net_to_zero_one_by_one_reads_zero(engine, batch):
+    # Their sum (2 * MAX) is no 64-bit value: one by one, MAX fits, the next two do not, -MAX fits.
+    items = [Increment("z", INT64_MAX), Increment("z", INT64_MAX), Increment("z", INT64_MAX), Increment("z", -INT64_MAX)]
+    outcomes = batch(engine, items)
+    assert all(isinstance(outcome, CounterOverflowError) for outcome in outcomes[1:3])
+    assert [outcomes[0], outcomes[3]] == [Applied("z", 0)] * 2
+    assert read_counter(engine, "z") == 0
+
+
+def test_a_key_at_the_maximum_refuses_what_overflows_and_keeps_no_idempotency_key(engine, batch):
+    increment(engine, "top", INT64_MAX)
+    outcomes = batch(engine, [Increment("top", INT64_MAX, "k1"), Increment("top", 1, "k2")])
+    assert all(isinstance(outcome, CounterOverflowError) for outcome in outcomes)
+    assert read_counter(engine, "top") == INT64_MAX
+    with engine.connect() as conn:
+        assert list(conn.execute(sa.select(idempotency_keys.c.key)).scalars()) == []
 
 
 def test_sums_that_cross_the_range_midway_but_end_inside_apply_whole(engine, batch):
@@ -302,23 +322,12 @@ def test_a_key_whose_sum_is_no_64_bit_value_is_locked_in_key_order_with_the_rest
     increment(postgres_engine, "a", 1)
     increment(postgres_engine, "b", 1)
     other = postgres_engine.connect()  # its first statement opens a transaction
+    other_pid = other.scalar(sa.text("SELECT pg_backend_pid()"))
     other.execute(sa.text("UPDATE counters SET value = value + 1 WHERE key = 'a'"))
-    outcomes: list = []
-
-    def batch() -> None:
-        held = HeldConnection(postgres_engine)
-        try:
-            items = [Increment("b", 1, "retry-b"), Increment("a", INT64_MAX - 2), Increment("a", INT64_MAX)]
-            outcomes.extend(add_increments(held, items))
-        except Exception as ex:  # noqa: BLE001 - asserted below
-            outcomes.append(ex)
-        finally:
-            held.release()
-
-    worker = threading.Thread(target=batch)
-    worker.start()
+    items = [Increment("b", 1, "once-b"), Increment("a", INT64_MAX - 2), Increment("a", INT64_MAX)]
+    worker, outcomes = _batch_in_a_thread(postgres_engine, items)
     try:
-        wait_for(lambda: _lock_waits(postgres_engine) == 1, "the batch waiting for a row lock")
+        wait_for(lambda: _blocked_by(postgres_engine, other_pid), "the batch waiting for a row lock")
         # Taking "b" now: the batch must not hold it.
         other.execute(sa.text("SET LOCAL lock_timeout = '5s'"))
         other.execute(sa.text("UPDATE counters SET value = value + 1 WHERE key = 'b'"))
@@ -332,9 +341,91 @@ def test_a_key_whose_sum_is_no_64_bit_value_is_locked_in_key_order_with_the_rest
     assert [read_counter(postgres_engine, key) for key in "ab"] == [INT64_MAX, 3]
 
 
-def _lock_waits(engine) -> int:
-    """How many statements on counters wait for a lock held by another transaction."""
+def test_an_expired_key_deleted_by_the_cleanup_during_a_claim_is_a_new_use_not_a_replay(postgres_engine):
+    now = dt.datetime.now(dt.UTC)
+    _batch_in_a_thread(postgres_engine, [Increment("x", 1, "a")], now - dt.timedelta(hours=30))[0].join(30)
+    other = postgres_engine.connect()
+    other_pid = other.scalar(sa.text("SELECT pg_backend_pid()"))
+    # Not committed: the batch's claim of "b" waits for it, after its claim of "a".
+    other.execute(idempotency_keys.insert().values(key="b", fingerprint="f", created_at=now))
+    worker, outcomes = _batch_in_a_thread(postgres_engine, [Increment("x", 5, "a"), Increment("y", 1, "b")], now)
+    deleted: list[int] = []
+    cleanup = threading.Thread(target=lambda: deleted.append(delete_expired_idempotency_keys(postgres_engine, now)))
+    try:
+        wait_for(lambda: _blocked_by(postgres_engine, other_pid), "the batch's claim waiting")
+        [batch_pid] = _blocked_by(postgres_engine, other_pid)
+        cleanup.start()
+        wait_for(lambda: deleted or _blocked_by(postgres_engine, batch_pid), "the cleanup done or waiting")
+        other.rollback()
+    finally:
+        other.close()
+        worker.join(30)
+        if cleanup.ident is not None:
+            cleanup.join(30)
+    # "a" had expired: this is a new use, applied (not a replay of the old one, never applied).
+    assert outcomes == [Applied("x", 6), Applied("y", 1)]
+    assert read_counter(postgres_engine, "x") == 6
+    assert deleted == [0]  # "a" was claimed anew meanwhile: live again
+
+
+def test_the_cleanup_takes_expired_keys_in_key_order_as_a_claim_does(postgres_engine):
+    now = dt.datetime.now(dt.UTC)
+    with postgres_engine.begin() as conn:  # in the table's order (and by age) b, m, a: not key order
+        for minutes, key in enumerate("bma"):
+            created_at = now - dt.timedelta(hours=30) + dt.timedelta(minutes=minutes)
+            conn.execute(idempotency_keys.insert().values(key=key, fingerprint="f", created_at=created_at))
+    holder = postgres_engine.connect()
+    holder_pid = holder.scalar(sa.text("SELECT pg_backend_pid()"))
+    holder.execute(sa.text("SELECT key FROM idempotency_keys WHERE key = 'm' FOR UPDATE"))
+    deleted: list[Any] = []
+
+    def clean() -> None:
+        try:
+            deleted.append(delete_expired_idempotency_keys(postgres_engine, now))
+        except Exception as ex:  # noqa: BLE001 - asserted below
+            deleted.append(ex)
+
+    cleanup = threading.Thread(target=clean)
+    cleanup.start()
+    worker, outcomes = None, []
+    try:
+        wait_for(lambda: _blocked_by(postgres_engine, holder_pid), "the cleanup waiting for m")
+        [cleanup_pid] = _blocked_by(postgres_engine, holder_pid)
+        items = [Increment("x", 1, "a"), Increment("x", 1, "b"), Increment("x", 1, "c")]
+        worker, outcomes = _batch_in_a_thread(postgres_engine, items, now)
+        wait_for(lambda: _blocked_by(postgres_engine, cleanup_pid), "the batch waiting for the cleanup")
+        holder.rollback()
+    finally:
+        holder.close()
+        cleanup.join(30)
+        if worker is not None:
+            worker.join(30)
+    assert deleted == [3]
+    assert outcomes == [Applied("x", 3)] * 3
+
+
+def _batch_in_a_thread(engine, items, now=None) -> tuple[threading.Thread, list]:
+    """add_increments() of `items` in a thread of its own; its outcomes, or the error it raised."""
+    outcomes: list = []
+
+    def run() -> None:
+        held = HeldConnection(engine)
+        try:
+            outcomes.extend(add_increments(held, items, now))
+        except Exception as ex:  # noqa: BLE001 - asserted by the caller
+            outcomes.append(ex)
+        finally:
+            held.release()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    return worker, outcomes
+
+
+def _blocked_by(engine, pid: int) -> list[int]:
+    """The backends waiting for a lock that backend `pid` holds."""
     with engine.connect() as conn:
-        return conn.scalar(sa.text(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%counters%'"
+        return list(conn.scalars(
+            sa.text("SELECT pid FROM pg_stat_activity WHERE CAST(:pid AS integer) = ANY(pg_blocking_pids(pid))"),
+            {"pid": pid},
         ))

@@ -32,7 +32,7 @@ from maxtwo_cli.core.batch import HeldConnection
 from maxtwo_cli.core.clock import utcnow
 from maxtwo_cli.core.db import database_errors
 from maxtwo_cli.core.errors import MaxtwoError
-from maxtwo_cli.core.schema import counters, from_microseconds, idempotency_keys, to_microseconds
+from maxtwo_cli.core.schema import counters, idempotency_keys, to_microseconds
 
 log = logging.getLogger(__name__)
 
@@ -204,24 +204,14 @@ def _settle_idempotency_keys(
         return list(range(len(items)))
     keys = sorted(first_use)
     # NOTE: a claim waits for a concurrent transaction inserting the same key (another daemon's
-    # batch) and then finds it taken: one of the two applies the increment, never both.
-    claimed = set(held.run(lambda cursor: _claim(cursor, held, keys, [items[first_use[key]].fingerprint for key in keys], now)))
+    # batch) and then finds it taken: one of the two applies the increment, never both. A key
+    # taken but expired (not deleted yet) is claimed anew. A key taken and live is left as it is
+    # but locked by the claim all the same, so the daemons' cleanup cannot delete it before its
+    # fingerprint is read (which would make a new use look like a replay, never applied).
+    fingerprints = [items[first_use[key]].fingerprint for key in keys]
+    claimed = set(held.run(lambda cursor: _claim(cursor, held, keys, fingerprints, now, now - IDEMPOTENCY_TTL)))
     taken = [key for key in keys if key not in claimed]
-    expired_before = now - IDEMPOTENCY_TTL
-    recorded: dict[str, str] = {}
-    if taken:
-        rows = held.run(lambda cursor: _recorded(cursor, held, taken))
-        renew = []
-        for key, fingerprint, created_at in rows:
-            if created_at < expired_before:  # not deleted yet, but expired: a new use
-                renew.append(key)
-                claimed.add(key)
-            else:
-                recorded[key] = fingerprint
-        if renew:
-            held.run(lambda cursor: _execute_each(
-                cursor, held, "UPDATE idempotency_keys SET fingerprint = ?, created_at = ? WHERE key = ?",
-                [(items[first_use[key]].fingerprint, _timestamp(held, now), key) for key in renew]))
+    recorded = dict(held.run(lambda cursor: _recorded(cursor, held, taken))) if taken else {}
     to_apply = []
     for index, item in enumerate(items):
         key = item.idempotency_key
@@ -229,7 +219,7 @@ def _settle_idempotency_keys(
             to_apply.append(index)
             continue
         # Used before: by an earlier request, or earlier in this very batch.
-        fingerprint = recorded.get(key, items[first_use[key]].fingerprint)
+        fingerprint = recorded[key] if key in recorded else items[first_use[key]].fingerprint
         if fingerprint == item.fingerprint:
             outcomes[index] = Applied(item.key, None, replayed=True)
         else:
@@ -245,9 +235,10 @@ def _add(held: HeldConnection, items: list[tuple[int, Increment]]) -> tuple[dict
     for index, item in items:
         by_key.setdefault(item.key, []).append((index, item.value))
     sums = {key: sum(value for _, value in values) for key, values in by_key.items()}
-    # NOTE: a key whose sum is no 64-bit value goes into the one statement too, adding 0: so its
-    # row is locked in key order with the others' (taken later, it could deadlock with another
-    # daemon's batch), and a new key's row exists from here on (a first increment always fits).
+    # NOTE: a key whose sum is no 64-bit value goes into the one statement too, adding 0, which
+    # always fits: so its row is locked in key order with the others' (taken later, it could
+    # deadlock with another daemon's batch), and a new key's row exists from here on, at 0. That
+    # row is never left behind with nothing applied: a first increment on 0 always fits.
     no_sum = {key for key, total in sums.items() if not INT64_MIN <= total <= INT64_MAX}
     totals = _add_sums_in_range(held, {key: 0 if key in no_sum else total for key, total in sums.items()})
     refused: set[int] = set()
@@ -282,10 +273,6 @@ def _execute_each(cursor: Any, held: HeldConnection, sql: str, rows: list[tuple]
     statement = sql.replace("?", "%s") if held.postgres else sql
     for row in rows:
         cursor.execute(statement, row)
-
-
-def _timestamp(held: HeldConnection, moment: dt.datetime) -> Any:
-    return moment if held.postgres else to_microseconds(moment)
 
 
 # NOTE: `value + delta` must never be computed when it would overflow (PostgreSQL raises, which
@@ -324,43 +311,50 @@ def _upsert(cursor: Any, held: HeldConnection, keys: list[str], values: list[int
 def _read_locked(held: HeldConnection, key: str) -> int:
     """The total of a counter whose row this transaction has locked already."""
     if held.postgres:
-        # Locked by the upsert already: FOR UPDATE keeps the read right on its own.
-        sql = "SELECT value FROM counters WHERE key = %s FOR UPDATE"
+        # NOTE: the upsert locked the row already (FOR NO KEY UPDATE, as an update does); asked
+        # again at that strength, the read is right on its own, and upgrades nothing.
+        sql = "SELECT value FROM counters WHERE key = %s FOR NO KEY UPDATE"
     else:
         sql = "SELECT value FROM counters WHERE key = ?"
     return held.run(lambda cursor: cursor.execute(sql, (key,)).fetchone()[0])
 
 
-def _claim(cursor: Any, held: HeldConnection, keys: list[str], fingerprints: list[str], now: dt.datetime) -> list[str]:
+def _claim(
+    cursor: Any, held: HeldConnection, keys: list[str], fingerprints: list[str], now: dt.datetime,
+    expired_before: dt.datetime,
+) -> list[str]:
+    """Record the keys (sorted, each once) unless taken and live; the keys recorded now."""
     if held.postgres:
         rows = cursor.execute(
             "INSERT INTO idempotency_keys (key, fingerprint, created_at) "
             "SELECT key, fingerprint, %s FROM unnest(%s::text[], %s::text[]) AS claim (key, fingerprint) "
-            "ORDER BY key ON CONFLICT (key) DO NOTHING RETURNING key",
-            (now, keys, fingerprints),
+            "ORDER BY key ON CONFLICT (key) DO UPDATE "
+            "SET fingerprint = excluded.fingerprint, created_at = excluded.created_at "
+            "WHERE idempotency_keys.created_at < %s RETURNING key",
+            (now, keys, fingerprints, expired_before),
         ).fetchall()
     else:
         rows = cursor.execute(
             "INSERT INTO idempotency_keys (key, fingerprint, created_at) "
             "SELECT json_extract(item.value, '$[0]'), json_extract(item.value, '$[1]'), ? FROM json_each(?) AS item "
-            "WHERE true ON CONFLICT (key) DO NOTHING RETURNING key",
-            (to_microseconds(now), json.dumps(list(zip(keys, fingerprints)))),
+            "WHERE true ON CONFLICT (key) DO UPDATE "
+            "SET fingerprint = excluded.fingerprint, created_at = excluded.created_at "
+            "WHERE idempotency_keys.created_at < ? RETURNING key",
+            (to_microseconds(now), json.dumps(list(zip(keys, fingerprints))), to_microseconds(expired_before)),
         ).fetchall()
     return [row[0] for row in rows]
 
 
-def _recorded(cursor: Any, held: HeldConnection, keys: list[str]) -> list[tuple[str, str, dt.datetime]]:
+def _recorded(cursor: Any, held: HeldConnection, keys: list[str]) -> list[tuple[str, str]]:
+    """(key, fingerprint) of keys the claim left as they were (and locked)."""
     if held.postgres:
-        rows = cursor.execute(
-            "SELECT key, fingerprint, created_at FROM idempotency_keys WHERE key = ANY(%s) ORDER BY key FOR UPDATE",
-            (keys,),
+        return cursor.execute(
+            "SELECT key, fingerprint FROM idempotency_keys WHERE key = ANY(%s)", (keys,)
         ).fetchall()
-        return [(key, fingerprint, created_at.astimezone(dt.UTC)) for key, fingerprint, created_at in rows]
-    rows = cursor.execute(
-        "SELECT key, fingerprint, created_at FROM idempotency_keys WHERE key IN (SELECT value FROM json_each(?))",
+    return cursor.execute(
+        "SELECT key, fingerprint FROM idempotency_keys WHERE key IN (SELECT value FROM json_each(?))",
         (json.dumps(keys),),
     ).fetchall()
-    return [(key, fingerprint, from_microseconds(created_at)) for key, fingerprint, created_at in rows]
 
 
 def read_counter(engine: Engine, key: str) -> int | None:
@@ -383,5 +377,13 @@ def list_counters(engine: Engine, keys: Sequence[str] | None = None, limit: int 
 def delete_expired_idempotency_keys(engine: Engine, now: dt.datetime | None = None) -> int:
     """Forget the Idempotency-Keys older than 24 hours; how many."""
     expired_before = (now or utcnow()) - IDEMPOTENCY_TTL
+    # NOTE: rows locked in key order, as a batch's claim takes them (a plain DELETE takes them in
+    # the table's order, and could deadlock with a batch claiming expired keys anew).
+    expired = (
+        sa.select(idempotency_keys.c.key)
+        .where(idempotency_keys.c.created_at < expired_before)
+        .order_by(idempotency_keys.c.key)
+        .with_for_update()
+    )
     with database_errors(engine), engine.begin() as conn:
-        return conn.execute(idempotency_keys.delete().where(idempotency_keys.c.created_at < expired_before)).rowcount
+        return conn.execute(idempotency_keys.delete().where(idempotency_keys.c.key.in_(expired))).rowcount

@@ -257,14 +257,15 @@ def _translate(engine: Engine, original: BaseException | None) -> MaxtwoError:
             f"the database at {where} did not answer in time ({detail}); "
             "check for long-running transactions or locks"
         )
-    # NOTE: psycopg makes these two OperationalErrors too, which would advise checking the URL.
-    sqlstate = getattr(original, "sqlstate", None) or ""
-    if psycopg is not None and sqlstate == "55P03":  # lock_not_available: lock_timeout
+    # NOTE: psycopg makes these OperationalErrors too, which would advise checking the URL.
+    if psycopg is not None and isinstance(original, psycopg.errors.LockNotAvailable):  # lock_timeout
         return DatabaseUnavailableError(
             f"the database at {where} did not grant a lock in time ({detail}); "
             "check for long-running transactions or locks"
         )
-    if psycopg is not None and sqlstate.startswith("40"):  # rolled back: a deadlock, serialization
+    if psycopg is not None and isinstance(
+        original, (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+    ):
         return DatabaseUnavailableError(
             f"the database at {where} rolled the transaction back ({detail}); nothing of it "
             "was applied: try again"

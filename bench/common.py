@@ -10,7 +10,7 @@ import time
 import traceback
 import urllib.parse
 from collections.abc import Callable, Mapping
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 T = TypeVar("T")
 
@@ -41,7 +41,7 @@ class Stopwatch:
 
     seconds: float = 0.0
 
-    def __enter__(self) -> Stopwatch:
+    def __enter__(self) -> Self:
         self._started = time.perf_counter()
         return self
 

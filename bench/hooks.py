@@ -49,7 +49,7 @@ def measure(target, options: argparse.Namespace, work_dir: Path) -> dict:
             log_path = work_dir / f"{target.name}-{name.replace(' ', '-')}.log"
             servers[name] = stack.enter_context(running(variant(url, flags, options.rows, log_path), 600))
         for connections in options.connections:
-            contenders = {name: (lambda server=server: run_wrk(server.url, connections, options.seconds, server.pid))
+            contenders = {name: lambda server=server, c=connections: run_wrk(server.url, c, options.seconds, server.pid)
                           for name, server in servers.items()}
             rounds = run_in_rounds(contenders, options.rounds)
             summary = {}

@@ -147,7 +147,7 @@ def paired_ratios(rounds: dict[str, Rounds[dict]]) -> dict:
     synchronous approach, random keys and hot key; the headlines are the medians of those ratios."""
     def by_round(ours: str, other: str) -> list[float]:
         return [ratio(a["requests_per_second"], b["requests_per_second"])
-                for a, b in zip(rounds[ours].runs, rounds[other].runs)]
+                for a, b in zip(rounds[ours].runs, rounds[other].runs, strict=True)]
 
     figures: dict = {}
     for name, ours, other in (("ours_over_do_nothing", OURS, DO_NOTHING),
@@ -163,7 +163,7 @@ def paired_ratios(rounds: dict[str, Rounds[dict]]) -> dict:
     # machine, and on a CPU-bound one what req/s follows (PostgreSQL's own CPU aside).
     for name, baseline in (("do_nothing", DO_NOTHING), ("stock_do_nothing", DO_NOTHING_STOCK)):
         cpu = [ratio(b.get("cpu_us_per_request"), a.get("cpu_us_per_request"))
-               for a, b in zip(rounds[OURS].runs, rounds[baseline].runs)]
+               for a, b in zip(rounds[OURS].runs, rounds[baseline].runs, strict=True)]
         figures[f"{name}_cpu_over_ours"] = median_or_none(cpu)
         figures[f"{name}_cpu_over_ours_by_round"] = [value for value in cpu if value is not None]
     return figures

@@ -164,8 +164,9 @@ def paired_ratios(ours: list[dict], baseline: list[dict], key: str) -> dict:
     than the runs of other rounds, so their ratio carries less of the machine's drift than a
     ratio of medians would. The headline is the median of those ratios. Keys: ours_over_<key>,
     <key>_cpu_over_ours, and each with _by_round."""
-    by_round = [ratio(a["requests_per_second"], b["requests_per_second"]) for a, b in zip(ours, baseline)]
-    cpu_ratios = (ratio(b.get("cpu_us_per_request"), a.get("cpu_us_per_request")) for a, b in zip(ours, baseline))
+    by_round = [ratio(a["requests_per_second"], b["requests_per_second"]) for a, b in zip(ours, baseline, strict=True)]
+    cpu_ratios = (ratio(b.get("cpu_us_per_request"), a.get("cpu_us_per_request"))
+                  for a, b in zip(ours, baseline, strict=True))
     cpu_by_round = [value for value in cpu_ratios if value is not None]
     return {
         f"ours_over_{key}": statistics.median(by_round),

@@ -79,7 +79,7 @@ def _wrk_version() -> str | None:
         return None
     try:
         # NOTE: wrk prints its version and then its usage, exiting non-zero, for -v.
-        output = subprocess.run([wrk, "-v"], capture_output=True, text=True, timeout=10)
+        output = subprocess.run([wrk, "-v"], check=False, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     first = (output.stdout or output.stderr).strip().splitlines()

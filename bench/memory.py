@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 from bench.common import say
 from bench.processes import MAXTWO, REPO_ROOT, read_process
@@ -31,7 +32,7 @@ class PeakRssSampler:
         self.peak_bytes = 0
         self.samples = 0
 
-    def __enter__(self) -> PeakRssSampler:
+    def __enter__(self) -> Self:
         self._sample()  # at once: a short-lived process may be gone before the first tick
         self._thread.start()
         return self

@@ -8,9 +8,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # before pyplot is imported: CI and servers have no display
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from bench import increment, load, randomize, seed  # noqa: E402
+from bench import increment, load, randomize, seed
 
 SEED_RANDOMIZE = "seed-randomize.png"
 RANDOMIZE_SCALE = "randomize-scale.png"
@@ -32,7 +32,7 @@ def plot_seed_randomize(results: dict, path: Path) -> bool:
     if not any(_ok(results, section, database) for section, _, _ in panels for database in DATABASES):
         return False
     figure, axes = plt.subplots(1, 2, figsize=(12, 5))
-    for axis, (section, title, contenders) in zip(axes, panels):
+    for axis, (section, title, contenders) in zip(axes, panels, strict=True):
         width = 0.8 / len(contenders)
         for index, (names, color) in enumerate(contenders):
             # A tuple: one bar per database, whichever of these contenders it ran (the floors).

@@ -163,8 +163,8 @@ def _startup_headline(results: dict) -> list[str]:
 
 
 def _goals(results: dict) -> str:
-    lines = ["## Goals", "", "From issues 4, 16 and 18; *met* is computed from the figures of this run. "
-             "Where a goal compares with a baseline, it names it.", "",
+    lines = ["## Goals", "", ("From issues 4, 16 and 18; *met* is computed from the figures of this run. "
+              "Where a goal compares with a baseline, it names it."), "",
              "| goal | measured | met |", "|---|---|---|"]
     lines += [_row(goal["goal"], [goal["measured"], goal["met"]]) for goal in results.get("goals", [])]
     return "\n".join(lines)
@@ -173,10 +173,10 @@ def _goals(results: dict) -> str:
 def _seed(results: dict) -> str:
     rows = results["parameters"]["rows"]
     lines = [f"## 1. Seed {rows:,} users", "",
-             f"maxtwo's `seed_users` (one transaction; on SQLite rows generated inside the database, on "
-             f"PostgreSQL only the ids sent by COPY, the `VACUUM (ANALYZE)` that follows included) "
-             f"against {seed.BASELINE}: rows built in Python "
-             "chunk by chunk, one transaction, into the same table.", "",
+             (f"maxtwo's `seed_users` (one transaction; on SQLite rows generated inside the database, on "
+              f"PostgreSQL only the ids sent by COPY, the `VACUUM (ANALYZE)` that follows included) "
+              f"against {seed.BASELINE}: rows built in Python "
+              "chunk by chunk, one transaction, into the same table."), "",
              "| database | maxtwo | rows/s | chunked baseline | rows/s | baseline / maxtwo |",
              "|---|---|---|---|---|---|"]
     failures = []
@@ -196,15 +196,15 @@ def _seed(results: dict) -> str:
 def _randomize(results: dict) -> str:
     rows = results["parameters"]["rows"]
     lines = [f"## 2. Randomize {rows:,} users", "",
-             "maxtwo's `randomize_points` (one transaction: the state row, then one UPDATE of every user; "
-             "fillfactor 50 on PostgreSQL) against the best published approach, "
-             "`UPDATE users SET points = floor(random()*101), updated_at = now()` on a default table "
-             "(SQLite: `abs(random()) % 101` and ISO-8601 text timestamps, SQLAlchemy's default storage), "
-             "and against a floor, maxtwo's update with one cost taken away: on PostgreSQL its WAL (the update on "
-             "an UNLOGGED copy of maxtwo's table), on SQLite (no unlogged tables) random() (maxtwo's durable update "
-             "on a copy of its table with every user's points set to a constant). *naive / maxtwo* is "
-             "information, not a goal: on PostgreSQL it is bounded by naive / floor, which depends on the host; "
-             "*maxtwo / floor* is the goal.", "",
+             ("maxtwo's `randomize_points` (one transaction: the state row, then one UPDATE of every user; "
+              "fillfactor 50 on PostgreSQL) against the best published approach, "
+              "`UPDATE users SET points = floor(random()*101), updated_at = now()` on a default table "
+              "(SQLite: `abs(random()) % 101` and ISO-8601 text timestamps, SQLAlchemy's default storage), "
+              "and against a floor, maxtwo's update with one cost taken away: on PostgreSQL its WAL (the update on "
+              "an UNLOGGED copy of maxtwo's table), on SQLite (no unlogged tables) random() (maxtwo's durable update "
+              "on a copy of its table with every user's points set to a constant). *naive / maxtwo* is "
+              "information, not a goal: on PostgreSQL it is bounded by naive / floor, which depends on the host; "
+              "*maxtwo / floor* is the goal."), "",
              "| database | maxtwo | rows/s | naive | floor | naive / maxtwo | maxtwo / floor |",
              "|---|---|---|---|---|---|---|"]
     failures = []
@@ -225,8 +225,8 @@ def _randomize(results: dict) -> str:
 def _scale(results: dict) -> str:
     runs = results["parameters"]["runs"]
     lines = ["## 3. Randomize at scale (PostgreSQL)", "",
-             f"Each size: a fresh schema seeded by the core (seed time: one run), then {runs} timed "
-             "randomizations after a warm-up.", ""]
+             (f"Each size: a fresh schema seeded by the core (seed time: one run), then {runs} timed "
+              "randomizations after a warm-up."), ""]
     result = (results.get("scale") or {}).get("PostgreSQL")
     if _failed(result):
         return "\n".join([*lines, _failure("PostgreSQL", result)])
@@ -268,22 +268,22 @@ def _scale_search(result: dict, budget: float) -> list[str]:
     probes = search.get("probes") or []
     lines = [f"### The largest table randomized within {budget:g} s", ""]
     if "max_probes" in search:
-        lines += ["Measured, not extrapolated: sizes beyond the fixed ones, each seeded and timed like them "
-                  f"(a warm-up, then {search['probe_runs']} timed runs; none when the warm-up alone took over "
-                  f"{search['give_up_after_budgets']:g} times the {budget:g} s). The first is where the fit "
-                  "puts the limit; each next is where the last measurement puts it if time grows in "
-                  f"proportion to rows, moved {search['margin']:g}x past it towards the side not measured "
-                  "yet. Every size is rounded down to two significant digits and kept between the largest "
-                  f"size that fit and the smallest that did not, and at most {search['growth']:g}x the size "
-                  "it starts from. The search stops once those two are within a factor of "
-                  f"{search['resolution']:g}, or after {search['max_probes']} sizes.", ""]
+        lines += [("Measured, not extrapolated: sizes beyond the fixed ones, each seeded and timed like them "
+                   f"(a warm-up, then {search['probe_runs']} timed runs; none when the warm-up alone took over "
+                   f"{search['give_up_after_budgets']:g} times the {budget:g} s). The first is where the fit "
+                   "puts the limit; each next is where the last measurement puts it if time grows in "
+                   f"proportion to rows, moved {search['margin']:g}x past it towards the side not measured "
+                   "yet. Every size is rounded down to two significant digits and kept between the largest "
+                   f"size that fit and the smallest that did not, and at most {search['growth']:g}x the size "
+                   "it starts from. The search stops once those two are within a factor of "
+                   f"{search['resolution']:g}, or after {search['max_probes']} sizes."), ""]
     if probes:
         lines += ["| users | seed (one run) | randomize (median) | rows/s | runs |", "|---|---|---|---|---|"]
         lines += [_scale_row(point) for point in probes]
         lines.append("")
     elif "error" not in search:
-        lines += ["No size was searched: the fixed sizes already bracket the limit closely enough, or "
-                  "none of them fit.", ""]
+        lines += [("No size was searched: the fixed sizes already bracket the limit closely enough, or "
+                   "none of them fit."), ""]
     if "error" in search:
         failed = search["error"]
         first_line = failed["error"].splitlines()[0] if failed["error"] else "no message"
@@ -315,21 +315,21 @@ def _load(results: dict) -> str:
         return "\n".join([*lines, f"**Skipped:** {section['skipped']}."])
     if _failed(section):
         return "\n".join([*lines, _failure("load", section)])
-    lines += [f"`wrk -t2 -cC -d{parameters['load_seconds']}s --latency` against `maxtwo serve` "
-              f"(`--threads {parameters.get('threads', 8)} --interval 60`, {parameters['rows']:,} users) and against two "
-              "baselines, all three taking turns. Both baselines are the hello-world app of bench/hello.py (a constant "
-              f"body, no database): **{load.HELLO}** is served by the transport `maxtwo serve` answers on, built by "
-              "the daemon's own code (the busy-poll fix, the strict parser, the change poller, and the lane, which "
-              "takes its GET / as it takes maxtwo's), so a request there travels maxtwo's path minus maxtwo's own "
-              f"work: the goal's baseline. **{load.HELLO_STOCK}** is waitress as shipped with the same settings "
-              "(threads, connection limit, backlog, channel timeout, poll) and none of maxtwo's hooks: what the "
-              "transport's hooks are worth shows in the gap between the two. Figures are medians of the runs; max "
-              "latency is the worst run's; errors add up every "
-              "measured run (non-2xx/3xx responses plus socket connect/read/write/timeout errors). *ratios* are "
-              "medians of the rounds' ratios of maxtwo's req/s to each baseline's (each round's runs follow each "
-              "other, so the machine's drift between rounds cancels), the rounds' own in brackets. *CPU per request*: user + system time "
-              "of the server process during the run over the requests answered (PostgreSQL's own work not "
-              "included); it varies far less than req/s on a shared machine.", "",
+    lines += [(f"`wrk -t2 -cC -d{parameters['load_seconds']}s --latency` against `maxtwo serve` "
+               f"(`--threads {parameters.get('threads', 8)} --interval 60`, {parameters['rows']:,} users) and against two "
+               "baselines, all three taking turns. Both baselines are the hello-world app of bench/hello.py (a constant "
+               f"body, no database): **{load.HELLO}** is served by the transport `maxtwo serve` answers on, built by "
+               "the daemon's own code (the busy-poll fix, the strict parser, the change poller, and the lane, which "
+               "takes its GET / as it takes maxtwo's), so a request there travels maxtwo's path minus maxtwo's own "
+               f"work: the goal's baseline. **{load.HELLO_STOCK}** is waitress as shipped with the same settings "
+               "(threads, connection limit, backlog, channel timeout, poll) and none of maxtwo's hooks: what the "
+               "transport's hooks are worth shows in the gap between the two. Figures are medians of the runs; max "
+               "latency is the worst run's; errors add up every "
+               "measured run (non-2xx/3xx responses plus socket connect/read/write/timeout errors). *ratios* are "
+               "medians of the rounds' ratios of maxtwo's req/s to each baseline's (each round's runs follow each "
+               "other, so the machine's drift between rounds cancels), the rounds' own in brackets. *CPU per request*: user + system time "
+               "of the server process during the run over the requests answered (PostgreSQL's own work not "
+               "included); it varies far less than req/s on a shared machine."), "",
               "| database | connections | server | req/s | CPU per request | p50 | p99 | max | non-2xx/3xx | socket errors | ratios |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
@@ -357,14 +357,14 @@ def _load(results: dict) -> str:
     if _plotted(results, LOAD):
         lines += ["", f"![GET / req/s, maxtwo vs hello-world on maxtwo's transport and on stock waitress](img/{LOAD})"]
     lines += ["", "### Latency across randomizations", "",
-              f"`maxtwo serve --interval {parameters['span_interval']:g}` under back-to-back 1 s wrk windows at "
-              f"{load.SPAN_CONNECTIONS} connections (after one warm-up window), until at least "
-              f"{load.SPAN_MIN_RANDOMIZATIONS} randomizations ran, {load.SPAN_MIN_INTERVALS} intervals passed and "
-              f"at least {load.SPAN_MIN_WINDOWS_EACH} windows fell inside and outside randomizations each. "
-              "Each randomization's start and end come from the daemon's log line "
-              "(\"randomized N users in X s\", stamped at commit). A window is *inside* if it overlapped one, "
-              "*outside* if it overlapped none; a window holding a due time whose randomization never reached "
-              "the log is left out. A 1 s window only partly covered by a short randomization dilutes its p99.", "",
+              (f"`maxtwo serve --interval {parameters['span_interval']:g}` under back-to-back 1 s wrk windows at "
+               f"{load.SPAN_CONNECTIONS} connections (after one warm-up window), until at least "
+               f"{load.SPAN_MIN_RANDOMIZATIONS} randomizations ran, {load.SPAN_MIN_INTERVALS} intervals passed and "
+               f"at least {load.SPAN_MIN_WINDOWS_EACH} windows fell inside and outside randomizations each. "
+               "Each randomization's start and end come from the daemon's log line "
+               "(\"randomized N users in X s\", stamped at commit). A window is *inside* if it overlapped one, "
+               "*outside* if it overlapped none; a window holding a due time whose randomization never reached "
+               "the log is left out. A 1 s window only partly covered by a short randomization dilutes its p99."), "",
               "| database | randomizations (s each) | windows inside | windows outside | p99 inside (median / worst) | p99 outside (median / worst) | inside / outside | errors |",
               "|---|---|---|---|---|---|---|---|"]
     failures = []
@@ -421,41 +421,41 @@ def _increment(results: dict) -> str:
     if _failed(section):
         return "\n".join([*lines, _failure("increment", section)])
     lines += [
-        f"`wrk -t2 -cC -d{section['seconds']}s --latency -s bench/increment.lua`: each request a JSON body "
-        f"`{{\"key\": \"key-N\", \"value\": V}}`, N uniform in 1..{section['keys']:,}, V uniform in "
-        "-1000..1000, from a generator seeded per wrk thread; the *hot key* runs send every request to one key "
-        f"(`-- hot`). Four servers on the same waitress settings ({parameters.get('threads', 8)} threads) take "
-        f"turns, one warm-up each, then {parameters.get('load_runs', parameters['runs'])} rounds:",
+        (f"`wrk -t2 -cC -d{section['seconds']}s --latency -s bench/increment.lua`: each request a JSON body "
+         f"`{{\"key\": \"key-N\", \"value\": V}}`, N uniform in 1..{section['keys']:,}, V uniform in "
+         "-1000..1000, from a generator seeded per wrk thread; the *hot key* runs send every request to one key "
+         f"(`-- hot`). Four servers on the same waitress settings ({parameters.get('threads', 8)} threads) take "
+         f"turns, one warm-up each, then {parameters.get('load_runs', parameters['runs'])} rounds:"),
         "",
-        f"- **{increment.OURS}** as deployed (`--seed-count {section['seed_count']:,} --interval "
-        f"{section['interval']:g}`): the batcher puts the increments waiting at the same moment into one "
-        "transaction (group commit) and answers each 202 once it has committed;",
-        "- the **do-nothing app** (bench/hello.py): reads the body and answers 202, no parsing, no "
-        "database: the peers' \"simple\" baseline, twice: the "
-        f"**{increment.DO_NOTHING}** (its POSTs through the lane as maxtwo's are: the goal's baseline) and the "
-        f"**{increment.DO_NOTHING_STOCK}** (waitress as shipped, same settings, none of maxtwo's hooks). It "
-        "never reads the key, so its one run per round is the baseline of both maxtwo runs of the round;",
-        "- the **synchronous approach** (bench/sync_increment.py): the same daemon, with POST /increment "
-        "running `core.counters.increment()` in its request thread, one transaction (the same validation and "
-        "upsert) per request.",
+        (f"- **{increment.OURS}** as deployed (`--seed-count {section['seed_count']:,} --interval "
+         f"{section['interval']:g}`): the batcher puts the increments waiting at the same moment into one "
+         "transaction (group commit) and answers each 202 once it has committed;"),
+        ("- the **do-nothing app** (bench/hello.py): reads the body and answers 202, no parsing, no "
+         "database: the peers' \"simple\" baseline, twice: the "
+         f"**{increment.DO_NOTHING}** (its POSTs through the lane as maxtwo's are: the goal's baseline) and the "
+         f"**{increment.DO_NOTHING_STOCK}** (waitress as shipped, same settings, none of maxtwo's hooks). It "
+         "never reads the key, so its one run per round is the baseline of both maxtwo runs of the round;"),
+        ("- the **synchronous approach** (bench/sync_increment.py): the same daemon, with POST /increment "
+         "running `core.counters.increment()` in its request thread, one transaction (the same validation and "
+         "upsert) per request."),
         "",
-        "*ours / do-nothing* and *ours / synchronous* are medians of the rounds' ratios, the rounds' own in "
-        "brackets. Errors add up every run, warm-ups included (non-2xx/3xx responses plus socket errors; "
-        "wrk's 2 s timeout counts slower requests as timeouts). *CPU per request* is the server process's "
-        "(PostgreSQL's own work not included). The database server and wrk share the machine's 2 cores with "
-        "the server under test.",
+        ("*ours / do-nothing* and *ours / synchronous* are medians of the rounds' ratios, the rounds' own in "
+         "brackets. Errors add up every run, warm-ups included (non-2xx/3xx responses plus socket errors; "
+         "wrk's 2 s timeout counts slower requests as timeouts). *CPU per request* is the server process's "
+         "(PostgreSQL's own work not included). The database server and wrk share the machine's 2 cores with "
+         "the server under test."),
     ]
     fsync = section.get("fsync") or {}
     if "error" in fsync:
         lines += ["", _failure("fsync latency", fsync)]
     elif fsync:
-        lines += ["", f"**fsync latency** of this machine: appending {fsync['block_bytes']:,} bytes to a file and "
-                  f"`fsync()`ing it, {fsync['writes']} times in {fsync['directory']} ({fsync['filesystem']}, "
-                  f"where the databases live): median **{fsync['median_ms']:.3f} ms**, p99 {fsync['p99_ms']:.3f} ms, "
-                  f"max {fsync['max_ms']:.3f} ms. Every durable commit pays at least one; group commit pays one "
-                  "per batch instead of one per request, so its advantage over the synchronous approach grows "
-                  "with this figure (a fraction of a millisecond on these virtual disks, milliseconds on many "
-                  "real ones)."]
+        lines += ["", (f"**fsync latency** of this machine: appending {fsync['block_bytes']:,} bytes to a file and "
+                   f"`fsync()`ing it, {fsync['writes']} times in {fsync['directory']} ({fsync['filesystem']}, "
+                   f"where the databases live): median **{fsync['median_ms']:.3f} ms**, p99 {fsync['p99_ms']:.3f} ms, "
+                   f"max {fsync['max_ms']:.3f} ms. Every durable commit pays at least one; group commit pays one "
+                   "per batch instead of one per request, so its advantage over the synchronous approach grows "
+                   "with this figure (a fraction of a millisecond on these virtual disks, milliseconds on many "
+                   "real ones).")]
     lines += ["", "| database | connections | server | req/s | CPU per request | p50 | p99 | max | errors | ratios |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
@@ -488,9 +488,9 @@ def _increment(results: dict) -> str:
                  f"{_mb(section.get('stock_do_nothing_peak_rss_bytes'))}. Open files limit: "
                  f"{(section.get('open_files_limit') or {}).get('soft')}.")
     lines += ["", *notes,
-              "", f"Goals: maxtwo >= {INCREMENT_OVER_DO_NOTHING}x the req/s of the {increment.DO_NOTHING} at every connection "
-              f"count on both databases, hot key included; >= {INCREMENT_OVER_SYNC:g}x the synchronous approach "
-              "(random keys); zero errors; peak RSS <= 120 MB (see [Goals](#goals))."]
+              "", (f"Goals: maxtwo >= {INCREMENT_OVER_DO_NOTHING}x the req/s of the {increment.DO_NOTHING} at every connection "
+               f"count on both databases, hot key included; >= {INCREMENT_OVER_SYNC:g}x the synchronous approach "
+               "(random keys); zero errors; peak RSS <= 120 MB (see [Goals](#goals)).")]
     if _plotted(results, INCREMENT):
         lines += ["", f"![POST /increment req/s, maxtwo vs the do-nothing app and the synchronous approach](img/{INCREMENT})"]
     return "\n".join(lines)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-
 INCREMENT_REJECTIONS = ("malformed", "too_large", "unsupported_media_type", "invalid", "overflow",
                         "idempotency_conflict", "queue_full", "unavailable")
 

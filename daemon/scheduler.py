@@ -142,7 +142,7 @@ class RandomizeScheduler:
             self._metrics.randomize_failures.inc()
             log.error("randomization due at %s failed: %s", due_at, ex)
             return
-        except Exception:  # noqa: BLE001 - a scheduled job never kills its loop
+        except Exception:  # NOTE: a scheduled job never kills its loop
             self._metrics.randomize_failures.inc()
             log.exception("randomization due at %s failed unexpectedly", due_at)
             return

@@ -29,15 +29,15 @@ from daemon.app import (
     LANE_ROUTES,
     PREFETCHED_ANSWER,
     batch_timeout,
-    create_app,
     collect_outcomes,
+    create_app,
     enqueue_outcomes,
     is_outage,
     new_batcher,
 )
 from daemon.batcher import Batcher
-from daemon.resources import MAX_INCREMENT_BODY
 from daemon.metrics import Metrics
+from daemon.resources import MAX_INCREMENT_BODY
 from daemon.scheduler import RandomizeScheduler
 from daemon.watchdog import Watchdog
 from maxtwo_cli import __version__

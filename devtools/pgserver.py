@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Self
 
 HOST = "127.0.0.1"
 DB_USER = DB_NAME = "maxtwo"  # the cluster's superuser, and the database the tests use
@@ -178,7 +179,7 @@ class ThrowawayPostgres:
         self.stop()
         shutil.rmtree(self._root, ignore_errors=True)
 
-    def __enter__(self) -> ThrowawayPostgres:
+    def __enter__(self) -> Self:
         try:
             self.start()
         except BaseException:
@@ -226,7 +227,7 @@ class ThrowawayPostgres:
         env.update(LC_ALL="C", LANG="C")
         with tempfile.TemporaryFile("w+") as out:
             try:
-                proc = subprocess.run([str(a) for a in args], stdin=subprocess.DEVNULL, stdout=out,
+                proc = subprocess.run([str(a) for a in args], check=False, stdin=subprocess.DEVNULL, stdout=out,
                                       stderr=subprocess.STDOUT, cwd=self._root, env=env,
                                       timeout=timeout, **self._as_user)
                 failure = f"exit status {proc.returncode}" if proc.returncode else ""
@@ -288,7 +289,7 @@ def _ensure_os_user() -> pwd.struct_passwd:
         return pwd.getpwnam(OS_USER)
     try:
         err = subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                              "/usr/sbin/nologin", OS_USER], capture_output=True, text=True).stderr
+                              "/usr/sbin/nologin", OS_USER], check=False, capture_output=True, text=True).stderr
     except OSError as ex:
         err = str(ex)
     try:  # look again either way: a parallel test worker may have won the race

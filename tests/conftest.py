@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -106,12 +106,12 @@ class ReliabilityReport:
             "",
             "## Measured",
             "",
-            "Written by the test run (`MAXTWO_RELIABILITY_REPORT=docs/reliability.md "
-            ".venv/bin/python -m pytest -m fault`), not by hand: each section is one fault test, "
-            "its promise, how it is tested, and what it measured.",
+            ("Written by the test run (`MAXTWO_RELIABILITY_REPORT=docs/reliability.md "
+             ".venv/bin/python -m pytest -m fault`), not by hand: each section is one fault test, "
+             "its promise, how it is tested, and what it measured."),
             "",
-            f"Run on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on a {os.cpu_count()}-core "
-            f"machine, Python {platform.python_version()}.",
+            (f"Run on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on a {os.cpu_count()}-core "
+             f"machine, Python {platform.python_version()}."),
             "",
         ]
         for promise, method, figures in sorted(self.sections):

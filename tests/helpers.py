@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 import threading
 import time
@@ -18,7 +19,7 @@ def points_histogram(engine: sa.Engine) -> dict[int, int]:
         rows = conn.execute(
             sa.select(users.c.points, sa.func.count()).group_by(users.c.points)
         ).all()
-    return {points: count for points, count in rows}
+    return dict(rows)
 
 
 def state(engine: sa.Engine) -> sa.Row:
@@ -54,7 +55,7 @@ def assert_chain(results) -> None:
     before it, and the first (the first query ever, and only it) got None."""
     ordered = sorted(results, key=lambda result: result.recorded_at)
     assert ordered[0].previous is None
-    for earlier, later in zip(ordered, ordered[1:]):
+    for earlier, later in itertools.pairwise(ordered):
         assert later.previous == earlier.recorded_at
         assert later.recorded_at > earlier.recorded_at
 

@@ -9,8 +9,8 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 
-from daemon.server import TransportOptions, batched_routes, open_transport
 from daemon.batcher import Batcher
+from daemon.server import TransportOptions, batched_routes, open_transport
 from daemon.transport import Lane, Transport
 
 

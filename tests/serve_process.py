@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Self
 
 MAXTWO = Path(sys.executable).with_name("maxtwo")
 
@@ -100,7 +101,7 @@ class ServeProcess:
     def metric(self, name: str) -> float:
         _, text = self.get("/metrics")
         for line in text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
+            if line.startswith((name + " ", name + "{")):
                 return float(line.rsplit(" ", 1)[1])
         raise KeyError(name)
 
@@ -119,7 +120,7 @@ class ServeProcess:
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
 
-    def __enter__(self) -> ServeProcess:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -12,9 +12,9 @@ import pytest
 import sqlalchemy as sa
 
 from maxtwo_cli.core import db, schema
-from maxtwo_cli.core.errors import DatabaseUnavailableError
 from maxtwo_cli.core.batch import HeldConnection
 from maxtwo_cli.core.clock import format_api_timestamp, iso_text
+from maxtwo_cli.core.errors import DatabaseUnavailableError
 from maxtwo_cli.core.query import AnswerCache, QueryResult, User, query_users, query_users_batch, run_query_batch
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.schema import users

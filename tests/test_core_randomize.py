@@ -7,8 +7,8 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from maxtwo_cli.core.errors import MaxtwoError
 from maxtwo_cli.core.clock import utcnow
+from maxtwo_cli.core.errors import MaxtwoError
 from maxtwo_cli.core.randomize import RANDOMIZE_LOCK_KEY, randomize_if_due, randomize_points
 from maxtwo_cli.core.seed import seed_users
 from tests.conftest import is_postgres_url

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sqlite3
 import threading
 import time
@@ -33,7 +34,7 @@ def test_a_batch_is_a_chain_in_one_transaction(seeded):
     before = query_users(seeded)
     batch = query_users_batch(seeded, 5)
     assert batch[0].previous == before.recorded_at
-    for earlier, later in zip(batch, batch[1:]):
+    for earlier, later in itertools.pairwise(batch):
         assert later.previous == earlier.recorded_at
         assert later.recorded_at > earlier.recorded_at
     assert len({result.users for result in batch}) == 1
@@ -142,7 +143,7 @@ def test_waiters_for_several_answers_are_batched_whole_within_max_batch(seeded, 
     assert sizes == [1, 3, 3, 3]
     assert sorted(len(batch) for batch in answers) == [3, 3, 3]
     for batch in answers:
-        for earlier, later in zip(batch, batch[1:]):
+        for earlier, later in itertools.pairwise(batch):
             assert later.previous == earlier.recorded_at
     batcher.close(5)
 
@@ -261,12 +262,13 @@ class NoteKind:
             held.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('written before raising')"))
             raise RuntimeError("this kind failed as a whole")
         outcomes = []
+        insert = ("INSERT INTO test_notes (text) VALUES (%s)" if held.postgres
+                  else "INSERT INTO test_notes (text) VALUES (?)")
         for text in payloads:
             if text == "bad":
                 outcomes.append(ValueError("a bad note"))
                 continue
-            placeholder = "%s" if held.postgres else "?"
-            held.run(lambda cursor: cursor.execute(f"INSERT INTO test_notes (text) VALUES ({placeholder})", (text,)))
+            held.run(lambda cursor, text=text: cursor.execute(insert, (text,)))
             outcomes.append(f"noted {text}")
         return outcomes
 
@@ -335,7 +337,7 @@ def test_kinds_share_one_transaction_and_a_failing_operation_fails_alone(seeded,
 
 
 def test_a_kind_that_raises_fails_its_own_part_and_the_rest_commits(seeded, two_kinds):
-    batcher, gate, parts = two_kinds
+    batcher, gate, _parts = two_kinds
     outcomes = submit_together(batcher, gate, [("query", None), ("note", "a"), ("note", "raise"), ("query", None)])
     assert isinstance(outcomes[0], QueryResult) and isinstance(outcomes[3], QueryResult)
     assert outcomes[3].previous == outcomes[0].recorded_at  # the queries committed, as a chain

@@ -287,11 +287,11 @@ def test_one_idempotency_key_sent_at_once_to_two_daemons_applies_once(database_u
             headers = {**JSON, "Idempotency-Key": f"race-{round_number}"}
             answers = post_together([((first, second)[index // 2 % 2], body(key, value), headers)
                                      for index, (key, value) in enumerate(requests)])
-            winners = {value for (_, value), answer in zip(requests, answers) if answer == 202}
+            winners = {value for (_, value), answer in zip(requests, answers, strict=True) if answer == 202}
             assert len(winners) == 1, answers
             [winner] = winners
             assert all(answer == (202 if value == winner else 422)
-                       for (_, value), answer in zip(requests, answers)), answers
+                       for (_, value), answer in zip(requests, answers, strict=True)), answers
             assert get_counter(second, "race") == before + winner
         assert first.terminate() == 0 and second.terminate() == 0
 

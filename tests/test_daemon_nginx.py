@@ -19,6 +19,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -161,7 +162,7 @@ class Clients:
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run) for _ in range(CLIENTS)]
 
-    def __enter__(self) -> Clients:
+    def __enter__(self) -> Self:
         for thread in self._threads:
             thread.start()
         return self

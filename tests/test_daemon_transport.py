@@ -19,6 +19,7 @@ import datetime as dt
 import http.client
 import importlib.metadata
 import inspect
+import itertools
 import json
 import socket
 import statistics
@@ -279,7 +280,7 @@ def test_concurrent_clients_share_batches_larger_than_the_thread_pool_and_keep_t
         thread.join(60)
     assert statuses == [200] * clients * per_client
     ordered = sorted(answers)
-    for (earlier, _), (later, previous) in zip(ordered, ordered[1:]):
+    for (earlier, _), (_later, previous) in itertools.pairwise(ordered):
         assert previous == earlier  # every answer got the time of the one just before it
     assert sum(served.batch_sizes) == clients * per_client
     # Request threads could only ever batch as many as there are threads.
@@ -504,7 +505,7 @@ def test_a_pull_for_a_response_over_the_high_water_mark_is_not_held(lane_pulls):
         return [chunk] * 40
 
     high_water_mark = Adjustments().outbuf_high_watermark
-    lane = lane_for(lambda requests: len(requests), lambda size, timeout: [None] * size, max_batch=256, max_wait=10)
+    lane = lane_for(len, lambda size, timeout: [None] * size, max_batch=256, max_wait=10)
     with running(app, lane=lane) as live, socket.create_connection(("127.0.0.1", live.port), timeout=30) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         # Not reading yet: the response piles up in the connection's buffer past the mark.
@@ -599,7 +600,7 @@ def test_a_connection_freed_by_its_request_thread_is_heard_again(port):
 
 def test_a_huge_response_is_drained_by_the_loop(port, passes):
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    seconds, body = timed_get(connection, "/huge")
+    _seconds, body = timed_get(connection, "/huge")
     assert len(body) == HUGE
     assert timed_get(connection)[1] == b"hello"  # and the connection goes on
     # Once drained, the connection no longer waits to write: the idle loop only ticks (every

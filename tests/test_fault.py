@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 import psycopg
 import pytest
@@ -56,7 +57,7 @@ class Clients:
             with self._lock:
                 self.samples.append((started, time.monotonic() - started, status))
 
-    def __enter__(self) -> Clients:
+    def __enter__(self) -> Self:
         for thread in self._threads:
             thread.start()
         return self
@@ -110,10 +111,10 @@ def test_database_outage_under_load(tmp_path, reliability):
         "A real PostgreSQL server is stopped for 5 s under a running `maxtwo serve` "
         "(`--interval 1`) while 4 clients request `GET /` back to back, then started again.",
         [
-            f"requests during the outage: {len(during)}, all answered 503 (statuses seen: "
-            f"{sorted(map(str, statuses))})",
-            f"slowest answer during the outage: {worst * 1000:.0f} ms; median "
-            f"{statistics.median(s[1] for s in during) * 1000:.0f} ms",
+            (f"requests during the outage: {len(during)}, all answered 503 (statuses seen: "
+             f"{sorted(map(str, statuses))})"),
+            (f"slowest answer during the outage: {worst * 1000:.0f} ms; median "
+             f"{statistics.median(s[1] for s in during) * 1000:.0f} ms"),
             f"first 200 after the server came back: {(recovered_at - back_at) * 1000:.0f} ms later",
             f"randomizations after recovery: epoch {epoch} -> {new_epoch}; daemon exit code 0",
         ],
@@ -152,8 +153,8 @@ def test_stuck_lock_turns_into_503_within_the_statement_timeout(database_url, tm
         "A test connection holds the lock a query needs (PostgreSQL: `SELECT ... FOR UPDATE` on the "
         "query-state row; SQLite: the write lock) for 8 s while 8 clients request `GET /`.",
         [
-            f"requests answered while the lock was held: {len(stuck)}, all 503; slowest "
-            f"{slowest * 1000:.0f} ms (statement timeout 5 s)",
+            (f"requests answered while the lock was held: {len(stuck)}, all 503; slowest "
+             f"{slowest * 1000:.0f} ms (statement timeout 5 s)"),
             f"requests after the release: {len(after)}, all 200",
             f"query transactions run by the daemon in all: {threads_alive:.0f}",
         ],
@@ -211,8 +212,8 @@ def test_sigkill_during_a_randomization_leaves_nothing_half_done(tmp_path, relia
         f"`maxtwo serve` (PostgreSQL, fsync on, {rows:,} users) is SIGKILLed while its UPDATE of "
         "every user runs (seen in pg_stat_activity); then the table is checked and a new daemon started.",
         [
-            f"the killed run: {outcome}; distinct updated_at values afterwards: {len(stamps)}; "
-            f"rows: {count:,}; epoch {before.epoch} -> {after.epoch}",
+            (f"the killed run: {outcome}; distinct updated_at values afterwards: {len(stamps)}; "
+             f"rows: {count:,}; epoch {before.epoch} -> {after.epoch}"),
             f"a restarted daemon answered its first request {ready_in:.2f} s after start",
         ],
     )
@@ -231,7 +232,7 @@ def test_three_daemons_one_run_per_interval_and_a_killed_runner_is_replaced(post
         epoch_before, runs_before = state(engine).epoch, runs()
         time.sleep(10 * interval)
         epoch_after, runs_after = state(engine).epoch, runs()
-        performed = [after - before for before, after in zip(runs_before, runs_after)]
+        performed = [after - before for before, after in zip(runs_before, runs_after, strict=True)]
         assert epoch_after - epoch_before == 10
         assert sum(performed) == 10
         assert all(daemon.get("/")[0] == 200 for daemon in daemons)
@@ -266,10 +267,10 @@ def test_three_daemons_one_run_per_interval_and_a_killed_runner_is_replaced(post
         "randomizations are counted over 10 intervals (database epoch and each daemon's metrics), "
         "then the daemon that performed the last run is SIGKILLed.",
         [
-            f"10 boundaries crossed: {epoch_after - epoch_before} randomizations in the database; "
-            f"performed per daemon: {', '.join(f'{count:.0f}' for count in performed)}",
-            f"after killing the last runner, the next boundary's run started {late_by * 1000:.0f} ms "
-            "after the boundary, performed by a survivor",
+            (f"10 boundaries crossed: {epoch_after - epoch_before} randomizations in the database; "
+             f"performed per daemon: {', '.join(f'{count:.0f}' for count in performed)}"),
+            (f"after killing the last runner, the next boundary's run started {late_by * 1000:.0f} ms "
+             "after the boundary, performed by a survivor"),
             "all daemons answered GET / with 200 throughout; the survivors exited 0 on SIGTERM",
         ],
     )
@@ -358,8 +359,8 @@ def test_a_database_that_goes_silent_gets_503s_not_a_hang(postgres_url, tmp_path
         "connections stay open, so neither the statement timeout nor TCP notices) while 4 "
         "clients request `GET /`; then it forwards again.",
         [
-            f"requests made while the database was silent: {len(silent)}, all answered 503, the "
-            f"slowest after {slowest:.1f} s (bound: connect + 2 x statement timeout = 15 s)",
+            (f"requests made while the database was silent: {len(silent)}, all answered 503, the "
+             f"slowest after {slowest:.1f} s (bound: connect + 2 x statement timeout = 15 s)"),
             f"requests after it spoke again: {len(after)}, all 200",
         ],
     )
@@ -371,7 +372,7 @@ def small_file_system(mount_point: Path, size: str) -> Iterator[Path]:
     that really fills up, without filling the machine's."""
     mount_point.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
+                          check=False, capture_output=True, text=True)
     if done.returncode != 0:
         pytest.fail(f"this test mounts a small tmpfs and needs root: {done.stderr.strip()}")
     try:
@@ -398,19 +399,19 @@ def fill(directory: Path) -> int:
 def immutable(*paths: Path) -> Iterator[None]:
     """chattr +i: even root's writes fail (EPERM), also through files that are already open,
     so the running daemon meets a read-only database exactly as after a remount."""
-    done = subprocess.run(["chattr", "+i", *map(str, paths)], capture_output=True, text=True)
+    done = subprocess.run(["chattr", "+i", *map(str, paths)], check=False, capture_output=True, text=True)
     try:
         if done.returncode != 0:
             pytest.fail(f"this test needs chattr on a file system that supports it: {done.stderr.strip()}")
         yield
     finally:
-        subprocess.run(["chattr", "-i", *map(str, paths)], capture_output=True)
+        subprocess.run(["chattr", "-i", *map(str, paths)], check=False, capture_output=True)
 
 
 def maxtwo(database_url: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "MAXTWO_DATABASE_URL": database_url}
     env.pop("MAXTWO_DEBUG", None)
-    return subprocess.run([str(MAXTWO), *args], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([str(MAXTWO), *args], check=False, env=env, capture_output=True, text=True, timeout=120)
 
 
 def check_intact(path: Path, users_expected: int) -> sa.Row:
@@ -486,15 +487,15 @@ def test_a_full_disk_gets_503_and_exit_1_then_recovers(tmp_path, reliability):
         "`maxtwo randomize` and `maxtwo seed --reset --count 200000` run meanwhile; then the "
         "filler is deleted.",
         [
-            f"requests while full: {len(while_full)}; statuses {sorted(map(str, statuses))}, "
-            f"the slowest in {max(s[1] for s in while_full) * 1000:.0f} ms",
-            f"scheduled randomizations that failed while full: {failures:.0f} (counted in "
-            "maxtwo_randomize_failures_total; the daemon kept running)",
-            f"`maxtwo randomize`: exit 1, `{randomize_error}`; `seed --reset`: exit 1 and the "
-            "20,000 users it would have replaced were all still there",
-            f"first 200 after space was freed: {(recovered[0][0] + recovered[0][1] - freed_at) * 1000:.0f} ms "
-            f"later; epoch {epoch_while_full} -> {current.epoch} with no restart; PRAGMA "
-            "integrity_check: ok; one updated_at on every user, the state's",
+            (f"requests while full: {len(while_full)}; statuses {sorted(map(str, statuses))}, "
+             f"the slowest in {max(s[1] for s in while_full) * 1000:.0f} ms"),
+            (f"scheduled randomizations that failed while full: {failures:.0f} (counted in "
+             "maxtwo_randomize_failures_total; the daemon kept running)"),
+            (f"`maxtwo randomize`: exit 1, `{randomize_error}`; `seed --reset`: exit 1 and the "
+             "20,000 users it would have replaced were all still there"),
+            (f"first 200 after space was freed: {(recovered[0][0] + recovered[0][1] - freed_at) * 1000:.0f} ms "
+             f"later; epoch {epoch_while_full} -> {current.epoch} with no restart; PRAGMA "
+             "integrity_check: ok; one updated_at on every user, the state's"),
         ],
     )
 
@@ -540,11 +541,11 @@ def test_a_read_only_database_file_gets_503_and_exit_1_then_recovers(tmp_path, r
         "their -wal files and their directory are made immutable (chattr +i: writes fail even through open files, even for "
         "root); `maxtwo randomize` and `maxtwo query` run meanwhile; then they are made writable.",
         [
-            f"requests while read-only: {len(while_read_only)}, all 503, the slowest in "
-            f"{slowest * 1000:.0f} ms",
+            (f"requests while read-only: {len(while_read_only)}, all 503, the slowest in "
+             f"{slowest * 1000:.0f} ms"),
             f"`maxtwo randomize` and `maxtwo query`: exit 1, e.g. `{randomize_error}`",
-            f"first 200 after: {(recovered[0][0] + recovered[0][1] - made_writable) * 1000:.0f} ms; "
-            "PRAGMA integrity_check: ok; one updated_at on every user, the state's",
+            (f"first 200 after: {(recovered[0][0] + recovered[0][1] - made_writable) * 1000:.0f} ms; "
+             "PRAGMA integrity_check: ok; one updated_at on every user, the state's"),
         ],
     )
 

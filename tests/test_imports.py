@@ -15,7 +15,7 @@ LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 def test_import_linter_contracts_are_kept():
     # NOTE: run from the repository root, which puts bench, tests and devtools on the path;
     # --no-cache leaves no cache directory in the working tree.
-    done = subprocess.run([str(LINT_IMPORTS), "--no-cache", "--no-logo"], cwd=ROOT,
+    done = subprocess.run([str(LINT_IMPORTS), "--no-cache", "--no-logo"], cwd=ROOT, check=False,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
 

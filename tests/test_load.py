@@ -76,11 +76,11 @@ def test_200_clients_for_60_seconds(database_url, tmp_path, reliability):
         f"`GET /` back to back for {SECONDS} s against `maxtwo serve --threads 16 --interval 20` "
         "with 100,000 users; the full-precision times in the X-Maxtwo-* headers are checked.",
         [
-            f"requests: {len(samples):,}; failed or non-2xx: {len(failed)}; randomizations during "
-            f"the run: {randomizations:.0f}",
-            f"latency p50 {statistics.median(latencies) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
-            f"max {latencies[-1] * 1000:.0f} ms",
-            f"previous-query times received: {len(previous):,}, all distinct, all recorded by another "
-            f"request of the run (but {len(set(previous) - recorded)} recorded just before it)",
+            (f"requests: {len(samples):,}; failed or non-2xx: {len(failed)}; randomizations during "
+             f"the run: {randomizations:.0f}"),
+            (f"latency p50 {statistics.median(latencies) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
+             f"max {latencies[-1] * 1000:.0f} ms"),
+            (f"previous-query times received: {len(previous):,}, all distinct, all recorded by another "
+             f"request of the run (but {len(set(previous) - recorded)} recorded just before it)"),
         ],
     )

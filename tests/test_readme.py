@@ -12,7 +12,7 @@ def _readme_commands() -> list[str]:
 
 
 def test_ci_runs_exactly_the_readme_test_command():
-    run_it, test_it = _readme_commands()[:2]
+    _run_it, test_it = _readme_commands()[:2]
     assert "pytest" in test_it
     ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert test_it in ci_lines

@@ -33,7 +33,7 @@ def test_the_api_matches_its_openapi_document(database_url, tmp_path, reliabilit
         done = subprocess.run(
             [str(SCHEMATHESIS), "--config-file", str(config), "run", f"{daemon.base}/openapi.json", "--checks", "all",
              "--max-examples", "50", "--seed", "1", "--no-color"],
-            capture_output=True, text=True, timeout=300, cwd=tmp_path,  # its cache stays out of the tree
+            check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path,  # its cache stays out of the tree
         )
         assert daemon.terminate() == 0
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

@@ -22,8 +22,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import pysqlite as sqlite_pysqlite
 from sqlalchemy.engine import Engine
 
-from maxtwo_cli.core.clock import api_timestamp, as_utc, iso_text, utcnow
 from maxtwo_cli.core.batch import HeldConnection
+from maxtwo_cli.core.clock import api_timestamp, as_utc, iso_text, utcnow
 from maxtwo_cli.core.schema import MAX_POINTS, from_microseconds, to_microseconds
 
 if TYPE_CHECKING:

@@ -305,7 +305,7 @@ def _upsert(cursor: Any, held: HeldConnection, keys: list[str], values: list[int
     total would leave the range (those are missing from what it returns)."""
     if held.postgres:
         return cursor.execute(_UPSERT_POSTGRES, (keys, values)).fetchall()
-    return cursor.execute(_UPSERT_SQLITE, (json.dumps(list(zip(keys, values))),)).fetchall()
+    return cursor.execute(_UPSERT_SQLITE, (json.dumps(list(zip(keys, values, strict=True))),)).fetchall()
 
 
 def _read_locked(held: HeldConnection, key: str) -> int:
@@ -340,7 +340,7 @@ def _claim(
             "WHERE true ON CONFLICT (key) DO UPDATE "
             "SET fingerprint = excluded.fingerprint, created_at = excluded.created_at "
             "WHERE idempotency_keys.created_at < ? RETURNING key",
-            (to_microseconds(now), json.dumps(list(zip(keys, fingerprints))), to_microseconds(expired_before)),
+            (to_microseconds(now), json.dumps(list(zip(keys, fingerprints, strict=True))), to_microseconds(expired_before)),
         ).fetchall()
     return [row[0] for row in rows]
 

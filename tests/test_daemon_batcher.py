@@ -326,7 +326,7 @@ def notes(engine) -> set[str]:
         return set(conn.execute(sa.select(NOTES.c.text)).scalars())
 
 
-def test_kinds_share_one_transaction_and_a_failing_operation_fails_alone(seeded, two_kinds):
+def test_kinds_share_one_batch_and_a_failing_operation_fails_alone(seeded, two_kinds):
     batcher, gate, parts = two_kinds
     outcomes = submit_together(batcher, gate, [("note", "a"), ("query", None), ("note", "bad"), ("note", "b")])
     assert outcomes[0] == "noted a" and outcomes[3] == "noted b"
@@ -349,7 +349,7 @@ def test_a_kind_that_raises_fails_its_own_part_and_the_rest_commits(seeded, two_
     assert notes(seeded) == {"after"}
 
 
-def test_a_unique_violation_inside_a_kind_is_rolled_back_to_its_savepoint(seeded, two_kinds):
+def test_a_driver_error_inside_a_kind_fails_its_part_alone(seeded, two_kinds):
     batcher, gate, _ = two_kinds
     gate.set()
     assert batcher.submit("note", "same") == "noted same"
@@ -357,6 +357,54 @@ def test_a_unique_violation_inside_a_kind_is_rolled_back_to_its_savepoint(seeded
     assert isinstance(outcomes[0], QueryResult)
     assert isinstance(outcomes[1], DatabaseUnavailableError)  # the driver error, translated
     assert state(seeded).last_query_at == outcomes[0].recorded_at
+
+
+def test_when_the_first_kind_raises_the_whole_batch_fails_and_the_batcher_goes_on(seeded, two_kinds, monkeypatch):
+    # Nothing committed yet: most likely the database is gone, so nothing more is tried.
+    batcher, gate, _ = two_kinds
+    gated = QueryKind.apply
+
+    def failing(self, held, payloads):
+        if len(payloads) == 2:
+            raise RuntimeError("the queries failed as a whole")
+        return gated(self, held, payloads)
+
+    monkeypatch.setattr(QueryKind, "apply", failing)
+    outcomes = submit_together(batcher, gate, [("query", None), ("note", "a"), ("query", None)])
+    assert all(isinstance(outcome, RuntimeError) for outcome in outcomes)
+    assert notes(seeded) == set()
+    assert batcher.submit("note", "after") == "noted after"
+
+
+def test_on_postgresql_a_mixed_batchs_queries_are_answered_while_the_notes_wait_for_a_lock(
+    postgres_engine, monkeypatch
+):
+    # Each kind commits on its own, queries first: they need not wait for the notes' lock.
+    seed_users(postgres_engine, 10)
+    with queries_and_notes(postgres_engine, monkeypatch) as (batcher, gate, parts):
+        results: dict[str, object] = {}
+        answered = threading.Event()
+        opener = threading.Thread(target=lambda: batcher.submit("query"))
+        opener.start()  # its batch waits at the gate; the two below queue for the next one
+        wait_for(lambda: batcher.running_for() > 0, "the opener's batch")
+        query = threading.Thread(target=lambda: (results.setdefault("query", batcher.submit("query")), answered.set()))
+        note = threading.Thread(target=lambda: results.setdefault("note", batcher.submit("note", "a")))
+        query.start()
+        note.start()
+        wait_for(lambda: len(batcher._waiting) == 2, "the query and the note in the queue")
+        holder = postgres_engine.connect()
+        holder.execute(sa.text("LOCK TABLE test_notes IN EXCLUSIVE MODE"))  # the notes' insert waits
+        try:
+            gate.set()
+            assert answered.wait(5), "the query waited for the notes' lock"
+            assert "note" not in results  # the note does wait for it
+        finally:
+            holder.rollback()
+            holder.close()
+        for thread in (opener, query, note):
+            thread.join(20)
+    assert isinstance(results["query"], QueryResult) and results["note"] == "noted a"
+    assert sorted(parts[1:]) == [("note", 1), ("query", 1)]  # one batch after the opener's
 
 
 def test_on_sqlite_a_mixed_batchs_queries_are_answered_while_the_main_file_is_locked(tmp_path, monkeypatch):

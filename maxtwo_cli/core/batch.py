@@ -29,14 +29,13 @@ class HeldConnection:
         self._pooled: Any = None  # SQLAlchemy's pooled connection, while held
         self._cursor: Any = None  # the driver's cursor on it
         self._in_transaction = False
-        self._savepoints = 0
 
     def run(self, work: Callable[[Any], T]) -> T:
         """`work(cursor)`, its driver errors turned into MaxtwoErrors.
 
         Outside a transaction, an error gives the connection back (or throws it away if it is
         broken) and the next run takes a fresh one; inside one, the transaction's owner rolls
-        back (to a savepoint, or all of it) and goes on, unless the connection is broken."""
+        back and goes on, unless the connection is broken."""
         with database_errors(self.engine):
             try:
                 return work(self._held_cursor())
@@ -66,19 +65,6 @@ class HeldConnection:
         self._in_transaction = False
         self.run(lambda cursor: cursor.execute("COMMIT"))
 
-    @contextlib.contextmanager
-    def savepoint(self) -> Iterator[None]:
-        """Inside transaction(): what runs inside is undone alone if it raises."""
-        self._savepoints += 1
-        name = f"maxtwo_{self._savepoints}"
-        self.run(lambda cursor: cursor.execute(f"SAVEPOINT {name}"))
-        try:
-            yield
-        except BaseException:
-            self._rollback(f"ROLLBACK TO SAVEPOINT {name}")
-            raise
-        self.run(lambda cursor: cursor.execute(f"RELEASE SAVEPOINT {name}"))
-
     @property
     def in_transaction(self) -> bool:
         """Whether a transaction() is open."""
@@ -94,7 +80,6 @@ class HeldConnection:
         pooled, self._pooled = self._pooled, None
         cursor, self._cursor = self._cursor, None
         self._in_transaction = False
-        self._savepoints = 0
         if pooled is None:
             return
         driver = pooled.driver_connection  # None once invalidated: its cursor went with it

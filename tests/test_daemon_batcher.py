@@ -376,44 +376,10 @@ def test_when_the_first_kind_raises_the_whole_batch_fails_and_the_batcher_goes_o
     assert batcher.submit("note", "after") == "noted after"
 
 
-def test_on_postgresql_a_mixed_batchs_queries_are_answered_while_the_notes_wait_for_a_lock(
-    postgres_engine, monkeypatch
-):
-    # Each kind commits on its own, queries first: they need not wait for the notes' lock.
-    seed_users(postgres_engine, 10)
-    with queries_and_notes(postgres_engine, monkeypatch) as (batcher, gate, parts):
-        results: dict[str, object] = {}
-        answered = threading.Event()
-        opener = threading.Thread(target=lambda: batcher.submit("query"))
-        opener.start()  # its batch waits at the gate; the two below queue for the next one
-        wait_for(lambda: batcher.running_for() > 0, "the opener's batch")
-        query = threading.Thread(target=lambda: (results.setdefault("query", batcher.submit("query")), answered.set()))
-        note = threading.Thread(target=lambda: results.setdefault("note", batcher.submit("note", "a")))
-        query.start()
-        note.start()
-        wait_for(lambda: len(batcher._waiting) == 2, "the query and the note in the queue")
-        holder = postgres_engine.connect()
-        holder.execute(sa.text("LOCK TABLE test_notes IN EXCLUSIVE MODE"))  # the notes' insert waits
-        try:
-            gate.set()
-            assert answered.wait(5), "the query waited for the notes' lock"
-            assert "note" not in results  # the note does wait for it
-        finally:
-            holder.rollback()
-            holder.close()
-        for thread in (opener, query, note):
-            thread.join(20)
-    assert isinstance(results["query"], QueryResult) and results["note"] == "noted a"
-    assert sorted(parts[1:]) == [("note", 1), ("query", 1)]  # one batch after the opener's
-
-
-def test_on_sqlite_a_mixed_batchs_queries_are_answered_while_the_main_file_is_locked(tmp_path, monkeypatch):
-    # On SQLite each kind of a batch commits on its own, queries first: they write only the
-    # query-state file, so they need not wait for the main file's lock behind the notes.
-    path = tmp_path / "maxtwo.db"
-    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}", statement_timeout=10.0))
-    schema.ensure_schema(engine)
-    seed_users(engine, 10)
+def assert_a_mixed_batchs_query_does_not_wait_for_its_note(engine, monkeypatch, notes_locked) -> None:
+    """A batch of a query and a note while `notes_locked()` holds a lock the note's insert needs:
+    the query is answered meanwhile (each kind commits on its own, queries first); the note
+    goes through once the lock is let go."""
     with queries_and_notes(engine, monkeypatch) as (batcher, gate, parts):
         results: dict[str, object] = {}
         answered = threading.Event()
@@ -425,19 +391,52 @@ def test_on_sqlite_a_mixed_batchs_queries_are_answered_while_the_main_file_is_lo
         query.start()
         note.start()
         wait_for(lambda: len(batcher._waiting) == 2, "the query and the note in the queue")
-        holder = sqlite3.connect(path, isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")  # the main file's write lock, as a randomization holds it
-        try:
+        with notes_locked():
             gate.set()
-            assert answered.wait(5), "the query waited for the main file's lock"
+            assert answered.wait(5), "the query waited for the note's lock"
             assert "note" not in results  # the note does wait for it
-        finally:
-            holder.rollback()
-            holder.close()
         for thread in (opener, query, note):
             thread.join(20)
     assert isinstance(results["query"], QueryResult) and results["note"] == "noted a"
     assert sorted(parts[1:]) == [("note", 1), ("query", 1)]  # one batch after the opener's
+
+
+def test_on_postgresql_a_mixed_batchs_queries_are_answered_while_the_notes_wait_for_a_lock(
+    postgres_engine, monkeypatch
+):
+    seed_users(postgres_engine, 10)
+
+    @contextlib.contextmanager
+    def table_locked():
+        holder = postgres_engine.connect()
+        holder.execute(sa.text("LOCK TABLE test_notes IN EXCLUSIVE MODE"))
+        try:
+            yield
+        finally:
+            holder.rollback()
+            holder.close()
+
+    assert_a_mixed_batchs_query_does_not_wait_for_its_note(postgres_engine, monkeypatch, table_locked)
+
+
+def test_on_sqlite_a_mixed_batchs_queries_are_answered_while_the_main_file_is_locked(tmp_path, monkeypatch):
+    # Queries write only the query-state file: they need not wait for the main file's lock.
+    path = tmp_path / "maxtwo.db"
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}", statement_timeout=10.0))
+    schema.ensure_schema(engine)
+    seed_users(engine, 10)
+
+    @contextlib.contextmanager
+    def main_file_locked():
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the main file's write lock, as a randomization holds it
+        try:
+            yield
+        finally:
+            holder.rollback()
+            holder.close()
+
+    assert_a_mixed_batchs_query_does_not_wait_for_its_note(engine, monkeypatch, main_file_locked)
     engine.dispose()
 
 

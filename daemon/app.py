@@ -142,8 +142,8 @@ def is_outage(outcome: Any) -> bool:
 def batch_timeout(settings: Settings) -> float:
     """The longest a healthy batch usually takes: connecting, then its statements, each bounded.
 
-    NOTE: not a hard bound. On SQLite a batch may wait for a lock once per commit (a mixed batch:
-    its queries, its increments' statement and, rarely, a transaction for the increments that
+    NOTE: not a hard bound. A batch may wait for a lock once per commit (a mixed batch: its
+    queries, its increments' statement and, rarely, a transaction for the increments that
     statement left out); a caller that gives up gets a 503, an unknown outcome
     (docs/reliability.md)."""
     return settings.connect_timeout + 2 * settings.statement_timeout

@@ -1,17 +1,19 @@
-"""Group commit for every kind of write the daemon makes: many requests, one transaction.
+"""Group commit for every kind of write the daemon makes: many requests, one transaction per kind.
 
 Every GET / writes (it records its time), and a durable write costs a disk flush; on their own,
 writes could never go faster than one flush each. Here the requests of this process that write
-at the same moment share one transaction: a committer thread takes everybody waiting, runs one
-batch for them and hands each its own outcome, then takes whoever came meanwhile. Nobody is
+the same kind at the same moment share one transaction: a committer thread takes everybody
+waiting, runs one batch for them and hands each its own outcome, then takes whoever came
+meanwhile. Nobody is
 answered before the commit, so nothing is less durable than a transaction of its own.
 
 Operations come in kinds (`Kind`: GET /'s query, POST /increment's increment), each applied to its part of the batch
 by one call. A kind reports an operation's own failure by returning the exception in its place;
 a kind that raises fails its whole part. Each kind's part is committed by the kind itself, in
-the order the kinds were given, and answered at once; a part that fails after another committed
-fails alone. A failure of the first part (most likely the database gone) fails everybody, and
-whoever queued meanwhile shares it.
+the order the kinds were given, and answered at once; a part that fails for a reason of its own
+(DatabaseBusyError: a lock, a timeout) or after another committed fails alone. Any other failure
+of the first part (most likely the database gone) fails everybody, and whoever queued meanwhile
+shares it.
 
 NOTE: the transaction runs in a thread of its own, not in one of the callers', so that every
 caller can give up after `max_wait` (or the timeout it asks for): a database that stops
@@ -33,7 +35,7 @@ from sqlalchemy.engine import Engine
 
 from maxtwo_cli.core.batch import HeldConnection
 from maxtwo_cli.core.counters import add_increments
-from maxtwo_cli.core.errors import DatabaseUnavailableError
+from maxtwo_cli.core.errors import DatabaseBusyError, DatabaseUnavailableError
 from maxtwo_cli.core.query import AnswerCache, run_query_batch
 
 log = logging.getLogger(__name__)
@@ -51,9 +53,9 @@ class Kind(Protocol):
     def apply(self, held: HeldConnection, payloads: Sequence[Any]) -> list[Any]:
         """The outcome of each operation, in order: its result, or the exception it fails with.
 
-        Inside the batcher's transaction (held.in_transaction) it commits with it; outside one,
         apply() commits what it writes itself (a single statement in autocommit is its own
-        transaction): a batch of one kind then needs no BEGIN and COMMIT round trips."""
+        transaction, so a batch needs no BEGIN and COMMIT round trips); should a caller have
+        opened a transaction (held.in_transaction), it commits with that instead."""
         ...
 
 
@@ -338,8 +340,11 @@ class Batcher:
             try:
                 results = self._apply(held, name, waiters)
             except Exception as ex:
-                if not answered:
-                    raise  # nothing committed yet: the batch fails as one (and shares its error)
+                if not answered and not isinstance(ex, DatabaseBusyError):
+                    # Nothing committed, and not for a reason of this part's own (a lock, a
+                    # timeout): most likely the database is gone, and the batch fails as one
+                    # (and shares its error).
+                    raise
                 log.warning("%d %s operations failed, the rest of their batch committed: %s", size, name, ex)
                 results = [ex] * size
             self._answer(name, waiters, results)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import random
 import threading
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -368,40 +367,33 @@ def test_an_expired_key_deleted_by_the_cleanup_during_a_claim_is_a_new_use_not_a
     assert deleted == [0]  # "a" was claimed anew meanwhile: live again
 
 
-def test_the_cleanup_takes_expired_keys_in_key_order_as_a_claim_does(postgres_engine):
+def test_the_cleanup_skips_a_key_a_batch_holds_rather_than_wait_for_it(postgres_engine):
+    # Never waiting for a batch, it cannot deadlock with one (a batch claims keys in key order,
+    # the cleanup takes them oldest first).
     now = dt.datetime.now(dt.UTC)
-    with postgres_engine.begin() as conn:  # in the table's order (and by age) b, m, a: not key order
+    with postgres_engine.begin() as conn:
         for minutes, key in enumerate("bma"):
             created_at = now - dt.timedelta(hours=30) + dt.timedelta(minutes=minutes)
             conn.execute(idempotency_keys.insert().values(key=key, fingerprint="f", created_at=created_at))
     holder = postgres_engine.connect()
-    holder_pid = holder.scalar(sa.text("SELECT pg_backend_pid()"))
     holder.execute(sa.text("SELECT key FROM idempotency_keys WHERE key = 'm' FOR UPDATE"))
-    deleted: list[Any] = []
-
-    def clean() -> None:
-        try:
-            deleted.append(delete_expired_idempotency_keys(postgres_engine, now))
-        except Exception as ex:  # noqa: BLE001 - asserted below
-            deleted.append(ex)
-
-    cleanup = threading.Thread(target=clean)
-    cleanup.start()
-    worker, outcomes = None, []
     try:
-        wait_for(lambda: _blocked_by(postgres_engine, holder_pid), "the cleanup waiting for m")
-        [cleanup_pid] = _blocked_by(postgres_engine, holder_pid)
-        items = [Increment("x", 1, "a"), Increment("x", 1, "b"), Increment("x", 1, "c")]
-        worker, outcomes = _batch_in_a_thread(postgres_engine, items, now)
-        wait_for(lambda: _blocked_by(postgres_engine, cleanup_pid), "the batch waiting for the cleanup")
-        holder.rollback()
+        assert delete_expired_idempotency_keys(postgres_engine, now) == 2
     finally:
+        holder.rollback()
         holder.close()
-        cleanup.join(30)
-        if worker is not None:
-            worker.join(30)
-    assert deleted == [3]
-    assert outcomes == [Applied("x", 3)] * 3
+    assert delete_expired_idempotency_keys(postgres_engine, now) == 1  # the next run takes it
+
+
+def test_the_cleanup_deletes_in_chunks_oldest_first_until_none_is_left(engine):
+    now = dt.datetime.now(dt.UTC)
+    with engine.begin() as conn:
+        for hours, key in [(30, "a"), (29, "b"), (28, "c"), (27, "d"), (26, "e"), (1, "live")]:
+            conn.execute(idempotency_keys.insert().values(
+                key=key, fingerprint="f", created_at=now - dt.timedelta(hours=hours)))
+    assert delete_expired_idempotency_keys(engine, now, chunk=2) == 5
+    with engine.connect() as conn:
+        assert list(conn.execute(sa.select(idempotency_keys.c.key)).scalars()) == ["live"]
 
 
 def _batch_in_a_thread(engine, items, now=None) -> tuple[threading.Thread, list]:

@@ -15,7 +15,7 @@ from daemon import batcher as batcher_module
 from daemon.batcher import Batcher, QueryKind
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.batch import HeldConnection
-from maxtwo_cli.core.errors import DatabaseUnavailableError
+from maxtwo_cli.core.errors import DatabaseBusyError, DatabaseUnavailableError
 from maxtwo_cli.core.query import AnswerCache, QueryResult, query_users, query_users_batch, run_query_batch
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.seed import seed_users
@@ -359,21 +359,46 @@ def test_a_driver_error_inside_a_kind_fails_its_part_alone(seeded, two_kinds):
     assert state(seeded).last_query_at == outcomes[0].recorded_at
 
 
-def test_when_the_first_kind_raises_the_whole_batch_fails_and_the_batcher_goes_on(seeded, two_kinds, monkeypatch):
-    # Nothing committed yet: most likely the database is gone, so nothing more is tried.
+@pytest.mark.parametrize(("error", "notes_committed"), [
+    # Nothing committed, and not for a reason of the part's own: most likely the database is
+    # gone, so nothing more is tried.
+    (RuntimeError("the queries failed as a whole"), False),
+    # The database answered (a lock or statement timeout is the part's own trouble): the notes
+    # are tried, and commit.
+    (DatabaseBusyError("the database did not answer in time (canceling statement due to lock timeout)"), True),
+])
+def test_when_the_first_kind_raises(seeded, two_kinds, monkeypatch, error, notes_committed):
     batcher, gate, _ = two_kinds
     gated = QueryKind.apply
 
     def failing(self, held, payloads):
         if len(payloads) == 2:
-            raise RuntimeError("the queries failed as a whole")
+            raise error
         return gated(self, held, payloads)
 
     monkeypatch.setattr(QueryKind, "apply", failing)
     outcomes = submit_together(batcher, gate, [("query", None), ("note", "a"), ("query", None)])
-    assert all(isinstance(outcome, RuntimeError) for outcome in outcomes)
-    assert notes(seeded) == set()
-    assert batcher.submit("note", "after") == "noted after"
+    assert isinstance(outcomes[0], type(error)) and isinstance(outcomes[2], type(error))
+    if notes_committed:
+        assert outcomes[1] == "noted a" and notes(seeded) == {"a"}
+    else:
+        assert isinstance(outcomes[1], type(error)) and notes(seeded) == set()
+    assert batcher.submit("note", "after") == "noted after"  # and the batcher goes on
+
+
+def test_a_lock_or_statement_timeout_is_a_database_busy_error(database_url):
+    """What lets a batch go on past a part that timed out (above), from the real drivers."""
+    engine = db.create_engine(Settings(database_url=database_url, statement_timeout=0.3))
+    schema.ensure_schema(engine)
+    holder = db.create_engine(Settings(database_url=database_url))
+    with holder.begin() as conn:  # the query state's lock, held past the timeout
+        conn.execute(schema.query_state.update().values(last_query_at=None))
+        runner = HeldConnection(engine)
+        with pytest.raises(DatabaseBusyError):
+            run_query_batch(runner, 1)
+    runner.release()
+    engine.dispose()
+    holder.dispose()
 
 
 def assert_a_mixed_batchs_query_does_not_wait_for_its_note(engine, monkeypatch, notes_locked) -> None:

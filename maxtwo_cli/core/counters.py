@@ -30,7 +30,7 @@ from sqlalchemy.engine import Engine
 
 from maxtwo_cli.core.batch import HeldConnection
 from maxtwo_cli.core.clock import utcnow
-from maxtwo_cli.core.db import database_errors
+from maxtwo_cli.core.db import MAIN_FILE_ONLY_OPTION, database_errors, is_postgres
 from maxtwo_cli.core.errors import MaxtwoError
 from maxtwo_cli.core.schema import counters, idempotency_keys, to_microseconds
 
@@ -206,8 +206,8 @@ def _settle_idempotency_keys(
     # NOTE: a claim waits for a concurrent transaction inserting the same key (another daemon's
     # batch) and then finds it taken: one of the two applies the increment, never both. A key
     # taken but expired (not deleted yet) is claimed anew. A key taken and live is left as it is
-    # but locked by the claim all the same, so the daemons' cleanup cannot delete it before its
-    # fingerprint is read (which would make a new use look like a replay, never applied).
+    # but locked by the claim all the same, so the daemons' cleanup skips it until its
+    # fingerprint is read (deleted in between, a new use would look like a replay, never applied).
     fingerprints = [items[first_use[key]].fingerprint for key in keys]
     claimed = set(held.run(lambda cursor: _claim(cursor, held, keys, fingerprints, now, now - IDEMPOTENCY_TTL)))
     taken = [key for key in keys if key not in claimed]
@@ -218,8 +218,13 @@ def _settle_idempotency_keys(
         if key is None or (key in claimed and first_use[key] == index):
             to_apply.append(index)
             continue
-        # Used before: by an earlier request, or earlier in this very batch.
-        fingerprint = recorded[key] if key in recorded else items[first_use[key]].fingerprint
+        # Used before: earlier in this very batch, or by an earlier request.
+        if key in claimed:
+            fingerprint = items[first_use[key]].fingerprint
+        elif key in recorded:
+            fingerprint = recorded[key]
+        else:  # the claim locked it: it cannot be gone (were it, a "replay" would apply nothing)
+            raise RuntimeError(f"Idempotency-Key {key!r} vanished while this batch held it")
         if fingerprint == item.fingerprint:
             outcomes[index] = Applied(item.key, None, replayed=True)
         else:
@@ -374,16 +379,33 @@ def list_counters(engine: Engine, keys: Sequence[str] | None = None, limit: int 
         return [(key, value) for key, value in conn.execute(statement)]
 
 
-def delete_expired_idempotency_keys(engine: Engine, now: dt.datetime | None = None) -> int:
-    """Forget the Idempotency-Keys older than 24 hours; how many."""
+def delete_expired_idempotency_keys(engine: Engine, now: dt.datetime | None = None, chunk: int = 50_000) -> int:
+    """Forget the Idempotency-Keys older than 24 hours; how many.
+
+    In transactions of at most `chunk` keys each, oldest first: one statement for a million
+    expired keys outlasts the statement timeout (measured: 7.5-8 s on PostgreSQL, against 0.45 s
+    a chunk of 50,000), and would fail whole hour after hour while the backlog grows."""
     expired_before = (now or utcnow()) - IDEMPOTENCY_TTL
-    # NOTE: rows locked in key order, as a batch's claim takes them (a plain DELETE takes them in
-    # the table's order, and could deadlock with a batch claiming expired keys anew).
-    expired = (
+    oldest = (
         sa.select(idempotency_keys.c.key)
         .where(idempotency_keys.c.created_at < expired_before)
-        .order_by(idempotency_keys.c.key)
-        .with_for_update()
+        .order_by(idempotency_keys.c.created_at)
+        .limit(chunk)
     )
-    with database_errors(engine), engine.begin() as conn:
-        return conn.execute(idempotency_keys.delete().where(idempotency_keys.c.key.in_(expired))).rowcount
+    if is_postgres(engine):
+        # NOTE: SKIP LOCKED: a key a batch holds (claiming it anew, or reading it) is left for
+        # the next run. So the cleanup never waits for a batch, and cannot deadlock with one;
+        # a batch may wait for a chunk's short transaction, then finds the key gone.
+        oldest = oldest.with_for_update(skip_locked=True)
+    else:
+        # SQLite: the main file's write lock alone, so that queries go on meanwhile.
+        engine = engine.execution_options(**{MAIN_FILE_ONLY_OPTION: True})
+    statement = idempotency_keys.delete().where(idempotency_keys.c.key.in_(oldest.scalar_subquery()))
+    deleted = 0
+    with database_errors(engine):
+        while True:
+            with engine.begin() as conn:
+                count = conn.execute(statement).rowcount
+            deleted += count
+            if count < chunk:
+                return deleted

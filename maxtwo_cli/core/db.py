@@ -21,6 +21,7 @@ from sqlalchemy.engine import URL, Engine
 
 from maxtwo_cli.core.errors import (
     ConfigurationError,
+    DatabaseBusyError,
     DatabaseUnavailableError,
     MaxtwoError,
     SchemaMismatchError,
@@ -253,20 +254,20 @@ def _translate(engine: Engine, original: BaseException | None) -> MaxtwoError:
         detail = detail.replace(secret, "***")
     psycopg = sys.modules.get("psycopg")  # None: no psycopg error was raised (driver_errors())
     if psycopg is not None and isinstance(original, psycopg.errors.QueryCanceled):
-        return DatabaseUnavailableError(
+        return DatabaseBusyError(
             f"the database at {where} did not answer in time ({detail}); "
             "check for long-running transactions or locks"
         )
     # NOTE: psycopg makes these OperationalErrors too, which would advise checking the URL.
     if psycopg is not None and isinstance(original, psycopg.errors.LockNotAvailable):  # lock_timeout
-        return DatabaseUnavailableError(
+        return DatabaseBusyError(
             f"the database at {where} did not grant a lock in time ({detail}); "
             "check for long-running transactions or locks"
         )
     if psycopg is not None and isinstance(
         original, (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
     ):
-        return DatabaseUnavailableError(
+        return DatabaseBusyError(
             f"the database at {where} rolled the transaction back ({detail}); nothing of it "
             "was applied: try again"
         )
@@ -285,14 +286,21 @@ def _translate(engine: Engine, original: BaseException | None) -> MaxtwoError:
             "holds its query state) is not a SQLite database; point --database-url elsewhere"
         )
     if isinstance(original, sqlite3.OperationalError):
-        return DatabaseUnavailableError(_sqlite_advice(engine.url.database, original, detail))
+        advice = _sqlite_advice(engine.url.database, original, detail)
+        return DatabaseBusyError(advice) if _sqlite_busy(original, detail) else DatabaseUnavailableError(advice)
     return DatabaseUnavailableError(f"the database at {where} failed: {detail}")
+
+
+def _sqlite_busy(error: sqlite3.OperationalError, detail: str) -> bool:
+    """Whether SQLite gave up waiting for another connection's lock."""
+    name = getattr(error, "sqlite_errorname", None) or ""
+    return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in detail
 
 
 def _sqlite_advice(path: str | None, error: sqlite3.OperationalError, detail: str) -> str:
     """What went wrong with a SQLite file and what to do, from SQLite's primary result code."""
     name = getattr(error, "sqlite_errorname", None) or ""
-    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in detail:
+    if _sqlite_busy(error, detail):
         return (f"the SQLite file {path} stayed locked by another process; "
                 "try again, or check for a stuck maxtwo process")
     if name.startswith("SQLITE_FULL"):

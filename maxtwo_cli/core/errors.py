@@ -13,6 +13,11 @@ class DatabaseUnavailableError(MaxtwoError):
     """The database cannot be reached, refused the credentials, or did not answer in time."""
 
 
+class DatabaseBusyError(DatabaseUnavailableError):
+    """The database is there but could not do this now: a lock or a statement timeout ran out,
+    or it rolled back a deadlock. Other work, or the same later, may well succeed."""
+
+
 class SchemaMismatchError(MaxtwoError):
     """The database holds tables that maxtwo did not create; maxtwo refuses to touch them."""
 

@@ -345,7 +345,7 @@ class Batcher:
                     # timeout): most likely the database is gone, and the batch fails as one
                     # (and shares its error).
                     raise
-                log.warning("%d %s operations failed, the rest of their batch committed: %s", size, name, ex)
+                log.warning("%d %s operations failed, the rest of their batch goes on: %s", size, name, ex)
                 results = [ex] * size
             self._answer(name, waiters, results)
             answered.add(name)

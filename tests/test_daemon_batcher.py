@@ -386,6 +386,24 @@ def test_when_the_first_kind_raises(seeded, two_kinds, monkeypatch, error, notes
     assert batcher.submit("note", "after") == "noted after"  # and the batcher goes on
 
 
+def test_whoever_queued_while_a_batch_failed_shares_its_error_untried(seeded, two_kinds, monkeypatch):
+    # Most likely the database is gone: each would otherwise wait out a timeout of its own.
+    batcher, gate, _ = two_kinds
+    gated = QueryKind.apply
+    batches: list[int] = []
+
+    def failing(self, held, payloads):
+        batches.append(len(payloads))
+        gated(self, held, payloads)  # the opener's batch waits at the gate while the rest queue
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(QueryKind, "apply", failing)
+    outcomes = submit_together(batcher, gate, [("query", None), ("note", "a")])
+    assert all(isinstance(outcome, RuntimeError) for outcome in outcomes)
+    assert batches == [1]  # only the opener's batch ran
+    assert notes(seeded) == set()
+
+
 def test_a_lock_or_statement_timeout_is_a_database_busy_error(database_url):
     """What lets a batch go on past a part that timed out (above), from the real drivers."""
     engine = db.create_engine(Settings(database_url=database_url, statement_timeout=0.3))

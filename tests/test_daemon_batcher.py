@@ -240,12 +240,17 @@ def test_every_caller_gives_up_after_max_wait_while_the_transaction_is_stuck(tmp
 
 # --- several kinds of operation in one batch -------------------------------------------------
 
+class Interrupted(BaseException):
+    """Raised through the batcher's `except Exception`, as KeyboardInterrupt would be."""
+
+
 NOTES = sa.Table("test_notes", sa.MetaData(), sa.Column("text", sa.Text, nullable=False, unique=True))
 
 
 class NoteKind:
     """A second kind of write for these tests: insert a note. A note "bad" fails alone (the
-    kind returns its error); a note "raise" makes the kind raise for its whole part."""
+    kind returns its error); a note "raise" makes the kind raise for its whole part, and a note
+    "interrupt" makes it raise Interrupted, which is no Exception."""
 
     name = "note"
 
@@ -258,8 +263,10 @@ class NoteKind:
             return self._notes(held, payloads)
 
     def _notes(self, held, payloads):
-        if "raise" in payloads:
+        if "raise" in payloads or "interrupt" in payloads:
             held.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('written before raising')"))
+            if "interrupt" in payloads:
+                raise Interrupted("as a KeyboardInterrupt or a SystemExit would")
             raise RuntimeError("this kind failed as a whole")
         outcomes = []
         insert = ("INSERT INTO test_notes (text) VALUES (%s)" if held.postgres
@@ -383,6 +390,27 @@ def test_when_the_first_kind_raises(seeded, two_kinds, monkeypatch, error, notes
         assert outcomes[1] == "noted a" and notes(seeded) == {"a"}
     else:
         assert isinstance(outcomes[1], type(error)) and notes(seeded) == set()
+    assert batcher.submit("note", "after") == "noted after"  # and the batcher goes on
+
+
+def test_a_later_part_raising_no_exception_fails_only_the_waiters_not_yet_answered(seeded, two_kinds):
+    # The queries are answered before the notes run. Answered again with the notes' error, a
+    # query's ticket would be released twice (its caller not waiting yet: this test collects
+    # it last), which raises and leaves the notes' callers waiting out their timeout.
+    batcher, gate, _ = two_kinds
+    opener = threading.Thread(target=lambda: batcher.submit("query"))
+    opener.start()  # its batch waits at the gate; the two below queue for the next one
+    wait_for(lambda: batcher.running_for() > 0, "the opener's batch")
+    query = batcher.enqueue("query", [None])
+    noted = batcher.enqueue("note", ["a", "interrupt"])
+    gate.set()
+    opener.join(10)
+    outcomes = batcher.outcomes(noted, timeout=10)
+    assert all(isinstance(outcome, Interrupted) for outcome in outcomes), outcomes
+    [result] = batcher.outcomes(query, timeout=0)
+    assert isinstance(result, QueryResult)
+    assert state(seeded).last_query_at == result.recorded_at
+    assert notes(seeded) == set()
     assert batcher.submit("note", "after") == "noted after"  # and the batcher goes on
 
 

@@ -16,6 +16,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import http.client
 import importlib.metadata
 import inspect
@@ -444,16 +445,17 @@ def test_shutdown_ends_the_lane_thread(served):
 
 
 @pytest.fixture
-def lane_pulls(monkeypatch) -> list[int]:
+def lane_pulls(monkeypatch) -> list[tuple[int, bool]]:
     """The serving loop's trigger pulls the lane thread really made (not held), one entry each:
-    the response bytes its connection still held at that moment."""
-    pulls: list[int] = []
+    the response bytes its connection still held at that moment, and whether it was closing
+    (0 and False for the pull a batch's answers end with)."""
+    pulls: list[tuple[int, bool]] = []
     original = waitress.server.BaseWSGIServer.pull_trigger
 
     def counted(self, *args) -> None:
         if threading.current_thread().name == "maxtwo-query-lane":
             channel = getattr(transport._answering, "channel", None)
-            pulls.append(channel.total_outbufs_len if channel is not None else 0)
+            pulls.append((channel.total_outbufs_len, bool(channel.will_close)) if channel is not None else (0, False))
         original(self, *args)
 
     # NOTE: the ChangePoller keeps the server's pull_trigger as it finds it at start: patched first.
@@ -509,10 +511,33 @@ def test_a_pull_for_a_response_over_the_high_water_mark_is_not_held(lane_pulls):
     with running(app, lane=lane) as live, socket.create_connection(("127.0.0.1", live.port), timeout=30) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         # Not reading yet: the response piles up in the connection's buffer past the mark.
-        wait_for(lambda: any(held > high_water_mark for held in lane_pulls), "a pull over the high-water mark")
+        wait_for(lambda: any(held > high_water_mark for held, _ in lane_pulls), "a pull over the high-water mark")
         answer = read_all(sock)
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(chunk)
     assert len(answer.partition(b"\r\n\r\n")[2]) == len(chunk) * 40
+
+
+def test_a_pull_after_a_failed_send_is_not_held(lane_pulls, monkeypatch):
+    # A send that fails (other than by a disconnect, which waitress takes for "nothing sent
+    # yet") marks the connection closing, and waitress pulls so that the loop closes it. Held to
+    # the end of the batch, that pull would leave the connection to the loop's next tick.
+    def failing_send(self, data, do_close=True):
+        raise OSError(errno.EIO, "an I/O error, injected")
+
+    monkeypatch.setattr(transport.QuietChannel, "send", failing_send)
+    chunk = b"x" * Adjustments().send_bytes  # every write flushes
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Length", str(len(chunk) * 4))])
+        return [chunk] * 4
+
+    lane = lane_for(len, lambda size, timeout: [None] * size, max_batch=256, max_wait=10)
+    with running(app, lane=lane) as live, socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_all(sock) == b""  # nothing could be sent; the loop closed the connection
+    assert any(closing for _, closing in lane_pulls), lane_pulls
+    # Below the high-water mark: the closing connection alone is why the pull was not held.
+    assert all(held < Adjustments().outbuf_high_watermark for held, _ in lane_pulls), lane_pulls
 
 
 # --- the serving loop ----------------------------------------------------------------------

@@ -27,6 +27,7 @@ import stat
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Self
@@ -262,6 +263,15 @@ class ExternalPostgres:
     """A server somebody else runs (MAXTWO_TEST_POSTGRES_URL); never started or stopped here."""
 
     url: str = dataclasses.field(repr=False)  # APPSEC: the URL holds a password
+
+    @property
+    def password(self) -> str:
+        """The URL's password: the suite's secrecy tests look for it in every output."""
+        password = urllib.parse.unquote(urllib.parse.urlsplit(self.url).password or "")
+        if not password:
+            raise ValueError("MAXTWO_TEST_POSTGRES_URL has no password; the tests that check that a "
+                             "password never appears in any output need a server that asks for one")
+        return password
 
 
 @contextlib.contextmanager

@@ -74,6 +74,7 @@ class TransportOptions:
     change_poller: bool = True
     quiet_channel: bool = True
     one_pull: bool = True  # the lane's trigger pulls for a batch made as one (with the change poller)
+    accept_backlog: bool = True  # every connection waiting in the backlog taken per turn of the loop
 
 
 class StopRequest:
@@ -189,6 +190,7 @@ def open_transport(
         change_poller=options.change_poller,
         quiet_channel=options.quiet_channel,
         one_pull=options.one_pull,
+        accept_backlog=options.accept_backlog,
     )
 
 

@@ -40,7 +40,7 @@ from daemon import transport
 from daemon.app import create_app
 from daemon.batcher import Batcher, QueryKind
 from daemon.metrics import Metrics
-from daemon.server import TransportOptions, lane_for
+from daemon.server import TransportOptions, lane_for, open_transport
 from daemon.transport import FULL_CHECK_SECONDS, QuietChannel
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.query import run_query_batch
@@ -71,6 +71,8 @@ HOOKS = [
     (waitress.server.BaseWSGIServer, "channel_class", lambda hook: hook is waitress.channel.HTTPChannel),
     (waitress.server.BaseWSGIServer, "pull_trigger", callable),
     (waitress.server.BaseWSGIServer, "accept", callable),
+    (waitress.server.BaseWSGIServer, "handle_accept", callable),
+    (waitress.server.BaseWSGIServer, "readable", callable),
     (waitress.server.BaseWSGIServer, "fix_addr", callable),
     (waitress.server.BaseWSGIServer, "set_socket_options", callable),
     (wasyncore, "loop", callable),
@@ -635,9 +637,66 @@ def test_a_huge_response_is_drained_by_the_loop(port, passes):
     assert len([moment for moment in passes if moment > quiet_from]) <= 20
 
 
+# --- accepting connections -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def waiting_in_the_backlog(clients: int, options: TransportOptions = TransportOptions()):
+    """A transport whose loop does not run, and `clients` connections waiting in its listening
+    socket's backlog (their handshakes done by the kernel): each handle_accept() call is one
+    turn of the loop finding the listening socket readable."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+    served = open_transport(hello, listener, REQUEST_THREADS, None, options)
+    with contextlib.ExitStack() as stack:
+        for _ in range(clients):
+            stack.enter_context(socket.create_connection(listener.getsockname(), timeout=10))
+        try:
+            yield served.server
+        finally:
+            served.close()
+
+
+@pytest.mark.parametrize(("options", "accepted"), [(TransportOptions(), 10), (TransportOptions(accept_backlog=False), 1)],
+                         ids=["accept-backlog", "waitress-alone"])
+def test_one_turn_accepts_every_connection_waiting(options, accepted):
+    with waiting_in_the_backlog(10, options) as server:
+        server.handle_accept()
+        assert len(server.active_channels) == accepted
+
+
+def test_one_turn_accepts_at_most_accepts_per_turn(monkeypatch):
+    # So that a flood of new connections cannot hold up the loop's work for those it has.
+    monkeypatch.setattr(transport, "ACCEPTS_PER_TURN", 4)
+    with waiting_in_the_backlog(10) as server:
+        server.handle_accept()
+        assert len(server.active_channels) == 4
+        server.handle_accept()
+        assert len(server.active_channels) == 8
+
+
+def test_one_turn_accepts_no_connection_past_the_connection_limit(monkeypatch):
+    with waiting_in_the_backlog(10) as server:
+        monkeypatch.setattr(server.adj, "connection_limit", len(server._map) + 3)
+        server.handle_accept()
+        assert len(server.active_channels) == 3
+        assert not server.readable()  # and the loop stops asking, as waitress does at its limit
+
+
+def test_connections_opened_at_once_are_all_answered():
+    with running(hello) as served:
+        sockets = [socket.create_connection(("127.0.0.1", served.port), timeout=10) for _ in range(50)]
+        try:
+            for sock in sockets:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert all(read_all(sock).endswith(b"\r\n\r\nhello") for sock in sockets)
+        finally:
+            for sock in sockets:
+                sock.close()
+
+
 @pytest.mark.parametrize("options", [TransportOptions(change_poller=False), TransportOptions(lane=False),
-                                     TransportOptions(one_pull=False)],
-                         ids=["waitress-loop", "no-lane", "no-one-pull"])
+                                     TransportOptions(one_pull=False), TransportOptions(accept_backlog=False)],
+                         ids=["waitress-loop", "no-lane", "no-one-pull", "no-accept-backlog"])
 def test_every_hook_can_be_turned_off_for_the_benchmark(settings, engine, options):
     seed_users(engine, 20)
     batcher = Batcher(engine, [QueryKind()], max_wait=30)

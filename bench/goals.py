@@ -55,7 +55,14 @@ def evaluate(results: dict) -> list[dict]:
                           "section": section})
             return
         met = ("yes" if passes(value) else "no") if judged else f"not judged ({why_not})"
-        goals.append({"goal": goal, "measured": show(value), "met": met, "section": section})
+        shown = show(value)
+        if show is times:
+            # Never a ratio rounded onto the other side of its goal: 0.7996x is no 0.800x.
+            digits = 3
+            while passes(float(shown.removesuffix("x"))) != passes(value) and digits < 9:
+                digits += 1
+                shown = f"{value:.{digits}f}x"
+        goals.append({"goal": goal, "measured": shown, "met": met, "section": section})
 
     def seconds(value: float) -> str:
         return f"{value:.3f} s"

@@ -6,9 +6,9 @@ For each database, `maxtwo serve` runs as deployed and with one hook turned off 
 (bench/serve_variant.py), all on one database, side by side; wrk loads them in turn, round
 after round (no randomization meanwhile: the interval is an hour). Printed per variant: the
 median req/s and server CPU time per request over the rounds, and the ratio of the full
-transport to the variant. A hook stays if it is worth at least 15 % (bench/NOTES.md): in req/s,
-or for the accept backlog, which only the connections opened at a run's start meet, in max
-latency.
+transport to the variant. A hook stays if it is worth at least 15 % in req/s (bench/NOTES.md);
+the accept backlog, which only the connections opened at a run's start meet, is judged by max
+latency at 400 connections instead (bench/NOTES.md), which this prints too.
 """
 
 from __future__ import annotations

@@ -648,12 +648,10 @@ def waiting_in_the_backlog(clients: int, options: TransportOptions = TransportOp
     listener = socket.create_server(("127.0.0.1", 0), backlog=128)
     served = open_transport(hello, listener, REQUEST_THREADS, None, options)
     with contextlib.ExitStack() as stack:
+        stack.callback(served.close)
         for _ in range(clients):
             stack.enter_context(socket.create_connection(listener.getsockname(), timeout=10))
-        try:
-            yield served.server
-        finally:
-            served.close()
+        yield served.server
 
 
 @pytest.mark.parametrize(("options", "accepted"), [(TransportOptions(), 10), (TransportOptions(accept_backlog=False), 1)],

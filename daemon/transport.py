@@ -196,8 +196,8 @@ def accept_waiting(server: BaseWSGIServer, accept_one: Callable[[], None]) -> No
 
     NOTE: with one connection taken per turn, 400 clients connecting at once waited in the
     backlog for hundreds of turns, each made longer by the requests of the connections taken
-    before them: the last one's first request waited 0.15-0.3 s more than the others here, and
-    on a slower host past wrk's 2 s timeout (bench/NOTES.md).
+    before them: the backlog emptied only 0.15-0.3 s into a run here, and on a slower host
+    that most likely took requests past wrk's 2 s timeout (bench/NOTES.md).
     """
     channels = server._map
     for _ in range(ACCEPTS_PER_TURN):

@@ -6,9 +6,9 @@ that answers a constant body, on one of two transports:
   `TransportOptions`, `lane_for()`): the busy-poll fix, the strict parser, the change poller
   (with its one pull per batch), the backlog accepted per turn, and the lane, which takes GET /
   and POST /increment as it takes maxtwo's. Its submit answers at once with no outcome (no
-  database), and the app ignores the outcome. So a GET / here
-  travels a maxtwo GET /'s path minus the database work and the app's own (routing aside):
-  whatever separates its req/s from `maxtwo serve`'s is maxtwo's own work per request.
+  database), and the app ignores the outcome. So a GET / here travels a maxtwo GET /'s path
+  minus the database work and the app's own (routing aside): whatever separates its req/s from
+  `maxtwo serve`'s is maxtwo's own work per request.
 - `--transport stock`: waitress as shipped (`waitress.create_server(...).run()`), on the same
   documented settings (threads, connection limit, backlog, channel timeout, poll), none of
   maxtwo's hooks: what a plain waitress deployment of a hello-world app serves.

@@ -4,8 +4,8 @@ Every GET / writes (it records its time), and a durable write costs a disk flush
 writes could never go faster than one flush each. Here the requests of this process that write
 the same kind at the same moment share one transaction: a committer thread takes everybody
 waiting, runs one batch for them and hands each its own outcome, then takes whoever came
-meanwhile. Nobody is
-answered before the commit, so nothing is less durable than a transaction of its own.
+meanwhile. Nobody is answered before the commit, so nothing is less durable than a transaction
+of its own.
 
 Operations come in kinds (`Kind`: GET /'s query, POST /increment's increment), each applied to its part of the batch
 by one call. A kind reports an operation's own failure by returning the exception in its place;

@@ -161,7 +161,7 @@ class RequestMetrics:
         self._timers: dict[str, Any] = {}
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        # A GET / from the query lane waited for its batch before the app saw it.
+        # A request from the lane (GET /, POST /increment) waited for its batch before the app saw it.
         req.context.started = req.env.get(ARRIVED_AT) or time.perf_counter()
 
     def process_response(

@@ -382,7 +382,7 @@ class LaneDispatcher(ThreadedTaskDispatcher):
             if count > 0 and self._lane_thread is None:
                 # NOTE: one thread: a second one, waiting for its batch while the first answers
                 # its own, cost 40-70 us more CPU per request and served less (bench/NOTES.md).
-                self._lane_thread = threading.Thread(target=self._serve_lane, name="maxtwo-query-lane", daemon=True)
+                self._lane_thread = threading.Thread(target=self._serve_lane, name="maxtwo-lane", daemon=True)
                 self._lane_thread.start()
             self._lane_ready.notify()
 

@@ -404,7 +404,8 @@ def serve(
             "--threads",
             envvar="MAXTWO_THREADS",
             min=1,
-            help="Request threads, for every route but GET / (one thread answers those in batches).",
+            help="Request threads, for every route but GET / and POST /increment (one thread answers "
+            "those in batches).",
         ),
     ] = DEFAULT_THREADS,
     interval: Annotated[

@@ -38,7 +38,7 @@ from waitress.adjustments import Adjustments
 
 from daemon import transport
 from daemon.app import create_app
-from daemon.batcher import Batcher, QueryKind
+from daemon.batcher import Batcher, IncrementKind, QueryKind
 from daemon.metrics import Metrics
 from daemon.server import TransportOptions, lane_for, open_transport
 from daemon.transport import FULL_CHECK_SECONDS, QuietChannel
@@ -179,7 +179,7 @@ def test_a_chunked_request_alone_keeps_its_connection():
     assert answer.count(b"HTTP/1.1 200") == 2
 
 
-# --- the query lane ------------------------------------------------------------------------
+# --- the lane ------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -198,7 +198,12 @@ class Served:
 @contextlib.contextmanager
 def serve(settings: Settings, engine, max_wait: float = 30) -> Iterator[Served]:
     sizes: list[int] = []
-    batcher = Batcher(engine, [QueryKind()], max_wait=max_wait, on_batch=lambda kind, outcomes: sizes.append(len(outcomes)))
+
+    def query_batch(kind: str, outcomes: list) -> None:
+        if kind == QueryKind.name:
+            sizes.append(len(outcomes))
+
+    batcher = Batcher(engine, [QueryKind(), IncrementKind()], max_wait=max_wait, on_batch=query_batch)
     metrics = Metrics()
     app = create_app(settings, engine, metrics=metrics, batcher=batcher)
     served: Served
@@ -239,19 +244,23 @@ def links(response: http.client.HTTPResponse) -> tuple[dt.datetime, dt.datetime 
     )
 
 
-def test_get_root_is_answered_by_the_lane_and_everything_else_by_request_threads(served):
+def test_get_root_and_increments_are_answered_by_the_lane_and_everything_else_by_request_threads(served):
     connection = served.connect()
     for _ in range(3):
         response = get(connection)
         assert response.status == 200
         assert set(json.loads(response.body)) == {"users", "timestamp"}
         assert response.getheader("Cache-Control") == "no-store"
+        connection.request("POST", "/increment", body=b'{"key": "lane", "value": 1}',
+                           headers={"Content-Type": "application/json"})
+        increment = connection.getresponse()
+        assert (increment.status, increment.read()) == (202, b"")
     assert get(connection, "/healthz").status == 200
     connection.request("POST", "/")
     assert connection.getresponse().status == 405
-    assert served.threads["GET", "/"] == {"maxtwo-query-lane"}
+    assert served.threads["GET", "/"] == served.threads["POST", "/increment"] == {"maxtwo-lane"}
     assert served.threads["GET", "/healthz"] and served.threads["POST", "/"]
-    assert "maxtwo-query-lane" not in served.threads["GET", "/healthz"] | served.threads["POST", "/"]
+    assert "maxtwo-lane" not in served.threads["GET", "/healthz"] | served.threads["POST", "/"]
 
 
 def test_a_client_cannot_hand_the_app_an_answer_through_a_header(served):
@@ -330,7 +339,7 @@ def test_a_failing_database_answers_every_lane_request_with_a_json_503(database_
             thread.join(60)
         assert statuses == [(503, "5")] * 8
         assert all(body["status"] == 503 for body in bodies)
-        assert served.threads["GET", "/"] == {"maxtwo-query-lane"}
+        assert served.threads["GET", "/"] == {"maxtwo-lane"}
     engine.dispose()
 
 
@@ -440,7 +449,7 @@ def test_the_latency_histogram_counts_the_wait_for_the_batch(served, monkeypatch
 
 def test_shutdown_ends_the_lane_thread(served):
     assert get(served.connect()).status == 200
-    lane = [thread for thread in threading.enumerate() if thread.name == "maxtwo-query-lane"]
+    lane = [thread for thread in threading.enumerate() if thread.name == "maxtwo-lane"]
     assert lane
     served.transport.close()
     assert not any(thread.is_alive() for thread in lane)
@@ -455,7 +464,7 @@ def lane_pulls(monkeypatch) -> list[tuple[int, bool]]:
     original = waitress.server.BaseWSGIServer.pull_trigger
 
     def counted(self, *args) -> None:
-        if threading.current_thread().name == "maxtwo-query-lane":
+        if threading.current_thread().name == "maxtwo-lane":
             channel = getattr(transport._answering, "channel", None)
             pulls.append((channel.total_outbufs_len, bool(channel.will_close)) if channel is not None else (0, False))
         original(self, *args)

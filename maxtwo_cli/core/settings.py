@@ -12,7 +12,7 @@ from pathlib import Path
 
 DEFAULT_SEED_COUNT = 1_000_000
 # NOTE: chosen when GET / still ran on these threads (16 served 20-30 % more than 8, as bigger
-# batches; bench/NOTES.md). GET / now has a thread of its own (the query lane,
+# batches; bench/NOTES.md). GET / and POST /increment now have a thread of their own (the lane,
 # daemon/transport.py), so they serve the other routes; the hello-world baseline of the
 # benchmarks runs with the same number.
 DEFAULT_THREADS = 16

@@ -336,7 +336,7 @@ def counters(
         list[str] | None,
         typer.Argument(
             callback=_counter_keys,
-            metavar="KEY",
+            metavar="[KEY]...",
             show_default=False,
             help="Show these counters only (those never incremented are left out). Default: all.",
         ),

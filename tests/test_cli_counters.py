@@ -53,6 +53,10 @@ def test_the_help_names_the_output_format():
     assert '"KEY: TOTAL"' in invoke("increment", "--help").stdout
 
 
+def test_the_usage_says_counters_takes_several_keys():
+    assert "Usage: maxtwo counters [OPTIONS] [KEY]..." in invoke("counters", "--help").stdout
+
+
 def test_increment_round_trip_and_totals(database_url):
     assert increment(database_url, "a", "1") == "a: 1\n"
     assert increment(database_url, "a", "2") == "a: 3\n"

@@ -53,8 +53,8 @@ def create_app(
     """The API: GET /, POST /increment, GET /counters/{key}, /healthz, /metrics, /openapi.json;
     JSON errors everywhere.
 
-    `batcher`: the one GET / writes through (by default, new_batcher()'s); its owner closes it
-    at shutdown. Only new_batcher()'s feeds the batch metrics (increments applied included)."""
+    `batcher`: the one GET / and POST /increment write through (by default, new_batcher()'s);
+    its owner closes it at shutdown. Only new_batcher()'s feeds the batch metrics (increments applied included)."""
     metrics = metrics or Metrics()
     app = falcon.App(middleware=[RequestMetrics(metrics)])
     batcher = batcher or new_batcher(settings, engine, metrics)

@@ -74,7 +74,7 @@ class TransportOptions:
     change_poller: bool = True
     quiet_channel: bool = True
     one_pull: bool = True  # the lane's trigger pulls for a batch made as one (with the change poller)
-    accept_backlog: bool = True  # every connection waiting in the backlog taken per turn of the loop
+    accept_backlog: bool = True  # up to 64 waiting connections taken per turn of the loop (not one)
 
 
 class StopRequest:

@@ -215,8 +215,8 @@ class Transport:
     `quiet_channel`: the busy-poll fix; off only to measure what it is worth.
     `one_pull`: the lane's trigger pulls for a batch made as one (ChangePoller.one_pull, so only
     with the change poller); off only to measure what it is worth.
-    `accept_backlog`: every waiting connection accepted per turn of the loop (accept_waiting());
-    off only to measure what it is worth.
+    `accept_backlog`: up to ACCEPTS_PER_TURN waiting connections accepted per turn of the loop
+    (accept_waiting()); off only to measure what it is worth.
     """
 
     def __init__(

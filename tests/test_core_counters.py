@@ -35,8 +35,8 @@ from tests.helpers import wait_for
 
 @pytest.fixture(params=["in the caller's transaction", "committed by itself"])
 def batch(request):
-    """Apply a batch as the batcher does: apply_increments() inside a transaction (a batch mixed
-    with queries on PostgreSQL), or add_increments() outside one (a batch of increments alone)."""
+    """Apply a batch both ways the core allows: apply_increments() inside a caller's transaction
+    (which no production path opens today), or add_increments() outside one (the batcher's way)."""
 
     def run(engine, items, now=None):
         held = HeldConnection(engine)

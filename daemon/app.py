@@ -54,7 +54,8 @@ def create_app(
     JSON errors everywhere.
 
     `batcher`: the one GET / and POST /increment write through (by default, new_batcher()'s);
-    its owner closes it at shutdown. Only new_batcher()'s feeds the batch metrics (increments applied included)."""
+    its owner closes it at shutdown. Only new_batcher()'s feeds the batch metrics (increments
+    applied included)."""
     metrics = metrics or Metrics()
     app = falcon.App(middleware=[RequestMetrics(metrics)])
     batcher = batcher or new_batcher(settings, engine, metrics)
@@ -161,7 +162,8 @@ class RequestMetrics:
         self._timers: dict[str, Any] = {}
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        # A request from the lane (GET /, POST /increment) waited for its batch before the app saw it.
+        # A request from the lane (GET /, POST /increment) waited for its batch before the app
+        # saw it.
         req.context.started = req.env.get(ARRIVED_AT) or time.perf_counter()
 
     def process_response(

@@ -68,6 +68,8 @@ FULL_CHECK_SECONDS = 1.0
 # most (waitress takes one): bounded, so that a flood of new connections cannot hold up the
 # loop's work for those it has.
 ACCEPTS_PER_TURN = 64
+# The lane's thread, by name (as thread listings and profilers show it).
+LANE_THREAD_NAME = "maxtwo-lane"
 
 # epoll's event bits are poll()'s (EPOLLIN == POLLIN and so on), which wasyncore.readwrite reads.
 _READ = select.POLLIN | select.POLLPRI
@@ -382,7 +384,7 @@ class LaneDispatcher(ThreadedTaskDispatcher):
             if count > 0 and self._lane_thread is None:
                 # NOTE: one thread: a second one, waiting for its batch while the first answers
                 # its own, cost 40-70 us more CPU per request and served less (bench/NOTES.md).
-                self._lane_thread = threading.Thread(target=self._serve_lane, name="maxtwo-lane", daemon=True)
+                self._lane_thread = threading.Thread(target=self._serve_lane, name=LANE_THREAD_NAME, daemon=True)
                 self._lane_thread.start()
             self._lane_ready.notify()
 

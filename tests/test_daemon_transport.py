@@ -41,7 +41,7 @@ from daemon.app import create_app
 from daemon.batcher import Batcher, IncrementKind, QueryKind
 from daemon.metrics import Metrics
 from daemon.server import TransportOptions, lane_for, open_transport
-from daemon.transport import FULL_CHECK_SECONDS, QuietChannel
+from daemon.transport import FULL_CHECK_SECONDS, LANE_THREAD_NAME, QuietChannel
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.query import run_query_batch
 from maxtwo_cli.core.randomize import randomize_points
@@ -258,9 +258,9 @@ def test_get_root_and_increments_are_answered_by_the_lane_and_everything_else_by
     assert get(connection, "/healthz").status == 200
     connection.request("POST", "/")
     assert connection.getresponse().status == 405
-    assert served.threads["GET", "/"] == served.threads["POST", "/increment"] == {"maxtwo-lane"}
+    assert served.threads["GET", "/"] == served.threads["POST", "/increment"] == {LANE_THREAD_NAME}
     assert served.threads["GET", "/healthz"] and served.threads["POST", "/"]
-    assert "maxtwo-lane" not in served.threads["GET", "/healthz"] | served.threads["POST", "/"]
+    assert LANE_THREAD_NAME not in served.threads["GET", "/healthz"] | served.threads["POST", "/"]
 
 
 def test_a_client_cannot_hand_the_app_an_answer_through_a_header(served):
@@ -339,7 +339,7 @@ def test_a_failing_database_answers_every_lane_request_with_a_json_503(database_
             thread.join(60)
         assert statuses == [(503, "5")] * 8
         assert all(body["status"] == 503 for body in bodies)
-        assert served.threads["GET", "/"] == {"maxtwo-lane"}
+        assert served.threads["GET", "/"] == {LANE_THREAD_NAME}
     engine.dispose()
 
 
@@ -449,7 +449,7 @@ def test_the_latency_histogram_counts_the_wait_for_the_batch(served, monkeypatch
 
 def test_shutdown_ends_the_lane_thread(served):
     assert get(served.connect()).status == 200
-    lane = [thread for thread in threading.enumerate() if thread.name == "maxtwo-lane"]
+    lane = [thread for thread in threading.enumerate() if thread.name == LANE_THREAD_NAME]
     assert lane
     served.transport.close()
     assert not any(thread.is_alive() for thread in lane)
@@ -464,7 +464,7 @@ def lane_pulls(monkeypatch) -> list[tuple[int, bool]]:
     original = waitress.server.BaseWSGIServer.pull_trigger
 
     def counted(self, *args) -> None:
-        if threading.current_thread().name == "maxtwo-lane":
+        if threading.current_thread().name == LANE_THREAD_NAME:
             channel = getattr(transport._answering, "channel", None)
             pulls.append((channel.total_outbufs_len, bool(channel.will_close)) if channel is not None else (0, False))
         original(self, *args)

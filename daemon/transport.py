@@ -341,11 +341,11 @@ class LaneDispatcher(ThreadedTaskDispatcher):
     environ. Everything else (and a request the lane would not recognise, e.g. a malformed one)
     goes to the request threads as before.
 
-    NOTE: waitress wakes a request thread for every request, and a GET / thread then sleeps
-    again until its batch commits: two sleeps and wake-ups per request, which cost more than the
-    app itself. Per batch here: three wake-ups (the lane's, the committer's, the lane's again
-    for the answers); every response is still made by the app, in order, once its batch has
-    committed (bench/NOTES.md).
+    NOTE: waitress wakes a request thread for every request, and a GET / (or POST /increment)
+    thread then sleeps again until its batch commits: two sleeps and wake-ups per request, which
+    cost more than the app itself. Per batch here: three wake-ups (the lane's, the committer's,
+    the lane's again for the answers); every response is still made by the app, in order, once
+    its batch has committed (bench/NOTES.md).
     """
 
     def __init__(self, lane: Lane, *, one_pull: bool = True) -> None:
@@ -484,11 +484,11 @@ class ChangePoller:
     QuietChannels; close() hands the server back to waitress's own loop. Linux only (epoll).
 
     waitress's own poller (wasyncore.poll2) builds a new poll set on every pass, asking every
-    open connection whether it wants to read or write; a pass runs every time a response is
-    sent or a request arrives. While GET / requests wait for their shared commit, the serving
+    open connection whether it wants to read or write; a pass runs every time a response is sent
+    or a request arrives. While the lane's requests wait for their shared commit, the serving
     thread has the interpreter to itself and makes pass after pass: with 200 connections, most
-    of its time went into asking (bench/NOTES.md). Here one epoll set lives across passes, and
-    a pass asks only what may have changed since the last:
+    of its time went into asking (bench/NOTES.md). Here one epoll set lives across passes, and a
+    pass asks only what may have changed since the last:
     - the connections that had an event in the last pass (reading or writing changed them);
     - the connections a request thread touched: it pulls the loop's trigger when it finishes a
       request (or needs the loop to write for it), and the pull records which connection it

@@ -154,6 +154,15 @@ def sqlite_query_state_path(database: str | Path) -> Path:
     return Path(f"{database}-query")
 
 
+def sqlite_main_files(engine: Engine) -> list[str]:
+    """The files a rewrite of the users table writes: on SQLite the main file and its WAL (the
+    query state lives apart); none on PostgreSQL, whose server keeps its own files."""
+    if is_postgres(engine):
+        return []
+    database = engine.url.database or ""
+    return [database, f"{database}-wal"]
+
+
 def _create_sqlite_engine(url: URL, settings: Settings, pool_size: int) -> Engine:
     path = Path(url.database or "")
     query_state_path = str(sqlite_query_state_path(path))

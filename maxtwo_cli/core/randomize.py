@@ -10,8 +10,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from maxtwo_cli.core.clock import as_utc, utcnow
-from maxtwo_cli.core.db import MAIN_FILE_ONLY_OPTION, database_errors, is_postgres, set_job_timeouts
+from maxtwo_cli.core.db import (
+    MAIN_FILE_ONLY_OPTION,
+    database_errors,
+    is_postgres,
+    set_job_timeouts,
+    sqlite_main_files,
+)
 from maxtwo_cli.core.schema import MAX_POINTS, draw_max_number, randomizer_state, users
+from maxtwo_cli.core.writebehind import write_behind
 
 # An arbitrary constant naming the scheduled randomization among advisory locks.
 RANDOMIZE_LOCK_KEY = 0x6D617832_0002
@@ -44,7 +51,7 @@ def randomize_points(engine: Engine, *, timeout: float | None = None) -> Randomi
     callers are serialised by the lock on the state row; each of them performs its own run.
     """
     started = time.perf_counter()
-    with database_errors(engine), _main_file_only(engine).begin() as conn:
+    with database_errors(engine), write_behind(sqlite_main_files(engine)), _main_file_only(engine).begin() as conn:
         outcome = randomize_in_transaction(conn, timeout=timeout)
     assert outcome is not None  # unconditional: it always runs
     return _timed(outcome, started)
@@ -63,7 +70,7 @@ def randomize_if_due(
     Returns None when it did not run.
     """
     started = time.perf_counter()
-    with database_errors(engine), _main_file_only(engine).begin() as conn:
+    with database_errors(engine), write_behind(sqlite_main_files(engine)), _main_file_only(engine).begin() as conn:
         if is_postgres(conn) and not conn.scalar(
             sa.select(sa.func.pg_try_advisory_xact_lock(RANDOMIZE_LOCK_KEY))
         ):

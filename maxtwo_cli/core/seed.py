@@ -18,6 +18,7 @@ from maxtwo_cli.core.db import (
     database_errors,
     is_postgres,
     set_job_timeouts,
+    sqlite_main_files,
 )
 from maxtwo_cli.core.errors import AlreadySeededError, MaxtwoError, SchemaMismatchError
 from maxtwo_cli.core.schema import (
@@ -27,6 +28,7 @@ from maxtwo_cli.core.schema import (
     randomizer_state,
     users,
 )
+from maxtwo_cli.core.writebehind import write_behind
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +108,7 @@ def seed_users(
     if count < 0:
         raise ValueError("count must be >= 0")
     started = time.perf_counter()
-    with database_errors(engine), engine.begin() as conn:
+    with database_errors(engine), write_behind(sqlite_main_files(engine)), engine.begin() as conn:
         postgres = is_postgres(conn)
         if postgres:
             # Seeding may take longer than a request's statement timeout.

@@ -30,7 +30,14 @@ import typer.core
 
 from maxtwo_cli import __version__
 from maxtwo_cli.core.errors import MaxtwoError
-from maxtwo_cli.core.settings import DEFAULT_SEED_COUNT, DEFAULT_THREADS, Settings, default_database_url
+from maxtwo_cli.core.settings import (
+    DEFAULT_SEED_COUNT,
+    DEFAULT_THREADS,
+    MAX_SEED_COUNT,
+    MAX_THREADS,
+    Settings,
+    default_database_url,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -61,9 +68,13 @@ class OneLineErrors(typer.core.TyperGroup):
             exit_code = getattr(ex, "exit_code", None)
             if format_message is None or exit_code is None:
                 raise
+            if type(ex).__name__ == "NoArgsIsHelpError":
+                # `maxtwo` alone: its message is the help itself, shown as Click shows it.
+                print(format_message(), file=sys.stderr)
+                sys.exit(exit_code)
             hint = f" (see {ex.ctx.command_path} --help)" if getattr(ex, "ctx", None) else ""
             message = " ".join(format_message().split())
-            if message:  # empty for "no arguments": the help was shown instead
+            if message:
                 print(f"Error: {message}{hint}", file=sys.stderr)
             sys.exit(exit_code)
         # In non-standalone mode an Exit comes back as its code, success as the command's None.
@@ -164,7 +175,7 @@ def main(
 @app.command()
 def seed(
     count: Annotated[
-        int, typer.Option("--count", min=0, help="How many users to create, all at 0 points.")
+        int, typer.Option("--count", min=0, max=MAX_SEED_COUNT, help="How many users to create, all at 0 points.")
     ] = DEFAULT_SEED_COUNT,
     reset: Annotated[
         bool,
@@ -327,7 +338,21 @@ def increment(
     if as_json:
         print(json.dumps({"key": applied.key, "value": applied.total}))
     else:
-        print(f"{applied.key}: {applied.total}")
+        print(f"{_printable(applied.key)}: {applied.total}")
+
+
+def _printable(key: str) -> str:
+    """A counter's key as a terminal may show it: any HTTP client can choose a key, and one
+    holding control characters (ESC ...) would otherwise move the cursor, recolour or retitle
+    the terminal of whoever lists the counters. Each character that is not printable is shown
+    as its Python escape (\x1b, \u202e); --json escapes them its own way."""
+    if key.isprintable():
+        return key
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in key)
+
+
+# `counters --limit` at most (the databases take a 64-bit LIMIT; nobody reads a billion rows).
+MAX_COUNTERS_LISTED = 1_000_000_000
 
 
 @app.command(cls=NegativeNumberArguments)
@@ -342,7 +367,10 @@ def counters(
         ),
     ] = None,
     limit: Annotated[
-        int, typer.Option("--limit", min=1, help="Show at most this many counters when no KEY is given.")
+        int,
+        typer.Option(
+            "--limit", min=1, max=MAX_COUNTERS_LISTED, help="Show at most this many counters when no KEY is given."
+        ),
     ] = 100,
     as_json: Annotated[
         bool, typer.Option("--json", help='Print {"counters": [{"key": KEY, "value": TOTAL}, ...]} instead.')
@@ -359,9 +387,12 @@ def counters(
     with _reported_errors(settings):
         engine = _open(settings)
         try:
-            rows = list_counters(engine, keys, limit=limit)
+            # One more than shown tells whether there are more.
+            rows = list_counters(engine, keys, limit=limit + 1)
         finally:
             engine.dispose()
+    more = not keys and len(rows) > limit
+    rows = rows[:limit] if not keys else rows
     if as_json:
         # Plain print: rich would re-wrap and colour the JSON.
         print(json.dumps({"counters": [{"key": key, "value": total} for key, total in rows]}))
@@ -376,9 +407,9 @@ def counters(
     table.columns[1].justify = "right"
     for key, total in rows:
         # Text: a key is data, never rich markup.
-        table.add_row(Text(key), str(total))
+        table.add_row(Text(_printable(key)), str(total))
     _console().print(table)
-    if not keys and len(rows) == limit:
+    if more:
         _console().print(f"the first {limit} counters by key; --limit {limit * 10} shows more")
 
 
@@ -404,6 +435,7 @@ def serve(
             "--threads",
             envvar="MAXTWO_THREADS",
             min=1,
+            max=MAX_THREADS,
             help="Request threads, for every route but GET / and POST /increment (one thread answers "
             "those in batches).",
         ),
@@ -423,6 +455,7 @@ def serve(
             "--seed-count",
             envvar="MAXTWO_SEED_COUNT",
             min=0,
+            max=MAX_SEED_COUNT,
             help="Users to create at start-up if there are none (0: never seed).",
         ),
     ] = DEFAULT_SEED_COUNT,

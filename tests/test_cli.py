@@ -97,11 +97,19 @@ def test_seed_twice_names_reset(database_url):
     assert result.exit_code == 0, result.output
 
 
-@pytest.mark.parametrize("value", ["-1", "abc", ""])
+@pytest.mark.parametrize("value", ["-1", "abc", "", str(2**31), "99999999999999999999"])
 def test_bad_count_is_a_usage_error(value, tmp_path):
     result = invoke("seed", "--count", value, "--database-url", f"sqlite:///{tmp_path / 'x.db'}")
     assert result.exit_code == 2
     assert "Traceback" not in result.output
+    assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize(("option", "value"), [("--threads", "0"), ("--threads", "257"),
+                                               ("--threads", "100000000"), ("--seed-count", str(2**31))])
+def test_serve_refuses_out_of_range_numbers_before_starting(option, value, tmp_path):
+    result = invoke("serve", option, value, "--database-url", f"sqlite:///{tmp_path / 'x.db'}")
+    assert_one_line_error(result, option, exit_code=2)
     assert not (tmp_path / "x.db").exists()
 
 
@@ -178,6 +186,16 @@ def test_installed_maxtwo_runs_as_a_subprocess(tmp_path):
                             check=False, capture_output=True, text=True, timeout=60)
     assert failed.returncode == 1
     assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
+
+
+def test_maxtwo_alone_shows_the_help_as_click_lays_it_out():
+    executable = Path(sys.executable).with_name("maxtwo")
+    done = subprocess.run([executable], check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("Usage: maxtwo [OPTIONS] COMMAND")
+    assert "Commands:" in lines and "Error:" not in done.stderr
 
 
 def test_python_dash_m_works():

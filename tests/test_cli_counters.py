@@ -202,7 +202,28 @@ def test_counters_limit(database_url):
     assert "the first 2 counters by key; --limit 20 shows more" in result.stdout
 
 
-@pytest.mark.parametrize("limit", ["0", "-1", "x", ""])
+def test_the_more_hint_only_when_there_are_more(database_url):
+    for key in ["a", "b"]:
+        increment(database_url, key, "1")
+    result = invoke("counters", "--limit", "2", "--database-url", database_url)
+    assert result.exit_code == 0, result.output
+    assert "shows more" not in result.stdout
+    assert len(counters_json(database_url, "--limit", "1")) == 1
+
+
+def test_control_characters_in_a_key_reach_no_terminal(database_url):
+    # Any HTTP client can make such a key; listing it must not retitle or recolour a terminal.
+    key = "x\x1b]0;pwned\x07\x1b[31mRED\u202e\x9b"
+    shown = "x\\x1b]0;pwned\\x07\\x1b[31mRED\\u202e\\x9b"
+    assert increment(database_url, key, "1") == f"{shown}: 1\n"
+    result = invoke("counters", "--database-url", database_url)
+    assert result.exit_code == 0, result.output
+    assert shown in result.stdout
+    assert not set(result.stdout) & {"\x1b", "\x07", "\x9b", "\u202e"}
+    assert counters_json(database_url, key) == [{"key": key, "value": 1}]  # stored as given
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "x", "", "1000000001", str(2**63)])
 def test_a_bad_limit_is_a_usage_error(tmp_path, limit):
     result = invoke("counters", "--limit", limit, "--database-url", f"sqlite:///{tmp_path / 'maxtwo.db'}")
     assert_usage_error(result, "--limit")

@@ -174,6 +174,19 @@ def test_default_database_url_follows_systemd_then_xdg(monkeypatch, tmp_path):
     assert default_database_url() == f"sqlite:///{tmp_path / 'data' / 'maxtwo' / 'maxtwo.db'}"
 
 
+def test_the_default_file_is_the_one_named_whatever_its_directory_holds(monkeypatch, tmp_path):
+    # "?", "#" and "%" would otherwise be read as the URL's query, fragment and escapes.
+    state = tmp_path / "we?ird #dir %41 ü"
+    monkeypatch.setenv("STATE_DIRECTORY", str(state))
+    url = default_database_url()
+    assert db.parse_database_url(url).database == str(state / "maxtwo.db")
+    engine = db.create_engine(Settings(database_url=url))
+    schema.ensure_schema(engine)
+    engine.dispose()
+    assert (state / "maxtwo.db").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == [state.name]
+
+
 def test_the_sqlite_file_and_its_directory_are_created_on_first_use(tmp_path):
     path = tmp_path / "new" / "dir" / "maxtwo.db"
     engine = db.create_engine(Settings(database_url=f"sqlite:///{path}"))

@@ -28,6 +28,7 @@ from maxtwo_cli.core.schema import (
     randomizer_state,
     users,
 )
+from maxtwo_cli.core.settings import MAX_SEED_COUNT
 from maxtwo_cli.core.writebehind import write_behind
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,8 @@ def seed_users(
     the last query time and draws a new max_number. Either way the epoch advances, so no cached
     answer survives. `on_progress(done, total)` is called after each batch.
     """
-    if count < 0:
-        raise ValueError("count must be >= 0")
+    if not 0 <= count <= MAX_SEED_COUNT:
+        raise ValueError(f"count must be 0 to {MAX_SEED_COUNT}")
     started = time.perf_counter()
     with database_errors(engine), write_behind(sqlite_main_files(engine)), engine.begin() as conn:
         postgres = is_postgres(conn)

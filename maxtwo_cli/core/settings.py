@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from urllib.parse import quote
 
 DEFAULT_SEED_COUNT = 1_000_000
 # NOTE: chosen when GET / still ran on these threads (16 served 20-30 % more than 8, as bigger
@@ -16,6 +17,11 @@ DEFAULT_SEED_COUNT = 1_000_000
 # daemon/transport.py), so they serve the other routes; the hello-world baseline of the
 # benchmarks runs with the same number.
 DEFAULT_THREADS = 16
+# At most: each request thread may hold a database connection (PostgreSQL's pool is as large),
+# and PostgreSQL allows 100 connections by default.
+MAX_THREADS = 256
+# Users a seed creates at most: users.id is a 32-bit integer on PostgreSQL.
+MAX_SEED_COUNT = 2**31 - 1
 
 
 def default_database_url() -> str:
@@ -27,9 +33,15 @@ def default_database_url() -> str:
     state_directory = os.environ.get("STATE_DIRECTORY")
     if state_directory:
         # NOTE: systemd may pass several colon-separated directories; ours is the first.
-        return f"sqlite:///{Path(state_directory.split(':')[0]) / 'maxtwo.db'}"
+        return _sqlite_url(Path(state_directory.split(":")[0]) / "maxtwo.db")
     data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return f"sqlite:///{Path(data_home) / 'maxtwo' / 'maxtwo.db'}"
+    return _sqlite_url(Path(data_home) / "maxtwo" / "maxtwo.db")
+
+
+def _sqlite_url(path: Path) -> str:
+    # NOTE: percent-encoded: a "?", "#" or "%" in a directory's name would otherwise be read as
+    # the URL's query, fragment or an escape, and another file used.
+    return f"sqlite:///{quote(str(path))}"
 
 
 @dataclasses.dataclass(frozen=True)

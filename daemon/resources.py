@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 
 
 class QueryResource:
-    """GET /: the core query, exactly as `maxtwo query --json` prints it."""
+    """GET /: the core query, exactly as `maxtwo query --json` prints it.
+
+    No HEAD (405): every GET / records a query, which a HEAD, a safe method, must not do."""
 
     def __init__(self, batcher: Batcher, metrics: Metrics, prefetched_key: str) -> None:
         """`prefetched_key`: the environ entry holding an answer the server fetched ahead, if any."""
@@ -184,6 +186,9 @@ class CounterResource:
             raise falcon.HTTPNotFound(description="no counter under this key: it was never incremented")
         resp.media = {"key": key, "value": total}
 
+    # HEAD: the same answer without its body (falcon drops it, and keeps Content-Length).
+    on_head = on_get
+
 
 class HealthResource:
     """GET /healthz: 200 when the database answers, 503 when it does not."""
@@ -201,6 +206,9 @@ class HealthResource:
             return
         resp.media = {"status": "ok"}
 
+    # HEAD: the same answer without its body (falcon drops it, and keeps Content-Length).
+    on_head = on_get
+
 
 class MetricsResource:
     """GET /metrics: Prometheus text format."""
@@ -212,6 +220,9 @@ class MetricsResource:
         resp.content_type = CONTENT_TYPE_LATEST
         resp.data = self._metrics.exposition()
 
+    # HEAD: the same answer without its body (falcon drops it, and keeps Content-Length).
+    on_head = on_get
+
 
 class OpenApiResource:
     """GET /openapi.json: the API description."""
@@ -222,3 +233,6 @@ class OpenApiResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = falcon.MEDIA_JSON
         resp.data = self._body
+
+    # HEAD: the same answer without its body (falcon drops it, and keeps Content-Length).
+    on_head = on_get

@@ -113,6 +113,30 @@ def test_wrong_methods_are_json_405(client, method, path):
     assert "GET" in result.headers["allow"]
 
 
+@pytest.mark.parametrize("path", ["/healthz", "/metrics", "/openapi.json"])
+def test_head_answers_as_get_without_the_body(client, path):
+    get = client.simulate_get(path)
+    head = client.simulate_head(path)
+    assert head.status_code == get.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
+
+
+def test_head_of_a_counter_and_of_one_never_incremented(client):
+    assert client.simulate_post("/increment", json={"key": "a/b", "value": 2}).status_code == 202
+    head = client.simulate_head("/counters/a%2Fb")
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["cache-control"] == "no-store"
+    assert client.simulate_head("/counters/never").status_code == 404
+
+
+def test_head_of_the_query_is_refused_for_it_would_record_a_query(client):
+    result = client.simulate_head("/")
+    assert result.status_code == 405
+    assert "HEAD" not in result.headers["allow"] and "GET" in result.headers["allow"]
+    assert client.simulate_get("/").json["timestamp"] is None  # no query was recorded
+
+
 def test_errors_are_json_even_when_the_client_asks_for_xml(client):
     result = client.simulate_get("/nope", headers={"Accept": "application/xml"})
     assert result.status_code == 404

@@ -142,14 +142,14 @@ def openapi_document() -> dict[str, Any]:
             "/healthz": {
                 "get": {
                     "operationId": "health",
-                    "summary": "Whether the database answers.",
+                    "summary": "Whether the database answers and would take maxtwo's writes.",
                     "responses": {
                         "200": {
-                            "description": "The database answers.",
+                            "description": "The database answers and would take maxtwo's writes.",
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}},
                         },
                         "503": {
-                            "description": "The database does not answer.",
+                            "description": "The database does not answer, or refuses writes (the log says why).",
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}},
                         },
                         **common_errors,

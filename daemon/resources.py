@@ -25,6 +25,7 @@ from maxtwo_cli.core.counters import (
 )
 from maxtwo_cli.core.db import ping
 from maxtwo_cli.core.errors import DatabaseUnavailableError, MaxtwoError
+from maxtwo_cli.core.schema import writes_refused
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ class CounterResource:
 
 
 class HealthResource:
-    """GET /healthz: 200 when the database answers, 503 when it does not."""
+    """GET /healthz: 200 when the database answers and would take maxtwo's writes, 503 when not."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -199,10 +200,18 @@ class HealthResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         try:
             ping(self._engine)
+            refused = writes_refused(self._engine)
         except MaxtwoError as ex:
             log.warning("health check failed: %s", ex)
             resp.status = falcon.HTTP_503
             resp.media = {"status": "unavailable", "description": "the database does not answer"}
+            return
+        if refused is not None:
+            # NOTE: a database that answers but refuses every write serves nothing: GET / and
+            # POST /increment answer 503 meanwhile, so the health check must say so too.
+            log.warning("health check failed: the database refuses writes: %s", refused)
+            resp.status = falcon.HTTP_503
+            resp.media = {"status": "unavailable", "description": "the database answers but refuses this server's writes"}
             return
         resp.media = {"status": "ok"}
 

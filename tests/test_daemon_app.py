@@ -4,15 +4,19 @@ and error body."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import uuid
 
 import falcon.testing
 import pytest
+import sqlalchemy as sa
 
 from daemon.app import create_app
 from daemon.openapi import openapi_document
-from maxtwo_cli.core import db
+from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.seed import seed_users
+from maxtwo_cli.core.settings import Settings
 from tests.helpers import set_max_number, state, unreachable_settings
 
 
@@ -65,6 +69,67 @@ def test_healthz(client):
     result = client.simulate_get("/healthz")
     assert result.status_code == 200
     assert result.json == {"status": "ok"}
+
+
+def _healthz_refused(settings, engine, caplog) -> str:
+    """The log's reason, once /healthz answered 503 for a database that refuses writes."""
+    result = falcon.testing.TestClient(create_app(settings, engine)).simulate_get("/healthz")
+    assert result.status_code == 503
+    assert result.json == {"status": "unavailable",
+                           "description": "the database answers but refuses this server's writes"}
+    [record] = [r for r in caplog.records if "refuses writes" in r.getMessage()]
+    return record.getMessage()
+
+
+def _with_options(postgres_url: str, options: str) -> Settings:
+    url = sa.make_url(postgres_url)
+    url = url.update_query_dict({"options": f"{url.query['options']} {options}"})
+    return Settings(database_url=url.render_as_string(hide_password=False))
+
+
+def test_healthz_fails_when_the_role_may_not_write(postgres_engine, postgres_url, caplog):
+    role = f"test_reader_{uuid.uuid4().hex[:12]}"  # the server's own role is a superuser: may all
+    with postgres_engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE ROLE {role} NOLOGIN")
+        conn.exec_driver_sql(f"GRANT USAGE ON SCHEMA {conn.exec_driver_sql('SELECT current_schema()').scalar()} TO {role}")
+        conn.exec_driver_sql(f"GRANT SELECT, UPDATE ON users, randomizer_state, query_state TO {role}")
+        conn.exec_driver_sql(f"GRANT SELECT, INSERT, UPDATE, DELETE ON counters, idempotency_keys TO {role}")
+        conn.exec_driver_sql(f"REVOKE UPDATE ON query_state FROM {role}")
+        conn.exec_driver_sql(f"REVOKE INSERT ON counters FROM {role}")
+    settings = _with_options(postgres_url, f"-crole={role}")
+    engine = db.create_engine(settings)
+    try:
+        assert "lacks UPDATE on query_state, INSERT on counters" in _healthz_refused(settings, engine, caplog)
+    finally:
+        engine.dispose()
+        with postgres_engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP OWNED BY {role}")
+            conn.exec_driver_sql(f"DROP ROLE {role}")
+
+
+def test_healthz_fails_on_a_read_only_server(postgres_engine, postgres_url, caplog):
+    settings = _with_options(postgres_url, "-cdefault_transaction_read_only=on")
+    engine = db.create_engine(settings)
+    try:
+        assert "takes no writes" in _healthz_refused(settings, engine, caplog)
+    finally:
+        engine.dispose()
+
+
+def test_healthz_fails_when_a_sqlite_file_is_not_writable(tmp_path, caplog):
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}")
+    engine = db.create_engine(settings)
+    schema.ensure_schema(engine)
+    query_file = tmp_path / "maxtwo.db-query"
+    # chattr +i: refused even to root, as a read-only remount would.
+    done = subprocess.run(["chattr", "+i", str(query_file)], check=False, capture_output=True, text=True)
+    try:
+        if done.returncode != 0:
+            pytest.fail(f"this test needs chattr on a file system that supports it: {done.stderr.strip()}")
+        assert f"{query_file} is not writable" in _healthz_refused(settings, engine, caplog)
+    finally:
+        subprocess.run(["chattr", "-i", str(query_file)], check=False, capture_output=True)
+        engine.dispose()
 
 
 def test_metrics(client):

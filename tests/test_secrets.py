@@ -44,3 +44,10 @@ def test_the_password_appears_nowhere(postgres_url, postgres_server, tmp_path):
     assert len(seen) > 20
     leaks = [output for output in seen if password in output]
     assert leaks == []
+
+
+def test_settings_never_show_the_database_url():
+    # A repr lands in tracebacks (pytest's, rich's with locals) and in log lines.
+    from maxtwo_cli.core.settings import Settings
+
+    assert "s3cret" not in repr(Settings(database_url="postgresql://u:s3cret@localhost/db"))

@@ -11,6 +11,7 @@ SQLITE_QUERY_SCHEMA) for the same reason.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import secrets
 from typing import Any
 
@@ -280,3 +281,41 @@ def _check_shape(conn: sa.Connection, tables: list[sa.Table]) -> None:
                 f"(no column {', '.join(sorted(missing))}); maxtwo will not touch it, "
                 "point --database-url at another database"
             )
+
+
+# What maxtwo writes, table by table: the privileges a PostgreSQL role needs beyond SELECT.
+_WRITES = (
+    (users, "UPDATE"),
+    (randomizer_state, "UPDATE"),
+    (query_state, "UPDATE"),
+    (counters, "INSERT"),
+    (counters, "UPDATE"),
+    (idempotency_keys, "INSERT"),
+    (idempotency_keys, "DELETE"),
+)
+
+
+def writes_refused(engine: Engine) -> str | None:
+    """Why the database would refuse maxtwo's writes, or None: a role without a privilege, a
+    read-only server (a standby, default_transaction_read_only) or SQLite file. Asks without
+    writing, so a health check can tell "answers" from "works"."""
+    if not is_postgres(engine):
+        database = engine.url.database or ""
+        for path in (database, f"{database}-wal", f"{database}-query", f"{database}-query-wal"):
+            # NOTE: access() reports what a write would meet: permissions (not for root), a
+            # read-only file system (EROFS) and the immutable flag (EPERM), root included.
+            if os.path.exists(path) and not os.access(path, os.W_OK):
+                return f"{path} is not writable"
+        directory = os.path.dirname(os.path.abspath(database))
+        if not os.access(directory, os.W_OK):
+            return f"the directory {directory} is not writable (SQLite creates its journals there)"
+        return None
+    checks = [sa.func.has_table_privilege(table.name, privilege) for table, privilege in _WRITES]
+    with database_errors(engine), engine.connect() as conn:
+        read_only, *granted = conn.execution_options(**{READ_ONLY_OPTION: True}).execute(
+            sa.select(sa.func.current_setting("transaction_read_only"), *checks)
+        ).one()
+    if read_only == "on":
+        return "the server takes no writes (a standby, or default_transaction_read_only)"
+    missing = [f"{privilege} on {table.name}" for (table, privilege), ok in zip(_WRITES, granted, strict=True) if not ok]
+    return f"the role lacks {', '.join(missing)}" if missing else None

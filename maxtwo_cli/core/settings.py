@@ -48,7 +48,8 @@ def _sqlite_url(path: Path) -> str:
 class Settings:
     """Everything maxtwo can be told. Passed explicitly; nothing reads it at import time."""
 
-    database_url: str = dataclasses.field(default_factory=default_database_url)
+    # APPSEC: not in repr(): the URL may hold a password, and a repr lands in tracebacks and logs.
+    database_url: str = dataclasses.field(default_factory=default_database_url, repr=False)
     host: str = "127.0.0.1"
     port: int = 4000
     threads: int = DEFAULT_THREADS

@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -66,20 +68,42 @@ def test_start_writeback_takes_a_file_and_refuses_a_bad_descriptor(tmp_path):
 
 
 @pytest.mark.skipif(not writebehind.available(), reason="sync_file_range is Linux's")
-def test_every_file_is_written_back_while_the_block_runs_then_let_go(tmp_path, written_back):
+def test_the_files_open_in_this_process_are_written_back_while_the_block_runs(tmp_path, written_back):
     first, later = tmp_path / "main.db", tmp_path / "main.db-wal"
     first.write_bytes(b"x" * 4096)
-    with writebehind.write_behind([str(first), str(later)]):
+    later.write_bytes(b"y" * 4096)
+    descriptors_before = sorted(os.listdir("/proc/self/fd"))
+    with open(first, "rb"), writebehind.write_behind([str(first), str(later)]):
         time.sleep(0.05)
-        later.write_bytes(b"y" * 4096)  # as SQLite creates the WAL at the first write
-        time.sleep(0.05)
+        assert str(later) not in written_back, "a file this process has not open was written back"
+        with open(later, "rb"):  # as SQLite opens the WAL at its first read
+            time.sleep(0.05)
         assert len(_write_behind_threads()) == 1
     assert str(first) in written_back
-    assert str(later) in written_back, "a file that appeared during the block was not picked up"
+    assert str(later) in written_back, "a file opened during the block was not picked up"
     assert not _write_behind_threads()
-    open_now = {os.readlink(f"/proc/self/fd/{name}") for name in os.listdir("/proc/self/fd")
-                if os.path.exists(f"/proc/self/fd/{name}")}
-    assert not open_now & {str(first), str(later)}, "the write-behind left its descriptors open"
+    assert sorted(os.listdir("/proc/self/fd")) == descriptors_before
+
+
+@pytest.mark.skipif(not writebehind.available(), reason="sync_file_range is Linux's")
+def test_sqlites_lock_on_the_database_file_survives(tmp_path):
+    # Closing any descriptor of a file drops the process's POSIX locks on it, SQLite's shared
+    # lock included; another process closing its last connection would then delete the WAL
+    # that this one still uses. So the write-behind must borrow SQLite's descriptors.
+    path = tmp_path / "t.db"
+    ours = sqlite3.connect(path, isolation_level=None)
+    try:
+        ours.execute("PRAGMA journal_mode=WAL")
+        ours.execute("CREATE TABLE t (x)")
+        ours.execute("INSERT INTO t VALUES (1)")
+        with writebehind.write_behind([str(path), f"{path}-wal"], period=0.001):
+            time.sleep(0.05)
+        other = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('SELECT 1 FROM t').fetchall(); c.close()"
+        subprocess.run([sys.executable, "-c", other, str(path)], check=True, timeout=60)
+        assert os.path.exists(f"{path}-wal"), "another process deleted the WAL: this one's lock was dropped"
+        assert ours.execute("SELECT count(*) FROM t").fetchone() == (1,)
+    finally:
+        ours.close()
 
 
 def test_a_refused_writeback_stops_it_with_a_warning_and_the_block_goes_on(tmp_path, monkeypatch, caplog):
@@ -93,7 +117,7 @@ def test_a_refused_writeback_stops_it_with_a_warning_and_the_block_goes_on(tmp_p
     monkeypatch.setattr(writebehind, "start_writeback", refused)
     path = tmp_path / "main.db"
     path.write_bytes(b"x")
-    with caplog.at_level(logging.WARNING, logger=writebehind.__name__), writebehind.write_behind(
+    with open(path, "rb"), caplog.at_level(logging.WARNING, logger=writebehind.__name__), writebehind.write_behind(
         [str(path)], period=0.001
     ):
         time.sleep(0.05)

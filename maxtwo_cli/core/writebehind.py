@@ -12,12 +12,19 @@ and the fsyncs of the commit and of the checkpoint find little left.
 This decides nothing about durability: SQLite's own fsyncs still do, and the kernel may write a
 dirty page back at any moment anyway. Python's os module has no sync_file_range, hence ctypes;
 where the C library lacks it (not Linux) this does nothing.
+
+NOTE: the descriptors are SQLite's own, found in /proc/self/fd, never opened nor closed here:
+closing any descriptor of a file drops every POSIX lock the process holds on it, SQLite's
+included. Without the database file's shared lock, another process closing its last connection
+takes itself for the last of all and deletes the WAL under this one (reproduced,
+bench/NOTES.md; tests/test_core_writebehind.py checks it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import sys
@@ -51,7 +58,7 @@ _sync_file_range = _load_sync_file_range()
 
 def available() -> bool:
     """Whether write_behind() does anything here."""
-    return _sync_file_range is not None
+    return _sync_file_range is not None and os.path.isdir("/proc/self/fd")
 
 
 def start_writeback(descriptor: int) -> None:
@@ -68,12 +75,11 @@ def start_writeback(descriptor: int) -> None:
 @contextlib.contextmanager
 def write_behind(paths: Sequence[str], period: float | None = None) -> Iterator[None]:
     """While the block runs, start the write-back of the files at `paths` every `period` s
-    (default PERIOD_SECONDS).
+    (default PERIOD_SECONDS), through the descriptors this process already has open on them.
 
-    A file that does not exist yet is picked up once it does (SQLite creates the WAL at the
-    first write). A failure stops the write-behind with a warning and nothing else: the block
-    goes on, as durable as without it."""
-    if _sync_file_range is None or not paths:
+    A file not open yet is picked up once it is. A failure stops the write-behind with a
+    warning and nothing else: the block goes on, as durable as without it."""
+    if not paths or not available():
         yield
         return
     stop = threading.Event()
@@ -92,20 +98,49 @@ def write_behind(paths: Sequence[str], period: float | None = None) -> Iterator[
 
 
 def _write_back_until(paths: list[str], period: float, stop: threading.Event) -> None:
-    descriptors: dict[str, int] = {}
+    borrowed: dict[str, int] = {}  # path -> SQLite's descriptor of it
     try:
         while not stop.wait(period):
             for path in paths:
-                descriptor = descriptors.get(path)
-                if descriptor is None:
-                    try:
-                        descriptor = descriptors[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                    except FileNotFoundError:
+                descriptor = borrowed.get(path)
+                if descriptor is None or not _is_open_on(descriptor, path):
+                    descriptor = _descriptor_of(path)
+                    if descriptor is None:
+                        borrowed.pop(path, None)
                         continue
-                start_writeback(descriptor)
+                    borrowed[path] = descriptor
+                try:
+                    start_writeback(descriptor)
+                except OSError as ex:
+                    # Closed by SQLite since it was checked (and its number perhaps taken by
+                    # a socket or a pipe): look again next time.
+                    if ex.errno not in (errno.EBADF, errno.ESPIPE, errno.EINVAL):
+                        raise
+                    borrowed.pop(path, None)
     except OSError as ex:
         log.warning("starting the write-back of the database's files failed (%s); "
                     "SQLite's own flushes go on as before", ex)
-    finally:
-        for descriptor in descriptors.values():
-            os.close(descriptor)
+
+
+def _descriptor_of(path: str) -> int | None:
+    """A descriptor this process has open on the file at `path` (SQLite's), or None."""
+    try:
+        wanted = os.stat(path)
+    except FileNotFoundError:  # SQLite creates the WAL at the first read or write
+        return None
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            found = os.stat(f"/proc/self/fd/{name}")
+        except OSError:  # closed meanwhile
+            continue
+        if (found.st_dev, found.st_ino) == (wanted.st_dev, wanted.st_ino):
+            return int(name)
+    return None
+
+
+def _is_open_on(descriptor: int, path: str) -> bool:
+    try:
+        found, wanted = os.fstat(descriptor), os.stat(path)
+    except OSError:
+        return False
+    return (found.st_dev, found.st_ino) == (wanted.st_dev, wanted.st_ino)

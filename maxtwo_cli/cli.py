@@ -410,7 +410,7 @@ def counters(
         table.add_row(Text(_printable(key)), str(total))
     _console().print(table)
     if more:
-        _console().print(f"the first {limit} counters by key; --limit {limit * 10} shows more")
+        _console().print(f"the first {limit} counters by key; --limit {min(limit * 10, MAX_COUNTERS_LISTED)} shows more")
 
 
 def _positive(value: float) -> float:

@@ -27,18 +27,40 @@ from tests.conftest import is_postgres_url
 USERS = 100_000
 
 
-@pytest.fixture
-def written_back(monkeypatch):
+class WrittenBack(list):
     """The path of every file whose write-back was started, in order."""
-    paths: list[str] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._added = threading.Condition()
+
+    def add(self, path: str) -> None:
+        with self._added:
+            self.append(path)
+            self._added.notify_all()
+
+    def wait_for(self, path: object, timeout: float = 30) -> None:
+        """Until a write-back of `path` was started (generous: a loaded machine may not run the
+        thread for a while)."""
+        with self._added:
+            assert self._added.wait_for(lambda: str(path) in self, timeout), f"{path} was never written back"
+
+
+@pytest.fixture
+def written_back(monkeypatch) -> WrittenBack:
+    paths = WrittenBack()
     real = writebehind.start_writeback
 
     def recording(descriptor: int) -> None:
-        paths.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        try:
+            paths.add(os.readlink(f"/proc/self/fd/{descriptor}"))
+        except OSError:  # closed meanwhile: the real call says so
+            pass
         real(descriptor)
 
     monkeypatch.setattr(writebehind, "start_writeback", recording)
     monkeypatch.setattr(writebehind, "PERIOD_SECONDS", 0.001)
+    monkeypatch.setattr(writebehind, "SEARCH_AGAIN_SECONDS", 0.001)
     return paths
 
 
@@ -74,19 +96,17 @@ def test_the_files_open_in_this_process_are_written_back_while_the_block_runs(tm
     later.write_bytes(b"y" * 4096)
     descriptors_before = sorted(os.listdir("/proc/self/fd"))
     with open(first, "rb"), writebehind.write_behind([str(first), str(later)]):
-        time.sleep(0.05)
+        written_back.wait_for(first)
         assert str(later) not in written_back, "a file this process has not open was written back"
         with open(later, "rb"):  # as SQLite opens the WAL at its first read
-            time.sleep(0.05)
+            written_back.wait_for(later)
         assert len(_write_behind_threads()) == 1
-    assert str(first) in written_back
-    assert str(later) in written_back, "a file opened during the block was not picked up"
     assert not _write_behind_threads()
     assert sorted(os.listdir("/proc/self/fd")) == descriptors_before
 
 
 @pytest.mark.skipif(not writebehind.available(), reason="sync_file_range is Linux's")
-def test_sqlites_lock_on_the_database_file_survives(tmp_path):
+def test_sqlites_lock_on_the_database_file_survives(tmp_path, written_back):
     # Closing any descriptor of a file drops the process's POSIX locks on it, SQLite's shared
     # lock included; another process closing its last connection would then delete the WAL
     # that this one still uses. So the write-behind must borrow SQLite's descriptors.
@@ -96,8 +116,9 @@ def test_sqlites_lock_on_the_database_file_survives(tmp_path):
         ours.execute("PRAGMA journal_mode=WAL")
         ours.execute("CREATE TABLE t (x)")
         ours.execute("INSERT INTO t VALUES (1)")
-        with writebehind.write_behind([str(path), f"{path}-wal"], period=0.001):
-            time.sleep(0.05)
+        with writebehind.write_behind([str(path), f"{path}-wal"]):
+            written_back.wait_for(path)
+            written_back.wait_for(f"{path}-wal")
         other = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('SELECT 1 FROM t').fetchall(); c.close()"
         subprocess.run([sys.executable, "-c", other, str(path)], check=True, timeout=60)
         assert os.path.exists(f"{path}-wal"), "another process deleted the WAL: this one's lock was dropped"
@@ -108,9 +129,11 @@ def test_sqlites_lock_on_the_database_file_survives(tmp_path):
 
 def test_a_refused_writeback_stops_it_with_a_warning_and_the_block_goes_on(tmp_path, monkeypatch, caplog):
     calls = []
+    called = threading.Event()
 
     def refused(descriptor: int) -> None:
         calls.append(descriptor)
+        called.set()
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     monkeypatch.setattr(writebehind, "_sync_file_range", lambda *args: 0)  # as on Linux, anywhere
@@ -120,7 +143,8 @@ def test_a_refused_writeback_stops_it_with_a_warning_and_the_block_goes_on(tmp_p
     with open(path, "rb"), caplog.at_level(logging.WARNING, logger=writebehind.__name__), writebehind.write_behind(
         [str(path)], period=0.001
     ):
-        time.sleep(0.05)
+        assert called.wait(30)
+        time.sleep(0.05)  # time for the calls that must not come
         reached = True
     assert reached
     assert len(calls) == 1, "it went on after the failure"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import sqlite3
 import sys
 from collections.abc import Iterator
@@ -159,7 +160,8 @@ def sqlite_main_files(engine: Engine) -> list[str]:
     query state lives apart); none on PostgreSQL, whose server keeps its own files."""
     if is_postgres(engine):
         return []
-    database = engine.url.database or ""
+    # NOTE: SQLite follows a symbolic link to the database and keeps its WAL beside the target.
+    database = os.path.realpath(engine.url.database or "")
     return [database, f"{database}-wal"]
 
 

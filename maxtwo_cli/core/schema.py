@@ -19,7 +19,13 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Engine
 
-from maxtwo_cli.core.db import READ_ONLY_OPTION, SQLITE_QUERY_SCHEMA, database_errors, is_postgres
+from maxtwo_cli.core.db import (
+    READ_ONLY_OPTION,
+    SQLITE_QUERY_SCHEMA,
+    database_errors,
+    is_postgres,
+    sqlite_query_state_path,
+)
 from maxtwo_cli.core.errors import SchemaMismatchError
 
 MAX_POINTS = 100
@@ -283,14 +289,17 @@ def _check_shape(conn: sa.Connection, tables: list[sa.Table]) -> None:
             )
 
 
-# What maxtwo writes, table by table: the privileges a PostgreSQL role needs beyond SELECT.
-_WRITES = (
+# What maxtwo does, table by table: the privileges its PostgreSQL role needs. (INSERT ... ON
+# CONFLICT DO UPDATE needs INSERT and UPDATE, and an UPDATE that reads its rows SELECT.)
+_PRIVILEGES = (
+    *((table, "SELECT") for table in (users, randomizer_state, query_state, counters, idempotency_keys)),
     (users, "UPDATE"),
     (randomizer_state, "UPDATE"),
     (query_state, "UPDATE"),
     (counters, "INSERT"),
     (counters, "UPDATE"),
     (idempotency_keys, "INSERT"),
+    (idempotency_keys, "UPDATE"),
     (idempotency_keys, "DELETE"),
 )
 
@@ -300,22 +309,37 @@ def writes_refused(engine: Engine) -> str | None:
     read-only server (a standby, default_transaction_read_only) or SQLite file. Asks without
     writing, so a health check can tell "answers" from "works"."""
     if not is_postgres(engine):
-        database = engine.url.database or ""
-        for path in (database, f"{database}-wal", f"{database}-query", f"{database}-query-wal"):
-            # NOTE: access() reports what a write would meet: permissions (not for root), a
-            # read-only file system (EROFS) and the immutable flag (EPERM), root included.
-            if os.path.exists(path) and not os.access(path, os.W_OK):
-                return f"{path} is not writable"
-        directory = os.path.dirname(os.path.abspath(database))
-        if not os.access(directory, os.W_OK):
-            return f"the directory {directory} is not writable (SQLite creates its journals there)"
-        return None
-    checks = [sa.func.has_table_privilege(table.name, privilege) for table, privilege in _WRITES]
+        return _sqlite_writes_refused(engine.url.database or "")
+    # NOTE: any column's privilege will do for SELECT, INSERT and UPDATE: a role granted them
+    # column by column is not refused (DELETE is the table's alone).
+    checks = [
+        (sa.func.has_table_privilege if privilege == "DELETE" else sa.func.has_any_column_privilege)(
+            table.name, privilege
+        )
+        for table, privilege in _PRIVILEGES
+    ]
     with database_errors(engine), engine.connect() as conn:
         read_only, *granted = conn.execution_options(**{READ_ONLY_OPTION: True}).execute(
             sa.select(sa.func.current_setting("transaction_read_only"), *checks)
         ).one()
     if read_only == "on":
         return "the server takes no writes (a standby, or default_transaction_read_only)"
-    missing = [f"{privilege} on {table.name}" for (table, privilege), ok in zip(_WRITES, granted, strict=True) if not ok]
+    missing = [f"{privilege} on {table.name}" for (table, privilege), ok in zip(_PRIVILEGES, granted, strict=True) if not ok]
     return f"the role lacks {', '.join(missing)}" if missing else None
+
+
+def _sqlite_writes_refused(database: str) -> str | None:
+    # NOTE: SQLite follows a symbolic link to the database and keeps its journals beside the
+    # target; the query-state file is named after the path as given (core/db.py). access()
+    # reports what a write would meet: permissions (for the effective user; not for root), a
+    # read-only file system (EROFS) and the immutable flag (EPERM, root included). An -shm file
+    # that cannot be written is mapped read-only, and every write fails.
+    effective = os.access in os.supports_effective_ids
+    for name in (os.path.realpath(database), str(sqlite_query_state_path(database))):
+        for path in (name, f"{name}-wal", f"{name}-shm"):
+            if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK, effective_ids=effective):
+                return f"{path} is not writable"
+        directory = os.path.dirname(os.path.abspath(name))
+        if not os.access(directory, os.W_OK | os.X_OK, effective_ids=effective):
+            return f"the directory {directory} is not writable (SQLite creates its journals there)"
+    return None

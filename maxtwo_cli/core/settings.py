@@ -17,8 +17,9 @@ DEFAULT_SEED_COUNT = 1_000_000
 # daemon/transport.py), so they serve the other routes; the hello-world baseline of the
 # benchmarks runs with the same number.
 DEFAULT_THREADS = 16
-# At most: each request thread may hold a database connection (PostgreSQL's pool is as large),
-# and PostgreSQL allows 100 connections by default.
+# At most: a bound against typos (a thread each, and each may hold a database connection:
+# PostgreSQL's pool is as large). Mind the server's max_connections, 100 by default, shared by
+# every daemon.
 MAX_THREADS = 256
 # Users a seed creates at most: users.id is a 32-bit integer on PostgreSQL.
 MAX_SEED_COUNT = 2**31 - 1

@@ -1,4 +1,4 @@
-"""Write-back started early for the SQLite files a randomization rewrites (Linux).
+"""Write-back started early for the SQLite files a randomization or a seed rewrites (Linux).
 
 A randomization rewrites every user: about 30 MB per million users goes into the WAL, and its
 commit's checkpoint writes as much into the database file. Left to the kernel, those pages stay
@@ -29,6 +29,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,12 @@ def write_behind(paths: Sequence[str], period: float | None = None) -> Iterator[
         name=THREAD_NAME,
         daemon=True,
     )
-    thread.start()
+    try:
+        thread.start()
+    except RuntimeError as ex:  # no thread to be had: the block goes on without
+        log.warning("no write-behind for the database's files (%s); SQLite's own flushes go on as before", ex)
+        yield
+        return
     try:
         yield
     finally:
@@ -97,16 +103,25 @@ def write_behind(paths: Sequence[str], period: float | None = None) -> Iterator[
         thread.join()
 
 
+# Seconds between two searches of /proc/self/fd for a file not found open: a daemon may have
+# hundreds of descriptors (its connections), each searched with a stat().
+SEARCH_AGAIN_SECONDS = 0.1
+
+
 def _write_back_until(paths: list[str], period: float, stop: threading.Event) -> None:
     borrowed: dict[str, int] = {}  # path -> SQLite's descriptor of it
+    search_after: dict[str, float] = {}  # path -> time.monotonic() before which not to search
     try:
         while not stop.wait(period):
             for path in paths:
                 descriptor = borrowed.get(path)
                 if descriptor is None or not _is_open_on(descriptor, path):
+                    borrowed.pop(path, None)
+                    if time.monotonic() < search_after.get(path, 0.0):
+                        continue
                     descriptor = _descriptor_of(path)
                     if descriptor is None:
-                        borrowed.pop(path, None)
+                        search_after[path] = time.monotonic() + SEARCH_AGAIN_SECONDS
                         continue
                     borrowed[path] = descriptor
                 try:
@@ -117,6 +132,7 @@ def _write_back_until(paths: list[str], period: float, stop: threading.Event) ->
                     if ex.errno not in (errno.EBADF, errno.ESPIPE, errno.EINVAL):
                         raise
                     borrowed.pop(path, None)
+                    search_after[path] = time.monotonic() + SEARCH_AGAIN_SECONDS
     except OSError as ex:
         log.warning("starting the write-back of the database's files failed (%s); "
                     "SQLite's own flushes go on as before", ex)

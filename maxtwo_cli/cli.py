@@ -345,7 +345,7 @@ def _printable(key: str) -> str:
     """A counter's key as a terminal may show it: any HTTP client can choose a key, and one
     holding control characters (ESC ...) would otherwise move the cursor, recolour or retitle
     the terminal of whoever lists the counters. Each character that is not printable is shown
-    as its Python escape (\x1b, \u202e); --json escapes them its own way."""
+    as its Python escape (\\x1b, \\u202e); --json escapes them its own way."""
     if key.isprintable():
         return key
     return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in key)

@@ -149,7 +149,7 @@ def _descriptor_of(path: str) -> int | None:
             found = os.stat(f"/proc/self/fd/{name}")
         except OSError:  # closed meanwhile
             continue
-        if (found.st_dev, found.st_ino) == (wanted.st_dev, wanted.st_ino):
+        if os.path.samestat(found, wanted):
             return int(name)
     return None
 
@@ -159,4 +159,4 @@ def _is_open_on(descriptor: int, path: str) -> bool:
         found, wanted = os.fstat(descriptor), os.stat(path)
     except OSError:
         return False
-    return (found.st_dev, found.st_ino) == (wanted.st_dev, wanted.st_ino)
+    return os.path.samestat(found, wanted)

@@ -92,11 +92,13 @@ class Ticket:
     twice per request.
     """
 
-    __slots__ = ("_pending", "kind", "outcomes", "payloads")
+    __slots__ = ("_pending", "_unanswered", "kind", "outcomes", "payloads")
 
     def __init__(self, kind: str, payloads: Sequence[Any]) -> None:
         self._pending = threading.Lock()
         self._pending.acquire()
+        # Taken by whoever answers first: the committer, or abandon() at shutdown.
+        self._unanswered = threading.Lock()
         self.kind = kind
         self.payloads = payloads
         self.outcomes: list[Any] = []
@@ -108,10 +110,14 @@ class Ticket:
     def answered(self) -> bool:
         return not self._pending.locked()
 
-    def answer(self, outcomes: list[Any]) -> None:
-        """Called once, by the committer."""
+    def answer(self, outcomes: list[Any]) -> bool:
+        """Hand the waiter its outcomes; whether this was the first answer (a later one is
+        dropped: the committer's for a ticket abandon() answered already)."""
+        if not self._unanswered.acquire(blocking=False):
+            return False
         self.outcomes = outcomes
         self._pending.release()
+        return True
 
 
 # Operations per transaction, by default (the lane takes as many requests per batch).
@@ -151,6 +157,8 @@ class Batcher:
         self._committing = False  # whether the committer thread is running
         self._committer: threading.Thread | None = None
         self._closing = False
+        self._abandoned: str | None = None  # abandon()'s reason: nobody waits any more
+        self._running: list[Ticket] = []  # the running batch's waiters
         self._batch_started: float | None = None  # time.monotonic() of the running batch
 
     def submit(self, kind: str, payload: Any = None) -> Any:
@@ -176,6 +184,9 @@ class Batcher:
             raise ValueError(f"unknown kind of operation {kind!r}")
         me = Ticket(kind, payloads)
         with self._lock:
+            if self._abandoned is not None:
+                me.answer([DatabaseUnavailableError(self._abandoned)] * len(payloads))
+                return me
             if self._queued + len(payloads) > self.max_pending and self._queued:
                 me.answer([QueueFullError(f"{self._queued} operations already wait for the database")] * len(payloads))
                 return me
@@ -219,6 +230,20 @@ class Batcher:
         """Seconds the running batch has taken so far; 0 when none runs."""
         started = self._batch_started
         return 0.0 if started is None else time.monotonic() - started
+
+    def abandon(self, reason: str) -> int:
+        """Answer every waiter now, the running batch's included, with DatabaseUnavailableError
+        (`reason`), and every later one at once; the number answered. For a shutdown that cannot
+        wait any longer for a database that does not answer: a 503 then, not a connection
+        closed unanswered. The running batch may still commit later: an unknown outcome, as
+        when a waiter's own timeout runs out (docs/reliability.md)."""
+        with self._lock:
+            self._abandoned = reason
+            waiters = self._running + list(self._waiting)
+            self._waiting.clear()
+            self._queued = 0
+        error = DatabaseUnavailableError(reason)
+        return sum(waiter.answer([error] * len(waiter.payloads)) for waiter in waiters)
 
     def close(self, timeout: float) -> None:
         """Let the committer finish what is queued, give its connection back and end, waiting
@@ -264,6 +289,7 @@ class Batcher:
             count += len(waiting[0].payloads)
             batch.append(waiting.popleft())
         self._queued -= count
+        self._running = batch
         return batch
 
     def _run_batch(self, held: HeldConnection, batch: list[Ticket]) -> None:
@@ -294,6 +320,7 @@ class Batcher:
             return
         finally:
             started, self._batch_started = self._batch_started, None
+            self._running = []
         if self._on_commit is not None and started is not None:
             try:
                 self._on_commit(time.monotonic() - started)

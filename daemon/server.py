@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,9 @@ log = logging.getLogger("maxtwo")
 # The shutdown budget (systemd's TimeoutStopSec is 15 s; we promise 10): answer what was
 # accepted, then give a running randomization the rest.
 DRAIN_SECONDS = 5.0
+# Requests still waiting for the database this long into the drain are answered 503 (the
+# batcher abandons them), leaving the rest of the drain to send those answers.
+ABANDON_AFTER_SECONDS = 4.0
 SCHEDULER_STOP_SECONDS = 3.0
 # The batcher gives its connection back (a stuck transaction is not waited out).
 BATCHER_STOP_SECONDS = 1.0
@@ -166,12 +170,29 @@ def serve_requests(
         server.serve_until(stopping, on_turn=watchdog.loop_turned)
         on_stopping()
         log.info("stopping: answering the requests already accepted")
-        if not server.drain(DRAIN_SECONDS, on_turn=watchdog.loop_turned):
+        if not server.drain(DRAIN_SECONDS, on_turn=draining_turn(watchdog, batcher)):
             log.warning("shutdown: requests still unanswered after %.0f s, closed", DRAIN_SECONDS)
     finally:
         watchdog.stop()
         batcher.close(BATCHER_STOP_SECONDS)
         request_engine.dispose()
+
+
+def draining_turn(watchdog: Watchdog, batcher: Batcher) -> Callable[[], None]:
+    """What the loop does at every turn of the drain: tell the watchdog, and once
+    ABANDON_AFTER_SECONDS have passed, answer whoever still waits for the database 503."""
+    abandon_at = time.monotonic() + ABANDON_AFTER_SECONDS
+    abandoned = False
+
+    def turn() -> None:
+        nonlocal abandoned
+        watchdog.loop_turned()
+        if not abandoned and time.monotonic() >= abandon_at:
+            abandoned = True
+            if count := batcher.abandon("shutting down: the database did not answer in time"):
+                log.warning("shutdown: gave up waiting for the database (%d operations); their requests get 503", count)
+
+    return turn
 
 
 def open_transport(

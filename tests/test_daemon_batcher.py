@@ -148,15 +148,24 @@ def test_waiters_for_several_answers_are_batched_whole_within_max_batch(seeded, 
     batcher.close(5)
 
 
-def test_an_answer_that_comes_after_its_caller_gave_up_harms_nobody(seeded, monkeypatch):
-    release = threading.Event()
+def stall_queries(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """QueryKind's batches wait (up to 10 s) until the first event is set; the second is set
+    once one is waiting."""
+    release, running = threading.Event(), threading.Event()
     real_apply = QueryKind.apply
 
-    def slow_apply(self, held, payloads):
+    def stalled_apply(self, held, payloads):
+        running.set()
         release.wait(10)
         return real_apply(self, held, payloads)
 
-    monkeypatch.setattr(QueryKind, "apply", slow_apply)
+    monkeypatch.setattr(QueryKind, "apply", stalled_apply)
+    return release, running
+
+
+def test_an_answer_that_comes_after_its_caller_gave_up_harms_nobody(seeded, monkeypatch):
+    real_apply = QueryKind.apply
+    release, _ = stall_queries(monkeypatch)
     crashes: list = []
     monkeypatch.setattr(threading, "excepthook", crashes.append)
     batcher = Batcher(seeded, [QueryKind()], max_wait=0.3)
@@ -170,6 +179,29 @@ def test_an_answer_that_comes_after_its_caller_gave_up_harms_nobody(seeded, monk
     batcher.close(5)
     assert not crashes
     assert seeded.pool.checkedout() == 0
+
+
+def test_abandon_answers_the_running_batch_and_the_queue_at_once_and_later_callers_too(seeded, monkeypatch):
+    release, running = stall_queries(monkeypatch)
+    crashes: list = []
+    monkeypatch.setattr(threading, "excepthook", crashes.append)
+    batcher = Batcher(seeded, [QueryKind()], max_wait=30)
+    in_batch = batcher.enqueue("query", [None])
+    assert running.wait(5)
+    queued = batcher.enqueue("query", [None, None])  # behind the stuck batch
+    started = time.monotonic()
+    assert batcher.abandon("shutting down") == 2  # tickets answered: the running one, the queued one
+    assert [type(o) for o in batcher.outcomes(in_batch)] == [DatabaseUnavailableError]
+    assert [str(o) for o in batcher.outcomes(queued)] == ["shutting down"] * 2
+    assert time.monotonic() - started < 1  # not max_wait's 30 s
+    assert [str(o) for o in batcher.submit_many("query", [None], timeout=0)] == ["shutting down"]
+    assert batcher.pending() == 0
+    release.set()  # the stuck batch commits; its answer for a waiter answered already is dropped
+    batcher.close(5)
+    assert not batcher._committer.is_alive()
+    assert not crashes
+    assert [type(o) for o in batcher.outcomes(in_batch)] == [DatabaseUnavailableError]
+    assert state(seeded).last_query_at is not None  # the abandoned batch did commit: an unknown outcome
 
 
 def test_close_ends_the_committer_and_gives_its_connection_back(seeded):

@@ -326,7 +326,9 @@ class FreezableProxy:
         self.listener.close()
 
 
-def test_a_database_that_goes_silent_gets_503s_not_a_hang(postgres_url, tmp_path, reliability):
+@contextlib.contextmanager
+def daemon_behind_a_freezable_proxy(postgres_url: str, tmp_path: Path) -> Iterator[tuple[ServeProcess, FreezableProxy]]:
+    """`maxtwo serve` on PostgreSQL through a FreezableProxy, started and answering."""
     url = sa.make_url(postgres_url)
     proxy = FreezableProxy(url.port)
     proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
@@ -334,18 +336,23 @@ def test_a_database_that_goes_silent_gets_503s_not_a_hang(postgres_url, tmp_path
         with ServeProcess(proxied, interval=60, seed_count=500) as daemon:
             daemon.start(tmp_path / "serve.log")
             assert daemon.get("/")[0] == 200
-            proxy.flowing.clear()
-            with Clients(daemon.base, threads=4) as clients:
-                time.sleep(20)
-                proxy.flowing.set()
-                thawed_at = time.monotonic()
-                time.sleep(3)
-            # Made in the first 2 s of the silence: each must be answered before it ends.
-            silent = clients.between(0, thawed_at - 18)
-            after = clients.between(thawed_at + 1, time.monotonic())
-            assert daemon.terminate() == 0
+            yield daemon, proxy
     finally:
         proxy.close()
+
+
+def test_a_database_that_goes_silent_gets_503s_not_a_hang(postgres_url, tmp_path, reliability):
+    with daemon_behind_a_freezable_proxy(postgres_url, tmp_path) as (daemon, proxy):
+        proxy.flowing.clear()
+        with Clients(daemon.base, threads=4) as clients:
+            time.sleep(20)
+            proxy.flowing.set()
+            thawed_at = time.monotonic()
+            time.sleep(3)
+        # Made in the first 2 s of the silence: each must be answered before it ends.
+        silent = clients.between(0, thawed_at - 18)
+        after = clients.between(thawed_at + 1, time.monotonic())
+        assert daemon.terminate() == 0
     # Nothing on the client side can end a call the server's kernel keeps acknowledging: the
     # committer thread waits out the silence, but every request gives up at the request path's
     # own bound, connect + 2 x statement timeout = 15 s.
@@ -362,6 +369,33 @@ def test_a_database_that_goes_silent_gets_503s_not_a_hang(postgres_url, tmp_path
             (f"requests made while the database was silent: {len(silent)}, all answered 503, the "
              f"slowest after {slowest:.1f} s (bound: connect + 2 x statement timeout = 15 s)"),
             f"requests after it spoke again: {len(after)}, all 200",
+        ],
+    )
+
+
+def test_sigterm_while_the_database_is_silent_answers_every_request_503(postgres_url, tmp_path, reliability):
+    with daemon_behind_a_freezable_proxy(postgres_url, tmp_path) as (daemon, proxy):
+        proxy.flowing.clear()
+        with Clients(daemon.base, threads=4) as clients:
+            time.sleep(1)
+            signalled = time.monotonic()
+            daemon.process.send_signal(signal.SIGTERM)
+            exit_code = daemon.process.wait(15)
+            stopped_after = time.monotonic() - signalled
+    # Every request in flight at the signal waits for a database that will not answer within
+    # the drain (its own bound is 15 s): the daemon gives up on the database before the drain
+    # ends and answers them 503, rather than closing their connections unanswered.
+    in_flight = clients.between(0, signalled)
+    assert in_flight and {s[2] for s in in_flight} == {503}, (in_flight, daemon.log())
+    assert exit_code == 0, daemon.log()
+    assert stopped_after < 10
+    reliability.record(
+        "SIGTERM while the database is silent: every request read is answered, exit 0 within 10 s",
+        "A TCP proxy between `maxtwo serve` and PostgreSQL stops forwarding; 4 clients request "
+        "`GET /` for 1 s, then the daemon gets SIGTERM.",
+        [
+            f"requests in flight or made before the signal: {len(in_flight)}, all answered 503",
+            f"the daemon exited {exit_code}, {stopped_after:.1f} s after the signal",
         ],
     )
 

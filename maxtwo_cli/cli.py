@@ -9,9 +9,11 @@ top of this module, SQLAlchemy (about 150 ms here), psycopg and rich would be pa
 for what it runs, and psycopg only for a PostgreSQL URL (core/db.py). Only the standard library,
 typer, and the core's settings and errors (standard library only) are imported here.
 tests/test_cli_startup.py checks what each one imports.
-"""
 
-from __future__ import annotations
+NOTE: no `from __future__ import annotations` here: Typer reads every command's annotations
+at each call, and as strings each is compiled and evaluated anew (142 eval()s per call);
+written as objects, `--version` and `--help` took 5-8 % less (bench/NOTES.md).
+"""
 
 import atexit
 import contextlib
@@ -133,7 +135,7 @@ app = typer.Typer(
 
 
 @functools.cache
-def _console(*, stderr: bool = False) -> Console:
+def _console(*, stderr: bool = False) -> "Console":
     """rich's console for stdout (or stderr), made on first use: rich is imported to render only."""
     from rich.console import Console
 
@@ -484,7 +486,7 @@ def _settings(database_url: str | None) -> Settings:
     return Settings(database_url=database_url or default_database_url())
 
 
-def _open(settings: Settings) -> Engine:
+def _open(settings: Settings) -> "Engine":
     from maxtwo_cli.core import db, schema
 
     engine = db.create_engine(settings, pool_size=1)

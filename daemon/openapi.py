@@ -24,6 +24,20 @@ def _error(description: str) -> dict[str, Any]:
     }
 
 
+def _unavailable(description: str) -> dict[str, Any]:
+    """A 503 of the database's: the error, and when to try again."""
+    return {
+        **_error(description),
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before trying again.",
+                "required": True,
+                "schema": {"type": "integer", "minimum": 0},
+            }
+        },
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     """A fresh copy of the document (callers may serialise it however they like)."""
     common_errors = {
@@ -73,7 +87,7 @@ def openapi_document() -> dict[str, Any]:
                                 }
                             },
                         },
-                        "503": _error("The database is unavailable; retry after Retry-After seconds."),
+                        "503": _unavailable("The database is unavailable; retry after Retry-After seconds."),
                         **common_errors,
                     },
                 }
@@ -110,7 +124,7 @@ def openapi_document() -> dict[str, Any]:
                             "A missing or unknown field, a wrong type, a value out of range, a key of the "
                             "wrong length; or an Idempotency-Key already used for a different body."
                         ),
-                        "503": _error("The database is unavailable or too many increments wait; retry after Retry-After seconds."),
+                        "503": _unavailable("The database is unavailable or too many increments wait; retry after Retry-After seconds."),
                         **common_errors,
                     },
                 }
@@ -134,7 +148,7 @@ def openapi_document() -> dict[str, Any]:
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Counter"}}},
                         },
                         "404": _error("No counter under this key: it was never incremented."),
-                        "503": _error("The database is unavailable; retry after Retry-After seconds."),
+                        "503": _unavailable("The database is unavailable; retry after Retry-After seconds."),
                         **{code: error for code, error in common_errors.items() if code != "404"},
                     },
                 }

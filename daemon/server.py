@@ -116,7 +116,7 @@ def serve(settings: Settings, options: TransportOptions = TransportOptions()) ->
     try:
         prepare_database(engine, settings)
         listener = listen(settings)
-        log.info("listening on http://%s:%s", *listener.getsockname()[:2])
+        log.info("listening on %s", listening_url(listener.getsockname()))
         # NOTE: from here on, SIGTERM asks for a graceful stop; before, it ends the process at
         # once (a seed in progress is rolled back by the database).
         stop = StopRequest().install()
@@ -298,6 +298,12 @@ def forget_expired_idempotency_keys(engine: Engine) -> None:
         return
     if deleted:
         log.info("deleted %d expired Idempotency-Keys", deleted)
+
+
+def listening_url(address: tuple) -> str:
+    """The URL of a socket address: http://127.0.0.1:8000, http://[::1]:8000."""
+    host, port = address[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def listen(settings: Settings) -> socket.socket:

@@ -286,12 +286,22 @@ def _counter_keys(ctx: typer.Context, keys: list[str] | None) -> list[str] | Non
     return [_counter_key(ctx, key) for key in keys] if keys else keys
 
 
+# Decimal digits, ASCII only: Python's int() also takes "1_000" and other scripts' digits.
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def _integer(text: str) -> int:
+    if not _INTEGER.fullmatch(text):
+        raise typer.BadParameter(f"{text!r} is not an integer")
+    return int(text)
+
+
 def _increment_value(ctx: typer.Context, value: int) -> int:
-    if ctx.resilient_parsing:
+    if ctx.resilient_parsing:  # completing: the core's import is not paid for a check
         return value
     from maxtwo_cli.core.counters import InvalidIncrementError, check_value
 
-    # NOTE: typer's int takes integers of any size; a total is a signed 64-bit integer.
+    # NOTE: int() takes integers of any size; a total is a signed 64-bit integer.
     try:
         return check_value(value)
     except InvalidIncrementError as ex:
@@ -307,6 +317,7 @@ def increment(
     value: Annotated[
         int,
         typer.Argument(
+            parser=_integer,
             callback=_increment_value,
             metavar="VALUE",
             show_default=False,
@@ -468,7 +479,7 @@ def serve(
     Example: MAXTWO_DATABASE_URL=postgresql+psycopg://maxtwo:PASSWORD@db/maxtwo maxtwo serve --port 4000
     """
     settings = Settings(
-        database_url=database_url or default_database_url(),
+        database_url=_database_url(database_url),
         host=host,
         port=port,
         threads=threads,
@@ -483,7 +494,19 @@ def serve(
 
 
 def _settings(database_url: str | None) -> Settings:
-    return Settings(database_url=database_url or default_database_url())
+    return Settings(database_url=_database_url(database_url))
+
+
+def _database_url(given: str | None) -> str:
+    """The URL given, else the default. NOTE: an empty --database-url is refused rather than
+    taken for "not given": `--database-url "$URL"` with $URL unset would otherwise write to
+    the default SQLite file instead of the database meant. (An empty MAXTWO_DATABASE_URL is
+    unset, as click treats every empty variable.)"""
+    if given is None:
+        return default_database_url()
+    if not given.strip():
+        raise typer.BadParameter("empty; give a URL, or leave the option out for the default", param_hint="'--database-url'")
+    return given
 
 
 def _open(settings: Settings) -> "Engine":

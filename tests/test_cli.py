@@ -134,6 +134,15 @@ def test_bad_database_urls_are_one_line_errors(url, fragment):
     assert "s3cret" not in result.output
 
 
+@pytest.mark.parametrize("command", ["query", "serve", "counters"])
+def test_an_empty_database_url_is_a_usage_error_not_the_default(command, tmp_path, monkeypatch):
+    # `--database-url "$URL"` with $URL unset must not write to the default SQLite file.
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path))
+    result = invoke(command, "--database-url", "")
+    assert_one_line_error(result, "--database-url", "empty", exit_code=2)
+    assert not list(tmp_path.iterdir())
+
+
 def test_wrong_password_is_one_line_and_never_printed(postgres_server):
     url = sa.make_url(postgres_server.url).set(password="wrong-s3cret")
     result = invoke("query", "--database-url", url.render_as_string(hide_password=False))

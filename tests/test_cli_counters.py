@@ -102,6 +102,10 @@ def test_zero_creates_the_counter_at_zero(database_url):
     assert counters_json(database_url, "zero") == [{"key": "zero", "value": 0}]
 
 
+def test_a_plus_sign_is_accepted(database_url):
+    assert invoke("increment", "a", "+5", "--database-url", database_url).output == "a: 5\n"
+
+
 def test_the_64_bit_bounds_are_accepted(database_url):
     assert increment(database_url, "max", str(INT64_MAX)) == f"max: {INT64_MAX}\n"
     assert increment(database_url, "min", str(INT64_MIN)) == f"min: {INT64_MIN}\n"
@@ -126,6 +130,9 @@ def test_an_overflow_is_one_line_and_the_counter_keeps_its_value(database_url, s
         ("a", "1.5", ["VALUE"]),
         ("a", "abc", ["VALUE"]),
         ("a", "", ["VALUE"]),
+        ("a", "1_000", ["VALUE", "not an integer"]),
+        ("a", "\u0663", ["VALUE", "not an integer"]),  # ARABIC-INDIC DIGIT THREE: int() takes it
+        ("a", " 5", ["VALUE", "not an integer"]),
         ("", "1", ["KEY", "1 to 255"]),
         ("k" * 256, "1", ["KEY", "1 to 255"]),
         ("a\x00b", "1", ["KEY", "U+0000"]),

@@ -244,6 +244,20 @@ def test_database_unreachable_is_a_503_json_that_reveals_nothing(database_url, t
     assert query.headers["retry-after"] == "5"
     assert "s3cret" not in query.text and "127.0.0.1" not in query.text and "maxtwo.db" not in query.text
 
+    # Every 503 the document says carries Retry-After does.
+    requests = {
+        ("/", "get"): {},
+        ("/increment", "post"): {"json": {"key": "a", "value": 1}},
+        ("/counters/{key}", "get"): {"path": "/counters/a"},
+    }
+    for path, operations in openapi_document()["paths"].items():
+        for method, operation in operations.items():
+            if "Retry-After" in operation["responses"].get("503", {}).get("headers", {}):
+                kwargs = dict(requests.pop((path, method)))
+                answer = client.simulate_request(method.upper(), kwargs.pop("path", path), **kwargs)
+                assert (answer.status_code, answer.headers.get("retry-after")) == (503, "5"), (path, method)
+    assert not requests  # each of them declared it
+
     health = client.simulate_get("/healthz")
     assert health.status_code == 503
     assert health.json["status"] == "unavailable"

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from daemon import server as server_module
 from daemon.batcher import QueryKind
 from daemon.metrics import Metrics
-from daemon.server import BindError, StopRequest, listen, serve, serve_requests
+from daemon.server import BindError, StopRequest, listen, listening_url, serve, serve_requests
 from daemon.transport import QuietChannel
 from maxtwo_cli.core.schema import idempotency_keys
 from maxtwo_cli.core.settings import Settings
@@ -42,6 +42,11 @@ def test_a_host_with_several_addresses_is_refused_in_one_line(monkeypatch):
 def test_a_host_that_is_no_address_is_a_bind_error():
     with pytest.raises(BindError):
         listen(Settings(database_url="sqlite:///x.db", host="no such host..", port=0))
+
+
+def test_the_listening_url_brackets_an_ipv6_address():
+    assert listening_url(("127.0.0.1", 8000)) == "http://127.0.0.1:8000"
+    assert listening_url(("::1", 8000, 0, 0)) == "http://[::1]:8000"
 
 
 def test_a_signal_only_records_itself():

@@ -22,6 +22,10 @@ from maxtwo_cli.core.writebehind import write_behind
 
 # An arbitrary constant naming the scheduled randomization among advisory locks.
 RANDOMIZE_LOCK_KEY = 0x6D617832_0002
+# How early a run may have started and still count for a slot: the clock skew between hosts
+# that randomize_if_due absorbs (synchronised clocks differ by milliseconds). Not more: a
+# manual `maxtwo randomize` earlier in the interval must not stand in for the scheduled run.
+SLOT_TOLERANCE_SECONDS = 5.0
 
 # One statement per table, evaluated inside the database; every value 0..100 equally likely.
 # PostgreSQL: random() is uniform in [0, 1), so floor(random() * 101) covers 0..100.
@@ -66,9 +70,10 @@ def randomize_if_due(
     one of them randomizes. On PostgreSQL a transaction-scoped advisory lock (released at commit
     or rollback, so it cannot leak through a connection pooler) turns the others away while the
     run is going; afterwards `randomized_at` does. A run counts for the slot if it started no
-    more than half an interval before `due_at`, which also absorbs clock skew between hosts.
-    Returns None when it did not run.
+    more than SLOT_TOLERANCE_SECONDS (or half an interval, if less) before `due_at`: the clock
+    skew between hosts. Returns None when it did not run.
     """
+    tolerance = min(SLOT_TOLERANCE_SECONDS, interval / 2)
     started = time.perf_counter()
     with database_errors(engine), write_behind(sqlite_main_files(engine)), _main_file_only(engine).begin() as conn:
         if is_postgres(conn) and not conn.scalar(
@@ -76,7 +81,7 @@ def randomize_if_due(
         ):
             return None
         outcome = randomize_in_transaction(
-            conn, timeout=interval, unless_run_since=due_at - dt.timedelta(seconds=interval / 2)
+            conn, timeout=interval, unless_run_since=due_at - dt.timedelta(seconds=tolerance)
         )
     return None if outcome is None else _timed(outcome, started)
 

@@ -54,9 +54,11 @@ log = logging.getLogger("maxtwo")
 # The shutdown budget (systemd's TimeoutStopSec is 15 s; we promise 10): answer what was
 # accepted, then give a running randomization the rest.
 DRAIN_SECONDS = 5.0
-# Requests still waiting for the database this long into the drain are answered 503 (the
-# batcher abandons them), leaving the rest of the drain to send those answers.
+# Requests still waiting for the database this long into the drain, behind a batch that has
+# run this long (a healthy one takes milliseconds), are answered 503: the batcher abandons
+# them, and the rest of the drain sends those answers.
 ABANDON_AFTER_SECONDS = 4.0
+STUCK_BATCH_SECONDS = 1.0
 SCHEDULER_STOP_SECONDS = 3.0
 # The batcher gives its connection back (a stuck transaction is not waited out).
 BATCHER_STOP_SECONDS = 1.0
@@ -180,17 +182,17 @@ def serve_requests(
 
 def draining_turn(watchdog: Watchdog, batcher: Batcher) -> Callable[[], None]:
     """What the loop does at every turn of the drain: tell the watchdog, and once
-    ABANDON_AFTER_SECONDS have passed, answer whoever still waits for the database 503."""
+    ABANDON_AFTER_SECONDS have passed, answer whoever still waits for a stuck batch 503."""
     abandon_at = time.monotonic() + ABANDON_AFTER_SECONDS
     abandoned = False
 
     def turn() -> None:
         nonlocal abandoned
         watchdog.loop_turned()
-        if not abandoned and time.monotonic() >= abandon_at:
+        if not abandoned and time.monotonic() >= abandon_at and batcher.running_for() >= STUCK_BATCH_SECONDS:
             abandoned = True
-            if count := batcher.abandon("shutting down: the database did not answer in time"):
-                log.warning("shutdown: gave up waiting for the database (%d operations); their requests get 503", count)
+            if batcher.abandon("shutting down: the database did not answer in time"):
+                log.warning("shutdown: gave up waiting for the database; the requests still waiting get 503")
 
     return turn
 
@@ -301,9 +303,10 @@ def forget_expired_idempotency_keys(engine: Engine) -> None:
 
 
 def listening_url(address: tuple) -> str:
-    """The URL of a socket address: http://127.0.0.1:8000, http://[::1]:8000."""
+    """The URL of a socket address: http://127.0.0.1:8000, http://[::1]:8000,
+    http://[fe80::1%25eth0]:8000 (a zone's "%" percent-encoded, RFC 6874)."""
     host, port = address[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"http://[{host.replace('%', '%25')}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def listen(settings: Settings) -> socket.socket:

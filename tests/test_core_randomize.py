@@ -9,12 +9,7 @@ import sqlalchemy as sa
 
 from maxtwo_cli.core.clock import utcnow
 from maxtwo_cli.core.errors import MaxtwoError
-from maxtwo_cli.core.randomize import (
-    RANDOMIZE_LOCK_KEY,
-    SLOT_TOLERANCE_SECONDS,
-    randomize_if_due,
-    randomize_points,
-)
+from maxtwo_cli.core.randomize import RANDOMIZE_LOCK_KEY, randomize_if_due, randomize_points
 from maxtwo_cli.core.seed import seed_users
 from tests.conftest import is_postgres_url
 from tests.helpers import distinct_updated_at, points_histogram, state, user_rows
@@ -174,13 +169,22 @@ def test_randomize_if_due_runs_once_per_slot(seeded):
     assert state(seeded).epoch == first.epoch + 1
 
 
-def test_a_manual_run_early_in_the_interval_does_not_stand_in_for_the_scheduled_one(seeded):
-    manual = randomize_points(seeded)  # `maxtwo randomize`, 30 s before the next boundary
-    scheduled = randomize_if_due(seeded, due_at=manual.randomized_at + dt.timedelta(seconds=30), interval=60)
+@pytest.mark.parametrize("before_the_boundary", [30, 1])
+def test_a_manual_run_does_not_stand_in_for_the_scheduled_one(seeded, before_the_boundary):
+    manual = randomize_points(seeded)  # `maxtwo randomize`, shortly before the next boundary
+    due_at = manual.randomized_at + dt.timedelta(seconds=before_the_boundary)
+    scheduled = randomize_if_due(seeded, due_at=due_at, interval=60)
     assert scheduled is not None and scheduled.epoch == manual.epoch + 1
-    # A run within the clock skew tolerated between hosts does count for the slot.
-    soon = scheduled.randomized_at + dt.timedelta(seconds=SLOT_TOLERANCE_SECONDS - 1)
-    assert randomize_if_due(seeded, due_at=soon, interval=60) is None
+    assert randomize_if_due(seeded, due_at=due_at, interval=60) is None
+
+
+def test_the_slot_is_the_daemons_boundary_not_the_databases_clock(seeded):
+    # A daemon whose clock is ahead of the database's (or behind) still runs once per slot.
+    far = utcnow() + dt.timedelta(minutes=10)
+    assert randomize_if_due(seeded, due_at=far, interval=60) is not None
+    assert randomize_if_due(seeded, due_at=far, interval=60) is None
+    assert randomize_if_due(seeded, due_at=far + dt.timedelta(seconds=60), interval=60) is not None
+    assert randomize_if_due(seeded, due_at=far + dt.timedelta(seconds=60.001), interval=60) is None
 
 
 def test_randomize_if_due_on_a_fresh_database(engine):

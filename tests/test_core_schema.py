@@ -11,6 +11,7 @@ from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.clock import utcnow
 from maxtwo_cli.core.errors import ConfigurationError, SchemaMismatchError
 from maxtwo_cli.core.query import query_users
+from maxtwo_cli.core.randomize import randomize_if_due
 from maxtwo_cli.core.settings import Settings, default_database_url
 from tests.helpers import state
 
@@ -60,6 +61,19 @@ def test_a_database_made_before_previous_query_at_gets_it(engine):
     schema.ensure_schema(engine)
     schema.ensure_schema(engine)  # and only once
     assert query_users(engine).previous == first.recorded_at
+
+
+def test_a_database_made_before_scheduled_for_gets_it_and_its_next_slot_runs(engine):
+    schema.ensure_schema(engine)
+    due_at = utcnow()
+    assert randomize_if_due(engine, due_at=due_at, interval=60) is not None
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE randomizer_state DROP COLUMN scheduled_for"))
+    schema.ensure_schema(engine)
+    schema.ensure_schema(engine)  # and only once
+    # No slot recorded: the first scheduled run after the upgrade runs, and counts.
+    assert randomize_if_due(engine, due_at=due_at, interval=60) is not None
+    assert randomize_if_due(engine, due_at=due_at, interval=60) is None
 
 
 def test_a_sqlite_database_with_its_query_state_inside_gets_it_moved_out(tmp_path):

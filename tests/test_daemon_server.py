@@ -47,6 +47,41 @@ def test_a_host_that_is_no_address_is_a_bind_error():
 def test_the_listening_url_brackets_an_ipv6_address():
     assert listening_url(("127.0.0.1", 8000)) == "http://127.0.0.1:8000"
     assert listening_url(("::1", 8000, 0, 0)) == "http://[::1]:8000"
+    assert listening_url(("fe80::1%eth0", 8000, 0, 2)) == "http://[fe80::1%25eth0]:8000"
+
+
+class StandIn:
+    """The watchdog and the batcher, as far as the drain's turn uses them."""
+
+    def __init__(self, running_for: float) -> None:
+        self.turns = 0
+        self.running = running_for
+        self.abandoned: list[str] = []
+
+    def loop_turned(self) -> None:
+        self.turns += 1
+
+    def running_for(self) -> float:
+        return self.running
+
+    def abandon(self, reason: str) -> int:
+        self.abandoned.append(reason)
+        return 1
+
+
+def test_the_drain_gives_up_only_on_a_stuck_batch_and_only_once(monkeypatch):
+    monkeypatch.setattr(server_module, "ABANDON_AFTER_SECONDS", 0.2)
+    healthy, stuck = StandIn(running_for=0.005), StandIn(running_for=2.0)
+    turns = [server_module.draining_turn(stand_in, stand_in) for stand_in in (healthy, stuck)]
+    for turn in turns:
+        turn()  # before ABANDON_AFTER_SECONDS: nobody is given up on
+    assert not stuck.abandoned
+    time.sleep(0.25)
+    for _ in range(3):
+        for turn in turns:
+            turn()
+    assert healthy.abandoned == [] and len(stuck.abandoned) == 1
+    assert healthy.turns == stuck.turns == 4  # the watchdog hears of every turn
 
 
 def test_a_signal_only_records_itself():

@@ -22,10 +22,6 @@ from maxtwo_cli.core.writebehind import write_behind
 
 # An arbitrary constant naming the scheduled randomization among advisory locks.
 RANDOMIZE_LOCK_KEY = 0x6D617832_0002
-# How early a run may have started and still count for a slot: the clock skew between hosts
-# that randomize_if_due absorbs (synchronised clocks differ by milliseconds). Not more: a
-# manual `maxtwo randomize` earlier in the interval must not stand in for the scheduled run.
-SLOT_TOLERANCE_SECONDS = 5.0
 
 # One statement per table, evaluated inside the database; every value 0..100 equally likely.
 # PostgreSQL: random() is uniform in [0, 1), so floor(random() * 101) covers 0..100.
@@ -69,20 +65,18 @@ def randomize_if_due(
     Several daemons sharing a database all call this at the same wall-clock boundaries; exactly
     one of them randomizes. On PostgreSQL a transaction-scoped advisory lock (released at commit
     or rollback, so it cannot leak through a connection pooler) turns the others away while the
-    run is going; afterwards `randomized_at` does. A run counts for the slot if it started no
-    more than SLOT_TOLERANCE_SECONDS (or half an interval, if less) before `due_at`: the clock
-    skew between hosts. Returns None when it did not run.
+    run is going; afterwards the slot recorded with the last scheduled run (`scheduled_for`)
+    does. Slots are the daemons' own boundaries, so neither the database's clock nor a manual
+    `maxtwo randomize` earlier in the interval stands in for a scheduled run; the daemons'
+    clocks need only agree within half an interval. Returns None when it did not run.
     """
-    tolerance = min(SLOT_TOLERANCE_SECONDS, interval / 2)
     started = time.perf_counter()
     with database_errors(engine), write_behind(sqlite_main_files(engine)), _main_file_only(engine).begin() as conn:
         if is_postgres(conn) and not conn.scalar(
             sa.select(sa.func.pg_try_advisory_xact_lock(RANDOMIZE_LOCK_KEY))
         ):
             return None
-        outcome = randomize_in_transaction(
-            conn, timeout=interval, unless_run_since=due_at - dt.timedelta(seconds=tolerance)
-        )
+        outcome = randomize_in_transaction(conn, timeout=interval, slot=(due_at, interval))
     return None if outcome is None else _timed(outcome, started)
 
 
@@ -104,11 +98,13 @@ def _timed(outcome: tuple[int, dt.datetime, int], started: float) -> RandomizeRe
 
 
 def randomize_in_transaction(
-    conn: sa.Connection, *, timeout: float | None = None, unless_run_since: dt.datetime | None = None
+    conn: sa.Connection, *, timeout: float | None = None, slot: tuple[dt.datetime, float] | None = None
 ) -> tuple[int, dt.datetime, int] | None:
     """The randomization itself, inside the caller's transaction: (epoch, randomized_at, rows).
 
-    With `unless_run_since`: None, changing nothing, if a run began at or after that moment.
+    With `slot` (due_at, interval): the scheduled run for the boundary due_at, recorded as
+    such; None, changing nothing, if one was recorded for it already (or for a later one).
+    Boundaries are `interval` apart: half of one tells the same boundary from the previous.
     NOTE: the check is part of the first statement, a write: on SQLite a transaction that read
     first would fail with SQLITE_BUSY_SNAPSHOT, not wait, if another writer committed before
     its first write (it begins DEFERRED, see _main_file_only)."""
@@ -126,9 +122,12 @@ def randomize_in_transaction(
         epoch=randomizer_state.c.epoch + 1,
         randomized_at=now,
     )
-    if unless_run_since is not None:
-        last = randomizer_state.c.randomized_at
-        new_state = new_state.where(sa.or_(last.is_(None), last < unless_run_since))
+    if slot is not None:
+        due_at, interval = slot
+        last = randomizer_state.c.scheduled_for
+        new_state = new_state.values(scheduled_for=due_at).where(
+            sa.or_(last.is_(None), last < due_at - dt.timedelta(seconds=interval / 2))
+        )
     state = conn.execute(
         new_state.returning(randomizer_state.c.epoch, randomizer_state.c.randomized_at)
     ).one_or_none()

@@ -109,6 +109,9 @@ randomizer_state = sa.Table(
     # Incremented by every change to users: the key of any cached answer.
     sa.Column("epoch", sa.BigInteger, nullable=False),
     sa.Column("randomized_at", UtcTimestamp(), nullable=True),
+    # The boundary the last scheduled run was for (randomize_if_due), by the daemons' clocks;
+    # a manual run leaves it alone.
+    sa.Column("scheduled_for", UtcTimestamp(), nullable=True),
     sa.CheckConstraint("id = 1", name="randomizer_state_single_row"),
     sa.CheckConstraint(f"max_number BETWEEN 0 AND {MAX_POINTS}", name="max_number_range"),
 )
@@ -158,7 +161,10 @@ idempotency_keys = sa.Table(
 )
 
 # Columns added after a release: (table, column). ensure_schema adds them to older databases.
-_ADDED_COLUMNS = ((query_state, query_state.c.previous_query_at),)
+_ADDED_COLUMNS = (
+    (query_state, query_state.c.previous_query_at),
+    (randomizer_state, randomizer_state.c.scheduled_for),
+)
 
 
 def draw_max_number() -> int:

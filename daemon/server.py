@@ -282,12 +282,14 @@ IDEMPOTENCY_CLEANUP_SECONDS = 3600
 
 def scheduled_job(engine: Engine, interval: float):
     def job(due_at: dt.datetime) -> RandomizeResult | None:
-        result = randomize_if_due(engine, due_at=due_at, interval=interval)
-        # Once an hour (the first run at or after each full hour); every daemon does it, and a
-        # DELETE of what is already gone costs nothing.
-        if due_at.timestamp() % IDEMPOTENCY_CLEANUP_SECONDS < interval:
-            forget_expired_idempotency_keys(engine)
-        return result
+        try:
+            return randomize_if_due(engine, due_at=due_at, interval=interval)
+        finally:
+            # Once an hour (the first slot at or after each full hour), whether the randomization
+            # ran, was done elsewhere or failed; every daemon does it, and a DELETE of what is
+            # already gone costs nothing.
+            if due_at.timestamp() % IDEMPOTENCY_CLEANUP_SECONDS < interval:
+                forget_expired_idempotency_keys(engine)
 
     return job
 

@@ -417,6 +417,7 @@ def counters(
         _console().print("none of these counters was ever incremented" if keys else "no counters yet")
         return
     table = Table("key", "value")
+    table.columns[0].overflow = "fold"  # a long key wraps whole, never cut to "…"
     table.columns[1].justify = "right"
     for key, total in rows:
         # Text: a key is data, never rich markup.

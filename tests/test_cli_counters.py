@@ -164,6 +164,14 @@ def test_any_key_round_trips(database_url, key):
     assert key in result.stdout  # rich markup in a key is shown, not applied
 
 
+def test_the_table_shows_a_long_key_whole(database_url):
+    key = "x" * 200
+    increment(database_url, key, "1")
+    result = invoke("counters", "--database-url", database_url, env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout and result.stdout.count("x") == 200
+
+
 def test_counters_on_a_fresh_database(database_url):
     result = invoke("counters", "--database-url", database_url)
     assert (result.exit_code, result.stdout) == (0, "no counters yet\n")

@@ -18,6 +18,7 @@ from daemon.batcher import QueryKind
 from daemon.metrics import Metrics
 from daemon.server import BindError, StopRequest, listen, listening_url, serve, serve_requests
 from daemon.transport import QuietChannel
+from maxtwo_cli.core.errors import MaxtwoError
 from maxtwo_cli.core.schema import idempotency_keys
 from maxtwo_cli.core.settings import Settings
 from tests.helpers import notify_socket
@@ -232,7 +233,7 @@ def test_the_scheduler_stops_and_tz_is_left_alone_when_serving_fails(tmp_path, m
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def test_the_scheduled_job_deletes_expired_idempotency_keys_once_an_hour(engine):
+def test_the_scheduled_job_deletes_expired_idempotency_keys_once_an_hour(engine, monkeypatch):
     import datetime as dt
 
     from maxtwo_cli.core.batch import HeldConnection
@@ -254,4 +255,16 @@ def test_the_scheduled_job_deletes_expired_idempotency_keys_once_an_hour(engine)
     job(dt.datetime(2026, 12, 3, 18, 1, tzinfo=dt.UTC))  # not at a full hour: kept
     assert keys() == {"old-key", "new-key"}
     job(dt.datetime(2026, 12, 3, 19, 0, tzinfo=dt.UTC))
+    assert keys() == {"new-key"}
+    # A full hour whose randomization fails still deletes them.
+    with held.transaction():
+        apply_increments(held, [Increment("c", 1, "old-key")], now=dt.datetime.now(dt.UTC) - dt.timedelta(hours=25))
+    held.release()
+
+    def failing(*args, **kwargs):
+        raise MaxtwoError("the randomization failed")
+
+    monkeypatch.setattr(server_module, "randomize_if_due", failing)
+    with pytest.raises(MaxtwoError):
+        job(dt.datetime(2026, 12, 3, 20, 0, tzinfo=dt.UTC))
     assert keys() == {"new-key"}

@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 from daemon.batcher import Batcher, IncrementKind, QueryKind, QueueFullError
 from daemon.metrics import Metrics
 from daemon.resources import (
+    RETRY_AFTER_SECONDS,
     CounterResource,
     HealthResource,
     IncrementResource,
@@ -30,8 +31,6 @@ if TYPE_CHECKING:  # the app never needs the transport (nor waitress) itself
     from daemon.transport import LaneRequest
 
 log = logging.getLogger(__name__)
-
-RETRY_AFTER_SECONDS = 5
 
 # WSGI environ entries a server may set for a request whose outcome it fetched ahead (the
 # daemon's lane, daemon/transport.py, with enqueue_outcomes() below): the outcome (GET /'s answer,
@@ -112,8 +111,9 @@ def enqueue_outcomes(batcher: Batcher, requests: list[LaneRequest]) -> tuple[lis
             queries.append(index)
             continue
         try:
-            increments.append((index, parse_increment(
-                request.headers.get("CONTENT_TYPE"), request.body, request.headers.get("IDEMPOTENCY_KEY"))))
+            headers = request.headers
+            increments.append((index, parse_increment(headers.get("CONTENT_TYPE"), request.body,
+                                                      headers.get("IDEMPOTENCY_KEY"), headers.get("CONTENT_ENCODING"))))
         except Exception as ex:  # noqa: BLE001 - its own answer (an unexpected one: 500), not the batch's
             outcomes[index] = ex
     tickets = []

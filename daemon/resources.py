@@ -44,6 +44,9 @@ class QueryResource:
         self._epoch_lock = threading.Lock()
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        # Every GET / records a query: no cache may answer one for the service (nor keep its
+        # error: set before one is raised, it goes out with it).
+        resp.set_header("Cache-Control", "no-store")
         result = req.env.get(self._prefetched_key)
         if result is None:
             result = self._batcher.submit(QueryKind.name)
@@ -58,14 +61,15 @@ class QueryResource:
         # NOTE: JSON text made by the core (the users rendered once per epoch), not resp.media:
         # falcon's media handler would serialise the whole body again for every request.
         resp.data = result.api_json().encode()
-        # Every GET / records a query: no cache may answer one for the service.
-        resp.set_header("Cache-Control", "no-store")
         # The chain at full precision (the body's timestamp has whole seconds): lets a client
         # check that it got exactly the time the query before it recorded.
         resp.set_header("X-Maxtwo-Recorded-At", result.recorded_text)
         if result.previous_text is not None:
             resp.set_header("X-Maxtwo-Previous-At", result.previous_text)
 
+
+# Retry-After of every 503: the database unavailable, or the batcher full.
+RETRY_AFTER_SECONDS = 5
 
 # The largest POST /increment body read: {"key": 255 characters, "value": 20 digits} fits many
 # times over, even with every character \u-escaped.
@@ -92,10 +96,18 @@ def decode_json(body: bytes) -> object:
     return document
 
 
-def parse_increment(content_type: str | None, body: bytes, idempotency_key: str | None) -> Increment:
+def parse_increment(
+    content_type: str | None, body: bytes, idempotency_key: str | None, content_encoding: str | None = None
+) -> Increment:
     """The Increment a POST /increment asks for, or the falcon.HTTPError to answer it with."""
     if content_type is None or content_type.split(";")[0].strip().lower() != falcon.MEDIA_JSON:
         raise falcon.HTTPUnsupportedMediaType(description="send the body as application/json")
+    if content_encoding is not None and content_encoding.strip().lower() not in ("", "identity"):
+        # NOTE: read as it is, a gzip body would be a 400, and a body merely labelled "br" an
+        # increment applied from bytes that were never decoded (RFC 9110 15.5.16).
+        raise falcon.HTTPUnsupportedMediaType(
+            description="send the body without a Content-Encoding", headers={"Accept-Encoding": "identity"}
+        )
     if len(body) > MAX_INCREMENT_BODY:
         raise falcon.HTTPContentTooLarge(description=f"the body may be at most {MAX_INCREMENT_BODY} bytes")
     try:
@@ -147,7 +159,7 @@ class IncrementResource:
         try:
             # At most one byte past the limit: enough for parse_increment to answer 413.
             item = parse_increment(req.content_type, req.bounded_stream.read(MAX_INCREMENT_BODY + 1),
-                                   req.get_header("Idempotency-Key"))
+                                   req.get_header("Idempotency-Key"), req.get_header("Content-Encoding"))
         except falcon.HTTPError as ex:
             return ex
         [outcome] = self._batcher.submit_many(IncrementKind.name, [item])
@@ -204,6 +216,7 @@ class HealthResource:
         except MaxtwoError as ex:
             log.warning("health check failed: %s", ex)
             resp.status = falcon.HTTP_503
+            resp.set_header("Retry-After", str(RETRY_AFTER_SECONDS))
             resp.media = {"status": "unavailable", "description": "the database does not answer"}
             return
         if refused is not None:
@@ -211,6 +224,7 @@ class HealthResource:
             # POST /increment answer 503 meanwhile, so the health check must say so too.
             log.warning("health check failed: the database refuses writes: %s", refused)
             resp.status = falcon.HTTP_503
+            resp.set_header("Retry-After", str(RETRY_AFTER_SECONDS))
             resp.media = {"status": "unavailable", "description": "the database answers but refuses this server's writes"}
             return
         resp.media = {"status": "ok"}

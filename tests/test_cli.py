@@ -126,6 +126,7 @@ def test_unknown_option_is_a_usage_error():
         ("postgresql://maxtwo@127.0.0.1:1/maxtwo?password=s3cret", "check that the server is running"),
         ("postgresql://maxtwo:pa@s3cret@127.0.0.1:1/maxtwo", "percent-encode"),
         ("postgresql://maxtwo:pa:s3cret@db:5432x/maxtwo", "cannot be parsed"),
+        ("postgresql://maxtwo:s3cret@127.0.0.1/maxtwo?port=abc", "non-integer port"),
     ],
 )
 def test_bad_database_urls_are_one_line_errors(url, fragment):

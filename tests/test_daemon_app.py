@@ -242,11 +242,13 @@ def test_database_unreachable_is_a_503_json_that_reveals_nothing(database_url, t
     assert query.status_code == 503
     assert query.json["status"] == 503
     assert query.headers["retry-after"] == "5"
+    assert query.headers["cache-control"] == "no-store"  # an error of GET / is no more cacheable
     assert "s3cret" not in query.text and "127.0.0.1" not in query.text and "maxtwo.db" not in query.text
 
     # Every 503 the document says carries Retry-After does.
     requests = {
         ("/", "get"): {},
+        ("/healthz", "get"): {},
         ("/increment", "post"): {"json": {"key": "a", "value": 1}},
         ("/counters/{key}", "get"): {"path": "/counters/a"},
     }

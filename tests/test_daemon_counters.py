@@ -108,10 +108,10 @@ def test_an_unexpected_error_in_one_lane_request_is_its_own(app_parts, monkeypat
     batcher = app_parts[1]
     real_parse = daemon.app.parse_increment
 
-    def parse(content_type, body, idempotency_key):
+    def parse(content_type, body, *headers):
         if body == b"boom":
             raise RuntimeError("unforeseen")
-        return real_parse(content_type, body, idempotency_key)
+        return real_parse(content_type, body, *headers)
 
     monkeypatch.setattr(daemon.app, "parse_increment", parse)
     requests = [LaneRequest("POST", "/increment", {"CONTENT_TYPE": "application/json"}, body)
@@ -130,7 +130,11 @@ def test_413_415_and_a_bad_idempotency_key(client, app_parts):
     assert charset.status_code == 202
     bad_key = post(client, {"key": "a", "value": 1}, headers={**JSON, "Idempotency-Key": "é"})
     assert bad_key.status_code == 400
-    assert rejected(app_parts[2], "too_large") == 1 and rejected(app_parts[2], "unsupported_media_type") == 2
+    # A body labelled with a coding is not read as if it were plain.
+    encoded = post(client, {"key": "a", "value": 1}, headers={**JSON, "Content-Encoding": "br"})
+    assert encoded.status_code == 415 and encoded.headers["accept-encoding"] == "identity"
+    assert post(client, {"key": "a", "value": 1}, headers={**JSON, "Content-Encoding": "identity"}).status_code == 202
+    assert rejected(app_parts[2], "too_large") == 1 and rejected(app_parts[2], "unsupported_media_type") == 3
 
 
 def test_409_keeps_the_value(client, engine, app_parts):
@@ -232,7 +236,9 @@ def test_the_lane_answers_increments_and_queries_in_shared_batches(settings, eng
             thread.join(60)
         # Every kind of answer through the lane, too.
         connection = served.connect()
+        gzip = {**JSON, "Content-Encoding": "gzip"}
         for body, headers, status in [("{", JSON, 400), ('{"key": "k0"}', JSON, 422), ("{}", {}, 415),
+                                      ('{"key": "k0", "value": 1}', gzip, 415),
                                       ('{"key": "big", "value": 9223372036854775807}', JSON, 202),
                                       ('{"key": "big", "value": 1}', JSON, 409), ("x" * 5000, JSON, 413),
                                       ("[" * 2000, JSON, 400)]:

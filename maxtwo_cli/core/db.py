@@ -127,27 +127,34 @@ def _create_postgres_engine(url: URL, settings: Settings, pool_size: int, pre_pi
     options = " ".join(
         filter(None, [url.query.get("options"), f"-c statement_timeout={statement_timeout_ms}"])
     )
-    return sa.create_engine(
-        url,
-        pool_size=pool_size,
-        max_overflow=pool_size,
-        pool_pre_ping=pre_ping,
-        # APPSEC: bound values never end up in exception messages.
-        hide_parameters=True,
-        connect_args={
-            "connect_timeout": max(1, math.ceil(settings.connect_timeout)),
-            "application_name": "maxtwo",
-            "options": options,
-            # NOTE: statement_timeout is enforced by the server; if the server's host dies or
-            # the network drops packets, only the client's TCP timeouts end the wait. Unsent
-            # data times out after the statement bound, an idle link is probed after 5 s.
-            "tcp_user_timeout": int(settings.statement_timeout * 1000),
-            "keepalives": 1,
-            "keepalives_idle": 5,
-            "keepalives_interval": 2,
-            "keepalives_count": 3,
-        },
-    )
+    try:
+        return sa.create_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_pre_ping=pre_ping,
+            # APPSEC: bound values never end up in exception messages.
+            hide_parameters=True,
+            connect_args={
+                "connect_timeout": max(1, math.ceil(settings.connect_timeout)),
+                "application_name": "maxtwo",
+                "options": options,
+                # NOTE: statement_timeout is enforced by the server; if the server's host dies or
+                # the network drops packets, only the client's TCP timeouts end the wait. Unsent
+                # data times out after the statement bound, an idle link is probed after 5 s.
+                "tcp_user_timeout": int(settings.statement_timeout * 1000),
+                "keepalives": 1,
+                "keepalives_idle": 5,
+                "keepalives_interval": 2,
+                "keepalives_count": 3,
+            },
+        )
+    except exc.ArgumentError as ex:
+        # NOTE: SQLAlchemy checks some of the URL's parameters here (?port=abc).
+        message = str(ex)
+        for secret in secrets_of(url):  # APPSEC: it may quote one
+            message = message.replace(secret, "***")
+        raise ConfigurationError(f"the database URL is not valid ({message}); {URL_HELP}") from None
 
 
 def sqlite_query_state_path(database: str | Path) -> Path:

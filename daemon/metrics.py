@@ -81,7 +81,7 @@ class Metrics:
             self.increments_rejected.labels(reason=reason)
         self.increment_batch_size = Histogram(
             "maxtwo_increment_batch_size",
-            "Increments per database transaction, refused ones (409, 422) included (concurrent requests share one commit).",
+            "Increments per database transaction, refused ones (409, an Idempotency-Key's 422) included (concurrent requests share one commit).",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=self.registry,
         )

@@ -119,7 +119,7 @@ def openapi_document() -> dict[str, Any]:
                         "400": _error("The body is not JSON in UTF-8, or not a JSON object; or a malformed Idempotency-Key."),
                         "409": _error("The counter's total would leave the signed 64-bit range; it keeps its value."),
                         "413": _error("The body is larger than 4096 bytes."),
-                        "415": _error("The body is not application/json, or comes with a Content-Encoding."),
+                        "415": _error("The body is not application/json, or comes with a Content-Encoding other than identity."),
                         "422": _error(
                             "A missing or unknown field, a wrong type, a value out of range, a key of the "
                             "wrong length; or an Idempotency-Key already used for a different body."

@@ -44,7 +44,7 @@ from daemon.watchdog import Watchdog
 from maxtwo_cli import __version__
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.counters import delete_expired_idempotency_keys
-from maxtwo_cli.core.errors import AlreadySeededError, MaxtwoError
+from maxtwo_cli.core.errors import AlreadySeededError, DatabaseUnavailableError, MaxtwoError
 from maxtwo_cli.core.randomize import RandomizeResult, randomize_if_due
 from maxtwo_cli.core.seed import has_users, seed_users
 from maxtwo_cli.core.settings import Settings
@@ -282,13 +282,18 @@ IDEMPOTENCY_CLEANUP_SECONDS = 3600
 
 def scheduled_job(engine: Engine, interval: float):
     def job(due_at: dt.datetime) -> RandomizeResult | None:
+        # Once an hour (the first slot at or after each full hour), whether the randomization
+        # ran, was done elsewhere or failed for a reason of its own (not a database that does
+        # not answer: the cleanup would wait out the same timeouts); every daemon does it, and a
+        # DELETE of what is already gone costs nothing.
+        cleanup = due_at.timestamp() % IDEMPOTENCY_CLEANUP_SECONDS < interval
         try:
             return randomize_if_due(engine, due_at=due_at, interval=interval)
+        except DatabaseUnavailableError:
+            cleanup = False
+            raise
         finally:
-            # Once an hour (the first slot at or after each full hour), whether the randomization
-            # ran, was done elsewhere or failed; every daemon does it, and a DELETE of what is
-            # already gone costs nothing.
-            if due_at.timestamp() % IDEMPOTENCY_CLEANUP_SECONDS < interval:
+            if cleanup:
                 forget_expired_idempotency_keys(engine)
 
     return job

@@ -246,6 +246,8 @@ def test_the_lane_answers_increments_and_queries_in_shared_batches(settings, eng
             response = connection.getresponse()
             response.read()
             assert response.status == status, body
+            if headers is gzip:
+                assert response.getheader("Accept-Encoding") == "identity"
     assert sorted(set(statuses)) == [200, 202] and len(statuses) == 240
     assert sum(read_counter(engine, f"k{index}") for index in range(3)) == 12 * 16
     sample = metrics.registry.get_sample_value

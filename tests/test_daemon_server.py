@@ -18,7 +18,7 @@ from daemon.batcher import QueryKind
 from daemon.metrics import Metrics
 from daemon.server import BindError, StopRequest, listen, listening_url, serve, serve_requests
 from daemon.transport import QuietChannel
-from maxtwo_cli.core.errors import MaxtwoError
+from maxtwo_cli.core.errors import DatabaseUnavailableError, MaxtwoError
 from maxtwo_cli.core.schema import idempotency_keys
 from maxtwo_cli.core.settings import Settings
 from tests.helpers import notify_socket
@@ -241,30 +241,40 @@ def test_the_scheduled_job_deletes_expired_idempotency_keys_once_an_hour(engine,
     from maxtwo_cli.core.seed import seed_users
 
     seed_users(engine, 10)
-    held = HeldConnection(engine)
-    with held.transaction():
-        apply_increments(held, [Increment("c", 1, "old-key")], now=dt.datetime.now(dt.UTC) - dt.timedelta(hours=25))
-    held.release()
-    increment(engine, "c", 1, idempotency_key="new-key")
-    job = server_module.scheduled_job(engine, 60)
+
+    def add_expired_key() -> None:
+        held = HeldConnection(engine)
+        with held.transaction():
+            apply_increments(held, [Increment("c", 1, "old-key")], now=dt.datetime.now(dt.UTC) - dt.timedelta(hours=25))
+        held.release()
 
     def keys() -> set[str]:
         with engine.connect() as conn:
             return set(conn.execute(sa.select(idempotency_keys.c.key)).scalars())
 
+    def randomization_failing_with(error: MaxtwoError):
+        def randomize(*args, **kwargs):
+            raise error
+
+        return randomize
+
+    add_expired_key()
+    increment(engine, "c", 1, idempotency_key="new-key")
+    job = server_module.scheduled_job(engine, 60)
     job(dt.datetime(2026, 12, 3, 18, 1, tzinfo=dt.UTC))  # not at a full hour: kept
     assert keys() == {"old-key", "new-key"}
     job(dt.datetime(2026, 12, 3, 19, 0, tzinfo=dt.UTC))
     assert keys() == {"new-key"}
-    # A full hour whose randomization fails still deletes them.
-    with held.transaction():
-        apply_increments(held, [Increment("c", 1, "old-key")], now=dt.datetime.now(dt.UTC) - dt.timedelta(hours=25))
-    held.release()
-
-    def failing(*args, **kwargs):
-        raise MaxtwoError("the randomization failed")
-
-    monkeypatch.setattr(server_module, "randomize_if_due", failing)
+    # A full hour whose randomization fails still deletes them...
+    add_expired_key()
+    monkeypatch.setattr(server_module, "randomize_if_due", randomization_failing_with(MaxtwoError("failed")))
     with pytest.raises(MaxtwoError):
         job(dt.datetime(2026, 12, 3, 20, 0, tzinfo=dt.UTC))
     assert keys() == {"new-key"}
+    # ...but not after a database that did not answer: it would wait for it all over again.
+    add_expired_key()
+    silent = DatabaseUnavailableError("the database does not answer")
+    monkeypatch.setattr(server_module, "randomize_if_due", randomization_failing_with(silent))
+    with pytest.raises(DatabaseUnavailableError):
+        job(dt.datetime(2026, 12, 3, 21, 0, tzinfo=dt.UTC))
+    assert keys() == {"old-key", "new-key"}

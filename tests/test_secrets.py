@@ -51,3 +51,14 @@ def test_settings_never_show_the_database_url():
     from maxtwo_cli.core.settings import Settings
 
     assert "s3cret" not in repr(Settings(database_url="postgresql://u:s3cret@localhost/db"))
+
+
+def test_a_url_parameter_error_never_quotes_the_password():
+    # SQLAlchemy's own message quotes the bad parameter, which may be the password too.
+    from maxtwo_cli.core import db
+    from maxtwo_cli.core.errors import ConfigurationError
+    from maxtwo_cli.core.settings import Settings
+
+    with pytest.raises(ConfigurationError) as raised:
+        db.create_engine(Settings(database_url="postgresql://u:p4ssw0rd@localhost/db?port=p4ssw0rd"))
+    assert "p4ssw0rd" not in str(raised.value) and "***" in str(raised.value)

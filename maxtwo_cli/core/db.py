@@ -150,7 +150,8 @@ def _create_postgres_engine(url: URL, settings: Settings, pool_size: int, pre_pi
             },
         )
     except exc.ArgumentError as ex:
-        # NOTE: SQLAlchemy checks some of the URL's parameters here (?port=abc).
+        # NOTE: SQLAlchemy checks some of the URL's parameters here (?port=abc); the keyword
+        # arguments above are fixed, so it is the URL's fault.
         message = str(ex)
         for secret in secrets_of(url):  # APPSEC: it may quote one
             message = message.replace(secret, "***")

@@ -79,7 +79,11 @@ _INCREMENT_FIELDS = {"key", "value"}
 # whitespace with two regular expressions; both cost more than decoding the document itself (3.7
 # of 5.5 us per body, bench/NOTES.md). RFC 8259 makes UTF-8 the only encoding of JSON between
 # systems (a BOM may be ignored), and its whitespace is these four characters.
-_JSON_DECODER = json.JSONDecoder()
+def _not_json(constant: str) -> object:
+    raise ValueError(f"{constant} is not JSON")  # json takes NaN and Infinity unless told
+
+
+_JSON_DECODER = json.JSONDecoder(parse_constant=_not_json)
 _JSON_WHITESPACE = " \t\n\r"
 
 

@@ -23,7 +23,6 @@ from maxtwo_cli.core.counters import (
     check_value,
     read_counter,
 )
-from maxtwo_cli.core.db import ping
 from maxtwo_cli.core.errors import DatabaseUnavailableError, MaxtwoError
 from maxtwo_cli.core.schema import writes_refused
 
@@ -75,14 +74,16 @@ RETRY_AFTER_SECONDS = 5
 # times over, even with every character \u-escaped.
 MAX_INCREMENT_BODY = 4096
 _INCREMENT_FIELDS = {"key", "value"}
-# NOTE: json.loads() on bytes first guesses their encoding (UTF-8, -16 or -32) and then skips
-# whitespace with two regular expressions; both cost more than decoding the document itself (3.7
-# of 5.5 us per body, bench/NOTES.md). RFC 8259 makes UTF-8 the only encoding of JSON between
-# systems (a BOM may be ignored), and its whitespace is these four characters.
+
+
 def _not_json(constant: str) -> object:
     raise ValueError(f"{constant} is not JSON")  # json takes NaN and Infinity unless told
 
 
+# NOTE: json.loads() on bytes first guesses their encoding (UTF-8, -16 or -32) and then skips
+# whitespace with two regular expressions; both cost more than decoding the document itself (3.7
+# of 5.5 us per body, bench/NOTES.md). RFC 8259 makes UTF-8 the only encoding of JSON between
+# systems (a BOM may be ignored), and its whitespace is these four characters.
 _JSON_DECODER = json.JSONDecoder(parse_constant=_not_json)
 _JSON_WHITESPACE = " \t\n\r"
 
@@ -215,8 +216,7 @@ class HealthResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         try:
-            ping(self._engine)
-            refused = writes_refused(self._engine)
+            refused = writes_refused(self._engine)  # asks the database: it answers, or this raises
         except MaxtwoError as ex:
             log.warning("health check failed: %s", ex)
             resp.status = falcon.HTTP_503

@@ -24,6 +24,7 @@ from maxtwo_cli.core.db import (
     SQLITE_QUERY_SCHEMA,
     database_errors,
     is_postgres,
+    ping,
     sqlite_query_state_path,
 )
 from maxtwo_cli.core.errors import SchemaMismatchError
@@ -313,8 +314,10 @@ _PRIVILEGES = (
 def writes_refused(engine: Engine) -> str | None:
     """Why the database would refuse maxtwo's writes, or None: a role without a privilege, a
     read-only server (a standby, default_transaction_read_only) or SQLite file. Asks without
-    writing, so a health check can tell "answers" from "works"."""
+    writing, so a health check can tell "answers" from "works"; DatabaseUnavailableError if the
+    database does not answer at all (one round trip on PostgreSQL: no ping needed besides)."""
     if not is_postgres(engine):
+        ping(engine)  # the file opens and reads; the rest is the operating system's to say
         return _sqlite_writes_refused(engine.url.database or "")
     # NOTE: any column's privilege will do for SELECT, INSERT and UPDATE: a role granted them
     # column by column is not refused (DELETE is the table's alone).

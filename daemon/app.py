@@ -16,6 +16,7 @@ from daemon.metrics import Metrics
 from daemon.resources import (
     RETRY_AFTER_SECONDS,
     CounterResource,
+    DatabaseReads,
     HealthResource,
     IncrementResource,
     MetricsResource,
@@ -61,8 +62,9 @@ def create_app(
     app.add_route("/", QueryResource(batcher, metrics, PREFETCHED_ANSWER))
     app.add_route("/increment", IncrementResource(batcher, metrics, PREFETCHED_ANSWER))
     # NOTE: `path`: a key may hold "/" (sent as %2F, which the server decodes before routing).
-    app.add_route("/counters/{key:path}", CounterResource(engine))
-    app.add_route("/healthz", HealthResource(engine))
+    reads = DatabaseReads(limit=max(1, settings.threads // 2))
+    app.add_route("/counters/{key:path}", CounterResource(engine, reads))
+    app.add_route("/healthz", HealthResource(engine, reads))
     app.add_route("/metrics", MetricsResource(metrics))
     app.add_route("/openapi.json", OpenApiResource())
     app.add_error_handler(MaxtwoError, _database_unavailable)

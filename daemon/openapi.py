@@ -148,7 +148,9 @@ def openapi_document() -> dict[str, Any]:
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Counter"}}},
                         },
                         "404": _error("No counter under this key: it was never incremented."),
-                        "503": _unavailable("The database is unavailable; retry after Retry-After seconds."),
+                        "503": _unavailable(
+                            "The database is unavailable, or too many reads wait for it; retry after Retry-After seconds."
+                        ),
                         **{code: error for code, error in common_errors.items() if code != "404"},
                     },
                 }
@@ -163,7 +165,7 @@ def openapi_document() -> dict[str, Any]:
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}},
                         },
                         "503": {
-                            **_unavailable("The database does not answer, or refuses writes (the log says why)."),
+                            **_unavailable("The database does not answer, refuses writes, or too many reads wait for it (the log says why)."),
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}},
                         },
                         **common_errors,

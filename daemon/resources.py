@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
+from collections.abc import Iterator
 
 import falcon
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -23,7 +25,7 @@ from maxtwo_cli.core.counters import (
     check_value,
     read_counter,
 )
-from maxtwo_cli.core.errors import DatabaseUnavailableError, MaxtwoError
+from maxtwo_cli.core.errors import DatabaseBusyError, DatabaseUnavailableError, MaxtwoError
 from maxtwo_cli.core.schema import writes_refused
 
 log = logging.getLogger(__name__)
@@ -191,15 +193,46 @@ class IncrementResource:
 _REJECTED_REASONS = {400: "malformed", 413: "too_large", 415: "unsupported_media_type", 422: "invalid"}
 
 
+class DatabaseReads:
+    """Room for the request threads that read the database themselves (GET /counters/{key},
+    /healthz; the batched routes wait in the lane instead): at most `limit` at a time.
+
+    NOTE: a request thread whose statement the database never answers is lost until it does: a
+    server whose backend hangs on its storage keeps its connections alive, so neither
+    statement_timeout nor the client's TCP timeouts end the wait. Bounded, such reads cannot take
+    every thread: /metrics and the rest are still served, and a read that finds no room within
+    WAIT_SECONDS is answered 503."""
+
+    WAIT_SECONDS = 1.0
+
+    def __init__(self, limit: int) -> None:
+        self._room = threading.BoundedSemaphore(limit)
+
+    @contextlib.contextmanager
+    def room(self) -> Iterator[None]:
+        """Hold one place for the block; DatabaseBusyError if none frees up in time."""
+        if not self._room.acquire(timeout=self.WAIT_SECONDS):
+            raise DatabaseBusyError("every request thread allowed to read the database is waiting for it")
+        try:
+            yield
+        finally:
+            self._room.release()
+
+
 class CounterResource:
     """GET /counters/{key}: the committed total."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, reads: DatabaseReads) -> None:
         self._engine = engine
+        self._reads = reads
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
         resp.cache_control = ["no-store"]
-        total = read_counter(self._engine, key) if key else None
+        if key:
+            with self._reads.room():
+                total = read_counter(self._engine, key)
+        else:
+            total = None
         if total is None:
             raise falcon.HTTPNotFound(description="no counter under this key: it was never incremented")
         resp.media = {"key": key, "value": total}
@@ -211,12 +244,14 @@ class CounterResource:
 class HealthResource:
     """GET /healthz: 200 when the database answers and would take maxtwo's writes, 503 when not."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, reads: DatabaseReads) -> None:
         self._engine = engine
+        self._reads = reads
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         try:
-            refused = writes_refused(self._engine)  # asks the database: it answers, or this raises
+            with self._reads.room():
+                refused = writes_refused(self._engine)  # asks the database: it answers, or this raises
         except MaxtwoError as ex:
             log.warning("health check failed: %s", ex)
             resp.status = falcon.HTTP_503

@@ -3,6 +3,7 @@ on the request-thread path (falcon.testing) and through the lane (a real waitres
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import urllib.parse
@@ -11,10 +12,11 @@ import falcon.testing
 import pytest
 
 import daemon.app
+import daemon.resources
 from daemon.app import collect_outcomes, create_app, enqueue_outcomes, new_batcher
 from daemon.batcher import Batcher, IncrementKind, QueryKind
 from daemon.metrics import Metrics
-from daemon.resources import decode_json
+from daemon.resources import DatabaseReads, decode_json
 from daemon.transport import LaneRequest
 from maxtwo_cli.core import db
 from maxtwo_cli.core.counters import INT64_MAX, INT64_MIN, Applied, read_counter
@@ -178,6 +180,33 @@ def test_503_when_the_database_is_unavailable(database_url, tmp_path):
     assert response.status_code == 503 and response.headers["retry-after"] == "5"
     assert client.simulate_get("/counters/a").status_code == 503
     engine.dispose()
+
+
+def test_reads_waiting_for_the_database_hold_at_most_half_the_threads(settings, engine, monkeypatch):
+    reading, gate = threading.Event(), threading.Event()
+    real_read = daemon.resources.read_counter
+
+    def stalled_read(*args):
+        reading.set()
+        gate.wait(10)
+        return real_read(*args)
+
+    monkeypatch.setattr(daemon.resources, "read_counter", stalled_read)
+    monkeypatch.setattr(DatabaseReads, "WAIT_SECONDS", 0.2)
+    client = falcon.testing.TestClient(create_app(dataclasses.replace(settings, threads=3), engine))
+    held = threading.Thread(target=client.simulate_get, args=("/counters/a",))
+    held.start()
+    try:
+        assert reading.wait(10)
+        # One of three threads may wait for the database on these routes: the next one is refused.
+        refused = client.simulate_get("/healthz")
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+        assert client.simulate_get("/metrics").status_code == 200
+    finally:
+        gate.set()
+        held.join(10)
+    assert client.simulate_get("/healthz").status_code == 200
+    assert client.simulate_get("/counters/a").status_code == 404
 
 
 def test_503_when_too_many_increments_wait(settings, engine, monkeypatch):

@@ -400,6 +400,56 @@ def test_sigterm_while_the_database_is_silent_answers_every_request_503(postgres
     )
 
 
+def test_reads_held_by_a_silent_database_leave_threads_for_the_rest(postgres_url, tmp_path, reliability):
+    with daemon_behind_a_freezable_proxy(postgres_url, tmp_path) as (daemon, proxy):
+        assert daemon.post("/increment", b'{"key": "a", "value": 1}', {"Content-Type": "application/json"})[0] == 202
+        proxy.flowing.clear()
+        answers: list[tuple[str, float, int | str]] = []
+
+        def read(path: str) -> None:
+            started = time.monotonic()
+            try:
+                status = get(daemon.base + path, timeout=60)[0]
+            except OSError as ex:
+                status = type(ex).__name__
+            answers.append((path, time.monotonic() - started, status))
+
+        # More reads than the daemon has request threads (16), every one of them waiting for
+        # the database.
+        readers = [threading.Thread(target=read, args=(path,)) for path in ["/counters/a", "/healthz"] * 12]
+        for reader in readers:
+            reader.start()
+        time.sleep(3)
+        asked = time.monotonic()
+        try:
+            metrics_status = get(daemon.base + "/metrics", timeout=10)[0]
+        except OSError as ex:
+            metrics_status = type(ex).__name__
+        metrics_after = time.monotonic() - asked
+        proxy.flowing.set()
+        for reader in readers:
+            reader.join(60)
+        assert daemon.terminate() == 0
+    # Half the request threads may wait for the database on these routes; the rest answer 503
+    # once they have waited a second for room, and /metrics finds a thread at once.
+    assert metrics_status == 200 and metrics_after < SLACK, (metrics_status, metrics_after)
+    assert len(answers) == len(readers) and {status for _, _, status in answers} <= {200, 503}, answers
+    turned_away = [latency for _, latency, status in answers if status == 503 and latency < 2 + SLACK]
+    assert len(turned_away) >= len(readers) - 8, answers
+    reliability.record(
+        "Reads a silent database holds leave request threads for the rest",
+        "A TCP proxy between `maxtwo serve` (16 request threads) and PostgreSQL stops forwarding; "
+        "24 clients request `GET /counters/a` and `/healthz` at once, then one `GET /metrics`; "
+        "then the proxy forwards again.",
+        [
+            f"`GET /metrics` answered {metrics_status} in {metrics_after:.2f} s",
+            (f"reads answered 503 without waiting for the database: {len(turned_away)}, the slowest "
+             f"after {max(turned_away):.1f} s; the others answered once it spoke again or their "
+             "connection attempt timed out"),
+        ],
+    )
+
+
 @contextlib.contextmanager
 def small_file_system(mount_point: Path, size: str) -> Iterator[Path]:
     """A tmpfs of `size` mounted at mount_point (needs root, as on the CI machines): a disk

@@ -119,10 +119,13 @@ def openapi_document() -> dict[str, Any]:
                         "400": _error("The body is not JSON in UTF-8, or not a JSON object; or a malformed Idempotency-Key."),
                         "409": _error("The counter's total would leave the signed 64-bit range; it keeps its value."),
                         "413": _error("The body is larger than 4096 bytes."),
-                        "415": _error("The body is not application/json, or comes with a Content-Encoding other than identity."),
+                        "415": _error(
+                            "The body is not application/json (or names a charset other than UTF-8), or comes "
+                            "with a Content-Encoding other than identity."
+                        ),
                         "422": _error(
-                            "A missing or unknown field, a wrong type, a value out of range, a key of the "
-                            "wrong length; or an Idempotency-Key already used for a different body."
+                            "A missing, unknown or repeated field, a wrong type, a value out of range, a key of "
+                            "the wrong length; or an Idempotency-Key already used for a different body."
                         ),
                         "503": _unavailable("The database is unavailable or too many increments wait; retry after Retry-After seconds."),
                         **common_errors,

@@ -86,14 +86,29 @@ def _not_json(constant: str) -> object:
 # whitespace with two regular expressions; both cost more than decoding the document itself (3.7
 # of 5.5 us per body, bench/NOTES.md). RFC 8259 makes UTF-8 the only encoding of JSON between
 # systems (a BOM may be ignored), and its whitespace is these four characters.
-_JSON_DECODER = json.JSONDecoder(parse_constant=_not_json)
+class DuplicateNameError(ValueError):
+    """A JSON object names a member twice."""
+
+
+def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # APPSEC: json.loads() keeps the last of two members of one name, other parsers the first
+    # (RFC 8259 leaves it open): a proxy that checked one "value" must not see us apply another.
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        names = [name for name, _ in pairs]
+        raise DuplicateNameError(next(name for name in names if names.count(name) > 1))
+    return document
+
+
+_JSON_DECODER = json.JSONDecoder(parse_constant=_not_json, object_pairs_hook=_object_without_duplicates)
 _JSON_WHITESPACE = " \t\n\r"
 
 
 def decode_json(body: bytes) -> object:
     """The JSON document in a UTF-8 body (a BOM allowed), as json.loads() reads it; ValueError
-    if the body holds anything else, RecursionError if it is nested too deep. (json.loads()
-    would also take UTF-16 and -32, and surrogates encoded as bytes, which UTF-8 forbids.)"""
+    if the body holds anything else (DuplicateNameError: an object names a member twice, which
+    json.loads() takes), RecursionError if it is nested too deep. (json.loads() would also take
+    UTF-16 and -32, and surrogates encoded as bytes, which UTF-8 forbids.)"""
     text = body.decode()
     text = text.removeprefix("\ufeff")  # a BOM ("utf-8-sig" would decode it away, slowly: 1.7 us)
     text = text.strip(_JSON_WHITESPACE)
@@ -103,12 +118,28 @@ def decode_json(body: bytes) -> object:
     return document
 
 
+def _is_json_in_utf_8(content_type: str | None) -> bool:
+    """Whether a Content-Type is application/json, without a charset or with UTF-8's."""
+    if content_type is None:
+        return False
+    media_type, _, parameters = content_type.partition(";")
+    if media_type.strip().lower() != falcon.MEDIA_JSON:
+        return False
+    # NOTE: JSON defines no parameter (RFC 8259), but clients send charset=utf-8 all the time;
+    # another charset names bytes that would be read as UTF-8 all the same.
+    for parameter in parameters.split(";") if parameters else ():
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            return False
+    return True
+
+
 def parse_increment(
     content_type: str | None, body: bytes, idempotency_key: str | None, content_encoding: str | None = None
 ) -> Increment:
     """The Increment a POST /increment asks for, or the falcon.HTTPError to answer it with."""
-    if content_type is None or content_type.split(";")[0].strip().lower() != falcon.MEDIA_JSON:
-        raise falcon.HTTPUnsupportedMediaType(description="send the body as application/json")
+    if not _is_json_in_utf_8(content_type):
+        raise falcon.HTTPUnsupportedMediaType(description="send the body as application/json, in UTF-8")
     if content_encoding is not None and content_encoding.strip().lower() not in ("", "identity"):
         # NOTE: read as it is, a gzip body would be a 400, and a body merely labelled "br" an
         # increment applied from bytes that were never decoded (RFC 9110 15.5.16).
@@ -119,6 +150,8 @@ def parse_increment(
         raise falcon.HTTPContentTooLarge(description=f"the body may be at most {MAX_INCREMENT_BODY} bytes")
     try:
         document = decode_json(body)
+    except DuplicateNameError as ex:
+        raise falcon.HTTPUnprocessableEntity(description=f"the body names the field {str(ex)!r} twice") from None
     except ValueError:  # JSONDecodeError, and bytes that are no UTF-8
         raise falcon.HTTPBadRequest(description="the body is not valid JSON") from None
     except RecursionError:  # arrays or objects nested about a thousand deep: 1 KB does it

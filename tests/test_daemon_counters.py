@@ -16,7 +16,7 @@ import daemon.resources
 from daemon.app import collect_outcomes, create_app, enqueue_outcomes, new_batcher
 from daemon.batcher import Batcher, IncrementKind, QueryKind
 from daemon.metrics import Metrics
-from daemon.resources import DatabaseReads, decode_json
+from daemon.resources import DatabaseReads, DuplicateNameError, decode_json
 from daemon.transport import LaneRequest
 from maxtwo_cli.core import db
 from maxtwo_cli.core.counters import INT64_MAX, INT64_MIN, Applied, read_counter
@@ -67,6 +67,8 @@ def test_202_with_an_empty_body_and_the_total_reads_back(client, engine):
     ({"key": "a", "value": INT64_MAX + 1}, "invalid"), ({"key": "a", "value": INT64_MIN - 1}, "invalid"),
     ({"key": "", "value": 1}, "invalid"), ({"key": "x" * 256, "value": 1}, "invalid"),
     ({"key": "a\u0000b", "value": 1}, "invalid"), ({"key": 5, "value": 1}, "invalid"),
+    ('{"key": "a", "value": 1, "value": 5}', "invalid"), ('{"key": "b", "key": "a", "value": 1}', "invalid"),
+    ('{"key": "a", "value": 1, "v\\u0061lue": 5}', "invalid"),
 ])
 def test_bad_bodies_are_refused_and_nothing_is_applied(client, app_parts, engine, body, reason):
     response = post(client, body)
@@ -92,6 +94,14 @@ def test_a_body_is_read_as_json_loads_reads_utf_8(body):
             decode_json(body)
     else:
         assert decode_json(body) == expected
+
+
+def test_an_object_that_names_a_member_twice_is_refused_at_any_depth():
+    # json.loads() would keep the last one (other parsers, the first).
+    for body in (b'{"a": 1, "a": 1}', b'[{"b": {"a": 1, "\\u0061": 2}}]'):
+        with pytest.raises(DuplicateNameError, match="a"):
+            decode_json(body)
+    assert decode_json(b'{"a": {"a": 1}, "b": [{"a": 2}]}') == {"a": {"a": 1}, "b": [{"a": 2}]}
 
 
 def test_json_in_another_encoding_than_utf_8_is_malformed(client, app_parts):
@@ -132,15 +142,19 @@ def test_413_415_and_a_bad_idempotency_key(client, app_parts):
     assert post(client, "x" * 5000).status_code == 413
     assert post(client, {"key": "a", "value": 1}, headers={"Content-Type": "text/plain"}).status_code == 415
     assert client.simulate_post("/increment", body='{"key": "a", "value": 1}').status_code == 415
-    charset = post(client, {"key": "a", "value": 1}, headers={"Content-Type": "application/json; charset=utf-8"})
-    assert charset.status_code == 202
+    for content_type in ("application/json; charset=utf-8", 'Application/JSON;Charset="UTF-8"', "application/json; charset=utf8"):
+        assert post(client, {"key": "a", "value": 1}, headers={"Content-Type": content_type}).status_code == 202
+    # Another charset names bytes that would be read as UTF-8 all the same.
+    for content_type in ("application/json; charset=utf-16", "application/json;charset=iso-8859-1"):
+        refused = post(client, {"key": "a", "value": 1}, headers={"Content-Type": content_type})
+        assert refused.status_code == 415 and "UTF-8" in refused.json["description"], content_type
     bad_key = post(client, {"key": "a", "value": 1}, headers={**JSON, "Idempotency-Key": "é"})
     assert bad_key.status_code == 400
     # A body labelled with a coding is not read as if it were plain.
     encoded = post(client, {"key": "a", "value": 1}, headers={**JSON, "Content-Encoding": "br"})
     assert encoded.status_code == 415 and encoded.headers["accept-encoding"] == "identity"
     assert post(client, {"key": "a", "value": 1}, headers={**JSON, "Content-Encoding": "identity"}).status_code == 202
-    assert rejected(app_parts[2], "too_large") == 1 and rejected(app_parts[2], "unsupported_media_type") == 3
+    assert rejected(app_parts[2], "too_large") == 1 and rejected(app_parts[2], "unsupported_media_type") == 5
 
 
 def test_409_keeps_the_value(client, engine, app_parts):

@@ -127,12 +127,23 @@ def test_unknown_option_is_a_usage_error():
         ("postgresql://maxtwo:pa@s3cret@127.0.0.1:1/maxtwo", "percent-encode"),
         ("postgresql://maxtwo:pa:s3cret@db:5432x/maxtwo", "cannot be parsed"),
         ("postgresql://maxtwo:s3cret@127.0.0.1/maxtwo?port=abc", "non-integer port"),
+        ("postgresql://maxtwo:s3cret@db1:5432,db2:5432/maxtwo", "several hosts are written ?host="),
     ],
 )
 def test_bad_database_urls_are_one_line_errors(url, fragment):
     result = invoke("query", "--database-url", url)
     assert_one_line_error(result, fragment)
     assert "s3cret" not in result.output
+
+
+def test_several_hosts_are_tried_in_turn(postgres_url):
+    # libpq's failover, as SQLAlchemy writes it: the first host refuses, the second answers.
+    url = sa.make_url(postgres_url)
+    hosts = sa.URL.create(url.drivername, url.username, url.password, database=url.database, query={
+        **url.query, "host": ["127.0.0.1:1", f"{url.host}:{url.port}"], "target_session_attrs": "read-write",
+    })
+    result = invoke("seed", "--count", "10", "--database-url", hosts.render_as_string(hide_password=False))
+    assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize("command", ["query", "serve", "counters"])

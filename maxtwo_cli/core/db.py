@@ -64,9 +64,12 @@ def parse_database_url(raw: str) -> URL:
     try:
         url = sa.make_url(raw.strip())
     except (exc.ArgumentError, ValueError):
-        # NOTE: ValueError for e.g. an unencoded "@" or ":" in the password (a bad port).
+        # NOTE: ValueError for e.g. an unencoded "@" or ":" in the password (a bad port), or
+        # libpq's list of hosts (HOST1:PORT1,HOST2:PORT2), which SQLAlchemy writes otherwise.
         # APPSEC: an unparseable URL may still hold a password, so it is never repeated back.
-        raise ConfigurationError(f"the database URL cannot be parsed; {URL_HELP}") from None
+        hosts = raw.rpartition("@")[2].partition("/")[0]
+        advice = "; several hosts are written ?host=HOST1:PORT1&host=HOST2:PORT2" if "," in hosts else ""
+        raise ConfigurationError(f"the database URL cannot be parsed; {URL_HELP}{advice}") from None
     if "@" in (url.host or ""):
         # APPSEC: an unencoded "@" in the password moved part of it into the host name.
         raise ConfigurationError(

@@ -25,7 +25,7 @@ from daemon.resources import (
     parse_increment,
 )
 from maxtwo_cli.core.counters import Applied, Increment
-from maxtwo_cli.core.errors import DatabaseUnavailableError, MaxtwoError
+from maxtwo_cli.core.errors import DatabaseBusyError, DatabaseUnavailableError, MaxtwoError
 from maxtwo_cli.core.settings import Settings
 
 if TYPE_CHECKING:  # the app never needs the transport (nor waitress) itself
@@ -137,9 +137,14 @@ def collect_outcomes(batcher: Batcher, pending: tuple[list[Any], list], timeout:
     return outcomes
 
 
-def is_outage(outcome: Any) -> bool:
-    """Whether an outcome says the database failed (not just this one request)."""
-    return isinstance(outcome, DatabaseUnavailableError) and not isinstance(outcome, QueueFullError)
+def failure_scope(outcome: Any) -> str | None:
+    """Whom the failure an outcome reports concerns beyond its own request, of those queued
+    meanwhile: "all" (the database failed), "route" (a lock or timeout that every request of
+    its route meets: DatabaseBusyError, e.g. SQLite's main file held by a randomization, which
+    POST /increment needs and GET / does not), or None (its own, a full queue, or no failure)."""
+    if not isinstance(outcome, DatabaseUnavailableError) or isinstance(outcome, QueueFullError):
+        return None
+    return "route" if isinstance(outcome, DatabaseBusyError) else "all"
 
 
 def batch_timeout(settings: Settings) -> float:

@@ -13,7 +13,7 @@ a kind that raises fails its whole part. Each kind's part is committed by the ki
 the order the kinds were given, and answered at once; a part that fails for a reason of its own
 (DatabaseBusyError: a lock, a timeout) or after another committed fails alone. Any other failure
 of the first part (most likely the database gone) fails everybody, and whoever queued meanwhile
-shares it.
+shares it (a DatabaseBusyError, only whoever queued for the same kind).
 
 NOTE: the transaction runs in a thread of its own, not in one of the callers', so that every
 caller can give up after `max_wait` (or the timeout it asks for): a database that stops
@@ -308,13 +308,19 @@ class Batcher:
             else:
                 self._run_kind_by_kind(held, parts, answered)
         except BaseException as ex:  # noqa: BLE001 - every waiter gets the error
+            batch = [waiter for waiter in batch if waiter.kind not in answered]
+            # NOTE: those who queued while this batch failed would meet the same database and
+            # wait a whole timeout more each, in turn; they share the error instead, so nobody
+            # waits much longer than one timeout for a 503. A lock or timeout (DatabaseBusyError)
+            # only those of the same kind share: a counter's row lock, or SQLite's main file
+            # held by a randomization, says nothing of the queries queued behind it.
+            kinds = {waiter.kind for waiter in batch} if isinstance(ex, DatabaseBusyError) else None
             with self._lock:
-                # NOTE: those who queued while this batch failed would meet the same database
-                # and wait a whole timeout more each, in turn; they share the error instead, so
-                # nobody waits much longer than one timeout for a 503.
-                batch = [waiter for waiter in batch if waiter.kind not in answered] + list(self._waiting)
-                self._waiting.clear()
-                self._queued = 0
+                sharing = [waiter for waiter in self._waiting if kinds is None or waiter.kind in kinds]
+                for waiter in sharing:
+                    self._waiting.remove(waiter)
+                    self._queued -= len(waiter.payloads)
+            batch += sharing
             for waiter in batch:
                 waiter.answer([ex] * len(waiter.payloads))
             return

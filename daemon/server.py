@@ -33,7 +33,7 @@ from daemon.app import (
     collect_outcomes,
     create_app,
     enqueue_outcomes,
-    is_outage,
+    failure_scope,
     new_batcher,
 )
 from daemon.batcher import Batcher
@@ -236,7 +236,7 @@ def lane_for(submit: Callable[[list[transport.LaneRequest]], Any], collect: Call
         max_wait=max_wait,
         max_body=MAX_INCREMENT_BODY,
         environ_for=lambda outcome, arrived: {PREFETCHED_ANSWER: outcome, ARRIVED_AT: arrived},
-        is_outage=is_outage,
+        failure_scope=failure_scope,
     )
 
 

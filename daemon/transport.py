@@ -109,9 +109,10 @@ class Lane:
     max_body: int
     # environ_for(outcome, arrived): the WSGI environ entries that hand the app its outcome.
     environ_for: Callable[[Any, float], dict[str, Any]]
-    # is_outage(outcome): whether it says the database failed, which the requests queued in the
-    # lane meanwhile would meet too (they share it instead of waiting out a timeout again).
-    is_outage: Callable[[Any], bool]
+    # failure_scope(outcome): which requests queued in the lane meanwhile would meet the failure
+    # an outcome reports, and share it instead of waiting out a timeout again: "all", "route"
+    # (those of its route), or None (none: its own failure, or none at all).
+    failure_scope: Callable[[Any], str | None]
 
 
 class StrictFramingParser(HTTPRequestParser):
@@ -334,6 +335,12 @@ def _busy(channel) -> bool:
     )
 
 
+def _route(channel) -> tuple[str, str]:
+    """(method, path) of the request a channel is to answer next."""
+    request = channel.requests[0]
+    return request.command, request.path
+
+
 class LaneDispatcher(ThreadedTaskDispatcher):
     """waitress's dispatcher with one lane more: complete requests for the lane's routes queue
     for one lane thread, which takes all of them at once, fetches their outcomes in one batch,
@@ -423,21 +430,48 @@ class LaneDispatcher(ThreadedTaskDispatcher):
                 if self._lane_stopping and in_flight is None:
                     self._lane_thread = None
                     return
-                failed = next((outcome for outcome in outcomes or () if self._spec.is_outage(outcome)), None)
+                failures = self._failures(in_flight[0], outcomes) if outcomes else None
                 queued: list = []
                 shared: list = []
-                if failed is not None:
+                if failures:
                     # NOTE: as in the batcher: those who queued while a batch failed would meet
-                    # the same database and wait a whole timeout more; they share its error.
-                    shared = list(self._lane)
-                    self._lane.clear()
+                    # the same database (or lock) and wait a whole timeout more; they share its
+                    # error. The others go in the next batch.
+                    shared = self._take_sharing(failures)
                 elif not self._lane_stopping:  # (a stopping lane takes nothing new: see shutdown)
                     # At most one transaction's worth; the rest go in the next.
                     queued = [self._lane.popleft() for _ in range(min(len(self._lane), self._spec.max_batch))]
             submitted = self._submit(queued) if queued else None
             if in_flight is not None:
-                self._answer(in_flight[0] + shared, list(outcomes) + [failed] * len(shared))
+                self._answer(in_flight[0] + [item for item, _ in shared], list(outcomes) + [failure for _, failure in shared])
             in_flight = submitted
+
+    def _failures(self, queued: list, outcomes: list[Any]) -> dict[tuple[str, str] | None, Any]:
+        """The failures among a batch's outcomes that requests queued meanwhile share, by the
+        route they concern (None: every route)."""
+        failures: dict[tuple[str, str] | None, Any] = {}
+        for (channel, _), outcome in zip(queued, outcomes, strict=True):
+            scope = self._spec.failure_scope(outcome)
+            if scope == "all":
+                return {None: outcome}
+            if scope == "route":
+                failures.setdefault(_route(channel), outcome)
+        return failures
+
+    def _take_sharing(self, failures: dict[tuple[str, str] | None, Any]) -> list[tuple[Any, Any]]:
+        """Take from the lane each request that shares one of `failures`, with that failure.
+        Called with the lane's lock held."""
+        everyone = failures.get(None)
+        shared, kept = [], []
+        for item in self._lane:
+            failure = everyone if everyone is not None else failures.get(_route(item[0]))
+            if failure is None:
+                kept.append(item)
+            else:
+                shared.append((item, failure))
+        self._lane.clear()
+        self._lane.extend(kept)
+        return shared
 
     def _submit(self, queued: list) -> tuple[list, Any]:
         try:

@@ -75,6 +75,10 @@ class RandomizeScheduler:
         self._loop_thread = threading.Thread(target=self._loop, name="maxtwo-scheduler", daemon=True)
         self._loop_thread.start()
 
+    def request_stop(self) -> None:
+        """Start no run from now on (one already running goes on); stop() waits for the end."""
+        self._stop.set()
+
     def stop(self, timeout: float) -> bool:
         """Stop the loop and wait up to `timeout` s for it and a running randomization to end.
 
@@ -82,7 +86,7 @@ class RandomizeScheduler:
         transaction that never commits is rolled back by the database.
         """
         deadline = time.monotonic() + timeout
-        self._stop.set()
+        self.request_stop()
         # The loop first: once it has ended, no new run can start behind our back.
         if self._loop_thread is not None:
             self._loop_thread.join(max(0.0, deadline - time.monotonic()))
@@ -130,10 +134,14 @@ class RandomizeScheduler:
             self._metrics.randomize_skipped.labels(reason="overlap").inc()
             log.warning("randomization due at %s skipped: the previous one is still running", due_at)
             return
-        self._run_thread = threading.Thread(
-            target=self._run, args=(due_at,), name="maxtwo-randomize", daemon=True
-        )
-        self._run_thread.start()
+        run_thread = threading.Thread(target=self._run, args=(due_at,), name="maxtwo-randomize", daemon=True)
+        try:
+            run_thread.start()
+        except RuntimeError as ex:  # no thread to be had (TasksMax, memory): the next slot retries
+            self._metrics.randomize_failures.inc()
+            log.error("randomization due at %s failed: cannot start its thread: %s", due_at, ex)
+            return
+        self._run_thread = run_thread  # only a started thread: stop() joins it
 
     def _run(self, due_at: dt.datetime) -> None:
         try:

@@ -127,7 +127,7 @@ def serve(settings: Settings, options: TransportOptions = TransportOptions()) ->
         # take the connection a randomization needs.
         scheduler = RandomizeScheduler(scheduled_job(engine, settings.interval), settings.interval, metrics)
         serve_requests(settings, listener, metrics, stop.requested, on_ready=scheduler.start,
-                       on_stopping=lambda: _stopping(stop), options=options)
+                       on_stopping=lambda: _stopping(stop, scheduler), options=options)
     finally:
         if scheduler is not None:
             scheduler.stop(SCHEDULER_STOP_SECONDS)
@@ -135,10 +135,13 @@ def serve(settings: Settings, options: TransportOptions = TransportOptions()) ->
     log.info("stopped")
 
 
-def _stopping(stop: StopRequest) -> None:
+def _stopping(stop: StopRequest, scheduler: RandomizeScheduler) -> None:
     systemd.notify("STOPPING=1")
     if stop.signal is not None:
         log.info("received %s", signal.Signals(stop.signal).name)
+    # NOTE: before the drain, not after it: a run started meanwhile would be cut off at exit
+    # (rolled back), and the other daemons skip a slot one of them has taken.
+    scheduler.request_stop()
 
 
 def serve_requests(

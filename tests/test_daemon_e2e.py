@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import math
+import socket
 import threading
 import time
 
@@ -125,6 +126,22 @@ def test_sigterm_during_a_burst_answers_everything_and_exits_0(database_url, tmp
         # 16 eager clients, 8 threads: requests queued, yet waitress's per-request warning
         # about it never reaches the log.
         assert "Task queue depth" not in daemon.log()
+
+
+@pytest.mark.slow  # a drain held open for its whole 5 s
+def test_no_randomization_starts_once_sigterm_came(tmp_path):
+    with ServeProcess(f"sqlite:///{tmp_path / 'maxtwo.db'}", interval=1, seed_count=100) as daemon:
+        daemon.start(tmp_path / "serve.log")
+        # Half a request: the drain waits for the rest of it, for as long as it may (5 s).
+        with socket.create_connection(("127.0.0.1", daemon.port)) as half:
+            half.sendall(b"GET / HTTP/1.1\r\nHost: maxtwo\r\n")
+            time.sleep(0.3)
+            assert daemon.terminate() == 0
+        log = daemon.log()
+    # Five boundaries passed during the drain; a run started then would be cut off at exit, and
+    # daemons sharing the database would have skipped its slot. (One may have started just before.)
+    after_signal = log[log.index("received SIGTERM"):]
+    assert after_signal.count("randomized ") <= 1, after_signal
 
 
 @pytest.mark.slow  # several intervals of two daemons

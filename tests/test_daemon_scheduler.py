@@ -316,6 +316,24 @@ def test_a_failing_run_is_counted_and_the_loop_goes_on(monkeypatch):
     assert sample(metrics, "maxtwo_randomize_last_success_timestamp_seconds") > 0
 
 
+def test_a_run_whose_thread_cannot_start_is_counted_and_the_loop_goes_on(monkeypatch):
+    real_start = threading.Thread.start
+    refused: list[str] = []
+
+    def start(thread):
+        if thread.name == "maxtwo-randomize" and not refused:
+            refused.append(thread.name)
+            raise RuntimeError("can't start new thread")  # TasksMax, RLIMIT_NPROC, memory
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    clock = FakeClock(1000.0, 1030.0, lambda now: join_runs())
+    recorder = Recorder(clock.time)
+    metrics = run_on(clock, recorder, 10, monkeypatch)  # and stop() ends cleanly
+    assert refused and sample(metrics, "maxtwo_randomize_failures_total") == 1
+    assert [due_at.timestamp() for _, due_at in recorder.calls] == [1020, 1030]  # 1010 refused
+
+
 def test_a_run_done_elsewhere_is_counted_as_skipped(monkeypatch):
     start, end, interval = 1000.0, 1030.0, 10
     recorder: Recorder

@@ -1,14 +1,22 @@
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
 
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.clock import utcnow
+from maxtwo_cli.core.counters import (
+    IdempotencyKeyReusedError,
+    delete_expired_idempotency_keys,
+    increment,
+    list_counters,
+)
 from maxtwo_cli.core.errors import ConfigurationError, SchemaMismatchError
 from maxtwo_cli.core.query import query_users
 from maxtwo_cli.core.randomize import randomize_if_due
@@ -30,6 +38,12 @@ ENSURE_SCRIPT = """
 import sys
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.clock import utcnow
+from maxtwo_cli.core.counters import (
+    IdempotencyKeyReusedError,
+    delete_expired_idempotency_keys,
+    increment,
+    list_counters,
+)
 from maxtwo_cli.core.settings import Settings
 schema.ensure_schema(db.create_engine(Settings(database_url=sys.argv[1], statement_timeout=30.0)))
 """
@@ -99,19 +113,99 @@ def test_a_sqlite_database_with_its_query_state_inside_gets_it_moved_out(tmp_pat
     main_file.close()
 
 
-def test_a_complete_sqlite_database_is_only_read_so_a_command_need_not_wait_for_a_randomization(tmp_path):
+def make_counters_the_old_way(path, suffix: str = "") -> None:
+    """A SQLite database as maxtwo made it before the counters lived in the query-state file:
+    a counter and an Idempotency-Key in main-file tables (renamed with `suffix`, as a move that
+    a crash cut short leaves them)."""
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}"))
+    schema.ensure_schema(engine)
+    engine.dispose()
+    with sqlite3.connect(path) as old:
+        for table in (schema.counters, schema.idempotency_keys):
+            old.execute(str(sa.schema.CreateTable(table).compile(dialect=engine.dialect)))
+        old.execute("INSERT INTO counters VALUES ('a', 5), ('b', -2)")
+        old.execute("INSERT INTO idempotency_keys VALUES ('k1', 'another body', ?)", (schema.to_microseconds(utcnow()),))
+        if suffix:
+            for table in (schema.counters, schema.idempotency_keys):
+                old.execute(f"ALTER TABLE {table.name} RENAME TO {table.name}{suffix}")
+    old.close()
+    with sqlite3.connect(f"{path}-query") as query_file:
+        query_file.execute("DROP TABLE counters")
+        query_file.execute("DROP TABLE idempotency_keys")
+    query_file.close()
+
+
+def tables_in(path) -> set[str]:
+    with sqlite3.connect(path) as connection:
+        names = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    connection.close()
+    return names
+
+
+@pytest.mark.parametrize("suffix", ["", "_moved"])
+def test_a_sqlite_database_with_its_counters_inside_gets_them_moved_to_the_query_file(tmp_path, suffix):
+    # "_moved": the move renames the old tables and copies them in one transaction, whose main
+    # file commits first; a crash between leaves them renamed and uncopied, and the next run copies.
+    path = tmp_path / "maxtwo.db"
+    make_counters_the_old_way(path, suffix)
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}"))
+    schema.ensure_schema(engine)
+    schema.ensure_schema(engine)  # and only once
+    assert list_counters(engine) == [("a", 5), ("b", -2)]
+    with pytest.raises(IdempotencyKeyReusedError):
+        increment(engine, "a", 1, idempotency_key="k1")  # the key came along
+    assert increment(engine, "a", 1).total == 6
+    engine.dispose()
+    assert {"counters", "idempotency_keys"} <= tables_in(f"{path}-query")
+    assert tables_in(path) == {"users", "randomizer_state"}
+
+
+def test_counters_in_both_files_are_refused_and_left_alone(tmp_path):
+    # An older maxtwo made the main file's tables anew after the move: both hold live rows.
+    path = tmp_path / "maxtwo.db"
+    make_counters_the_old_way(path)
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}"))
+    schema.ensure_schema(engine)
+    engine.dispose()
+    with sqlite3.connect(path) as old:  # without the query-state file attached: the main file's
+        old.execute(str(sa.schema.CreateTable(schema.counters).compile(dialect=engine.dialect)))
+        old.execute("INSERT INTO counters VALUES ('a', 1)")
+    old.close()
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}"))
+    with pytest.raises(SchemaMismatchError, match="both in"):
+        schema.ensure_schema(engine)
+    engine.dispose()
+    assert "counters" in tables_in(path) and "counters" in tables_in(f"{path}-query")
+
+
+@contextlib.contextmanager
+def main_file_locked(tmp_path) -> Iterator[sa.Engine]:
+    """An engine on a new SQLite database whose main file another connection holds the write
+    lock of, as a randomization does; statements give up on a lock after 0.5 s."""
     path = tmp_path / "maxtwo.db"
     engine = db.create_engine(Settings(database_url=f"sqlite:///{path}", statement_timeout=0.5))
     schema.ensure_schema(engine)
     holder = sqlite3.connect(path, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")  # the main file's write lock, as a randomization holds it
+    holder.execute("BEGIN IMMEDIATE")
     try:
-        schema.ensure_schema(engine)  # with the write lock it would fail: "stayed locked"
-        assert query_users(engine).previous is None
+        yield engine
     finally:
         holder.rollback()
         holder.close()
-    engine.dispose()
+        engine.dispose()
+
+
+def test_on_sqlite_increments_never_wait_for_the_main_file_a_randomization_locks(tmp_path):
+    with main_file_locked(tmp_path) as engine:
+        assert increment(engine, "a", 1).total == 1  # one statement
+        assert increment(engine, "a", 1, idempotency_key="k").total == 2  # a transaction
+        assert delete_expired_idempotency_keys(engine) == 0
+
+
+def test_a_complete_sqlite_database_is_only_read_so_a_command_need_not_wait_for_a_randomization(tmp_path):
+    with main_file_locked(tmp_path) as engine:
+        schema.ensure_schema(engine)  # with the write lock it would fail: "stayed locked"
+        assert query_users(engine).previous is None
 
 
 def test_points_outside_0_to_100_are_refused_by_the_database(engine):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import json
 import random
-import sqlite3
 import threading
 import time
 import urllib.parse
@@ -21,6 +20,7 @@ import pytest
 from devtools.pgserver import ThrowawayPostgres
 from maxtwo_cli.core import db
 from maxtwo_cli.core.counters import INT64_MAX, INT64_MIN, list_counters, read_counter
+from maxtwo_cli.core.schema import counters
 from maxtwo_cli.core.settings import Settings
 from tests.serve_process import ServeProcess
 
@@ -458,28 +458,27 @@ def test_503_with_retry_after_while_the_database_is_down(tmp_path):
 
 
 @pytest.mark.slow  # a lock held past the statement timeout (5 s)
-def test_an_increment_that_times_out_on_a_lock_fails_alone(tmp_path):
-    # SQLite's main file locked as a randomization or another process would lock it: increments
-    # need it, GET / does not (its state lives in a file of its own).
-    database = tmp_path / "maxtwo.db"
-    with ServeProcess(f"sqlite:///{database}", interval=3600, seed_count=10) as daemon:
+def test_an_increment_that_times_out_on_a_lock_fails_alone(postgres_url, tmp_path):
+    # A counter's row locked by another transaction (another daemon's, an operator's): the
+    # increment waits for it, GET / does not need it.
+    with ServeProcess(postgres_url, interval=3600, seed_count=10) as daemon:
         daemon.start(tmp_path / "serve.log")
         assert daemon.post("/increment", body("k", 1), JSON)[0] == 202
-        locker = sqlite3.connect(database, isolation_level=None)
-        locker.execute("BEGIN IMMEDIATE")
-        answers: dict[str, int] = {}
-        posting = threading.Thread(target=lambda: answers.setdefault(
-            "POST", daemon.post("/increment", body("k", 1), JSON, timeout=30)[0]))
-        posting.start()
-        time.sleep(1)  # the increment waits for the lock; the queries queue behind it
-        getting = [threading.Thread(target=lambda i=i: answers.setdefault(f"GET {i}", daemon.get("/", timeout=30)[0]))
-                   for i in range(3)]
-        for thread in getting:
-            thread.start()
-        for thread in [posting, *getting]:
-            thread.join(30)
-        locker.execute("ROLLBACK")
-        locker.close()
+        engine = db.create_engine(Settings(database_url=postgres_url))
+        with engine.begin() as locker:
+            locker.execute(counters.select().where(counters.c.key == "k").with_for_update())
+            answers: dict[str, int] = {}
+            posting = threading.Thread(target=lambda: answers.setdefault(
+                "POST", daemon.post("/increment", body("k", 1), JSON, timeout=30)[0]))
+            posting.start()
+            time.sleep(1)  # the increment waits for the lock; the queries queue behind it
+            getting = [threading.Thread(target=lambda i=i: answers.setdefault(f"GET {i}", daemon.get("/", timeout=30)[0]))
+                       for i in range(3)]
+            for thread in getting:
+                thread.start()
+            for thread in [posting, *getting]:
+                thread.join(30)
+        engine.dispose()
         assert daemon.terminate() == 0
     # The increment's lock timeout is its own: the queries are tried, not handed its 503.
     assert answers == {"POST": 503, "GET 0": 200, "GET 1": 200, "GET 2": 200}, answers

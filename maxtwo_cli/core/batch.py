@@ -50,11 +50,14 @@ class HeldConnection:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        """Everything run inside commits together, or not at all.
+        """Everything run inside commits together, or not at all. Its first statement must write.
 
-        On SQLite, BEGIN IMMEDIATE takes the write lock up front (a deferred transaction that
-        upgrades later can fail with SQLITE_BUSY without waiting for the busy timeout)."""
-        self.run(lambda cursor: cursor.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE"))
+        NOTE: on SQLite a deferred BEGIN, so that the first write locks only the file it writes
+        (BEGIN IMMEDIATE would lock every attached file, the main one too, which a randomization
+        holds for a while: see core/db.py, ONE_FILE_OPTION). A first statement that writes waits
+        for that lock in the busy handler; one that read first and wrote later could fail with
+        SQLITE_BUSY at once instead."""
+        self.run(lambda cursor: cursor.execute("BEGIN"))
         self._in_transaction = True
         try:
             yield

@@ -30,7 +30,7 @@ from sqlalchemy.engine import Engine
 
 from maxtwo_cli.core.batch import HeldConnection
 from maxtwo_cli.core.clock import utcnow
-from maxtwo_cli.core.db import MAIN_FILE_ONLY_OPTION, database_errors, is_postgres
+from maxtwo_cli.core.db import ONE_FILE_OPTION, database_errors, is_postgres
 from maxtwo_cli.core.errors import MaxtwoError
 from maxtwo_cli.core.schema import counters, idempotency_keys, to_microseconds
 
@@ -399,8 +399,9 @@ def delete_expired_idempotency_keys(engine: Engine, now: dt.datetime | None = No
         # a batch may wait for a chunk's short transaction, then finds the key gone.
         oldest = oldest.with_for_update(skip_locked=True)
     else:
-        # SQLite: the main file's write lock alone, so that queries go on meanwhile.
-        engine = engine.execution_options(**{MAIN_FILE_ONLY_OPTION: True})
+        # SQLite: the query-state file's write lock alone (the keys live there), so that a
+        # randomization goes on meanwhile, and the cleanup need not wait for one.
+        engine = engine.execution_options(**{ONE_FILE_OPTION: True})
     statement = idempotency_keys.delete().where(idempotency_keys.c.key.in_(oldest.scalar_subquery()))
     deleted = 0
     with database_errors(engine):

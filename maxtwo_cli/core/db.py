@@ -34,17 +34,19 @@ log = logging.getLogger(__name__)
 # An execution option for transactions that only read: on SQLite they need not wait for the
 # write lock (WAL readers run beside a writer).
 READ_ONLY_OPTION = "maxtwo_read_only"
-# An execution option for SQLite transactions whose first statement writes the main file and
-# that never touch the query state: they begin DEFERRED and so lock the main file alone. BEGIN
-# IMMEDIATE would lock every attached file too, the query state's included, and every query
-# would wait for them (a randomization holds its lock for 0.3 s per million users).
-MAIN_FILE_ONLY_OPTION = "maxtwo_main_file_only"
+# An execution option for SQLite transactions whose first statement writes and that write one
+# file only (the main file: a randomization; the query-state file: the counters' cleanup): they
+# begin DEFERRED and so lock that file alone. BEGIN IMMEDIATE would lock every attached file
+# too, and queries and increments (in the query-state file) would wait for a randomization
+# (0.3 s per million users), or it for them.
+ONE_FILE_OPTION = "maxtwo_one_file"
 
-# SQLite: the query state (the last query's time) lives in a file of its own beside the
-# database, attached to every connection under this schema name. A query writes only that file
-# and reads the users' last committed snapshot from the main one (WAL), so it never waits for a
-# randomization's write lock. NOTE: a transaction that writes both files commits atomically per
-# file only (main first); docs/design.md lists the few that do.
+# SQLite: the query state (the last query's time) and the counters with their Idempotency-Keys
+# live in a file of its own beside the database, attached to every connection under this schema
+# name. A query writes only that file and reads the users' last committed snapshot from the main
+# one (WAL), and an increment writes only that file, so neither waits for a randomization's
+# write lock. NOTE: a transaction that writes both files commits atomically per file only (main
+# first); docs/design.md lists the few that do.
 SQLITE_QUERY_SCHEMA = "maxtwo_query"
 
 URL_HELP = "expected sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"
@@ -211,10 +213,10 @@ def _create_sqlite_engine(url: URL, settings: Settings, pool_size: int) -> Engin
         # Nearly every maxtwo transaction writes (even a query records its time), so take the
         # write lock up front: a DEFERRED transaction that upgrades later can fail with
         # SQLITE_BUSY without waiting for the busy timeout. Read-only work says so (see ping),
-        # and so does work that writes the main file first and alone (MAIN_FILE_ONLY_OPTION):
-        # its first write takes the lock in the busy handler all the same.
+        # and so does work that writes one file first and alone (ONE_FILE_OPTION): its first
+        # write takes the lock in the busy handler all the same.
         options = connection.get_execution_options()
-        deferred = options.get(READ_ONLY_OPTION, False) or options.get(MAIN_FILE_ONLY_OPTION, False)
+        deferred = options.get(READ_ONLY_OPTION, False) or options.get(ONE_FILE_OPTION, False)
         connection.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
 
     return engine

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 
 from maxtwo_cli.core.clock import as_utc, utcnow
 from maxtwo_cli.core.db import (
-    MAIN_FILE_ONLY_OPTION,
+    ONE_FILE_OPTION,
     database_errors,
     is_postgres,
     set_job_timeouts,
@@ -82,8 +82,8 @@ def randomize_if_due(
 
 def _main_file_only(engine: Engine) -> Engine:
     """The engine for a randomization's transaction: on SQLite it locks the main file alone,
-    so queries (which write only the query-state file) go on meanwhile (core/db.py)."""
-    return engine.execution_options(**{MAIN_FILE_ONLY_OPTION: True})
+    so queries and increments (which write only the query-state file) go on meanwhile (core/db.py)."""
+    return engine.execution_options(**{ONE_FILE_OPTION: True})
 
 
 def _timed(outcome: tuple[int, dt.datetime, int], started: float) -> RandomizeResult:

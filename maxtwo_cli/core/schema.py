@@ -5,7 +5,8 @@ share it and it survives restarts. It is split in two single-row tables on purpo
 writes only `query_state`, a randomization writes only `randomizer_state` and `users`, so on
 PostgreSQL a running randomization (holding row locks) never blocks a query. SQLite locks
 whole files, so there `query_state` lives in a file of its own (core/db.py,
-SQLITE_QUERY_SCHEMA) for the same reason.
+SQLITE_QUERY_SCHEMA) for the same reason, and so do the counters and their Idempotency-Keys:
+an increment never waits for a randomization either, nor does a query queued behind one.
 """
 
 from __future__ import annotations
@@ -161,6 +162,15 @@ idempotency_keys = sa.Table(
     sa.Column("created_at", UtcTimestamp(), nullable=False, index=True),
 )
 
+# NOTE: on SQLite the counters and their keys live in the query-state file too, beside
+# query_state: the main file's lock, which a randomization holds for a while, is then one an
+# increment never needs. SQL that names them unqualified finds them there, as query_state.
+_sqlite_own_file = {table.name: table.to_metadata(sa.MetaData(), schema=SQLITE_QUERY_SCHEMA)
+                    for table in (counters, idempotency_keys)}
+# Databases made before kept them in the main file; ensure_schema renames each (to this suffix)
+# in the transaction that copies it over, and drops it once that copy has committed.
+_MOVED_SUFFIX = "_moved"
+
 # Columns added after a release: (table, column). ensure_schema adds them to older databases.
 _ADDED_COLUMNS = (
     (query_state, query_state.c.previous_query_at),
@@ -190,6 +200,8 @@ def ensure_schema(engine: Engine) -> None:
         if postgres:
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
         tables = _tables_of(conn)
+        if not postgres:
+            _move_counters_to_their_file(conn)  # before the tables are created: it copies to new ones
         for table in tables:
             table.create(conn, checkfirst=True)
         _check_shape(conn, tables)
@@ -213,11 +225,19 @@ def ensure_schema(engine: Engine) -> None:
         with database_errors(engine), engine.begin() as conn:
             if _has_old_query_state(conn):
                 _sqlite_old_query_state.drop(conn)
+            inspector = sa.inspect(conn)
+            for name in _sqlite_own_file:
+                if inspector.has_table(name + _MOVED_SUFFIX, schema="main"):
+                    conn.exec_driver_sql(f'DROP TABLE main."{name}{_MOVED_SUFFIX}"')
 
 
 def _tables_of(conn: sa.Connection) -> list[sa.Table]:
-    """maxtwo's tables where this database keeps them (SQLite: query_state in its own file)."""
-    return [_query_state_of(conn) if table is query_state else table for table in metadata.sorted_tables]
+    """maxtwo's tables where this database keeps them (SQLite: query_state, the counters and
+    their keys in the query-state file)."""
+    if is_postgres(conn):
+        return list(metadata.sorted_tables)
+    return [_sqlite_query_state if table is query_state else _sqlite_own_file.get(table.name, table)
+            for table in metadata.sorted_tables]
 
 
 def _query_state_of(conn: sa.Connection) -> sa.Table:
@@ -232,7 +252,9 @@ def _is_complete(conn: sa.Connection) -> bool:
             return False
         if not set(table.columns.keys()) <= _column_names(inspector, table):
             return False
-    if not is_postgres(conn) and _has_old_query_state(conn):
+    if not is_postgres(conn) and (_has_old_query_state(conn) or any(
+        inspector.has_table(name + suffix, schema="main") for name in _sqlite_own_file for suffix in ("", _MOVED_SUFFIX)
+    )):
         return False
     rows = sa.select(
         sa.select(sa.func.count()).select_from(randomizer_state).scalar_subquery(),
@@ -259,6 +281,45 @@ def _copy_old_query_state(conn: sa.Connection) -> None:
         .from_select(["id", "last_query_at"], sa.select(old.c.id, old.c.last_query_at).where(sa.true()))
         .on_conflict_do_nothing()
     )
+
+
+def _move_counters_to_their_file(conn: sa.Connection) -> None:
+    """A SQLite database made before the counters and their keys lived in the query-state file:
+    copy each table there, and rename the old one in the same transaction (ensure_schema drops
+    it once this has committed).
+
+    NOTE: crash-safe although SQLite commits the two files one after the other (the main file
+    first): a crash between leaves the old table renamed and its copy not made, and the next
+    run copies from the renamed table (nothing can have written to it: no SQL names it)."""
+    inspector = sa.inspect(conn)
+    for name, new in _sqlite_own_file.items():
+        old = metadata.tables[name].to_metadata(sa.MetaData(), schema="main")
+        moved = name + _MOVED_SUFFIX
+        copied = inspector.has_table(name, schema=SQLITE_QUERY_SCHEMA)
+        if inspector.has_table(name, schema="main"):
+            if copied:
+                # An older maxtwo made the table anew in the main file after the move, and SQL
+                # that names it finds that one first: both hold live rows, and no rule says
+                # which to keep.
+                raise SchemaMismatchError(
+                    f"the SQLite database holds a table {name!r} both in {conn.engine.url.database} and in "
+                    f"{sqlite_query_state_path(conn.engine.url.database or '')} (an older maxtwo made it anew "
+                    "after this one moved it); merge the two by hand and drop the one in the main file"
+                )
+            _check_shape(conn, [old])
+            source = name
+        elif inspector.has_table(moved, schema="main") and not copied:
+            source = moved  # renamed by a move whose copy a crash undid
+        else:
+            continue
+        new.create(conn)
+        columns = [column.name for column in new.columns]
+        rows = sa.table(source, *(sa.column(column) for column in columns), schema="main")
+        conn.execute(new.insert().from_select(columns, sa.select(*rows.c)))
+        if source == name:
+            if inspector.has_table(moved, schema="main"):
+                conn.exec_driver_sql(f'DROP TABLE main."{moved}"')
+            conn.exec_driver_sql(f'ALTER TABLE main."{name}" RENAME TO "{moved}"')
 
 
 def _add_missing_columns(conn: sa.Connection, tables: list[sa.Table]) -> None:

@@ -16,6 +16,7 @@ from maxtwo_cli.core.counters import (
     delete_expired_idempotency_keys,
     increment,
     list_counters,
+    read_counter,
 )
 from maxtwo_cli.core.errors import ConfigurationError, SchemaMismatchError
 from maxtwo_cli.core.query import query_users
@@ -200,6 +201,7 @@ def test_on_sqlite_increments_never_wait_for_the_main_file_a_randomization_locks
         assert increment(engine, "a", 1).total == 1  # one statement
         assert increment(engine, "a", 1, idempotency_key="k").total == 2  # a transaction
         assert delete_expired_idempotency_keys(engine) == 0
+        assert read_counter(engine, "a") == 2 and list_counters(engine) == [("a", 2)]  # and reads
 
 
 def test_a_complete_sqlite_database_is_only_read_so_a_command_need_not_wait_for_a_randomization(tmp_path):

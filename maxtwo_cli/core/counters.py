@@ -30,7 +30,7 @@ from sqlalchemy.engine import Engine
 
 from maxtwo_cli.core.batch import HeldConnection
 from maxtwo_cli.core.clock import utcnow
-from maxtwo_cli.core.db import ONE_FILE_OPTION, database_errors, is_postgres
+from maxtwo_cli.core.db import ONE_FILE_OPTION, READ_ONLY_OPTION, database_errors, is_postgres
 from maxtwo_cli.core.errors import MaxtwoError
 from maxtwo_cli.core.schema import counters, idempotency_keys, to_microseconds
 
@@ -365,6 +365,8 @@ def _recorded(cursor: Any, held: HeldConnection, keys: list[str]) -> list[tuple[
 def read_counter(engine: Engine, key: str) -> int | None:
     """The committed total of counter `key`; None if it was never incremented."""
     with database_errors(engine), engine.connect() as conn:
+        # NOTE: read-only, so on SQLite without the write lock, which a randomization holds.
+        conn = conn.execution_options(**{READ_ONLY_OPTION: True})
         return conn.scalar(sa.select(counters.c.value).where(counters.c.key == key))
 
 
@@ -376,6 +378,7 @@ def list_counters(engine: Engine, keys: Sequence[str] | None = None, limit: int 
     else:
         statement = statement.limit(limit)
     with database_errors(engine), engine.connect() as conn:
+        conn = conn.execution_options(**{READ_ONLY_OPTION: True})  # as read_counter
         return [(key, value) for key, value in conn.execute(statement)]
 
 

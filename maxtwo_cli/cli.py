@@ -427,10 +427,12 @@ def counters(
         _console().print(f"the first {limit} counters by key; --limit {min(limit * 10, MAX_COUNTERS_LISTED)} shows more")
 
 
-def _positive(value: float) -> float:
-    # NOTE: nan and inf are floats too; a day is a generous upper bound for "every interval".
-    if not math.isfinite(value) or not 0 < value <= 86_400:
-        raise typer.BadParameter("must be a number of seconds greater than 0 and at most 86400")
+def _interval(value: float) -> float:
+    # NOTE: nan and inf are floats too; a day is a generous upper bound for "every interval", and
+    # a tenth of a second a lower one (boundaries a picosecond apart are no longer apart as
+    # floats: the scheduler would spin on one of them, deaf to SIGTERM).
+    if not math.isfinite(value) or not 0.1 <= value <= 86_400:
+        raise typer.BadParameter("must be a number of seconds from 0.1 to 86400")
     return value
 
 
@@ -459,7 +461,7 @@ def serve(
         typer.Option(
             "--interval",
             envvar="MAXTWO_INTERVAL",
-            callback=_positive,
+            callback=_interval,
             help="Seconds between randomizations, aligned to the wall clock.",
         ),
     ] = 60.0,

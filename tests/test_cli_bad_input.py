@@ -17,7 +17,7 @@ BAD_VALUES = [
     ("seed", "--count", ["-1", "abc", "", "1.5"]),
     ("serve", "--port", ["0", "65536", "-1", "http", ""]),
     ("serve", "--threads", ["0", "-3", "many", ""]),
-    ("serve", "--interval", ["0", "-1", "soon", ""]),
+    ("serve", "--interval", ["0", "-1", "soon", "", "1e-12", "0.09"]),
     ("serve", "--seed-count", ["-1", "lots", ""]),
 ]
 CASES = [(command, option, value) for command, option, values in BAD_VALUES for value in values]

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.clock import utcnow
@@ -39,12 +40,6 @@ ENSURE_SCRIPT = """
 import sys
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.clock import utcnow
-from maxtwo_cli.core.counters import (
-    IdempotencyKeyReusedError,
-    delete_expired_idempotency_keys,
-    increment,
-    list_counters,
-)
 from maxtwo_cli.core.settings import Settings
 schema.ensure_schema(db.create_engine(Settings(database_url=sys.argv[1], statement_timeout=30.0)))
 """
@@ -122,8 +117,11 @@ def make_counters_the_old_way(path, suffix: str = "") -> None:
     schema.ensure_schema(engine)
     engine.dispose()
     with sqlite3.connect(path) as old:
+        old.execute("DROP VIEW ix_idempotency_keys_created_at")  # no older maxtwo made it
         for table in (schema.counters, schema.idempotency_keys):
             old.execute(str(sa.schema.CreateTable(table).compile(dialect=engine.dialect)))
+            for index in table.indexes:
+                old.execute(str(sa.schema.CreateIndex(index).compile(dialect=engine.dialect)))
         old.execute("INSERT INTO counters VALUES ('a', 5), ('b', -2)")
         old.execute("INSERT INTO idempotency_keys VALUES ('k1', 'another body', ?)", (schema.to_microseconds(utcnow()),))
         if suffix:
@@ -173,10 +171,52 @@ def test_counters_in_both_files_are_refused_and_left_alone(tmp_path):
         old.execute("INSERT INTO counters VALUES ('a', 1)")
     old.close()
     engine = db.create_engine(Settings(database_url=f"sqlite:///{path}"))
-    with pytest.raises(SchemaMismatchError, match="both in"):
+    with pytest.raises(SchemaMismatchError, match="merge them by hand"):
         schema.ensure_schema(engine)
     engine.dispose()
     assert "counters" in tables_in(path) and "counters" in tables_in(f"{path}-query")
+
+
+def make_counters_as_an_older_maxtwo(path) -> None:
+    """What the schema set-up of a maxtwo from before the move does: it looks for its tables in
+    the main file only, and creates those it misses there, in one transaction."""
+    older = db.create_engine(Settings(database_url=f"sqlite:///{path}"))  # as it made it, attach included
+    try:
+        with older.begin() as conn:
+            schema.metadata.create_all(conn, tables=[schema.counters, schema.idempotency_keys])
+    finally:
+        older.dispose()
+
+
+@pytest.mark.parametrize("moved", [False, True])
+def test_an_older_maxtwo_cannot_make_the_counters_anew_in_the_main_file(tmp_path, moved):
+    # Made there, SQL that names them would find them first: two sets of totals.
+    path = tmp_path / "maxtwo.db"
+    if moved:
+        make_counters_the_old_way(path)
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}"))
+    schema.ensure_schema(engine)
+    increment(engine, "a", 1)
+    with pytest.raises(sa.exc.OperationalError, match="ix_idempotency_keys_created_at"):
+        make_counters_as_an_older_maxtwo(path)
+    assert "counters" not in tables_in(path)  # its transaction rolled back whole
+    schema.ensure_schema(engine)
+    assert read_counter(engine, "a") == (6 if moved else 1)
+    engine.dispose()
+
+
+def test_a_move_cut_short_and_a_table_made_anew_in_the_main_file_are_refused(tmp_path):
+    # The renamed table was never copied: it holds the only copy of its rows, never dropped.
+    path = tmp_path / "maxtwo.db"
+    make_counters_the_old_way(path, "_moved")
+    with sqlite3.connect(path) as old:
+        old.execute(str(sa.schema.CreateTable(schema.counters).compile(dialect=sqlite_dialect())))
+    old.close()
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}"))
+    with pytest.raises(SchemaMismatchError, match="merge them by hand"):
+        schema.ensure_schema(engine)
+    engine.dispose()
+    assert {"counters", "counters_moved"} <= tables_in(path)
 
 
 @contextlib.contextmanager

@@ -364,10 +364,10 @@ def _recorded(cursor: Any, held: HeldConnection, keys: list[str]) -> list[tuple[
 
 def read_counter(engine: Engine, key: str) -> int | None:
     """The committed total of counter `key`; None if it was never incremented."""
-    with database_errors(engine), engine.connect() as conn:
+    with database_errors(engine), engine.connect() as connection:
         # NOTE: read-only, so on SQLite without the write lock, which a randomization holds.
-        conn = conn.execution_options(**{READ_ONLY_OPTION: True})
-        return conn.scalar(sa.select(counters.c.value).where(counters.c.key == key))
+        reader = connection.execution_options(**{READ_ONLY_OPTION: True})
+        return reader.scalar(sa.select(counters.c.value).where(counters.c.key == key))
 
 
 def list_counters(engine: Engine, keys: Sequence[str] | None = None, limit: int = 100) -> list[tuple[str, int]]:
@@ -377,9 +377,9 @@ def list_counters(engine: Engine, keys: Sequence[str] | None = None, limit: int 
         statement = statement.where(counters.c.key.in_(list(keys)))
     else:
         statement = statement.limit(limit)
-    with database_errors(engine), engine.connect() as conn:
-        conn = conn.execution_options(**{READ_ONLY_OPTION: True})  # as read_counter
-        return [(key, value) for key, value in conn.execute(statement)]
+    with database_errors(engine), engine.connect() as connection:
+        reader = connection.execution_options(**{READ_ONLY_OPTION: True})  # as read_counter
+        return [(key, value) for key, value in reader.execute(statement)]
 
 
 def delete_expired_idempotency_keys(engine: Engine, now: dt.datetime | None = None, chunk: int = 50_000) -> int:

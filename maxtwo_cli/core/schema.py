@@ -170,6 +170,13 @@ _sqlite_own_file = {table.name: table.to_metadata(sa.MetaData(), schema=SQLITE_Q
 # Databases made before kept them in the main file; ensure_schema renames each (to this suffix)
 # in the transaction that copies it over, and drops it once that copy has committed.
 _MOVED_SUFFIX = "_moved"
+# NOTE: a maxtwo from before the move looks for the counters in the main file only and would
+# make them anew there, where SQL that names them finds them first: two sets of totals, and
+# Idempotency-Keys forgotten. Its schema set-up creates the index named here after its tables,
+# in the same transaction; a view of that name in the main file (tables, views and indexes
+# share one namespace) makes that fail and roll back: such a maxtwo refuses the database.
+_OLDER_VERSION_GUARD = "ix_idempotency_keys_created_at"
+_GUARD_NOTE = "the counters live in the -query file: a maxtwo older than this database cannot use it"
 
 # Columns added after a release: (table, column). ensure_schema adds them to older databases.
 _ADDED_COLUMNS = (
@@ -229,6 +236,10 @@ def ensure_schema(engine: Engine) -> None:
             for name in _sqlite_own_file:
                 if inspector.has_table(name + _MOVED_SUFFIX, schema="main"):
                     conn.exec_driver_sql(f'DROP TABLE main."{name}{_MOVED_SUFFIX}"')
+            # After the drops: the moved table's index bore the guard's name until now.
+            conn.exec_driver_sql(
+                f'CREATE VIEW IF NOT EXISTS main."{_OLDER_VERSION_GUARD}" AS SELECT \'{_GUARD_NOTE}\' AS note'
+            )
 
 
 def _tables_of(conn: sa.Connection) -> list[sa.Table]:
@@ -252,9 +263,11 @@ def _is_complete(conn: sa.Connection) -> bool:
             return False
         if not set(table.columns.keys()) <= _column_names(inspector, table):
             return False
-    if not is_postgres(conn) and (_has_old_query_state(conn) or any(
-        inspector.has_table(name + suffix, schema="main") for name in _sqlite_own_file for suffix in ("", _MOVED_SUFFIX)
-    )):
+    if not is_postgres(conn) and (
+        _has_old_query_state(conn)
+        or any(inspector.has_table(name + suffix, schema="main") for name in _sqlite_own_file for suffix in ("", _MOVED_SUFFIX))
+        or _OLDER_VERSION_GUARD not in inspector.get_view_names(schema="main")
+    ):
         return False
     rows = sa.select(
         sa.select(sa.func.count()).select_from(randomizer_state).scalar_subquery(),
@@ -295,20 +308,21 @@ def _move_counters_to_their_file(conn: sa.Connection) -> None:
     for name, new in _sqlite_own_file.items():
         old = metadata.tables[name].to_metadata(sa.MetaData(), schema="main")
         moved = name + _MOVED_SUFFIX
+        in_main, renamed = inspector.has_table(name, schema="main"), inspector.has_table(moved, schema="main")
         copied = inspector.has_table(name, schema=SQLITE_QUERY_SCHEMA)
-        if inspector.has_table(name, schema="main"):
-            if copied:
-                # An older maxtwo made the table anew in the main file after the move, and SQL
-                # that names it finds that one first: both hold live rows, and no rule says
-                # which to keep.
-                raise SchemaMismatchError(
-                    f"the SQLite database holds a table {name!r} both in {conn.engine.url.database} and in "
-                    f"{sqlite_query_state_path(conn.engine.url.database or '')} (an older maxtwo made it anew "
-                    "after this one moved it); merge the two by hand and drop the one in the main file"
-                )
+        if in_main and (copied or renamed):
+            # A table made anew in the main file after a move (by hand, or by a maxtwo from
+            # before the guard below), which SQL that names it finds first: two tables hold
+            # live rows, and no rule says which to keep.
+            raise SchemaMismatchError(
+                f"the SQLite database holds a table {name!r} in {conn.engine.url.database} and its rows moved "
+                f"to {sqlite_query_state_path(conn.engine.url.database or '')} (or to {moved!r}) as well; "
+                "merge them by hand, keeping one table, in the -query file"
+            )
+        if in_main:
             _check_shape(conn, [old])
             source = name
-        elif inspector.has_table(moved, schema="main") and not copied:
+        elif renamed and not copied:
             source = moved  # renamed by a move whose copy a crash undid
         else:
             continue
@@ -317,8 +331,6 @@ def _move_counters_to_their_file(conn: sa.Connection) -> None:
         rows = sa.table(source, *(sa.column(column) for column in columns), schema="main")
         conn.execute(new.insert().from_select(columns, sa.select(*rows.c)))
         if source == name:
-            if inspector.has_table(moved, schema="main"):
-                conn.exec_driver_sql(f'DROP TABLE main."{moved}"')
             conn.exec_driver_sql(f'ALTER TABLE main."{name}" RENAME TO "{moved}"')
 
 

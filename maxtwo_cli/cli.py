@@ -53,14 +53,29 @@ if TYPE_CHECKING:
 atexit.register(gc.freeze)
 
 
+# What the running command has done that a failure to print its result does not undo (an
+# increment committed, ...): said with that failure, so that nobody retries it blindly.
+_done: list[str] = []
+
+
 class OneLineErrors(typer.core.TyperGroup):
-    """Usage errors as one line on stderr (exit 2), instead of a usage banner and a box."""
+    """Usage errors as one line on stderr (exit 2), instead of a usage banner and a box; so is a
+    failure to write the output (exit 1)."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        for stream in (sys.stdout, sys.stderr):
+            # NOTE: a counter's key is any text a client sent; on a terminal or pipe whose
+            # encoding cannot show a character, it is shown as its escape (\u2603), not a crash.
+            with contextlib.suppress(AttributeError, ValueError):
+                stream.reconfigure(errors="backslashreplace")
         try:
             outcome = super().main(*args, standalone_mode=False, **kwargs)
+            sys.stdout.flush()  # here, where a failure is reported; at exit it would be a traceback
+        except OSError as ex:
+            # The database's errors are MaxtwoErrors by now (_reported_errors): this is the output.
+            _output_failed(ex)
         except typer.Abort:
             print("Error: aborted", file=sys.stderr)
             sys.exit(1)
@@ -81,6 +96,19 @@ class OneLineErrors(typer.core.TyperGroup):
             sys.exit(exit_code)
         # In non-standalone mode an Exit comes back as its code, success as the command's None.
         sys.exit(outcome if isinstance(outcome, int) else 0)
+
+
+def _output_failed(error: OSError) -> NoReturn:
+    """One line on stderr for output that could not be written (a full disk, a closed pipe),
+    with what the command did all the same; exit 1."""
+    # NOTE: stdout is pointed at /dev/null first: the interpreter flushes it again at exit and
+    # would fail there a second time, with a traceback (the signal module's documented way).
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    done = "".join(f"; {what}" for what in _done)
+    with contextlib.suppress(OSError):
+        print(f"Error: cannot write the output ({error.strerror or error}){done}", file=sys.stderr)
+    sys.exit(1)
 
 
 _NEGATIVE_INTEGER = re.compile(r"-[0-9]+")
@@ -199,6 +227,7 @@ def seed(
                 result = seed_users(engine, count, reset=reset, on_progress=on_progress)
         finally:
             engine.dispose()
+    _done.append(f"the {result.rows:,} users are committed")
     # Plain print: importing rich for one line would cost `maxtwo seed` 20-25 ms.
     print(f"seeded {result.rows:,} users in {result.seconds:.2f} s ({result.rows_per_second:,.0f} rows/s)")
     if result.statistics_warning:
@@ -230,6 +259,7 @@ def randomize(
             result = randomize_points(engine)
         finally:
             engine.dispose()
+    _done.append("the randomization is committed")
     if timing:
         print(f"randomized {result.rows:,} users in {result.seconds:.3f} s ({result.rows_per_second:,.0f} rows/s)")
 
@@ -254,6 +284,7 @@ def query(
             result = query_users(engine)
         finally:
             engine.dispose()
+    _done.append("the query is recorded")
     if as_json:
         # Plain print: rich would re-wrap and colour the JSON.
         print(result.api_json())
@@ -347,6 +378,7 @@ def increment(
             applied = increment_counter(engine, key, value)
         finally:
             engine.dispose()
+    _done.append(f"the increment is committed (total {applied.total})")
     # Plain print: rich would read markup in the key, and re-wrap or colour the line.
     if as_json:
         print(json.dumps({"key": applied.key, "value": applied.total}))

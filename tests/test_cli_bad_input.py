@@ -3,6 +3,7 @@ one line on stderr, no traceback, nothing created."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -60,3 +61,30 @@ def test_the_installed_command_gives_the_same_single_line(tmp_path):
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.count("\n") == 1 and "--port" in done.stderr
+
+
+def maxtwo(*args: str, stdout=subprocess.PIPE, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(MAXTWO), *args], check=False, stdout=stdout, stderr=subprocess.PIPE,
+                          text=True, timeout=60, env=env)
+
+
+def test_output_that_cannot_be_written_is_one_line_saying_what_was_done(tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    with open("/dev/full", "w") as full:  # every write: ENOSPC, as on a full disk
+        applied = maxtwo("increment", "k", "1", "--database-url", url, stdout=full)
+        version = maxtwo("--version", stdout=full)
+    # A script that retried the increment on exit 1 would count it twice: the line says it is in.
+    assert applied.returncode == 1 and applied.stderr.count("\n") == 1, applied.stderr
+    assert "cannot write the output" in applied.stderr and "the increment is committed (total 1)" in applied.stderr
+    assert version.returncode == 1 and version.stderr.count("\n") == 1, version.stderr
+    assert "Traceback" not in applied.stderr + version.stderr
+    assert maxtwo("counters", "--json", "--database-url", url).stdout == '{"counters": [{"key": "k", "value": 1}]}\n'
+
+
+def test_a_key_the_terminal_cannot_show_is_shown_escaped(tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    latin_1 = {**os.environ, "PYTHONIOENCODING": "latin-1"}
+    applied = maxtwo("increment", "\u2603", "1", "--database-url", url, env=latin_1)
+    listed = maxtwo("counters", "--database-url", url, env=latin_1)
+    assert (applied.returncode, applied.stdout) == (0, "\\u2603: 1\n"), applied.stderr
+    assert listed.returncode == 0 and "\\u2603" in listed.stdout, listed.stderr

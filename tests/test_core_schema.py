@@ -303,12 +303,37 @@ def test_accepted_urls(raw, driver):
         "not a url s3cret",
         "sqlite://",
         "sqlite:///:memory:",
+        "sqlite:///x.db?mode=ro",
     ],
 )
 def test_refused_urls_never_echo_the_password(raw):
     with pytest.raises(ConfigurationError) as info:
         db.parse_database_url(raw)
     assert "s3cret" not in str(info.value)
+
+
+def test_a_sqlite_path_in_the_home_directory_is_expanded(monkeypatch, tmp_path):
+    # A shell leaves a ~ inside a word alone: it would otherwise be a directory named "~" here.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert db.parse_database_url("sqlite:///~/data/maxtwo.db").database == str(tmp_path / "data" / "maxtwo.db")
+
+
+def test_every_path_to_a_sqlite_database_finds_the_same_query_state_and_counters(tmp_path):
+    # SQLite follows a symbolic link to the database; the query-state file must too, or the
+    # link would see its own chain of queries and counters beside the target's users.
+    (tmp_path / "real").mkdir()
+    real = db.create_engine(Settings(database_url=f"sqlite:///{tmp_path / 'real' / 'maxtwo.db'}"))
+    schema.ensure_schema(real)
+    first = query_users(real)
+    increment(real, "a", 1)
+    (tmp_path / "link.db").symlink_to(tmp_path / "real" / "maxtwo.db")
+    linked = db.create_engine(Settings(database_url=f"sqlite:///{tmp_path / 'link.db'}"))
+    schema.ensure_schema(linked)
+    assert query_users(linked).previous == first.recorded_at
+    assert read_counter(linked, "a") == 1
+    assert not (tmp_path / "link.db-query").exists()
+    real.dispose()
+    linked.dispose()
 
 
 def test_redact_hides_the_password():

@@ -84,11 +84,19 @@ def parse_database_url(raw: str) -> URL:
             f"unsupported database {url.drivername!r} in the database URL; {URL_HELP}"
         )
     url = url.set(drivername=driver)
-    if url.get_backend_name() == "sqlite" and (not url.database or url.database == ":memory:"):
+    if url.get_backend_name() != "sqlite":
+        return url
+    if not url.database or url.database == ":memory:":
         raise ConfigurationError(
             "a SQLite database URL must name a file, because every maxtwo process shares it; "
             + URL_HELP
         )
+    if url.query:
+        # NOTE: SQLAlchemy would pass ?mode=ro and the like on with a warning, and ignore them.
+        raise ConfigurationError(f"a SQLite database URL takes no parameters (?{next(iter(url.query))}=...); {URL_HELP}")
+    if url.database.startswith("~"):
+        # A shell leaves a ~ inside a word alone: sqlite:///~/maxtwo.db means the home directory.
+        url = url.set(database=os.path.expanduser(url.database))
     return url
 
 
@@ -164,8 +172,11 @@ def _create_postgres_engine(url: URL, settings: Settings, pool_size: int, pre_pi
 
 
 def sqlite_query_state_path(database: str | Path) -> Path:
-    """The file that holds a SQLite database's query state: `maxtwo.db` -> `maxtwo.db-query`."""
-    return Path(f"{database}-query")
+    """The file that holds a SQLite database's query state and counters: `maxtwo.db` ->
+    `maxtwo.db-query`, beside the file itself: a symbolic link to the database is followed, as
+    SQLite follows it (to keep its journals beside the target), so that every path to one
+    database finds the same state."""
+    return Path(f"{os.path.realpath(database)}-query")
 
 
 def sqlite_main_files(engine: Engine) -> list[str]:

@@ -412,7 +412,7 @@ def writes_refused(engine: Engine) -> str | None:
 
 def _sqlite_writes_refused(database: str) -> str | None:
     # NOTE: SQLite follows a symbolic link to the database and keeps its journals beside the
-    # target; the query-state file is named after the path as given (core/db.py). access()
+    # target, and so does the query-state file (core/db.py). access()
     # reports what a write would meet: permissions (for the effective user; not for root), a
     # read-only file system (EROFS) and the immutable flag (EPERM, root included). An -shm file
     # that cannot be written is mapped read-only, and every write fails.

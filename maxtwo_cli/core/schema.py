@@ -354,18 +354,27 @@ def _columns_added_later(table: sa.Table) -> list[sa.Column[Any]]:
     return [column for owner, column in _ADDED_COLUMNS if owner.name == table.name]
 
 
+# Tables whose column types are checked too (their types never changed since they came):
+# another application's `counters (key text, value text)` has maxtwo's columns by name.
+_TYPE_CHECKED_TABLES = frozenset({"counters", "idempotency_keys"})
+
+
 def _check_shape(conn: sa.Connection, tables: list[sa.Table]) -> None:
     """create() skips tables that exist; make sure the ones it skipped are really ours."""
     inspector = sa.inspect(conn)
     for table in tables:
-        found = _column_names(inspector, table)
+        columns = {column["name"]: column["type"] for column in inspector.get_columns(table.name, schema=table.schema)}
         added_later = {column.name for column in _columns_added_later(table)}
-        missing = set(table.columns.keys()) - found - added_later
-        if missing:
+        problems = [f"no column {name}" for name in sorted(set(table.columns.keys()) - set(columns) - added_later)]
+        if not problems and table.name in _TYPE_CHECKED_TABLES:
+            for column in table.columns:
+                expected = column.type.dialect_impl(conn.dialect)._type_affinity
+                if columns[column.name]._type_affinity is not expected:
+                    problems.append(f"column {column.name} of type {columns[column.name]}")
+        if problems:
             raise SchemaMismatchError(
                 f"the database already has a table {table.name!r} that maxtwo did not create "
-                f"(no column {', '.join(sorted(missing))}); maxtwo will not touch it, "
-                "point --database-url at another database"
+                f"({', '.join(problems)}); maxtwo will not touch it, point --database-url at another database"
             )
 
 

@@ -396,6 +396,9 @@ def _printable(key: str) -> str:
     return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in key)
 
 
+# The table's borders and padding, and a few characters of a key's column.
+_NARROWEST_KEY_COLUMN = 7 + 8
+
 # `counters --limit` at most (the databases take a 64-bit LIMIT; nobody reads a billion rows).
 MAX_COUNTERS_LISTED = 1_000_000_000
 
@@ -448,9 +451,18 @@ def counters(
     if not rows:
         _console().print("none of these counters was ever incremented" if keys else "no counters yet")
         return
+    # A total is shown whole however narrow the terminal: the key's column gives way, and where
+    # even the total's own column would not fit, the lines of `maxtwo increment` instead.
+    value_width = max(len(str(total)) for _, total in rows)
+    if _console().width < value_width + _NARROWEST_KEY_COLUMN:
+        for key, total in rows:
+            print(f"{_printable(key)}: {total}")
+        return
     table = Table("key", "value")
     table.columns[0].overflow = "fold"  # a long key wraps whole, never cut to "…"
     table.columns[1].justify = "right"
+    table.columns[1].no_wrap = True
+    table.columns[1].min_width = value_width
     for key, total in rows:
         # Text: a key is data, never rich markup.
         table.add_row(Text(_printable(key)), str(total))

@@ -172,6 +172,15 @@ def test_the_table_shows_a_long_key_whole(database_url):
     assert "…" not in result.stdout and result.stdout.count("x") == 200
 
 
+@pytest.mark.parametrize("columns", ["45", "36", "20"])
+def test_a_total_is_shown_whole_however_narrow_the_terminal(database_url, columns):
+    invoke("increment", "k" * 255, "-9223372036854775808", "--database-url", database_url)
+    invoke("increment", "short", "1", "--database-url", database_url)
+    result = invoke("counters", "--database-url", database_url, env={"COLUMNS": columns})
+    assert result.exit_code == 0
+    assert "-9223372036854775808" in result.output and "short" in result.output
+
+
 def test_counters_on_a_fresh_database(database_url):
     result = invoke("counters", "--database-url", database_url)
     assert (result.exit_code, result.stdout) == (0, "no counters yet\n")

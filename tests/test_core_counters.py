@@ -261,6 +261,8 @@ def test_list_counters_sorted_limited_or_by_key(engine):
     assert list_counters(engine) == [("a", 97), ("b", 98), ("c", 99)]
     assert list_counters(engine, limit=2) == [("a", 97), ("b", 98)]
     assert list_counters(engine, ["c", "nope", "a"]) == [("a", 97), ("c", 99)]
+    # More keys than PostgreSQL takes parameters in one statement (65,535).
+    assert list_counters(engine, [f"k{number}" for number in range(70_000)] + ["c", "a"]) == [("a", 97), ("c", 99)]
 
 
 def test_keys_of_every_shape_round_trip(engine):

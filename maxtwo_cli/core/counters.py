@@ -373,13 +373,18 @@ def read_counter(engine: Engine, key: str) -> int | None:
 def list_counters(engine: Engine, keys: Sequence[str] | None = None, limit: int = 100) -> list[tuple[str, int]]:
     """(key, total) sorted by key: of `keys` (those ever incremented), or the first `limit`."""
     statement = sa.select(counters.c.key, counters.c.value).order_by(counters.c.key)
-    if keys:
-        statement = statement.where(counters.c.key.in_(list(keys)))
-    else:
-        statement = statement.limit(limit)
+    # NOTE: a statement takes at most 65,535 parameters on PostgreSQL: many keys go in several.
+    wanted = sorted(set(keys or ()))
+    statements = [statement.where(counters.c.key.in_(wanted[start : start + _KEYS_PER_STATEMENT]))
+                  for start in range(0, len(wanted), _KEYS_PER_STATEMENT)] or [statement.limit(limit)]
     with database_errors(engine), engine.connect() as connection:
         reader = connection.execution_options(**{READ_ONLY_OPTION: True})  # as read_counter
-        return [(key, value) for key, value in reader.execute(statement)]
+        found = [(key, value) for part in statements for key, value in reader.execute(part)]
+    # Each part comes in the database's order; parts of many keys are merged in Python's.
+    return sorted(found) if len(statements) > 1 else found
+
+
+_KEYS_PER_STATEMENT = 10_000
 
 
 def delete_expired_idempotency_keys(engine: Engine, now: dt.datetime | None = None, chunk: int = 50_000) -> int:

@@ -17,8 +17,10 @@ written as objects, `--version` and `--help` took 5-8 % less (bench/NOTES.md).
 
 import atexit
 import contextlib
+import errno
 import functools
 import gc
+import io
 import json
 import math
 import os
@@ -70,6 +72,8 @@ class OneLineErrors(typer.core.TyperGroup):
             # encoding cannot show a character, it is shown as its escape (\u2603), not a crash.
             with contextlib.suppress(AttributeError, ValueError):
                 stream.reconfigure(errors="backslashreplace")
+        if sys.stdout is None:  # started with it closed: Python would drop the output silently
+            sys.stdout = _ClosedOutput()
         try:
             outcome = super().main(*args, standalone_mode=False, **kwargs)
             sys.stdout.flush()  # here, where a failure is reported; at exit it would be a traceback
@@ -96,6 +100,14 @@ class OneLineErrors(typer.core.TyperGroup):
             sys.exit(exit_code)
         # In non-standalone mode an Exit comes back as its code, success as the command's None.
         sys.exit(outcome if isinstance(outcome, int) else 0)
+
+
+class _ClosedOutput(io.TextIOBase):
+    """Standard output for a process started without one: writing is an error, as to a closed
+    descriptor (a command that prints nothing, `serve`, never notices)."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, "standard output is closed")
 
 
 def _output_failed(error: OSError) -> NoReturn:

@@ -88,3 +88,11 @@ def test_a_key_the_terminal_cannot_show_is_shown_escaped(tmp_path):
     listed = maxtwo("counters", "--database-url", url, env=latin_1)
     assert (applied.returncode, applied.stdout) == (0, "\\u2603: 1\n"), applied.stderr
     assert listed.returncode == 0 and "\\u2603" in listed.stdout, listed.stderr
+
+
+def test_a_closed_standard_output_is_an_error_not_silence(tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    done = subprocess.run(["sh", "-c", f'"{MAXTWO}" increment k 1 --database-url "{url}" >&-'],
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "standard output is closed" in done.stderr and "the increment is committed (total 1)" in done.stderr

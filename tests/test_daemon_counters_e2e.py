@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import random
+import sqlite3
 import threading
 import time
 import urllib.parse
@@ -455,6 +456,27 @@ def test_503_with_retry_after_while_the_database_is_down(tmp_path):
         # Refused while the database was down: never applied (a connection refused commits nothing).
         assert get_counter(daemon, "k") == 2
         assert daemon.terminate() == 0
+
+
+def test_on_sqlite_both_routes_are_answered_while_a_randomization_holds_the_main_file(tmp_path):
+    # The counters live in the query-state file: neither an increment nor a query queued behind
+    # one waits for the main file's lock, which a randomization holds for its whole length.
+    database = tmp_path / "maxtwo.db"
+    with ServeProcess(f"sqlite:///{database}", interval=3600, seed_count=10) as daemon:
+        daemon.start(tmp_path / "serve.log")
+        locker = sqlite3.connect(database, isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        try:
+            started = time.monotonic()
+            statuses = [daemon.post("/increment", body("k", 1), JSON, timeout=30)[0], daemon.get("/", timeout=30)[0],
+                        daemon.get(counter_path("k"), timeout=30)[0]]
+            waited = time.monotonic() - started
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert daemon.terminate() == 0
+    assert statuses == [202, 200, 200]
+    assert waited < 2.5  # behind the lock, the increment alone would wait out 5 s and fail
 
 
 @pytest.mark.slow  # a lock held past the statement timeout (5 s)

@@ -96,6 +96,7 @@ def test_a_sqlite_database_with_its_query_state_inside_gets_it_moved_out(tmp_pat
     (tmp_path / "maxtwo.db-query").unlink()
     last_query_at = 1_700_000_000_123_456  # microseconds, as SQLite stores it
     with sqlite3.connect(path) as old:
+        old.execute("DROP VIEW ix_idempotency_keys_created_at")  # no maxtwo of then made it
         old.execute("CREATE TABLE query_state (id SMALLINT PRIMARY KEY, last_query_at BIGINT)")
         old.execute("INSERT INTO query_state VALUES (1, ?)", (last_query_at,))
     old.close()
@@ -219,6 +220,22 @@ def test_a_move_cut_short_and_a_table_made_anew_in_the_main_file_are_refused(tmp
     assert {"counters", "counters_moved"} <= tables_in(path)
 
 
+def test_a_lost_query_state_file_is_refused_not_made_anew_empty(tmp_path):
+    # It holds the counters and their Idempotency-Keys: made anew, every total would restart at
+    # 0 and a retried increment would be applied again.
+    path = tmp_path / "maxtwo.db"
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}"))
+    schema.ensure_schema(engine)
+    increment(engine, "a", 1)
+    engine.dispose()
+    for lost in tmp_path.glob("maxtwo.db-query*"):
+        lost.unlink()
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}"))
+    with pytest.raises(SchemaMismatchError, match="missing or empty; restore both files"):
+        schema.ensure_schema(engine)
+    engine.dispose()
+
+
 @contextlib.contextmanager
 def main_file_locked(tmp_path) -> Iterator[sa.Engine]:
     """An engine on a new SQLite database whose main file another connection holds the write
@@ -264,6 +281,17 @@ def test_points_outside_0_to_100_are_refused_by_the_database(engine):
     ("counters", "key TEXT PRIMARY KEY, value TEXT", ("a", "hello"), "column value of type"),
 ])
 def test_a_foreign_table_is_refused_and_left_alone(settings, table, columns, row, problem):
+    assert_refused_and_left_alone(settings, table, columns, row, problem)
+
+
+def test_a_counters_table_of_32_bit_totals_is_refused_and_left_alone(postgres_url):
+    # PostgreSQL's integer: a total past 2**31 would fail later, not now. (SQLite's INTEGER
+    # holds 64 bits.)
+    settings = Settings(database_url=postgres_url)
+    assert_refused_and_left_alone(settings, "counters", "key TEXT PRIMARY KEY, value INTEGER", ("a", 1), "column value of type")
+
+
+def assert_refused_and_left_alone(settings, table, columns, row, problem):
     engine = db.create_engine(settings)
     foreign = sa.table(table, *(sa.column(column.split()[0]) for column in columns.split(", ")))
     with engine.begin() as conn:

@@ -208,6 +208,7 @@ def ensure_schema(engine: Engine) -> None:
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
         tables = _tables_of(conn)
         if not postgres:
+            _refuse_a_lost_query_file(conn)
             _move_counters_to_their_file(conn)  # before the tables are created: it copies to new ones
         for table in tables:
             table.create(conn, checkfirst=True)
@@ -296,6 +297,21 @@ def _copy_old_query_state(conn: sa.Connection) -> None:
     )
 
 
+def _refuse_a_lost_query_file(conn: sa.Connection) -> None:
+    """The guard is made once the counters live in the query-state file: with it there and
+    they not, that file went missing (copied without it, half a backup restored), and making
+    it anew would start every total at 0 and forget every Idempotency-Key, silently."""
+    inspector = sa.inspect(conn)
+    if _OLDER_VERSION_GUARD in inspector.get_view_names(schema="main") and not inspector.has_table(
+        "counters", schema=SQLITE_QUERY_SCHEMA
+    ):
+        query_file = sqlite_query_state_path(conn.engine.url.database or "")
+        raise SchemaMismatchError(
+            f"{query_file}, which holds the counters and query state of {conn.engine.url.database}, is missing "
+            "or empty; restore both files from one backup (see docs/deployment.md)"
+        )
+
+
 def _move_counters_to_their_file(conn: sa.Connection) -> None:
     """A SQLite database made before the counters and their keys lived in the query-state file:
     copy each table there, and rename the old one in the same transaction (ensure_schema drops
@@ -368,9 +384,11 @@ def _check_shape(conn: sa.Connection, tables: list[sa.Table]) -> None:
         problems = [f"no column {name}" for name in sorted(set(table.columns.keys()) - set(columns) - added_later)]
         if not problems and table.name in _TYPE_CHECKED_TABLES:
             for column in table.columns:
-                expected = column.type.dialect_impl(conn.dialect)._type_affinity
-                if columns[column.name]._type_affinity is not expected:
-                    problems.append(f"column {column.name} of type {columns[column.name]}")
+                expected, found = column.type.dialect_impl(conn.dialect), columns[column.name]
+                # The kind of type (text, integer, time), and for a 64-bit total, 64 bits.
+                narrower = isinstance(expected, sa.BigInteger) and not isinstance(found, sa.BigInteger)
+                if found._type_affinity is not expected._type_affinity or narrower:
+                    problems.append(f"column {column.name} of type {found}")
         if problems:
             raise SchemaMismatchError(
                 f"the database already has a table {table.name!r} that maxtwo did not create "

@@ -401,11 +401,24 @@ def increment(
 def _printable(key: str) -> str:
     """A counter's key as a terminal may show it: any HTTP client can choose a key, and one
     holding control characters (ESC ...) would otherwise move the cursor, recolour or retitle
-    the terminal of whoever lists the counters. Each character that is not printable is shown
-    as its Python escape (\\x1b, \\u202e); --json escapes them its own way."""
-    if key.isprintable():
+    the terminal of whoever lists the counters. Each character that is not printable, or that
+    the output's encoding cannot hold, is shown as its Python escape (\\x1b, \\u202e), so that a
+    table measures it as it is shown; --json escapes them its own way."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    if key.isprintable() and _encodable(key, encoding):
         return key
-    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in key)
+    return "".join(
+        char if char.isprintable() and _encodable(char, encoding) else char.encode("unicode_escape").decode("ascii")
+        for char in key
+    )
+
+
+def _encodable(text: str, encoding: str) -> bool:
+    try:
+        text.encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
 
 
 # The table's borders and padding, and a few characters of a key's column.

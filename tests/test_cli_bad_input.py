@@ -88,6 +88,7 @@ def test_a_key_the_terminal_cannot_show_is_shown_escaped(tmp_path):
     listed = maxtwo("counters", "--database-url", url, env=latin_1)
     assert (applied.returncode, applied.stdout) == (0, "\\u2603: 1\n"), applied.stderr
     assert listed.returncode == 0 and "\\u2603" in listed.stdout, listed.stderr
+    assert len({len(line) for line in listed.stdout.splitlines()}) == 1, listed.stdout  # measured as shown
 
 
 def test_a_closed_standard_output_is_an_error_not_silence(tmp_path):

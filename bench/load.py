@@ -10,7 +10,9 @@
   connections until at least two randomizations have run, 2.5 intervals have passed and two
   windows or more fell both inside and outside randomizations. The randomizations' start and
   end come from the daemon's log; a window is "inside" if it overlapped one and "outside" if it
-  overlapped none. Ratio: median window p99 inside / outside.
+  overlapped none. Ratio: median window p99 inside / outside. Twice: GET / alone, and GET / with
+  POST /increment in turn on every connection (bench/mixed.lua: both services at once, which
+  on SQLite once made every randomization stall both).
 
 Both runs sample the server's peak RSS (benchmark 5).
 """
@@ -41,6 +43,7 @@ SPAN_WINDOW_SECONDS = 1  # wrk's shortest run
 SPAN_MIN_INTERVALS = 2.5
 SPAN_MIN_RANDOMIZATIONS = 2
 SPAN_MIN_WINDOWS_EACH = 2  # inside and outside: a p99 of one window alone says little
+MIXED_SCRIPT = Path(__file__).resolve().with_name("mixed.lua")
 
 
 def run(targets: list, options: BenchOptions, work_dir: Path) -> dict:
@@ -49,7 +52,7 @@ def run(targets: list, options: BenchOptions, work_dir: Path) -> dict:
         return {"skipped": f"wrk is not installed ({INSTALL_HINT})"}
     # Seeding N users happens before `serve` answers: allow for it.
     ready_timeout = 120 + options.rows / 10_000
-    results: dict = {"steady": {}, "span": {}}
+    results: dict = {"steady": {}, "span": {}, "span_mixed": {}}
     with contextlib.ExitStack() as stack:
         hellos = {HELLO: stack.enter_context(running(hello_world(work_dir / "hello.log"))),
                   HELLO_STOCK: stack.enter_context(running(hello_world(work_dir / "hello-stock.log", stock=True)))}
@@ -65,6 +68,9 @@ def run(targets: list, options: BenchOptions, work_dir: Path) -> dict:
         results["span"][target.name] = attempt(
             f"load across randomizations on {target.name}",
             lambda target=target: _span(target, options, work_dir, ready_timeout))
+        results["span_mixed"][target.name] = attempt(
+            f"GET / and POST /increment across randomizations on {target.name}",
+            lambda target=target: _span(target, options, work_dir, ready_timeout, script=MIXED_SCRIPT))
     return results
 
 
@@ -99,20 +105,22 @@ def _steady(target, hellos: dict, options: BenchOptions, work_dir: Path, ready_t
             "randomizations": spans, "serve_peak_rss_bytes": rss.peak_bytes}
 
 
-def _span(target, options: BenchOptions, work_dir: Path, ready_timeout: float) -> dict:
+def _span(target, options: BenchOptions, work_dir: Path, ready_timeout: float, script: Path | None = None) -> dict:
+    """The span run: GET / alone, or the requests `script` makes (wrk -s)."""
     interval = options.span_interval
-    log_path = work_dir / f"serve-span-{target.name}.log"
+    name = "span" if script is None else f"span_{script.stem}"
+    log_path = work_dir / f"serve-{name}-{target.name}.log"
     serve = maxtwo_serve_for(options.rows, interval, log_path)
     with contextlib.ExitStack() as stack:
-        url = stack.enter_context(target.fresh_database("span"))
+        url = stack.enter_context(target.fresh_database(name))
         server = stack.enter_context(running(serve(url), ready_timeout))
         rss = stack.enter_context(PeakRssSampler(server.pid))
-        warmup = run_wrk(server.url, SPAN_CONNECTIONS, SPAN_WINDOW_SECONDS)
+        warmup = run_wrk(server.url, SPAN_CONNECTIONS, SPAN_WINDOW_SECONDS, script=script)
         windows: list[dict] = []
         started = time.time()
         give_up = started + 8 * interval + 60
         while time.time() < give_up:
-            windows.append(run_wrk(server.url, SPAN_CONNECTIONS, SPAN_WINDOW_SECONDS))
+            windows.append(run_wrk(server.url, SPAN_CONNECTIONS, SPAN_WINDOW_SECONDS, script=script))
             seen = [span for span in randomizations(log_path) if span["end"] > started]
             places = [_classify(window, seen, interval) for window in windows]
             if (time.time() - started >= SPAN_MIN_INTERVALS * interval
@@ -136,7 +144,8 @@ def _span(target, options: BenchOptions, work_dir: Path, ready_timeout: float) -
     if len(spans) < SPAN_MIN_RANDOMIZATIONS:
         raise RuntimeError(f"only {len(spans)} randomization(s) during {result['seconds']:.0f} s of load "
                            f"at --interval {interval:g}; see {log_path}")
-    say(f"  GET / across {len(spans)} randomizations on {target.name}: p99 inside "
+    what = "GET /" if script is None else "GET / and POST /increment"
+    say(f"  {what} across {len(spans)} randomizations on {target.name}: p99 inside "
         f"{_fmt(result['inside']['median_p99_ms'])} ms ({len(inside)} windows), outside "
         f"{_fmt(result['outside']['median_p99_ms'])} ms ({len(outside)} windows)")
     return result

@@ -366,23 +366,34 @@ def _load(results: dict) -> str:
                "(\"randomized N users in X s\", stamped at commit). A window is *inside* if it overlapped one, "
                "*outside* if it overlapped none; a window holding a due time whose randomization never reached "
                "the log is left out. A 1 s window only partly covered by a short randomization dilutes its p99."), "",
-              "| database | randomizations (s each) | windows inside | windows outside | p99 inside (median / worst) | p99 outside (median / worst) | inside / outside | errors |",
-              "|---|---|---|---|---|---|---|---|"]
+              *_span_table(section.get("span") or {})]
+    if "span_mixed" in section:  # results from before the mixed run have none
+        while lines[-1] == "":
+            lines.pop()
+        lines += ["", ("The same with `GET /` and `POST /increment` in turn on every connection (bench/mixed.lua: "
+                       "the two services under load at once; the p99 is of both routes together):"), "",
+                  *_span_table(section["span_mixed"])]
+    return "\n".join(lines)
+
+
+def _span_table(span: dict) -> list[str]:
+    """The span run's table, each database a row, then the failures."""
+    lines = ["| database | randomizations (s each) | windows inside | windows outside | p99 inside (median / worst) | p99 outside (median / worst) | inside / outside | errors |",
+             "|---|---|---|---|---|---|---|---|"]
     failures = []
     for database in DATABASES:
-        result = (section.get("span") or {}).get(database)
+        result = span.get(database)
         if _failed(result):
             failures.append(_failure(database, result))
             continue
         inside, outside = result["inside"], result["outside"]
-        durations = ", ".join(f"{span['seconds']:.3f}" for span in result["randomizations"])
+        durations = ", ".join(f"{randomization['seconds']:.3f}" for randomization in result["randomizations"])
         lines.append(_row(database, [
             f"{len(result['randomizations'])} ({durations})", str(inside["windows"]), str(outside["windows"]),
             f"{_ms(inside['median_p99_ms'])} / {_ms(inside['worst_p99_ms'])}",
             f"{_ms(outside['median_p99_ms'])} / {_ms(outside['worst_p99_ms'])}",
             _x(result["inside_over_outside"]), f"{result['errors']:,}"]))
-    lines += ["", *failures]
-    return "\n".join(lines)
+    return [*lines, "", *failures]
 
 
 def _memory(results: dict) -> str:

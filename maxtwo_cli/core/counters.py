@@ -30,7 +30,7 @@ from sqlalchemy.engine import Engine
 
 from maxtwo_cli.core.batch import HeldConnection
 from maxtwo_cli.core.clock import utcnow
-from maxtwo_cli.core.db import ONE_FILE_OPTION, READ_ONLY_OPTION, database_errors, is_postgres
+from maxtwo_cli.core.db import ONE_FILE_OPTION, database_errors, is_postgres, reading
 from maxtwo_cli.core.errors import MaxtwoError
 from maxtwo_cli.core.schema import counters, idempotency_keys, to_microseconds
 
@@ -364,10 +364,8 @@ def _recorded(cursor: Any, held: HeldConnection, keys: list[str]) -> list[tuple[
 
 def read_counter(engine: Engine, key: str) -> int | None:
     """The committed total of counter `key`; None if it was never incremented."""
-    with database_errors(engine), engine.connect() as connection:
-        # NOTE: read-only, so on SQLite without the write lock, which a randomization holds.
-        reader = connection.execution_options(**{READ_ONLY_OPTION: True})
-        return reader.scalar(sa.select(counters.c.value).where(counters.c.key == key))
+    with reading(engine) as conn:
+        return conn.scalar(sa.select(counters.c.value).where(counters.c.key == key))
 
 
 def list_counters(engine: Engine, keys: Sequence[str] | None = None, limit: int = 100) -> list[tuple[str, int]]:
@@ -377,9 +375,8 @@ def list_counters(engine: Engine, keys: Sequence[str] | None = None, limit: int 
     wanted = sorted(set(keys or ()))
     statements = [statement.where(counters.c.key.in_(wanted[start : start + _KEYS_PER_STATEMENT]))
                   for start in range(0, len(wanted), _KEYS_PER_STATEMENT)] or [statement.limit(limit)]
-    with database_errors(engine), engine.connect() as connection:
-        reader = connection.execution_options(**{READ_ONLY_OPTION: True})  # as read_counter
-        found = [(key, value) for part in statements for key, value in reader.execute(part)]
+    with reading(engine) as conn:
+        found = [(key, value) for part in statements for key, value in conn.execute(part)]
     # Each part comes in the database's order; parts of many keys are merged in Python's.
     return sorted(found) if len(statements) > 1 else found
 

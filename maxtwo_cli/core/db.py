@@ -251,10 +251,18 @@ def set_job_timeouts(conn: sa.Connection, statement_timeout: float | None) -> No
     conn.execute(sa.select(sa.func.set_config("lock_timeout", str(lock_ms), True)))
 
 
+@contextlib.contextmanager
+def reading(engine: Engine) -> Iterator[sa.Connection]:
+    """A connection for work that only reads, driver errors translated (database_errors); on
+    SQLite it takes no write lock, so it never waits for a randomization (READ_ONLY_OPTION)."""
+    with database_errors(engine), engine.connect() as conn:
+        yield conn.execution_options(**{READ_ONLY_OPTION: True})
+
+
 def ping(engine: Engine) -> None:
     """Check that the database answers; raise DatabaseUnavailableError if it does not."""
-    with database_errors(engine), engine.connect() as conn:
-        conn.execution_options(**{READ_ONLY_OPTION: True}).execute(sa.select(1))
+    with reading(engine) as conn:
+        conn.execute(sa.select(1))
 
 
 def driver_errors() -> tuple[type[Exception], ...]:

@@ -21,11 +21,11 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Engine
 
 from maxtwo_cli.core.db import (
-    READ_ONLY_OPTION,
     SQLITE_QUERY_SCHEMA,
     database_errors,
     is_postgres,
     ping,
+    reading,
     sqlite_query_state_path,
 )
 from maxtwo_cli.core.errors import SchemaMismatchError
@@ -200,8 +200,8 @@ def ensure_schema(engine: Engine) -> None:
     running randomization.
     """
     postgres = is_postgres(engine)
-    with database_errors(engine), engine.connect() as conn:
-        if _is_complete(conn.execution_options(**{READ_ONLY_OPTION: True})):
+    with reading(engine) as conn:
+        if _is_complete(conn):
             return
     with database_errors(engine), engine.begin() as conn:
         if postgres:
@@ -427,10 +427,8 @@ def writes_refused(engine: Engine) -> str | None:
         )
         for table, privilege in _PRIVILEGES
     ]
-    with database_errors(engine), engine.connect() as conn:
-        read_only, *granted = conn.execution_options(**{READ_ONLY_OPTION: True}).execute(
-            sa.select(sa.func.current_setting("transaction_read_only"), *checks)
-        ).one()
+    with reading(engine) as conn:
+        read_only, *granted = conn.execute(sa.select(sa.func.current_setting("transaction_read_only"), *checks)).one()
     if read_only == "on":
         return "the server takes no writes (a standby, or default_transaction_read_only)"
     missing = [f"{privilege} on {table.name}" for (table, privilege), ok in zip(_PRIVILEGES, granted, strict=True) if not ok]

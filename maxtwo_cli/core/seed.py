@@ -14,9 +14,9 @@ from sqlalchemy.engine import Engine
 from maxtwo_cli.core.clock import utcnow
 from maxtwo_cli.core.db import (
     LONG_JOB_LOCK_TIMEOUT,
-    READ_ONLY_OPTION,
     database_errors,
     is_postgres,
+    reading,
     set_job_timeouts,
     sqlite_main_files,
 )
@@ -160,8 +160,7 @@ def seed_users(
 
 def has_users(engine: Engine) -> bool:
     """Whether the users table holds at least one row."""
-    with database_errors(engine), engine.connect() as conn:
-        conn = conn.execution_options(**{READ_ONLY_OPTION: True})
+    with reading(engine) as conn:
         return bool(conn.scalar(sa.select(sa.exists(sa.select(users.c.id)))))
 
 

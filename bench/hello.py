@@ -3,7 +3,7 @@ that answers a constant body, on one of two transports:
 
 - `--transport maxtwo` (the default): exactly the transport `maxtwo serve` answers on, built by
   the daemon's own code (`daemon.server.listen()`, `open_transport()` with the default
-  `TransportOptions`, `lane_for()`): the busy-poll fix, the strict parser, the change poller
+  `TransportOptions`, `lanes_for()`): the busy-poll fix, the strict parser, the change poller
   (with its one pull per batch), the backlog accepted per turn, and the lane, which takes GET /
   and POST /increment as it takes maxtwo's. Its submit answers at once with no outcome (no
   database), and the app ignores the outcome. So a GET / here travels a maxtwo GET /'s path
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from collections.abc import Callable
 
 import falcon
 import waitress
@@ -36,7 +37,7 @@ from daemon.server import (
     StopRequest,
     TransportOptions,
     configure_logging,
-    lane_for,
+    lanes_for,
     listen,
     open_transport,
 )
@@ -66,9 +67,14 @@ def create_app() -> falcon.App:
     return app
 
 
-def no_outcomes(requests: list[LaneRequest]) -> list[None]:
+def no_outcomes(requests: list[LaneRequest], wake: Callable[[], None]) -> list[None]:
     """The lane's submit without a database: nothing to wait for, nothing to hand the app."""
     return [None] * len(requests)
+
+
+def ready(outcomes: list[None]) -> bool:
+    """The lane's ready: the outcomes are there at once."""
+    return True
 
 
 def collected(outcomes: list[None], timeout: float) -> list[None]:
@@ -94,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         server.run()
         return
-    lane = lane_for(no_outcomes, collected, max_batch=MAX_BATCH, max_wait=batch_timeout(settings))
-    transport = open_transport(create_app(), listener, settings.threads, lane, TransportOptions())
+    lanes = lanes_for(no_outcomes, ready, collected, max_batch=MAX_BATCH, max_wait=batch_timeout(settings))
+    transport = open_transport(create_app(), listener, settings.threads, lanes, TransportOptions())
     stop = StopRequest().install()
     transport.serve_until(stop.requested)  # until SIGTERM (the harness stops it)
     transport.drain(DRAIN_SECONDS)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import falcon
 from sqlalchemy.engine import Engine
 
-from daemon.batcher import Batcher, IncrementKind, QueryKind, QueueFullError
+from daemon.batcher import Batcher, Batchers, IncrementKind, Kind, QueryKind, QueueFullError
 from daemon.metrics import Metrics
 from daemon.resources import (
     RETRY_AFTER_SECONDS,
@@ -24,6 +25,7 @@ from daemon.resources import (
     QueryResource,
     parse_increment,
 )
+from maxtwo_cli.core import db
 from maxtwo_cli.core.counters import Applied, Increment
 from maxtwo_cli.core.errors import DatabaseBusyError, DatabaseUnavailableError, MaxtwoError
 from maxtwo_cli.core.settings import Settings
@@ -39,8 +41,8 @@ log = logging.getLogger(__name__)
 # request arrived, so its latency counts the wait.
 PREFETCHED_ANSWER = "maxtwo.prefetched_answer"
 ARRIVED_AT = "maxtwo.arrived_at"
-# The routes whose writes the lane batches: (method, path).
-LANE_ROUTES = frozenset({("GET", "/"), ("POST", "/increment")})
+# The routes whose writes the lanes batch, (method, path), by the kind of write each makes.
+LANE_ROUTES = {QueryKind.name: ("GET", "/"), IncrementKind.name: ("POST", "/increment")}
 
 
 def create_app(
@@ -48,19 +50,19 @@ def create_app(
     engine: Engine,
     *,
     metrics: Metrics | None = None,
-    batcher: Batcher | None = None,
+    batchers: Batchers | None = None,
 ) -> falcon.App:
     """The API: GET /, POST /increment, GET /counters/{key}, /healthz, /metrics, /openapi.json;
     JSON errors everywhere.
 
-    `batcher`: the one GET / and POST /increment write through (by default, new_batcher()'s);
-    its owner closes it at shutdown. Only new_batcher()'s feeds the batch metrics (increments
-    applied included)."""
+    `batchers`: those GET / and POST /increment write through (by default, new_batchers()'s);
+    their owner closes them at shutdown. Only new_batchers()'s feed the batch metrics
+    (increments applied included)."""
     metrics = metrics or Metrics()
     app = falcon.App(middleware=[RequestMetrics(metrics)])
-    batcher = batcher or new_batcher(settings, engine, metrics)
-    app.add_route("/", QueryResource(batcher, metrics, PREFETCHED_ANSWER))
-    app.add_route("/increment", IncrementResource(batcher, metrics, PREFETCHED_ANSWER))
+    batchers = batchers or new_batchers(settings, engine, metrics)
+    app.add_route("/", QueryResource(batchers[QueryKind.name], metrics, PREFETCHED_ANSWER))
+    app.add_route("/increment", IncrementResource(batchers[IncrementKind.name], metrics, PREFETCHED_ANSWER))
     # NOTE: `path`: a key may hold "/" (sent as %2F, which the server decodes before routing).
     reads = DatabaseReads(limit=max(1, settings.threads // 2))
     app.add_route("/counters/{key:path}", CounterResource(engine, reads))
@@ -74,8 +76,9 @@ def create_app(
     return app
 
 
-def new_batcher(settings: Settings, engine: Engine, metrics: Metrics) -> Batcher:
-    """The group commit for every write the API makes."""
+def new_batchers(settings: Settings, engine: Engine, metrics: Metrics) -> Batchers:
+    """The group commit for every write the API makes: a batcher per kind on PostgreSQL, one
+    for both on SQLite (see Batchers)."""
 
     sizes = {QueryKind.name: metrics.query_batch_size, IncrementKind.name: metrics.increment_batch_size}
 
@@ -88,23 +91,32 @@ def new_batcher(settings: Settings, engine: Engine, metrics: Metrics) -> Batcher
             if applied:
                 metrics.increments_applied.inc(applied)
 
-    batcher = Batcher(
-        engine,
-        [QueryKind(), IncrementKind()],
-        # Room for the batch running when a request comes and its own, each bounded by the
-        # database timeouts; it ends a wait that nothing else would (a server gone silent).
-        max_wait=batch_timeout(settings),
-        on_batch=observe,
-        on_commit=metrics.batch_commit_seconds.observe,
-    )
-    metrics.batch_queue_depth.set_function(batcher.pending)
-    return batcher
+    def batcher(kinds: list[Kind]) -> Batcher:
+        return Batcher(
+            engine,
+            kinds,
+            # Room for the batch running when a request comes and its own, each bounded by the
+            # database timeouts; it ends a wait that nothing else would (a server gone silent).
+            max_wait=batch_timeout(settings),
+            on_batch=observe,
+            on_commit=metrics.batch_commit_seconds.observe,
+        )
+
+    if db.is_postgres(engine):
+        batchers = Batchers({kind.name: batcher([kind]) for kind in (QueryKind(), IncrementKind())})
+    else:
+        batchers = Batchers.shared(batcher([QueryKind(), IncrementKind()]))
+    metrics.batch_queue_depth.set_function(batchers.pending)
+    return batchers
 
 
-def enqueue_outcomes(batcher: Batcher, requests: list[LaneRequest]) -> tuple[list[Any], list]:
-    """Start getting the outcome of each of LANE_ROUTES' requests, their writes in one batch:
-    what the resources would get themselves (daemon/resources.py), a malformed increment's HTTP
-    error included. The lane's submit; collect_outcomes() waits for them."""
+def enqueue_outcomes(
+    batchers: Batchers, requests: list[LaneRequest], on_answer: Callable[[], None] | None = None
+) -> tuple[list[Any], list]:
+    """Start getting the outcome of each of LANE_ROUTES' requests, each kind's writes in one
+    batch: what the resources would get themselves (daemon/resources.py), a malformed
+    increment's HTTP error included. The lane's submit; collect_outcomes() waits for them, and
+    on_answer() is called once they are all in (outcomes_ready() tells)."""
     outcomes: list[Any] = [None] * len(requests)
     queries: list[int] = []
     increments: list[tuple[int, Increment]] = []
@@ -118,20 +130,34 @@ def enqueue_outcomes(batcher: Batcher, requests: list[LaneRequest]) -> tuple[lis
                                                       headers.get("IDEMPOTENCY_KEY"), headers.get("CONTENT_ENCODING"))))
         except Exception as ex:  # noqa: BLE001 - its own answer (an unexpected one: 500), not the batch's
             outcomes[index] = ex
-    tickets = []
+    tickets: list = []
+
+    def answered() -> None:
+        # NOTE: once for the lot, not per kind: each call wakes the lane thread (the last two
+        # answers at once may both see them all in: a wake-up more, harmless).
+        if on_answer is not None and all(ticket.answered() for _, _, ticket in tickets):
+            on_answer()
+
     if queries:
-        tickets.append((queries, batcher.enqueue(QueryKind.name, [None] * len(queries))))
+        batcher = batchers[QueryKind.name]
+        tickets.append((queries, batcher, batcher.enqueue(QueryKind.name, [None] * len(queries), answered)))
     if increments:
-        tickets.append(([index for index, _ in increments],
-                        batcher.enqueue(IncrementKind.name, [item for _, item in increments])))
+        batcher = batchers[IncrementKind.name]
+        tickets.append(([index for index, _ in increments], batcher,
+                        batcher.enqueue(IncrementKind.name, [item for _, item in increments], answered)))
     return outcomes, tickets
 
 
-def collect_outcomes(batcher: Batcher, pending: tuple[list[Any], list], timeout: float) -> list[Any]:
+def outcomes_ready(pending: tuple[list[Any], list]) -> bool:
+    """Whether every outcome enqueue_outcomes() started getting is in."""
+    return all(ticket.answered() for _, _, ticket in pending[1])
+
+
+def collect_outcomes(pending: tuple[list[Any], list], timeout: float) -> list[Any]:
     """The outcomes enqueue_outcomes() started getting, waiting at most `timeout` s in all."""
     outcomes, tickets = pending
     deadline = time.monotonic() + timeout
-    for indexes, ticket in tickets:
+    for indexes, batcher, ticket in tickets:
         for index, outcome in zip(indexes, batcher.outcomes(ticket, deadline - time.monotonic()), strict=True):
             outcomes[index] = outcome
     return outcomes
@@ -150,8 +176,8 @@ def failure_scope(outcome: Any) -> str | None:
 def batch_timeout(settings: Settings) -> float:
     """The longest a healthy batch usually takes: connecting, then its statements, each bounded.
 
-    NOTE: not a hard bound. A batch may wait for a lock once per commit (a mixed batch: its
-    queries, its increments' statement and, rarely, a transaction for the increments that
+    NOTE: not a hard bound. A batch may wait for a lock once per commit (on SQLite a batch of
+    both kinds: its queries, its increments' statement and, rarely, a transaction for the increments that
     statement left out); a caller that gives up gets a 503, an unknown outcome
     (docs/reliability.md)."""
     return settings.connect_timeout + 2 * settings.statement_timeout

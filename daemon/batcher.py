@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from sqlalchemy.engine import Engine
@@ -92,13 +92,14 @@ class Ticket:
     twice per request.
     """
 
-    __slots__ = ("_pending", "_unanswered", "kind", "outcomes", "payloads")
+    __slots__ = ("_on_answer", "_pending", "_unanswered", "kind", "outcomes", "payloads")
 
-    def __init__(self, kind: str, payloads: Sequence[Any]) -> None:
+    def __init__(self, kind: str, payloads: Sequence[Any], on_answer: Callable[[], None] | None = None) -> None:
         self._pending = threading.Lock()
         self._pending.acquire()
         # Taken by whoever answers first: the committer, or abandon() at shutdown.
         self._unanswered = threading.Lock()
+        self._on_answer = on_answer
         self.kind = kind
         self.payloads = payloads
         self.outcomes: list[Any] = []
@@ -117,6 +118,8 @@ class Ticket:
             return False
         self.outcomes = outcomes
         self._pending.release()
+        if self._on_answer is not None:
+            self._on_answer()
         return True
 
 
@@ -174,15 +177,16 @@ class Batcher:
         `timeout`: seconds to wait instead of max_wait (0: only what is answered at once)."""
         return self.outcomes(self.enqueue(kind, payloads), timeout)
 
-    def enqueue(self, kind: str, payloads: Sequence[Any]) -> Ticket:
+    def enqueue(self, kind: str, payloads: Sequence[Any], on_answer: Callable[[], None] | None = None) -> Ticket:
         """Queue operations of one kind for the next batch without waiting: a caller with
         operations of several kinds enqueues each, then waits for them all (outcomes()), and
-        they share a batch."""
+        they share a batch. `on_answer()`: called once the ticket is answered (from the thread
+        that answers it; at once if that is this one), so a caller can wait for several."""
         if not payloads:
             raise ValueError("no operations")
         if kind not in self._kinds:
             raise ValueError(f"unknown kind of operation {kind!r}")
-        me = Ticket(kind, payloads)
+        me = Ticket(kind, payloads, on_answer)
         with self._lock:
             if self._abandoned is not None:
                 me.answer([DatabaseUnavailableError(self._abandoned)] * len(payloads))
@@ -382,6 +386,60 @@ class Batcher:
                 results = [ex] * size
             self._answer(name, waiters, results)
             answered.add(name)
+
+
+class Batchers:
+    """The batcher of each kind of write: on PostgreSQL one per kind, so that each kind commits
+    on a connection and in a thread of its own, and an increment waiting for a counter's row
+    lock (another daemon's batch, an operator's transaction) holds up no GET /; on SQLite one
+    for every kind, which all write the one query-state file, where a second writer would only
+    wait for the first's lock (and SQLite's busy handler sleeps a millisecond or more a try)."""
+
+    def __init__(self, by_kind: Mapping[str, Batcher]) -> None:
+        self._by_kind = dict(by_kind)
+        # Each batcher once, however many kinds it takes.
+        self._distinct = list({id(batcher): batcher for batcher in by_kind.values()}.values())
+        self._abandoned: list[Batcher] = []
+
+    @classmethod
+    def shared(cls, batcher: Batcher) -> Batchers:
+        """One batcher for both kinds (GET /'s and POST /increment's)."""
+        return cls(dict.fromkeys((QueryKind.name, IncrementKind.name), batcher))
+
+    def __getitem__(self, kind: str) -> Batcher:
+        return self._by_kind[kind]
+
+    def each(self) -> list[Batcher]:
+        return list(self._distinct)
+
+    def separate(self) -> bool:
+        """Whether the kinds have batchers of their own (PostgreSQL)."""
+        return len(self._distinct) > 1
+
+    def pending(self) -> int:
+        return sum(batcher.pending() for batcher in self._distinct)
+
+    def running_for(self) -> float:
+        """The longest any batch has been running; 0 when none runs."""
+        return max(batcher.running_for() for batcher in self._distinct)
+
+    def abandon_stuck(self, reason: str, running_for: float) -> int:
+        """Abandon (Batcher.abandon) each batcher whose batch has run `running_for` s or more,
+        once: the others' waiters still get their answers. The number of waiters answered."""
+        answered = 0
+        for batcher in self._distinct:
+            if batcher not in self._abandoned and batcher.running_for() >= running_for:
+                self._abandoned.append(batcher)
+                answered += batcher.abandon(reason)
+        return answered
+
+    def close(self, timeout: float) -> None:
+        """Close every batcher, within `timeout` s in all."""
+        for batcher in self._distinct:
+            batcher.close(0)  # each told to close first, so that they finish side by side
+        deadline = time.monotonic() + timeout
+        for batcher in self._distinct:
+            batcher.close(max(deadline - time.monotonic(), 0.0))
 
 
 def _own_copy(error: BaseException) -> BaseException:

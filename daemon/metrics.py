@@ -87,7 +87,7 @@ class Metrics:
         )
         self.batch_commit_seconds = Histogram(
             "maxtwo_batch_commit_duration_seconds",
-            "Time from a batch's start to its last commit, every kind of write together.",
+            "Time from a batch's start to its last commit (on PostgreSQL each kind of write batches on its own).",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )

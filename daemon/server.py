@@ -34,9 +34,10 @@ from daemon.app import (
     create_app,
     enqueue_outcomes,
     failure_scope,
-    new_batcher,
+    new_batchers,
+    outcomes_ready,
 )
-from daemon.batcher import Batcher
+from daemon.batcher import Batchers
 from daemon.metrics import Metrics
 from daemon.resources import MAX_INCREMENT_BODY
 from daemon.scheduler import RandomizeScheduler
@@ -158,53 +159,58 @@ def serve_requests(
     watchdog runs meanwhile. on_ready() after READY=1 (the scheduler starts there), and
     on_stopping() once a stop is requested (STOPPING=1 there)."""
     request_engine = db.create_engine(settings, pool_size=settings.threads, pre_ping=False)
-    batcher = new_batcher(settings, request_engine, metrics)
-    watchdog = Watchdog(
-        interval=systemd.watchdog_interval(),
-        loop_stale_after=LOOP_STALE_SECONDS,
-        batch_running_for=batcher.running_for,
-        # A batch past its callers' wait is stuck beyond what any database timeout allows.
-        batch_limit=batch_timeout(settings) + LOOP_STALE_SECONDS,
-    )
+    batchers = new_batchers(settings, request_engine, metrics)
+    watchdog: Watchdog | None = None
     try:
-        app = create_app(settings, request_engine, metrics=metrics, batcher=batcher)
-        server = open_transport(app, listener, settings.threads, batched_routes(batcher), options)
+        app = create_app(settings, request_engine, metrics=metrics, batchers=batchers)
+        server = open_transport(app, listener, settings.threads, batched_routes(batchers), options)
+        watchdog = Watchdog(
+            interval=systemd.watchdog_interval(),
+            loop_stale_after=LOOP_STALE_SECONDS,
+            batch_running_for=batchers.running_for,
+            lane_busy_for=server.lane_busy_for,
+            # A batch past its callers' wait is stuck beyond what any database timeout allows;
+            # so is a lane at one batch that long (it waits for the batch no longer than that).
+            batch_limit=batch_timeout(settings) + LOOP_STALE_SECONDS,
+        )
         systemd.notify("READY=1")
         watchdog.start()
         on_ready()
         server.serve_until(stopping, on_turn=watchdog.loop_turned)
         on_stopping()
         log.info("stopping: answering the requests already accepted")
-        if not server.drain(DRAIN_SECONDS, on_turn=draining_turn(watchdog, batcher)):
+        if not server.drain(DRAIN_SECONDS, on_turn=draining_turn(watchdog, batchers)):
             log.warning("shutdown: requests still unanswered after %.0f s, closed", DRAIN_SECONDS)
     finally:
-        watchdog.stop()
-        batcher.close(BATCHER_STOP_SECONDS)
+        if watchdog is not None:
+            watchdog.stop()
+        batchers.close(BATCHER_STOP_SECONDS)
         request_engine.dispose()
 
 
-def draining_turn(watchdog: Watchdog, batcher: Batcher) -> Callable[[], None]:
+def draining_turn(watchdog: Watchdog, batchers: Batchers) -> Callable[[], None]:
     """What the loop does at every turn of the drain: tell the watchdog, and once
-    ABANDON_AFTER_SECONDS have passed, answer whoever still waits for a stuck batch 503."""
+    ABANDON_AFTER_SECONDS have passed, answer whoever still waits for a stuck batch 503 (a batch
+    that has run STUCK_BATCH_SECONDS; a healthy one takes milliseconds)."""
     abandon_at = time.monotonic() + ABANDON_AFTER_SECONDS
-    abandoned = False
 
     def turn() -> None:
-        nonlocal abandoned
         watchdog.loop_turned()
-        if not abandoned and time.monotonic() >= abandon_at and batcher.running_for() >= STUCK_BATCH_SECONDS:
-            abandoned = True
-            if batcher.abandon("shutting down: the database did not answer in time"):
-                log.warning("shutdown: gave up waiting for the database; the requests still waiting get 503")
+        # NOTE: only the batchers stuck (on PostgreSQL a kind each): the other kind's requests
+        # still get their answers.
+        if time.monotonic() >= abandon_at and batchers.abandon_stuck(
+            "shutting down: the database did not answer in time", STUCK_BATCH_SECONDS
+        ):
+            log.warning("shutdown: gave up waiting for the database; the requests still waiting get 503")
 
     return turn
 
 
 def open_transport(
-    app: Callable, listener: socket.socket, threads: int, lane: transport.Lane | None, options: TransportOptions
+    app: Callable, listener: socket.socket, threads: int, lanes: list[transport.Lane], options: TransportOptions
 ) -> transport.Transport:
-    """The transport `maxtwo serve` answers on, `lane` (if any) taking LANE_ROUTES' requests
-    unless options turn it off.
+    """The transport `maxtwo serve` answers on, `lanes` (if any) taking LANE_ROUTES' requests
+    unless options turn them off.
 
     NOTE: the hello-world baseline (bench/hello.py) is built by this too, so that it travels
     the daemon's path by construction and cannot drift from it."""
@@ -212,7 +218,7 @@ def open_transport(
         app,
         listener,
         threads=threads,
-        lane=lane if options.lane else None,
+        lanes=lanes if options.lane else (),
         change_poller=options.change_poller,
         quiet_channel=options.quiet_channel,
         one_pull=options.one_pull,
@@ -220,27 +226,38 @@ def open_transport(
     )
 
 
-def batched_routes(batcher: Batcher) -> transport.Lane:
-    """GET / and POST /increment through the transport's lane: their outcomes fetched in
-    batches (daemon/app.py's enqueue_outcomes), handed to the app in its environ."""
-    return lane_for(lambda requests: enqueue_outcomes(batcher, requests),
-                    lambda pending, timeout: collect_outcomes(batcher, pending, timeout),
-                    max_batch=batcher.max_batch, max_wait=batcher.max_wait)
+def batched_routes(batchers: Batchers) -> list[transport.Lane]:
+    """GET / and POST /increment through the transport's lanes: their outcomes fetched in
+    batches (daemon/app.py's enqueue_outcomes), handed to the app in its environ. A lane per
+    route where each kind has a batcher of its own (PostgreSQL), so that an increment waiting
+    for a row lock holds up no GET /'s answer; one for both where they share one (SQLite)."""
+    return lanes_for(lambda requests, wake: enqueue_outcomes(batchers, requests, wake), outcomes_ready,
+                     collect_outcomes,
+                     max_batch=min(batcher.max_batch for batcher in batchers.each()),
+                     max_wait=max(batcher.max_wait for batcher in batchers.each()),
+                     separate=batchers.separate())
 
 
-def lane_for(submit: Callable[[list[transport.LaneRequest]], Any], collect: Callable[[Any, float], list], *,
-             max_batch: int, max_wait: float) -> transport.Lane:
-    """The lane for LANE_ROUTES, their outcomes from submit(requests) and collect(handle, timeout)."""
-    return transport.Lane(
-        routes=LANE_ROUTES,
-        submit=submit,
-        collect=collect,
-        max_batch=max_batch,
-        max_wait=max_wait,
-        max_body=MAX_INCREMENT_BODY,
-        environ_for=lambda outcome, arrived: {PREFETCHED_ANSWER: outcome, ARRIVED_AT: arrived},
-        failure_scope=failure_scope,
-    )
+def lanes_for(submit: Callable[[list[transport.LaneRequest], Callable[[], None]], Any], ready: Callable[[Any], bool],
+              collect: Callable[[Any, float], list], *, max_batch: int, max_wait: float,
+              separate: bool = False) -> list[transport.Lane]:
+    """A lane for LANE_ROUTES (`separate`: one for each of them), their outcomes from
+    submit(requests, wake), ready(handle) and collect(handle, timeout) (transport.Lane)."""
+    groups = [frozenset({route}) for route in LANE_ROUTES.values()] if separate else [frozenset(LANE_ROUTES.values())]
+    return [
+        transport.Lane(
+            routes=routes,
+            submit=submit,
+            ready=ready,
+            collect=collect,
+            max_batch=max_batch,
+            max_wait=max_wait,
+            max_body=MAX_INCREMENT_BODY,
+            environ_for=lambda outcome, arrived: {PREFETCHED_ANSWER: outcome, ARRIVED_AT: arrived},
+            failure_scope=failure_scope,
+        )
+        for routes in groups
+    ]
 
 
 def prepare_database(engine: Engine, settings: Settings) -> None:

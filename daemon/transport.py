@@ -95,12 +95,15 @@ class LaneRequest:
 
 @dataclasses.dataclass(frozen=True)
 class Lane:
-    """What the lane needs: which requests it takes, and how to get their outcomes."""
+    """What a lane needs: which requests it takes, and how to get their outcomes."""
 
     routes: frozenset[tuple[str, str]]  # (method, path)
-    # submit(requests): start getting an outcome for each request (what the app answers it
-    # with, an exception included), without waiting for it; a handle for collect().
-    submit: Callable[[list[LaneRequest]], Any]
+    # submit(requests, wake): start getting an outcome for each request (what the app answers
+    # it with, an exception included), without waiting for it; a handle for ready() and
+    # collect(). wake() is to be called, from any thread, whenever outcomes come in.
+    submit: Callable[[list[LaneRequest], Callable[[], None]], Any]
+    # ready(handle): whether all of its outcomes are in (collect() would not wait).
+    ready: Callable[[Any], bool]
     # collect(handle, timeout): those outcomes, waiting at most `timeout` seconds for them.
     collect: Callable[[Any, float], list[Any]]
     max_batch: int
@@ -213,7 +216,7 @@ def accept_waiting(server: BaseWSGIServer, accept_one: Callable[[], None]) -> No
 class Transport:
     """A waitress server for `app` on `listener`, driven by serve_until() and drain().
 
-    `lane`: answer its requests in batches on one thread (see LaneDispatcher).
+    `lanes`: answer their requests in batches, on one thread (see LaneDispatcher).
     `change_poller`: the serving loop's epoll set (Linux); otherwise waitress's own poll loop.
     `quiet_channel`: the busy-poll fix; off only to measure what it is worth.
     `one_pull`: the lane's trigger pulls for a batch made as one (ChangePoller.one_pull, so only
@@ -228,16 +231,18 @@ class Transport:
         listener: socket.socket,
         *,
         threads: int,
-        lane: Lane | None = None,
+        lanes: Iterable[Lane] = (),
         change_poller: bool = True,
         quiet_channel: bool = True,
         one_pull: bool = True,
         accept_backlog: bool = True,
     ) -> None:
+        lanes = list(lanes)
         dispatcher = None
-        if lane is not None:
-            dispatcher = LaneDispatcher(lane, one_pull=one_pull)
+        if lanes:
+            dispatcher = LaneDispatcher(lanes, one_pull=one_pull)
             dispatcher.set_thread_count(threads)
+        self._lanes = dispatcher
         self.server: BaseWSGIServer = waitress.create_server(
             app,
             sockets=[listener],
@@ -252,6 +257,10 @@ class Transport:
             server, accept_one = self.server, self.server.handle_accept
             server.handle_accept = lambda: accept_waiting(server, accept_one)
         self._change_poller = change_poller and quiet_channel and ChangePoller.available()
+
+    def lane_busy_for(self) -> float:
+        """Seconds the lane thread has been at its current turn (0: it waits for requests, or no lanes)."""
+        return self._lanes.busy_for() if self._lanes is not None else 0.0
 
     def serve_until(self, stopping: Callable[[], bool], on_turn: Callable[[], None] = lambda: None) -> None:
         """Answer requests until stopping() is true; on_turn() at every turn of the loop (at
@@ -342,46 +351,57 @@ def _route(channel) -> tuple[str, str]:
 
 
 class LaneDispatcher(ThreadedTaskDispatcher):
-    """waitress's dispatcher with one lane more: complete requests for the lane's routes queue
-    for one lane thread, which takes all of them at once, fetches their outcomes in one batch,
+    """waitress's dispatcher with lanes: complete requests for a lane's routes queue in that
+    lane, and the lane thread takes all of them at once, fetches their outcomes in one batch,
     then answers each request in turn through the same app, which finds its outcome in its WSGI
-    environ. Everything else (and a request the lane would not recognise, e.g. a malformed one)
-    goes to the request threads as before.
+    environ. Everything else (and a request no lane would recognise, e.g. a malformed one) goes
+    to the request threads as before.
 
     NOTE: waitress wakes a request thread for every request, and a GET / (or POST /increment)
     thread then sleeps again until its batch commits: two sleeps and wake-ups per request, which
     cost more than the app itself. Per batch here: three wake-ups (the lane's, the committer's,
     the lane's again for the answers); every response is still made by the app, in order, once
     its batch has committed (bench/NOTES.md).
+
+    Each lane has one batch in flight at most, and the lanes' batches are answered as each comes
+    in: a lane whose batch waits (an increment for a counter's row lock) holds up no other lane's
+    answers. One thread serves every lane: a thread per lane cost 0.80x the req/s under both
+    routes at once, and twice the p99 (bench/NOTES.md).
     """
 
-    def __init__(self, lane: Lane, *, one_pull: bool = True) -> None:
+    def __init__(self, lanes: Iterable[Lane], *, one_pull: bool = True) -> None:
         super().__init__()
-        self._spec = lane
         self._one_pull = one_pull
-        self._lane: collections.deque = collections.deque()  # (channel, arrived)
+        self._lanes = [_LaneQueue(lane) for lane in lanes]
+        self._lane_of = {route: lane for lane in self._lanes for route in lane.spec.routes}
         self._lane_lock = threading.Lock()
         self._lane_ready = threading.Condition(self._lane_lock)
         self._lane_thread: threading.Thread | None = None
         self._lane_stopping = False
+        self._turn_started: float | None = None  # time.monotonic() of the lane's turn; None: idle
 
     def add_task(self, task) -> None:
         # NOTE: called with the channel's requests_lock held (by the serving thread when a
         # request is complete, or by a request thread for the next pipelined request), so its
         # first request cannot change under us.
-        if self._is_lane_request(task):
+        lane = self._lane_for(task)
+        if lane is not None:
             with self._lane_lock:
-                self._lane.append((task, time.perf_counter()))
-                self._lane_ready.notify()
+                lane.queue.append((task, time.perf_counter()))
+                # NOTE: behind a batch in flight the request waits for that batch, whose
+                # outcomes wake the lane thread; woken for it, the thread would find nothing
+                # to do (it cost GET / a tenth of its req/s on PostgreSQL, bench/NOTES.md).
+                if lane.in_flight is None:
+                    self._lane_ready.notify()
             return
         super().add_task(task)
 
-    def _is_lane_request(self, channel) -> bool:
+    def _lane_for(self, channel) -> _LaneQueue | None:
         requests = getattr(channel, "requests", None)
         if not requests:
-            return False
+            return None
         request = requests[0]
-        return request.error is None and (request.command, request.path) in self._spec.routes
+        return self._lane_of.get((request.command, request.path)) if request.error is None else None
 
     def set_thread_count(self, count: int) -> None:
         super().set_thread_count(count)
@@ -391,7 +411,7 @@ class LaneDispatcher(ThreadedTaskDispatcher):
             if count > 0 and self._lane_thread is None:
                 # NOTE: one thread: a second one, waiting for its batch while the first answers
                 # its own, cost 40-70 us more CPU per request and served less (bench/NOTES.md).
-                self._lane_thread = threading.Thread(target=self._serve_lane, name=LANE_THREAD_NAME, daemon=True)
+                self._lane_thread = threading.Thread(target=self._serve_lanes, name=LANE_THREAD_NAME, daemon=True)
                 self._lane_thread.start()
             self._lane_ready.notify()
 
@@ -402,108 +422,195 @@ class LaneDispatcher(ThreadedTaskDispatcher):
             lane_thread.join(timeout)  # a batch stuck in the database is not waited out
         if cancel_pending:
             with self._lane_lock:
-                pending = [channel for channel, _ in self._lane]
-                self._lane.clear()
+                pending = [channel for lane in self._lanes for channel, _ in lane.queue]
+                for lane in self._lanes:
+                    lane.queue.clear()
             for channel in pending:
                 channel.cancel()
         return result
 
-    def _lane_request(self, channel) -> LaneRequest:
-        request = channel.requests[0]
-        body = b""
-        if request.command != "GET":
-            # NOTE: the app gets its outcome, not the body: reading it here leaves wsgi.input empty.
-            body = request.get_body_stream().read(self._spec.max_body + 1)
-        return LaneRequest(request.command, request.path, request.headers, body)
+    def busy_for(self) -> float:
+        """Seconds the lane thread has been at its current turn (0: it waits for requests):
+        past its requests' wait for the database, it no longer works."""
+        started = self._turn_started
+        return 0.0 if started is None else time.monotonic() - started
 
-    def _serve_lane(self) -> None:
-        # NOTE: the outcomes of one batch are collected, then the requests that arrived
-        # meanwhile are submitted, and only then is the first batch answered: the database
-        # works on the next batch while the lane answers (one batch at a time left each idle
-        # while the other worked; bench/NOTES.md).
-        in_flight: tuple[list, Any] | None = None  # ([(channel, arrived)], handle): submitted
+    def _wake(self) -> None:
+        """A lane's outcomes may be in (called by whoever hands them over)."""
+        with self._lane_lock:
+            self._lane_ready.notify()
+
+    def _serve_lanes(self) -> None:
+        # NOTE: a lane's outcomes are collected, then the requests that arrived meanwhile are
+        # submitted, and only then is the lane's batch answered: the database works on the next
+        # batch while the lane answers (one batch at a time left each idle while the other
+        # worked; bench/NOTES.md).
         while True:
-            outcomes = self._collect(*in_flight) if in_flight is not None else None
+            self._turn_started = time.monotonic()
             with self._lane_lock:
-                while not self._lane and in_flight is None and not self._lane_stopping:
-                    self._lane_ready.wait()
-                if self._lane_stopping and in_flight is None:
+                due = self._wait_for_work()
+                if due is None:
                     self._lane_thread = None
+                    self._turn_started = None
                     return
-                failures = self._failures(in_flight[0], outcomes) if outcomes else None
-                queued: list = []
-                shared: list = []
+            answers: list[tuple[Lane, list, list[Any]]] = []
+            # NOTE: a lane whose batch came in while this turn collected and submitted is
+            # answered in this turn too, with one trigger pull for all (ChangePoller.one_pull):
+            # under both routes at once, the lanes' batches come in at nearly the same time.
+            for _ in self._lanes:
+                self._collect_and_submit(due, answers)
+                with self._lane_lock:
+                    due = [lane for lane in self._lanes if lane.in_flight is not None and lane.ready()]
+                if not due:
+                    break
+            self._answer(answers)
+
+    def _collect_and_submit(self, due: list[_LaneQueue], answers: list[tuple[Lane, list, list[Any]]]) -> None:
+        """Collect the due lanes' outcomes into `answers`, then submit what waits in the lanes."""
+        collected = [(lane, *lane.collect()) for lane in due]
+        submitting: list[tuple[_LaneQueue, list]] = []
+        with self._lane_lock:
+            for lane, queued, outcomes in collected:
+                answers.append((lane.spec, queued, outcomes))
+                failures = lane.failures(queued, outcomes)
                 if failures:
                     # NOTE: as in the batcher: those who queued while a batch failed would meet
                     # the same database (or lock) and wait a whole timeout more; they share its
-                    # error. The others go in the next batch.
-                    shared = self._take_sharing(failures)
-                elif not self._lane_stopping:  # (a stopping lane takes nothing new: see shutdown)
-                    # At most one transaction's worth; the rest go in the next.
-                    queued = [self._lane.popleft() for _ in range(min(len(self._lane), self._spec.max_batch))]
-            submitted = self._submit(queued) if queued else None
-            if in_flight is not None:
-                self._answer(in_flight[0] + [item for item, _ in shared], list(outcomes) + [failure for _, failure in shared])
-            in_flight = submitted
+                    # error. The others go in the lane's next batch.
+                    shared = lane.take_sharing(failures)
+                    answers.append((lane.spec, [item for item, _ in shared], [failure for _, failure in shared]))
+            if not self._lane_stopping:  # (a stopping lane takes nothing new: see shutdown)
+                submitting = [(lane, lane.take_batch()) for lane in self._lanes if lane.idle()]
+        for lane, queued in submitting:
+            lane.submit(queued, self._wake)
 
-    def _failures(self, queued: list, outcomes: list[Any]) -> dict[tuple[str, str] | None, Any]:
+    def _wait_for_work(self) -> list[_LaneQueue] | None:
+        """Wait until a lane's batch is in (or its wait is over), or requests wait in a lane
+        with no batch in flight; the lanes whose batch is due (none: just requests). None: the
+        lane thread is to end. Called with the lane's lock held."""
+        while True:
+            in_flight = [lane for lane in self._lanes if lane.in_flight is not None]
+            if self._lane_stopping and not in_flight:
+                return None
+            now = time.perf_counter()
+            due = [lane for lane in in_flight if lane.due(now)]
+            if due or (not self._lane_stopping and any(lane.idle() for lane in self._lanes)):
+                return due
+            if in_flight:
+                self._lane_ready.wait(min(lane.deadline() for lane in in_flight) - now)
+            else:
+                self._turn_started = None
+                self._lane_ready.wait()
+                self._turn_started = time.monotonic()
+
+    def _answer(self, answers: list[tuple[Lane, list, list[Any]]]) -> None:
+        """Answer each lane's requests, [(channel, arrived)], with their outcomes, in turn."""
+        if not any(queued for _, queued, _ in answers):
+            return
+        first = next(queued for _, queued, _ in answers if queued)
+        poller = getattr(first[0][0].server, "change_poller", None) if self._one_pull else None
+        with poller.one_pull() if poller is not None else contextlib.nullcontext():
+            for spec, queued, outcomes in answers:
+                for (channel, arrived), outcome in zip(queued, outcomes, strict=True):
+                    channel.lane_environ = spec.environ_for(outcome, arrived)
+                    try:
+                        channel.service()
+                    except BaseException:
+                        # As waitress's own request threads: log it and go on with the rest.
+                        log.exception("Exception when servicing %r", channel)
+                    finally:
+                        channel.lane_environ = None
+
+
+class _LaneQueue:
+    """One lane's requests: those waiting, and its batch in flight (see LaneDispatcher). Only
+    the lane thread changes in_flight; the queue changes with the lane's lock held."""
+
+    def __init__(self, spec: Lane) -> None:
+        self.spec = spec
+        self.queue: collections.deque = collections.deque()  # (channel, arrived)
+        self.in_flight: tuple[list, Any] | None = None  # ([(channel, arrived)], handle): submitted
+
+    def idle(self) -> bool:
+        """Requests wait and no batch is in flight."""
+        return self.in_flight is None and bool(self.queue)
+
+    def deadline(self) -> float:
+        """When the batch in flight has waited as long as its oldest request may (perf_counter)."""
+        return self.in_flight[0][0][1] + self.spec.max_wait
+
+    def due(self, now: float) -> bool:
+        """Whether the batch in flight is to be collected: its outcomes are in, or its wait is over."""
+        return now >= self.deadline() or self.ready()
+
+    def ready(self) -> bool:
+        """Whether the batch in flight's outcomes are in (collect() would not wait)."""
+        handle = self.in_flight[1]
+        if isinstance(handle, _Failed):
+            return True
+        try:
+            return self.spec.ready(handle)
+        except Exception:  # noqa: BLE001 - collect() will say what it is
+            return True
+
+    def take_batch(self) -> list:
+        """At most one transaction's worth of the waiting requests; the rest go in the next."""
+        return [self.queue.popleft() for _ in range(min(len(self.queue), self.spec.max_batch))]
+
+    def submit(self, queued: list, wake: Callable[[], None]) -> None:
+        try:
+            handle = self.spec.submit([self._lane_request(channel) for channel, _ in queued], wake)
+        except Exception as ex:  # noqa: BLE001 - each request turns it into its error response
+            handle = _Failed(ex)
+        self.in_flight = (queued, handle)
+
+    def collect(self) -> tuple[list, list[Any]]:
+        """The batch in flight and its outcomes (it is due: they are in, or its wait is over)."""
+        (queued, handle), self.in_flight = self.in_flight, None
+        # NOTE: every request waits for the database at most max_wait from its arrival, as it
+        # would in a request thread of its own; the oldest of the batch sets the bound.
+        timeout = max(queued[0][1] + self.spec.max_wait - time.perf_counter(), 0.0)
+        try:
+            if isinstance(handle, _Failed):
+                raise handle.error
+            return queued, self.spec.collect(handle, timeout)
+        except Exception as ex:  # noqa: BLE001 - each request turns it into its error response
+            return queued, [ex] * len(queued)
+
+    def failures(self, queued: list, outcomes: list[Any]) -> dict[tuple[str, str] | None, Any]:
         """The failures among a batch's outcomes that requests queued meanwhile share, by the
         route they concern (None: every route)."""
         failures: dict[tuple[str, str] | None, Any] = {}
         for (channel, _), outcome in zip(queued, outcomes, strict=True):
-            scope = self._spec.failure_scope(outcome)
+            scope = self.spec.failure_scope(outcome)
             if scope == "all":
                 return {None: outcome}
             if scope == "route":
                 failures.setdefault(_route(channel), outcome)
         return failures
 
-    def _take_sharing(self, failures: dict[tuple[str, str] | None, Any]) -> list[tuple[Any, Any]]:
-        """Take from the lane each request that shares one of `failures`, with that failure.
+    def take_sharing(self, failures: dict[tuple[str, str] | None, Any]) -> list[tuple[Any, Any]]:
+        """Take from the queue each request that shares one of `failures`, with that failure.
         Called with the lane's lock held."""
         everyone = failures.get(None)
         shared, kept = [], []
-        for item in self._lane:
+        for item in self.queue:
             failure = everyone if everyone is not None else failures.get(_route(item[0]))
             if failure is None:
                 kept.append(item)
             else:
                 shared.append((item, failure))
-        self._lane.clear()
-        self._lane.extend(kept)
+        self.queue.clear()
+        self.queue.extend(kept)
         return shared
 
-    def _submit(self, queued: list) -> tuple[list, Any]:
-        try:
-            return queued, self._spec.submit([self._lane_request(channel) for channel, _ in queued])
-        except Exception as ex:  # noqa: BLE001 - each request turns it into its error response
-            return queued, _Failed(ex)
-
-    def _collect(self, queued: list, handle: Any) -> list[Any]:
-        # NOTE: every request waits for the database at most max_wait from its arrival, as it
-        # would in a request thread of its own; the oldest of the batch sets the bound.
-        timeout = queued[0][1] + self._spec.max_wait - time.perf_counter()
-        try:
-            if isinstance(handle, _Failed):
-                raise handle.error
-            return self._spec.collect(handle, timeout)
-        except Exception as ex:  # noqa: BLE001 - each request turns it into its error response
-            return [ex] * len(queued)
-
-    def _answer(self, queued: list, outcomes: list[Any]) -> None:
-        if not queued:
-            return
-        poller = getattr(queued[0][0].server, "change_poller", None) if self._one_pull else None
-        with poller.one_pull() if poller is not None else contextlib.nullcontext():
-            for (channel, arrived), outcome in zip(queued, outcomes, strict=True):
-                channel.lane_environ = self._spec.environ_for(outcome, arrived)
-                try:
-                    channel.service()
-                except BaseException:
-                    # As waitress's own request threads: log it and go on with the rest.
-                    log.exception("Exception when servicing %r", channel)
-                finally:
-                    channel.lane_environ = None
+    def _lane_request(self, channel) -> LaneRequest:
+        request = channel.requests[0]
+        body = b""
+        if request.command != "GET":
+            # NOTE: the app gets its outcome, not the body: reading it here leaves wsgi.input empty.
+            body = request.get_body_stream().read(self.spec.max_body + 1)
+        return LaneRequest(request.command, request.path, request.headers, body)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """systemd's watchdog, fed only while the daemon demonstrably works.
 
 WATCHDOG=1 goes out every half WatchdogSec= while the serving loop has turned recently and no
-batch has run longer than the database timeouts allow. A hung serving loop (nothing answered
-any more) or a batch stuck past every timeout (every write waits behind it) stops the pings,
+batch, nor any lane at one batch, has run longer than the database timeouts allow. A hung
+serving loop (nothing answered any more), a batch stuck past every timeout (every write of its
+kind waits behind it) or a lane stuck at a batch (its route answered no more) stops the pings,
 and systemd's WatchdogSec= and Restart= bring the daemon back. A long randomization does not
 stop them: it runs in a thread of its own and holds up neither.
 """
@@ -27,16 +28,19 @@ class Watchdog:
         loop_stale_after: float,
         batch_running_for: Callable[[], float],
         batch_limit: float,
+        lane_busy_for: Callable[[], float] = lambda: 0.0,
         notify: Callable[[str], object] = systemd.notify,
     ) -> None:
         """`interval`: seconds between pings (systemd.watchdog_interval(); None: no watchdog).
         `loop_stale_after`: the serving loop counts as hung once it has not turned this long.
         `batch_running_for()`: seconds the running batch has taken (0: none runs);
-        `batch_limit`: the longest a healthy batch can take."""
+        `batch_limit`: the longest a healthy batch can take, and a lane at one batch
+        (`lane_busy_for()`: seconds the lane longest at its batch has been; 0: none is)."""
         self._interval = interval
         self._loop_stale_after = loop_stale_after
         self._batch_running_for = batch_running_for
         self._batch_limit = batch_limit
+        self._lane_busy_for = lane_busy_for
         self._notify = notify
         self._last_turn = time.monotonic()
         self._stop = threading.Event()
@@ -55,6 +59,9 @@ class Watchdog:
         running = self._batch_running_for()
         if running > self._batch_limit:
             return f"a database batch has run for {running:.1f} s, past every timeout"
+        busy = self._lane_busy_for()
+        if busy > self._batch_limit:
+            return f"a lane has been at one batch for {busy:.1f} s, past every timeout"
         return None
 
     def start(self) -> None:

@@ -9,7 +9,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 
-from daemon.batcher import Batcher
+from daemon.batcher import Batchers
 from daemon.server import TransportOptions, batched_routes, open_transport
 from daemon.transport import Lane, Transport
 
@@ -29,18 +29,18 @@ class Running:
 def running(
     app: Callable,
     *,
-    batcher: Batcher | None = None,
+    batchers: Batchers | None = None,
     threads: int = 4,
     options: TransportOptions = TransportOptions(),
     on_turn: Callable[[], None] = lambda: None,
-    lane: Lane | None = None,
+    lanes: list[Lane] | None = None,
 ) -> Iterator[Running]:
-    """`batcher`: GET / and POST /increment go through the lane with it (if options.lane);
-    `lane`: through this lane instead."""
+    """`batchers`: GET / and POST /increment go through the lanes with them (if options.lane);
+    `lanes`: through these lanes instead."""
     listener = socket.create_server(("127.0.0.1", 0), backlog=128)
-    if lane is None and batcher is not None:
-        lane = batched_routes(batcher)
-    transport = open_transport(app, listener, threads, lane, options)
+    if lanes is None:
+        lanes = batched_routes(batchers) if batchers is not None else []
+    transport = open_transport(app, listener, threads, lanes, options)
     stop = threading.Event()
     loop = threading.Thread(target=transport.serve_until, args=(stop.is_set, on_turn), daemon=True)
     loop.start()

@@ -561,3 +561,18 @@ def _try(function):
         return function()
     except Exception as ex:  # noqa: BLE001 - the outcome is what the test looks at
         return ex
+
+
+def test_a_ticket_tells_whoever_waits_for_several_once_it_is_answered(seeded):
+    # The lane waits for several tickets at once (daemon/transport.py): each answer wakes it.
+    batcher = Batcher(seeded, [QueryKind()], max_wait=30)
+    answered: list[str] = []
+    ticket = batcher.enqueue(QueryKind.name, [None], lambda: answered.append("committed"))
+    wait_for(lambda: answered == ["committed"], "the ticket's callback")
+    assert ticket.answered() and batcher.outcomes(ticket, 0)[0].recorded_at is not None
+    # Answered at once (here: a batcher given up at shutdown): told at once, too.
+    batcher.abandon("shutting down")
+    refused = batcher.enqueue(QueryKind.name, [None], lambda: answered.append("refused"))
+    assert refused.answered() and answered == ["committed", "refused"]
+    assert isinstance(batcher.outcomes(refused, 0)[0], DatabaseUnavailableError)
+    batcher.close(5)

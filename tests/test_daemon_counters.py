@@ -6,20 +6,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import time
 import urllib.parse
 
 import falcon.testing
 import pytest
+import sqlalchemy as sa
 
 import daemon.app
 import daemon.resources
-from daemon.app import collect_outcomes, create_app, enqueue_outcomes, new_batcher
-from daemon.batcher import Batcher, IncrementKind, QueryKind
+from daemon.app import collect_outcomes, create_app, enqueue_outcomes, new_batchers
+from daemon.batcher import Batcher, Batchers, IncrementKind, QueryKind
 from daemon.metrics import Metrics
 from daemon.resources import DatabaseReads, DuplicateNameError, decode_json
 from daemon.transport import LaneRequest
 from maxtwo_cli.core import db
 from maxtwo_cli.core.counters import INT64_MAX, INT64_MIN, Applied, read_counter
+from maxtwo_cli.core.randomize import randomize_points
+from maxtwo_cli.core.seed import seed_users
+from maxtwo_cli.core.settings import Settings
 from tests.helpers import unreachable_settings
 from tests.inprocess import running
 
@@ -29,9 +34,9 @@ JSON = {"Content-Type": "application/json"}
 @pytest.fixture
 def app_parts(settings, engine):
     metrics = Metrics()
-    batcher = new_batcher(settings, engine, metrics)
-    yield create_app(settings, engine, metrics=metrics, batcher=batcher), batcher, metrics
-    batcher.close(5)
+    batchers = new_batchers(settings, engine, metrics)
+    yield create_app(settings, engine, metrics=metrics, batchers=batchers), batchers, metrics
+    batchers.close(5)
 
 
 @pytest.fixture
@@ -121,7 +126,7 @@ def test_json_nested_too_deeply_is_malformed(client, app_parts):
 def test_an_unexpected_error_in_one_lane_request_is_its_own(app_parts, monkeypatch):
     # The lane submits a batch's requests together: one that fails in an unforeseen way must get
     # its own error (the app answers it 500), not fail the others' batch.
-    batcher = app_parts[1]
+    batchers = app_parts[1]
     real_parse = daemon.app.parse_increment
 
     def parse(content_type, body, *headers):
@@ -132,7 +137,7 @@ def test_an_unexpected_error_in_one_lane_request_is_its_own(app_parts, monkeypat
     monkeypatch.setattr(daemon.app, "parse_increment", parse)
     requests = [LaneRequest("POST", "/increment", {"CONTENT_TYPE": "application/json"}, body)
                 for body in (b"boom", b'{"key": "a", "value": 2}')] + [LaneRequest("GET", "/", {}, b"")]
-    bad, applied, query = collect_outcomes(batcher, enqueue_outcomes(batcher, requests), 30)
+    bad, applied, query = collect_outcomes(enqueue_outcomes(batchers, requests), 30)
     assert isinstance(bad, RuntimeError)
     assert isinstance(applied, Applied) and applied.total == 2
     assert query.recorded_at is not None
@@ -228,7 +233,7 @@ def test_503_when_too_many_increments_wait(settings, engine, monkeypatch):
     real_apply = IncrementKind.apply
     monkeypatch.setattr(IncrementKind, "apply", lambda self, held, payloads: (gate.wait(10), real_apply(self, held, payloads))[1])
     batcher = Batcher(engine, [QueryKind(), IncrementKind()], max_wait=30, max_pending=2)
-    client = falcon.testing.TestClient(create_app(settings, engine, batcher=batcher))
+    client = falcon.testing.TestClient(create_app(settings, engine, batchers=Batchers.shared(batcher)))
     statuses: list[int] = []
 
     def send() -> threading.Thread:
@@ -259,10 +264,10 @@ def test_503_when_too_many_increments_wait(settings, engine, monkeypatch):
     batcher.close(5)
 
 
-def test_the_lane_answers_increments_and_queries_in_shared_batches(settings, engine, app_parts):
-    app, batcher, metrics = app_parts
+def test_the_lanes_answer_increments_and_queries_in_batches(settings, engine, app_parts):
+    app, batchers, metrics = app_parts
     statuses: list[int] = []
-    with running(app, batcher=batcher) as served:
+    with running(app, batchers=batchers) as served:
 
         def client(index: int) -> None:
             connection = served.connect()
@@ -301,3 +306,53 @@ def test_the_lane_answers_increments_and_queries_in_shared_batches(settings, eng
     assert sample("maxtwo_increment_batch_size_sum") == 12 * 16 + 2
     assert sample("maxtwo_increments_applied_total") == 12 * 16 + 1  # not the one refused with 409
     assert sample("maxtwo_increment_batch_size_count") < 12 * 16  # increments shared transactions
+
+
+def test_on_postgresql_a_get_root_never_waits_for_an_increment_held_by_a_row_lock(postgres_url, postgres_engine):
+    # Another daemon's batch, or an operator's open transaction, holds a counter's row: the
+    # increment waits for it (up to the statement timeout), and GET / must not wait with it.
+    settings = Settings(database_url=postgres_url, statement_timeout=10.0)
+    seed_users(postgres_engine, 20)
+    randomize_points(postgres_engine)
+    metrics = Metrics()
+    batchers = new_batchers(settings, postgres_engine, metrics)
+    assert batchers[QueryKind.name] is not batchers[IncrementKind.name]
+    app = create_app(settings, postgres_engine, metrics=metrics, batchers=batchers)
+    answers: dict[str, tuple[int, float]] = {}
+
+    def send(name: str, method: str, path: str, body: str | None = None) -> threading.Thread:
+        def run() -> None:
+            started = time.monotonic()
+            connection = served.connect()
+            connection.request(method, path, body=body, headers=JSON if body else {})
+            response = connection.getresponse()
+            response.read()
+            answers[name] = (response.status, time.monotonic() - started)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    with running(app, batchers=batchers) as served, postgres_engine.connect() as holder:
+        send("first", "POST", "/increment", '{"key": "held", "value": 1}').join(30)
+        assert answers["first"][0] == 202
+        holder.execute(sa.text("SELECT value FROM counters WHERE key = 'held' FOR UPDATE"))  # held until rollback
+        holder_pid = holder.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        try:
+            increment = send("increment", "POST", "/increment", '{"key": "held", "value": 2}')
+            with postgres_engine.connect() as watcher:
+                blocked = sa.text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))")
+                deadline = time.monotonic() + 10
+                while not watcher.execute(blocked, {"pid": holder_pid}).scalar() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert watcher.execute(blocked, {"pid": holder_pid}).scalar(), "the increment never waited for the lock"
+            query = send("query", "GET", "/")
+            query.join(3)  # the lock is held meanwhile
+        finally:
+            holder.rollback()
+        query.join(30)
+        increment.join(30)
+    batchers.close(5)
+    assert answers["query"][0] == 200 and answers["query"][1] < 2.0, answers
+    assert answers["increment"][0] == 202 and answers["increment"][1] > answers["query"][1], answers
+    assert read_counter(postgres_engine, "held") == 3

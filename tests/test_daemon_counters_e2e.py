@@ -21,7 +21,6 @@ import pytest
 from devtools.pgserver import ThrowawayPostgres
 from maxtwo_cli.core import db
 from maxtwo_cli.core.counters import INT64_MAX, INT64_MIN, list_counters, read_counter
-from maxtwo_cli.core.schema import counters
 from maxtwo_cli.core.settings import Settings
 from tests.serve_process import ServeProcess
 
@@ -477,33 +476,6 @@ def test_on_sqlite_both_routes_are_answered_while_a_randomization_holds_the_main
         assert daemon.terminate() == 0
     assert statuses == [202, 200, 200]
     assert waited < 2.5  # behind the lock, the increment alone would wait out 5 s and fail
-
-
-@pytest.mark.slow  # a lock held past the statement timeout (5 s)
-def test_an_increment_that_times_out_on_a_lock_fails_alone(postgres_url, tmp_path):
-    # A counter's row locked by another transaction (another daemon's, an operator's): the
-    # increment waits for it, GET / does not need it.
-    with ServeProcess(postgres_url, interval=3600, seed_count=10) as daemon:
-        daemon.start(tmp_path / "serve.log")
-        assert daemon.post("/increment", body("k", 1), JSON)[0] == 202
-        engine = db.create_engine(Settings(database_url=postgres_url))
-        with engine.begin() as locker:
-            locker.execute(counters.select().where(counters.c.key == "k").with_for_update())
-            answers: dict[str, int] = {}
-            posting = threading.Thread(target=lambda: answers.setdefault(
-                "POST", daemon.post("/increment", body("k", 1), JSON, timeout=30)[0]))
-            posting.start()
-            time.sleep(1)  # the increment waits for the lock; the queries queue behind it
-            getting = [threading.Thread(target=lambda i=i: answers.setdefault(f"GET {i}", daemon.get("/", timeout=30)[0]))
-                       for i in range(3)]
-            for thread in getting:
-                thread.start()
-            for thread in [posting, *getting]:
-                thread.join(30)
-        engine.dispose()
-        assert daemon.terminate() == 0
-    # The increment's lock timeout is its own: the queries are tried, not handed its 503.
-    assert answers == {"POST": 503, "GET 0": 200, "GET 1": 200, "GET 2": 200}, answers
 
 
 @pytest.mark.slow  # a daemon start and a SIGTERM under load, on both databases

@@ -14,11 +14,12 @@ import pytest
 import sqlalchemy as sa
 
 from daemon import server as server_module
-from daemon.batcher import QueryKind
+from daemon.batcher import Batchers, QueryKind
 from daemon.metrics import Metrics
 from daemon.server import BindError, StopRequest, listen, listening_url, serve, serve_requests
 from daemon.transport import QuietChannel
 from maxtwo_cli.core.errors import DatabaseUnavailableError, MaxtwoError
+from maxtwo_cli.core.query import QueryResult
 from maxtwo_cli.core.schema import idempotency_keys
 from maxtwo_cli.core.settings import Settings
 from tests.helpers import notify_socket
@@ -73,7 +74,11 @@ class StandIn:
 def test_the_drain_gives_up_only_on_a_stuck_batch_and_only_once(monkeypatch):
     monkeypatch.setattr(server_module, "ABANDON_AFTER_SECONDS", 0.2)
     healthy, stuck = StandIn(running_for=0.005), StandIn(running_for=2.0)
-    turns = [server_module.draining_turn(stand_in, stand_in) for stand_in in (healthy, stuck)]
+    # Each as the watchdog and as the only batcher; then both batchers in one daemon (a kind
+    # each, as on PostgreSQL): the healthy kind's waiters still get their answers.
+    watchdog = StandIn(running_for=0)
+    turns = [server_module.draining_turn(stand_in, Batchers.shared(stand_in)) for stand_in in (healthy, stuck)]
+    turns.append(server_module.draining_turn(watchdog, Batchers({"query": healthy, "increment": stuck})))
     for turn in turns:
         turn()  # before ABANDON_AFTER_SECONDS: nobody is given up on
     assert not stuck.abandoned
@@ -81,8 +86,8 @@ def test_the_drain_gives_up_only_on_a_stuck_batch_and_only_once(monkeypatch):
     for _ in range(3):
         for turn in turns:
             turn()
-    assert healthy.abandoned == [] and len(stuck.abandoned) == 1
-    assert healthy.turns == stuck.turns == 4  # the watchdog hears of every turn
+    assert healthy.abandoned == [] and len(stuck.abandoned) == 2  # once by each drain that holds it
+    assert healthy.turns == stuck.turns == watchdog.turns == 4  # the watchdog hears of every turn
 
 
 def test_a_signal_only_records_itself():
@@ -209,6 +214,37 @@ def test_the_watchdog_stops_while_a_batch_runs_past_every_timeout(watched, monke
         time.sleep(1.5)
         assert pings.between(quiet_from, time.monotonic()) == 0
         released.set()
+    before = len(pings.times)
+    wait_for_pings(pings, before + 3)
+
+
+def test_the_watchdog_stops_while_a_lane_is_stuck_at_a_batch(watched, monkeypatch):
+    # The batch committed, the serving loop turns, but the lane that answers GET / never
+    # returns from answering it: GET / is answered no more, so systemd must hear of it.
+    port, pings = watched
+    wait_for_pings(pings, 3)
+    stuck, released = threading.Event(), threading.Event()
+    real_api_json = QueryResult.api_json
+
+    def stuck_api_json(self):  # what GET / answers with, made in the lane's thread
+        stuck.set()
+        released.wait(30)  # e.g. a deadlock in the lane's thread
+        return real_api_json(self)
+
+    monkeypatch.setattr(QueryResult, "api_json", stuck_api_json)
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.settimeout(20)
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            assert stuck.wait(10)
+            # Past the limit (max_wait plus LOOP_STALE_SECONDS: 2.5 s) from the lane's turn's start.
+            time.sleep(3.0)
+            quiet_from = time.monotonic()
+            time.sleep(1.5)
+            assert pings.between(quiet_from, time.monotonic()) == 0
+        finally:
+            released.set()
+        assert client.recv(100).startswith(b"HTTP/1.1 200")
     before = len(pings.times)
     wait_for_pings(pings, before + 3)
 

@@ -38,9 +38,9 @@ from waitress.adjustments import Adjustments
 
 from daemon import transport
 from daemon.app import create_app
-from daemon.batcher import Batcher, IncrementKind, QueryKind
+from daemon.batcher import Batcher, Batchers, IncrementKind, QueryKind
 from daemon.metrics import Metrics
-from daemon.server import TransportOptions, lane_for, open_transport
+from daemon.server import TransportOptions, batched_routes, lanes_for, open_transport
 from daemon.transport import FULL_CHECK_SECONDS, LANE_THREAD_NAME, QuietChannel
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.query import run_query_batch
@@ -204,8 +204,9 @@ def serve(settings: Settings, engine, max_wait: float = 30) -> Iterator[Served]:
             sizes.append(len(outcomes))
 
     batcher = Batcher(engine, [QueryKind(), IncrementKind()], max_wait=max_wait, on_batch=query_batch)
+    batchers = Batchers.shared(batcher)
     metrics = Metrics()
-    app = create_app(settings, engine, metrics=metrics, batcher=batcher)
+    app = create_app(settings, engine, metrics=metrics, batchers=batchers)
     served: Served
 
     def recording(environ, start_response):
@@ -213,7 +214,7 @@ def serve(settings: Settings, engine, max_wait: float = 30) -> Iterator[Served]:
         return app(environ, start_response)
 
     try:
-        with running(recording, batcher=batcher, threads=REQUEST_THREADS) as live:
+        with running(recording, batchers=batchers, threads=REQUEST_THREADS) as live:
             served = Served(live.port, live.transport, metrics, sizes)
             yield served
     finally:
@@ -261,6 +262,17 @@ def test_get_root_and_increments_are_answered_by_the_lane_and_everything_else_by
     assert served.threads["GET", "/"] == served.threads["POST", "/increment"] == {LANE_THREAD_NAME}
     assert served.threads["GET", "/healthz"] and served.threads["POST", "/"]
     assert LANE_THREAD_NAME not in served.threads["GET", "/healthz"] | served.threads["POST", "/"]
+
+
+def test_lanes_follow_the_batchers(engine):
+    # A lane per route where each kind has a batcher of its own (PostgreSQL: an increment waiting
+    # for a row lock holds up no GET /, test_daemon_counters.py), one for both where they share
+    # one (SQLite, where a second lane would gain nothing).
+    query, increment = Batcher(engine, [QueryKind()], max_wait=5), Batcher(engine, [IncrementKind()], max_wait=5)
+    separate = batched_routes(Batchers({QueryKind.name: query, IncrementKind.name: increment}))
+    assert [lane.routes for lane in separate] == [frozenset({("GET", "/")}), frozenset({("POST", "/increment")})]
+    [shared] = batched_routes(Batchers.shared(query))
+    assert shared.routes == frozenset({("GET", "/"), ("POST", "/increment")})
 
 
 def test_a_client_cannot_hand_the_app_an_answer_through_a_header(served):
@@ -407,17 +419,62 @@ def test_a_request_waits_at_most_max_wait_from_its_arrival_not_from_its_batch(se
         assert status == 503 and 1.9 < waited < 3.0
 
 
+def at_once(requests, wake):
+    """A lane's submit whose outcomes (None each) are in at once."""
+    return len(requests)
+
+
+def ready(handle) -> bool:
+    return True
+
+
+def test_a_lane_whose_batch_waits_holds_up_no_other_lanes_answers():
+    # A lane per route (as on PostgreSQL): POST /increment's batch waits (for a counter's row
+    # lock, say) while GET / requests come and go, answered by the same lane thread.
+    released = threading.Event()
+    wakes: list = []
+
+    def submit(requests, wake):
+        wakes.append(wake)
+        return requests[0].method, len(requests)
+
+    def ready_when(handle):
+        return handle[0] == "GET" or released.is_set()
+
+    def collect(handle, timeout):
+        return [None] * handle[1]
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    lanes = lanes_for(submit, ready_when, collect, max_batch=256, max_wait=10, separate=True)
+    with running(app, lanes=lanes) as live:
+        posting = live.connect()
+        posting.request("POST", "/increment", body=b"{}")
+        wait_for(lambda: len(wakes) == 1, "the increment's batch")
+        connection = live.connect()
+        assert [get(connection).status for _ in range(3)] == [200] * 3
+        released.set()
+        wakes[0]()
+        response = posting.getresponse()
+        assert (response.status, response.read()) == (200, b"ok")
+
+
 def test_the_lane_submits_what_arrived_before_it_answers_the_committed_batch():
     events: list[str] = []
     committed = threading.Event()
+    wakes: list = []
 
-    def submit(requests):
+    def submit(requests, wake):
         events.append(f"submit {len(requests)}")
+        wakes.append(wake)
         return events.count("submit 1")  # the batch's number
 
+    def ready(batch):
+        return batch != 1 or committed.is_set()
+
     def collect(batch, timeout):
-        if batch == 1:
-            assert committed.wait(10), "the test never let the first batch commit"
         return [None]
 
     def app(environ, start_response):
@@ -425,14 +482,15 @@ def test_the_lane_submits_what_arrived_before_it_answers_the_committed_batch():
         start_response("200 OK", [("Content-Length", "2")])
         return [b"ok"]
 
-    with running(app, lane=lane_for(submit, collect, max_batch=256, max_wait=10)) as live:
-        lane_queue = live.transport.server.task_dispatcher._lane
+    with running(app, lanes=lanes_for(submit, ready, collect, max_batch=256, max_wait=10)) as live:
+        lane_queue = live.transport.server.task_dispatcher._lane_of["GET", "/"].queue
         clients = [threading.Thread(target=lambda: get(live.connect())) for _ in range(2)]
         clients[0].start()
         wait_for(lambda: events == ["submit 1"], "the first request's batch")
         clients[1].start()
         wait_for(lambda: len(lane_queue) == 1, "the second request in the lane")
         committed.set()
+        wakes[0]()
         for client in clients:
             client.join(10)
     # While the database works on the second batch, the lane answers the first.
@@ -478,28 +536,34 @@ def test_the_lane_wakes_the_serving_loop_once_per_batch_not_once_per_request(lan
     later = 5
     lane_queue: list = []
     submitted: list[int] = []
+    wakes: list = []
 
-    def submit(requests):
+    def submit(requests, wake):
         submitted.append(len(requests))
+        wakes.append(wake)
         return len(requests)
 
+    def ready(size):
+        # The first batch commits once the others wait in the lane: they make one batch.
+        return size != 1 or len(lane_queue[0]) == later
+
     def collect(size, timeout):
-        if size == 1:  # the first batch commits once the others wait in the lane: one batch
-            wait_for(lambda: len(lane_queue[0]) == later, "the later requests in the lane")
         return [None] * size
 
     def app(environ, start_response):
         start_response("200 OK", [("Content-Length", "2")])
         return [b"ok"]
 
-    with running(app, lane=lane_for(submit, collect, max_batch=256, max_wait=10)) as live:
-        lane_queue.append(live.transport.server.task_dispatcher._lane)
+    with running(app, lanes=lanes_for(submit, ready, collect, max_batch=256, max_wait=10)) as live:
+        lane_queue.append(live.transport.server.task_dispatcher._lane_of["GET", "/"].queue)
         first = threading.Thread(target=lambda: get(live.connect()))
         first.start()
         wait_for(lambda: submitted == [1], "the first request's batch")
         rest = [threading.Thread(target=lambda: get(live.connect())) for _ in range(later)]
         for client in rest:
             client.start()
+        wait_for(lambda: len(lane_queue[0]) == later, "the later requests in the lane")
+        wakes[0]()  # the first batch's outcomes are in
         for client in [first, *rest]:
             client.join(10)
         assert not any(client.is_alive() for client in [first, *rest])
@@ -518,8 +582,8 @@ def test_a_pull_for_a_response_over_the_high_water_mark_is_not_held(lane_pulls):
         return [chunk] * 40
 
     high_water_mark = Adjustments().outbuf_high_watermark
-    lane = lane_for(len, lambda size, timeout: [None] * size, max_batch=256, max_wait=10)
-    with running(app, lane=lane) as live, socket.create_connection(("127.0.0.1", live.port), timeout=30) as sock:
+    lanes = lanes_for(at_once, ready, lambda size, timeout: [None] * size, max_batch=256, max_wait=10)
+    with running(app, lanes=lanes) as live, socket.create_connection(("127.0.0.1", live.port), timeout=30) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         # Not reading yet: the response piles up in the connection's buffer past the mark.
         wait_for(lambda: any(held > high_water_mark for held, _ in lane_pulls), "a pull over the high-water mark")
@@ -542,8 +606,8 @@ def test_a_pull_after_a_failed_send_is_not_held(lane_pulls, monkeypatch):
         start_response("200 OK", [("Content-Length", str(len(chunk) * 4))])
         return [chunk] * 4
 
-    lane = lane_for(len, lambda size, timeout: [None] * size, max_batch=256, max_wait=10)
-    with running(app, lane=lane) as live, socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
+    lanes = lanes_for(at_once, ready, lambda size, timeout: [None] * size, max_batch=256, max_wait=10)
+    with running(app, lanes=lanes) as live, socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert read_all(sock) == b""  # nothing could be sent; the loop closed the connection
     assert any(closing for _, closing in lane_pulls), lane_pulls
@@ -655,7 +719,7 @@ def waiting_in_the_backlog(clients: int, options: TransportOptions = TransportOp
     socket's backlog (their handshakes done by the kernel): each handle_accept() call is one
     turn of the loop finding the listening socket readable."""
     listener = socket.create_server(("127.0.0.1", 0), backlog=128)
-    served = open_transport(hello, listener, REQUEST_THREADS, None, options)
+    served = open_transport(hello, listener, REQUEST_THREADS, [], options)
     with contextlib.ExitStack() as stack:
         stack.callback(served.close)
         for _ in range(clients):
@@ -707,9 +771,10 @@ def test_connections_opened_at_once_are_all_answered():
 def test_every_hook_can_be_turned_off_for_the_benchmark(settings, engine, options):
     seed_users(engine, 20)
     batcher = Batcher(engine, [QueryKind()], max_wait=30)
-    app = create_app(settings, engine, batcher=batcher)
+    batchers = Batchers.shared(batcher)
+    app = create_app(settings, engine, batchers=batchers)
     try:
-        with running(app, batcher=batcher, options=options) as served:
+        with running(app, batchers=batchers, options=options) as served:
             connection = served.connect()
             assert [get(connection).status for _ in range(5)] == [200] * 5
     finally:

@@ -161,6 +161,51 @@ def test_stuck_lock_turns_into_503_within_the_statement_timeout(database_url, tm
     )
 
 
+def test_a_counter_held_by_another_transaction_holds_up_no_query(postgres_url, tmp_path, reliability):
+    # PostgreSQL: another transaction (an operator's, or another daemon's batch) holds a
+    # counter's row. The increment waits for it and fails alone at the statement timeout;
+    # GET / neither waits with it nor shares its 503 (a lane and a committer per kind).
+    with ServeProcess(postgres_url, interval=3600, seed_count=2000) as daemon:
+        daemon.start(tmp_path / "serve.log")
+        increment = (b'{"key": "held", "value": 1}', {"Content-Type": "application/json"})
+        assert daemon.post("/increment", *increment)[0] == 202
+        holder = psycopg.connect(libpq_url(postgres_url))
+        holder.execute("SELECT * FROM counters WHERE key = 'held' FOR UPDATE")  # a transaction stays open
+        posted: list[tuple[int, float]] = []
+
+        def post() -> None:
+            started = time.monotonic()
+            posted.append((daemon.post("/increment", *increment, timeout=30)[0], time.monotonic() - started))
+
+        poster = threading.Thread(target=post)
+        poster.start()
+        with Clients(daemon.base, threads=8) as clients:
+            time.sleep(7)  # past the increment's statement timeout (5 s)
+        holder.rollback()
+        holder.close()
+        poster.join(30)
+        assert daemon.post("/increment", *increment)[0] == 202  # the lock gone
+        total = daemon.get("/counters/held")[1]["value"]
+        assert daemon.terminate() == 0
+
+    [(status, waited)] = posted
+    assert status == 503 and 5 - 0.5 < waited < 5 + SLACK
+    assert total == 2  # the 503'd increment was not applied
+    queries = clients.samples
+    assert queries and {sample[2] for sample in queries} == {200}
+    slowest = max(sample[1] for sample in queries)
+    assert slowest < 2.0  # not behind the increment's lock (5 s)
+    reliability.record(
+        "A counter's row held by another transaction (PostgreSQL): GET / goes on",
+        "A test connection holds one counter's row (`SELECT ... FOR UPDATE`) for 7 s; one client "
+        "posts an increment of that key while 8 clients request `GET /`.",
+        [
+            f"the increment: {status} after {waited * 1000:.0f} ms (statement timeout 5 s), not applied",
+            f"`GET /` meanwhile: {len(queries)} requests, all 200; slowest {slowest * 1000:.0f} ms",
+        ],
+    )
+
+
 def test_sigkill_during_a_randomization_leaves_nothing_half_done(tmp_path, reliability):
     rows = 1_000_000
     with ThrowawayPostgres(fsync=True) as server:

@@ -118,8 +118,12 @@ class Ticket:
             return False
         self.outcomes = outcomes
         self._pending.release()
-        if self._on_answer is not None:
-            self._on_answer()
+        callback, self._on_answer = self._on_answer, None
+        if callback is not None:
+            try:
+                callback()
+            except Exception:  # the callback's failure must cost no other waiter its answer
+                log.exception("a ticket's on_answer callback failed")
         return True
 
 

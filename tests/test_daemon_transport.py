@@ -7,7 +7,8 @@
   PostgreSQL, waking the serving loop once per batch.
 - The ChangePoller: a change it missed would leave a client waiting for the next full check
   (a second) or loop tick (0.2 s).
-- Both Transfer-Encoding and Content-Length: answered, then the connection closed.
+- Both Transfer-Encoding and Content-Length: answered, then the connection closed; an HTTP/1.1
+  request without exactly one Host: 400.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ HOOKS = [
     (waitress.channel.HTTPChannel, "parser_class", lambda hook: hook is waitress.parser.HTTPRequestParser),
     (waitress.channel.HTTPChannel, "cancel", callable),
     (waitress.parser.HTTPRequestParser, "parse_header", callable),
+    # parse_header() raising it: received() answers the request 400 (the Host check's tests).
+    (waitress.parser, "ParsingError", lambda hook: isinstance(hook, type) and issubclass(hook, Exception)),
     (waitress.task.WSGITask, "get_environment", callable),
     (waitress.task.ThreadedTaskDispatcher, "add_task", callable),
     (waitress.task.ThreadedTaskDispatcher, "set_thread_count", callable),
@@ -177,6 +180,23 @@ def test_a_chunked_request_alone_keeps_its_connection():
                      b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         answer = read_all(sock)
     assert answer.count(b"HTTP/1.1 200") == 2
+
+
+@pytest.mark.parametrize("request_bytes", [b"GET / HTTP/1.1\r\n\r\n",
+                                           b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"],
+                         ids=["no-host", "two-hosts"])
+def test_an_http_1_1_request_without_exactly_one_host_is_400(request_bytes):
+    # RFC 9112 section 3.2: the server MUST answer 400.
+    with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.sendall(request_bytes)
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+
+
+def test_an_http_1_0_request_needs_no_host():
+    with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert read_all(sock).startswith(b"HTTP/1.0 200")
 
 
 # --- the lane ------------------------------------------------------------------------------
@@ -459,6 +479,25 @@ def test_a_lane_whose_batch_waits_holds_up_no_other_lanes_answers():
         wakes[0]()
         response = posting.getresponse()
         assert (response.status, response.read()) == (200, b"ok")
+
+
+def test_the_lane_thread_outlives_a_turn_that_fails(caplog):
+    # Never by design: were a turn to raise (here failure_scope, on the first batch), the lane
+    # thread logs it and goes on answering the requests that come after.
+    calls: list[int] = []
+
+    def failing_once(outcome):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+
+    [lane] = lanes_for(at_once, ready, lambda size, timeout: [None] * size, max_batch=256, max_wait=10)
+    with running(hello, lanes=[dataclasses.replace(lane, failure_scope=failing_once)]) as live:
+        lost = live.connect(timeout=0.5)
+        lost.request("GET", "/")
+        wait_for(lambda: "the lane's turn failed" in caplog.text, "the failed turn's log line")
+        lost.close()
+        assert get(live.connect()).status == 200
 
 
 def test_the_lane_submits_what_arrived_before_it_answers_the_committed_batch():

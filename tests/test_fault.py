@@ -194,7 +194,7 @@ def test_a_counter_held_by_another_transaction_holds_up_no_query(postgres_url, t
     queries = clients.samples
     assert queries and {sample[2] for sample in queries} == {200}
     slowest = max(sample[1] for sample in queries)
-    assert slowest < 2.0  # not behind the increment's lock (5 s)
+    assert slowest < 3.0  # not behind the increment's lock (5 s)
     reliability.record(
         "A counter's row held by another transaction (PostgreSQL): GET / goes on",
         "A test connection holds one counter's row (`SELECT ... FOR UPDATE`) for 7 s; one client "

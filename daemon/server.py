@@ -1,9 +1,9 @@
-"""`maxtwo serve`: the process around the app. Owns the engines, the batcher, the scheduler
+"""`maxtwo serve`: the process around the app. Owns the engines, the batchers, the scheduler
 thread, the watchdog, the transport (waitress), signals and sd_notify.
 
 Start-up, in order: schema, seed if empty, bind, READY=1, scheduler, serve. On SIGTERM or
 SIGINT: STOPPING=1, stop accepting, answer what was already accepted, stop the scheduler (a
-running randomization commits or is rolled back), close the batcher, dispose of the engines,
+running randomization commits or is rolled back), close the batchers, dispose of the engines,
 exit 0. Several cores or hosts: several daemons behind a reverse proxy (docs/deployment.md).
 """
 
@@ -56,7 +56,7 @@ log = logging.getLogger("maxtwo")
 # accepted, then give a running randomization the rest.
 DRAIN_SECONDS = 5.0
 # Requests still waiting for the database this long into the drain, behind a batch that has
-# run this long (a healthy one takes milliseconds), are answered 503: the batcher abandons
+# run this long (a healthy one takes milliseconds), are answered 503: their batcher abandons
 # them, and the rest of the drain sends those answers.
 ABANDON_AFTER_SECONDS = 4.0
 STUCK_BATCH_SECONDS = 1.0

@@ -135,7 +135,7 @@ def enqueue_outcomes(
     def answered() -> None:
         # NOTE: once for the lot, not per kind: each call wakes the lane thread (the last two
         # answers at once may both see them all in: a wake-up more, harmless).
-        if on_answer is not None and all(ticket.answered() for _, _, ticket in tickets):
+        if on_answer is not None and outcomes_ready((outcomes, tickets)):
             on_answer()
 
     if queries:

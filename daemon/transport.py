@@ -250,7 +250,7 @@ class Transport:
         if lanes:
             dispatcher = LaneDispatcher(lanes, one_pull=one_pull)
             dispatcher.set_thread_count(threads)
-        self._lanes = dispatcher
+        self._lane_dispatcher = dispatcher
         self.server: BaseWSGIServer = waitress.create_server(
             app,
             sockets=[listener],
@@ -268,7 +268,7 @@ class Transport:
 
     def lane_busy_for(self) -> float:
         """Seconds the lane thread has been at its current turn (0: it waits for requests, or no lanes)."""
-        return self._lanes.busy_for() if self._lanes is not None else 0.0
+        return self._lane_dispatcher.busy_for() if self._lane_dispatcher is not None else 0.0
 
     def serve_until(self, stopping: Callable[[], bool], on_turn: Callable[[], None] = lambda: None) -> None:
         """Answer requests until stopping() is true; on_turn() at every turn of the loop (at

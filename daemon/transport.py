@@ -13,6 +13,9 @@ paired measurement that keeps each speed hook:
 - ChangePoller: the serving loop's poll set kept across passes (epoll) instead of rebuilt from
   every connection on every pass; and one trigger pull per lane batch answered instead of one
   per response (ChangePoller.one_pull).
+- JsonErrorTask: the errors waitress answers itself, before the app sees the request (a
+  malformed request, headers or body too large, the Host check below), in the app's JSON error
+  shape instead of waitress's plain text.
 - StrictFramingParser: a request with both Transfer-Encoding and Content-Length is answered and
   its connection closed (RFC 9112 section 6.1), so nothing pipelined behind it is read with
   framing an intermediary may have seen differently; an HTTP/1.1 request without exactly one
@@ -32,6 +35,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import json
 import logging
 import select
 import socket
@@ -45,7 +49,7 @@ from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import BaseWSGIServer
-from waitress.task import ThreadedTaskDispatcher, WSGITask
+from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +140,27 @@ class StrictFramingParser(HTTPRequestParser):
                 raise ParsingError("an HTTP/1.1 request needs exactly one Host header")
 
 
+class _JsonError:
+    """A waitress error (waitress.utilities.Error: code, reason, body) that answers in the app's
+    JSON error shape (daemon/app.py's _serialize_error) rather than as text."""
+
+    def __init__(self, error) -> None:
+        self.error = error
+
+    def to_response(self, ident: str | None = None) -> tuple[str, list[tuple[str, str]], bytes]:
+        status = f"{self.error.code} {self.error.reason}"
+        body = {"status": self.error.code, "title": status, "description": self.error.body}
+        return status, [("Content-Type", "application/json")], json.dumps(body).encode()
+
+
+class JsonErrorTask(ErrorTask):
+    def execute(self) -> None:
+        # waitress's ErrorTask answers with request.error.to_response(): the rest (closing the
+        # connection after the answer, Content-Length) stays waitress's.
+        self.request.error = _JsonError(self.request.error)
+        super().execute()
+
+
 class LaneTask(WSGITask):
     def get_environment(self) -> dict[str, Any]:
         environ = super().get_environment()
@@ -160,6 +185,7 @@ class QuietChannel(HTTPChannel):
 
     parser_class = StrictFramingParser
     task_class = LaneTask
+    error_task_class = JsonErrorTask
     lane_environ: dict[str, Any] | None = None  # set by the lane around service()
 
     def writable(self) -> bool:

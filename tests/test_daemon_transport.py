@@ -10,6 +10,7 @@
 - Both Transfer-Encoding and Content-Length: answered, then the connection closed; an HTTP/1.1
   request without exactly one Host: 400.
 - The errors waitress answers itself are JSON, in the app's shape.
+- At the connection limit, idle connections make way for a client waiting to connect.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def test_the_hooks_the_transport_reads_on_live_objects_still_exist(tmp_path):
     """Attributes that exist only on instances: a real server and a real connection."""
     with running(hello) as served:
         server = served.server
-        missing = [name for name in ("_map", "active_channels", "task_dispatcher", "adj", "trigger")
+        missing = [name for name in ("_map", "active_channels", "task_dispatcher", "adj", "trigger", "socket",
+                                     "accepting")
                    if not hasattr(server, name)]
         missing += [f"task_dispatcher.{name}" for name in ("queue", "active_count")
                     if not hasattr(server.task_dispatcher, name)]
@@ -121,7 +123,8 @@ def test_the_hooks_the_transport_reads_on_live_objects_still_exist(tmp_path):
             sock.recv(100)
             [channel] = list(server.active_channels.values())
             missing += [f"channel.{name}" for name in ("requests", "request", "total_outbufs_len", "last_activity",
-                                                       "will_close", "close_when_flushed", "_fileno", "adj")
+                                                       "will_close", "close_when_flushed", "_fileno", "adj",
+                                                       "handle_close")
                         if not hasattr(channel, name)]
             missing += [f"channel.adj.{name}" for name in ("outbuf_high_watermark",)
                         if not hasattr(getattr(channel, "adj", None), name)]
@@ -865,3 +868,60 @@ def test_a_body_past_the_transport_limit_is_refused_before_it_is_buffered():
         sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (transport.MAX_REQUEST_BODY + 1))
         answer = read_all(sock)
     assert answer.startswith(b"HTTP/1.1 413")
+
+
+def keep_alive_get(sock: socket.socket) -> bytes:
+    """One GET / on a kept-alive connection, read to the end of its answer."""
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = b""
+    while not answer.endswith(b"hello"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    return answer
+
+
+def test_at_the_connection_limit_the_connection_idle_longest_makes_way_for_a_new_client(monkeypatch):
+    # waitress counts its listening socket and its trigger among its connections: 6 clients.
+    monkeypatch.setattr(transport, "CONNECTION_LIMIT", 8)
+    with running(hello) as served, contextlib.ExitStack() as stack:
+        clients = []
+        for _ in range(5):
+            sock = stack.enter_context(socket.create_connection(("127.0.0.1", served.port), timeout=10))
+            assert keep_alive_get(sock).startswith(b"HTTP/1.1 200")
+            clients.append(sock)
+            time.sleep(0.05)  # the first is the one idle longest
+        # The sixth is in the middle of a request (not idle, however long it takes): never closed.
+        halfway = stack.enter_context(socket.create_connection(("127.0.0.1", served.port), timeout=10))
+        halfway.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(transport.RECLAIM_IDLE_SECONDS + 0.3)
+
+        newcomer = stack.enter_context(socket.create_connection(("127.0.0.1", served.port), timeout=10))
+        started = time.monotonic()
+        newcomer.settimeout(5)  # waitress alone: until the channel timeout (30 s)
+        assert keep_alive_get(newcomer).startswith(b"HTTP/1.1 200")
+        assert time.monotonic() - started < 3
+
+        clients[0].settimeout(5)
+        assert clients[0].recv(100) == b""  # closed: the one idle longest
+        for sock in clients[1:]:
+            assert keep_alive_get(sock).startswith(b"HTTP/1.1 200")
+        halfway.sendall(b"\r\n")
+        assert keep_alive_get(halfway).startswith(b"HTTP/1.1 200")
+
+
+def test_at_the_connection_limit_a_connection_idle_for_less_than_the_reclaim_time_stays(monkeypatch):
+    monkeypatch.setattr(transport, "CONNECTION_LIMIT", 4)
+    monkeypatch.setattr(transport, "RECLAIM_IDLE_SECONDS", 30)
+    with running(hello) as served, contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(socket.create_connection(("127.0.0.1", served.port), timeout=10))
+                   for _ in range(2)]
+        for sock in clients:
+            assert keep_alive_get(sock).startswith(b"HTTP/1.1 200")
+        newcomer = stack.enter_context(socket.create_connection(("127.0.0.1", served.port), timeout=1))
+        newcomer.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        with pytest.raises(TimeoutError):
+            newcomer.recv(100)  # waits in the backlog: nobody has been idle for 30 s
+        for sock in clients:
+            assert keep_alive_get(sock).startswith(b"HTTP/1.1 200")

@@ -14,8 +14,8 @@ paired measurement that keeps each speed hook:
   every connection on every pass; and one trigger pull per lane batch answered instead of one
   per response (ChangePoller.one_pull).
 - JsonErrorTask: the errors waitress answers itself, before the app sees the request (a
-  malformed request, headers or body too large, the Host check below), in the app's JSON error
-  shape instead of waitress's plain text.
+  malformed request, headers or body too large, an unknown transfer coding, the Host check
+  below), in the app's JSON error shape instead of waitress's plain text; none to HEAD.
 - StrictFramingParser: a request with both Transfer-Encoding and Content-Length is answered and
   its connection closed (RFC 9112 section 6.1), so nothing pipelined behind it is read with
   framing an intermediary may have seen differently; an HTTP/1.1 request without exactly one
@@ -24,9 +24,9 @@ paired measurement that keeps each speed hook:
   turn of the serving loop (up to ACCEPTS_PER_TURN, within the connection limit), not one: a
   burst of new connections no longer waits hundreds of turns (max latency 0.53-0.62x for
   POST /increment on a hot key when 400 clients connect at once; 0.92-0.98x at 200 on GET /).
-- IdleReclaimer: at the connection limit, with a client waiting to connect, the connections
-  idle longest are closed for it (waitress would hold it out until one closed by itself, up
-  to the 30 s channel timeout).
+- IdleReclaimer: at the connection limit, with a client waiting to connect, the connection
+  idle longest (for at least RECLAIM_IDLE_SECONDS) is closed for it, one per waiting client
+  (waitress would hold it out until one closed by itself, up to the 30 s channel timeout).
 - Transport.serve_until / drain: a loop that turns in short ticks (a stop request is noticed
   without tearing the loop down mid-response) and a shutdown that answers every request
   already received, closing each kept-alive connection once answered, which waitress's own
@@ -165,8 +165,15 @@ class JsonErrorTask(ErrorTask):
     def execute(self) -> None:
         # waitress's ErrorTask answers with request.error.to_response(): the rest (closing the
         # connection after the answer, Content-Length) stays waitress's.
-        self.request.error = _JsonError(self.request.error)
+        if not isinstance(self.request.error, _JsonError):
+            self.request.error = _JsonError(self.request.error)
         super().execute()
+
+    @property
+    def has_body(self) -> bool:
+        # waitress writes its error's body even in answer to HEAD. (A request line it could not
+        # parse left no command.)
+        return super().has_body and getattr(self.request, "command", None) != "HEAD"
 
 
 class LaneTask(WSGITask):
@@ -266,9 +273,11 @@ class IdleReclaimer:
     Idle keep-alive connections (a client's pool, a proxy's kept connections, or anyone's) then
     held every new client out for up to the channel timeout (30 s), however idle they were.
     nginx does the same when it runs out of connections: it closes its idle keep-alive ones.
-    Closing an idle persistent connection is the server's right (RFC 9112 section 9.5); a
-    request sent at that very moment is lost unread, as with the channel timeout, and a client
-    retries it on a new connection (an increment safely with its Idempotency-Key).
+    Closing an idle persistent connection is the server's right (RFC 9112 section 9.5). A
+    connection with bytes waiting to be read is not closed (they are a request on its way); a
+    request sent in the instant between that look and the close is lost unread, as with the
+    channel timeout: an idempotent one a client may retry on a new connection, an increment
+    safely only with its Idempotency-Key.
     """
 
     def __init__(self, server: BaseWSGIServer) -> None:
@@ -284,23 +293,43 @@ class IdleReclaimer:
         now = time.monotonic()
         if now < self._next_look:
             return
-        if self._backlog.poll(0):  # a client waits to connect
-            quiet_since = time.time() - RECLAIM_IDLE_SECONDS  # waitress's last_activity is time.time()
-            idle = [
-                channel
-                for channel in server.active_channels.values()
-                if channel.request is None
-                and not channel.requests
-                and not channel.total_outbufs_len
-                and channel.last_activity < quiet_since
-            ]
-            if idle:
-                min(idle, key=lambda channel: channel.last_activity).handle_close()
+        try:
+            if self._backlog.poll(0) and self._close_one_idle():  # a client waits to connect
                 # Take the client in at once: the server stays at its limit, and waitress does
                 # not log leaving it and reaching it again for every connection reclaimed.
                 server.handle_accept()
                 return  # look again at the next turn: more may wait
+        except Exception:  # never by design; the loop must go on serving
+            log.exception("reclaiming an idle connection at the connection limit failed")
         self._next_look = now + RECLAIM_LOOK_SECONDS
+
+    def _close_one_idle(self) -> bool:
+        quiet_since = time.time() - RECLAIM_IDLE_SECONDS  # waitress's last_activity is time.time()
+        idle = [
+            channel
+            # NOTE: a list first: a request thread that fails to send closes its channel.
+            for channel in list(self._server.active_channels.values())
+            if channel.request is None
+            and not channel.requests
+            and not channel.total_outbufs_len
+            and channel.last_activity < quiet_since
+        ]
+        for channel in sorted(idle, key=lambda channel: channel.last_activity):
+            if not _has_unread_input(channel):
+                channel.handle_close()
+                return True
+        return False
+
+
+def _has_unread_input(channel) -> bool:
+    """Bytes the serving loop has not read yet (a request sent since its last turn): closing
+    the connection now would reset it and lose them."""
+    try:
+        return bool(channel.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False  # nothing waits
+    except OSError:
+        return False  # the connection failed: closing it loses nothing
 
 
 class Transport:

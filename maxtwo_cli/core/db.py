@@ -13,6 +13,7 @@ import math
 import os
 import sqlite3
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -212,10 +213,11 @@ def _create_sqlite_engine(url: URL, settings: Settings, pool_size: int) -> Engin
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         # WAL lets readers go on while one writer works; FULL keeps every commit durable.
-        cursor.execute("PRAGMA journal_mode=WAL")
+        busy_until = time.monotonic() + settings.statement_timeout
+        _execute_when_free(cursor, "PRAGMA journal_mode=WAL", busy_until=busy_until)
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute(f"ATTACH DATABASE ? AS {SQLITE_QUERY_SCHEMA}", (query_state_path,))
-        cursor.execute(f"PRAGMA {SQLITE_QUERY_SCHEMA}.journal_mode=WAL")
+        _execute_when_free(cursor, f"PRAGMA {SQLITE_QUERY_SCHEMA}.journal_mode=WAL", busy_until=busy_until)
         cursor.execute(f"PRAGMA {SQLITE_QUERY_SCHEMA}.synchronous=FULL")
         cursor.close()
 
@@ -231,6 +233,30 @@ def _create_sqlite_engine(url: URL, settings: Settings, pool_size: int) -> Engin
         connection.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
 
     return engine
+
+
+def _execute_when_free(cursor: sqlite3.Cursor, sql: str, *, busy_until: float) -> None:
+    """cursor.execute(sql), tried again while SQLite answers SQLITE_BUSY at once, until
+    time.monotonic() reaches `busy_until`.
+
+    NOTE: switching a new file to WAL reads it, then upgrades to a write, and SQLite never calls
+    the busy handler for such an upgrade (it could deadlock): while another process writes in
+    the file's first journal mode (switching it to WAL itself, as two maxtwo processes opening a
+    new file at once both do), the switch fails at once, whatever the busy timeout.
+    """
+    while True:
+        try:
+            cursor.execute(sql)
+            return
+        except sqlite3.OperationalError as ex:
+            # (& 0xFF: SQLITE_BUSY_RECOVERY and the like too, another process recovering the WAL.)
+            if ex.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= busy_until:
+                raise
+            time.sleep(_BUSY_RETRY_SECONDS)
+
+
+# Between two tries of _execute_when_free: the other process's switch takes about a millisecond.
+_BUSY_RETRY_SECONDS = 0.01
 
 
 def is_postgres(engine: Engine | sa.Connection) -> bool:

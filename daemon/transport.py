@@ -266,8 +266,8 @@ class IdleReclaimer:
     """At the connection limit, with a client waiting in the listening socket's backlog: close
     the connection idle longest (for at least RECLAIM_IDLE_SECONDS), so that the client is
     taken in. Called by the serving loop at every turn; cheap below the limit. One connection per
-    turn (the loop then accepts one): how many clients wait is not known, and each closed
-    connection is one a client may want again.
+    turn, and the waiting client accepted at once: how many clients wait is not known, and each
+    closed connection is one a client may want again.
 
     NOTE: waitress stops accepting at its connection limit until a connection closes by itself.
     Idle keep-alive connections (a client's pool, a proxy's kept connections, or anyone's) then

@@ -250,7 +250,8 @@ def _execute_when_free(cursor: sqlite3.Cursor, sql: str, *, busy_until: float) -
             return
         except sqlite3.OperationalError as ex:
             # (& 0xFF: SQLITE_BUSY_RECOVERY and the like too, another process recovering the WAL.)
-            if ex.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= busy_until:
+            code = getattr(ex, "sqlite_errorcode", 0)
+            if code & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= busy_until:
                 raise
             time.sleep(_BUSY_RETRY_SECONDS)
 

@@ -4,8 +4,6 @@ import contextlib
 import sqlite3
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -63,27 +61,33 @@ def test_ensure_schema_from_several_processes_at_once(settings):
     engine.dispose()
 
 
-def test_a_sqlite_file_another_process_is_writing_in_its_first_journal_mode_is_waited_for(tmp_path):
+@pytest.mark.parametrize("held", ["main", "query state"])
+def test_a_sqlite_file_another_process_is_writing_in_its_first_journal_mode_is_waited_for(tmp_path, monkeypatch, held):
     """Two processes opening a new file at once: while one writes in it in its first (rollback)
     journal mode, as it does to switch it to WAL, the other's switch fails at once with
     SQLITE_BUSY (SQLite never calls the busy handler to upgrade a read transaction: it could
-    deadlock). maxtwo waits for it within the busy timeout instead of failing."""
+    deadlock). maxtwo tries again within the busy timeout instead of failing."""
     path = tmp_path / "maxtwo.db"
-    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer = sqlite3.connect(path if held == "main" else db.sqlite_query_state_path(path), isolation_level=None)
     writer.execute("CREATE TABLE other (x)")
     writer.execute("BEGIN IMMEDIATE")
-    release = threading.Timer(0.5, writer.execute, args=("COMMIT",))
-    release.start()
+    waits = []
+
+    def wait(seconds: float) -> None:  # the other process finishes at the first wait
+        waits.append(seconds)
+        if writer.in_transaction:
+            writer.execute("COMMIT")
+
+    monkeypatch.setattr(db.time, "sleep", wait)
     try:
         engine = db.create_engine(Settings(database_url=f"sqlite:///{path}", statement_timeout=10.0))
-        started = time.monotonic()
         with db.reading(engine) as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-        assert time.monotonic() - started >= 0.4  # it waited for the writer
+            assert conn.exec_driver_sql(f"PRAGMA {db.SQLITE_QUERY_SCHEMA}.journal_mode").scalar() == "wal"
         engine.dispose()
     finally:
-        release.join()
         writer.close()
+    assert waits  # it met SQLITE_BUSY, and waited instead of failing
 
 
 def test_a_database_made_before_previous_query_at_gets_it(engine):

@@ -237,7 +237,8 @@ def _create_sqlite_engine(url: URL, settings: Settings, pool_size: int) -> Engin
 
 def _execute_when_free(cursor: sqlite3.Cursor, sql: str, *, busy_until: float) -> None:
     """cursor.execute(sql), tried again while SQLite answers SQLITE_BUSY at once, until
-    time.monotonic() reaches `busy_until`.
+    time.monotonic() reaches `busy_until` (roughly: a last try may still wait out the busy
+    handler for a lock it does ask it for).
 
     NOTE: switching a new file to WAL reads it, then upgrades to a write, and SQLite never calls
     the busy handler for such an upgrade (it could deadlock): while another process writes in

@@ -326,10 +326,8 @@ def _has_unread_input(channel) -> bool:
     the connection now would reset it and lose them."""
     try:
         return bool(channel.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except BlockingIOError:
-        return False  # nothing waits
-    except OSError:
-        return False  # the connection failed: closing it loses nothing
+    except OSError:  # BlockingIOError: nothing waits; any other: closing it loses nothing
+        return False
 
 
 class Transport:

@@ -235,6 +235,10 @@ def _create_sqlite_engine(url: URL, settings: Settings, pool_size: int) -> Engin
     return engine
 
 
+# Between two tries of _execute_when_free: the other process's switch takes about a millisecond.
+_BUSY_RETRY_SECONDS = 0.01
+
+
 def _execute_when_free(cursor: sqlite3.Cursor, sql: str, *, busy_until: float) -> None:
     """cursor.execute(sql), tried again while SQLite answers SQLITE_BUSY at once, until
     time.monotonic() reaches `busy_until` (roughly: a last try may still wait out the busy
@@ -255,10 +259,6 @@ def _execute_when_free(cursor: sqlite3.Cursor, sql: str, *, busy_until: float) -
             if code & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= busy_until:
                 raise
             time.sleep(_BUSY_RETRY_SECONDS)
-
-
-# Between two tries of _execute_when_free: the other process's switch takes about a millisecond.
-_BUSY_RETRY_SECONDS = 0.01
 
 
 def is_postgres(engine: Engine | sa.Connection) -> bool:

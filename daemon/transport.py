@@ -25,8 +25,10 @@ paired measurement that keeps each speed hook:
   burst of new connections no longer waits hundreds of turns (max latency 0.53-0.62x for
   POST /increment on a hot key when 400 clients connect at once; 0.92-0.98x at 200 on GET /).
 - IdleReclaimer: at the connection limit, with a client waiting to connect, the connection
-  idle longest (for at least RECLAIM_IDLE_SECONDS) is closed for it, one per waiting client
-  (waitress would hold it out until one closed by itself, up to the 30 s channel timeout).
+  idle longest (for at least RECLAIM_IDLE_SECONDS), or else the one whose request has been
+  arriving longest (RECLAIM_SLOW_REQUEST_SECONDS: StrictFramingParser notes when a request
+  started), is closed for it, one per waiting client (waitress would hold it out until one
+  closed by itself: up to the 30 s channel timeout, or forever against a slow sender).
 - Transport.serve_until / drain: a loop that turns in short ticks (a stop request is noticed
   without tearing the loop down mid-response) and a shutdown that answers every request
   already received, closing each kept-alive connection once answered, which waitress's own
@@ -81,6 +83,10 @@ ACCEPTS_PER_TURN = 64
 # next one this much later at the earliest.
 RECLAIM_IDLE_SECONDS = 1.0
 RECLAIM_LOOK_SECONDS = 0.1
+# At the connection limit, with a client waiting to connect and no connection idle: a request
+# still arriving this long after its first bytes (headers or body trickled in, as a "slowloris"
+# client does to hold connections) is given up on, and its connection closed for the newcomer.
+RECLAIM_SLOW_REQUEST_SECONDS = 10.0
 # The lane's thread, by name (as thread listings and profilers show it).
 LANE_THREAD_NAME = "maxtwo-lane"
 
@@ -132,6 +138,11 @@ class Lane:
 
 
 class StrictFramingParser(HTTPRequestParser):
+    def __init__(self, adj) -> None:
+        super().__init__(adj)
+        # The channel makes a parser when a request's first bytes come in: when it started.
+        self.started = time.monotonic()
+
     def parse_header(self, header_plus: bytes) -> None:
         super().parse_header(header_plus)
         # waitress already lets Transfer-Encoding win (and drops the header); RFC 9112 section
@@ -264,8 +275,9 @@ def accept_waiting(server: BaseWSGIServer, accept_one: Callable[[], None]) -> No
 
 class IdleReclaimer:
     """At the connection limit, with a client waiting in the listening socket's backlog: close
-    the connection idle longest (for at least RECLAIM_IDLE_SECONDS), so that the client is
-    taken in. Called by the serving loop at every turn; cheap below the limit. One connection per
+    the connection idle longest (for at least RECLAIM_IDLE_SECONDS), or failing that the one
+    whose request has been arriving longest (for at least RECLAIM_SLOW_REQUEST_SECONDS), so
+    that the client is taken in. Called by the serving loop at every turn; cheap below the limit. One connection per
     turn, and the waiting client accepted at once: how many clients wait is not known, and each
     closed connection is one a client may want again.
 
@@ -273,6 +285,9 @@ class IdleReclaimer:
     Idle keep-alive connections (a client's pool, a proxy's kept connections, or anyone's) then
     held every new client out for up to the channel timeout (30 s), however idle they were.
     nginx does the same when it runs out of connections: it closes its idle keep-alive ones.
+    A client that trickles its request in a byte at a time is never idle, so the channel
+    timeout never comes for it: 512 such connections held every new client out for as long as
+    they liked (bench/NOTES.md); nginx would have ended each after its client_header_timeout.
     Closing an idle persistent connection is the server's right (RFC 9112 section 9.5). A
     connection with bytes waiting to be read is not closed (they are a request on its way); a
     request sent in the instant between that look and the close is lost unread, as with the
@@ -294,7 +309,7 @@ class IdleReclaimer:
         if now < self._next_look:
             return
         try:
-            if self._backlog.poll(0) and self._close_one_idle():  # a client waits to connect
+            if self._backlog.poll(0) and self._close_one():  # a client waits to connect
                 # Take the client in at once: the server stays at its limit, and waitress does
                 # not log leaving it and reaching it again for every connection reclaimed.
                 server.handle_accept()
@@ -303,18 +318,26 @@ class IdleReclaimer:
             log.exception("reclaiming an idle connection at the connection limit failed")
         self._next_look = now + RECLAIM_LOOK_SECONDS
 
-    def _close_one_idle(self) -> bool:
+    def _close_one(self) -> bool:
+        """Close the first of the idle connections, then of the slow ones, that has no bytes
+        waiting to be read; whether one was closed."""
         quiet_since = time.time() - RECLAIM_IDLE_SECONDS  # waitress's last_activity is time.time()
-        idle = [
+        slow_since = time.monotonic() - RECLAIM_SLOW_REQUEST_SECONDS
+        # NOTE: a list first: a request thread that fails to send closes its channel.
+        quiet = [
             channel
-            # NOTE: a list first: a request thread that fails to send closes its channel.
             for channel in list(self._server.active_channels.values())
-            if channel.request is None
-            and not channel.requests
-            and not channel.total_outbufs_len
-            and channel.last_activity < quiet_since
+            if not channel.requests and not channel.total_outbufs_len  # nothing being answered
         ]
-        for channel in sorted(idle, key=lambda channel: channel.last_activity):
+        idle = [channel for channel in quiet if channel.request is None and channel.last_activity < quiet_since]
+        slow = [
+            channel
+            for channel in quiet
+            if channel.request is not None and getattr(channel.request, "started", slow_since) < slow_since
+        ]
+        idle.sort(key=lambda channel: channel.last_activity)
+        slow.sort(key=lambda channel: channel.request.started)
+        for channel in idle + slow:
             if not _has_unread_input(channel):
                 channel.handle_close()
                 return True

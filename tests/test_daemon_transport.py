@@ -76,6 +76,9 @@ HOOKS = [
     (waitress.utilities.BadRequest, "reason", lambda hook: hook == "Bad Request"),
     (waitress.channel.HTTPChannel, "cancel", callable),
     (waitress.parser.HTTPRequestParser, "parse_header", callable),
+    # A parser made when a request's first bytes come in: StrictFramingParser notes the time.
+    (waitress.parser.HTTPRequestParser, "__init__", lambda hook: list(inspect.signature(hook).parameters) == ["self", "adj"]),
+    (waitress.channel.HTTPChannel, "received", lambda hook: "self.parser_class(self.adj)" in inspect.getsource(hook)),
     # parse_header() raising it: received() answers the request 400 (the Host check's tests).
     (waitress.parser, "ParsingError", lambda hook: isinstance(hook, type) and issubclass(hook, Exception)),
     (waitress.task.WSGITask, "get_environment", callable),
@@ -880,9 +883,8 @@ def test_a_body_past_the_transport_limit_is_refused_before_it_is_buffered():
     assert answer.startswith(b"HTTP/1.1 413")
 
 
-def keep_alive_get(sock: socket.socket) -> bytes:
-    """One GET / on a kept-alive connection, read to the end of its answer."""
-    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+def read_answer(sock: socket.socket) -> bytes:
+    """The answer to a request already sent (hello's), read to its end."""
     answer = b""
     while not answer.endswith(b"hello"):
         chunk = sock.recv(65536)
@@ -890,6 +892,20 @@ def keep_alive_get(sock: socket.socket) -> bytes:
             break
         answer += chunk
     return answer
+
+
+def keep_alive_get(sock: socket.socket) -> bytes:
+    """One GET / on a kept-alive connection, read to the end of its answer."""
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    return read_answer(sock)
+
+
+def closed_by_the_server(sock: socket.socket) -> bool:
+    sock.settimeout(5)
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
 
 
 def test_at_the_connection_limit_the_connection_idle_longest_makes_way_for_a_new_client(monkeypatch):
@@ -922,20 +938,62 @@ def test_at_the_connection_limit_the_connection_idle_longest_makes_way_for_a_new
         assert keep_alive_get(halfway).startswith(b"HTTP/1.1 200")
 
 
-def test_at_the_connection_limit_a_connection_idle_for_less_than_the_reclaim_time_stays(monkeypatch):
+def test_at_the_connection_limit_a_request_arriving_too_slowly_makes_way_after_the_idle_ones(monkeypatch):
+    """A client trickling its request in is never idle, so waitress's channel timeout never
+    comes for it: without this, a few hundred of them held every new client out for good."""
+    monkeypatch.setattr(transport, "CONNECTION_LIMIT", 5)  # 3 clients
+    monkeypatch.setattr(transport, "RECLAIM_SLOW_REQUEST_SECONDS", 1.0)
+    with running(hello) as served, contextlib.ExitStack() as stack:
+        def connect() -> socket.socket:
+            return stack.enter_context(socket.create_connection(("127.0.0.1", served.port), timeout=10))
+
+        slowest = connect()
+        slowest.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.2)
+        slow = connect()
+        slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        idle = connect()
+        assert keep_alive_get(idle).startswith(b"HTTP/1.1 200")
+        for _ in range(8):  # 1.6 s: past RECLAIM_IDLE_SECONDS for `idle`, never quiet for the others
+            for sock in (slowest, slow):
+                sock.sendall(b"X-Slow: 1\r\n")
+            time.sleep(0.2)
+
+        # The idle connection goes first, though the slow requests started before it went quiet.
+        assert keep_alive_get(connect()).startswith(b"HTTP/1.1 200")
+        assert closed_by_the_server(idle)
+        # Then the request arriving longest; the other slow one, younger, is still served.
+        assert keep_alive_get(connect()).startswith(b"HTTP/1.1 200")
+        assert closed_by_the_server(slowest)
+        slow.sendall(b"\r\n")
+        assert read_answer(slow).startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("state", ["idle", "arriving"])
+def test_at_the_connection_limit_a_connection_below_the_reclaim_times_stays(monkeypatch, state):
+    """Idle for less than RECLAIM_IDLE_SECONDS, or its request arriving for less than
+    RECLAIM_SLOW_REQUEST_SECONDS: the newcomer waits."""
     monkeypatch.setattr(transport, "CONNECTION_LIMIT", 4)
-    monkeypatch.setattr(transport, "RECLAIM_IDLE_SECONDS", 30)
+    monkeypatch.setattr(transport, "RECLAIM_IDLE_SECONDS" if state == "idle" else "RECLAIM_SLOW_REQUEST_SECONDS", 30)
     with running(hello) as served, contextlib.ExitStack() as stack:
         clients = [stack.enter_context(socket.create_connection(("127.0.0.1", served.port), timeout=10))
                    for _ in range(2)]
         for sock in clients:
-            assert keep_alive_get(sock).startswith(b"HTTP/1.1 200")
+            if state == "idle":
+                assert keep_alive_get(sock).startswith(b"HTTP/1.1 200")
+            else:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(1.3)  # past the other reclaim time, when it is the shorter (1 s)
         newcomer = stack.enter_context(socket.create_connection(("127.0.0.1", served.port), timeout=1))
         newcomer.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         with pytest.raises(TimeoutError):
-            newcomer.recv(100)  # waits in the backlog: nobody has been idle for 30 s
+            newcomer.recv(100)  # waits in the backlog
         for sock in clients:
-            assert keep_alive_get(sock).startswith(b"HTTP/1.1 200")
+            if state == "idle":
+                assert keep_alive_get(sock).startswith(b"HTTP/1.1 200")
+            else:
+                sock.sendall(b"\r\n")
+                assert read_answer(sock).startswith(b"HTTP/1.1 200")
 
 
 def test_a_connection_with_bytes_unread_is_not_idle():

@@ -223,7 +223,9 @@ class RequestMetrics:
 
 def _database_unavailable(req: falcon.Request, resp: falcon.Response, ex: MaxtwoError, params: dict) -> None:
     # APPSEC: the detail (host, database, driver message) goes to the log, not to the client.
-    log.warning("%s %s: 503: %s", req.method, req.path, ex)
+    # APPSEC: the path as its repr (\x00, \n, \x1b escaped): a client chooses it, and a newline
+    # in it would forge a log line of its own, an escape sequence drive an operator's terminal.
+    log.warning("%s %r: 503: %s", req.method, req.path, ex)
     raise falcon.HTTPServiceUnavailable(
         description="the database is unavailable; try again shortly",
         retry_after=RETRY_AFTER_SECONDS,
@@ -242,14 +244,18 @@ def _overloaded(req: falcon.Request, resp: falcon.Response, ex: QueueFullError, 
 def _unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict) -> None:
     if isinstance(ex, falcon.HTTPError | falcon.HTTPStatus):
         raise ex  # falcon's own; its default handling is right
-    log.exception("%s %s: 500", req.method, req.path)
+    log.exception("%s %r: 500", req.method, req.path)  # the path escaped (see _database_unavailable)
     raise falcon.HTTPInternalServerError(description="an unexpected error; it has been logged")
 
 
 def _serialize_error(req: falcon.Request, resp: falcon.Response, exception: falcon.HTTPError) -> None:
-    """Every error is JSON, whatever the client's Accept header says."""
-    body = {"status": exception.status_code, "title": exception.title}
-    if exception.description:
-        body["description"] = exception.description
+    """Every error is JSON, whatever the client's Accept header says, titled with its status
+    line: falcon titles a few of its own otherwise ("Bad request" for an unknown method), and
+    that title becomes the description if there is none."""
+    title = falcon.code_to_http_status(exception.status_code)
+    body = {"status": exception.status_code, "title": title}
+    description = exception.description or (exception.title if exception.title != title else None)
+    if description:
+        body["description"] = description
     resp.content_type = falcon.MEDIA_JSON
     resp.data = json.dumps(body).encode()

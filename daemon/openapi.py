@@ -106,8 +106,12 @@ def openapi_document() -> dict[str, Any]:
                             "name": "Idempotency-Key",
                             "in": "header",
                             "required": False,
-                            "description": "1 to 255 printable ASCII characters; the retry of a request uses the same.",
-                            "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
+                            "description": (
+                                "1 to 255 printable ASCII characters, no comma (two of these headers "
+                                "arrive joined by one: a 400); the retry of a request uses the same."
+                            ),
+                            # Printable ASCII (space to ~) but the comma: a literal "-" last.
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -+.-~-]+$"},
                         }
                     ],
                     "requestBody": {

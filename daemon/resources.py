@@ -261,11 +261,16 @@ class CounterResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
         resp.cache_control = ["no-store"]
-        if key:
+        try:
+            check_key(key)
+        except InvalidIncrementError:
+            # A key POST /increment refuses was never incremented; nor is it asked for: the
+            # database could not take some of them (PostgreSQL's text refuses U+0000, and that
+            # refusal would read as the database failing: a 503).
+            total = None
+        else:
             with self._reads.room():
                 total = read_counter(self._engine, key)
-        else:
-            total = None
         if total is None:
             raise falcon.HTTPNotFound(description="no counter under this key: it was never incremented")
         resp.media = {"key": key, "value": total}

@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import falcon
 import waitress
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
@@ -167,7 +168,9 @@ class _JsonError:
         self.error = error
 
     def to_response(self, ident: str | None = None) -> tuple[str, list[tuple[str, str]], bytes]:
-        status = f"{self.error.code} {self.error.reason}"
+        # falcon's status text, as the app's errors have it (waitress's 413 is "Request Entity
+        # Too Large", RFC 9110's and falcon's "Content Too Large").
+        status = falcon.code_to_http_status(self.error.code)
         body = {"status": self.error.code, "title": status, "description": self.error.body}
         return status, [("Content-Type", "application/json")], json.dumps(body).encode()
 

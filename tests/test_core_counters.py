@@ -309,7 +309,7 @@ def test_bad_values(value):
         check_value(value)
 
 
-@pytest.mark.parametrize("key", ["", "x" * 256, "tab\there", "é", "new\nline"])
+@pytest.mark.parametrize("key", ["", "x" * 256, "tab\there", "é", "new\nline", "a,b", "first, second"])
 def test_bad_idempotency_keys(key):
     with pytest.raises(InvalidIncrementError):
         check_idempotency_key(key)

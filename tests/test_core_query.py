@@ -94,15 +94,16 @@ def test_api_json_is_json_dumps_of_the_body(users, previous):
 def test_the_api_timestamp_is_the_utc_time_in_whole_seconds(moment):
     utc = moment.astimezone(dt.UTC) if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
     assert format_api_timestamp(moment) == utc.strftime("%Y-%m-%d %H:%M:%SZ")
-    assert iso_text(moment) == utc.isoformat()
+    assert iso_text(moment) == utc.isoformat(timespec="microseconds")  # ".000000" on a whole second too
 
 
 def test_a_batch_formats_each_time_as_its_results_carry_it(seeded):
     # run_query_batch() hands each result its times as text, made once per time for the batch.
     for results in (query_users_batch(seeded, 1), query_users_batch(seeded, 5)):
         for result in results:
-            assert result.recorded_text == result.recorded_at.isoformat()
-            assert result.previous_text == (None if result.previous is None else result.previous.isoformat())
+            assert result.recorded_text == result.recorded_at.isoformat(timespec="microseconds")
+            assert result.previous_text == (
+                None if result.previous is None else result.previous.isoformat(timespec="microseconds"))
         assert [result.previous_text for result in results[1:]] == [result.recorded_text for result in results[:-1]]
 
 

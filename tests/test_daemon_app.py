@@ -233,6 +233,29 @@ def test_unexpected_errors_are_a_generic_500_with_the_traceback_in_the_log(setti
     assert "secret internals" in caplog.text and "Traceback" in caplog.text
 
 
+@pytest.mark.filterwarnings("ignore:Unknown REQUEST_METHOD")  # falcon.testing's WSGI validator: the point
+def test_every_error_is_titled_with_its_status_line(client):
+    """falcon's own title for an unknown method is "Bad request"; the API's errors all have the form."""
+    got = client.simulate_request("FOO", "/healthz")
+    assert got.status_code == 400
+    assert got.json == {"status": 400, "title": "400 Bad Request", "description": "Invalid HTTP method"}
+    assert client.simulate_get("/nope").json["title"] == "404 Not Found"
+
+
+def test_a_path_is_logged_with_its_control_characters_escaped(database_url, tmp_path, caplog):
+    """A client chooses the path: a newline in it would forge a log line, ESC drive a terminal."""
+    settings = unreachable_settings(database_url, tmp_path)
+    engine = db.create_engine(settings)
+    client = falcon.testing.TestClient(create_app(settings, engine))
+    with caplog.at_level(logging.WARNING):
+        got = client.simulate_get("/counters/a%0A2026-12-05 CRITICAL forged%1B[2J")
+    engine.dispose()
+    assert got.status_code == 503
+    [message] = [record.getMessage() for record in caplog.records if "503" in record.getMessage()]
+    assert "\n" not in message and "\x1b" not in message
+    assert "'/counters/a\\n2026-12-05 CRITICAL forged\\x1b[2J'" in message
+
+
 def test_database_unreachable_is_a_503_json_that_reveals_nothing(database_url, tmp_path):
     settings = unreachable_settings(database_url, tmp_path)
     engine = db.create_engine(settings)

@@ -153,8 +153,9 @@ def test_413_415_and_a_bad_idempotency_key(client, app_parts):
     for content_type in ("application/json; charset=utf-16", "application/json;charset=iso-8859-1"):
         refused = post(client, {"key": "a", "value": 1}, headers={"Content-Type": content_type})
         assert refused.status_code == 415 and "UTF-8" in refused.json["description"], content_type
-    bad_key = post(client, {"key": "a", "value": 1}, headers={**JSON, "Idempotency-Key": "é"})
-    assert bad_key.status_code == 400
+    for idempotency_key in ("é", "first, second"):  # the second: two headers, as HTTP joins them
+        bad_key = post(client, {"key": "a", "value": 1}, headers={**JSON, "Idempotency-Key": idempotency_key})
+        assert bad_key.status_code == 400 and "Idempotency-Key" in bad_key.json["description"]
     # A body labelled with a coding is not read as if it were plain.
     encoded = post(client, {"key": "a", "value": 1}, headers={**JSON, "Content-Encoding": "br"})
     assert encoded.status_code == 415 and encoded.headers["accept-encoding"] == "identity"
@@ -189,6 +190,23 @@ def test_404_for_a_key_never_incremented_and_keys_with_slashes(client):
         assert post(client, {"key": key, "value": 1}).status_code == 202
         got = client.simulate_get("/counters/" + urllib.parse.quote(key, safe=""))
         assert got.status_code == 200 and got.json == {"key": key, "value": 1}, key
+
+
+def test_404_without_asking_the_database_for_a_key_post_refuses(client, app_parts, monkeypatch):
+    """PostgreSQL's text cannot hold U+0000: asked for it, the database refused, read as a 503."""
+    asked = []
+    monkeypatch.setattr(daemon.resources, "read_counter", lambda engine, key: asked.append(key))
+    for path in ("/counters/%00", "/counters/a%00b", "/counters/" + "x" * 256):
+        got = client.simulate_get(path)
+        assert got.status_code == 404 and got.json["status"] == 404, path
+    assert asked == []
+    assert client.simulate_get("/counters/" + "x" * 255).status_code == 404 and asked == ["x" * 255]
+
+
+def test_a_key_holding_u0000_is_404_on_both_databases(client):
+    """The same through the real read, which on PostgreSQL failed with 503 (and a warning each)."""
+    got = client.simulate_get("/counters/%00")
+    assert got.status_code == 404 and got.json["status"] == 404
 
 
 def test_503_when_the_database_is_unavailable(database_url, tmp_path):

@@ -20,7 +20,8 @@ def as_utc(moment: dt.datetime) -> dt.datetime:
 
 def iso_text(moment: dt.datetime) -> str:
     """ISO 8601 at full precision, in UTC: '2020-07-30T17:09:33.123456+00:00'."""
-    return as_utc(moment).isoformat()
+    # NOTE: timespec, or isoformat() leaves out ".000000" when a time falls on a whole second.
+    return as_utc(moment).isoformat(timespec="microseconds")
 
 
 def api_timestamp(iso: str | None) -> str | None:

@@ -83,10 +83,16 @@ def check_value(value: object) -> int:
 
 
 def check_idempotency_key(key: str) -> str:
-    """An Idempotency-Key: 1 to 255 printable ASCII characters."""
-    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH or not all(" " <= char <= "~" for char in key):
+    """An Idempotency-Key: 1 to 255 printable ASCII characters, no comma.
+
+    NOTE: HTTP joins repeated header fields with ", " (RFC 9110 section 5.3), so a request that
+    carries two Idempotency-Keys arrives with one holding a comma; taken as one key, a retry
+    carrying either of them alone would be applied again."""
+    if (not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH or not all(" " <= char <= "~" for char in key)
+            or "," in key):
         raise InvalidIncrementError(
-            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII characters"
+            f"Idempotency-Key must be one header of 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII characters, "
+            "no comma"
         )
     return key
 

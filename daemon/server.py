@@ -117,8 +117,16 @@ def serve(settings: Settings, options: TransportOptions = TransportOptions()) ->
     engine = db.create_engine(settings, pool_size=2)
     scheduler: RandomizeScheduler | None = None
     try:
-        prepare_database(engine, settings)
-        listener = listen(settings)
+        # NOTE: the port taken before the database is prepared, and listened on after: a port in
+        # use fails at once rather than after a seed of a million users, and no client waits in
+        # the backlog meanwhile.
+        listener = bind(settings)
+        try:
+            prepare_database(engine, settings)
+            listener.listen(transport.BACKLOG)
+        except BaseException:
+            listener.close()
+            raise
         log.info("listening on %s", listening_url(listener.getsockname()))
         # NOTE: from here on, SIGTERM asks for a graceful stop; before, it ends the process at
         # once (a seed in progress is rolled back by the database).
@@ -338,6 +346,14 @@ def listening_url(address: tuple) -> str:
 
 def listen(settings: Settings) -> socket.socket:
     """The listening socket for settings.host and settings.port (0: any free port)."""
+    sock = bind(settings)
+    sock.listen(transport.BACKLOG)
+    return sock
+
+
+def bind(settings: Settings) -> socket.socket:
+    """A socket bound to settings.host and settings.port (0: any free port), not listening yet:
+    the port is taken (BindError if it cannot be), and no connection is accepted."""
     host = settings.host.removeprefix("[").removesuffix("]")  # [::1], as in a URL
     try:
         addresses = socket.getaddrinfo(
@@ -359,7 +375,6 @@ def listen(settings: Settings) -> socket.socket:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)
-        sock.listen(transport.BACKLOG)
     except OSError as ex:
         sock.close()
         reason = "the port is already in use" if ex.errno == errno.EADDRINUSE else ex.strerror

@@ -34,6 +34,7 @@ import typer.core
 
 from maxtwo_cli import __version__
 from maxtwo_cli.core.errors import MaxtwoError
+from maxtwo_cli.core.redaction import mask_secret_syntax
 from maxtwo_cli.core.settings import (
     DEFAULT_SEED_COUNT,
     DEFAULT_THREADS,
@@ -94,7 +95,8 @@ class OneLineErrors(typer.core.TyperGroup):
                 print(format_message(), file=sys.stderr)
                 sys.exit(exit_code)
             hint = f" (see {ex.ctx.command_path} --help)" if getattr(ex, "ctx", None) else ""
-            message = " ".join(format_message().split())
+            # APPSEC: a database URL given where an argument or a command was expected is quoted.
+            message = mask_secret_syntax(" ".join(format_message().split()))
             if message:
                 print(f"Error: {message}{hint}", file=sys.stderr)
             sys.exit(exit_code)
@@ -638,14 +640,12 @@ def _scrub(message: str, settings: Settings) -> str:
     from maxtwo_cli.core import db
 
     try:
-        secrets = db.secrets_of(db.parse_database_url(settings.database_url))
+        url = db.parse_database_url(settings.database_url)
     except MaxtwoError:
-        return message  # the URL was refused, and that message never quotes it
+        return mask_secret_syntax(message)  # the URL was refused, and that message never quotes it
     except Exception:  # noqa: BLE001 - an unparseable URL: say nothing that could quote it
         return "the database URL is not valid; " + db.URL_HELP
-    for secret in secrets:
-        message = message.replace(secret, "***")
-    return message
+    return db.redact_message(message, url)
 
 
 if __name__ == "__main__":  # pragma: no cover

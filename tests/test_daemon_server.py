@@ -46,6 +46,37 @@ def test_a_host_that_is_no_address_is_a_bind_error():
         listen(Settings(database_url="sqlite:///x.db", host="no such host..", port=0))
 
 
+def test_a_port_in_use_fails_before_the_database_is_touched(tmp_path, monkeypatch):
+    """Seeding a million users and then failing to listen cost a whole seed; nor may the seed's
+    seconds be spent with clients waiting in a listening socket's backlog."""
+    monkeypatch.setattr(server_module, "configure_logging", lambda: None)
+    database = tmp_path / "x.db"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = Settings(database_url=f"sqlite:///{database}", port=taken.getsockname()[1], seed_count=10)
+        with pytest.raises(BindError, match="already in use"):
+            serve(settings)
+    assert not database.exists()
+
+
+def test_no_connection_is_taken_while_the_database_is_prepared(tmp_path, monkeypatch):
+    monkeypatch.setattr(server_module, "configure_logging", lambda: None)
+    bound: list[socket.socket] = []
+    real_bind = server_module.bind
+    monkeypatch.setattr(server_module, "bind", lambda settings: bound.append(real_bind(settings)) or bound[-1])
+
+    def prepare(engine, settings):
+        with socket.socket() as client:  # refused: the port is bound, not listened on yet
+            assert client.connect_ex(bound[0].getsockname()) != 0
+        raise RuntimeError("the database failed")
+
+    monkeypatch.setattr(server_module, "prepare_database", prepare)
+    with pytest.raises(RuntimeError, match="the database failed"):
+        serve(Settings(database_url=f"sqlite:///{tmp_path / 'x.db'}", port=0))
+    assert bound[0].fileno() == -1  # and closed on the way out
+
+
 def test_the_listening_url_brackets_an_ipv6_address():
     assert listening_url(("127.0.0.1", 8000)) == "http://127.0.0.1:8000"
     assert listening_url(("::1", 8000, 0, 0)) == "http://[::1]:8000"

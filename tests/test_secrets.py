@@ -62,3 +62,41 @@ def test_a_url_parameter_error_never_quotes_the_password():
     with pytest.raises(ConfigurationError) as raised:
         db.create_engine(Settings(database_url="postgresql://u:p4ssw0rd@localhost/db?port=p4ssw0rd"))
     assert "p4ssw0rd" not in str(raised.value) and "***" in str(raised.value)
+
+
+@pytest.mark.parametrize(("text", "secrets", "public", "expected"), [
+    # A word of its own is masked, not every occurrence of its letters.
+    ('password authentication failed for user "u" (s)', ["s"], [], 'password authentication failed for user "u" (***)'),
+    ("at 127.0.0.1: bad 127", ["127"], ["127.0.0.1"], "at 127.0.0.1: bad 127"),  # also the host: left
+    ('for user "maxtwo"', ["maxtwo"], ["maxtwo"], 'for user "maxtwo"'),  # also the user: left
+    ("invalid literal for int(): 'p4ssw0rd'", ["p4ssw0rd"], ["u", "localhost"], "invalid literal for int(): '***'"),
+    # In URL and keyword syntax, whatever the value, an unencoded "@" or "/" in it too.
+    ("(postgresql://u:Top@Sec/ret@db.example/maxtwo)", [], [], "(postgresql://u:***@db.example/maxtwo)"),
+    ("host=x password='a b\\' c' user=u", [], [], "host=x password=*** user=u"),
+    ("postgresql://u@h/db?sslpassword=xyz&password=abc", [], [], "postgresql://u@h/db?sslpassword=***&password=***"),
+    ("sqlite:////tmp/a:b@c.db, http://h:80/p", [], [], "sqlite:////tmp/a:b@c.db, http://h:80/p"),
+])
+def test_redact_text(text, secrets, public, expected):
+    from maxtwo_cli.core.redaction import redact_text
+
+    assert redact_text(text, secrets, public) == expected
+
+
+def test_a_short_or_common_wrong_password_is_not_given_away_by_the_masking(postgres_server):
+    """Every "s" of the message masked ("pa***word") told that the password was "s"; a password
+    equal to the user's name, masked where the name is quoted, told it too."""
+    from tests.test_cli import assert_one_line_error, invoke
+
+    for password in ("s", "maxtwo"):
+        url = sa.make_url(postgres_server.url).set(password=password).render_as_string(hide_password=False)
+        result = invoke("query", "--database-url", url)
+        assert_one_line_error(result, 'password authentication failed for user "maxtwo"', "//maxtwo:***@")
+
+
+@pytest.mark.parametrize("args", [["query"], []], ids=["an-argument", "a-command"])
+def test_a_url_given_where_the_cli_expects_no_url_is_quoted_masked(args):
+    from tests.test_cli import assert_one_line_error, invoke
+
+    result = invoke(*args, "postgresql://maxtwo:TopSecret99@db.example/maxtwo")
+    assert_one_line_error(result, "postgresql://maxtwo:***@db.example/maxtwo", exit_code=2)
+    assert "TopSecret99" not in result.output

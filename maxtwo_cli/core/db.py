@@ -28,6 +28,7 @@ from maxtwo_cli.core.errors import (
     MaxtwoError,
     SchemaMismatchError,
 )
+from maxtwo_cli.core.redaction import redact_text
 from maxtwo_cli.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,12 @@ def redact(url: URL) -> str:
     return url.update_query_dict(hidden).render_as_string(hide_password=True)
 
 
+def redact_message(text: str, url: URL) -> str:
+    """A message that may quote the URL's secrets (a driver's, a library's), with them masked."""
+    public = [str(part) for part in (url.username, url.host, url.port, url.database) if part]
+    return redact_text(text, secrets_of(url), public)
+
+
 def secrets_of(url: URL) -> list[str]:
     """Every secret the URL carries, for scrubbing messages that might quote them."""
     found = [str(url.password)] if url.password else []
@@ -166,9 +173,7 @@ def _create_postgres_engine(url: URL, settings: Settings, pool_size: int, pre_pi
     except exc.ArgumentError as ex:
         # NOTE: SQLAlchemy checks some of the URL's parameters here (?port=abc); the keyword
         # arguments above are fixed, so it is the URL's fault.
-        message = str(ex)
-        for secret in secrets_of(url):  # APPSEC: it may quote one
-            message = message.replace(secret, "***")
+        message = redact_message(str(ex), url)  # APPSEC: it may quote one
         raise ConfigurationError(f"the database URL is not valid ({message}); {URL_HELP}") from None
 
 
@@ -319,10 +324,8 @@ def database_errors(engine: Engine) -> Iterator[None]:
 
 def _translate(engine: Engine, original: BaseException | None) -> MaxtwoError:
     where = redact(engine.url)
-    detail = _first_line(original)
-    for secret in secrets_of(engine.url):
-        # APPSEC: a driver may quote the connection string; never let the password through.
-        detail = detail.replace(secret, "***")
+    # APPSEC: a driver may quote the connection string; never let the password through.
+    detail = redact_message(_first_line(original), engine.url)
     psycopg = sys.modules.get("psycopg")  # None: no psycopg error was raised (driver_errors())
     if psycopg is not None and isinstance(original, psycopg.errors.QueryCanceled):
         return DatabaseBusyError(

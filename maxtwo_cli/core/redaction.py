@@ -1,0 +1,46 @@
+"""Keeping database passwords out of every message: what a text may quote of one, masked.
+
+Light on purpose (only `re`): the CLI masks its usage errors with it before any database code
+is imported.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+MASK = "***"
+
+# A URL's password (scheme://user:PASSWORD@host): up to the last "@" of the word, so that an
+# unencoded "@" or "/" in the password does not leave its end showing.
+_URL_PASSWORD = re.compile(r"(://[^\s/:@]*:)\S*(@)")
+# libpq's secret keywords, in a connection string (password=...) or a URL's query (?password=...).
+_KEYWORD_SECRET = re.compile(r"(?i)\b((?:ssl)?password|sslkey)(\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&'\"]+)")
+
+
+def mask_secret_syntax(text: str) -> str:
+    """`text` with the password of every URL in it, and every password=... value, masked."""
+    text = _URL_PASSWORD.sub(rf"\g<1>{MASK}\g<2>", text)
+    return _KEYWORD_SECRET.sub(rf"\g<1>\g<2>{MASK}", text)
+
+
+def redact_text(text: str, secrets: Iterable[str] = (), public: Iterable[str] = ()) -> str:
+    """`text` with the secrets it may quote masked: in URL and keyword syntax whatever their
+    value (mask_secret_syntax), and each of `secrets` wherever it stands as a word of its own.
+
+    NOTE: as a word of its own, not as any substring: masking every "s" of a message gave a
+    password "s" away ("pa***word"). And not at all for a secret that is also a word of a
+    `public` part of the URL (user, host, port, database: what a driver's messages quote): a
+    password "maxtwo" for the user "maxtwo", masked in 'for user "maxtwo"', would tell what the
+    password is."""
+    text = mask_secret_syntax(text)
+    public = list(public)
+    for secret in secrets:
+        word = _word(secret)
+        if secret and not any(word.search(part) for part in public):
+            text = word.sub(MASK, text)
+    return text
+
+
+def _word(secret: str) -> re.Pattern[str]:
+    return re.compile(rf"(?<![0-9A-Za-z]){re.escape(secret)}(?![0-9A-Za-z])")

@@ -69,7 +69,8 @@ def test_a_sqlite_file_another_process_is_writing_in_its_first_journal_mode_is_w
     deadlock). maxtwo tries again within the busy timeout instead of failing."""
     path = tmp_path / "maxtwo.db"
     writer = sqlite3.connect(path if held == "main" else db.sqlite_query_state_path(path), isolation_level=None)
-    writer.execute("CREATE TABLE other (x)")
+    # (A table of maxtwo's name: a file of another program's tables would be refused instead.)
+    writer.execute(f"CREATE TABLE {db.SQLITE_OWN_TABLE} (x)")
     writer.execute("BEGIN IMMEDIATE")
     waits = []
 
@@ -333,6 +334,26 @@ def assert_refused_and_left_alone(settings, table, columns, row, problem):
         tables = sa.inspect(conn).get_table_names()
     assert "randomizer_state" not in tables  # all-or-nothing: nothing was created either
     engine.dispose()
+
+
+@pytest.mark.parametrize("tables", [["notes (x)"], ["users (id INTEGER PRIMARY KEY, name TEXT)", "notes (x)"]],
+                         ids=["unrelated", "a-users-table"])
+def test_another_programs_sqlite_file_is_refused_untouched(tmp_path, tables):
+    """Not only its tables: WAL mode would stay with the file, and a -query file appear beside it."""
+    path = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(path)) as other:
+        for table in tables:
+            other.execute(f"CREATE TABLE {table}")
+        other.commit()
+    content = path.read_bytes()
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}"))
+    with pytest.raises(SchemaMismatchError, match=r"another program's tables .* maxtwo will not touch it"):
+        schema.ensure_schema(engine)
+    engine.dispose()
+    assert path.read_bytes() == content
+    assert sorted(tmp_path.iterdir()) == [path]  # no -query file, no -wal
+    with contextlib.closing(sqlite3.connect(path)) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone() == ("delete",)
 
 
 def test_a_file_that_is_not_sqlite_is_refused_and_left_alone(tmp_path):

@@ -51,6 +51,10 @@ ONE_FILE_OPTION = "maxtwo_one_file"
 # first); docs/design.md lists the few that do.
 SQLITE_QUERY_SCHEMA = "maxtwo_query"
 
+# A table every maxtwo SQLite file holds (since the first release): a file with tables but not this
+# one is another program's.
+SQLITE_OWN_TABLE = "randomizer_state"
+
 URL_HELP = "expected sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"
 
 # Driver names a user may write, and the one SQLAlchemy gets: a plain postgresql:// means psycopg 3.
@@ -217,6 +221,7 @@ def _create_sqlite_engine(url: URL, settings: Settings, pool_size: int) -> Engin
         # DEFERRED); maxtwo emits its own BEGIN IMMEDIATE below, the SQLAlchemy-documented way.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
+        _refuse_another_programs_file(cursor, path)
         # WAL lets readers go on while one writer works; FULL keeps every commit durable.
         busy_until = time.monotonic() + settings.statement_timeout
         _execute_when_free(cursor, "PRAGMA journal_mode=WAL", busy_until=busy_until)
@@ -238,6 +243,19 @@ def _create_sqlite_engine(url: URL, settings: Settings, pool_size: int) -> Engin
         connection.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
 
     return engine
+
+
+def _refuse_another_programs_file(cursor: sqlite3.Cursor, path: Path) -> None:
+    """Refuse a SQLite file that holds tables but none of maxtwo's, before anything in it or
+    beside it changes: WAL mode stays with a file, and the query-state file would appear beside it."""
+    tables = sorted(name for (name,) in cursor.execute("SELECT name FROM main.sqlite_master WHERE type = 'table'")
+                    if not name.startswith("sqlite_"))
+    if tables and SQLITE_OWN_TABLE not in tables:
+        shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+        raise SchemaMismatchError(
+            f"the SQLite file {path} holds another program's tables ({shown}) and none of maxtwo's; "
+            "maxtwo will not touch it, point --database-url at another file"
+        )
 
 
 # Between two tries of _execute_when_free: the other process's switch takes about a millisecond.

@@ -466,3 +466,17 @@ def test_postgres_users_table_is_built_for_hot_updates(postgres_engine):
         )).scalars().all()
     assert "fillfactor=50" in options
     assert indexed == ["id"]
+
+
+def test_a_complete_postgres_database_is_checked_without_waiting_for_the_users_lock(postgres_engine, postgres_url):
+    """A seed holds the users table's exclusive lock until it commits. Every command checks the
+    schema first, and that check waited for the lock (SQLAlchemy's reflection deparses column
+    defaults): an increment, which never reads users, failed after the statement timeout."""
+    engine = db.create_engine(Settings(database_url=postgres_url, statement_timeout=2.0))
+    try:
+        with postgres_engine.connect() as seeding:
+            seeding.execute(sa.text("LOCK TABLE users IN ACCESS EXCLUSIVE MODE"))
+            schema.ensure_schema(engine)  # a wait here: DatabaseBusyError after 2 s
+            assert increment(engine, "during-a-seed", 1).total == 1
+    finally:
+        engine.dispose()

@@ -259,11 +259,14 @@ def _query_state_of(conn: sa.Connection) -> sa.Table:
 def _is_complete(conn: sa.Connection) -> bool:
     """Whether every table, column and state row is there (and nothing is left to move)."""
     inspector = sa.inspect(conn)
-    for table in _tables_of(conn):
-        if not inspector.has_table(table.name, schema=table.schema):
-            return False
-        if not set(table.columns.keys()) <= _column_names(inspector, table):
-            return False
+    tables = _tables_of(conn)
+    if is_postgres(conn):
+        found = _postgres_column_names(conn, tables)
+    else:
+        found = {table.name: _column_names(inspector, table) for table in tables
+                 if inspector.has_table(table.name, schema=table.schema)}
+    if any(not set(table.columns.keys()) <= found.get(table.name, set()) for table in tables):
+        return False
     if not is_postgres(conn) and (
         _has_old_query_state(conn)
         or any(inspector.has_table(name + suffix, schema="main") for name in _sqlite_own_file for suffix in ("", _MOVED_SUFFIX))
@@ -359,6 +362,27 @@ def _add_missing_columns(conn: sa.Connection, tables: list[sa.Table]) -> None:
             if column.name not in found:
                 ddl = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
                 conn.execute(sa.DDL(f"ALTER TABLE {table.fullname} ADD COLUMN {ddl}"))
+
+
+def _postgres_column_names(conn: sa.Connection, tables: list[sa.Table]) -> dict[str, set[str]]:
+    """The column names of each of `tables` that the search path finds, by table name, read
+    from the catalogs alone.
+
+    NOTE: not SQLAlchemy's reflection, which deparses each column's default (pg_get_expr) and so
+    waits for a lock on the table: a seed holds the users table's exclusive lock until it commits,
+    and every command (an increment, which never reads users) waited for it, or timed out."""
+    rows = conn.execute(
+        sa.text(
+            "SELECT c.relname, a.attname FROM pg_catalog.pg_class c"
+            " JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped"
+            " WHERE c.relname = ANY(:names) AND c.relkind IN ('r', 'p') AND pg_catalog.pg_table_is_visible(c.oid)"
+        ),
+        {"names": [table.name for table in tables]},
+    )
+    found: dict[str, set[str]] = {}
+    for table_name, column_name in rows:
+        found.setdefault(table_name, set()).add(column_name)
+    return found
 
 
 def _column_names(inspector: sa.Inspector, table: sa.Table) -> set[str]:

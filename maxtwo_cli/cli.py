@@ -103,6 +103,16 @@ class OneLineErrors(typer.core.TyperGroup):
         # In non-standalone mode an Exit comes back as its code, success as the command's None.
         sys.exit(outcome if isinstance(outcome, int) else 0)
 
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            # Typer makes it exit 130 (128 + SIGINT, as shells do) without a word; whether the
+            # change had committed is not known here, so the line says what holds either way.
+            print("Error: interrupted; a change not yet committed was rolled back, one committed is kept",
+                  file=sys.stderr)
+            raise
+
 
 class _ClosedOutput(io.TextIOBase):
     """Standard output for a process started without one: writing is an error, as to a closed

@@ -257,3 +257,16 @@ def test_a_seed_whose_statistics_were_not_refreshed_succeeds_with_a_note(postgre
     assert result.stdout.startswith("seeded 100 users")
     assert result.stderr.strip() == ("note: the planner's statistics were not refreshed; autovacuum will, "
                                      "or run VACUUM (ANALYZE) users")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(postgres_url, monkeypatch):
+    """Here after the seed committed (PostgreSQL's VACUUM runs after it): its users stay."""
+    from maxtwo_cli.core import seed as seed_module
+
+    def interrupted(engine):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(seed_module, "_vacuum_users", interrupted)
+    result = invoke("seed", "--count", "100", "--database-url", postgres_url)
+    assert_one_line_error(result, "interrupted", "rolled back", "committed is kept", exit_code=130)
+    assert "already holds 100 users" in invoke("seed", "--count", "100", "--database-url", postgres_url).stderr

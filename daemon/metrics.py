@@ -46,6 +46,14 @@ class Metrics:
             "Unix time of the last successful randomization this process performed.",
             registry=self.registry,
         )
+        self.http_refused = Counter(
+            "maxtwo_http_refused_total",
+            "HTTP requests the server refused before the app saw them (a malformed request, headers "
+            "or a body too large, an unknown transfer coding, no Host), by status code; not in "
+            "maxtwo_http_requests_total.",
+            ["status"],
+            registry=self.registry,
+        )
         self.randomize_failures = Counter(
             "maxtwo_randomize_failures_total",
             "Scheduled randomizations that failed (and were retried at the next interval).",

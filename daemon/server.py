@@ -171,7 +171,8 @@ def serve_requests(
     watchdog: Watchdog | None = None
     try:
         app = create_app(settings, request_engine, metrics=metrics, batchers=batchers)
-        server = open_transport(app, listener, settings.threads, batched_routes(batchers), options)
+        server = open_transport(app, listener, settings.threads, batched_routes(batchers), options,
+                                on_refused=lambda status: metrics.http_refused.labels(status=str(status)).inc())
         watchdog = Watchdog(
             interval=systemd.watchdog_interval(),
             loop_stale_after=LOOP_STALE_SECONDS,
@@ -215,7 +216,8 @@ def draining_turn(watchdog: Watchdog, batchers: Batchers) -> Callable[[], None]:
 
 
 def open_transport(
-    app: Callable, listener: socket.socket, threads: int, lanes: list[transport.Lane], options: TransportOptions
+    app: Callable, listener: socket.socket, threads: int, lanes: list[transport.Lane], options: TransportOptions,
+    on_refused: Callable[[int], None] | None = None,
 ) -> transport.Transport:
     """The transport `maxtwo serve` answers on, `lanes` (if any) taking LANE_ROUTES' requests
     unless options turn them off.
@@ -231,6 +233,7 @@ def open_transport(
         quiet_channel=options.quiet_channel,
         one_pull=options.one_pull,
         accept_backlog=options.accept_backlog,
+        on_refused=on_refused,
     )
 
 

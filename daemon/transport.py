@@ -182,6 +182,12 @@ class JsonErrorTask(ErrorTask):
         if not isinstance(self.request.error, _JsonError):
             self.request.error = _JsonError(self.request.error)
         super().execute()
+        on_refused = getattr(self.channel.server, "on_refused", None)  # see Transport
+        if on_refused is not None:
+            try:
+                on_refused(self.request.error.error.code)
+            except Exception:  # a metrics callback must never cost the connection its answer
+                log.exception("on_refused callback failed")
 
     @property
     def has_body(self) -> bool:
@@ -366,6 +372,8 @@ class Transport:
     with the change poller); off only to measure what it is worth.
     `accept_backlog`: up to ACCEPTS_PER_TURN waiting connections accepted per turn of the loop
     (accept_waiting()); off only to measure what it is worth.
+    `on_refused(status)`: called for each request waitress answers itself, refused before the
+    app saw it (JsonErrorTask), with its status code: the app never counts those.
     """
 
     def __init__(
@@ -379,6 +387,7 @@ class Transport:
         quiet_channel: bool = True,
         one_pull: bool = True,
         accept_backlog: bool = True,
+        on_refused: Callable[[int], None] | None = None,
     ) -> None:
         lanes = list(lanes)
         dispatcher = None
@@ -396,6 +405,7 @@ class Transport:
         )
         if quiet_channel:
             self.server.channel_class = QuietChannel
+            self.server.on_refused = on_refused
         if accept_backlog:
             server, accept_one = self.server, self.server.handle_accept
             server.handle_accept = lambda: accept_waiting(server, accept_one)

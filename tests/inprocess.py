@@ -34,13 +34,14 @@ def running(
     options: TransportOptions = TransportOptions(),
     on_turn: Callable[[], None] = lambda: None,
     lanes: list[Lane] | None = None,
+    on_refused: Callable[[int], None] | None = None,
 ) -> Iterator[Running]:
     """`batchers`: GET / and POST /increment go through the lanes with them (if options.lane);
-    `lanes`: through these lanes instead."""
+    `lanes`: through these lanes instead. `on_refused`: see transport.Transport."""
     listener = socket.create_server(("127.0.0.1", 0), backlog=128)
     if lanes is None:
         lanes = batched_routes(batchers) if batchers is not None else []
-    transport = open_transport(app, listener, threads, lanes, options)
+    transport = open_transport(app, listener, threads, lanes, options, on_refused=on_refused)
     stop = threading.Event()
     loop = threading.Thread(target=transport.serve_until, args=(stop.is_set, on_turn), daemon=True)
     loop.start()

@@ -58,6 +58,13 @@ def test_serve_end_to_end(database_url, tmp_path):
         assert len(set(seen)) == 3
         assert all(min(points) >= 0 and max(points) <= 100 for points in seen)
 
+        # A request waitress refuses itself, before the app sees it, is counted all the same.
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\n\r\n")  # no Host
+            assert sock.recv(100).startswith(b"HTTP/1.1 400")
+        metrics = daemon.get("/metrics")[1]
+        assert 'maxtwo_http_refused_total{status="400"} 1.0' in metrics
+
         assert daemon.terminate() == 0
         assert "Traceback" not in daemon.log()
         engine.dispose()

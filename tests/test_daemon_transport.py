@@ -233,9 +233,11 @@ HEADER_AT_LIMIT = _HEADER_START + b"y" * (Adjustments().max_request_header_size 
     (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
 ], ids=["no-host", "malformed-header", "headers-too-large", "body-too-large", "unknown-transfer-coding"])
 def test_the_errors_waitress_answers_itself_are_json_in_the_apps_shape(request_bytes, status):
-    with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
+    refused = []
+    with running(hello, on_refused=refused.append) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
         sock.sendall(request_bytes)
         answer = read_all(sock)  # and the connection closed after it
+    assert refused == [status]  # told, for the metrics: the app never sees these
     code, headers, body = json_answer(answer)
     assert code == status and headers["connection"] == "close"
     # The title as the app's own errors have it (falcon's: waitress's 413 is "Request Entity Too Large").

@@ -154,7 +154,7 @@ def openapi_document() -> dict[str, Any]:
                             "description": "The counter.",
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Counter"}}},
                         },
-                        "404": _error("No counter under this key: it was never incremented."),
+                        "404": _error("No counter under this key: it was never incremented (or POST /increment would refuse the key)."),
                         "503": _unavailable(
                             "The database is unavailable, or too many reads wait for it; retry after Retry-After seconds."
                         ),

@@ -123,7 +123,7 @@ def serve(settings: Settings, options: TransportOptions = TransportOptions()) ->
         listener = bind(settings)
         try:
             prepare_database(engine, settings)
-            listener.listen(transport.BACKLOG)
+            start_listening(listener, settings)
         except BaseException:
             listener.close()
             raise
@@ -350,8 +350,21 @@ def listening_url(address: tuple) -> str:
 def listen(settings: Settings) -> socket.socket:
     """The listening socket for settings.host and settings.port (0: any free port)."""
     sock = bind(settings)
-    sock.listen(transport.BACKLOG)
+    try:
+        start_listening(sock, settings)
+    except BindError:
+        sock.close()
+        raise
     return sock
+
+
+def start_listening(sock: socket.socket, settings: Settings) -> None:
+    """Listen on a bound socket. NOTE: SO_REUSEADDR lets two sockets bind one port while
+    neither listens yet (two daemons started at once on the same port): the second learns here."""
+    try:
+        sock.listen(transport.BACKLOG)
+    except OSError as ex:
+        raise _cannot_listen(settings, ex) from None
 
 
 def bind(settings: Settings) -> socket.socket:
@@ -380,6 +393,10 @@ def bind(settings: Settings) -> socket.socket:
         sock.bind(address)
     except OSError as ex:
         sock.close()
-        reason = "the port is already in use" if ex.errno == errno.EADDRINUSE else ex.strerror
-        raise BindError(f"cannot listen on {settings.host}:{settings.port}: {reason}") from None
+        raise _cannot_listen(settings, ex) from None
     return sock
+
+
+def _cannot_listen(settings: Settings, error: OSError) -> BindError:
+    reason = "the port is already in use" if error.errno == errno.EADDRINUSE else error.strerror
+    return BindError(f"cannot listen on {settings.host}:{settings.port}: {reason}")

@@ -181,13 +181,15 @@ class JsonErrorTask(ErrorTask):
         # connection after the answer, Content-Length) stays waitress's.
         if not isinstance(self.request.error, _JsonError):
             self.request.error = _JsonError(self.request.error)
-        super().execute()
-        on_refused = getattr(self.channel.server, "on_refused", None)  # see Transport
-        if on_refused is not None:
-            try:
-                on_refused(self.request.error.error.code)
-            except Exception:  # a metrics callback must never cost the connection its answer
-                log.exception("on_refused callback failed")
+        try:
+            super().execute()
+        finally:  # counted even when the client is gone before the answer
+            on_refused = getattr(self.channel.server, "on_refused", None)  # see Transport
+            if on_refused is not None:
+                try:
+                    on_refused(self.request.error.error.code)
+                except Exception:  # a metrics callback must never cost the connection its answer
+                    log.exception("on_refused callback failed")
 
     @property
     def has_body(self) -> bool:
@@ -286,9 +288,9 @@ class IdleReclaimer:
     """At the connection limit, with a client waiting in the listening socket's backlog: close
     the connection idle longest (for at least RECLAIM_IDLE_SECONDS), or failing that the one
     whose request has been arriving longest (for at least RECLAIM_SLOW_REQUEST_SECONDS), so
-    that the client is taken in. Called by the serving loop at every turn; cheap below the limit. One connection per
-    turn, and the waiting client accepted at once: how many clients wait is not known, and each
-    closed connection is one a client may want again.
+    that the client is taken in. Called by the serving loop at every turn; cheap below the
+    limit. One connection per turn, and the waiting client accepted at once: how many clients
+    wait is not known, and each closed connection is one a client may want again.
 
     NOTE: waitress stops accepting at its connection limit until a connection closes by itself.
     Idle keep-alive connections (a client's pool, a proxy's kept connections, or anyone's) then

@@ -16,7 +16,16 @@ import sqlalchemy as sa
 from daemon import server as server_module
 from daemon.batcher import Batchers, QueryKind
 from daemon.metrics import Metrics
-from daemon.server import BindError, StopRequest, listen, listening_url, serve, serve_requests
+from daemon.server import (
+    BindError,
+    StopRequest,
+    bind,
+    listen,
+    listening_url,
+    serve,
+    serve_requests,
+    start_listening,
+)
 from daemon.transport import QuietChannel
 from maxtwo_cli.core.errors import DatabaseUnavailableError, MaxtwoError
 from maxtwo_cli.core.query import QueryResult
@@ -58,6 +67,20 @@ def test_a_port_in_use_fails_before_the_database_is_touched(tmp_path, monkeypatc
         with pytest.raises(BindError, match="already in use"):
             serve(settings)
     assert not database.exists()
+
+
+def test_two_daemons_binding_one_port_at_once_the_second_fails_to_listen_in_one_line():
+    """SO_REUSEADDR lets both bind while neither listens: the second learns at listen()."""
+    first = bind(Settings(database_url="sqlite:///x.db", port=0))
+    settings = Settings(database_url="sqlite:///x.db", port=first.getsockname()[1])
+    second = bind(settings)
+    try:
+        start_listening(first, settings)
+        with pytest.raises(BindError, match="already in use"):
+            start_listening(second, settings)
+    finally:
+        first.close()
+        second.close()
 
 
 def test_no_connection_is_taken_while_the_database_is_prepared(tmp_path, monkeypatch):

@@ -74,6 +74,11 @@ def test_a_url_parameter_error_never_quotes_the_password():
     ("(postgresql://u:Top@Sec/ret@db.example/maxtwo)", [], [], "(postgresql://u:***@db.example/maxtwo)"),
     ("host=x password='a b\\' c' user=u", [], [], "host=x password=*** user=u"),
     ("postgresql://u@h/db?sslpassword=xyz&password=abc", [], [], "postgresql://u@h/db?sslpassword=***&password=***"),
+    ('host=x password="top secret" user=u', [], [], "host=x password=*** user=u"),
+    # A known secret goes first, whole, however the syntax would cut it; the longer of two first.
+    ("?password=ab'cd&x=1", ["ab'cd"], [], "?password=***&x=1"),
+    ("(postgresql://u:a b@h/db)", ["a b"], [], "(postgresql://u:***@h/db)"),
+    ("ab-cd and ab", ["ab", "ab-cd"], [], "*** and ***"),
     ("sqlite:////tmp/a:b@c.db, http://h:80/p", [], [], "sqlite:////tmp/a:b@c.db, http://h:80/p"),
 ])
 def test_redact_text(text, secrets, public, expected):

@@ -12,10 +12,14 @@ from collections.abc import Iterable
 MASK = "***"
 
 # A URL's password (scheme://user:PASSWORD@host): up to the last "@" of the word, so that an
-# unencoded "@" or "/" in the password does not leave its end showing.
+# unencoded "@" or "/" in the password does not leave its end showing. (A space is no part of a
+# URL: a password holding one unencoded is masked only where it is known, redact_text's secrets.)
 _URL_PASSWORD = re.compile(r"(://[^\s/:@]*:)\S*(@)")
-# libpq's secret keywords, in a connection string (password=...) or a URL's query (?password=...).
-_KEYWORD_SECRET = re.compile(r"(?i)\b((?:ssl)?password|sslkey)(\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&'\"]+)")
+# libpq's secret keywords, in a connection string (password=...) or a URL's query (?password=...),
+# their value quoted either way or bare.
+_KEYWORD_SECRET = re.compile(
+    r"""(?i)\b((?:ssl)?password|sslkey)(\s*=\s*)('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s&]+)"""
+)
 
 
 def mask_secret_syntax(text: str) -> str:
@@ -33,13 +37,14 @@ def redact_text(text: str, secrets: Iterable[str] = (), public: Iterable[str] = 
     `public` part of the URL (user, host, port, database: what a driver's messages quote): a
     password "maxtwo" for the user "maxtwo", masked in 'for user "maxtwo"', would tell what the
     password is."""
-    text = mask_secret_syntax(text)
     public = list(public)
-    for secret in secrets:
+    # The secrets first, and the longest first: the syntax's masks, or a shorter secret's, would
+    # leave a longer one in pieces that no longer match whole.
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
         word = _word(secret)
-        if secret and not any(word.search(part) for part in public):
+        if not any(word.search(part) for part in public):
             text = word.sub(MASK, text)
-    return text
+    return mask_secret_syntax(text)
 
 
 def _word(secret: str) -> re.Pattern[str]:

@@ -13,7 +13,7 @@ MASK = "***"
 
 # A URL's password (scheme://user:PASSWORD@host): up to the last "@" of the word, so that an
 # unencoded "@" or "/" in the password does not leave its end showing. (A space is no part of a
-# URL: a password holding one unencoded is masked only where it is known, redact_text's secrets.)
+# URL: a password holding one unencoded is not masked in one.)
 _URL_PASSWORD = re.compile(r"(://[^\s/:@]*:)\S*(@)")
 # libpq's secret keywords, in a connection string (password=...) or a URL's query (?password=...),
 # their value quoted either way or bare.
@@ -30,21 +30,26 @@ def mask_secret_syntax(text: str) -> str:
 
 def redact_text(text: str, secrets: Iterable[str] = (), public: Iterable[str] = ()) -> str:
     """`text` with the secrets it may quote masked: in URL and keyword syntax whatever their
-    value (mask_secret_syntax), and each of `secrets` wherever it stands as a word of its own.
+    value (mask_secret_syntax), and each of `secrets` where it stands as a word of its own in a
+    quoted value ("..." or '...': drivers and libraries quote what they echo, 'p4ssw0rd').
 
-    NOTE: as a word of its own, not as any substring: masking every "s" of a message gave a
-    password "s" away ("pa***word"). And not at all for a secret that is also a word of a
-    `public` part of the URL (user, host, port, database: what a driver's messages quote): a
-    password "maxtwo" for the user "maxtwo", masked in 'for user "maxtwo"', would tell what the
-    password is."""
+    NOTE: not as any substring, nor as a word of the message's own text: masking every "s" gave
+    a password "s" away ("pa***word", "the URL'*** host"). And not at all for a secret that is
+    also a word of a `public` part of the URL (user, host, port, database: what a driver's
+    messages quote): a password "maxtwo" for the user "maxtwo", masked in 'for user "maxtwo"',
+    would tell what the password is."""
     public = list(public)
     # The secrets first, and the longest first: the syntax's masks, or a shorter secret's, would
     # leave a longer one in pieces that no longer match whole.
     for secret in sorted(filter(None, secrets), key=len, reverse=True):
         word = _word(secret)
         if not any(word.search(part) for part in public):
-            text = word.sub(MASK, text)
+            text = _QUOTED.sub(lambda quoted, word=word: word.sub(MASK, quoted.group(0)), text)
     return mask_secret_syntax(text)
+
+
+# A quoted value: its quotes standing apart from letters and digits (the "'" of "URL's" opens none).
+_QUOTED = re.compile(r"""(?<![0-9A-Za-z])(["']).*?\1(?![0-9A-Za-z])""")
 
 
 def _word(secret: str) -> re.Pattern[str]:

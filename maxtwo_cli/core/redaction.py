@@ -20,6 +20,8 @@ _URL_PASSWORD = re.compile(r"(://[^\s/:@]*:)\S*(@)")
 _KEYWORD_SECRET = re.compile(
     r"""(?i)\b((?:ssl)?password|sslkey)(\s*=\s*)('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s&]+)"""
 )
+# A quoted value: its quotes standing apart from letters and digits (the "'" of "URL's" opens none).
+_QUOTED = re.compile(r"""(?<![0-9A-Za-z])(["']).*?\1(?![0-9A-Za-z])""")
 
 
 def mask_secret_syntax(text: str) -> str:
@@ -46,10 +48,6 @@ def redact_text(text: str, secrets: Iterable[str] = (), public: Iterable[str] = 
         if not any(word.search(part) for part in public):
             text = _QUOTED.sub(lambda quoted, word=word: word.sub(MASK, quoted.group(0)), text)
     return mask_secret_syntax(text)
-
-
-# A quoted value: its quotes standing apart from letters and digits (the "'" of "URL's" opens none).
-_QUOTED = re.compile(r"""(?<![0-9A-Za-z])(["']).*?\1(?![0-9A-Za-z])""")
 
 
 def _word(secret: str) -> re.Pattern[str]:

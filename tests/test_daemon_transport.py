@@ -130,7 +130,7 @@ def test_the_hooks_the_transport_reads_on_live_objects_still_exist(tmp_path):
             sock.recv(100)
             [channel] = list(server.active_channels.values())
             missing += [f"channel.{name}" for name in ("requests", "request", "total_outbufs_len", "last_activity",
-                                                       "will_close", "close_when_flushed", "_fileno", "adj",
+                                                       "will_close", "close_when_flushed", "_fileno", "adj", "server",
                                                        "handle_close", "socket")
                         if not hasattr(channel, name)]
             missing += [f"channel.adj.{name}" for name in ("outbuf_high_watermark",)

@@ -294,7 +294,9 @@ class HealthResource:
             log.warning("health check failed: %s", ex)
             resp.status = falcon.HTTP_503
             resp.set_header("Retry-After", str(RETRY_AFTER_SECONDS))
-            resp.media = {"status": "unavailable", "description": "the database does not answer"}
+            # A full read room is said as such: the database may answer, slowly, or not at all.
+            description = str(ex) if isinstance(ex, DatabaseBusyError) else "the database does not answer"
+            resp.media = {"status": "unavailable", "description": description}
             return
         if refused is not None:
             # NOTE: a database that answers but refuses every write serves nothing: GET / and

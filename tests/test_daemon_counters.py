@@ -238,6 +238,7 @@ def test_reads_waiting_for_the_database_hold_at_most_half_the_threads(settings, 
         # One of three threads may wait for the database on these routes: the next one is refused.
         refused = client.simulate_get("/healthz")
         assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+        assert refused.json["description"] == "every request thread allowed to read the database is waiting for it"
         assert client.simulate_get("/metrics").status_code == 200
     finally:
         gate.set()

@@ -375,6 +375,8 @@ def bind(settings: Settings) -> socket.socket:
         addresses = socket.getaddrinfo(
             host, settings.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
         )
+    except socket.gaierror as ex:  # a host name the resolver does not know, or no resolver
+        raise BindError(f"cannot listen on {settings.host!r}: cannot resolve it ({ex.strerror})") from None
     except (OSError, UnicodeError):
         raise BindError(f"cannot listen on {settings.host!r}: not an address or host name") from None
     if len({address[4] for address in addresses}) > 1:

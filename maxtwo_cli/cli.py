@@ -106,6 +106,10 @@ class OneLineErrors(typer.core.TyperGroup):
     def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError as ex:
+            # NOTE: caught here, before Click's main() does: Click silences stderr too on a
+            # closed pipe and exits 1, which would hide that the command's change is committed.
+            _output_failed(ex)
         except KeyboardInterrupt:
             # Typer makes it exit 130 (128 + SIGINT, as shells do) without a word; whether the
             # change had committed is not known here, so the line says what holds either way.
@@ -130,8 +134,11 @@ def _output_failed(error: OSError) -> NoReturn:
     with contextlib.suppress(OSError, ValueError, AttributeError):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     done = "".join(f"; {what}" for what in _done)
-    with contextlib.suppress(OSError):
-        print(f"Error: cannot write the output ({error.strerror or error}){done}", file=sys.stderr)
+    # A reader that stopped early (`maxtwo counters | head`) is told nothing it did not ask
+    # for, as with any command in a pipe; unless the command changed something.
+    if done or not isinstance(error, BrokenPipeError):
+        with contextlib.suppress(OSError):
+            print(f"Error: cannot write the output ({error.strerror or error}){done}", file=sys.stderr)
     sys.exit(1)
 
 
@@ -505,7 +512,8 @@ def counters(
         table.add_row(Text(_printable(key)), str(total))
     _console().print(table)
     if more:
-        _console().print(f"the first {limit} counters by key; --limit {min(limit * 10, MAX_COUNTERS_LISTED)} shows more")
+        shown = "the first counter" if limit == 1 else f"the first {limit:,} counters"
+        _console().print(f"{shown} by key; --limit {min(limit * 10, MAX_COUNTERS_LISTED)} shows more")
 
 
 def _interval(value: float) -> float:

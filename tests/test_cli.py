@@ -180,6 +180,11 @@ def test_unwritable_sqlite_directory_is_a_one_line_error(tmp_path):
     assert_one_line_error(result, "SQLite file")
 
 
+def test_a_sqlite_path_that_is_a_directory_is_said_to_be_one(tmp_path):
+    result = invoke("query", "--database-url", f"sqlite:///{tmp_path}")
+    assert_one_line_error(result, "it is a directory")
+
+
 def test_debug_shows_the_traceback(tmp_path):
     result = runner.invoke(
         app,

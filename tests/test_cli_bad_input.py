@@ -81,6 +81,28 @@ def test_output_that_cannot_be_written_is_one_line_saying_what_was_done(tmp_path
     assert maxtwo("counters", "--json", "--database-url", url).stdout == '{"counters": [{"key": "k", "value": 1}]}\n'
 
 
+def closed_pipe() -> int:
+    """The writing end of a pipe whose reader is gone: every write fails with EPIPE."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    return writer
+
+
+def test_a_closed_pipe_says_what_was_done_and_nothing_when_nothing_was(tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    writer = closed_pipe()
+    try:
+        # `maxtwo increment k 1 | head -c0`: the increment is in, and the line says so.
+        applied = maxtwo("increment", "k", "1", "--database-url", url, stdout=writer)
+        # `maxtwo counters | head`: a reader that stopped early is told nothing.
+        listed = maxtwo("counters", "--database-url", url, stdout=writer)
+    finally:
+        os.close(writer)
+    assert applied.returncode == 1 and applied.stderr.count("\n") == 1, applied.stderr
+    assert "Broken pipe" in applied.stderr and "the increment is committed (total 1)" in applied.stderr
+    assert (listed.returncode, listed.stderr) == (1, "")
+
+
 def test_a_key_the_terminal_cannot_show_is_shown_escaped(tmp_path):
     url = f"sqlite:///{tmp_path / 'x.db'}"
     latin_1 = {**os.environ, "PYTHONIOENCODING": "latin-1"}

@@ -224,6 +224,8 @@ def test_counters_limit(database_url):
     result = invoke("counters", "--limit", "2", "--database-url", database_url)
     assert result.exit_code == 0, result.output
     assert "the first 2 counters by key; --limit 20 shows more" in result.stdout
+    one = invoke("counters", "--limit", "1", "--database-url", database_url)
+    assert "the first counter by key; --limit 10 shows more" in one.stdout
 
 
 def test_the_more_hint_only_when_there_are_more(database_url):

@@ -51,8 +51,17 @@ def test_a_host_with_several_addresses_is_refused_in_one_line(monkeypatch):
 
 
 def test_a_host_that_is_no_address_is_a_bind_error():
-    with pytest.raises(BindError):
+    with pytest.raises(BindError, match="not an address or host name"):
         listen(Settings(database_url="sqlite:///x.db", host="no such host..", port=0))
+
+
+def test_a_host_name_that_does_not_resolve_is_said_to_be_one(monkeypatch):
+    def unknown(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unknown)
+    with pytest.raises(BindError, match=r"'nosuchhost.invalid': cannot resolve it \(Name or service not known\)"):
+        listen(Settings(database_url="sqlite:///x.db", host="nosuchhost.invalid", port=0))
 
 
 def test_a_port_in_use_fails_before_the_database_is_touched(tmp_path, monkeypatch):

@@ -404,6 +404,8 @@ def _sqlite_advice(path: str | None, error: sqlite3.OperationalError, detail: st
     if name.startswith("SQLITE_IOERR"):
         return (f"the SQLite file {path} could not be read or written ({detail}, {name}); check "
                 "its file system: full, read-only or failing")
+    if path and os.path.isdir(path):
+        return f"cannot use the SQLite file {path}: it is a directory; give the path of a file in it"
     return (f"cannot use the SQLite file {path}: {detail}; "
             "check that its directory exists and is writable")
 

@@ -52,14 +52,17 @@ from maxtwo_cli.core.settings import Settings
 
 log = logging.getLogger("maxtwo")
 
-# The shutdown budget (systemd's TimeoutStopSec is 15 s; we promise 10): answer what was
-# accepted, then give a running randomization the rest.
+# The shutdown budget, from the signal (systemd's TimeoutStopSec is 15 s; we promise 10, and
+# keep a second for the process's own exit): answer what was accepted, then give a running
+# randomization what is left.
+SHUTDOWN_SECONDS = 9.0
 DRAIN_SECONDS = 5.0
 # Requests still waiting for the database this long into the drain, behind a batch that has
 # run this long (a healthy one takes milliseconds), are answered 503: their batcher abandons
 # them, and the rest of the drain sends those answers.
 ABANDON_AFTER_SECONDS = 4.0
 STUCK_BATCH_SECONDS = 1.0
+# For a running randomization when the daemon stops for another reason than a signal.
 SCHEDULER_STOP_SECONDS = 3.0
 # The batcher gives its connection back (a stuck transaction is not waited out).
 BATCHER_STOP_SECONDS = 1.0
@@ -93,9 +96,18 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.at: float | None = None  # time.monotonic() of the first signal
 
     def __call__(self, signum: int, _frame: object = None) -> None:
         self.signal = signum
+        if self.at is None:
+            self.at = time.monotonic()
+
+    def time_left(self) -> float:
+        """Seconds left of the shutdown budget; SCHEDULER_STOP_SECONDS if no signal started it."""
+        if self.at is None:
+            return SCHEDULER_STOP_SECONDS
+        return max(0.0, self.at + SHUTDOWN_SECONDS - time.monotonic())
 
     def requested(self) -> bool:
         return self.signal is not None
@@ -116,6 +128,7 @@ def serve(settings: Settings, options: TransportOptions = TransportOptions()) ->
     log.info("maxtwo %s starting (pid %d)", __version__, os.getpid())
     engine = db.create_engine(settings, pool_size=2)
     scheduler: RandomizeScheduler | None = None
+    stop = StopRequest()
     try:
         # NOTE: the port taken before the database is prepared, and listened on after: a port in
         # use fails at once rather than after a seed of a million users, and no client waits in
@@ -130,7 +143,7 @@ def serve(settings: Settings, options: TransportOptions = TransportOptions()) ->
         log.info("listening on %s", listening_url(listener.getsockname()))
         # NOTE: from here on, SIGTERM asks for a graceful stop; before, it ends the process at
         # once (a seed in progress is rolled back by the database).
-        stop = StopRequest().install()
+        stop.install()
         metrics = Metrics()
         # Requests and the scheduler get pools of their own, so a burst of requests can never
         # take the connection a randomization needs.
@@ -139,7 +152,9 @@ def serve(settings: Settings, options: TransportOptions = TransportOptions()) ->
                        on_stopping=lambda: _stopping(stop, scheduler), options=options)
     finally:
         if scheduler is not None:
-            scheduler.stop(SCHEDULER_STOP_SECONDS)
+            # NOTE: what the drain and the batchers left of the budget, not a fixed share: a
+            # drain that ran its course, then a stuck randomization, took 10.05 s to exit.
+            scheduler.stop(stop.time_left())
         engine.dispose()
     log.info("stopped")
 

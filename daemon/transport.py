@@ -218,7 +218,10 @@ class JsonErrorTask(ErrorTask):
 class LaneTask(WSGITask):
     def get_environment(self) -> dict[str, Any]:
         environ = super().get_environment()
-        extra = getattr(self.channel, "lane_environ", None)
+        # NOTE: taken, not just read: the channel hands a request pipelined behind this one to
+        # a request thread as soon as this one is answered, before the lane clears it, and that
+        # request must not get this one's outcome and arrival time.
+        extra, self.channel.lane_environ = getattr(self.channel, "lane_environ", None), None
         if extra:
             environ.update(extra)
         return environ

@@ -43,7 +43,7 @@ from waitress import wasyncore
 from waitress.adjustments import Adjustments
 
 from daemon import transport
-from daemon.app import create_app
+from daemon.app import ARRIVED_AT, PREFETCHED_ANSWER, create_app
 from daemon.batcher import Batcher, Batchers, IncrementKind, QueryKind
 from daemon.metrics import Metrics
 from daemon.server import TransportOptions, batched_routes, lanes_for, open_transport
@@ -735,6 +735,36 @@ def test_a_pull_after_a_failed_send_is_not_held(lane_pulls, monkeypatch):
     assert any(closing for _, closing in lane_pulls), lane_pulls
     # Below the high-water mark: the closing connection alone is why the pull was not held.
     assert all(held < Adjustments().outbuf_high_watermark for held, _ in lane_pulls), lane_pulls
+
+
+def test_a_request_pipelined_behind_a_lane_request_gets_none_of_its_environ(monkeypatch):
+    # The lane answers GET / and hands the request behind it to a request thread; that thread
+    # used to read the lane request's outcome and arrival time off the connection if it came
+    # before the lane had cleared them (here it always does: the lane pauses after the handover).
+    real_add_task = transport.LaneDispatcher.add_task
+
+    def pausing_add_task(self, task):
+        real_add_task(self, task)
+        if threading.current_thread().name == LANE_THREAD_NAME:
+            time.sleep(0.005)
+
+    monkeypatch.setattr(transport.LaneDispatcher, "add_task", pausing_add_task)
+    seen: list[dict] = []
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/other":
+            seen.append({name: environ[name] for name in (PREFETCHED_ANSWER, ARRIVED_AT) if name in environ})
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    lanes = lanes_for(at_once, ready, lambda size, timeout: ["the lane's outcome"] * size, max_batch=256, max_wait=10)
+    with running(app, lanes=lanes) as live:
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+                             b"GET /other HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert read_all(sock).count(b"HTTP/1.1 200") == 2
+    assert seen == [{}] * 20
 
 
 # --- the serving loop ----------------------------------------------------------------------

@@ -292,12 +292,11 @@ def is_postgres(engine: Engine | sa.Connection) -> bool:
 LONG_JOB_LOCK_TIMEOUT = 60.0
 
 
-def set_job_timeouts(conn: sa.Connection, statement_timeout: float | None) -> None:
-    """For the rest of this PostgreSQL transaction: bound its statements by `statement_timeout`
-    seconds (None: no bound, for jobs whose length grows with the table) and its lock waits by
-    LONG_JOB_LOCK_TIMEOUT, so that lifting the one never turns a stuck lock into a hang."""
-    statement_ms = 0 if statement_timeout is None else max(1, int(statement_timeout * 1000))
-    conn.execute(sa.select(sa.func.set_config("statement_timeout", str(statement_ms), True)))
+def set_job_timeouts(conn: sa.Connection) -> None:
+    """For the rest of this PostgreSQL transaction: no bound on its statements (a long job's
+    length grows with the table) and its lock waits bounded by LONG_JOB_LOCK_TIMEOUT, so that
+    lifting the one never turns a stuck lock into a hang."""
+    conn.execute(sa.select(sa.func.set_config("statement_timeout", "0", True)))
     lock_ms = int(LONG_JOB_LOCK_TIMEOUT * 1000)
     conn.execute(sa.select(sa.func.set_config("lock_timeout", str(lock_ms), True)))
 

@@ -44,15 +44,15 @@ class RandomizeResult:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
 
-def randomize_points(engine: Engine, *, timeout: float | None = None) -> RandomizeResult:
+def randomize_points(engine: Engine) -> RandomizeResult:
     """Give every user new uniform random points 0..100 and draw a new max_number, atomically.
 
-    `timeout` bounds the transaction's statements on PostgreSQL (None: no bound). Concurrent
-    callers are serialised by the lock on the state row; each of them performs its own run.
+    Concurrent callers are serialised by the lock on the state row; each of them performs its
+    own run. On PostgreSQL its statements have no time bound (db.set_job_timeouts).
     """
     started = time.perf_counter()
     with database_errors(engine), write_behind(sqlite_main_files(engine)), _main_file_only(engine).begin() as conn:
-        outcome = randomize_in_transaction(conn, timeout=timeout)
+        outcome = randomize_in_transaction(conn)
     assert outcome is not None  # unconditional: it always runs
     return _timed(outcome, started)
 
@@ -76,7 +76,10 @@ def randomize_if_due(
             sa.select(sa.func.pg_try_advisory_xact_lock(RANDOMIZE_LOCK_KEY))
         ):
             return None
-        outcome = randomize_in_transaction(conn, timeout=interval, slot=(due_at, interval))
+        # NOTE: no time bound on its statements, as for `maxtwo randomize`: a run longer than
+        # the interval makes the next slot skip (the scheduler), while one cut off at the
+        # interval's end was rolled back every time, and the table never randomized again.
+        outcome = randomize_in_transaction(conn, slot=(due_at, interval))
     return None if outcome is None else _timed(outcome, started)
 
 
@@ -98,7 +101,7 @@ def _timed(outcome: tuple[int, dt.datetime, int], started: float) -> RandomizeRe
 
 
 def randomize_in_transaction(
-    conn: sa.Connection, *, timeout: float | None = None, slot: tuple[dt.datetime, float] | None = None
+    conn: sa.Connection, *, slot: tuple[dt.datetime, float] | None = None
 ) -> tuple[int, dt.datetime, int] | None:
     """The randomization itself, inside the caller's transaction: (epoch, randomized_at, rows).
 
@@ -109,7 +112,7 @@ def randomize_in_transaction(
     first would fail with SQLITE_BUSY_SNAPSHOT, not wait, if another writer committed before
     its first write (it begins DEFERRED, see _main_file_only)."""
     if is_postgres(conn):
-        set_job_timeouts(conn, timeout)
+        set_job_timeouts(conn)
         now: sa.ColumnElement[dt.datetime] | dt.datetime = sa.func.now()
         points = _POSTGRES_POINTS
     else:

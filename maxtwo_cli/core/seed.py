@@ -113,7 +113,7 @@ def seed_users(
         postgres = is_postgres(conn)
         if postgres:
             # Seeding may take longer than a request's statement timeout.
-            set_job_timeouts(conn, None)
+            set_job_timeouts(conn)
             # Serialise with randomizations and other seeds (SQLite's BEGIN IMMEDIATE already has).
             conn.execute(sa.select(randomizer_state.c.id).with_for_update())
         existing = conn.scalar(sa.select(sa.func.count()).select_from(users))

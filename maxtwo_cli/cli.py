@@ -40,6 +40,7 @@ from maxtwo_cli.core.settings import (
     DEFAULT_THREADS,
     MAX_SEED_COUNT,
     MAX_THREADS,
+    MIN_THREADS,
     Settings,
     default_database_url,
 )
@@ -539,7 +540,7 @@ def serve(
         typer.Option(
             "--threads",
             envvar="MAXTWO_THREADS",
-            min=1,
+            min=MIN_THREADS,
             max=MAX_THREADS,
             help="Request threads, for every route but GET / and POST /increment (one thread answers "
             "those in batches).",

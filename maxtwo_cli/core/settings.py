@@ -17,6 +17,10 @@ DEFAULT_SEED_COUNT = 1_000_000
 # daemon/transport.py), so they serve the other routes; the hello-world baseline of the
 # benchmarks runs with the same number.
 DEFAULT_THREADS = 16
+# At least: half of them may wait for the database on the routes that read it in a request
+# thread (daemon/resources.py, DatabaseReads), and the other half keep /metrics and /healthz
+# answering; one thread alone would be taken by the first read that hung.
+MIN_THREADS = 2
 # At most: a bound against typos (a thread each, and each may hold a database connection:
 # PostgreSQL's pool is as large). Mind the server's max_connections, 100 by default, shared by
 # every daemon.

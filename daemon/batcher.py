@@ -313,8 +313,9 @@ class Batcher:
         try:
             if len(parts) == 1:
                 outcomes = {batch[0].kind: self._apply(held, batch[0].kind, parts[batch[0].kind])}
+                committed = True
             else:
-                self._run_kind_by_kind(held, parts, answered)
+                committed = self._run_kind_by_kind(held, parts, answered)
         except BaseException as ex:  # noqa: BLE001 - every waiter gets the error
             batch = [waiter for waiter in batch if waiter.kind not in answered]
             # NOTE: those who queued while this batch failed would meet the same database and
@@ -335,7 +336,7 @@ class Batcher:
         finally:
             started, self._batch_started = self._batch_started, None
             self._running = []
-        if self._on_commit is not None and started is not None:
+        if self._on_commit is not None and started is not None and committed:
             try:
                 self._on_commit(time.monotonic() - started)
             except Exception:  # a metrics callback must never cost anybody an answer
@@ -344,9 +345,9 @@ class Batcher:
             if name not in answered:
                 self._answer(name, waiters, outcomes[name])
 
-    def _answer(self, name: str, waiters: list[Ticket], results: list[Any]) -> None:
-        """Hand each waiter of one kind its outcomes (the batch's part has committed)."""
-        if self._on_batch is not None:
+    def _answer(self, name: str, waiters: list[Ticket], results: list[Any], *, committed: bool = True) -> None:
+        """Hand each waiter of one kind its outcomes (counted as a batch if its part committed)."""
+        if self._on_batch is not None and committed:
             try:
                 self._on_batch(name, results)
             except Exception:  # a metrics callback must never cost anybody an answer
@@ -363,10 +364,11 @@ class Batcher:
             raise RuntimeError(f"{name}: {len(outcomes)} outcomes for {len(payloads)} operations")
         return outcomes
 
-    def _run_kind_by_kind(self, held: HeldConnection, parts: dict[str, list[Ticket]], answered: set[str]) -> None:
+    def _run_kind_by_kind(self, held: HeldConnection, parts: dict[str, list[Ticket]], answered: set[str]) -> bool:
         """Several kinds in a batch: each kind commits on its own and is answered at once, in
         the order the kinds were given (queries first); `answered` gets the name of each kind
-        answered.
+        answered. Whether any kind committed (a part that failed as a whole is answered with
+        its error, and counted in no batch metric).
 
         NOTE: not one transaction with a savepoint per kind, as this was on PostgreSQL: that
         took eight round trips (BEGIN, SAVEPOINT, RELEASE twice, COMMIT) where each kind alone
@@ -376,6 +378,7 @@ class Batcher:
         without waiting for the next kind, which may wait for locks (on SQLite the main file's,
         which a randomization holds for a while; the kinds write different files there, and a
         transaction across files would commit file by file anyway)."""
+        committed = False
         for name, waiters in parts.items():
             size = sum(len(waiter.payloads) for waiter in waiters)
             try:
@@ -387,9 +390,12 @@ class Batcher:
                     # (and shares its error).
                     raise
                 log.warning("%d %s operations failed, the rest of their batch goes on: %s", size, name, ex)
-                results = [ex] * size
-            self._answer(name, waiters, results)
+                self._answer(name, waiters, [ex] * size, committed=False)
+            else:
+                self._answer(name, waiters, results)
+                committed = True
             answered.add(name)
+        return committed
 
 
 class Batchers:

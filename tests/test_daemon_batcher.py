@@ -422,6 +422,43 @@ def test_when_the_first_kind_raises(seeded, two_kinds, monkeypatch, error, notes
     assert batcher.submit("note", "after") == "noted after"  # and the batcher goes on
 
 
+class BusyKind:
+    """A kind whose every part fails on a lock of its own (the part fails, the batch goes on)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def apply(self, held, payloads):
+        raise DatabaseBusyError(f"{self.name}: the database did not answer in time (lock timeout)")
+
+
+def test_a_batch_in_which_no_part_committed_is_in_no_commit_or_batch_metric(seeded):
+    gate = threading.Event()
+
+    class GateKind:
+        name = "gate"
+
+        def apply(self, held, payloads):
+            gate.wait(10)
+            return [None] * len(payloads)
+
+    commits: list[float] = []
+    parts: list[tuple[str, int]] = []
+    batcher = Batcher(seeded, [BusyKind("first"), BusyKind("second"), GateKind()], max_wait=30,
+                      on_batch=lambda kind, outcomes: parts.append((kind, len(outcomes))), on_commit=commits.append)
+    try:
+        opener = batcher.enqueue("gate", [None])  # its batch holds the committer at the gate
+        wait_for(lambda: batcher.running_for() > 0, "the opener's batch at the gate")
+        first, second = batcher.enqueue("first", [None]), batcher.enqueue("second", [None])  # one batch, two kinds
+        gate.set()
+        assert batcher.outcomes(opener) == [None]
+        assert [type(outcome) for outcome in batcher.outcomes(first) + batcher.outcomes(second)] == [DatabaseBusyError] * 2
+    finally:
+        batcher.close(5)
+    # The opener's batch committed; the one after it did not, and is in neither metric.
+    assert (len(commits), parts) == (1, [("gate", 1)])
+
+
 def test_a_later_part_raising_no_exception_fails_only_the_waiters_not_yet_answered(seeded, two_kinds):
     # The queries are answered before the notes run. Answered again with the notes' error, a
     # query's ticket would be released twice (its caller not waiting yet: this test collects

@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 
 # waitress settings. NOTE: channel_timeout drops idle keep-alive connections; the connection
 # limit is above the 200 concurrent clients we test with, below the default fd limit (1024).
+# waitress counts its own listening socket and trigger in it: 510 clients.
 CONNECTION_LIMIT = 512
 CHANNEL_TIMEOUT = 30
 BACKLOG = 1024

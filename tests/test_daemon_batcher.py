@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import select
 import sqlite3
 import threading
 import time
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
 from daemon import batcher as batcher_module
 from daemon.batcher import Batcher, QueryKind
+from maxtwo_cli.core import batch as batch_module
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.batch import HeldConnection
 from maxtwo_cli.core.errors import DatabaseBusyError, DatabaseUnavailableError
@@ -59,11 +62,65 @@ def test_a_runner_holds_one_connection_from_batch_to_batch_until_released(seeded
     runner.release()  # twice is harmless
 
 
-def test_a_runner_drops_a_connection_the_server_closed_and_takes_a_fresh_one(postgres_engine):
+def terminate_and_wait_until_told(connection) -> None:
+    """The server ends `connection`'s session, as a restart would; returns once its message
+    has arrived."""
+    with connection_to_the_same_server(connection) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", (connection.info.backend_pid,))
+    poller = select.poll()
+    poller.register(connection.fileno(), select.POLLIN)
+    assert poller.poll(10_000), "the server never said it closed the connection"
+
+
+@contextlib.contextmanager
+def connection_to_the_same_server(connection):
+    other = psycopg.connect(connection.info.dsn + f" password={connection.info.password}", autocommit=True)
+    try:
+        yield other
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("pre_ping", [True, False])
+def test_a_runner_replaces_a_connection_the_server_closed_while_it_was_held(postgres_url, pre_ping):
+    engine = db.create_engine(Settings(database_url=postgres_url), pre_ping=pre_ping)
+    try:
+        schema.ensure_schema(engine)
+        seed_users(engine, 100)
+        runner = HeldConnection(engine)
+        before = run_query_batch(runner, 1)[0]
+        held = runner._pooled.driver_connection
+        terminate_and_wait_until_told(held)
+        # Found before use: no batch fails for it (it used to: a 503 for all of its requests).
+        after = run_query_batch(runner, 1)[0]
+        assert runner._pooled.driver_connection is not held and after.previous == before.recorded_at
+        runner.release()
+    finally:
+        engine.dispose()
+
+
+def test_a_pooled_connection_the_server_closed_is_replaced_at_checkout(postgres_url):
+    # The request engine pings no connection before use (a round trip per query): one the
+    # server closed while it sat in the pool is found without one.
+    engine = db.create_engine(Settings(database_url=postgres_url), pool_size=1, pre_ping=False)
+    try:
+        with engine.connect() as conn:
+            pooled = conn.connection.driver_connection
+        terminate_and_wait_until_told(pooled)
+        db.ping(engine)
+        with engine.connect() as conn:
+            assert conn.connection.driver_connection is not pooled
+    finally:
+        engine.dispose()
+
+
+def test_a_runner_drops_a_connection_the_server_closed_and_takes_a_fresh_one(postgres_engine, monkeypatch):
     seed_users(postgres_engine, 100)
     runner = HeldConnection(postgres_engine)
     before = run_query_batch(runner, 1)[0]
     held = runner._pooled.driver_connection
+    # The server's word that it closed the connection has not arrived before the batch starts.
+    monkeypatch.setattr(batch_module, "closed_while_idle", lambda connection: False)
     with postgres_engine.begin() as other:
         other.execute(sa.select(sa.func.pg_terminate_backend(held.info.backend_pid)))
     old_pool = postgres_engine.pool

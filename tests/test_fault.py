@@ -122,6 +122,33 @@ def test_database_outage_under_load(tmp_path, reliability):
     )
 
 
+def test_a_database_restart_fails_no_request_made_once_it_is_back(tmp_path, reliability):
+    increment = (b'{"key": "a", "value": 1}', {"Content-Type": "application/json"})
+    routes = ("/healthz", "/", "/counters/a")
+    with ThrowawayPostgres(fsync=False) as server, ServeProcess(server.url, interval=60, seed_count=100) as daemon:
+        daemon.start(tmp_path / "serve.log")
+        # Every route once: connections wait in the pool, and each committer holds its own.
+        before = [daemon.post("/increment", *increment)[0], *(daemon.get(path)[0] for path in routes)]
+        restarting = time.monotonic()
+        server.restart()
+        restarted_after = time.monotonic() - restarting
+        after = {path: daemon.get(path)[0] for path in routes}
+        after["/increment"] = daemon.post("/increment", *increment)[0]
+        assert daemon.terminate() == 0
+    assert before == [202, 200, 200, 200]
+    # Each route used to answer its first request after the restart 503: its connection, closed
+    # by the server, was found out only by the statement that failed on it.
+    assert after == {"/healthz": 200, "/": 200, "/counters/a": 200, "/increment": 202}, daemon.log()
+    reliability.record(
+        "A database restart: no request fails once it is back",
+        "Every route of a running `maxtwo serve` is requested once, so that its connections wait in "
+        "the pool or are held by the committers; the PostgreSQL server is restarted; then every "
+        "route is requested again.",
+        [f"the restart took {restarted_after:.1f} s; the first request to each route after it: "
+         + ", ".join(f"`{path}` {status}" for path, status in after.items())],
+    )
+
+
 def test_stuck_lock_turns_into_503_within_the_statement_timeout(database_url, tmp_path, reliability):
     with ServeProcess(database_url, interval=60, seed_count=2000) as daemon:
         daemon.start(tmp_path / "serve.log")

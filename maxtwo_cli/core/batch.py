@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.engine import Engine
 
-from maxtwo_cli.core.db import database_errors, driver_errors, is_postgres
+from maxtwo_cli.core.db import closed_while_idle, database_errors, driver_errors, is_postgres
 
 T = TypeVar("T")
 
@@ -37,6 +37,8 @@ class HeldConnection:
         broken) and the next run takes a fresh one; inside one, the transaction's owner rolls
         back and goes on, unless the connection is broken."""
         with database_errors(self.engine):
+            if self.postgres and self._pooled is not None and not self._in_transaction:
+                self._replace_if_closed_while_idle()
             try:
                 return work(self._held_cursor())
             except driver_errors():
@@ -107,6 +109,14 @@ class HeldConnection:
             self._cursor.execute(statement)
         except driver_errors():
             self._discard()
+
+    def _replace_if_closed_while_idle(self) -> None:
+        """A held connection the server closed between two batches (a restart, an idle-session
+        timeout) is given up for another before use: the batch would fail on it, a 503 for all
+        of its requests. The pool checks the next one the same way (core/db.py)."""
+        if closed_while_idle(self._pooled.driver_connection):
+            self._pooled.invalidate()
+            self.release()
 
     def _broken(self) -> bool:
         return self.postgres and self._pooled is not None and self._pooled.driver_connection.broken

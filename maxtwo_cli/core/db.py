@@ -11,11 +11,13 @@ import contextlib
 import logging
 import math
 import os
+import select
 import sqlite3
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event, exc
@@ -135,8 +137,9 @@ def create_engine(settings: Settings, *, pool_size: int = 5, pre_ping: bool = Tr
     """Create an engine for settings.database_url; connects lazily, creates nothing yet.
 
     `pre_ping` (PostgreSQL): check each pooled connection with a round trip before use, so the
-    pool recovers by itself after a database restart. The request path turns it off and
-    recovers on its own (core.query), because it would double the round trips per query.
+    pool recovers by itself after a database restart. The request path turns it off, because it
+    would double the round trips per query: a pooled connection the server has closed is found
+    without one instead (closed_while_idle).
     """
     url = parse_database_url(settings.database_url)
     if url.get_backend_name() == "sqlite":
@@ -153,7 +156,7 @@ def _create_postgres_engine(url: URL, settings: Settings, pool_size: int, pre_pi
         filter(None, [url.query.get("options"), f"-c statement_timeout={statement_timeout_ms}"])
     )
     try:
-        return sa.create_engine(
+        engine = sa.create_engine(
             url,
             pool_size=pool_size,
             max_overflow=pool_size,
@@ -179,6 +182,27 @@ def _create_postgres_engine(url: URL, settings: Settings, pool_size: int, pre_pi
         # arguments above are fixed, so it is the URL's fault.
         message = redact_message(str(ex), url)  # APPSEC: it may quote one
         raise ConfigurationError(f"the database URL is not valid ({message}); {URL_HELP}") from None
+    if not pre_ping:
+        event.listen(engine, "checkout", _replace_if_closed_while_idle)
+    return engine
+
+
+def _replace_if_closed_while_idle(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    # SQLAlchemy's documented way (PoolEvents.checkout): DisconnectionError makes the pool
+    # replace this connection with a fresh one before anybody uses it.
+    if closed_while_idle(dbapi_connection):
+        raise exc.DisconnectionError("the server closed this pooled connection while it was idle")
+
+
+def closed_while_idle(driver_connection: Any) -> bool:
+    """Whether the server has closed (or is closing) an idle PostgreSQL connection: its socket
+    is readable while no statement runs. A restarted or stopped server, an idle-session
+    timeout and pg_terminate_backend() each send an error and close it; found this way, it is
+    replaced before use, at the cost of one poll() and no round trip (pool_pre_ping's would
+    double a query's). Anything else unasked-for costs one reconnection, never an error."""
+    poller = select.poll()
+    poller.register(driver_connection.fileno(), select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
 
 
 def sqlite_query_state_path(database: str | Path) -> Path:

@@ -226,6 +226,11 @@ class IncrementResource:
 _REJECTED_REASONS = {400: "malformed", 413: "too_large", 415: "unsupported_media_type", 422: "invalid"}
 
 
+class ReadRoomFullError(DatabaseBusyError):
+    """Every place for a read of the database is taken (DatabaseReads): what it says holds no
+    detail of the database, and /healthz may show it."""
+
+
 class DatabaseReads:
     """Room for the request threads that read the database themselves (GET /counters/{key},
     /healthz; the batched routes wait in the lane instead): at most `limit` at a time.
@@ -243,9 +248,9 @@ class DatabaseReads:
 
     @contextlib.contextmanager
     def room(self) -> Iterator[None]:
-        """Hold one place for the block; DatabaseBusyError if none frees up in time."""
+        """Hold one place for the block; ReadRoomFullError if none frees up in time."""
         if not self._room.acquire(timeout=self.WAIT_SECONDS):
-            raise DatabaseBusyError("every request thread allowed to read the database is waiting for it")
+            raise ReadRoomFullError("every request thread allowed to read the database is waiting for it")
         try:
             yield
         finally:
@@ -295,7 +300,8 @@ class HealthResource:
             resp.status = falcon.HTTP_503
             resp.set_header("Retry-After", str(RETRY_AFTER_SECONDS))
             # A full read room is said as such: the database may answer, slowly, or not at all.
-            description = str(ex) if isinstance(ex, DatabaseBusyError) else "the database does not answer"
+            # APPSEC: any other error's text names the database (host, name): the log has it.
+            description = str(ex) if isinstance(ex, ReadRoomFullError) else "the database does not answer"
             resp.media = {"status": "unavailable", "description": description}
             return
         if refused is not None:

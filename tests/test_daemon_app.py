@@ -12,9 +12,11 @@ import falcon.testing
 import pytest
 import sqlalchemy as sa
 
+import daemon.resources
 from daemon.app import create_app
 from daemon.openapi import openapi_document
 from maxtwo_cli.core import db, schema
+from maxtwo_cli.core.errors import DatabaseBusyError
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.seed import seed_users
 from maxtwo_cli.core.settings import Settings
@@ -70,6 +72,19 @@ def test_healthz(client):
     result = client.simulate_get("/healthz")
     assert result.status_code == 200
     assert result.json == {"status": "ok"}
+
+
+def test_healthz_keeps_the_database_out_of_its_answer(settings, engine, monkeypatch, caplog):
+    # A timeout is a DatabaseBusyError, as a full read room is; its text names the database.
+    def timed_out(_engine):
+        raise DatabaseBusyError("the database at postgresql+psycopg://maxtwo:***@db-host:5432/maxtwo did not "
+                                "answer in time (canceling statement due to statement timeout)")
+
+    monkeypatch.setattr(daemon.resources, "writes_refused", timed_out)
+    result = falcon.testing.TestClient(create_app(settings, engine)).simulate_get("/healthz")
+    assert result.status_code == 503
+    assert result.json == {"status": "unavailable", "description": "the database does not answer"}
+    assert "db-host" in caplog.text  # the log has it
 
 
 def _healthz_refused(settings, engine, caplog) -> str:

@@ -99,6 +99,24 @@ def test_a_runner_replaces_a_connection_the_server_closed_while_it_was_held(post
         engine.dispose()
 
 
+def test_a_commit_fails_on_the_connection_it_was_to_end(postgres_url):
+    # The server closes the connection after the transaction's last statement: the COMMIT must
+    # fail (an unknown outcome), not run on a fresh connection, where it would commit nothing
+    # and say it did.
+    engine = db.create_engine(Settings(database_url=postgres_url), pre_ping=False)
+    runner = HeldConnection(engine)
+    try:
+        NOTES.create(engine)
+        with pytest.raises(DatabaseUnavailableError), runner.transaction():
+            runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('lost')"))
+            terminate_and_wait_until_told(runner._pooled.driver_connection)
+        assert notes(engine) == set()
+    finally:
+        runner.release()
+        NOTES.drop(engine)
+        engine.dispose()
+
+
 def test_a_pooled_connection_the_server_closed_is_replaced_at_checkout(postgres_url):
     # The request engine pings no connection before use (a round trip per query): one the
     # server closed while it sat in the pool is found without one.

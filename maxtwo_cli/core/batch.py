@@ -30,16 +30,18 @@ class HeldConnection:
         self._cursor: Any = None  # the driver's cursor on it
         self._in_transaction = False
 
-    def run(self, work: Callable[[Any], T]) -> T:
+    def run(self, work: Callable[[Any], T], *, starts_work: bool = True) -> T:
         """`work(cursor)`, its driver errors turned into MaxtwoErrors.
 
         Outside a transaction, an error gives the connection back (or throws it away if it is
         broken) and the next run takes a fresh one; inside one, the transaction's owner rolls
-        back and goes on, unless the connection is broken."""
+        back and goes on, unless the connection is broken. `starts_work`: nothing is pending on
+        the connection (False for a COMMIT, which must fail on the connection it was to end,
+        not run on another)."""
         with database_errors(self.engine):
-            if self.postgres and self._pooled is not None and not self._in_transaction:
-                self._replace_if_closed_while_idle()
             try:
+                if starts_work and self.postgres and self._pooled is not None and not self._in_transaction:
+                    self._replace_if_closed_while_idle()
                 return work(self._held_cursor())
             except driver_errors():
                 if not (self._in_transaction and self.held and not self._broken()):
@@ -68,7 +70,10 @@ class HeldConnection:
             self._rollback("ROLLBACK")
             raise
         self._in_transaction = False
-        self.run(lambda cursor: cursor.execute("COMMIT"))
+        # NOTE: a connection the server closed before the COMMIT took the transaction with it:
+        # the COMMIT fails there (an unknown outcome, a 503), rather than be sent on a fresh
+        # connection, where it would commit nothing and say it did.
+        self.run(lambda cursor: cursor.execute("COMMIT"), starts_work=False)
 
     @property
     def in_transaction(self) -> bool:

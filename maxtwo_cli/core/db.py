@@ -200,6 +200,8 @@ def closed_while_idle(driver_connection: Any) -> bool:
     timeout and pg_terminate_backend() each send an error and close it; found this way, it is
     replaced before use, at the cost of one poll() and no round trip (pool_pre_ping's would
     double a query's). Anything else unasked-for costs one reconnection, never an error."""
+    if driver_connection.closed:  # closed, or found broken already: no descriptor to ask
+        return True
     poller = select.poll()
     poller.register(driver_connection.fileno(), select.POLLIN | select.POLLPRI)
     return bool(poller.poll(0))

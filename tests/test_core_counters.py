@@ -136,9 +136,9 @@ class CountingHeld(HeldConnection):
         super().__init__(engine)
         self.statements = 0
 
-    def run(self, work):
+    def run(self, work, **options):
         self.statements += 1
-        return super().run(work)
+        return super().run(work, **options)
 
 
 def test_a_batch_without_idempotency_keys_is_one_statement_committed_by_itself(engine):

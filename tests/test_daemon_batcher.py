@@ -132,6 +132,18 @@ def test_a_pooled_connection_the_server_closed_is_replaced_at_checkout(postgres_
         engine.dispose()
 
 
+def test_a_connection_made_for_a_checkout_is_not_taken_for_a_closed_one(postgres_url, monkeypatch):
+    # Were a connection readable again as soon as it was made, the pool would try twice and
+    # then raise an error that is no database error (a 500). A new connection is not asked.
+    monkeypatch.setattr(db, "closed_while_idle", lambda connection: True)
+    engine = db.create_engine(Settings(database_url=postgres_url), pool_size=1, pre_ping=False)
+    try:
+        db.ping(engine)  # a new connection
+        db.ping(engine)  # the pooled one is "closed": replaced by a new one, which is used
+    finally:
+        engine.dispose()
+
+
 def test_a_runner_drops_a_connection_the_server_closed_and_takes_a_fresh_one(postgres_engine, monkeypatch):
     seed_users(postgres_engine, 100)
     runner = HeldConnection(postgres_engine)

@@ -183,14 +183,24 @@ def _create_postgres_engine(url: URL, settings: Settings, pool_size: int, pre_pi
         message = redact_message(str(ex), url)  # APPSEC: it may quote one
         raise ConfigurationError(f"the database URL is not valid ({message}); {URL_HELP}") from None
     if not pre_ping:
+        event.listen(engine, "connect", _mark_new)
         event.listen(engine, "checkout", _replace_if_closed_while_idle)
     return engine
 
 
-def _replace_if_closed_while_idle(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+_NEW = "maxtwo.new"  # in ConnectionPoolEntry.info: connected for this checkout
+
+
+def _mark_new(_dbapi_connection: Any, record: Any) -> None:
+    record.info[_NEW] = True
+
+
+def _replace_if_closed_while_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
     # SQLAlchemy's documented way (PoolEvents.checkout): DisconnectionError makes the pool
-    # replace this connection with a fresh one before anybody uses it.
-    if closed_while_idle(dbapi_connection):
+    # replace this connection with a fresh one before anybody uses it. NOTE: a connection made
+    # for this very checkout is not asked: the pool tries twice, then raises an error that is
+    # no database error (a 500); a new connection that fails gets its 503 from its statement.
+    if not record.info.pop(_NEW, False) and closed_while_idle(dbapi_connection):
         raise exc.DisconnectionError("the server closed this pooled connection while it was idle")
 
 

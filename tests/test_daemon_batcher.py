@@ -117,6 +117,32 @@ def test_a_commit_fails_on_the_connection_it_was_to_end(postgres_url):
         engine.dispose()
 
 
+def test_nothing_more_of_a_transaction_runs_once_its_connection_is_lost(postgres_url):
+    # A caller that caught a statement's error inside transaction() and went on would otherwise
+    # run the rest on a fresh connection, each statement committed by itself, and then send the
+    # COMMIT there, which commits nothing and succeeds.
+    engine = db.create_engine(Settings(database_url=postgres_url), pre_ping=False)
+    runner = HeldConnection(engine)
+    try:
+        NOTES.create(engine)
+        with pytest.raises(DatabaseUnavailableError, match="lost during a transaction"), runner.transaction():
+            runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('first')"))
+            terminate_and_wait_until_told(runner._pooled.driver_connection)
+            with pytest.raises(DatabaseUnavailableError):
+                runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('second')"))
+            with pytest.raises(DatabaseUnavailableError, match="lost during a transaction"):
+                runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('third')"))
+        assert notes(engine) == set()
+        # The next transaction runs as usual, on a fresh connection.
+        with runner.transaction():
+            runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('next')"))
+        assert notes(engine) == {"next"}
+    finally:
+        runner.release()
+        NOTES.drop(engine)
+        engine.dispose()
+
+
 def test_a_pooled_connection_the_server_closed_is_replaced_at_checkout(postgres_url):
     # The request engine pings no connection before use (a round trip per query): one the
     # server closed while it sat in the pool is found without one.

@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy.engine import Engine
 
-from maxtwo_cli.core.db import closed_while_idle, database_errors, driver_errors, is_postgres
+from maxtwo_cli.core.db import closed_while_idle, database_errors, driver_errors, is_postgres, redact
+from maxtwo_cli.core.errors import DatabaseUnavailableError
 
 T = TypeVar("T")
 
@@ -29,6 +30,10 @@ class HeldConnection:
         self._pooled: Any = None  # SQLAlchemy's pooled connection, while held
         self._cursor: Any = None  # the driver's cursor on it
         self._in_transaction = False
+        # A transaction whose connection was given up (an error broke it): until transaction()
+        # ends, nothing more may run, or it would run on a fresh connection, outside the
+        # transaction, committed by itself (and a COMMIT there would commit nothing, and succeed).
+        self._transaction_lost = False
 
     def run(self, work: Callable[[Any], T], *, starts_work: bool = True) -> T:
         """`work(cursor)`, its driver errors turned into MaxtwoErrors.
@@ -38,6 +43,11 @@ class HeldConnection:
         back and goes on, unless the connection is broken. `starts_work`: nothing is pending on
         the connection (False for a COMMIT, which must fail on the connection it was to end,
         not run on another)."""
+        if self._transaction_lost:
+            raise DatabaseUnavailableError(
+                f"the connection to the database at {redact(self.engine.url)} was lost during a "
+                "transaction: nothing of it was committed"
+            )
         with database_errors(self.engine):
             try:
                 if starts_work and self.postgres and self._pooled is not None and not self._in_transaction:
@@ -66,14 +76,17 @@ class HeldConnection:
         try:
             yield
         except BaseException:
-            self._in_transaction = False
+            self._in_transaction = self._transaction_lost = False
             self._rollback("ROLLBACK")
             raise
         self._in_transaction = False
         # NOTE: a connection the server closed before the COMMIT took the transaction with it:
         # the COMMIT fails there (an unknown outcome, a 503), rather than be sent on a fresh
         # connection, where it would commit nothing and say it did.
-        self.run(lambda cursor: cursor.execute("COMMIT"), starts_work=False)
+        try:
+            self.run(lambda cursor: cursor.execute("COMMIT"), starts_work=False)
+        finally:
+            self._transaction_lost = False
 
     @property
     def in_transaction(self) -> bool:
@@ -89,6 +102,7 @@ class HeldConnection:
         """Return the held connection to the pool (the next run takes one again)."""
         pooled, self._pooled = self._pooled, None
         cursor, self._cursor = self._cursor, None
+        self._transaction_lost = self._transaction_lost or self._in_transaction
         self._in_transaction = False
         if pooled is None:
             return

@@ -49,8 +49,8 @@ class Metrics:
         self.http_refused = Counter(
             "maxtwo_http_refused_total",
             "HTTP requests the server refused before the app saw them (a malformed request, headers "
-            "or a body too large, an unknown transfer coding, no Host), by status code; not in "
-            "maxtwo_http_requests_total.",
+            "or a body too large, an unknown transfer coding, no Host, an HTTP version other than 1.x), "
+            "by status code; not in maxtwo_http_requests_total.",
             ["status"],
             registry=self.registry,
         )

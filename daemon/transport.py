@@ -15,12 +15,13 @@ paired measurement that keeps each speed hook:
   per response (ChangePoller.one_pull).
 - JsonErrorTask: the errors waitress answers itself, before the app sees the request (a
   malformed request, headers or body too large, an unknown transfer coding, the Host check
-  below), in the app's JSON error shape instead of waitress's plain text; none to HEAD.
+  and the HTTP version below), in the app's JSON error shape instead of waitress's plain text; none to HEAD.
 - StrictFramingParser: a request with both Transfer-Encoding and Content-Length is answered and
   its connection closed (RFC 9112 section 6.1), so nothing pipelined behind it is read with
   framing an intermediary may have seen differently; an HTTP/1.1 request without exactly one
   Host header is answered 400 (RFC 9112 section 3.2); a header with a bare LF line ending is
-  answered 400 as soon as one arrives, not after the channel timeout.
+  answered 400 as soon as one arrives, not after the channel timeout; HTTP/1.2 and later minor
+  versions are served as HTTP/1.1, another major version answered 505 (RFC 9110 section 2.5).
 - accept_waiting: the listening socket takes every connection waiting in its backlog per
   turn of the serving loop (up to ACCEPTS_PER_TURN, within the connection limit), not one: a
   burst of new connections no longer waits hundreds of turns (max latency 0.53-0.62x for
@@ -58,7 +59,7 @@ from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import BaseWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
-from waitress.utilities import BadRequest
+from waitress.utilities import BadRequest, Error
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ RECLAIM_LOOK_SECONDS = 0.1
 RECLAIM_SLOW_REQUEST_SECONDS = 10.0
 # A line feed not preceded by a carriage return (RFC 9112 section 2.2).
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+# A request line's version later than HTTP/1.1 within major version 1 (RFC 9110 section 2.5).
+_LATER_HTTP_1 = re.compile(rb"\A([^\r\n]* )HTTP/1\.[2-9](?=[ \t]*(?:\r\n|\Z))")
 # The lane's thread, by name (as thread listings and profilers show it).
 LANE_THREAD_NAME = "maxtwo-lane"
 
@@ -163,7 +166,19 @@ class StrictFramingParser(HTTPRequestParser):
         return consumed
 
     def parse_header(self, header_plus: bytes) -> None:
-        super().parse_header(header_plus)
+        # RFC 9110 section 2.5: a later minor version is served as the highest one we implement
+        # (waitress served HTTP/1.2 as HTTP/1.0, without HTTP/1.1's framing).
+        super().parse_header(_LATER_HTTP_1.sub(rb"\1HTTP/1.1", header_plus, count=1))
+        if self.version and not self.version.startswith("1."):
+            # Section 15.6.6: a major version other than 1 is refused with 505. waitress answered
+            # HTTP/2.0 and HTTP/0.9 as HTTP/1.0, so a GET / meant for another protocol was served,
+            # and counted as a query.
+            self.error = HttpVersionNotSupportedError(
+                f"HTTP/{self.version} is not supported; this server speaks HTTP/1.1 (and HTTP/1.0)"
+            )
+            self.version = "1.1"  # the answer's own version
+            self.completed = True
+            return
         # waitress already lets Transfer-Encoding win (and drops the header); RFC 9112 section
         # 6.1 also asks the server to close the connection after answering such a request.
         if self.chunked and "CONTENT_LENGTH" in self.headers:
@@ -176,6 +191,11 @@ class StrictFramingParser(HTTPRequestParser):
             host = self.headers.get("HOST")
             if host is None or "," in host:
                 raise ParsingError("an HTTP/1.1 request needs exactly one Host header")
+
+
+class HttpVersionNotSupportedError(Error):
+    code = 505
+    reason = "HTTP Version Not Supported"
 
 
 class _JsonError:

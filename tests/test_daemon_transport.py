@@ -83,6 +83,11 @@ HOOKS = [
       for name in ("completed", "headers_finished")),
     (waitress.parser.HTTPRequestParser, "header_plus", lambda hook: hook == b""),
     (waitress.utilities, "BadRequest", lambda hook: isinstance(hook, type)),
+    # HttpVersionNotSupportedError subclasses it: the error task reads code, reason and body.
+    (waitress.utilities, "Error", lambda hook: isinstance(hook, type)),
+    (waitress.utilities.Error, "__init__", lambda hook: list(inspect.signature(hook).parameters) == ["self", "body"]),
+    # parse_header() sets the version from the request line (StrictFramingParser checks it).
+    (waitress.parser.HTTPRequestParser, "parse_header", lambda hook: "self.version = version" in inspect.getsource(hook)),
     # A parser made when a request's first bytes come in: StrictFramingParser notes the time.
     (waitress.parser.HTTPRequestParser, "__init__",
      lambda hook: list(inspect.signature(hook).parameters) == ["self", "adj"]),
@@ -242,8 +247,12 @@ HEADER_AT_LIMIT = _HEADER_START + b"y" * (Adjustments().max_request_header_size 
     # answered nothing until the channel timed out.
     (b"GET / HTTP/1.1\nHost: x\n\n", 400),
     (b"GET / HTTP/1.1\r\nHost: x\n", 400),
+    # RFC 9110 section 15.6.6: another major version than 1 (waitress answered it as HTTP/1.0).
+    (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    (b"POST / HTTP/3.0\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", 505),
+    (b"GET / HTTP/0.9\r\n\r\n", 505),
 ], ids=["no-host", "malformed-header", "headers-too-large", "body-too-large", "unknown-transfer-coding",
-        "bare-lf", "bare-lf-unfinished"])
+        "bare-lf", "bare-lf-unfinished", "http-2", "http-3-with-body", "http-0.9"])
 def test_the_errors_waitress_answers_itself_are_json_in_the_apps_shape(request_bytes, status):
     refused = []
     with (running(hello, on_refused=refused.append) as served,
@@ -274,6 +283,16 @@ def test_waitress_answers_head_without_a_body():
         answer = read_all(sock)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400") and body == b"", answer
+
+
+def test_a_later_http_1_minor_version_is_served_as_http_1_1():
+    # RFC 9110 section 2.5 (waitress answered HTTP/1.0, and read no chunked body).
+    with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.sendall(b"POST / HTTP/1.2\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+                     b"GET / HTTP/1.9 \r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1 200") == 2, answer
+    assert b"\r\n\r\nabcHTTP/1.1 200" in answer, answer
 
 
 def test_an_http_1_0_request_needs_no_host():

@@ -431,6 +431,14 @@ def test_default_database_url_follows_systemd_then_xdg(monkeypatch, tmp_path):
     monkeypatch.delenv("STATE_DIRECTORY")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     assert default_database_url() == f"sqlite:///{tmp_path / 'data' / 'maxtwo' / 'maxtwo.db'}"
+    # Relative: invalid by the XDG Base Directory spec, so ignored (as unset or empty is).
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for ignored in ("data", "", None):
+        if ignored is None:
+            monkeypatch.delenv("XDG_DATA_HOME")
+        else:
+            monkeypatch.setenv("XDG_DATA_HOME", ignored)
+        assert default_database_url() == f"sqlite:///{tmp_path / 'home' / '.local' / 'share' / 'maxtwo' / 'maxtwo.db'}"
 
 
 def test_the_default_file_is_the_one_named_whatever_its_directory_holds(monkeypatch, tmp_path):

@@ -39,8 +39,12 @@ def default_database_url() -> str:
     if state_directory:
         # NOTE: systemd may pass several colon-separated directories; ours is the first.
         return _sqlite_url(Path(state_directory.split(":")[0]) / "maxtwo.db")
-    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return _sqlite_url(Path(data_home) / "maxtwo" / "maxtwo.db")
+    data_home = Path(os.environ.get("XDG_DATA_HOME") or "")
+    if not data_home.is_absolute():
+        # The XDG Base Directory spec: a relative path there is invalid and ignored (taken as
+        # given, it would name another file in every working directory).
+        data_home = Path.home() / ".local" / "share"
+    return _sqlite_url(data_home / "maxtwo" / "maxtwo.db")
 
 
 def _sqlite_url(path: Path) -> str:

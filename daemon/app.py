@@ -23,6 +23,7 @@ from daemon.resources import (
     MetricsResource,
     OpenApiResource,
     QueryResource,
+    WriteHealth,
     parse_increment,
 )
 from maxtwo_cli.core import db
@@ -51,22 +52,25 @@ def create_app(
     *,
     metrics: Metrics | None = None,
     batchers: Batchers | None = None,
+    writes: WriteHealth | None = None,
 ) -> falcon.App:
     """The API: GET /, POST /increment, GET /counters/{key}, /healthz, /metrics, /openapi.json;
     JSON errors everywhere.
 
     `batchers`: those GET / and POST /increment write through (by default, new_batchers()'s);
-    their owner closes them at shutdown. Only new_batchers()'s feed the batch metrics
+    their owner closes them at shutdown; `writes`: what they tell of their commits and failures
+    (/healthz reads it). Only new_batchers()'s feed the batch metrics
     (increments applied included)."""
     metrics = metrics or Metrics()
     app = falcon.App(middleware=[RequestMetrics(metrics)])
-    batchers = batchers or new_batchers(settings, engine, metrics)
+    writes = writes or WriteHealth()
+    batchers = batchers or new_batchers(settings, engine, metrics, writes)
     app.add_route("/", QueryResource(batchers[QueryKind.name], metrics, PREFETCHED_ANSWER))
     app.add_route("/increment", IncrementResource(batchers[IncrementKind.name], metrics, PREFETCHED_ANSWER))
     # NOTE: `path`: a key may hold "/" (sent as %2F, which the server decodes before routing).
     reads = DatabaseReads(limit=max(1, settings.threads // 2))
     app.add_route("/counters/{key:path}", CounterResource(engine, reads))
-    app.add_route("/healthz", HealthResource(engine, reads))
+    app.add_route("/healthz", HealthResource(engine, reads, writes))
     app.add_route("/metrics", MetricsResource(metrics))
     app.add_route("/openapi.json", OpenApiResource())
     app.add_error_handler(MaxtwoError, _database_unavailable)
@@ -76,9 +80,9 @@ def create_app(
     return app
 
 
-def new_batchers(settings: Settings, engine: Engine, metrics: Metrics) -> Batchers:
+def new_batchers(settings: Settings, engine: Engine, metrics: Metrics, writes: WriteHealth) -> Batchers:
     """The group commit for every write the API makes: a batcher per kind on PostgreSQL, one
-    for both on SQLite (see Batchers)."""
+    for both on SQLite (see Batchers). `writes`: told of every batch committed or failed."""
 
     sizes = {QueryKind.name: metrics.query_batch_size, IncrementKind.name: metrics.increment_batch_size}
 
@@ -91,6 +95,10 @@ def new_batchers(settings: Settings, engine: Engine, metrics: Metrics) -> Batche
             if applied:
                 metrics.increments_applied.inc(applied)
 
+    def committed(seconds: float) -> None:
+        metrics.batch_commit_seconds.observe(seconds)
+        writes.committed()
+
     def batcher(kinds: list[Kind]) -> Batcher:
         return Batcher(
             engine,
@@ -99,7 +107,8 @@ def new_batchers(settings: Settings, engine: Engine, metrics: Metrics) -> Batche
             # database timeouts; it ends a wait that nothing else would (a server gone silent).
             max_wait=batch_timeout(settings),
             on_batch=observe,
-            on_commit=metrics.batch_commit_seconds.observe,
+            on_commit=committed,
+            on_failure=lambda _error: writes.failed(),
         )
 
     if db.is_postgres(engine):

@@ -142,6 +142,7 @@ class Batcher:
         max_pending: int = 100_000,
         on_batch: Callable[[str, list[Any]], None] | None = None,
         on_commit: Callable[[float], None] | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         """`max_wait`: seconds a caller waits for its outcome (its batch and the one running when
         it came) before giving up with DatabaseUnavailableError. `max_batch`: operations per
@@ -149,13 +150,15 @@ class Batcher:
         waiting at most (more: QueueFullError at once, so memory stays flat whatever the load).
         `on_batch(kind, outcomes)`: called with each kind's part of every batch once it has
         committed (a part that failed on its own while the rest committed: with its errors);
-        `on_commit(seconds)`: once per committed batch, with its duration."""
+        `on_commit(seconds)`: once per committed batch, with its duration; `on_failure(error)`:
+        once per part of a batch that failed as a whole (nothing of it committed)."""
         self._engine = engine
         self._kinds = {kind.name: kind for kind in kinds}
         self.max_wait = max_wait
         self.max_batch = max_batch
         self._on_batch = on_batch
         self._on_commit = on_commit
+        self._on_failure = on_failure
         self.max_pending = max_pending
         self._queued = 0  # operations waiting, not yet taken into a batch
         self._lock = threading.Lock()
@@ -332,6 +335,7 @@ class Batcher:
             batch += sharing
             for waiter in batch:
                 waiter.answer([ex] * len(waiter.payloads))
+            self._failed(ex)
             return
         finally:
             started, self._batch_started = self._batch_started, None
@@ -344,6 +348,13 @@ class Batcher:
         for name, waiters in parts.items():
             if name not in answered:
                 self._answer(name, waiters, outcomes[name])
+
+    def _failed(self, error: BaseException) -> None:
+        if self._on_failure is not None:
+            try:
+                self._on_failure(error)
+            except Exception:  # a health callback must never cost anybody an answer
+                log.exception("on_failure callback failed")
 
     def _answer(self, name: str, waiters: list[Ticket], results: list[Any], *, committed: bool = True) -> None:
         """Hand each waiter of one kind its outcomes (counted as a batch if its part committed)."""
@@ -391,6 +402,7 @@ class Batcher:
                     raise
                 log.warning("%d %s operations failed, the rest of their batch goes on: %s", size, name, ex)
                 self._answer(name, waiters, [ex] * size, committed=False)
+                self._failed(ex)
             else:
                 self._answer(name, waiters, results)
                 committed = True

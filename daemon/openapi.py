@@ -172,7 +172,8 @@ def openapi_document() -> dict[str, Any]:
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}},
                         },
                         "503": {
-                            **_unavailable("The database does not answer, refuses writes, or too many reads wait for it (the log says why)."),
+                            **_unavailable("The database does not answer, refuses writes, fails every write of this server, "
+                                          "or too many reads wait for it (the log says why)."),
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}},
                         },
                         **common_errors,

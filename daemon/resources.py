@@ -6,7 +6,8 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import falcon
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -257,6 +258,45 @@ class DatabaseReads:
             self._room.release()
 
 
+class WriteHealth:
+    """Whether this server's writes (the batches of GET / and POST /increment) keep failing,
+    for /healthz: a database can answer every check that writes nothing and still fail every
+    write (a full disk; a SQLite write lock another process holds).
+
+    Failing: batches have failed for FAILING_SECONDS or more with none committed in between, the
+    last of them less than RECENT_SECONDS ago. One failure proves little (a lock timed out once);
+    any commit ends it (some writes work: a counter's row lock fails only the batches with that
+    key); and it ends by itself once no batch has failed for RECENT_SECONDS, so that a server
+    taken out of rotation for it gets requests again to show whether it recovered.
+
+    NOTE: no lock: the committers set an attribute each (one per batch), /healthz reads them; a
+    commit and a failure at the same moment only decide between themselves which came last."""
+
+    FAILING_SECONDS = 1.0
+    RECENT_SECONDS = 10.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._failing_since: float | None = None  # the first failure since the last commit
+        self._last_failure = 0.0
+
+    def committed(self) -> None:
+        self._failing_since = None
+
+    def failed(self) -> None:
+        now = self._clock()
+        if self._failing_since is None:
+            self._failing_since = now
+        self._last_failure = now
+
+    def failing_for(self) -> float | None:
+        """Seconds this server's writes have been failing, or None if they are not."""
+        since, last, now = self._failing_since, self._last_failure, self._clock()
+        if since is None or last - since < self.FAILING_SECONDS or now - last >= self.RECENT_SECONDS:
+            return None
+        return now - since
+
+
 class CounterResource:
     """GET /counters/{key}: the committed total."""
 
@@ -287,11 +327,21 @@ class CounterResource:
 class HealthResource:
     """GET /healthz: 200 when the database answers and would take maxtwo's writes, 503 when not."""
 
-    def __init__(self, engine: Engine, reads: DatabaseReads) -> None:
+    def __init__(self, engine: Engine, reads: DatabaseReads, writes: WriteHealth) -> None:
         self._engine = engine
         self._reads = reads
+        self._writes = writes
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        failing_for = self._writes.failing_for()
+        if failing_for is not None:
+            # NOTE: GET / and POST /increment answer 503 meanwhile (each logged, with why).
+            log.warning("health check failed: every write of this server failed for %.0f s", failing_for)
+            resp.status = falcon.HTTP_503
+            resp.set_header("Retry-After", str(RETRY_AFTER_SECONDS))
+            resp.media = {"status": "unavailable",
+                          "description": f"every write of this server has failed for {failing_for:.0f} s; the log says why"}
+            return
         try:
             with self._reads.room():
                 refused = writes_refused(self._engine)  # asks the database: it answers, or this raises

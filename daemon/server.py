@@ -39,7 +39,7 @@ from daemon.app import (
 )
 from daemon.batcher import Batchers
 from daemon.metrics import Metrics
-from daemon.resources import MAX_INCREMENT_BODY
+from daemon.resources import MAX_INCREMENT_BODY, WriteHealth
 from daemon.scheduler import RandomizeScheduler
 from daemon.watchdog import Watchdog
 from maxtwo_cli import __version__
@@ -182,10 +182,11 @@ def serve_requests(
     watchdog runs meanwhile. on_ready() after READY=1 (the scheduler starts there), and
     on_stopping() once a stop is requested (STOPPING=1 there)."""
     request_engine = db.create_engine(settings, pool_size=settings.threads, pre_ping=False)
-    batchers = new_batchers(settings, request_engine, metrics)
+    writes = WriteHealth()
+    batchers = new_batchers(settings, request_engine, metrics, writes)
     watchdog: Watchdog | None = None
     try:
-        app = create_app(settings, request_engine, metrics=metrics, batchers=batchers)
+        app = create_app(settings, request_engine, metrics=metrics, batchers=batchers, writes=writes)
         server = open_transport(app, listener, settings.threads, batched_routes(batchers), options,
                                 on_refused=lambda status: metrics.http_refused.labels(status=str(status)).inc())
         watchdog = Watchdog(

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import subprocess
+import time
 import uuid
 
 import falcon.testing
@@ -15,6 +17,7 @@ import sqlalchemy as sa
 import daemon.resources
 from daemon.app import create_app
 from daemon.openapi import openapi_document
+from daemon.resources import WriteHealth
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.errors import DatabaseBusyError
 from maxtwo_cli.core.randomize import randomize_points
@@ -154,6 +157,73 @@ def test_healthz_fails_when_a_sqlite_file_is_not_writable(tmp_path, caplog):
         else:
             query_file.chmod(0o644)
         engine.dispose()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_write_health_fails_only_while_every_write_keeps_failing():
+    clock = FakeClock()
+    writes = WriteHealth(clock)
+    assert writes.failing_for() is None
+    writes.failed()
+    assert writes.failing_for() is None  # one failure proves little
+    clock.now += 0.5
+    writes.failed()
+    assert writes.failing_for() is None
+    clock.now += 0.5
+    writes.failed()  # failing for 1 s, nothing committed in between
+    assert writes.failing_for() == 1.0
+    clock.now += WriteHealth.RECENT_SECONDS - 0.5
+    assert writes.failing_for() == WriteHealth.RECENT_SECONDS + 0.5
+    clock.now += 0.5  # no failure for RECENT_SECONDS: requests may come back, and show
+    assert writes.failing_for() is None
+    writes.failed()  # and they failed again: failing since the first of them
+    assert writes.failing_for() == WriteHealth.RECENT_SECONDS + 1.0
+    writes.committed()  # some writes work
+    assert writes.failing_for() is None
+    writes.failed()
+    clock.now += 5
+    writes.committed()
+    writes.failed()
+    assert writes.failing_for() is None  # a failure now and then, commits between them
+
+
+def test_healthz_fails_while_every_write_fails_though_the_database_answers(tmp_path, caplog):
+    # Another process holds the write lock of the file every write of the API needs (a full
+    # disk fails them the same way): every check that writes nothing passes, yet GET / and
+    # POST /increment answer 503. Reads go on (WAL), so only the writes can tell.
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}", statement_timeout=0.3)
+    engine = db.create_engine(settings)
+    schema.ensure_schema(engine)
+    seed_users(engine, 100)
+    client = falcon.testing.TestClient(create_app(settings, engine))
+    increment = {"key": "a", "value": 1}
+    assert client.simulate_post("/increment", json=increment).status_code == 202
+    holder = sqlite3.connect(tmp_path / "maxtwo.db-query", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        while time.monotonic() - started < WriteHealth.FAILING_SECONDS + 0.5:
+            assert client.simulate_post("/increment", json=increment).status_code == 503
+            assert client.simulate_get("/").status_code == 503
+        refused = client.simulate_get("/healthz")
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+        assert refused.json["status"] == "unavailable"
+        assert refused.json["description"].startswith("every write of this server has failed for ")
+        assert "every write of this server failed" in caplog.text
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert client.simulate_get("/healthz").status_code == 503  # nothing has shown it yet
+    assert client.simulate_post("/increment", json=increment).status_code == 202
+    assert client.simulate_get("/healthz").json == {"status": "ok"}
+    engine.dispose()
 
 
 def test_metrics(client):

@@ -557,8 +557,10 @@ def test_a_batch_in_which_no_part_committed_is_in_no_commit_or_batch_metric(seed
 
     commits: list[float] = []
     parts: list[tuple[str, int]] = []
+    failures: list[BaseException] = []
     batcher = Batcher(seeded, [BusyKind("first"), BusyKind("second"), GateKind()], max_wait=30,
-                      on_batch=lambda kind, outcomes: parts.append((kind, len(outcomes))), on_commit=commits.append)
+                      on_batch=lambda kind, outcomes: parts.append((kind, len(outcomes))), on_commit=commits.append,
+                      on_failure=failures.append)
     try:
         opener = batcher.enqueue("gate", [None])  # its batch holds the committer at the gate
         wait_for(lambda: batcher.running_for() > 0, "the opener's batch at the gate")
@@ -568,8 +570,28 @@ def test_a_batch_in_which_no_part_committed_is_in_no_commit_or_batch_metric(seed
         assert [type(outcome) for outcome in batcher.outcomes(first) + batcher.outcomes(second)] == [DatabaseBusyError] * 2
     finally:
         batcher.close(5)
-    # The opener's batch committed; the one after it did not, and is in neither metric.
+    # The opener's batch committed; the one after it did not, and is in neither metric. Each
+    # of its parts failed as a whole (what /healthz hears of).
     assert (len(commits), parts) == (1, [("gate", 1)])
+    assert [type(failure) for failure in failures] == [DatabaseBusyError] * 2
+
+
+def test_a_batch_that_fails_as_one_is_told_once(seeded):
+    class BrokenKind:
+        name = "broken"
+
+        def apply(self, held, payloads):
+            raise DatabaseUnavailableError("gone")
+
+    failures: list[BaseException] = []
+    commits: list[float] = []
+    batcher = Batcher(seeded, [BrokenKind()], max_wait=30, on_commit=commits.append, on_failure=failures.append)
+    try:
+        with pytest.raises(DatabaseUnavailableError):
+            batcher.submit("broken")
+    finally:
+        batcher.close(5)
+    assert [str(failure) for failure in failures] == ["gone"] and commits == []
 
 
 def test_a_later_part_raising_no_exception_fails_only_the_waiters_not_yet_answered(seeded, two_kinds):

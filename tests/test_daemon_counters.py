@@ -18,7 +18,7 @@ import daemon.resources
 from daemon.app import collect_outcomes, create_app, enqueue_outcomes, new_batchers
 from daemon.batcher import Batcher, Batchers, IncrementKind, QueryKind
 from daemon.metrics import Metrics
-from daemon.resources import DatabaseReads, DuplicateNameError, decode_json
+from daemon.resources import DatabaseReads, DuplicateNameError, WriteHealth, decode_json
 from daemon.transport import LaneRequest
 from maxtwo_cli.core import db
 from maxtwo_cli.core.counters import INT64_MAX, INT64_MIN, Applied, read_counter
@@ -34,7 +34,7 @@ JSON = {"Content-Type": "application/json"}
 @pytest.fixture
 def app_parts(settings, engine):
     metrics = Metrics()
-    batchers = new_batchers(settings, engine, metrics)
+    batchers = new_batchers(settings, engine, metrics, WriteHealth())
     yield create_app(settings, engine, metrics=metrics, batchers=batchers), batchers, metrics
     batchers.close(5)
 
@@ -334,7 +334,7 @@ def test_on_postgresql_a_get_root_never_waits_for_an_increment_held_by_a_row_loc
     seed_users(postgres_engine, 20)
     randomize_points(postgres_engine)
     metrics = Metrics()
-    batchers = new_batchers(settings, postgres_engine, metrics)
+    batchers = new_batchers(settings, postgres_engine, metrics, WriteHealth())
     assert batchers[QueryKind.name] is not batchers[IncrementKind.name]
     app = create_app(settings, postgres_engine, metrics=metrics, batchers=batchers)
     answers: dict[str, tuple[int, float]] = {}

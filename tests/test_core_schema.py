@@ -388,6 +388,12 @@ def test_accepted_urls(raw, driver):
         "sqlite://",
         "sqlite:///:memory:",
         "sqlite:///x.db?mode=ro",
+        # A user, password or host: SQLAlchemy refused it in several lines, after maxtwo had
+        # made the path's directories (relative to the working directory).
+        "sqlite://user:s3cret@host/tmp/x.db",
+        "sqlite://host/x.db",
+        "sqlite://:s3cret@/x.db",
+        "sqlite:///x%00.db",
     ],
 )
 def test_refused_urls_never_echo_the_password(raw):

@@ -99,6 +99,15 @@ def parse_database_url(raw: str) -> URL:
             "a SQLite database URL must name a file, because every maxtwo process shares it; "
             + URL_HELP
         )
+    if url.username or url.password or url.host or url.port:
+        # NOTE: SQLAlchemy refuses these only when it makes the engine, in several lines, and
+        # after maxtwo made the file's directory; and sqlite://HOST/PATH is no file on HOST.
+        raise ConfigurationError(
+            "a SQLite database URL names a local file and takes no user, password or host "
+            "(sqlite:///relative/path or sqlite:////absolute/path); " + URL_HELP
+        )
+    if "\0" in url.database:
+        raise ConfigurationError("the SQLite database path contains a NUL character; no file can be named so")
     if url.query:
         # NOTE: SQLAlchemy would pass ?mode=ro and the like on with a warning, and ignore them.
         raise ConfigurationError(f"a SQLite database URL takes no parameters (?{next(iter(url.query))}=...); {URL_HELP}")

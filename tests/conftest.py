@@ -110,14 +110,31 @@ class ReliabilityReport:
              ".venv/bin/python -m pytest -m fault`), not by hand: each section is one fault test, "
              "its promise, how it is tested, and what it measured."),
             "",
-            (f"Run on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on a {os.cpu_count()}-core "
-             f"machine, Python {platform.python_version()}."),
+            (f"Run on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC{_tested_commit()} on a "
+             f"{os.cpu_count()}-core machine, Python {platform.python_version()}."),
             "",
         ]
         for promise, method, figures in sorted(self.sections):
             lines += [f"### {promise}", "", method, ""] + [f"- {figure}" for figure in figures] + [""]
         with open(path, "w") as handle:
             handle.write(kept + "\n".join(lines))
+
+
+def _tested_commit() -> str:
+    """' at commit X' (the code the fault tests ran, so a reader can tell a stale report), with
+    a note if the checkout had other changes; '' outside a git checkout."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True, timeout=10).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  ":!docs/reliability.md"], cwd=root, capture_output=True, text=True,
+                                 check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return f" at commit {commit}" + (" with uncommitted changes" if changed else "")
 
 
 @pytest.fixture(scope="session")

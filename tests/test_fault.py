@@ -621,6 +621,7 @@ def test_a_full_disk_gets_503_and_exit_1_then_recovers(tmp_path, reliability):
             failures_before, epoch_before = daemon.metric("maxtwo_randomize_failures_total"), state_of(path).epoch
             with Clients(daemon.base) as clients:
                 time.sleep(2 * interval + 0.5)
+                health_while_full = daemon.get("/healthz")
                 randomize = maxtwo(url, "randomize")
                 reset = maxtwo(url, "seed", "--reset", "--count", "200000")
                 full_until = time.monotonic()
@@ -632,6 +633,7 @@ def test_a_full_disk_gets_503_and_exit_1_then_recovers(tmp_path, reliability):
             while_full = clients.between(full_from, full_until)
             recovered = [s for s in clients.between(freed_at, time.monotonic()) if s[2] == 200]
             status, body = daemon.get("/")
+            health_after = daemon.get("/healthz")
             assert daemon.process.poll() is None
             assert daemon.terminate() == 0
         current = check_intact(path, 20000)
@@ -646,6 +648,10 @@ def test_a_full_disk_gets_503_and_exit_1_then_recovers(tmp_path, reliability):
     assert recovered and recovered[0][0] + recovered[0][1] - freed_at < RECOVERY
     assert status == 200 and set(body) == {"users", "timestamp"}
     assert current.epoch > epoch_while_full  # randomizations resumed with no restart
+    # /healthz writes nothing, so only the batchers' failures tell it (WriteHealth).
+    assert health_while_full[0] == 503, health_while_full
+    assert health_while_full[1]["description"].startswith("every write of this server has failed for ")
+    assert health_after == (200, {"status": "ok"})
     reliability.record(
         "A full disk (SQLite): 503 and exit 1, nothing half-written, recovery",
         f"The SQLite file lives on an 8 MB tmpfs that the test fills to the last byte ({filled:,} "
@@ -662,6 +668,7 @@ def test_a_full_disk_gets_503_and_exit_1_then_recovers(tmp_path, reliability):
             (f"first 200 after space was freed: {(recovered[0][0] + recovered[0][1] - freed_at) * 1000:.0f} ms "
              f"later; epoch {epoch_while_full} -> {current.epoch} with no restart; PRAGMA "
              "integrity_check: ok; one updated_at on every user, the state's"),
+            (f"`/healthz` while full: 503, \"{health_while_full[1]['description']}\"; after: 200"),
         ],
     )
 

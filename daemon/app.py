@@ -61,6 +61,8 @@ def create_app(
     their owner closes them at shutdown; `writes`: what they tell of their commits and failures
     (/healthz reads it). Only new_batchers()'s feed the batch metrics
     (increments applied included)."""
+    if batchers is not None and writes is None:
+        raise TypeError("create_app(): batchers given without the WriteHealth they tell (writes=)")
     metrics = metrics or Metrics()
     app = falcon.App(middleware=[RequestMetrics(metrics)])
     writes = writes or WriteHealth()
@@ -99,6 +101,10 @@ def new_batchers(settings: Settings, engine: Engine, metrics: Metrics, writes: W
         metrics.batch_commit_seconds.observe(seconds)
         writes.committed()
 
+    def failed(error: BaseException) -> None:
+        if not isinstance(error, DatabaseBusyError):  # see WriteHealth
+            writes.failed()
+
     def batcher(kinds: list[Kind]) -> Batcher:
         return Batcher(
             engine,
@@ -108,7 +114,7 @@ def new_batchers(settings: Settings, engine: Engine, metrics: Metrics, writes: W
             max_wait=batch_timeout(settings),
             on_batch=observe,
             on_commit=committed,
-            on_failure=lambda _error: writes.failed(),
+            on_failure=failed,
         )
 
     if db.is_postgres(engine):
@@ -207,6 +213,10 @@ class RequestMetrics:
         # A request from the lane (GET /, POST /increment) waited for its batch before the app
         # saw it.
         req.context.started = req.env.get(ARRIVED_AT) or time.perf_counter()
+        if req.method not in falcon.COMBINED_METHODS:
+            # RFC 9110 section 9.1: a method the server does not recognize SHOULD get 501 (falcon
+            # answers 400, "Invalid HTTP method"). Counted as method "OTHER" below.
+            raise falcon.HTTPNotImplemented(description="the request method is not one this server implements")
 
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool

@@ -151,7 +151,8 @@ class Batcher:
         `on_batch(kind, outcomes)`: called with each kind's part of every batch once it has
         committed (a part that failed on its own while the rest committed: with its errors);
         `on_commit(seconds)`: once per committed batch, with its duration; `on_failure(error)`:
-        once per part of a batch that failed as a whole (nothing of it committed)."""
+        once per batch that failed as a whole, and once per part of a batch of several kinds
+        that failed on its own."""
         self._engine = engine
         self._kinds = {kind.name: kind for kind in kinds}
         self.max_wait = max_wait

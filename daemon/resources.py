@@ -261,13 +261,16 @@ class DatabaseReads:
 class WriteHealth:
     """Whether this server's writes (the batches of GET / and POST /increment) keep failing,
     for /healthz: a database can answer every check that writes nothing and still fail every
-    write (a full disk; a SQLite write lock another process holds).
+    write (a full disk, an I/O error).
 
-    Failing: batches have failed for FAILING_SECONDS or more with none committed in between, the
-    last of them less than RECENT_SECONDS ago. One failure proves little (a lock timed out once);
-    any commit ends it (some writes work: a counter's row lock fails only the batches with that
-    key); and it ends by itself once no batch has failed for RECENT_SECONDS, so that a server
-    taken out of rotation for it gets requests again to show whether it recovered.
+    Failing: batches have failed for FAILING_SECONDS or more with none committed in between and
+    no pause of RECENT_SECONDS between two failures, the last of them less than RECENT_SECONDS
+    ago. One failure proves little; any commit ends it (some writes work); and it ends by itself
+    once no batch has failed for RECENT_SECONDS, so that a server taken out of rotation for it
+    gets requests again to show whether it recovered. A lock or a timeout (DatabaseBusyError)
+    is not told here: another transaction holding a counter's row, or SQLite's file, fails the
+    same writes on every server, and would take them all out of rotation, the reads they can
+    still serve with them.
 
     NOTE: no lock: the committers set an attribute each (one per batch), /healthz reads them; a
     commit and a failure at the same moment only decide between themselves which came last."""
@@ -285,8 +288,8 @@ class WriteHealth:
 
     def failed(self) -> None:
         now = self._clock()
-        if self._failing_since is None:
-            self._failing_since = now
+        if self._failing_since is None or now - self._last_failure >= self.RECENT_SECONDS:
+            self._failing_since = now  # a failure long after the last starts afresh
         self._last_failure = now
 
     def failing_for(self) -> float | None:

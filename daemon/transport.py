@@ -21,7 +21,8 @@ paired measurement that keeps each speed hook:
   framing an intermediary may have seen differently; an HTTP/1.1 request without exactly one
   Host header is answered 400 (RFC 9112 section 3.2); a header with a bare LF line ending is
   answered 400 as soon as one arrives, not after the channel timeout; HTTP/1.2 and later minor
-  versions are served as HTTP/1.1, another major version answered 505 (RFC 9110 section 2.5).
+  versions are served as HTTP/1.1, another major version answered 505 (RFC 9110 section 2.5),
+  a request line without a version 400.
 - accept_waiting: the listening socket takes every connection waiting in its backlog per
   turn of the serving loop (up to ACCEPTS_PER_TURN, within the connection limit), not one: a
   burst of new connections no longer waits hundreds of turns (max latency 0.53-0.62x for
@@ -96,7 +97,8 @@ RECLAIM_SLOW_REQUEST_SECONDS = 10.0
 # A line feed not preceded by a carriage return (RFC 9112 section 2.2).
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 # A request line's version later than HTTP/1.1 within major version 1 (RFC 9110 section 2.5).
-_LATER_HTTP_1 = re.compile(rb"\A([^\r\n]* )HTTP/1\.[2-9](?=[ \t]*(?:\r\n|\Z))")
+# (waitress strips any whitespace that ends the line: bytes.rstrip()'s, less the LF.)
+_LATER_HTTP_1 = re.compile(rb"\A([^\r\n]* )HTTP/1\.[2-9](?=[ \t\r\x0b\x0c]*(?:\r\n|\Z))")
 # The lane's thread, by name (as thread listings and profilers show it).
 LANE_THREAD_NAME = "maxtwo-lane"
 
@@ -169,7 +171,11 @@ class StrictFramingParser(HTTPRequestParser):
         # RFC 9110 section 2.5: a later minor version is served as the highest one we implement
         # (waitress served HTTP/1.2 as HTTP/1.0, without HTTP/1.1's framing).
         super().parse_header(_LATER_HTTP_1.sub(rb"\1HTTP/1.1", header_plus, count=1))
-        if self.version and not self.version.startswith("1."):
+        if not self.version:
+            # RFC 9112 section 3: the request line ends with the version. waitress served a line
+            # without one (HTTP/0.9's form) as HTTP/1.0.
+            raise ParsingError("the request line has no HTTP version (e.g. GET / HTTP/1.1)")
+        if not self.version.startswith("1."):
             # Section 15.6.6: a major version other than 1 is refused with 505. waitress answered
             # HTTP/2.0 and HTTP/0.9 as HTTP/1.0, so a GET / meant for another protocol was served,
             # and counted as a query.

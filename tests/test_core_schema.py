@@ -393,6 +393,8 @@ def test_accepted_urls(raw, driver):
         "sqlite://user:s3cret@host/tmp/x.db",
         "sqlite://host/x.db",
         "sqlite://:s3cret@/x.db",
+        "sqlite://@/x.db",
+        "sqlite://:0/x.db",
         "sqlite:///x%00.db",
     ],
 )

@@ -16,10 +16,11 @@ import sqlalchemy as sa
 
 import daemon.resources
 from daemon.app import create_app
+from daemon.batcher import IncrementKind
 from daemon.openapi import openapi_document
 from daemon.resources import WriteHealth
 from maxtwo_cli.core import db, schema
-from maxtwo_cli.core.errors import DatabaseBusyError
+from maxtwo_cli.core.errors import DatabaseBusyError, DatabaseUnavailableError
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.seed import seed_users
 from maxtwo_cli.core.settings import Settings
@@ -183,8 +184,11 @@ def test_write_health_fails_only_while_every_write_keeps_failing():
     assert writes.failing_for() == WriteHealth.RECENT_SECONDS + 0.5
     clock.now += 0.5  # no failure for RECENT_SECONDS: requests may come back, and show
     assert writes.failing_for() is None
-    writes.failed()  # and they failed again: failing since the first of them
-    assert writes.failing_for() == WriteHealth.RECENT_SECONDS + 1.0
+    writes.failed()  # and they failed again: a new spell, which one failure does not make
+    assert writes.failing_for() is None
+    clock.now += 1
+    writes.failed()
+    assert writes.failing_for() == 1.0
     writes.committed()  # some writes work
     assert writes.failing_for() is None
     writes.failed()
@@ -192,38 +196,61 @@ def test_write_health_fails_only_while_every_write_keeps_failing():
     writes.committed()
     writes.failed()
     assert writes.failing_for() is None  # a failure now and then, commits between them
+    clock.now += 3600
+    writes.failed()  # an hour later, no commit in between: a new spell all the same
+    assert writes.failing_for() is None
 
 
-def test_healthz_fails_while_every_write_fails_though_the_database_answers(tmp_path, caplog):
-    # Another process holds the write lock of the file every write of the API needs (a full
-    # disk fails them the same way): every check that writes nothing passes, yet GET / and
-    # POST /increment answer 503. Reads go on (WAL), so only the writes can tell.
-    settings = Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}", statement_timeout=0.3)
+def _post_for(client, seconds: float) -> set[int]:
+    """POST /increment back to back for `seconds`; the statuses answered."""
+    statuses, started = set(), time.monotonic()
+    while time.monotonic() - started < seconds:
+        statuses.add(client.simulate_post("/increment", json={"key": "a", "value": 1}).status_code)
+    return statuses
+
+
+def test_healthz_fails_while_every_write_fails_though_the_database_answers(settings, engine, monkeypatch, caplog):
+    # A full disk or an I/O error fails every write while every check that writes nothing
+    # passes (tests/test_fault.py fills a real disk; here the kinds fail as they then do).
+    monkeypatch.setattr(WriteHealth, "FAILING_SECONDS", 0.2)
+    seed_users(engine, 100)
+    client = falcon.testing.TestClient(create_app(settings, engine))
+    assert client.simulate_post("/increment", json={"key": "a", "value": 1}).status_code == 202
+
+    def disk_full(self, held, payloads):
+        raise DatabaseUnavailableError("the disk holding the SQLite file is full; free some space and try again")
+
+    with monkeypatch.context() as failing:
+        failing.setattr(IncrementKind, "apply", disk_full)
+        assert _post_for(client, 0.4) == {503}
+        refused = client.simulate_get("/healthz")
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+    assert refused.json["status"] == "unavailable"
+    assert refused.json["description"].startswith("every write of this server has failed for ")
+    assert "every write of this server failed" in caplog.text
+    assert client.simulate_get("/healthz").status_code == 503  # nothing has shown otherwise yet
+    assert client.simulate_post("/increment", json={"key": "a", "value": 1}).status_code == 202
+    assert client.simulate_get("/healthz").json == {"status": "ok"}
+
+
+def test_healthz_holds_while_a_lock_held_elsewhere_fails_the_writes(tmp_path, monkeypatch):
+    # A lock fails the same writes on every server sharing the database: /healthz failing for
+    # it would take them all out of rotation, and the reads they still serve with them.
+    monkeypatch.setattr(WriteHealth, "FAILING_SECONDS", 0.2)
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}", statement_timeout=0.1)
     engine = db.create_engine(settings)
     schema.ensure_schema(engine)
     seed_users(engine, 100)
     client = falcon.testing.TestClient(create_app(settings, engine))
-    increment = {"key": "a", "value": 1}
-    assert client.simulate_post("/increment", json=increment).status_code == 202
     holder = sqlite3.connect(tmp_path / "maxtwo.db-query", isolation_level=None)
     try:
         holder.execute("BEGIN IMMEDIATE")
-        started = time.monotonic()
-        while time.monotonic() - started < WriteHealth.FAILING_SECONDS + 0.5:
-            assert client.simulate_post("/increment", json=increment).status_code == 503
-            assert client.simulate_get("/").status_code == 503
-        refused = client.simulate_get("/healthz")
-        assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
-        assert refused.json["status"] == "unavailable"
-        assert refused.json["description"].startswith("every write of this server has failed for ")
-        assert "every write of this server failed" in caplog.text
+        assert _post_for(client, 0.6) == {503}
+        assert client.simulate_get("/healthz").json == {"status": "ok"}
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    assert client.simulate_get("/healthz").status_code == 503  # nothing has shown it yet
-    assert client.simulate_post("/increment", json=increment).status_code == 202
-    assert client.simulate_get("/healthz").json == {"status": "ok"}
-    engine.dispose()
+        engine.dispose()
 
 
 def test_metrics(client):
@@ -318,13 +345,29 @@ def test_unexpected_errors_are_a_generic_500_with_the_traceback_in_the_log(setti
     assert "secret internals" in caplog.text and "Traceback" in caplog.text
 
 
-@pytest.mark.filterwarnings("ignore:Unknown REQUEST_METHOD")  # falcon.testing's WSGI validator: the point
-def test_every_error_is_titled_with_its_status_line(client):
-    """falcon's own title for an unknown method is "Bad request"; the API's errors all have the form."""
-    got = client.simulate_request("FOO", "/healthz")
-    assert got.status_code == 400
-    assert got.json == {"status": 400, "title": "400 Bad Request", "description": "Invalid HTTP method"}
+def test_every_error_is_titled_with_its_status_line(settings, engine):
+    """falcon titles some of its errors otherwise (its unknown-method answer "Bad request"); the
+    API's errors all have the status line as title, and such a title becomes the description."""
+    app = create_app(settings, engine)
+
+    class Titled:
+        def on_get(self, req, resp):
+            raise falcon.HTTPBadRequest(title="Bad request")
+
+    app.add_route("/titled", Titled())
+    client = falcon.testing.TestClient(app)
+    assert client.simulate_get("/titled").json == {"status": 400, "title": "400 Bad Request", "description": "Bad request"}
     assert client.simulate_get("/nope").json["title"] == "404 Not Found"
+
+
+@pytest.mark.filterwarnings("ignore:Unknown REQUEST_METHOD")  # falcon.testing's WSGI validator: the point
+@pytest.mark.parametrize("path", ["/", "/healthz", "/nope"])
+def test_an_unknown_method_is_501(client, path):
+    # RFC 9110 section 9.1: a method the server does not recognize SHOULD get 501 (falcon's is 400).
+    got = client.simulate_request("FOO", path)
+    assert got.status_code == 501
+    assert got.json == {"status": 501, "title": "501 Not Implemented",
+                        "description": "the request method is not one this server implements"}
 
 
 def test_a_path_is_logged_with_its_control_characters_escaped(database_url, tmp_path, caplog):
@@ -381,7 +424,7 @@ def test_database_unreachable_is_a_503_json_that_reveals_nothing(database_url, t
 @pytest.mark.filterwarnings("ignore:Unknown REQUEST_METHOD")  # wsgiref's validator; the point
 def test_unknown_methods_do_not_make_new_metric_series(client):
     for method in ("X0ZZ", "X1ZZ", "BREW"):
-        assert client.simulate_request(method, "/").status_code in (400, 405)
+        assert client.simulate_request(method, "/").status_code == 501
     text = client.simulate_get("/metrics").text
     assert 'method="OTHER"' in text
     assert "X0ZZ" not in text and "BREW" not in text

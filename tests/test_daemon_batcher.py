@@ -18,7 +18,7 @@ from daemon.batcher import Batcher, QueryKind
 from maxtwo_cli.core import batch as batch_module
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.batch import HeldConnection
-from maxtwo_cli.core.errors import DatabaseBusyError, DatabaseUnavailableError
+from maxtwo_cli.core.errors import DatabaseBusyError, DatabaseUnavailableError, MaxtwoError
 from maxtwo_cli.core.query import AnswerCache, QueryResult, query_users, query_users_batch, run_query_batch
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.seed import seed_users
@@ -141,6 +141,27 @@ def test_nothing_more_of_a_transaction_runs_once_its_connection_is_lost(postgres
         runner.release()
         NOTES.drop(engine)
         engine.dispose()
+
+
+def test_a_transaction_whose_statement_failed_commits_nothing_even_if_its_caller_went_on(engine):
+    # PostgreSQL takes the COMMIT of a transaction whose statement failed as a ROLLBACK, and
+    # reports success: a caller that caught the error and went on would be told all committed.
+    runner = HeldConnection(engine)
+    try:
+        NOTES.create(engine)
+        with pytest.raises(RuntimeError, match="nothing of it was committed"), runner.transaction():
+            runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('first')"))
+            with pytest.raises(MaxtwoError):
+                runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('first')"))
+            with pytest.raises(RuntimeError, match="nothing of it was committed"):
+                runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('second')"))
+        assert notes(engine) == set()
+        with runner.transaction():  # the next one runs as usual
+            runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('next')"))
+        assert notes(engine) == {"next"}
+    finally:
+        runner.release()
+        NOTES.drop(engine)
 
 
 def test_a_pooled_connection_the_server_closed_is_replaced_at_checkout(postgres_url):

@@ -33,9 +33,9 @@ JSON = {"Content-Type": "application/json"}
 
 @pytest.fixture
 def app_parts(settings, engine):
-    metrics = Metrics()
-    batchers = new_batchers(settings, engine, metrics, WriteHealth())
-    yield create_app(settings, engine, metrics=metrics, batchers=batchers), batchers, metrics
+    metrics, writes = Metrics(), WriteHealth()
+    batchers = new_batchers(settings, engine, metrics, writes)
+    yield create_app(settings, engine, metrics=metrics, batchers=batchers, writes=writes), batchers, metrics
     batchers.close(5)
 
 
@@ -252,7 +252,7 @@ def test_503_when_too_many_increments_wait(settings, engine, monkeypatch):
     real_apply = IncrementKind.apply
     monkeypatch.setattr(IncrementKind, "apply", lambda self, held, payloads: (gate.wait(10), real_apply(self, held, payloads))[1])
     batcher = Batcher(engine, [QueryKind(), IncrementKind()], max_wait=30, max_pending=2)
-    client = falcon.testing.TestClient(create_app(settings, engine, batchers=Batchers.shared(batcher)))
+    client = falcon.testing.TestClient(create_app(settings, engine, batchers=Batchers.shared(batcher), writes=WriteHealth()))
     statuses: list[int] = []
 
     def send() -> threading.Thread:
@@ -333,10 +333,10 @@ def test_on_postgresql_a_get_root_never_waits_for_an_increment_held_by_a_row_loc
     settings = Settings(database_url=postgres_url, statement_timeout=10.0)
     seed_users(postgres_engine, 20)
     randomize_points(postgres_engine)
-    metrics = Metrics()
-    batchers = new_batchers(settings, postgres_engine, metrics, WriteHealth())
+    metrics, writes = Metrics(), WriteHealth()
+    batchers = new_batchers(settings, postgres_engine, metrics, writes)
     assert batchers[QueryKind.name] is not batchers[IncrementKind.name]
-    app = create_app(settings, postgres_engine, metrics=metrics, batchers=batchers)
+    app = create_app(settings, postgres_engine, metrics=metrics, batchers=batchers, writes=writes)
     answers: dict[str, tuple[int, float]] = {}
 
     def send(name: str, method: str, path: str, body: str | None = None) -> threading.Thread:

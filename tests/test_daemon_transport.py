@@ -46,6 +46,7 @@ from daemon import transport
 from daemon.app import ARRIVED_AT, PREFETCHED_ANSWER, create_app
 from daemon.batcher import Batcher, Batchers, IncrementKind, QueryKind
 from daemon.metrics import Metrics
+from daemon.resources import WriteHealth
 from daemon.server import TransportOptions, batched_routes, lanes_for, open_transport
 from daemon.transport import FULL_CHECK_SECONDS, LANE_THREAD_NAME, QuietChannel
 from maxtwo_cli.core import db, schema
@@ -251,8 +252,10 @@ HEADER_AT_LIMIT = _HEADER_START + b"y" * (Adjustments().max_request_header_size 
     (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
     (b"POST / HTTP/3.0\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", 505),
     (b"GET / HTTP/0.9\r\n\r\n", 505),
+    # RFC 9112 section 3: no version at all (HTTP/0.9's own form; waitress served it as HTTP/1.0).
+    (b"GET /\r\n\r\n", 400),
 ], ids=["no-host", "malformed-header", "headers-too-large", "body-too-large", "unknown-transfer-coding",
-        "bare-lf", "bare-lf-unfinished", "http-2", "http-3-with-body", "http-0.9"])
+        "bare-lf", "bare-lf-unfinished", "http-2", "http-3-with-body", "http-0.9", "no-version"])
 def test_the_errors_waitress_answers_itself_are_json_in_the_apps_shape(request_bytes, status):
     refused = []
     with (running(hello, on_refused=refused.append) as served,
@@ -289,7 +292,7 @@ def test_a_later_http_1_minor_version_is_served_as_http_1_1():
     # RFC 9110 section 2.5 (waitress answered HTTP/1.0, and read no chunked body).
     with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
         sock.sendall(b"POST / HTTP/1.2\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
-                     b"GET / HTTP/1.9 \r\nHost: x\r\nConnection: close\r\n\r\n")
+                     b"GET / HTTP/1.9 \x0c\r\nHost: x\r\nConnection: close\r\n\r\n")  # (whitespace waitress strips)
         answer = read_all(sock)
     assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1 200") == 2, answer
     assert b"\r\n\r\nabcHTTP/1.1 200" in answer, answer
@@ -328,7 +331,7 @@ def serve(settings: Settings, engine, max_wait: float = 30) -> Iterator[Served]:
     batcher = Batcher(engine, [QueryKind(), IncrementKind()], max_wait=max_wait, on_batch=query_batch)
     batchers = Batchers.shared(batcher)
     metrics = Metrics()
-    app = create_app(settings, engine, metrics=metrics, batchers=batchers)
+    app = create_app(settings, engine, metrics=metrics, batchers=batchers, writes=WriteHealth())
     served: Served
 
     def recording(environ, start_response):
@@ -943,7 +946,7 @@ def test_every_hook_can_be_turned_off_for_the_benchmark(settings, engine, option
     seed_users(engine, 20)
     batcher = Batcher(engine, [QueryKind()], max_wait=30)
     batchers = Batchers.shared(batcher)
-    app = create_app(settings, engine, batchers=batchers)
+    app = create_app(settings, engine, batchers=batchers, writes=WriteHealth())
     try:
         with running(app, batchers=batchers, options=options) as served:
             connection = served.connect()

@@ -30,10 +30,13 @@ class HeldConnection:
         self._pooled: Any = None  # SQLAlchemy's pooled connection, while held
         self._cursor: Any = None  # the driver's cursor on it
         self._in_transaction = False
-        # A transaction whose connection was given up (an error broke it): until transaction()
-        # ends, nothing more may run, or it would run on a fresh connection, outside the
-        # transaction, committed by itself (and a COMMIT there would commit nothing, and succeed).
-        self._transaction_lost = False
+        # Why the open transaction can commit nothing any more, as (error class, message), or
+        # None: a statement of it failed, or its connection was lost. Until transaction() ends,
+        # nothing more runs and no COMMIT is sent, should a caller catch the error and go on:
+        # after a lost connection each statement would run on a fresh one, committed by itself,
+        # and the COMMIT there commit nothing; after a failed statement PostgreSQL takes the
+        # COMMIT as a ROLLBACK, and reports success.
+        self._doomed: tuple[type[Exception], str] | None = None
 
     def run(self, work: Callable[[Any], T], *, starts_work: bool = True) -> T:
         """`work(cursor)`, its driver errors turned into MaxtwoErrors.
@@ -43,24 +46,28 @@ class HeldConnection:
         back and goes on, unless the connection is broken. `starts_work`: nothing is pending on
         the connection (False for a COMMIT, which must fail on the connection it was to end,
         not run on another)."""
-        if self._transaction_lost:
-            raise DatabaseUnavailableError(
-                f"the connection to the database at {redact(self.engine.url)} was lost during a "
-                "transaction: nothing of it was committed"
-            )
-        with database_errors(self.engine):
-            try:
-                if starts_work and self.postgres and self._pooled is not None and not self._in_transaction:
-                    self._replace_if_closed_while_idle()
-                return work(self._held_cursor())
-            except driver_errors():
-                if not (self._in_transaction and self.held and not self._broken()):
-                    self._discard()
-                raise
-            except BaseException:
-                if not self._in_transaction:
-                    self.release()
-                raise
+        if self._doomed is not None:
+            error, message = self._doomed
+            raise error(message)
+        try:
+            with database_errors(self.engine):
+                try:
+                    if starts_work and self.postgres and self._pooled is not None and not self._in_transaction:
+                        self._replace_if_closed_while_idle()
+                    return work(self._held_cursor())
+                except driver_errors():
+                    if not (self._in_transaction and self.held and not self._broken()):
+                        self._discard()
+                    raise
+                except BaseException:
+                    if not self._in_transaction:
+                        self.release()
+                    raise
+        except BaseException:
+            if self._in_transaction and self._doomed is None:
+                why = "a statement of this transaction failed, and its caller went on: nothing of it was committed"
+                self._doomed = (RuntimeError, why)
+            raise
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -76,17 +83,19 @@ class HeldConnection:
         try:
             yield
         except BaseException:
-            self._in_transaction = self._transaction_lost = False
+            self._in_transaction, self._doomed = False, None
             self._rollback("ROLLBACK")
             raise
         self._in_transaction = False
+        doomed, self._doomed = self._doomed, None
+        if doomed is not None:
+            self._rollback("ROLLBACK")  # (nothing to do if the connection was lost)
+            error, message = doomed
+            raise error(message)
         # NOTE: a connection the server closed before the COMMIT took the transaction with it:
         # the COMMIT fails there (an unknown outcome, a 503), rather than be sent on a fresh
         # connection, where it would commit nothing and say it did.
-        try:
-            self.run(lambda cursor: cursor.execute("COMMIT"), starts_work=False)
-        finally:
-            self._transaction_lost = False
+        self.run(lambda cursor: cursor.execute("COMMIT"), starts_work=False)
 
     @property
     def in_transaction(self) -> bool:
@@ -102,7 +111,10 @@ class HeldConnection:
         """Return the held connection to the pool (the next run takes one again)."""
         pooled, self._pooled = self._pooled, None
         cursor, self._cursor = self._cursor, None
-        self._transaction_lost = self._transaction_lost or self._in_transaction
+        if self._in_transaction and self._doomed is None:
+            why = (f"the connection to the database at {redact(self.engine.url)} was lost during a transaction: "
+                   "nothing of it was committed")
+            self._doomed = (DatabaseUnavailableError, why)
         self._in_transaction = False
         if pooled is None:
             return

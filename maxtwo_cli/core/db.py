@@ -99,7 +99,7 @@ def parse_database_url(raw: str) -> URL:
             "a SQLite database URL must name a file, because every maxtwo process shares it; "
             + URL_HELP
         )
-    if url.username or url.password or url.host or url.port:
+    if any(part is not None for part in (url.username, url.password, url.host, url.port)):
         # NOTE: SQLAlchemy refuses these only when it makes the engine, in several lines, and
         # after maxtwo made the file's directory; and sqlite://HOST/PATH is no file on HOST.
         raise ConfigurationError(

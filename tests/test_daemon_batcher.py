@@ -149,11 +149,11 @@ def test_a_transaction_whose_statement_failed_commits_nothing_even_if_its_caller
     runner = HeldConnection(engine)
     try:
         NOTES.create(engine)
-        with pytest.raises(RuntimeError, match="nothing of it was committed"), runner.transaction():
+        with pytest.raises(MaxtwoError, match="nothing of it was committed"), runner.transaction():
             runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('first')"))
             with pytest.raises(MaxtwoError):
                 runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('first')"))
-            with pytest.raises(RuntimeError, match="nothing of it was committed"):
+            with pytest.raises(MaxtwoError, match="nothing of it was committed"):
                 runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('second')"))
         assert notes(engine) == set()
         with runner.transaction():  # the next one runs as usual
@@ -162,6 +162,50 @@ def test_a_transaction_whose_statement_failed_commits_nothing_even_if_its_caller
     finally:
         runner.release()
         NOTES.drop(engine)
+
+
+def test_a_busy_statement_caught_and_passed_over_still_fails_as_busy(engine, monkeypatch):
+    # The error the transaction ends with keeps the kind of the one that doomed it: a lock
+    # (DatabaseBusyError, a 503) must not come out as a 500.
+    runner = HeldConnection(engine)
+    try:
+        NOTES.create(engine)
+
+        def busy(cursor):
+            raise DatabaseBusyError("a lock timed out")
+
+        with pytest.raises(DatabaseBusyError, match="nothing of it was committed") as raised, runner.transaction():
+            runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('first')"))
+            with pytest.raises(DatabaseBusyError):
+                runner.run(busy)
+        assert isinstance(raised.value.__cause__, DatabaseBusyError)
+        assert notes(engine) == set()
+    finally:
+        runner.release()
+        NOTES.drop(engine)
+
+
+def test_a_commit_that_the_server_turned_into_a_rollback_fails(postgres_engine):
+    # A work function that catches its own statement's error leaves PostgreSQL's transaction
+    # aborted: its COMMIT is then a ROLLBACK that reports success, and only the tag tells.
+    runner = HeldConnection(postgres_engine)
+
+    def insert_twice(cursor):
+        cursor.execute("INSERT INTO test_notes (text) VALUES ('x')")
+        with contextlib.suppress(psycopg.errors.UniqueViolation):
+            cursor.execute("INSERT INTO test_notes (text) VALUES ('x')")
+
+    try:
+        NOTES.create(postgres_engine)
+        with pytest.raises(RuntimeError, match="ended this transaction with ROLLBACK"), runner.transaction():
+            runner.run(insert_twice)
+        assert notes(postgres_engine) == set()
+        with runner.transaction():
+            runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('next')"))
+        assert notes(postgres_engine) == {"next"}
+    finally:
+        runner.release()
+        NOTES.drop(postgres_engine)
 
 
 def test_a_pooled_connection_the_server_closed_is_replaced_at_checkout(postgres_url):

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from sqlalchemy.engine import Engine
 
 from maxtwo_cli.core.db import closed_while_idle, database_errors, driver_errors, is_postgres, redact
-from maxtwo_cli.core.errors import DatabaseUnavailableError
+from maxtwo_cli.core.errors import DatabaseUnavailableError, MaxtwoError
 
 T = TypeVar("T")
 
@@ -30,13 +30,13 @@ class HeldConnection:
         self._pooled: Any = None  # SQLAlchemy's pooled connection, while held
         self._cursor: Any = None  # the driver's cursor on it
         self._in_transaction = False
-        # Why the open transaction can commit nothing any more, as (error class, message), or
-        # None: a statement of it failed, or its connection was lost. Until transaction() ends,
+        # Why the open transaction can commit nothing any more, as (error class, message, the
+        # error that doomed it), or None: a statement of it failed, or its connection was lost. Until transaction() ends,
         # nothing more runs and no COMMIT is sent, should a caller catch the error and go on:
         # after a lost connection each statement would run on a fresh one, committed by itself,
         # and the COMMIT there commit nothing; after a failed statement PostgreSQL takes the
         # COMMIT as a ROLLBACK, and reports success.
-        self._doomed: tuple[type[Exception], str] | None = None
+        self._doomed: tuple[type[Exception], str, BaseException | None] | None = None
 
     def run(self, work: Callable[[Any], T], *, starts_work: bool = True) -> T:
         """`work(cursor)`, its driver errors turned into MaxtwoErrors.
@@ -47,8 +47,7 @@ class HeldConnection:
         the connection (False for a COMMIT, which must fail on the connection it was to end,
         not run on another)."""
         if self._doomed is not None:
-            error, message = self._doomed
-            raise error(message)
+            self._raise_doomed(self._doomed)
         try:
             with database_errors(self.engine):
                 try:
@@ -63,10 +62,12 @@ class HeldConnection:
                     if not self._in_transaction:
                         self.release()
                     raise
-        except BaseException:
+        except BaseException as ex:
             if self._in_transaction and self._doomed is None:
+                # The same kind of error (a DatabaseBusyError stays one: a 503, not a 500).
+                kind = type(ex) if isinstance(ex, MaxtwoError) else RuntimeError
                 why = "a statement of this transaction failed, and its caller went on: nothing of it was committed"
-                self._doomed = (RuntimeError, why)
+                self._doomed = (kind, why, ex)
             raise
 
     @contextlib.contextmanager
@@ -90,12 +91,26 @@ class HeldConnection:
         doomed, self._doomed = self._doomed, None
         if doomed is not None:
             self._rollback("ROLLBACK")  # (nothing to do if the connection was lost)
-            error, message = doomed
-            raise error(message)
+            self._raise_doomed(doomed)
         # NOTE: a connection the server closed before the COMMIT took the transaction with it:
         # the COMMIT fails there (an unknown outcome, a 503), rather than be sent on a fresh
         # connection, where it would commit nothing and say it did.
-        self.run(lambda cursor: cursor.execute("COMMIT"), starts_work=False)
+        self.run(self._commit, starts_work=False)
+
+    def _commit(self, cursor: Any) -> None:
+        cursor.execute("COMMIT")
+        # NOTE: PostgreSQL ends a transaction that had an error (one a work function caught
+        # itself) with a ROLLBACK, and the COMMIT reports success: its command tag says which.
+        if self.postgres and cursor.statusmessage != "COMMIT":
+            raise RuntimeError(
+                f"the database ended this transaction with {cursor.statusmessage} (a statement of it "
+                "failed): nothing of it was committed"
+            )
+
+    @staticmethod
+    def _raise_doomed(doomed: tuple[type[Exception], str, BaseException | None]) -> NoReturn:
+        error, message, cause = doomed
+        raise error(message) from cause
 
     @property
     def in_transaction(self) -> bool:
@@ -114,7 +129,7 @@ class HeldConnection:
         if self._in_transaction and self._doomed is None:
             why = (f"the connection to the database at {redact(self.engine.url)} was lost during a transaction: "
                    "nothing of it was committed")
-            self._doomed = (DatabaseUnavailableError, why)
+            self._doomed = (DatabaseUnavailableError, why, None)
         self._in_transaction = False
         if pooled is None:
             return

@@ -117,6 +117,14 @@ def test_a_commit_fails_on_the_connection_it_was_to_end(postgres_url):
         engine.dispose()
 
 
+def assert_nothing_committed_and_the_next_runs(runner: HeldConnection, engine) -> None:
+    """After a transaction that failed: none of it is in the table, and the next one commits."""
+    assert notes(engine) == set()
+    with runner.transaction():
+        runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('next')"))
+    assert notes(engine) == {"next"}
+
+
 def test_nothing_more_of_a_transaction_runs_once_its_connection_is_lost(postgres_url):
     # A caller that caught a statement's error inside transaction() and went on would otherwise
     # run the rest on a fresh connection, each statement committed by itself, and then send the
@@ -132,11 +140,7 @@ def test_nothing_more_of_a_transaction_runs_once_its_connection_is_lost(postgres
                 runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('second')"))
             with pytest.raises(DatabaseUnavailableError, match="lost during a transaction"):
                 runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('third')"))
-        assert notes(engine) == set()
-        # The next transaction runs as usual, on a fresh connection.
-        with runner.transaction():
-            runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('next')"))
-        assert notes(engine) == {"next"}
+        assert_nothing_committed_and_the_next_runs(runner, engine)
     finally:
         runner.release()
         NOTES.drop(engine)
@@ -155,10 +159,7 @@ def test_a_transaction_whose_statement_failed_commits_nothing_even_if_its_caller
                 runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('first')"))
             with pytest.raises(MaxtwoError, match="nothing of it was committed"):
                 runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('second')"))
-        assert notes(engine) == set()
-        with runner.transaction():  # the next one runs as usual
-            runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('next')"))
-        assert notes(engine) == {"next"}
+        assert_nothing_committed_and_the_next_runs(runner, engine)
     finally:
         runner.release()
         NOTES.drop(engine)
@@ -199,10 +200,7 @@ def test_a_commit_that_the_server_turned_into_a_rollback_fails(postgres_engine):
         NOTES.create(postgres_engine)
         with pytest.raises(RuntimeError, match="ended this transaction with ROLLBACK"), runner.transaction():
             runner.run(insert_twice)
-        assert notes(postgres_engine) == set()
-        with runner.transaction():
-            runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('next')"))
-        assert notes(postgres_engine) == {"next"}
+        assert_nothing_committed_and_the_next_runs(runner, postgres_engine)
     finally:
         runner.release()
         NOTES.drop(postgres_engine)

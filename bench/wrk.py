@@ -9,10 +9,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.common import say
 from bench.processes import read_process
 
 INSTALL_HINT = "install wrk: apt-get install wrk"
 WRK_THREADS = 2
+WRK_ATTEMPTS = 2  # a run whose report cannot be read is made again, once
 
 _SECONDS_PER_UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = r"([\d.]+)(us|ms|s|m|h)"
@@ -39,14 +41,25 @@ def run_wrk(url: str, connections: int, seconds: int, server_pid: int | None = N
     args = [wrk, f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds}s", "--latency",
             *(["-s", str(script)] if script is not None else []), url,
             *(["--", *script_args] if script_args else [])]
-    cpu_before = cpu_seconds(server_pid) if server_pid is not None else None
-    started_at = time.time()
-    proc = subprocess.run(args, check=False, capture_output=True, text=True, timeout=seconds + 60)
-    ended_at = time.time()
-    if proc.returncode != 0:
-        raise RuntimeError(f"wrk failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
+    for attempt in range(1, WRK_ATTEMPTS + 1):
+        cpu_before = cpu_seconds(server_pid) if server_pid is not None else None
+        started_at = time.time()
+        proc = subprocess.run(args, check=False, capture_output=True, text=True, timeout=seconds + 60)
+        ended_at = time.time()
+        if proc.returncode != 0:
+            raise RuntimeError(f"wrk failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
+        try:
+            report = parse_wrk_output(proc.stdout)
+            break
+        except RuntimeError:
+            # NOTE: seen once, in a CI run on 2026-12-06: wrk exited 0 having printed nothing,
+            # not even its first line. No measurement was made; the run is made again.
+            if attempt == WRK_ATTEMPTS:
+                raise RuntimeError(f"wrk printed no report {WRK_ATTEMPTS} times (exit 0; stdout {proc.stdout!r}; "
+                                   f"stderr {proc.stderr.strip()!r})") from None
+            say(f"  wrk printed no report (exit 0; stderr {proc.stderr.strip()!r}): running it again")
     figures = {"connections": connections, "seconds": seconds, "started_at": started_at,
-               "ended_at": ended_at, **parse_wrk_output(proc.stdout)}
+               "ended_at": ended_at, **report}
     if cpu_before is not None:
         used = cpu_seconds(server_pid) - cpu_before
         figures["server_cpu_seconds"] = used

@@ -268,9 +268,9 @@ class WriteHealth:
     ago. One failure proves little; any commit ends it (some writes work); and it ends by itself
     once no batch has failed for RECENT_SECONDS, so that a server taken out of rotation for it
     gets requests again to show whether it recovered. A lock or a statement timeout
-    (DatabaseBusyError) is not told here: another transaction holding a counter's row, or SQLite's file, fails the
-    same writes on every server, and would take them all out of rotation, the reads they can
-    still serve with them.
+    (DatabaseBusyError) is not told here: another transaction holding a counter's row, or
+    SQLite's file, fails the same writes on every server, and would take them all out of
+    rotation, the reads they can still serve with them.
 
     NOTE: no lock: the committers set an attribute each (one per batch), /healthz reads them; a
     commit and a failure at the same moment only decide between themselves which came last."""

@@ -15,7 +15,8 @@ paired measurement that keeps each speed hook:
   per response (ChangePoller.one_pull).
 - JsonErrorTask: the errors waitress answers itself, before the app sees the request (a
   malformed request, headers or body too large, an unknown transfer coding, the Host check
-  and the HTTP version below), in the app's JSON error shape instead of waitress's plain text; none to HEAD.
+  and the HTTP version below), in the app's JSON error shape instead of waitress's plain
+  text; none to HEAD.
 - StrictFramingParser: a request with both Transfer-Encoding and Content-Length is answered and
   its connection closed (RFC 9112 section 6.1), so nothing pipelined behind it is read with
   framing an intermediary may have seen differently; an HTTP/1.1 request without exactly one

@@ -31,11 +31,11 @@ class HeldConnection:
         self._cursor: Any = None  # the driver's cursor on it
         self._in_transaction = False
         # Why the open transaction can commit nothing any more, as (error class, message, the
-        # error that doomed it), or None: a statement of it failed, or its connection was lost. Until transaction() ends,
-        # nothing more runs and no COMMIT is sent, should a caller catch the error and go on:
-        # after a lost connection each statement would run on a fresh one, committed by itself,
-        # and the COMMIT there commit nothing; after a failed statement PostgreSQL takes the
-        # COMMIT as a ROLLBACK, and reports success.
+        # error that doomed it), or None: a statement of it failed, or its connection was lost.
+        # Until transaction() ends, nothing more runs and no COMMIT is sent, should a caller
+        # catch the error and go on: after a lost connection each statement would run on a
+        # fresh one, committed by itself, and the COMMIT there commit nothing; after a failed
+        # statement PostgreSQL takes the COMMIT as a ROLLBACK, and reports success.
         self._doomed: tuple[type[Exception], str, BaseException | None] | None = None
 
     def run(self, work: Callable[[Any], T], *, starts_work: bool = True) -> T:

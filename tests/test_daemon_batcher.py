@@ -108,7 +108,7 @@ def test_a_commit_fails_on_the_connection_it_was_to_end(postgres_url):
     try:
         NOTES.create(engine)
         with pytest.raises(DatabaseUnavailableError), runner.transaction():
-            runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('lost')"))
+            insert_note(runner, "lost")
             terminate_and_wait_until_told(runner._pooled.driver_connection)
         assert notes(engine) == set()
     finally:
@@ -121,7 +121,7 @@ def assert_nothing_committed_and_the_next_runs(runner: HeldConnection, engine) -
     """After a transaction that failed: none of it is in the table, and the next one commits."""
     assert notes(engine) == set()
     with runner.transaction():
-        runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('next')"))
+        insert_note(runner, "next")
     assert notes(engine) == {"next"}
 
 
@@ -134,12 +134,12 @@ def test_nothing_more_of_a_transaction_runs_once_its_connection_is_lost(postgres
     try:
         NOTES.create(engine)
         with pytest.raises(DatabaseUnavailableError, match="lost during a transaction"), runner.transaction():
-            runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('first')"))
+            insert_note(runner, "first")
             terminate_and_wait_until_told(runner._pooled.driver_connection)
             with pytest.raises(DatabaseUnavailableError):
-                runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('second')"))
+                insert_note(runner, "second")
             with pytest.raises(DatabaseUnavailableError, match="lost during a transaction"):
-                runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('third')"))
+                insert_note(runner, "third")
         assert_nothing_committed_and_the_next_runs(runner, engine)
     finally:
         runner.release()
@@ -154,11 +154,11 @@ def test_a_transaction_whose_statement_failed_commits_nothing_even_if_its_caller
     try:
         NOTES.create(engine)
         with pytest.raises(MaxtwoError, match="nothing of it was committed"), runner.transaction():
-            runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('first')"))
+            insert_note(runner, "first")
             with pytest.raises(MaxtwoError):
-                runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('first')"))
+                insert_note(runner, "first")
             with pytest.raises(MaxtwoError, match="nothing of it was committed"):
-                runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('second')"))
+                insert_note(runner, "second")
         assert_nothing_committed_and_the_next_runs(runner, engine)
     finally:
         runner.release()
@@ -176,7 +176,7 @@ def test_a_busy_statement_caught_and_passed_over_still_fails_as_busy(engine, mon
             raise DatabaseBusyError("a lock timed out")
 
         with pytest.raises(DatabaseBusyError, match="nothing of it was committed") as raised, runner.transaction():
-            runner.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('first')"))
+            insert_note(runner, "first")
             with pytest.raises(DatabaseBusyError):
                 runner.run(busy)
         assert isinstance(raised.value.__cause__, DatabaseBusyError)
@@ -455,6 +455,12 @@ class Interrupted(BaseException):
 NOTES = sa.Table("test_notes", sa.MetaData(), sa.Column("text", sa.Text, nullable=False, unique=True))
 
 
+def insert_note(held: HeldConnection, text: str) -> None:
+    """One note, in the held connection's transaction if one is open."""
+    sql = "INSERT INTO test_notes (text) VALUES (%s)" if held.postgres else "INSERT INTO test_notes (text) VALUES (?)"
+    held.run(lambda cursor: cursor.execute(sql, (text,)))
+
+
 class NoteKind:
     """A second kind of write for these tests: insert a note. A note "bad" fails alone (the
     kind returns its error); a note "raise" makes the kind raise for its whole part, and a note
@@ -472,18 +478,16 @@ class NoteKind:
 
     def _notes(self, held, payloads):
         if "raise" in payloads or "interrupt" in payloads:
-            held.run(lambda cursor: cursor.execute("INSERT INTO test_notes (text) VALUES ('written before raising')"))
+            insert_note(held, "written before raising")
             if "interrupt" in payloads:
                 raise Interrupted("as a KeyboardInterrupt or a SystemExit would")
             raise RuntimeError("this kind failed as a whole")
         outcomes = []
-        insert = ("INSERT INTO test_notes (text) VALUES (%s)" if held.postgres
-                  else "INSERT INTO test_notes (text) VALUES (?)")
         for text in payloads:
             if text == "bad":
                 outcomes.append(ValueError("a bad note"))
                 continue
-            held.run(lambda cursor, text=text: cursor.execute(insert, (text,)))
+            insert_note(held, text)
             outcomes.append(f"noted {text}")
         return outcomes
 

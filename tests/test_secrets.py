@@ -81,6 +81,10 @@ def test_a_url_parameter_error_never_quotes_the_password():
     ("?password=ab'cd&x=1", ["ab'cd"], [], "?password=***&x=1"),
     ("'ab-cd' and 'ab'", ["ab", "ab-cd"], [], "'***' and '***'"),
     ("sqlite:////tmp/a:b@c.db, http://h:80/p", [], [], "sqlite:////tmp/a:b@c.db, http://h:80/p"),
+    # The URL help's placeholder stays readable; a real password where it stands does not.
+    ("expected postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE", [], [],
+     "expected postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"),
+    ("postgresql://USER:hunter2@HOST/db", [], [], "postgresql://USER:PASSWORD@HOST/db"),
 ])
 def test_redact_text(text, secrets, public, expected):
     from maxtwo_cli.core.redaction import redact_text

@@ -20,13 +20,18 @@ _URL_PASSWORD = re.compile(r"(://[^\s/:@]*:)\S*(@)")
 _KEYWORD_SECRET = re.compile(
     r"""(?i)\b((?:ssl)?password|sslkey)(\s*=\s*)('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s&]+)"""
 )
+# The URL help's placeholder (USER:PASSWORD@HOST), masked like any URL above, is put back: the
+# help read "USER:***@HOST" in every error that gave it, and the word PASSWORD in its place tells
+# nothing of any real password.
+_PLACEHOLDER = "://USER:PASSWORD@HOST"
+_PLACEHOLDER_MASKED = f"://USER:{MASK}@HOST"
 # A quoted value: its quotes standing apart from letters and digits (the "'" of "URL's" opens none).
 _QUOTED = re.compile(r"""(?<![0-9A-Za-z])(["']).*?\1(?![0-9A-Za-z])""")
 
 
 def mask_secret_syntax(text: str) -> str:
     """`text` with the password of every URL in it, and every password=... value, masked."""
-    text = _URL_PASSWORD.sub(rf"\g<1>{MASK}\g<2>", text)
+    text = _URL_PASSWORD.sub(rf"\g<1>{MASK}\g<2>", text).replace(_PLACEHOLDER_MASKED, _PLACEHOLDER)
     return _KEYWORD_SECRET.sub(rf"\g<1>\g<2>{MASK}", text)
 
 

@@ -199,7 +199,13 @@ def _console(*, stderr: bool = False) -> "Console":
     """rich's console for stdout (or stderr), made on first use: rich is imported to render only."""
     from rich.console import Console
 
-    return Console(stderr=stderr)
+    class OutputErrorsRaised(Console):
+        def on_broken_pipe(self) -> None:
+            # rich's documented hook; its default exits 1 without a word, where OneLineErrors
+            # says what the command did all the same (`maxtwo query | true`: the query is recorded).
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    return OutputErrorsRaised(stderr=stderr)
 
 
 DatabaseUrlOption = Annotated[

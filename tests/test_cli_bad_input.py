@@ -97,11 +97,16 @@ def test_a_closed_pipe_says_what_was_done_and_nothing_when_nothing_was(tmp_path)
         applied = maxtwo("increment", "k", "1", "--database-url", url, stdout=writer)
         # `maxtwo counters | head`: a reader that stopped early is told nothing.
         listed = maxtwo("counters", "--database-url", url, stdout=writer)
+        # `maxtwo query | true`: the query is recorded, whether rich or print writes the answer.
+        queried = [maxtwo("query", *json, "--database-url", url, stdout=writer) for json in ([], ["--json"])]
     finally:
         os.close(writer)
     assert applied.returncode == 1 and applied.stderr.count("\n") == 1, applied.stderr
     assert "Broken pipe" in applied.stderr and "the increment is committed (total 1)" in applied.stderr
     assert (listed.returncode, listed.stderr) == (1, "")
+    for result in queried:
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert "Broken pipe" in result.stderr and "the query is recorded" in result.stderr
 
 
 def test_a_key_the_terminal_cannot_show_is_shown_escaped(tmp_path):

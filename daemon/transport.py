@@ -101,6 +101,8 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 # (waitress strips any whitespace that ends the line: bytes.rstrip()'s, less the LF.)
 _USUAL_VERSION_ENDS = (b" HTTP/1.1", b" HTTP/1.0")
 _LATER_HTTP_1 = re.compile(rb"\A([^\r\n]* )HTTP/1\.[2-9](?=[ \t\r\x0b\x0c]*(?:\r\n|\Z))")
+# RFC 9112 section 3.2's request targets other than a path from "/": a whole URL, or "*".
+_OTHER_TARGET_FORMS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|\*\Z")
 # The lane's thread, by name (as thread listings and profilers show it).
 LANE_THREAD_NAME = "maxtwo-lane"
 
@@ -191,6 +193,10 @@ class StrictFramingParser(HTTPRequestParser):
             self.version = "1.1"  # the answer's own version
             self.completed = True
             return
+        if self.request_uri[:1] != "/" and not _OTHER_TARGET_FORMS.match(self.request_uri):
+            # waitress served `GET healthz` and `GET %2F` as the paths they decode to, so the
+            # latter counted as a query.
+            raise ParsingError("the request target must start with '/' (e.g. GET / HTTP/1.1)")
         # waitress already lets Transfer-Encoding win (and drops the header); RFC 9112 section
         # 6.1 also asks the server to close the connection after answering such a request.
         if self.chunked and "CONTENT_LENGTH" in self.headers:

@@ -87,7 +87,9 @@ HOOKS = [
     # HttpVersionNotSupportedError subclasses it: the error task reads code, reason and body.
     (waitress.utilities, "Error", lambda hook: isinstance(hook, type)),
     (waitress.utilities.Error, "__init__", lambda hook: list(inspect.signature(hook).parameters) == ["self", "body"]),
-    # parse_header() sets the version from the request line (StrictFramingParser checks it).
+    # parse_header() sets the raw request target and the version (StrictFramingParser checks both).
+    (waitress.parser.HTTPRequestParser, "parse_header",
+     lambda hook: 'self.request_uri = uri.decode("latin-1")' in inspect.getsource(hook)),
     (waitress.parser.HTTPRequestParser, "parse_header", lambda hook: "self.version = version" in inspect.getsource(hook)),
     # A parser made when a request's first bytes come in: StrictFramingParser notes the time.
     (waitress.parser.HTTPRequestParser, "__init__",
@@ -254,8 +256,13 @@ HEADER_AT_LIMIT = _HEADER_START + b"y" * (Adjustments().max_request_header_size 
     (b"GET / HTTP/0.9\r\n\r\n", 505),
     # RFC 9112 section 3: no version at all (HTTP/0.9's own form; waitress served it as HTTP/1.0).
     (b"GET /\r\n\r\n", 400),
+    # RFC 9112 section 3.2: a target is a path from "/" (waitress served these as "/" and "healthz").
+    (b"GET %2F HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"GET healthz HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"GET localhost:80 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
 ], ids=["no-host", "malformed-header", "headers-too-large", "body-too-large", "unknown-transfer-coding",
-        "bare-lf", "bare-lf-unfinished", "http-2", "http-3-with-body", "http-0.9", "no-version"])
+        "bare-lf", "bare-lf-unfinished", "http-2", "http-3-with-body", "http-0.9", "no-version",
+        "encoded-slash-target", "relative-target", "authority-target"])
 def test_the_errors_waitress_answers_itself_are_json_in_the_apps_shape(request_bytes, status):
     refused = []
     with (running(hello, on_refused=refused.append) as served,
@@ -296,6 +303,16 @@ def test_a_later_http_1_minor_version_is_served_as_http_1_1():
         answer = read_all(sock)
     assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1 200") == 2, answer
     assert b"\r\n\r\nabcHTTP/1.1 200" in answer, answer
+
+
+def test_a_whole_url_or_an_asterisk_is_a_request_target_too():
+    # RFC 9112 sections 3.2.2 and 3.2.4: the absolute form (sent to proxies, and accepted by
+    # every server) and the asterisk form (OPTIONS *).
+    with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.sendall(b"GET http://x/a HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = read_all(sock)
+    assert answer.count(b"HTTP/1.1 200") == 2, answer
 
 
 def test_an_http_1_0_request_needs_no_host():

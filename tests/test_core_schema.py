@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import pwd
 import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -447,6 +450,13 @@ def test_default_database_url_follows_systemd_then_xdg(monkeypatch, tmp_path):
         else:
             monkeypatch.setenv("XDG_DATA_HOME", ignored)
         assert default_database_url() == f"sqlite:///{tmp_path / 'home' / '.local' / 'share' / 'maxtwo' / 'maxtwo.db'}"
+    # An empty or relative HOME is taken as unset: the user's home from the password database
+    # (Python made the empty one "/", the file /.local/share/maxtwo/maxtwo.db).
+    monkeypatch.chdir(tmp_path)
+    user_home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    for unusable in ("", "home"):
+        monkeypatch.setenv("HOME", unusable)
+        assert default_database_url() == f"sqlite:///{user_home / '.local' / 'share' / 'maxtwo' / 'maxtwo.db'}"
 
 
 def test_the_default_file_is_the_one_named_whatever_its_directory_holds(monkeypatch, tmp_path):

@@ -43,8 +43,23 @@ def default_database_url() -> str:
     if not data_home.is_absolute():
         # The XDG Base Directory spec: a relative path there is invalid and ignored (taken as
         # given, it would name another file in every working directory).
-        data_home = Path.home() / ".local" / "share"
+        data_home = _home() / ".local" / "share"
     return _sqlite_url(data_home / "maxtwo" / "maxtwo.db")
+
+
+def _home() -> Path:
+    """$HOME; or, when it is empty or relative (`env -i HOME=`, a service's environment), the
+    user's entry in the password database, as when it is unset: Python takes an empty HOME for
+    "/" and a relative one from the working directory."""
+    home = Path(os.environ.get("HOME") or "")
+    if home.is_absolute():
+        return home
+    import pwd
+
+    try:
+        return Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:  # a user id without an entry (a container's): as Python would have it
+        return Path.home()
 
 
 def _sqlite_url(path: Path) -> str:

@@ -232,6 +232,10 @@ class _JsonError:
 
 
 class JsonErrorTask(ErrorTask):
+    # waitress warns, once per task, that it left out the body it was given for a HEAD request
+    # (has_body below): a log line that any client could have for each malformed HEAD it sends.
+    logged_write_no_body = True
+
     def execute(self) -> None:
         # waitress's ErrorTask answers with request.error.to_response(): the rest (closing the
         # connection after the answer, Content-Length) stays waitress's.

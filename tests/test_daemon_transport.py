@@ -73,6 +73,8 @@ HOOKS = [
     # ErrorTask.execute() answers with request.error.to_response(ident): JsonErrorTask swaps the error.
     (waitress.task.ErrorTask, "execute", lambda hook: "to_response" in inspect.getsource(hook)),
     (waitress.task.Task, "has_body", lambda hook: isinstance(hook, property)),
+    # write() warns of a body it leaves out unless this is set (JsonErrorTask sets it).
+    (waitress.task.Task, "logged_write_no_body", lambda hook: hook is False),
     (waitress.utilities.Error, "to_response", lambda hook: list(inspect.signature(hook).parameters) == ["self", "ident"]),
     (waitress.utilities.BadRequest, "code", lambda hook: hook == 400),
     (waitress.utilities.BadRequest, "reason", lambda hook: hook == "Bad Request"),
@@ -287,12 +289,14 @@ def test_a_crlf_split_between_two_reads_is_no_bare_lf():
         assert read_all(sock).startswith(b"HTTP/1.1 200")
 
 
-def test_waitress_answers_head_without_a_body():
+def test_waitress_answers_head_without_a_body_nor_a_log_line(caplog):
     with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
         sock.sendall(b"HEAD / HTTP/1.1\r\n\r\n")  # no Host: 400
         answer = read_all(sock)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400") and body == b"", answer
+    # One warning a request would be a log line for every malformed HEAD a client sends.
+    assert not [record for record in caplog.records if record.name.startswith("waitress")], caplog.text
 
 
 def test_a_later_http_1_minor_version_is_served_as_http_1_1():

@@ -557,6 +557,8 @@ def serve(
         typer.Option(
             "--interval",
             envvar="MAXTWO_INTERVAL",
+            min=0.1,  # shown in --help as the others' ranges are; _interval also refuses nan
+            max=86_400,
             callback=_interval,
             help="Seconds between randomizations, aligned to the wall clock.",
         ),

@@ -46,6 +46,12 @@ def test_every_command_help_has_an_example_and_the_env_var(command):
     assert "MAXTWO_DATABASE_URL" in result.stdout
 
 
+def test_serve_help_shows_every_numeric_options_range():
+    shown = " ".join(invoke("serve", "--help").stdout.split())
+    for allowed in ("1<=x<=65535", "2<=x<=256", "0.1<=x<=86400", "0<=x<=2147483647"):
+        assert allowed in shown, allowed
+
+
 def test_help_never_shows_the_database_url_from_the_environment():
     env = {"MAXTWO_DATABASE_URL": "postgresql://u:s3cret@localhost/db"}
     for command in ([], ["seed"], ["randomize"], ["query"]):

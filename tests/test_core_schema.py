@@ -6,6 +6,7 @@ import pwd
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -504,5 +505,39 @@ def test_a_complete_postgres_database_is_checked_without_waiting_for_the_users_l
             seeding.execute(sa.text("LOCK TABLE users IN ACCESS EXCLUSIVE MODE"))
             schema.ensure_schema(engine)  # a wait here: DatabaseBusyError after 2 s
             assert increment(engine, "during-a-seed", 1).total == 1
+    finally:
+        engine.dispose()
+
+
+def test_postgres_transactions_are_read_committed_whatever_the_sessions_default(postgres_url):
+    """maxtwo's statements rely on READ COMMITTED; under a server's (or role's, or database's)
+    default of SERIALIZABLE, concurrent writers failed with serialization errors."""
+    from maxtwo_cli.core.batch import HeldConnection
+
+    strict = sa.make_url(postgres_url)
+    strict = strict.update_query_dict({"options": strict.query["options"] + " -cdefault_transaction_isolation=serializable"})
+    engine = db.create_engine(Settings(database_url=strict.render_as_string(hide_password=False)))
+    held = HeldConnection(engine)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SHOW transaction_isolation")).scalar() == "read committed"
+        with held.transaction():
+            shown = held.run(lambda cursor: cursor.execute("SHOW transaction_isolation").fetchone()[0])
+        assert shown == "read committed"
+    finally:
+        held.release()
+        engine.dispose()
+
+
+def test_a_postgres_transaction_left_idle_past_the_statement_timeout_ends(postgres_url):
+    """A client frozen inside a transaction (SIGSTOP, a paused VM) held its row locks, and with
+    them every other daemon's writes to those rows, until it came back."""
+    engine = db.create_engine(Settings(database_url=postgres_url, statement_timeout=0.5))
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))  # the transaction begins
+            time.sleep(1.5)
+            with pytest.raises(sa.exc.DBAPIError, match="idle-in-transaction timeout"):
+                conn.execute(sa.text("SELECT 1"))
     finally:
         engine.dispose()

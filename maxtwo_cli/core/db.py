@@ -159,10 +159,21 @@ def create_engine(settings: Settings, *, pool_size: int = 5, pre_ping: bool = Tr
 def _create_postgres_engine(url: URL, settings: Settings, pool_size: int, pre_ping: bool) -> Engine:
     statement_timeout_ms = int(settings.statement_timeout * 1000)
     # Every statement is bounded, so a stuck lock turns into an error, not a hang. Long jobs
-    # (seed, randomize) lift the bound for their own transaction only. Options given in the
-    # URL (e.g. ?options=-csearch_path%3Dmaxtwo) are kept.
+    # (seed, randomize) lift the bound for their own transaction only. A transaction left idle
+    # as long is ended with its session: a client frozen inside one (SIGSTOP, a paused VM,
+    # swapping) held its row locks until it came back, and with them every other daemon's
+    # writes to those rows and every scheduled randomization. maxtwo's statements rely on READ
+    # COMMITTED (a single UPDATE waits for a row's lock, then updates its newest version):
+    # under a server's default of REPEATABLE READ or SERIALIZABLE, concurrent writers failed
+    # with serialization errors. Options given in the URL (e.g. ?options=-csearch_path%3Dmaxtwo)
+    # are kept; these come after them, so they win.
     options = " ".join(
-        filter(None, [url.query.get("options"), f"-c statement_timeout={statement_timeout_ms}"])
+        filter(None, [
+            url.query.get("options"),
+            f"-c statement_timeout={statement_timeout_ms}",
+            f"-c idle_in_transaction_session_timeout={statement_timeout_ms}",
+            r"-c default_transaction_isolation=read\ committed",  # libpq: an escaped space
+        ])
     )
     try:
         engine = sa.create_engine(

@@ -7,9 +7,11 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
@@ -27,6 +29,7 @@ from maxtwo_cli.core.errors import ConfigurationError, SchemaMismatchError
 from maxtwo_cli.core.query import query_users
 from maxtwo_cli.core.randomize import randomize_if_due
 from maxtwo_cli.core.settings import Settings, default_database_url
+from tests.conftest import libpq_url
 from tests.helpers import state
 
 
@@ -541,3 +544,48 @@ def test_a_postgres_transaction_left_idle_past_the_statement_timeout_ends(postgr
                 conn.execute(sa.text("SELECT 1"))
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(("query", "environment"), [
+    ({"options": "-cDateStyle=German"}, {}),  # as a server's, database's or role's default
+    ({}, {"PGDATESTYLE": "SQL, DMY"}),  # libpq sends it after the startup options
+    ({"client_encoding": "LATIN1"}, {}),
+    ({}, {"PGCLIENTENCODING": "LATIN1"}),
+], ids=["date-style-default", "PGDATESTYLE", "latin-1-in-the-url", "PGCLIENTENCODING"])
+def test_postgres_session_defaults_that_maxtwo_cannot_work_with_are_overridden(postgres_url, monkeypatch, query,
+                                                                               environment):
+    """psycopg reads timestamps in the ISO DateStyle only (every query failed: "can't parse
+    timestamptz"), and a key outside LATIN-1 cannot be sent in it (UnicodeEncodeError)."""
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    url = sa.make_url(postgres_url)
+    if "options" in query:
+        query = {"options": f"{url.query['options']} {query['options']}"}
+    engine = db.create_engine(Settings(database_url=url.update_query_dict(query).render_as_string(hide_password=False)))
+    try:
+        schema.ensure_schema(engine)
+        assert increment(engine, "snow\u2603man", 2).total == 2
+        assert read_counter(engine, "snow\u2603man") == 2
+        first = query_users(engine)
+        assert query_users(engine).previous == first.recorded_at
+    finally:
+        engine.dispose()
+
+
+def test_a_postgres_database_not_in_utf8_is_refused(postgres_server):
+    """In a SQL_ASCII database a character counts as its bytes: a key of 200 "é" broke the
+    length check, and with it the whole batch of increments it came in (LATIN1: a key with
+    a character it has no equivalent for)."""
+    name = f"test_ascii_{uuid.uuid4().hex[:12]}"
+    admin = libpq_url(postgres_server.url)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} ENCODING 'SQL_ASCII' LOCALE 'C' TEMPLATE template0")
+    engine = db.create_engine(Settings(database_url=sa.make_url(postgres_server.url).set(database=name)
+                                       .render_as_string(hide_password=False)))
+    try:
+        with pytest.raises(ConfigurationError, match=f"the database '{name}' is encoded in SQL_ASCII, .* needs UTF8"):
+            schema.ensure_schema(engine)
+    finally:
+        engine.dispose()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {name}")

@@ -186,6 +186,8 @@ def _create_postgres_engine(url: URL, settings: Settings, pool_size: int, pre_pi
             connect_args={
                 "connect_timeout": max(1, math.ceil(settings.connect_timeout)),
                 "application_name": "maxtwo",
+                # Any other (the URL's, PGCLIENTENCODING's, a role's) cannot send every key.
+                "client_encoding": "UTF8",
                 "options": options,
                 # NOTE: statement_timeout is enforced by the server; if the server's host dies or
                 # the network drops packets, only the client's TCP timeouts end the wait. Unsent
@@ -202,10 +204,23 @@ def _create_postgres_engine(url: URL, settings: Settings, pool_size: int, pre_pi
         # arguments above are fixed, so it is the URL's fault.
         message = redact_message(str(ex), url)  # APPSEC: it may quote one
         raise ConfigurationError(f"the database URL is not valid ({message}); {URL_HELP}") from None
+    event.listen(engine, "connect", _iso_date_style)
     if not pre_ping:
         event.listen(engine, "connect", _mark_new)
         event.listen(engine, "checkout", _replace_if_closed_while_idle)
     return engine
+
+
+def _iso_date_style(dbapi_connection: Any, _record: Any) -> None:
+    """psycopg reads timestamps in the ISO DateStyle only: another (the server's, a database's
+    or role's default, PGDATESTYLE) failed every query with "can't parse timestamptz". Asked
+    without a round trip: the server reports the setting as the session starts. NOTE: not in
+    the startup options above: PGDATESTYLE reaches the server after them, and wins."""
+    if (dbapi_connection.info.parameter_status("DateStyle") or "").startswith("ISO"):
+        return
+    dbapi_connection.execute("SET DateStyle = ISO")
+    if not dbapi_connection.autocommit:
+        dbapi_connection.commit()  # a session setting, kept once committed
 
 
 _NEW = "maxtwo.new"  # in ConnectionPoolEntry.info: connected for this checkout

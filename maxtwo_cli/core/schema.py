@@ -28,7 +28,7 @@ from maxtwo_cli.core.db import (
     reading,
     sqlite_query_state_path,
 )
-from maxtwo_cli.core.errors import SchemaMismatchError
+from maxtwo_cli.core.errors import ConfigurationError, SchemaMismatchError
 
 MAX_POINTS = 100
 # An arbitrary constant naming maxtwo's schema-creation lock among advisory locks.
@@ -201,6 +201,8 @@ def ensure_schema(engine: Engine) -> None:
     """
     postgres = is_postgres(engine)
     with reading(engine) as conn:
+        if postgres:
+            _refuse_an_encoding_other_than_utf8(conn)
         if _is_complete(conn):
             return
     with database_errors(engine), engine.begin() as conn:
@@ -254,6 +256,21 @@ def _tables_of(conn: sa.Connection) -> list[sa.Table]:
 
 def _query_state_of(conn: sa.Connection) -> sa.Table:
     return query_state if is_postgres(conn) else _sqlite_query_state
+
+
+def _refuse_an_encoding_other_than_utf8(conn: sa.Connection) -> None:
+    """A counter's key is any text of 1 to 255 characters. In a LATIN1 database some cannot be
+    stored ("has no equivalent in encoding"), in a SQL_ASCII one a character counts as its
+    bytes (a key of 200 "é" broke the length check): either failed the whole batch of
+    increments it came in, every other one of them answered 503, whenever a client sent such
+    a key. Asked without a round trip: the server reports its encoding as the session starts."""
+    encoding = conn.connection.driver_connection.info.parameter_status("server_encoding")
+    if encoding != "UTF8":
+        raise ConfigurationError(
+            f"the database {conn.engine.url.database!r} is encoded in {encoding}, and maxtwo needs "
+            "UTF8 (a counter's key is any text): create one with CREATE DATABASE ... ENCODING 'UTF8' "
+            "TEMPLATE template0, and point --database-url at it"
+        )
 
 
 def _is_complete(conn: sa.Connection) -> bool:

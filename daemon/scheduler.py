@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 Job = Callable[[dt.datetime], RandomizeResult | None]
 
 
+# The longest the loop sleeps before it reads the clock again. NOTE: a sleep counts monotonic
+# time, which a step of the wall clock (NTP, an operator) does not move, nor does a suspended
+# machine: a loop that slept until the next boundary ran late by the whole step.
+LONGEST_NAP = 1.0
+
+
 def next_boundary(now: float, interval: float) -> float:
     """The first multiple of `interval` seconds since the Unix epoch strictly after `now`."""
     return (math.floor(now / interval) + 1) * interval
@@ -102,29 +108,38 @@ class RandomizeScheduler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            now = self._clock()
-            if now < self._due - self._interval:
-                # The system clock was set back: aim at the next boundary from where it is now,
-                # rather than wait for the one aimed at before.
-                self._due = next_boundary(now, self._interval)
-            if now < self._due:
-                self._wait(self._due - now)
-                continue
-            # The latest boundary reached: a loop woken late (a suspended machine, a stepped
-            # clock) runs once, for the slot it is in, rather than once for each one missed.
-            slot = max(self._due, math.floor(now / self._interval) * self._interval)
-            missed = round((slot - self._due) / self._interval)
-            if missed:
-                log.warning(
-                    "%d randomization(s) due from %s missed: the scheduler woke up late",
-                    missed,
-                    utc(self._due).isoformat(),
-                )
-            self._slot = slot
-            self._scheduler.run_all()
-            # The boundary after the slot just handled: a slow pass repeats no slot, and a loop
-            # that is late again is handled as above.
-            self._due = next_boundary(slot, self._interval)
+            try:
+                self._step()
+            except Exception:  # NOTE: the loop must outlive any error, or no run ever starts again
+                self._metrics.randomize_failures.inc()
+                log.exception("the randomization scheduler failed; it goes on")
+                self._wait(LONGEST_NAP)
+
+    def _step(self) -> None:
+        """Sleep towards the next boundary, or run the slot that is due."""
+        now = self._clock()
+        if now < self._due - self._interval:
+            # The system clock was set back: aim at the next boundary from where it is now,
+            # rather than wait for the one aimed at before.
+            self._due = next_boundary(now, self._interval)
+        if now < self._due:
+            self._wait(min(self._due - now, LONGEST_NAP))
+            return
+        # The latest boundary reached: a loop woken late (a suspended machine, a clock stepped
+        # forward) runs once, for the slot it is in, rather than once for each one missed.
+        slot = max(self._due, math.floor(now / self._interval) * self._interval)
+        missed = round((slot - self._due) / self._interval)
+        if missed:
+            log.warning(
+                "%d randomization(s) due from %s missed: the scheduler woke up late",
+                missed,
+                utc(self._due).isoformat(),
+            )
+        # The boundary after this slot, set first: a slow pass repeats no slot, a loop that is
+        # late again is handled as above, and a pass that fails is not retried at once.
+        self._due = next_boundary(slot, self._interval)
+        self._slot = slot
+        self._scheduler.run_all()
 
     def _on_due(self) -> None:
         if self._stop.is_set():

@@ -187,6 +187,19 @@ def test_the_slot_is_the_daemons_boundary_not_the_databases_clock(seeded):
     assert randomize_if_due(seeded, due_at=far + dt.timedelta(seconds=60.001), interval=60) is None
 
 
+def test_a_slot_recorded_by_a_clock_that_was_ahead_stands_in_for_no_later_one(seeded):
+    """A daemon's clock a year ahead for a few seconds (set back since) recorded a slot a year
+    away, and every daemon took each slot until then for done: no randomization for a year."""
+    now = utcnow()
+    assert randomize_if_due(seeded, due_at=now + dt.timedelta(days=365), interval=60) is not None
+    assert randomize_if_due(seeded, due_at=now, interval=60) is not None
+    assert randomize_if_due(seeded, due_at=now, interval=60) is None  # and once only
+    # A slot one interval before the one recorded is still taken for done (daemons' clocks
+    # may differ by half an interval, and a run start late), one two intervals before is not.
+    assert randomize_if_due(seeded, due_at=now - dt.timedelta(seconds=60), interval=60) is None
+    assert randomize_if_due(seeded, due_at=now - dt.timedelta(seconds=120), interval=60) is not None
+
+
 def test_a_scheduled_run_longer_than_the_interval_completes(seeded):
     # A table that takes longer to randomize than the interval is randomized at every other
     # slot (the one due meanwhile skips). On PostgreSQL the run's statements were bounded by the

@@ -253,17 +253,74 @@ def test_a_loop_woken_late_runs_once_for_the_current_slot(berlin, monkeypatch, c
 
     def behaviour(number: int) -> RandomizeResult:
         if number == 1:
-            clock.oversleep = 2.5 * interval  # as if the machine were suspended for a while
+            clock.oversleep = 3.5 * interval  # as if the machine were suspended for a while
         return result()
 
     recorder = Recorder(clock.time, behaviour)
     with caplog.at_level(logging.WARNING, logger="daemon.scheduler"):
         run_on(clock, recorder, interval, monkeypatch)
-    # The first run at FALL_BACK-10; the loop then wakes at FALL_BACK+25 instead of FALL_BACK:
+    # The first run at FALL_BACK-10; the loop's next nap (a second) then ends at FALL_BACK+26:
     # one run for the slot it is in (FALL_BACK+20), the two before it missed, then on time again.
     slots = [due_at.timestamp() - FALL_BACK for _, due_at in recorder.calls]
     assert slots == [-10, 20, 30, 40, 50, 60, 70]
     assert any("2 randomization(s) due from 2026-10-25T01:00:00+00:00 missed" in message for message in caplog.messages)
+
+
+def test_a_clock_stepped_forward_during_a_wait_delays_no_run(monkeypatch):
+    """A sleep counts monotonic time, which a step of the wall clock does not move: a loop that
+    slept until the next boundary ran late by the whole step (40 s here)."""
+    interval = 60
+    start = 1_800_000_000 - 5  # 5 s before a boundary
+    end = start + 5 + 3 * interval
+    recorder: Recorder
+
+    def settle(now: float) -> None:
+        recorder.wait_for(len(boundaries(start, now, interval)))
+        join_runs()
+
+    clock = FakeClock(start, end, settle)
+
+    def behaviour(number: int) -> RandomizeResult:
+        if number == 1:
+            clock.oversleep = 40  # the wall clock stepped forward during the next sleep
+        return result()
+
+    recorder = Recorder(clock.time, behaviour)
+    run_on(clock, recorder, interval, monkeypatch)
+    # Each run at its boundary, by the (stepped) wall clock.
+    assert [(ran - 1_800_000_000, due_at.timestamp() - 1_800_000_000) for ran, due_at in recorder.calls] == [
+        (0, 0), (60, 60), (120, 120), (180, 180)]
+
+
+def test_the_loop_outlives_an_error_of_its_own(monkeypatch, caplog):
+    """An error escaping the loop (its clock, `schedule`) ended every randomization for good,
+    with /healthz still 200."""
+    interval = 10
+    start = 1_800_000_000 - 5
+    clock = FakeClock(start, start + 5 + 3 * interval)
+    readings = 0
+
+    def flaky_time() -> float:
+        nonlocal readings
+        readings += 1
+        if readings == 3:
+            raise OSError("the clock failed once")
+        return clock.time()
+
+    schedule_follows(clock, monkeypatch)
+    recorder = Recorder(clock.time)
+    metrics = Metrics()
+    scheduler = RandomizeScheduler(recorder, interval, metrics, clock=flaky_time, wait=clock.wait)
+    with caplog.at_level(logging.ERROR, logger="daemon.scheduler"):
+        scheduler.start()
+        try:
+            assert clock.at_end.wait(TIMEOUT * 6), "the fake clock never reached the end of the window"
+        finally:
+            assert scheduler.stop(TIMEOUT)
+    join_runs()
+    assert len(recorder.calls) == 4, recorder.calls
+    assert sample(metrics, "maxtwo_randomize_failures_total") == 1
+    assert any("the randomization scheduler failed" in message for message in caplog.messages)
 
 
 def test_a_run_still_going_makes_the_next_skip(monkeypatch):

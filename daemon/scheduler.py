@@ -174,7 +174,9 @@ class RandomizeScheduler:
             log.info("randomization due at %s: done by another process", due_at)
             return
         self._metrics.randomize_duration.observe(result.seconds)
-        self._metrics.randomize_last_success.set(result.randomized_at.timestamp())
+        # By this process's clock, as Prometheus's time() and alerts read it: randomized_at is
+        # the database's clock on PostgreSQL, which may be set otherwise.
+        self._metrics.randomize_last_success.set(self._clock())
         self._metrics.epoch.set(result.epoch)
         log.info(
             "randomized %d users in %.3f s (epoch %d)", result.rows, result.seconds, result.epoch

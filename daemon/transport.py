@@ -172,6 +172,11 @@ class StrictFramingParser(HTTPRequestParser):
 
     def received(self, data: bytes) -> int:
         consumed = super().received(data)
+        if self.completed:
+            # A request complete with its header (no body, or one refused at once: 413) is sent
+            # no 100 Continue: waitress sent one, and took the request for incomplete again, so
+            # it was never answered (RFC 9110 section 10.1.1: the server may omit it).
+            self.expect_continue = False
         # waitress finds the end of a header only at CRLF CRLF, and refuses a bare LF only once
         # it has it: a client ending its lines with LF alone (printf, a hand-written client) got
         # no answer until the channel timed out. A header still arriving with a bare LF in it

@@ -97,6 +97,8 @@ HOOKS = [
     (waitress.parser.HTTPRequestParser, "__init__",
      lambda hook: list(inspect.signature(hook).parameters) == ["self", "adj"]),
     (waitress.channel.HTTPChannel, "received", lambda hook: "self.parser_class(self.adj)" in inspect.getsource(hook)),
+    # received() sends 100 Continue after the parser's received() if expect_continue is still set.
+    (waitress.channel.HTTPChannel, "received", lambda hook: "self.request.expect_continue" in inspect.getsource(hook)),
     # parse_header() raising it: received() answers the request 400 (the Host check's tests).
     (waitress.parser, "ParsingError", lambda hook: isinstance(hook, type) and issubclass(hook, Exception)),
     (waitress.task.WSGITask, "get_environment", callable),
@@ -292,6 +294,20 @@ def test_the_bare_lf_check_reads_each_byte_once_and_misses_none(pieces, bare):
     for piece in pieces:
         parser.received(piece)
     assert (parser.error is not None and parser.error.code == 400) is bare, parser.error
+
+
+@pytest.mark.parametrize(("request_bytes", "status"), [
+    (b"GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n", b"200"),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+     % (transport.MAX_REQUEST_BODY + 1), b"413"),
+], ids=["no-body", "body-too-large"])
+def test_a_request_complete_with_its_header_gets_no_100_continue_but_its_answer(request_bytes, status):
+    # waitress sent 100 Continue and took the request for incomplete again: no answer came (the
+    # 413 only once the client had sent the body it was refusing).
+    with running(hello) as served, socket.create_connection(("127.0.0.1", served.port), timeout=5) as sock:
+        sock.sendall(request_bytes)
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 " + status), answer
 
 
 def test_a_crlf_split_between_two_reads_is_no_bare_lf():

@@ -15,6 +15,7 @@ import errno
 import faulthandler
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -298,13 +299,26 @@ def configure_logging() -> None:
     """One line per event on stderr; journald adds its own timestamps."""
     under_journald = bool(os.environ.get("JOURNAL_STREAM"))
     fmt = "%(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.INFO,
-        format=fmt if under_journald else "%(asctime)s " + fmt,
-        force=True,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(fmt if under_journald else "%(asctime)s " + fmt))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     transport.configure_logging()
+
+
+# C0 and C1 control characters, the tab left alone.
+_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+class OneLineFormatter(logging.Formatter):
+    """Control characters in a message escaped (a newline as \\n, ESC as \\x1b); a traceback
+    keeps its lines. APPSEC: a message may quote what a client chose (waitress logs "Client
+    disconnected while serving <path>", the path decoded as is): a newline in it forged a log
+    line of its own, an escape sequence would drive an operator's terminal. (maxtwo's own
+    messages quote such text as its repr.)"""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging.Formatter's name
+        return _CONTROLS.sub(lambda control: control.group().encode("unicode_escape").decode(),
+                             super().formatMessage(record))
 
 
 def seed_if_empty(engine: Engine, count: int) -> None:

@@ -377,3 +377,25 @@ def test_the_scheduled_job_deletes_expired_idempotency_keys_once_an_hour(engine,
     with pytest.raises(DatabaseUnavailableError):
         job(dt.datetime(2026, 12, 3, 21, 0, tzinfo=dt.UTC))
     assert keys() == {"old-key", "new-key"}
+
+
+def test_a_log_message_is_one_line_whatever_a_client_put_in_it(capsys):
+    """waitress logs "Client disconnected while serving <path>" with the path decoded as is: a
+    newline in it forged a log line of its own."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        server_module.configure_logging()
+        logging.getLogger("waitress").info("Client disconnected while serving %s", "/x\n2026 CRITICAL forged\x1b[2J")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("maxtwo").exception("failed\tonce")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith("INFO waitress: Client disconnected while serving /x\\n2026 CRITICAL forged\\x1b[2J")
+    assert lines[1].endswith("ERROR maxtwo: failed\tonce") and lines[2] == "Traceback (most recent call last):"

@@ -1037,3 +1037,30 @@ def configure_logging() -> None:
     # would flood the journal exactly when it matters; queueing is visible in the latency
     # histogram instead.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    waitress_log = logging.getLogger("waitress")
+    if not any(isinstance(each, ConnectionLimitNotes) for each in waitress_log.filters):
+        waitress_log.addFilter(ConnectionLimitNotes())
+
+
+class ConnectionLimitNotes(logging.Filter):
+    """waitress's two lines on the connection limit ("reached ...", "dropped below ..."), each
+    at most once every SECONDS: it writes them at every crossing, and clients connecting and
+    closing at the limit made 12 lines a second (the reclaimer's closings add their own)."""
+
+    SECONDS = 60.0
+    _STARTS = ("total open connections reached the connection limit",
+               "total open connections dropped below the connection limit")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg
+        if not isinstance(message, str) or not message.startswith(self._STARTS):
+            return True
+        now = time.monotonic()
+        if now - self._last.get(message, -self.SECONDS) < self.SECONDS:
+            return False
+        self._last[message] = now
+        return True

@@ -384,8 +384,8 @@ def test_a_log_message_is_one_line_whatever_a_client_put_in_it(capsys):
     newline in it forged a log line of its own."""
     import logging
 
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    root, waitress_log, queue_log = (logging.getLogger(name) for name in ("", "waitress", "waitress.queue"))
+    handlers, level, filters, queue_level = root.handlers[:], root.level, waitress_log.filters[:], queue_log.level
     try:
         server_module.configure_logging()
         logging.getLogger("waitress").info("Client disconnected while serving %s", "/x\n2026 CRITICAL forged\x1b[2J")
@@ -393,9 +393,11 @@ def test_a_log_message_is_one_line_whatever_a_client_put_in_it(capsys):
             raise ValueError("boom")
         except ValueError:
             logging.getLogger("maxtwo").exception("failed\tonce")
-    finally:
+    finally:  # the process's logging as it was
         root.handlers[:] = handlers
         root.setLevel(level)
+        waitress_log.filters[:] = filters
+        queue_log.setLevel(queue_level)
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].endswith("INFO waitress: Client disconnected while serving /x\\n2026 CRITICAL forged\\x1b[2J")
     assert lines[1].endswith("ERROR maxtwo: failed\tonce") and lines[2] == "Traceback (most recent call last):"

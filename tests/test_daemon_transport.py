@@ -25,6 +25,7 @@ import importlib.metadata
 import inspect
 import itertools
 import json
+import logging
 import socket
 import statistics
 import threading
@@ -318,6 +319,24 @@ def test_a_crlf_split_between_two_reads_is_no_bare_lf():
             sock.sendall(piece)
             time.sleep(0.05)  # each piece read on its own
         assert read_all(sock).startswith(b"HTTP/1.1 200")
+
+
+def test_the_connection_limit_lines_come_once_a_minute_each(monkeypatch):
+    """waitress writes them at every crossing of the limit: clients connecting and closing at
+    the limit made 12 lines a second."""
+    notes = transport.ConnectionLimitNotes()
+    now = [1000.0]
+    monkeypatch.setattr(transport.time, "monotonic", lambda: now[0])
+
+    def passed(message: str) -> bool:
+        return notes.filter(logging.LogRecord("waitress", logging.WARNING, __file__, 1, message, None, None))
+
+    reached = "total open connections reached the connection limit, no longer accepting new connections"
+    dropped = "total open connections dropped below the connection limit, listening again"
+    assert [passed(reached), passed(dropped), passed(reached), passed(dropped)] == [True, True, False, False]
+    assert passed("Client disconnected while serving /")  # any other line, always
+    now[0] += notes.SECONDS
+    assert [passed(reached), passed(reached)] == [True, False]
 
 
 def test_waitress_answers_head_without_a_body_nor_a_log_line(caplog):

@@ -7,6 +7,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
+from maxtwo_cli.core import randomize as randomize_module
 from maxtwo_cli.core.clock import utcnow
 from maxtwo_cli.core.errors import MaxtwoError
 from maxtwo_cli.core.randomize import RANDOMIZE_LOCK_KEY, randomize_if_due, randomize_points
@@ -178,9 +179,10 @@ def test_a_manual_run_does_not_stand_in_for_the_scheduled_one(seeded, before_the
     assert randomize_if_due(seeded, due_at=due_at, interval=60) is None
 
 
-def test_the_slot_is_the_daemons_boundary_not_the_databases_clock(seeded):
+def test_the_slot_is_the_daemons_boundary_not_the_databases_clock(seeded, monkeypatch):
     # A daemon whose clock is ahead of the database's (or behind) still runs once per slot.
     far = utcnow() + dt.timedelta(minutes=10)
+    monkeypatch.setattr(randomize_module, "utcnow", lambda: far)  # the daemon's clock
     assert randomize_if_due(seeded, due_at=far, interval=60) is not None
     assert randomize_if_due(seeded, due_at=far, interval=60) is None
     assert randomize_if_due(seeded, due_at=far + dt.timedelta(seconds=60), interval=60) is not None
@@ -194,10 +196,15 @@ def test_a_slot_recorded_by_a_clock_that_was_ahead_stands_in_for_no_later_one(se
     assert randomize_if_due(seeded, due_at=now + dt.timedelta(days=365), interval=60) is not None
     assert randomize_if_due(seeded, due_at=now, interval=60) is not None
     assert randomize_if_due(seeded, due_at=now, interval=60) is None  # and once only
-    # A slot one interval before the one recorded is still taken for done (daemons' clocks
-    # may differ by half an interval, and a run start late), one two intervals before is not.
-    assert randomize_if_due(seeded, due_at=now - dt.timedelta(seconds=60), interval=60) is None
-    assert randomize_if_due(seeded, due_at=now - dt.timedelta(seconds=120), interval=60) is not None
+
+def test_a_run_that_comes_late_finds_the_later_slots_done(seeded):
+    # Its daemon paused for minutes (SIGSTOP, a paused VM) while the others ran on: it must not
+    # randomize a second time in the interval, nor make the next slot run again.
+    now = utcnow()
+    for minutes in (3, 2, 1, 0):
+        assert randomize_if_due(seeded, due_at=now - dt.timedelta(minutes=minutes), interval=60) is not None
+    assert randomize_if_due(seeded, due_at=now - dt.timedelta(minutes=3), interval=60) is None
+    assert randomize_if_due(seeded, due_at=now, interval=60) is None
 
 
 def test_a_scheduled_run_longer_than_the_interval_completes(seeded):

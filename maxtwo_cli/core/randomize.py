@@ -106,12 +106,13 @@ def randomize_in_transaction(
     """The randomization itself, inside the caller's transaction: (epoch, randomized_at, rows).
 
     With `slot` (due_at, interval): the scheduled run for the boundary due_at, recorded as
-    such; None, changing nothing, if one was recorded for it already (or for the one after).
-    Boundaries are `interval` apart: half of one tells the same boundary from the previous.
-    A slot recorded further ahead than that was recorded by a clock that was ahead (set back
-    since, or another daemon's, out of the half-interval agreement): it stood in for every
-    slot until that time came, and no daemon randomized meanwhile (a clock set a year ahead
-    for a few seconds stopped the randomizations for a year).
+    such; None, changing nothing, if one was recorded for it already or for a later one (a
+    run that comes late, its daemon paused, finds the slots after it done). Boundaries are
+    `interval` apart: half of one tells the same boundary from the previous. But a slot
+    recorded more than an interval ahead of this process's clock was recorded by a clock that
+    was ahead (set back since, or another daemon's, out of the half-interval agreement): it
+    stood in for every slot until that time came, and no daemon randomized meanwhile (a clock
+    set a year ahead for a few seconds stopped the randomizations for a year).
     NOTE: the check is part of the first statement, a write: on SQLite a transaction that read
     first would fail with SQLITE_BUSY_SNAPSHOT, not wait, if another writer committed before
     its first write (it begins DEFERRED, see _main_file_only)."""
@@ -132,9 +133,9 @@ def randomize_in_transaction(
     if slot is not None:
         due_at, interval = slot
         last = randomizer_state.c.scheduled_for
-        half = dt.timedelta(seconds=interval / 2)
+        ahead = utcnow() + dt.timedelta(seconds=interval)
         new_state = new_state.values(scheduled_for=due_at).where(
-            sa.or_(last.is_(None), last < due_at - half, last > due_at + half + dt.timedelta(seconds=interval))
+            sa.or_(last.is_(None), last < due_at - dt.timedelta(seconds=interval / 2), last > ahead)
         )
     state = conn.execute(
         new_state.returning(randomizer_state.c.epoch, randomizer_state.c.randomized_at)

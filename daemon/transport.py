@@ -1043,22 +1043,38 @@ def configure_logging() -> None:
 
 
 class ConnectionLimitNotes(logging.Filter):
-    """waitress's two lines on the connection limit ("reached ...", "dropped below ..."), each
-    at most once every SECONDS: it writes them at every crossing, and clients connecting and
+    """waitress's line on reaching the connection limit at most once every SECONDS, and its
+    line on dropping below it only after a "reached" that was written (so the last of the two
+    in the log tells the state): it writes them at every crossing, and clients connecting and
     closing at the limit made 12 lines a second (the reclaimer's closings add their own)."""
 
     SECONDS = 60.0
-    _STARTS = ("total open connections reached the connection limit",
-               "total open connections dropped below the connection limit")
+    _REACHED = "total open connections reached the connection limit"
+    _DROPPED = "total open connections dropped below the connection limit"
 
     def __init__(self) -> None:
         super().__init__()
-        self._last: dict[str, float] = {}
+        self._reached_at = -self.SECONDS  # monotonic time of the last "reached" written
+        self._reached_written = False
+        self._unwritten = 0  # "reached" lines left out since the last one written
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.msg
-        if not isinstance(message, str) or not message.startswith(self._STARTS):
+        if not isinstance(message, str):
             return True
+        if message.startswith(self._DROPPED):
+            return self._reached_written
+        if not message.startswith(self._REACHED):
+            return True
+        now = time.monotonic()
+        self._reached_written = now - self._reached_at >= self.SECONDS
+        if not self._reached_written:
+            self._unwritten += 1
+            return False
+        if self._unwritten:
+            record.msg = f"{message} ({self._unwritten} crossing(s) of the limit unlogged since the last such line)"
+        self._reached_at, self._unwritten = now, 0
+        return True
         now = time.monotonic()
         if now - self._last.get(message, -self.SECONDS) < self.SECONDS:
             return False

@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from daemon import server as server_module
+from daemon import transport
 from daemon.batcher import Batchers, QueryKind
 from daemon.metrics import Metrics
 from daemon.server import (
@@ -388,6 +389,7 @@ def test_a_log_message_is_one_line_whatever_a_client_put_in_it(capsys):
     handlers, level, filters, queue_level = root.handlers[:], root.level, waitress_log.filters[:], queue_log.level
     try:
         server_module.configure_logging()
+        assert any(isinstance(each, transport.ConnectionLimitNotes) for each in waitress_log.filters)
         logging.getLogger("waitress").info("Client disconnected while serving %s", "/x\n2026 CRITICAL forged\x1b[2J")
         try:
             raise ValueError("boom")

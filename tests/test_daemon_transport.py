@@ -288,13 +288,25 @@ def test_the_errors_waitress_answers_itself_are_json_in_the_apps_shape(request_b
     ([b"GET / HTTP/1.1\r\nHost: x", b"\n"], True),  # a bare LF alone in a read
     ([b"GET / HTTP/1.1\r\nX: " + b"y" * 1000, *[b"y"] * 100, b"\r", b"\n", b"Z: 1\n"], True),
 ])
-def test_the_bare_lf_check_reads_each_byte_once_and_misses_none(pieces, bare):
+def test_the_bare_lf_check_reads_each_byte_once_and_misses_none(pieces, bare, monkeypatch):
     # Only what arrived since the last read is checked (the whole header at every read made a
     # header trickled in a byte at a time cost quadratic time).
+    searched = []
+
+    class CountingPattern:
+        def search(self, string: bytes, pos: int = 0):
+            searched.append(len(string) - pos)
+            return BARE_LF.search(string, pos)
+
+    monkeypatch.setattr(transport, "_BARE_LF", CountingPattern())
     parser = transport.StrictFramingParser(Adjustments(**transport.waitress_settings(4)))
     for piece in pieces:
         parser.received(piece)
     assert (parser.error is not None and parser.error.code == 400) is bare, parser.error
+    assert sum(searched) <= sum(map(len, pieces)), searched
+
+
+BARE_LF = transport._BARE_LF
 
 
 @pytest.mark.parametrize(("request_bytes", "status"), [
@@ -336,7 +348,12 @@ def test_the_connection_limit_lines_come_once_a_minute_each(monkeypatch):
     assert [passed(reached), passed(dropped), passed(reached), passed(dropped)] == [True, True, False, False]
     assert passed("Client disconnected while serving /")  # any other line, always
     now[0] += notes.SECONDS
-    assert [passed(reached), passed(reached)] == [True, False]
+    # The "dropped" after a "reached" that was written is written too: the log's last word on
+    # the limit is the state the server is in.
+    record = logging.LogRecord("waitress", logging.WARNING, __file__, 1, reached, None, None)
+    assert notes.filter(record) and record.getMessage().endswith("(1 crossing(s) of the limit unlogged since the last such line)")
+    now[0] += 1
+    assert [passed(dropped), passed(reached), passed(dropped)] == [True, False, False]
 
 
 def test_waitress_answers_head_without_a_body_nor_a_log_line(caplog):

@@ -33,7 +33,7 @@ import typer
 import typer.core
 
 from maxtwo_cli import __version__
-from maxtwo_cli.core.errors import MaxtwoError
+from maxtwo_cli.core.errors import ConfigurationError, MaxtwoError
 from maxtwo_cli.core.redaction import mask_secret_syntax
 from maxtwo_cli.core.settings import (
     DEFAULT_SEED_COUNT,
@@ -604,7 +604,11 @@ def _database_url(given: str | None) -> str:
     the default SQLite file instead of the database meant. (An empty MAXTWO_DATABASE_URL is
     unset, as click treats every empty variable.)"""
     if given is None:
-        return default_database_url()
+        try:
+            return default_database_url()
+        except ConfigurationError as ex:  # before any settings: nothing to scrub
+            print(f"Error: {ex}", file=sys.stderr)
+            raise typer.Exit(1) from None
     if not given.strip():
         raise typer.BadParameter("empty; give a URL, or leave the option out for the default", param_hint="'--database-url'")
     return given

@@ -463,6 +463,26 @@ def test_default_database_url_follows_systemd_then_xdg(monkeypatch, tmp_path):
         assert default_database_url() == f"sqlite:///{user_home / '.local' / 'share' / 'maxtwo' / 'maxtwo.db'}"
 
 
+def test_no_home_directory_at_all_is_a_clear_error(monkeypatch, tmp_path):
+    # A user id without an entry in the password database (a container's) and no usable HOME:
+    # Python's own answer was "/" or the working directory.
+    def no_entry(uid):
+        raise KeyError(uid)
+
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    for unusable in ("", "relative"):
+        monkeypatch.setenv("HOME", unusable)
+        with pytest.raises(ConfigurationError, match="no home directory for the default database"):
+            default_database_url()
+    from tests.test_cli import assert_one_line_error, invoke
+
+    assert_one_line_error(invoke("query"), "set XDG_DATA_HOME or give --database-url")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))  # which is all it needs then
+    assert default_database_url() == f"sqlite:///{tmp_path / 'maxtwo' / 'maxtwo.db'}"
+
+
 def test_the_default_file_is_the_one_named_whatever_its_directory_holds(monkeypatch, tmp_path):
     # "?", "#" and "%" would otherwise be read as the URL's query, fragment and escapes.
     state = tmp_path / "we?ird #dir %41 ü"

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from urllib.parse import quote
 
+from maxtwo_cli.core.errors import ConfigurationError
+
 DEFAULT_SEED_COUNT = 1_000_000
 # NOTE: chosen when GET / still ran on these threads (16 served 20-30 % more than 8, as bigger
 # batches; bench/NOTES.md). GET / and POST /increment now have a thread of their own (the lane,
@@ -57,9 +59,15 @@ def _home() -> Path:
     import pwd
 
     try:
-        return Path(pwd.getpwuid(os.getuid()).pw_dir)
-    except KeyError:  # a user id without an entry (a container's): as Python would have it
-        return Path.home()
+        home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:  # a user id without an entry (a container's)
+        pass
+    if not home.is_absolute():
+        raise ConfigurationError(
+            f"no home directory for the default database: $HOME is {os.environ.get('HOME', '')!r} and user id "
+            f"{os.getuid()} has none in the password database; set XDG_DATA_HOME or give --database-url"
+        )
+    return home
 
 
 def _sqlite_url(path: Path) -> str:

@@ -72,6 +72,9 @@ class RandomizeScheduler:
         # (job.next_run, idle_seconds) is never read.
         self._scheduler = schedule.Scheduler()
         self._scheduler.every(interval).seconds.do(self._on_due)
+        # After an error of the loop itself: an interval's wait, but a minute at most, so that
+        # one that persists logs a traceback a minute, not one a nap.
+        self._retry_seconds = min(max(interval, LONGEST_NAP), 60.0)
         self._due = 0.0  # the next boundary, in seconds since the epoch
         self._slot = 0.0  # the boundary being run, for _on_due
 
@@ -112,8 +115,8 @@ class RandomizeScheduler:
                 self._step()
             except Exception:  # NOTE: the loop must outlive any error, or no run ever starts again
                 self._metrics.randomize_failures.inc()
-                log.exception("the randomization scheduler failed; it goes on")
-                self._wait(LONGEST_NAP)
+                log.exception("the randomization scheduler failed; it tries again in %g s", self._retry_seconds)
+                self._wait(self._retry_seconds)
 
     def _step(self) -> None:
         """Sleep towards the next boundary, or run the slot that is due."""

@@ -265,11 +265,14 @@ def _refuse_an_encoding_other_than_utf8(conn: sa.Connection) -> None:
     increments it came in, every other one of them answered 503, whenever a client sent such
     a key. Asked without a round trip: the server reports its encoding as the session starts."""
     encoding = conn.connection.driver_connection.info.parameter_status("server_encoding")
+    if encoding is None:  # a pooler that does not pass the server's report on
+        encoding = conn.exec_driver_sql("SHOW server_encoding").scalar()
     if encoding != "UTF8":
         raise ConfigurationError(
             f"the database {conn.engine.url.database!r} is encoded in {encoding}, and maxtwo needs "
             "UTF8 (a counter's key is any text): create one with CREATE DATABASE ... ENCODING 'UTF8' "
-            "TEMPLATE template0, and point --database-url at it"
+            "TEMPLATE template0, move the data there (docs/deployment.md, Upgrading), and point "
+            "--database-url at it"
         )
 
 

@@ -31,8 +31,15 @@ paired measurement that keeps each speed hook:
 - IdleReclaimer: at the connection limit, with a client waiting to connect, the connection
   idle longest (for at least RECLAIM_IDLE_SECONDS), or else the one whose request has been
   arriving longest (RECLAIM_SLOW_REQUEST_SECONDS: StrictFramingParser notes when a request
-  started), is closed for it, one per waiting client (waitress would hold it out until one
-  closed by itself: up to the 30 s channel timeout, or forever against a slow sender).
+  started), or else the one whose answers have waited longest for its client to read them
+  (RECLAIM_UNREAD_SECONDS), is closed for it, one per waiting client (waitress would hold it
+  out until one closed by itself: up to the 30 s channel timeout, or forever against a slow
+  sender or a client that reads nothing). And at any number of connections, one whose answers
+  have waited CHANNEL_TIMEOUT for its client is closed (waitress's timeout never came for it).
+- add_task_unless_unread (the server's add_task) and QuietChannel.held / handle_write: a
+  client that pipelines requests and does not read the answers gets no more of them answered
+  while more than UNSENT_ANSWER_BYTES wait for it; its connection is answered on once its
+  client reads (waitress buffered every answer, up to 16 MiB a connection, bench/NOTES.md).
 - Transport.serve_until / drain: a loop that turns in short ticks (a stop request is noticed
   without tearing the loop down mid-response) and a shutdown that answers every request
   already received, closing each kept-alive connection once answered, which waitress's own
@@ -100,6 +107,21 @@ RECLAIM_LOOK_SECONDS = 0.1
 # still arriving this long after its first bytes (headers or body trickled in, as a "slowloris"
 # client does to hold connections) is given up on, and its connection closed for the newcomer.
 RECLAIM_SLOW_REQUEST_SECONDS = 10.0
+# At the connection limit, with a client waiting to connect and no connection idle or slow: a
+# connection whose answers have waited this long for its client to read them (none taken since),
+# with nothing else being answered on it, is closed for the newcomer.
+RECLAIM_UNREAD_SECONDS = 10.0
+# APPSEC: a client that pipelines requests (sends the next before reading the last answer) and
+# reads slowly or never: past this many bytes of its answers unsent (its socket buffers full),
+# its next request waits for the serving loop to send them down to this. Otherwise waitress
+# answers every request it has read and buffers the answers (to a temporary file past 1 MiB, up
+# to 16 MiB a connection): 510 such clients took the daemon from 51 to 677 MB (bench/NOTES.md).
+UNSENT_ANSWER_BYTES = 32 * 1024
+# APPSEC: bytes read from a connection at a time (waitress's default: 8 KiB). Every request in
+# a read is parsed before the next read (a small one costs about 780 bytes parsed): a read of
+# tiny pipelined requests is the most memory a connection makes one read cost. No request of
+# ours needs more than one read of this size but a header of several hundred bytes.
+RECV_BYTES = 2048
 # A line feed not preceded by a carriage return (RFC 9112 section 2.2).
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 # The blank lines before a request, which waitress skips (bare LFs included), as bytes.strip() has them.
@@ -313,11 +335,29 @@ class QuietChannel(HTTPChannel):
     task_class = LaneTask
     error_task_class = JsonErrorTask
     lane_environ: dict[str, Any] | None = None  # set by the lane around service()
+    # Its next request waits for its client to read the answers so far (see add_task_unless_unread).
+    held = False
 
     def writable(self) -> bool:
+        if self.held:
+            return True  # nothing else sends its answers
         if self.requests and self.total_outbufs_len < self.adj.outbuf_high_watermark:
             return bool(self.will_close)
         return super().writable()
+
+    def handle_write(self) -> None:
+        if not self.held:
+            super().handle_write()
+            return
+        # No request is being answered on it: flush as waitress does then, but do not close it
+        # once flushed (waitress would: its requests are still to be answered).
+        self._flush_exception(self._flush_some)
+        if self.will_close:
+            self.handle_close()
+        elif self.total_outbufs_len <= UNSENT_ANSWER_BYTES:
+            self.held = False
+            with self.requests_lock:
+                self.server.add_task(self)
 
     def service(self) -> None:
         _answering.channel = self
@@ -340,6 +380,23 @@ class QuietChannel(HTTPChannel):
             poller.forget(descriptor)
 
 
+def add_task_unless_unread(add_task: Callable[[Any], None], channel) -> None:
+    """The server's add_task(): a connection's next request is answered now (`add_task`, the
+    server's own), unless more than UNSENT_ANSWER_BYTES of its answers wait for its client to
+    read them; then the connection is held, and its own handle_write() hands the request on
+    once the serving loop has sent them down to that.
+
+    NOTE: waitress calls it when a connection's first request has arrived (nothing unsent: it
+    reads a connection only then) and, after each answer, for the request pipelined behind it.
+    A client that never reads keeps one read's requests parsed (RECV_BYTES) and UNSENT_ANSWER_BYTES
+    (plus one answer) buffered; the reclaimer and the channel timeout close it (IdleReclaimer).
+    """
+    if channel.total_outbufs_len > UNSENT_ANSWER_BYTES and isinstance(channel, QuietChannel):
+        channel.held = True
+        return
+    add_task(channel)
+
+
 def waitress_settings(threads: int) -> dict[str, Any]:
     """The transport's waitress settings, all of them documented options (none a hook): the
     stock-waitress baseline of the benchmarks (bench/hello.py) runs on them too."""
@@ -350,6 +407,7 @@ def waitress_settings(threads: int) -> dict[str, Any]:
         "backlog": BACKLOG,
         "max_request_body_size": MAX_REQUEST_BODY,
         "max_request_header_size": MAX_REQUEST_HEADER,
+        "recv_bytes": RECV_BYTES,
         "asyncore_use_poll": True,  # select() cannot watch more than 1024 descriptors
         "ident": "maxtwo",
         "expose_tracebacks": False,
@@ -377,10 +435,14 @@ def accept_waiting(server: BaseWSGIServer, accept_one: Callable[[], None]) -> No
 class IdleReclaimer:
     """At the connection limit, with a client waiting in the listening socket's backlog: close
     the connection idle longest (for at least RECLAIM_IDLE_SECONDS), or failing that the one
-    whose request has been arriving longest (for at least RECLAIM_SLOW_REQUEST_SECONDS), so
-    that the client is taken in. Called by the serving loop at every turn; cheap below the
-    limit. One connection per turn, and the waiting client accepted at once: how many clients
-    wait is not known, and each closed connection is one a client may want again.
+    whose request has been arriving longest (for at least RECLAIM_SLOW_REQUEST_SECONDS), or
+    failing that the one whose answers have waited longest for its client to read them (for at
+    least RECLAIM_UNREAD_SECONDS), so that the client is taken in. Called by the serving loop at
+    every turn; cheap below the limit. One connection per turn, and the waiting client accepted
+    at once: how many clients wait is not known, and each closed connection is one a client may
+    want again. At any number of connections, once a second: a connection whose answers have
+    waited for its client CHANNEL_TIMEOUT is closed (waitress's channel timeout only marks it to
+    close when it can next write, which a client that reads nothing never lets come).
 
     NOTE: waitress stops accepting at its connection limit until a connection closes by itself.
     Idle keep-alive connections (a client's pool, a proxy's kept connections, or anyone's) then
@@ -389,24 +451,30 @@ class IdleReclaimer:
     A client that trickles its request in a byte at a time is never idle, so the channel
     timeout never comes for it: 512 such connections held every new client out for as long as
     they liked (bench/NOTES.md); nginx would have ended each after its client_header_timeout.
-    Closing an idle persistent connection is the server's right (RFC 9112 section 9.5). A
-    connection with bytes waiting to be read is not closed (they are a request on its way); a
-    request sent in the instant between that look and the close is lost unread, as with the
-    channel timeout: an idempotent one a client may retry on a new connection, an increment
-    safely only with its Idempotency-Key.
+    A client that sends requests and never reads the answers held its connection for good the
+    same way (nginx's send_timeout ends those). Closing an idle persistent connection is the
+    server's right (RFC 9112 section 9.5). A connection with bytes waiting to be read is not
+    closed for being idle or slow (they are a request on its way); a request sent in the
+    instant between that look and the close is lost unread, as with the channel timeout: an
+    idempotent one a client may retry on a new connection, an increment safely only with its
+    Idempotency-Key. One whose client does not read closes with its unread answers.
     """
 
     def __init__(self, server: BaseWSGIServer) -> None:
         self._server = server
         self._next_look = 0.0
+        self._next_timeout_check = 0.0
         self._backlog = select.poll()
         self._backlog.register(server.socket.fileno(), select.POLLIN)
 
     def turn(self) -> None:
         server = self._server
+        now = time.monotonic()
+        if now >= self._next_timeout_check:
+            self._next_timeout_check = now + FULL_CHECK_SECONDS
+            self._close_unread(time.time() - CHANNEL_TIMEOUT)
         if len(server._map) < server.adj.connection_limit or not server.accepting:
             return
-        now = time.monotonic()
         if now < self._next_look:
             return
         try:
@@ -421,13 +489,14 @@ class IdleReclaimer:
 
     def _close_one(self) -> bool:
         """Close the first of the idle connections, then of the slow ones, that has no bytes
-        waiting to be read; whether one was closed."""
+        waiting to be read, or else the first of those unread; whether one was closed."""
         quiet_since = time.time() - RECLAIM_IDLE_SECONDS  # waitress's last_activity is time.time()
         slow_since = time.monotonic() - RECLAIM_SLOW_REQUEST_SECONDS
         # NOTE: a list first: a request thread that fails to send closes its channel.
+        channels = list(self._server.active_channels.values())
         quiet = [
             channel
-            for channel in list(self._server.active_channels.values())
+            for channel in channels
             if not channel.requests and not channel.total_outbufs_len  # nothing being answered
         ]
         idle = [channel for channel in quiet if channel.request is None and channel.last_activity < quiet_since]
@@ -442,7 +511,27 @@ class IdleReclaimer:
             if not _has_unread_input(channel):
                 channel.handle_close()
                 return True
+        unread = _unread(channels, time.time() - RECLAIM_UNREAD_SECONDS)
+        if unread:
+            min(unread, key=lambda channel: channel.last_activity).handle_close()
+            return True
         return False
+
+    def _close_unread(self, since: float) -> None:
+        for channel in _unread(list(self._server.active_channels.values()), since):
+            channel.handle_close()
+
+
+def _unread(channels: list, since: float) -> list:
+    """The connections whose answers wait for their client to read them, none taken since
+    `since` (time.time()), with nothing else being answered on them (no request, or held)."""
+    return [
+        channel
+        for channel in channels
+        if channel.total_outbufs_len
+        and (not channel.requests or getattr(channel, "held", False))
+        and channel.last_activity < since
+    ]
 
 
 def _has_unread_input(channel) -> bool:
@@ -496,8 +585,10 @@ class Transport:
             **waitress_settings(threads),
         )
         if quiet_channel:
-            self.server.channel_class = QuietChannel
-            self.server.on_refused = on_refused
+            server, add_task = self.server, self.server.add_task
+            server.channel_class = QuietChannel
+            server.on_refused = on_refused
+            server.add_task = lambda channel: add_task_unless_unread(add_task, channel)
         if accept_backlog:
             server, accept_one = self.server, self.server.handle_accept
             server.handle_accept = lambda: accept_waiting(server, accept_one)

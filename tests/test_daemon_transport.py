@@ -106,6 +106,16 @@ HOOKS = [
     (waitress.task.ThreadedTaskDispatcher, "add_task", callable),
     (waitress.task.ThreadedTaskDispatcher, "set_thread_count", callable),
     (waitress.task.ThreadedTaskDispatcher, "shutdown", callable),
+    # The server's add_task() is where a connection's next request goes (add_task_unless_unread).
+    (waitress.server.BaseWSGIServer, "add_task", callable),
+    (waitress.channel.HTTPChannel, "service", lambda hook: "self.server.add_task(self)" in inspect.getsource(hook)),
+    (waitress.channel.HTTPChannel, "received", lambda hook: "self.server.add_task(self)" in inspect.getsource(hook)),
+    # A connection is read only when none of its answers is unsent: its first request never waits.
+    (waitress.channel.HTTPChannel, "readable", lambda hook: "self.total_outbufs_len" in inspect.getsource(hook)),
+    # QuietChannel.handle_write flushes a held connection as waitress's does.
+    (waitress.channel.HTTPChannel, "handle_write", callable),
+    (waitress.channel.HTTPChannel, "_flush_exception", callable),
+    (waitress.channel.HTTPChannel, "_flush_some", callable),
     (waitress.server.BaseWSGIServer, "channel_class", lambda hook: hook is waitress.channel.HTTPChannel),
     (waitress.server.BaseWSGIServer, "pull_trigger", callable),
     (waitress.server.BaseWSGIServer, "accept", callable),
@@ -150,7 +160,7 @@ def test_the_hooks_the_transport_reads_on_live_objects_still_exist(tmp_path):
             [channel] = list(server.active_channels.values())
             missing += [f"channel.{name}" for name in ("requests", "request", "total_outbufs_len", "last_activity",
                                                        "will_close", "close_when_flushed", "_fileno", "adj", "server",
-                                                       "handle_close", "socket")
+                                                       "handle_close", "socket", "requests_lock")
                         if not hasattr(channel, name)]
             missing += [f"channel.adj.{name}" for name in ("outbuf_high_watermark",)
                         if not hasattr(getattr(channel, "adj", None), name)]
@@ -1176,3 +1186,106 @@ def test_a_connection_with_bytes_unread_is_not_idle():
         assert server_side.recv(100)  # the peek consumed nothing
         client_side.close()
         assert not transport._has_unread_input(channel)  # gone: closing it loses nothing
+
+
+# --- A client that pipelines requests and does not read the answers --------------------------
+
+BIG_ANSWER = b"x" * 9000  # /openapi.json's size, about
+
+
+def big_answers(answered: list[int]):
+    def app(environ, start_response):
+        answered.append(1)
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(BIG_ANSWER)))])
+        return [BIG_ANSWER]
+
+    return app
+
+
+PIPELINED = 3000  # 27 MB of answers: far more than the kernels' socket buffers take in (a few MB)
+
+
+def not_reading(port: int) -> socket.socket:
+    """A connection that sends PIPELINED GETs at once (81 KB) and reads nothing (the sending in
+    a thread: once held, the server reads no more until the client reads)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+
+    def send() -> None:
+        with contextlib.suppress(OSError):
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * PIPELINED)
+
+    threading.Thread(target=send, daemon=True).start()
+    return sock
+
+
+def closed_after_its_answers(sock: socket.socket) -> bool:
+    """Whether the server closed the connection (what it had sent before is read and dropped)."""
+    sock.settimeout(5)
+    try:
+        while sock.recv(1 << 20):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_a_client_that_reads_nothing_gets_its_next_answers_only_once_it_reads():
+    """waitress answered every pipelined request it had read and buffered the answers (to a
+    temporary file past 1 MiB, up to 16 MiB a connection): 510 such clients took the daemon from
+    51 to 677 MB. Held past UNSENT_ANSWER_BYTES, the connection is answered on once its client
+    reads, in order, every request answered once."""
+    answered: list[int] = []
+    with running(big_answers(answered)) as served, not_reading(served.port) as sock:
+        wait_for(lambda: any(channel.held for channel in served.server.active_channels.values()), "the connection held")
+        time.sleep(0.5)  # no more answers while it is held
+        [channel] = served.server.active_channels.values()
+        assert channel.held and channel.requests
+        assert channel.total_outbufs_len <= transport.UNSENT_ANSWER_BYTES + len(BIG_ANSWER) + 200
+        assert len(answered) < PIPELINED / 2  # what the kernels took in, and the bound
+
+        answers, tail = 0, b""
+        while answers < PIPELINED:
+            chunk = sock.recv(1 << 20)
+            assert chunk, f"closed after {answers} answers"
+            tail += chunk
+            answers += tail.count(b"HTTP/1.1 200 OK")
+            tail = tail[tail.rfind(b"HTTP/1.1 200 OK") + 1:] if b"HTTP/1.1 200 OK" in tail else tail[-20:]
+        assert answers == PIPELINED == len(answered)
+
+
+def test_a_connection_whose_client_reads_nothing_closes_after_the_channel_timeout(monkeypatch):
+    """waitress's channel timeout only marks such a connection to close when it can next write,
+    which a client that reads nothing never lets come: it stayed open for good."""
+    monkeypatch.setattr(transport, "CHANNEL_TIMEOUT", 1)
+    with running(big_answers([])) as served, not_reading(served.port) as sock:
+        wait_for(lambda: any(channel.held for channel in served.server.active_channels.values()), "the connection held")
+        wait_for(lambda: not served.server.active_channels, "the connection closed", seconds=5)
+        assert closed_after_its_answers(sock)
+
+
+def test_at_the_connection_limit_a_client_that_reads_nothing_makes_way(monkeypatch):
+    """Its answers waiting RECLAIM_UNREAD_SECONDS for it: the newcomer takes its place (the
+    connection whose answers waited longest; the younger one stays)."""
+    monkeypatch.setattr(transport, "CONNECTION_LIMIT", 4)  # 2 clients
+    monkeypatch.setattr(transport, "RECLAIM_UNREAD_SECONDS", 1.0)
+    with running(big_answers([])) as served, contextlib.ExitStack() as stack:
+        oldest = stack.enter_context(not_reading(served.port))
+        wait_for(lambda: any(channel.held for channel in served.server.active_channels.values()), "the first held")
+        time.sleep(0.3)
+        stack.enter_context(not_reading(served.port))  # a younger one
+        wait_for(lambda: sum(channel.held for channel in served.server.active_channels.values()) == 2, "both held")
+        time.sleep(0.8)  # the first's answers waited 1 s, the younger's not yet
+
+        newcomer = stack.enter_context(socket.create_connection(("127.0.0.1", served.port), timeout=5))
+        newcomer.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert newcomer.recv(100).startswith(b"HTTP/1.1 200")
+        assert closed_after_its_answers(oldest)
+        wait_for(lambda: len(served.server.active_channels) == 1, "the newcomer's connection closed")
+        assert [channel.held for channel in served.server.active_channels.values()] == [True]  # the younger
+
+
+def test_reads_are_small_enough_that_pipelined_requests_parsed_at_once_stay_few():
+    """Every request of a read is parsed before the next read, about 780 bytes each."""
+    assert transport.waitress_settings(4)["recv_bytes"] == transport.RECV_BYTES <= 4096

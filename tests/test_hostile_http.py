@@ -99,3 +99,29 @@ def test_a_burst_above_the_connection_limit(daemon):
     assert daemon.get("/", timeout=10)[0] == 200
     assert threads_during == threads_before  # a fixed pool, no thread per connection
     assert rss_during - rss_before < 50 * 2**20
+
+
+@pytest.mark.slow  # 200 connections, 5 s
+def test_clients_that_pipeline_and_never_read_keep_memory_bounded_and_others_served(daemon):
+    """Each holds one read of requests (2 KiB) and 32 KiB of answers at most, not the answers to
+    every request of its reads (waitress's own reads of 8 KiB, answered up to 16 MiB a connection,
+    to temporary files past 1 MiB). Measured: 12 MB with the bound, 37 MB without."""
+    process = psutil.Process(daemon.process.pid)
+    rss_before = process.memory_info().rss
+    pipelined = b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 1200  # 48 KB; 12 MB of answers
+    readers_of_nothing = []
+    try:
+        for _ in range(200):
+            sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=5)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernels take in little
+            sock.sendall(pipelined)
+            readers_of_nothing.append(sock)
+        time.sleep(4)
+        rss_during = process.memory_info().rss
+        started = time.monotonic()
+        assert daemon.get("/", timeout=10)[0] == 200
+        assert time.monotonic() - started < 2
+    finally:
+        for sock in readers_of_nothing:
+            sock.close()
+    assert rss_during - rss_before < 24 * 2**20

@@ -5,16 +5,19 @@ from __future__ import annotations
 import datetime as dt
 import random
 import threading
+import time
 
 import pytest
 import sqlalchemy as sa
 
+from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.batch import HeldConnection
 from maxtwo_cli.core.counters import (
     INT64_MAX,
     INT64_MIN,
     Applied,
     CounterOverflowError,
+    Forgotten,
     IdempotencyKeyReusedError,
     Increment,
     InvalidIncrementError,
@@ -30,6 +33,7 @@ from maxtwo_cli.core.counters import (
 )
 from maxtwo_cli.core.errors import DatabaseUnavailableError
 from maxtwo_cli.core.schema import idempotency_keys
+from maxtwo_cli.core.settings import Settings
 from tests.helpers import wait_for
 
 
@@ -250,7 +254,7 @@ def test_an_expired_idempotency_key_is_a_new_use_and_is_deleted(engine, batch):
     batch(engine, [Increment("e", 1, "old")], now=long_ago)
     assert increment(engine, "e", 1, idempotency_key="old").total == 2  # expired: applied again
     batch(engine, [Increment("e", 5, "older")], now=long_ago)
-    assert delete_expired_idempotency_keys(engine) == 1
+    assert delete_expired_idempotency_keys(engine).deleted == 1
     with engine.connect() as conn:
         assert sorted(conn.execute(sa.select(idempotency_keys.c.key)).scalars()) == ["old"]
 
@@ -351,7 +355,7 @@ def test_an_expired_key_deleted_by_the_cleanup_during_a_claim_is_a_new_use_not_a
     other.execute(idempotency_keys.insert().values(key="b", fingerprint="f", created_at=now))
     worker, outcomes = _batch_in_a_thread(postgres_engine, [Increment("x", 5, "a"), Increment("y", 1, "b")], now)
     deleted: list[int] = []
-    cleanup = threading.Thread(target=lambda: deleted.append(delete_expired_idempotency_keys(postgres_engine, now)))
+    cleanup = threading.Thread(target=lambda: deleted.append(delete_expired_idempotency_keys(postgres_engine, now).deleted))
     try:
         wait_for(lambda: _blocked_by(postgres_engine, other_pid), "the batch's claim waiting")
         [batch_pid] = _blocked_by(postgres_engine, other_pid)
@@ -380,11 +384,62 @@ def test_the_cleanup_skips_a_key_a_batch_holds_rather_than_wait_for_it(postgres_
     holder = postgres_engine.connect()
     holder.execute(sa.text("SELECT key FROM idempotency_keys WHERE key = 'm' FOR UPDATE"))
     try:
-        assert delete_expired_idempotency_keys(postgres_engine, now) == 2
+        assert delete_expired_idempotency_keys(postgres_engine, now).deleted == 2
     finally:
         holder.rollback()
         holder.close()
-    assert delete_expired_idempotency_keys(postgres_engine, now) == 1  # the next run takes it
+    assert delete_expired_idempotency_keys(postgres_engine, now).deleted == 1  # the next run takes it
+
+
+def add_expired_keys(engine: sa.Engine, count: int, now: dt.datetime) -> None:
+    with engine.begin() as conn:
+        conn.execute(idempotency_keys.insert(), [
+            {"key": f"k{number}", "fingerprint": "f", "created_at": now - dt.timedelta(hours=25, seconds=number)}
+            for number in range(count)
+        ])
+
+
+def test_the_cleanup_stops_when_told_after_a_chunk_and_says_keys_are_left(engine):
+    now = dt.datetime.now(dt.UTC)
+    add_expired_keys(engine, 5, now)
+    asked = []
+    assert delete_expired_idempotency_keys(engine, now, chunk=2, go_on=lambda: asked.append(1) and False) == Forgotten(
+        2, done=False)
+    assert len(asked) == 1
+    assert delete_expired_idempotency_keys(engine, now, chunk=2) == Forgotten(3, done=True)
+
+
+def test_on_sqlite_writers_get_in_between_the_cleanup_chunks(tmp_path):
+    """SQLite's busy handler sleeps in steps growing to 100 ms: chunk after chunk with no gap, a
+    waiting writer found the lock taken at each try (up to 330 ms for one increment). With a
+    pause after each chunk it gets in between them."""
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{tmp_path / 'm.db'}"))
+    schema.ensure_schema(engine)
+    now = dt.datetime.now(dt.UTC)
+    add_expired_keys(engine, 40_000, now)
+    writes_during: list[float] = []
+    cleaning = threading.Event()
+    done = threading.Event()
+
+    def writer() -> None:
+        while not done.is_set():
+            increment(engine, "w", 1)
+            if cleaning.is_set():
+                writes_during.append(time.monotonic())
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        time.sleep(0.2)
+        cleaning.set()
+        assert delete_expired_idempotency_keys(engine, now) == Forgotten(40_000, done=True)  # 40 chunks
+    finally:
+        done.set()
+        thread.join(10)
+        engine.dispose()
+    # Measured: 9 writes without the pause, 48 with it (one or more between most chunks).
+    assert len(writes_during) >= 20, f"{len(writes_during)} writes during the cleanup"
 
 
 def test_the_cleanup_deletes_in_chunks_oldest_first_until_none_is_left(engine):
@@ -393,7 +448,7 @@ def test_the_cleanup_deletes_in_chunks_oldest_first_until_none_is_left(engine):
         for hours, key in [(30, "a"), (29, "b"), (28, "c"), (27, "d"), (26, "e"), (1, "live")]:
             conn.execute(idempotency_keys.insert().values(
                 key=key, fingerprint="f", created_at=now - dt.timedelta(hours=hours)))
-    assert delete_expired_idempotency_keys(engine, now, chunk=2) == 5
+    assert delete_expired_idempotency_keys(engine, now, chunk=2) == Forgotten(5, done=True)
     with engine.connect() as conn:
         assert list(conn.execute(sa.select(idempotency_keys.c.key)).scalars()) == ["live"]
 

@@ -294,7 +294,7 @@ def test_on_sqlite_increments_never_wait_for_the_main_file_a_randomization_locks
     with main_file_locked(tmp_path) as engine:
         assert increment(engine, "a", 1).total == 1  # one statement
         assert increment(engine, "a", 1, idempotency_key="k").total == 2  # a transaction
-        assert delete_expired_idempotency_keys(engine) == 0
+        assert delete_expired_idempotency_keys(engine).deleted == 0
         assert read_counter(engine, "a") == 2 and list_counters(engine) == [("a", 2)]  # and reads
 
 

@@ -1289,3 +1289,45 @@ def test_at_the_connection_limit_a_client_that_reads_nothing_makes_way(monkeypat
 def test_reads_are_small_enough_that_pipelined_requests_parsed_at_once_stay_few():
     """Every request of a read is parsed before the next read, about 780 bytes each."""
     assert transport.waitress_settings(4)["recv_bytes"] == transport.RECV_BYTES <= 4096
+
+
+def test_the_drain_reads_no_more_of_a_pipelining_client_than_it_has_complete():
+    """A read ending inside a pipelined request left it half received; the drain waited for it,
+    so the loop read on, and every read brought more complete requests: 20 clients pipelining
+    220 requests each kept the daemon's drain answering past its 5 s. Now what is complete is
+    answered, and the connection closed after it (the rest was not read)."""
+
+    def slow(environ, start_response):
+        time.sleep(0.005)
+        return hello(environ, start_response)
+
+    pipelined = 400
+    answers: list[bytes] = []
+    with running(slow, threads=4) as served:
+        clients = [socket.create_connection(("127.0.0.1", served.port), timeout=10) for _ in range(10)]
+
+        def client(sock: socket.socket) -> None:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * pipelined)
+            received = b""
+            with contextlib.suppress(OSError):
+                while chunk := sock.recv(65536):
+                    received += chunk
+            answers.append(received)
+
+        threads = [threading.Thread(target=client, args=(sock,)) for sock in clients]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: sum(len(channel.requests) for channel in served.server.active_channels.values()) > 0,
+                 "requests read")
+        served.stop.set()  # the serving loop ends; the drain takes over, as `maxtwo serve` does
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert served.transport.drain(3)  # everything read answered: 10 x 400 x 5 ms / 4 threads would be 5 s
+        assert time.monotonic() - started < 2.5
+        for thread in threads:
+            thread.join(10)
+        for sock in clients:
+            sock.close()
+    counts = [received.count(b"HTTP/1.1 200") for received in answers]
+    assert len(counts) == 10 and sum(counts) > 0 and max(counts) < pipelined  # (one not read yet: 0)
+    assert all(received.endswith(b"hello") for received in answers if received)  # whole answers only

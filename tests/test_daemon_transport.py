@@ -160,7 +160,8 @@ def test_the_hooks_the_transport_reads_on_live_objects_still_exist(tmp_path):
             [channel] = list(server.active_channels.values())
             missing += [f"channel.{name}" for name in ("requests", "request", "total_outbufs_len", "last_activity",
                                                        "will_close", "close_when_flushed", "_fileno", "adj", "server",
-                                                       "handle_close", "socket", "requests_lock")
+                                                       "handle_close", "socket", "requests_lock",
+                                                       "connected")
                         if not hasattr(channel, name)]
             missing += [f"channel.adj.{name}" for name in ("outbuf_high_watermark",)
                         if not hasattr(getattr(channel, "adj", None), name)]
@@ -1331,3 +1332,19 @@ def test_the_drain_reads_no_more_of_a_pipelining_client_than_it_has_complete():
     counts = [received.count(b"HTTP/1.1 200") for received in answers]
     assert len(counts) == 10 and sum(counts) > 0 and max(counts) < pipelined  # (one not read yet: 0)
     assert all(received.endswith(b"hello") for received in answers if received)  # whole answers only
+
+
+def test_at_the_connection_limit_a_burst_of_silent_connections_makes_way_within_seconds(monkeypatch):
+    """One connection reclaimed a turn freed 5-10 a second: a client behind a burst of
+    connections that send nothing waited 21 s here (64 at the limit, 100 in the backlog), and
+    85-116 s behind a few thousand. Now every waiting client has one reclaimed a turn."""
+    monkeypatch.setattr(transport, "CONNECTION_LIMIT", 66)  # 64 clients
+    with running(hello) as served, contextlib.ExitStack() as stack:
+        for _ in range(64 + 100):
+            stack.enter_context(socket.create_connection(("127.0.0.1", served.port), timeout=10))
+        started = time.monotonic()
+        newcomer = stack.enter_context(socket.create_connection(("127.0.0.1", served.port), timeout=15))
+        newcomer.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert read_answer(newcomer).startswith(b"HTTP/1.1 200")
+        # Each silent one is idle after RECLAIM_IDLE_SECONDS: the 64, then the 64 taken in for them.
+        assert time.monotonic() - started < 3 * transport.RECLAIM_IDLE_SECONDS + 3

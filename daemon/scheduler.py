@@ -55,9 +55,12 @@ class RandomizeScheduler:
         *,
         clock: Callable[[], float] = time.time,
         wait: Callable[[float], object] | None = None,
+        catch_up: bool = False,
     ) -> None:
         """`clock`: seconds since the Unix epoch. `wait(seconds)`: sleep up to that long, or less
-        once stop() is called (default: a wait on the stop event); tests pass a fake pair."""
+        once stop() is called (default: a wait on the stop event); tests pass a fake pair.
+        `catch_up`: the slot the start falls in is run at once (the job stands back if a run
+        for it is recorded), then every boundary; otherwise from the next boundary on."""
         self._job = job
         self._interval = interval
         self._metrics = metrics
@@ -76,11 +79,21 @@ class RandomizeScheduler:
         # one that persists logs a traceback a minute, not one a nap.
         self._retry_seconds = min(max(interval, LONGEST_NAP), 60.0)
         self._due = 0.0  # the next boundary, in seconds since the epoch
+        self._catch_up = catch_up
         self._slot = 0.0  # the boundary being run, for _on_due
 
     def start(self) -> None:
-        self._due = next_boundary(self._clock(), self._interval)
-        log.info("randomizing every %g s, next at %s", self._interval, utc(self._due).isoformat())
+        now = self._clock()
+        self._due = next_boundary(now, self._interval)
+        if self._catch_up:
+            # NOTE: a slot that passed while no daemon ran (an upgrade across it, an outage) was
+            # never made up: at --interval 86400, a daemon down across 00:00 UTC left the points
+            # as they were for a whole day. The job finds a slot already run and stands back.
+            self._due -= self._interval
+            log.info("randomizing every %g s: the slot of %s now, unless it has run, then from %s",
+                     self._interval, utc(self._due).isoformat(), utc(self._due + self._interval).isoformat())
+        else:
+            log.info("randomizing every %g s, next at %s", self._interval, utc(self._due).isoformat())
         self._loop_thread = threading.Thread(target=self._loop, name="maxtwo-scheduler", daemon=True)
         self._loop_thread.start()
 
@@ -174,7 +187,7 @@ class RandomizeScheduler:
             return
         if result is None:
             self._metrics.randomize_skipped.labels(reason="elsewhere").inc()
-            log.info("randomization due at %s: done by another process", due_at)
+            log.info("randomization due at %s: done already (by another daemon, or before a restart)", due_at)
             return
         self._metrics.randomize_duration.observe(result.seconds)
         # By this process's clock, as Prometheus's time() and alerts read it: randomized_at is

@@ -149,7 +149,7 @@ def serve(settings: Settings, options: TransportOptions = TransportOptions()) ->
         # Requests and the scheduler get pools of their own, so a burst of requests can never
         # take the connection a randomization needs.
         scheduler = RandomizeScheduler(scheduled_job(engine, settings.interval, stop.requested),
-                                       settings.interval, metrics)
+                                       settings.interval, metrics, catch_up=True)
         serve_requests(settings, listener, metrics, stop.requested, on_ready=scheduler.start,
                        on_stopping=lambda: _stopping(stop, scheduler), options=options)
     finally:

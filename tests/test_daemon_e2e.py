@@ -16,7 +16,7 @@ from maxtwo_cli.core import db
 from maxtwo_cli.core.clock import format_api_timestamp
 from maxtwo_cli.core.schema import users
 from maxtwo_cli.core.settings import Settings
-from tests.helpers import notifications, notify_socket, state
+from tests.helpers import notifications, notify_socket, state, wait_for
 from tests.serve_process import ServeProcess
 
 
@@ -152,6 +152,23 @@ def test_no_randomization_starts_once_sigterm_came(tmp_path):
 
 
 @pytest.mark.slow  # several intervals of two daemons
+def test_a_slot_no_daemon_ran_is_made_up_at_start_and_a_restart_runs_none_twice(database_url, tmp_path):
+    """A slot that passed while no daemon ran (an outage, an upgrade across it) was never made
+    up: with --interval 86400, a daemon down across 00:00 UTC meant no randomization that day."""
+    engine = db.create_engine(Settings(database_url=database_url))
+    with ServeProcess(database_url, interval=86400, seed_count=500) as daemon:
+        daemon.start(tmp_path / "first.log")
+        wait_for(lambda: state(engine).randomized_at is not None, "the slot of today randomized at start")
+        assert daemon.metric("maxtwo_randomize_duration_seconds_count") == 1
+        randomized = state(engine)
+        assert daemon.terminate() == 0
+    with ServeProcess(database_url, interval=86400, seed_count=500) as daemon:
+        daemon.start(tmp_path / "second.log")
+        wait_for(lambda: "done already" in daemon.log(), "the restarted daemon standing back")
+        assert state(engine)[:3] == randomized[:3]  # epoch, max_number, randomized_at
+        assert daemon.terminate() == 0
+
+
 def test_two_daemons_randomize_exactly_once_per_interval(postgres_url, tmp_path):
     engine = db.create_engine(Settings(database_url=postgres_url))
     # NOTE: 2 s intervals: a run may start up to 1 s late (a loaded machine) and still be

@@ -214,6 +214,27 @@ def test_start_logs_the_next_run_in_utc(berlin, monkeypatch, caplog):
     assert "randomizing every 60 s, next at 2026-10-25T00:59:00+00:00" in caplog.messages
 
 
+def test_catching_up_runs_the_slot_the_start_falls_in_at_once_then_every_boundary(monkeypatch, caplog):
+    """A slot that passed while no daemon ran was never made up: at an interval of a day, a
+    daemon down across 00:00 UTC left the points as they were for a whole day."""
+    start = 1_790_000_000 + 3600 * 9.5  # 09:30 into a day
+    day = 86_400
+    clock = FakeClock(start, start + day + 60)
+    schedule_follows(clock, monkeypatch)
+    recorder = Recorder(clock.time)
+    scheduler = RandomizeScheduler(recorder, day, Metrics(), clock=clock.time, wait=clock.wait, catch_up=True)
+    with caplog.at_level(logging.INFO, logger="daemon.scheduler"):
+        scheduler.start()
+        try:
+            assert clock.at_end.wait(TIMEOUT * 6)
+        finally:
+            assert scheduler.stop(TIMEOUT)
+    midnight = next_boundary(start, day) - day
+    assert [due_at for _, due_at in recorder.calls] == [utc(midnight), utc(midnight + day)]
+    assert [started for started, _ in recorder.calls] == [start, midnight + day]
+    assert not any("missed" in message for message in caplog.messages)  # nothing to warn of: it runs
+
+
 def test_stop_ends_the_loop_promptly():
     # A real clock and the default wait: the next run is up to an hour away, and stop() must not
     # wait for it (stop returns False if the loop is still going after its timeout).

@@ -119,9 +119,10 @@ RECLAIM_UNREAD_SECONDS = 10.0
 # to 16 MiB a connection): 510 such clients took the daemon from 51 to 677 MB (bench/NOTES.md).
 UNSENT_ANSWER_BYTES = 32 * 1024
 # APPSEC: bytes read from a connection at a time (waitress's default: 8 KiB). Every request in
-# a read is parsed before the next read (a small one costs about 780 bytes parsed): a read of
-# tiny pipelined requests is the most memory a connection makes one read cost. No request of
-# ours needs more than one read of this size but a header of several hundred bytes.
+# a read is parsed before the next read (500-800 bytes each for a small one): a read of tiny
+# pipelined requests is the most memory one read costs (about 40 KB at 2 KiB, 4 times that at
+# 8 KiB). No request of ours needs more than one read of this size but a header of several
+# hundred bytes.
 RECV_BYTES = 2048
 # A line feed not preceded by a carriage return (RFC 9112 section 2.2).
 _BARE_LF = re.compile(rb"(?<!\r)\n")
@@ -339,6 +340,17 @@ class QuietChannel(HTTPChannel):
     # Its next request waits for its client to read the answers so far (see add_task_unless_unread).
     held = False
 
+    def __init__(self, server, sock, addr, adj, map=None) -> None:
+        # NOTE: the kernel takes no more than UNSENT_ANSWER_BYTES of answers not yet sent
+        # (TCP_NOTSENT_LOWAT, Linux): by default it took megabytes (the send buffer grows to
+        # tcp_wmem's 4 MB), so the serving loop made no send for a client reading them slowly,
+        # and the timeouts below took it for one that reads nothing (a reader at 28 KB/s was
+        # closed after 30 s). Now the loop sends as the client reads; the kernel holds what is
+        # in flight and 32 KiB more.
+        with contextlib.suppress(AttributeError, OSError):  # not Linux; not TCP
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_ANSWER_BYTES)
+        super().__init__(server, sock, addr, adj, map)
+
     def writable(self) -> bool:
         if self.held:
             return True  # nothing else sends its answers
@@ -355,6 +367,8 @@ class QuietChannel(HTTPChannel):
         self._flush_exception(self._flush_some)
         if self.will_close:
             self.handle_close()
+        elif not self.connected:
+            return  # the client is gone (a failed send closes the connection): nothing to answer
         elif self.total_outbufs_len <= UNSENT_ANSWER_BYTES:
             self.held = False
             with self.requests_lock:
@@ -389,8 +403,9 @@ def add_task_unless_unread(add_task: Callable[[Any], None], channel) -> None:
 
     NOTE: waitress calls it when a connection's first request has arrived (nothing unsent: it
     reads a connection only then) and, after each answer, for the request pipelined behind it.
-    A client that never reads keeps one read's requests parsed (RECV_BYTES) and UNSENT_ANSWER_BYTES
-    (plus one answer) buffered; the reclaimer and the channel timeout close it (IdleReclaimer).
+    A client that never reads keeps one read's requests parsed (RECV_BYTES: about 40 KB of
+    them at most) and UNSENT_ANSWER_BYTES (plus one answer) buffered, and as much again in the
+    kernel (QuietChannel.__init__); the reclaimer and the channel timeout close it (IdleReclaimer).
     """
     if channel.total_outbufs_len > UNSENT_ANSWER_BYTES and isinstance(channel, QuietChannel):
         channel.held = True

@@ -28,6 +28,7 @@ import json
 import logging
 import socket
 import statistics
+import struct
 import threading
 import time
 import types
@@ -1348,3 +1349,45 @@ def test_at_the_connection_limit_a_burst_of_silent_connections_makes_way_within_
         assert read_answer(newcomer).startswith(b"HTTP/1.1 200")
         # Each silent one is idle after RECLAIM_IDLE_SECONDS: the 64, then the 64 taken in for them.
         assert time.monotonic() - started < 3 * transport.RECLAIM_IDLE_SECONDS + 3
+
+
+def test_a_held_connection_whose_client_resets_it_has_no_more_requests_answered():
+    """A failed send closes the connection and empties its output: the held connection's
+    handle_write found nothing unsent and handed its next request on, for nobody (a
+    POST /increment would have been applied)."""
+    submitted: list[int] = []
+
+    def submit(requests, wake):  # the lane's batch: what the database would apply
+        submitted.append(len(requests))
+        return len(requests)
+
+    lanes = lanes_for(submit, ready, lambda size, timeout: [None] * size, max_batch=256, max_wait=10)
+    with running(big_answers([]), lanes=lanes) as served:
+        sock = not_reading(served.port)  # GET /: a lane's route
+        wait_for(lambda: any(channel.held for channel in served.server.active_channels.values()), "the connection held")
+        time.sleep(0.2)
+        before = sum(submitted)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset
+        wait_for(lambda: not served.server.active_channels, "the connection closed")
+        time.sleep(0.3)
+        assert sum(submitted) == before
+
+
+def test_a_client_reading_its_pipelined_answers_slowly_is_not_taken_for_one_that_reads_nothing(monkeypatch):
+    """The kernel took megabytes of answers (the send buffer grows to tcp_wmem's 4 MB), so the
+    serving loop sent nothing while a slow reader drained them, and the channel timeout closed
+    it: a reader at 28 KB/s after 30 s. The kernel now takes 32 KiB not yet sent at most."""
+    monkeypatch.setattr(transport, "CHANNEL_TIMEOUT", 1)
+    with running(big_answers([])) as served:
+        sock = not_reading(served.port)
+        wait_for(lambda: any(channel.held for channel in served.server.active_channels.values()), "the connection held")
+        sock.settimeout(5)
+        received = 0
+        reading_until = time.monotonic() + 4
+        while time.monotonic() < reading_until:  # 80 KB/s
+            chunk = sock.recv(16384)
+            assert chunk, f"closed after {received} bytes read"
+            received += len(chunk)
+            time.sleep(0.2)
+        sock.close()

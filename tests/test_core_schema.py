@@ -6,6 +6,7 @@ import pwd
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -590,6 +591,42 @@ def test_postgres_session_defaults_that_maxtwo_cannot_work_with_are_overridden(p
         assert query_users(engine).previous == first.recorded_at
     finally:
         engine.dispose()
+
+
+def test_postgres_lock_and_transaction_timeouts_of_a_role_or_database_are_overridden(postgres_url):
+    """A role's or database's default lock_timeout (here 1 ms) failed increments of a key that
+    waited for another batch; its transaction_timeout (PostgreSQL 17 on; here 20 ms) failed
+    every randomization longer than it, so the table was never randomized again. (A request's
+    own transactions keep a transaction_timeout: one more bound on them, the role's choice.)"""
+    from maxtwo_cli.core.batch import HeldConnection
+    from maxtwo_cli.core.randomize import randomize_points
+    from maxtwo_cli.core.seed import seed_users
+
+    def with_options(options: str) -> sa.Engine:
+        url = sa.make_url(postgres_url)
+        url = url.update_query_dict({"options": f"{url.query['options']} {options}"})
+        return db.create_engine(Settings(database_url=url.render_as_string(hide_password=False)))
+
+    plain = db.create_engine(Settings(database_url=postgres_url))
+    schema.ensure_schema(plain)
+    waiting_ok, long_transactions_ok = with_options("-clock_timeout=1"), with_options("-ctransaction_timeout=20")
+    held = HeldConnection(plain)
+    try:
+        seed_users(long_transactions_ok, 200_000)
+        randomize_points(long_transactions_ok)  # both take longer than 20 ms
+        with waiting_ok.connect() as conn:
+            assert conn.execute(sa.text("SHOW lock_timeout")).scalar() == "0"
+        with held.transaction():  # another daemon's batch, holding the counter's row for 0.3 s
+            held.run(lambda cursor: cursor.execute("INSERT INTO counters VALUES ('held', 1)"))
+            waiting = threading.Thread(target=lambda: increment(waiting_ok, "held", 1))
+            waiting.start()
+            time.sleep(0.3)
+        waiting.join(10)
+        assert read_counter(plain, "held") == 2
+    finally:
+        held.release()
+        for engine in (waiting_ok, long_transactions_ok, plain):
+            engine.dispose()
 
 
 def test_a_postgres_database_not_in_utf8_is_refused(postgres_server):

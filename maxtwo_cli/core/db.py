@@ -165,13 +165,16 @@ def _create_postgres_engine(url: URL, settings: Settings, pool_size: int, pre_pi
     # writes to those rows and every scheduled randomization. maxtwo's statements rely on READ
     # COMMITTED (a single UPDATE waits for a row's lock, then updates its newest version):
     # under a server's default of REPEATABLE READ or SERIALIZABLE, concurrent writers failed
-    # with serialization errors. Options given in the URL (e.g. ?options=-csearch_path%3Dmaxtwo)
-    # are kept; these come after them, so they win.
+    # with serialization errors. A lock wait is bounded by the statement's own bound: a role's
+    # or database's default lock_timeout failed an increment that waited for another daemon's
+    # batch. Options given in the URL (e.g.
+    # ?options=-csearch_path%3Dmaxtwo) are kept; these come after them, so they win.
     options = " ".join(
         filter(None, [
             url.query.get("options"),
             f"-c statement_timeout={statement_timeout_ms}",
             f"-c idle_in_transaction_session_timeout={statement_timeout_ms}",
+            "-c lock_timeout=0",
             r"-c default_transaction_isolation=read\ committed",  # libpq: an escaped space
         ])
     )
@@ -365,9 +368,13 @@ LONG_JOB_LOCK_TIMEOUT = 60.0
 
 def set_job_timeouts(conn: sa.Connection) -> None:
     """For the rest of this PostgreSQL transaction: no bound on its statements (a long job's
-    length grows with the table) and its lock waits bounded by LONG_JOB_LOCK_TIMEOUT, so that
-    lifting the one never turns a stuck lock into a hang."""
+    length grows with the table), nor on the transaction (a role's or database's default
+    transaction_timeout, PostgreSQL 17 on, failed every randomization longer than it), and its
+    lock waits bounded by LONG_JOB_LOCK_TIMEOUT, so that lifting the others never turns a
+    stuck lock into a hang."""
     conn.execute(sa.select(sa.func.set_config("statement_timeout", "0", True)))
+    if conn.dialect.server_version_info >= (17,):  # (unknown before: an error to set)
+        conn.execute(sa.select(sa.func.set_config("transaction_timeout", "0", True)))
     lock_ms = int(LONG_JOB_LOCK_TIMEOUT * 1000)
     conn.execute(sa.select(sa.func.set_config("lock_timeout", str(lock_ms), True)))
 

@@ -51,12 +51,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import fcntl
 import itertools
 import json
 import logging
 import re
 import select
 import socket
+import struct
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -99,6 +102,9 @@ FULL_CHECK_SECONDS = 1.0
 # most (waitress takes one): bounded, so that a flood of new connections cannot hold up the
 # loop's work for those it has.
 ACCEPTS_PER_TURN = 64
+# At a drain, a connection closed once answered waits this long at most for its client to
+# close its end, reading and dropping what comes (QuietChannel.handle_close).
+LINGER_SECONDS = 2.0
 # At the connection limit, with a client waiting to connect: the connection quiet longest, if
 # quiet this long (its requests answered), is closed for it; after a look that closed none, the
 # next one this much later at the earliest.
@@ -339,6 +345,10 @@ class QuietChannel(HTTPChannel):
     lane_environ: dict[str, Any] | None = None  # set by the lane around service()
     # Its next request waits for its client to read the answers so far (see add_task_unless_unread).
     held = False
+    # Closing once answered, at a drain: what the client still sends is read and dropped, and
+    # the close is lingering (see handle_close).
+    discarding = False
+    lingering_until: float | None = None  # time.monotonic(): its FIN sent, until the client's
 
     def __init__(self, server, sock, addr, adj, map=None) -> None:
         # NOTE: the kernel takes no more than UNSENT_ANSWER_BYTES of answers not yet sent
@@ -351,7 +361,44 @@ class QuietChannel(HTTPChannel):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_ANSWER_BYTES)
         super().__init__(server, sock, addr, adj, map)
 
+    def readable(self) -> bool:
+        if self.discarding:
+            return self.connected  # (until the client's end: that reads as readable for good)
+        return super().readable()
+
+    def handle_read(self) -> None:
+        super().handle_read()  # (received() drops what comes once the connection is to close)
+        if self.lingering_until is not None and not _busy(self):
+            super().handle_close()
+
+    def handle_close(self) -> None:
+        """A connection closing at a drain sends its FIN after its answers and reads until the
+        client closes its end (or LINGER_SECONDS), as nginx's lingering close does.
+
+        NOTE: closed at once with bytes of the client unread (the rest of a request half
+        received when the drain began, or more pipelined requests), the socket sent a reset,
+        and a reset drops the answers the kernel has not delivered yet: a pipelining client
+        lost the last of its answers."""
+        if (
+            self.discarding
+            and self.lingering_until is None
+            and self.connected
+            and not self.total_outbufs_len
+            and (self.request is not None or _has_unread_input(self))  # more may come: else at once
+        ):
+            try:
+                self.socket.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # gone already: close it
+            else:
+                self.lingering_until = time.monotonic() + LINGER_SECONDS
+                self.will_close = False
+                return
+        super().handle_close()
+
     def writable(self) -> bool:
+        if self.lingering_until is not None:
+            return False  # its FIN is sent: nothing more
         if self.held:
             return True  # nothing else sends its answers
         if self.requests and self.total_outbufs_len < self.adj.outbuf_high_watermark:
@@ -704,18 +751,33 @@ def _close_after_answering(channel) -> None:
     read brings more complete requests (20 clients pipelining 220 requests each kept the drain
     answering past its 5 s)."""
     if channel.requests or (channel.request is None and time.time() - channel.last_activity >= QUIET_SECONDS):
-        # waitress's own flag: received() reads nothing more, the loop closes once flushed.
+        # waitress's own flag: received() takes nothing more, the loop closes once flushed;
+        # ours: what still comes is read and dropped, and the close lingers (QuietChannel).
         channel.close_when_flushed = True
+        channel.discarding = True
 
 
 def _busy(channel) -> bool:
-    """A request in progress, a response unsent, or bytes that may still be on their way."""
+    """A request in progress, a response unsent, or bytes that may still be on their way; or a
+    lingering close not over (QuietChannel.handle_close)."""
+    lingering_until = getattr(channel, "lingering_until", None)
+    if lingering_until is not None:  # until the client has everything (or LINGER_SECONDS)
+        return channel.connected and time.monotonic() < lingering_until and _unacknowledged(channel) > 0
     return bool(
         channel.requests
-        or channel.request is not None
+        or (channel.request is not None and not getattr(channel, "discarding", False))  # (never to be answered)
         or channel.total_outbufs_len
         or time.time() - channel.last_activity < QUIET_SECONDS
     )
+
+
+def _unacknowledged(channel) -> int:
+    """Bytes sent on the connection that its client has not acknowledged yet, our FIN included
+    (Linux's SIOCOUTQ); 0 where that cannot be asked. Once 0, a close loses it nothing."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(channel.socket.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    except (AttributeError, OSError, ValueError):  # not Linux; closed
+        return 0
 
 
 def _route(channel) -> tuple[str, str]:

@@ -402,10 +402,7 @@ def add_expired_keys(engine: sa.Engine, count: int, now: dt.datetime) -> None:
 def test_the_cleanup_stops_when_told_after_a_chunk_and_says_keys_are_left(engine):
     now = dt.datetime.now(dt.UTC)
     add_expired_keys(engine, 5, now)
-    asked = []
-    assert delete_expired_idempotency_keys(engine, now, chunk=2, go_on=lambda: asked.append(1) and False) == Forgotten(
-        2, done=False)
-    assert len(asked) == 1
+    assert delete_expired_idempotency_keys(engine, now, chunk=2, go_on=lambda: False) == Forgotten(2, done=False)
     assert delete_expired_idempotency_keys(engine, now, chunk=2) == Forgotten(3, done=True)
 
 

@@ -151,7 +151,6 @@ def test_no_randomization_starts_once_sigterm_came(tmp_path):
     assert after_signal.count("randomized ") <= 1, after_signal
 
 
-@pytest.mark.slow  # several intervals of two daemons
 def test_a_slot_no_daemon_ran_is_made_up_at_start_and_a_restart_runs_none_twice(database_url, tmp_path):
     """A slot that passed while no daemon ran (an outage, an upgrade across it) was never made
     up: with --interval 86400, a daemon down across 00:00 UTC meant no randomization that day."""
@@ -169,6 +168,7 @@ def test_a_slot_no_daemon_ran_is_made_up_at_start_and_a_restart_runs_none_twice(
         assert daemon.terminate() == 0
 
 
+@pytest.mark.slow  # several intervals of two daemons
 def test_two_daemons_randomize_exactly_once_per_interval(postgres_url, tmp_path):
     engine = db.create_engine(Settings(database_url=postgres_url))
     # NOTE: 2 s intervals: a run may start up to 1 s late (a loaded machine) and still be

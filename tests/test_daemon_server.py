@@ -428,7 +428,7 @@ def test_a_cleanup_out_of_time_goes_on_after_the_next_slot_and_stops_at_a_stop_r
 
     monkeypatch.setattr(counters, "CLEANUP_CHUNK_POSTGRES", 2)
     monkeypatch.setattr(counters, "CLEANUP_CHUNK_SQLITE", 2)
-    monkeypatch.setattr(server_module, "CLEANUP_MAX_SECONDS", 0)  # out of time after each chunk
+    monkeypatch.setattr(server_module, "CLEANUP_SHARE", 0)  # out of time after each chunk
     job = server_module.scheduled_job(engine, 60)
     slot = dt.datetime(2026, 12, 3, 19, 0, tzinfo=dt.UTC)
     job(slot)  # the full hour
@@ -442,7 +442,7 @@ def test_a_cleanup_out_of_time_goes_on_after_the_next_slot_and_stops_at_a_stop_r
     job(slot + dt.timedelta(minutes=3))  # done: nothing until the next hour
     assert left() == 1
 
-    monkeypatch.setattr(server_module, "CLEANUP_MAX_SECONDS", 60)
+    monkeypatch.setattr(server_module, "CLEANUP_SHARE", 1)
     with engine.begin() as conn:
         conn.execute(idempotency_keys.insert(), [
             {"key": f"s{number}", "fingerprint": "f", "created_at": now - dt.timedelta(hours=25)}

@@ -113,6 +113,11 @@ HOOKS = [
     (waitress.channel.HTTPChannel, "received", lambda hook: "self.server.add_task(self)" in inspect.getsource(hook)),
     # A connection is read only when none of its answers is unsent: its first request never waits.
     (waitress.channel.HTTPChannel, "readable", lambda hook: "self.total_outbufs_len" in inspect.getsource(hook)),
+    # At a drain, QuietChannel reads and drops what a client still sends (received() takes nothing
+    # once close_when_flushed is set), and lingers in its handle_close.
+    (waitress.channel.HTTPChannel, "received", lambda hook: "self.close_when_flushed" in inspect.getsource(hook)),
+    (waitress.channel.HTTPChannel, "handle_read", lambda hook: "self.received(data)" in inspect.getsource(hook)),
+    (waitress.channel.HTTPChannel, "handle_close", callable),
     # QuietChannel.handle_write flushes a held connection as waitress's does.
     (waitress.channel.HTTPChannel, "handle_write", callable),
     (waitress.channel.HTTPChannel, "_flush_exception", callable),
@@ -1314,6 +1319,7 @@ def test_the_drain_reads_no_more_of_a_pipelining_client_than_it_has_complete():
             with contextlib.suppress(OSError):
                 while chunk := sock.recv(65536):
                     received += chunk
+            sock.close()  # at the server's end, as clients do
             answers.append(received)
 
         threads = [threading.Thread(target=client, args=(sock,)) for sock in clients]
@@ -1328,8 +1334,6 @@ def test_the_drain_reads_no_more_of_a_pipelining_client_than_it_has_complete():
         assert time.monotonic() - started < 2.5
         for thread in threads:
             thread.join(10)
-        for sock in clients:
-            sock.close()
     counts = [received.count(b"HTTP/1.1 200") for received in answers]
     assert len(counts) == 10 and sum(counts) > 0 and max(counts) < pipelined  # (one not read yet: 0)
     assert all(received.endswith(b"hello") for received in answers if received)  # whole answers only
@@ -1391,3 +1395,35 @@ def test_a_client_reading_its_pipelined_answers_slowly_is_not_taken_for_one_that
             received += len(chunk)
             time.sleep(0.2)
         sock.close()
+
+
+def test_the_drain_closes_a_pipelining_client_without_a_reset_that_loses_its_answers():
+    """Closed with the client's bytes unread (the rest of a request half received when the
+    drain began), the socket sent a reset, and the reset dropped the answers the kernel had not
+    delivered yet: the client got 6 of 30 answers, the last cut off."""
+    big = b"x" * 20_000
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(big)))])
+        return [big]
+
+    with running(app, threads=2) as served:
+        sock = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        body = b'{"key": "k", "value": 1}'
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 30
+                     + b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:10]))
+        wait_for(lambda: any(channel.requests for channel in served.server.active_channels.values()), "requests read")
+        served.stop.set()
+        time.sleep(0.3)
+        drained = threading.Thread(target=served.transport.drain, args=(5,))
+        drained.start()
+        time.sleep(0.2)
+        sock.sendall(body[10:])  # the rest of the half-received request, after the drain began
+        received = b""
+        while chunk := sock.recv(65536):  # to the end: a reset raises ConnectionResetError
+            received += chunk
+        drained.join(10)
+        sock.close()
+    assert received.count(b"HTTP/1.1 200 OK") == 30 and received.endswith(big)

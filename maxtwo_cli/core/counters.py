@@ -452,11 +452,11 @@ def delete_expired_idempotency_keys(
             deleted += count
             if count < chunk:
                 return Forgotten(deleted, done=True)
-            if not go_on():
-                return Forgotten(deleted, done=False)
-            if not postgres:
+            if not postgres and go_on():
                 # NOTE: a writer waiting for the lock sleeps in SQLite's busy handler, in steps
                 # growing to 100 ms; chunk after chunk with no gap, it found the lock taken at
                 # each try and waited up to 330 ms (300,000 keys; 10 ms with the pause and chunks
                 # of 1,000, bench/NOTES.md).
                 time.sleep((time.monotonic() - started) * CLEANUP_PAUSE_FACTOR)
+            if not go_on():  # (after the pause too: a stop request may have come meanwhile)
+                return Forgotten(deleted, done=False)

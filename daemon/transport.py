@@ -363,7 +363,9 @@ class QuietChannel(HTTPChannel):
 
     def readable(self) -> bool:
         if self.discarding:
-            return self.connected  # (until the client's end: that reads as readable for good)
+            # Once answered (an EOF read before would close it unanswered: a client that sent
+            # its request and shut its end, as HTTP/1.0 clients may); until the client's end.
+            return self.connected and not self.requests and not self.total_outbufs_len
         return super().readable()
 
     def handle_read(self) -> None:
@@ -384,7 +386,8 @@ class QuietChannel(HTTPChannel):
             and self.lingering_until is None
             and self.connected
             and not self.total_outbufs_len
-            and (self.request is not None or _has_unread_input(self))  # more may come: else at once
+            # more may come, or our answers are still on their way: else at once
+            and (self.request is not None or _unacknowledged(self) > 0 or _has_unread_input(self))
         ):
             try:
                 self.socket.shutdown(socket.SHUT_WR)
@@ -393,7 +396,10 @@ class QuietChannel(HTTPChannel):
             else:
                 self.lingering_until = time.monotonic() + LINGER_SECONDS
                 self.will_close = False
+                self.close_when_flushed = True  # received() goes on dropping what comes
                 return
+        if self.lingering_until is not None:
+            _drop_unread_input(self)  # (a close with it unread would still send a reset)
         super().handle_close()
 
     def writable(self) -> bool:
@@ -769,6 +775,17 @@ def _busy(channel) -> bool:
         or channel.total_outbufs_len
         or time.time() - channel.last_activity < QUIET_SECONDS
     )
+
+
+def _drop_unread_input(channel) -> None:
+    """Read and drop what the client has sent that the serving loop has not read."""
+    sock = channel.socket
+    for _ in range(64 if sock is not None else 0):  # (None: closed already)
+        try:
+            if not sock.recv(65536, socket.MSG_DONTWAIT):
+                return
+        except OSError:  # BlockingIOError: nothing more; any other: nothing to save
+            return
 
 
 def _unacknowledged(channel) -> int:

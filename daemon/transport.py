@@ -460,7 +460,7 @@ def add_task_unless_unread(add_task: Callable[[Any], None], channel) -> None:
     them at most) and UNSENT_ANSWER_BYTES (plus one answer) buffered, and as much again in the
     kernel (QuietChannel.__init__); the reclaimer and the channel timeout close it (IdleReclaimer).
     """
-    if channel.total_outbufs_len > UNSENT_ANSWER_BYTES and isinstance(channel, QuietChannel):
+    if channel.total_outbufs_len > UNSENT_ANSWER_BYTES:  # (a QuietChannel: the hook comes with it)
         channel.held = True
         return
     add_task(channel)

@@ -167,8 +167,8 @@ def _create_postgres_engine(url: URL, settings: Settings, pool_size: int, pre_pi
     # under a server's default of REPEATABLE READ or SERIALIZABLE, concurrent writers failed
     # with serialization errors. A lock wait is bounded by the statement's own bound: a role's
     # or database's default lock_timeout failed an increment that waited for another daemon's
-    # batch. Options given in the URL (e.g.
-    # ?options=-csearch_path%3Dmaxtwo) are kept; these come after them, so they win.
+    # batch. Options given in the URL (e.g. ?options=-csearch_path%3Dmaxtwo) are kept; these
+    # come after them, so they win.
     options = " ".join(
         filter(None, [
             url.query.get("options"),
@@ -372,11 +372,11 @@ def set_job_timeouts(conn: sa.Connection) -> None:
     transaction_timeout, PostgreSQL 17 on, failed every randomization longer than it), and its
     lock waits bounded by LONG_JOB_LOCK_TIMEOUT, so that lifting the others never turns a
     stuck lock into a hang."""
-    conn.execute(sa.select(sa.func.set_config("statement_timeout", "0", True)))
+    settings = {"statement_timeout": "0", "lock_timeout": str(int(LONG_JOB_LOCK_TIMEOUT * 1000))}
     if conn.dialect.server_version_info >= (17,):  # (unknown before: an error to set)
-        conn.execute(sa.select(sa.func.set_config("transaction_timeout", "0", True)))
-    lock_ms = int(LONG_JOB_LOCK_TIMEOUT * 1000)
-    conn.execute(sa.select(sa.func.set_config("lock_timeout", str(lock_ms), True)))
+        settings["transaction_timeout"] = "0"
+    # One round trip for all of them.
+    conn.execute(sa.select(*(sa.func.set_config(name, value, True) for name, value in settings.items())))
 
 
 @contextlib.contextmanager

@@ -142,6 +142,17 @@ def test_bad_database_urls_are_one_line_errors(url, fragment):
     assert "s3cret" not in result.output
 
 
+@pytest.mark.parametrize("password", ["Sup3r@Secret/PW", "Sup3r@Sec?x=retPW", "Sup3r@[SecretPW]", "Sup3r@Sec/r?e[t"])
+def test_an_unencoded_at_sign_in_the_password_shows_none_of_it(password, monkeypatch):
+    # SQLAlchemy ends the password at its first "@": what follows went into the host, the
+    # database name or the query, and so into the error message (and a DNS lookup).
+    url = f"postgresql://maxtwo:{password}@127.0.0.1:1/maxtwo"
+    result = invoke("query", "--database-url", url)
+    assert_one_line_error(result, "percent-encode")
+    for fragment in ("Sup3r", "Sec", "ret", "PW"):
+        assert fragment not in result.output
+
+
 def test_several_hosts_are_tried_in_turn(postgres_url):
     # libpq's failover, as SQLAlchemy writes it: the first host refuses, the second answers.
     url = sa.make_url(postgres_url)

@@ -80,11 +80,14 @@ def parse_database_url(raw: str) -> URL:
         hosts = raw.rpartition("@")[2].partition("/")[0]
         advice = "; several hosts are written ?host=HOST1:PORT1&host=HOST2:PORT2" if "," in hosts else ""
         raise ConfigurationError(f"the database URL cannot be parsed; {URL_HELP}{advice}") from None
-    if "@" in (url.host or ""):
-        # APPSEC: an unencoded "@" in the password moved part of it into the host name.
+    if "@" in (url.host or "") or (url.password is not None and raw.count("@") > 1):
+        # APPSEC: an unencoded "@" in the password ends it there (SQLAlchemy's password is all
+        # up to the first "@"): the rest became the host name, or the host and then the
+        # database name or the query after a "/", "?" or "[" in it, all shown in messages (and
+        # looked up in DNS). An "@" anywhere else is encoded as well as in a password.
         raise ConfigurationError(
-            "the database URL's host contains '@': percent-encode '@' and ':' in the "
-            f"password (%40, %3A); {URL_HELP}"
+            "the database URL holds an '@' that is not percent-encoded: write '@' and ':' in "
+            f"the password as %40 and %3A (and '@' elsewhere as %40); {URL_HELP}"
         )
     driver = _DRIVERS.get(url.drivername)
     if driver is None:

@@ -6,7 +6,9 @@
   local zone neither pauses the runs for an hour nor bunches them up.
 - Each run happens in a worker thread, so the loop stays on time; a run still going when the
   next one is due makes that one skip (logged and counted).
-- A failing run is logged and counted and the loop goes on; the next interval retries.
+- A failing run is logged and counted and the loop goes on. A run that the database could
+  not do (down, busy) is tried again within its slot, after RETRY_FIRST_SECONDS and then twice
+  as long each time, while in the first half of the slot; later, the next slot's run does it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Callable
 import schedule
 
 from daemon.metrics import Metrics
-from maxtwo_cli.core.errors import MaxtwoError
+from maxtwo_cli.core.errors import DatabaseUnavailableError, MaxtwoError
 from maxtwo_cli.core.randomize import RandomizeResult
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,13 @@ Job = Callable[[dt.datetime], RandomizeResult | None]
 # time, which a step of the wall clock (NTP, an operator) does not move, nor does a suspended
 # machine: a loop that slept until the next boundary ran late by the whole step.
 LONGEST_NAP = 1.0
+
+# A slot's run that failed for the database's sake is tried again after this long (or an eighth
+# of the interval, if less), then after twice as long each time, while in the first half of the
+# slot: a database that was down for a few seconds at the boundary left the points as they were
+# for the whole interval (a day at --interval 86400). Never in the second half, so that the
+# points never change twice within half an interval.
+RETRY_FIRST_SECONDS = 5.0
 
 
 def next_boundary(now: float, interval: float) -> float:
@@ -81,6 +90,10 @@ class RandomizeScheduler:
         self._due = 0.0  # the next boundary, in seconds since the epoch
         self._catch_up = catch_up
         self._slot = 0.0  # the boundary being run, for _on_due
+        # A failed run to try again: (when, its slot), set by the run's thread (_plan_retry), and
+        # the last wait before a retry of that slot.
+        self._retry: tuple[float, float] | None = None
+        self._retried_slot, self._retry_wait = 0.0, 0.0
 
     def start(self) -> None:
         now = self._clock()
@@ -138,8 +151,19 @@ class RandomizeScheduler:
             # The system clock was set back: aim at the next boundary from where it is now,
             # rather than wait for the one aimed at before.
             self._due = next_boundary(now, self._interval)
+        retry = self._retry
+        if retry is not None and not 0 < self._due - retry[1] < 1.5 * self._interval:
+            retry = self._retry = None  # its slot is over (or the clock was set back): no retry
+        if retry is not None and now >= retry[0]:
+            self._retry = None
+            if self._run_thread is not None:
+                self._run_thread.join(LONGEST_NAP)  # the failed run, ending
+            self._slot = retry[1]
+            self._scheduler.run_all()
+            return
         if now < self._due:
-            self._wait(min(self._due - now, LONGEST_NAP))
+            wake = self._due if retry is None else min(self._due, retry[0])
+            self._wait(min(wake - now, LONGEST_NAP))
             return
         # The latest boundary reached: a loop woken late (a suspended machine, a clock stepped
         # forward) runs once, for the slot it is in, rather than once for each one missed.
@@ -165,7 +189,9 @@ class RandomizeScheduler:
             self._metrics.randomize_skipped.labels(reason="overlap").inc()
             log.warning("randomization due at %s skipped: the previous one is still running", due_at)
             return
-        run_thread = threading.Thread(target=self._run, args=(due_at,), name="maxtwo-randomize", daemon=True)
+        run_thread = threading.Thread(
+            target=self._run, args=(self._slot, due_at), name="maxtwo-randomize", daemon=True
+        )
         try:
             run_thread.start()
         except RuntimeError as ex:  # no thread to be had (TasksMax, memory): the next slot retries
@@ -174,12 +200,12 @@ class RandomizeScheduler:
             return
         self._run_thread = run_thread  # only a started thread: stop() joins it
 
-    def _run(self, due_at: dt.datetime) -> None:
+    def _run(self, slot: float, due_at: dt.datetime) -> None:
         try:
             result = self._job(due_at)
         except MaxtwoError as ex:
             self._metrics.randomize_failures.inc()
-            log.error("randomization due at %s failed: %s", due_at, ex)
+            log.error("randomization due at %s failed: %s; %s", due_at, ex, self._plan_retry(slot, ex))
             return
         except Exception:  # NOTE: a scheduled job never kills its loop
             self._metrics.randomize_failures.inc()
@@ -203,3 +229,17 @@ class RandomizeScheduler:
                 result.seconds,
                 self._interval,
             )
+
+    def _plan_retry(self, slot: float, error: MaxtwoError) -> str:
+        """Arrange for the slot's run to be tried again, if worth it (RETRY_FIRST_SECONDS); say
+        when, for the log line."""
+        if self._retried_slot == slot:
+            wait = self._retry_wait * 2
+        else:
+            wait = min(RETRY_FIRST_SECONDS, self._interval / 8)
+        at = self._clock() + wait
+        if not isinstance(error, DatabaseUnavailableError) or at >= slot + self._interval / 2:
+            return f"the next slot's run, at {utc(slot + self._interval).isoformat()}, retries"
+        self._retried_slot, self._retry_wait = slot, wait
+        self._retry = (at, slot)
+        return f"retrying in {wait:g} s"

@@ -23,7 +23,7 @@ import schedule
 
 from daemon.metrics import Metrics
 from daemon.scheduler import RandomizeScheduler, next_boundary
-from maxtwo_cli.core.errors import DatabaseUnavailableError
+from maxtwo_cli.core.errors import DatabaseUnavailableError, SchemaMismatchError
 from maxtwo_cli.core.randomize import RandomizeResult
 
 TIMEOUT = 10.0  # for anything that should happen at once; only a broken scheduler waits it out
@@ -390,10 +390,55 @@ def test_a_failing_run_is_counted_and_the_loop_goes_on(monkeypatch):
     recorder = Recorder(clock.time, behaviour)
     metrics = run_on(clock, recorder, interval, monkeypatch)
     assert sample(metrics, "maxtwo_randomize_failures_total") == 3
-    assert len(recorder.calls) == 6
+    # The database's failures are tried again within the slot (after 1.25 s, an eighth of the
+    # interval, then 2.5 s), the bug's is not.
+    assert [(started, due_at.timestamp()) for started, due_at in recorder.calls] == [
+        (1010, 1010), (1011.25, 1010), (1013.75, 1010), (1020, 1020), (1030, 1030), (1040, 1040),
+        (1050, 1050), (1060, 1060),
+    ]
     # When the last run succeeded by the daemon's clock (here the fake one), not by the
     # database's (randomized_at: on PostgreSQL the server's clock).
     assert start < sample(metrics, "maxtwo_randomize_last_success_timestamp_seconds") <= end
+
+
+def test_a_run_the_database_failed_is_retried_in_the_first_half_of_its_slot_only(monkeypatch, caplog):
+    """A database down for a few seconds at the boundary left the points as they were for the
+    whole interval (a day at --interval 86400); retried, but never in the second half of the
+    slot, so that the points never change twice within half an interval."""
+    def behaviour(number):
+        raise DatabaseUnavailableError("database down")
+
+    start, end, interval = 1000.0, 1100.0, 60
+    recorder: Recorder
+
+    def settle(now: float) -> None:
+        recorder.wait_for(1 if now >= 1020 else 0)
+        join_runs()
+
+    clock = FakeClock(start, end, settle)
+    recorder = Recorder(clock.time, behaviour)
+    with caplog.at_level(logging.INFO, logger="daemon.scheduler"):
+        metrics = run_on(clock, recorder, interval, monkeypatch)
+    # 5 s, then twice as long each time: 1020 + 5 + 10 + 20 would be past 1050.
+    assert [(started, due_at.timestamp()) for started, due_at in recorder.calls] == [
+        (1020, 1020), (1025, 1020), (1035, 1020), (1080, 1080), (1085, 1080), (1095, 1080),
+    ]
+    assert sample(metrics, "maxtwo_randomize_failures_total") == 6
+    failures = [message for message in caplog.messages if "failed" in message]
+    assert [message.rpartition("; ")[2] for message in failures[:3]] == [
+        "retrying in 5 s", "retrying in 10 s", "the next slot's run, at 1970-01-01T00:18:00+00:00, retries",
+    ]
+
+
+def test_a_run_that_failed_for_another_reason_is_not_retried(monkeypatch):
+    def behaviour(number):
+        raise SchemaMismatchError("the database holds tables maxtwo did not create")
+
+    clock = FakeClock(1000.0, 1030.0, lambda now: join_runs())
+    recorder = Recorder(clock.time, behaviour)
+    metrics = run_on(clock, recorder, 10, monkeypatch)
+    assert [started for started, _ in recorder.calls] == [1010, 1020, 1030]
+    assert sample(metrics, "maxtwo_randomize_failures_total") == 3
 
 
 def test_a_run_whose_thread_cannot_start_is_counted_and_the_loop_goes_on(monkeypatch):

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 import daemon.resources
-from daemon.app import create_app
+from daemon.app import DatabaseUnavailableAnswers, create_app
 from daemon.batcher import IncrementKind
 from daemon.openapi import openapi_document
 from daemon.resources import WriteHealth
@@ -382,6 +382,35 @@ def test_a_path_is_logged_with_its_control_characters_escaped(database_url, tmp_
     [message] = [record.getMessage() for record in caplog.records if "503" in record.getMessage()]
     assert "\n" not in message and "\x1b" not in message
     assert "'/counters/a\\n2026-12-05 CRITICAL forged\\x1b[2J'" in message
+
+
+def test_an_outage_logs_a_line_every_ten_seconds_not_one_per_request(database_url, tmp_path, caplog):
+    """A line per 503 was 1,400 lines a second from 4 clients: past journald's rate limit, which
+    then drops the lines that tell the outage."""
+    settings = unreachable_settings(database_url, tmp_path)
+    engine = db.create_engine(settings)
+    client = falcon.testing.TestClient(create_app(settings, engine))
+    with caplog.at_level(logging.WARNING, logger="daemon.app"):
+        statuses = {client.simulate_get(path).status_code for path in ("/", "/counters/a") * 10}
+    engine.dispose()
+    assert statuses == {503}
+    assert len([record for record in caplog.records if ": 503: " in record.getMessage()]) == 1
+
+    now = [1000.0]
+    answers = DatabaseUnavailableAnswers(clock=lambda: now[0])
+    request = falcon.testing.create_req(path="/")
+    lines = []
+    for at in (1000.0, 1001.0, 1009.9, 1010.0, 1011.0, 1030.0):
+        now[0] = at
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="daemon.app"), pytest.raises(falcon.HTTPServiceUnavailable):
+            answers(request, None, DatabaseUnavailableError("down"), {})
+        lines += [(at, record.getMessage()) for record in caplog.records]
+    assert lines == [
+        (1000.0, "GET '/': 503: down"),
+        (1010.0, "GET '/': 503: down (2 more 503s for the database since the last such line)"),
+        (1030.0, "GET '/': 503: down (1 more 503 for the database since the last such line)"),
+    ]
 
 
 def test_database_unreachable_is_a_503_json_that_reveals_nothing(database_url, tmp_path):

@@ -492,9 +492,13 @@ def counters(
             engine.dispose()
     more = not keys and len(rows) > limit
     rows = rows[:limit] if not keys else rows
+    shown = "the first counter" if limit == 1 else f"the first {limit:,} counters"
+    more_hint = f"{shown} by key; --limit {min(limit * 10, MAX_COUNTERS_LISTED)} shows more"
     if as_json:
         # Plain print: rich would re-wrap and colour the JSON.
         print(json.dumps({"counters": [{"key": key, "value": total} for key, total in rows]}))
+        if more:  # on stderr: the JSON keeps the shape scripts read, and they are told
+            print(f"Note: {more_hint}", file=sys.stderr)
         return
     from rich.table import Table
     from rich.text import Text
@@ -519,8 +523,7 @@ def counters(
         table.add_row(Text(_printable(key)), str(total))
     _console().print(table)
     if more:
-        shown = "the first counter" if limit == 1 else f"the first {limit:,} counters"
-        _console().print(f"{shown} by key; --limit {min(limit * 10, MAX_COUNTERS_LISTED)} shows more")
+        _console().print(more_hint)
 
 
 def _interval(value: float) -> float:

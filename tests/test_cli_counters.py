@@ -226,6 +226,11 @@ def test_counters_limit(database_url):
     assert "the first 2 counters by key; --limit 20 shows more" in result.stdout
     one = invoke("counters", "--limit", "1", "--database-url", database_url)
     assert "the first counter by key; --limit 10 shows more" in one.stdout
+    # --json: the same note on stderr, the JSON unchanged (a script is told it has not all).
+    result = invoke("counters", "--json", "--limit", "2", "--database-url", database_url)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"counters": [{"key": "a", "value": 1}, {"key": "b", "value": 1}]}
+    assert result.stderr == "Note: the first 2 counters by key; --limit 20 shows more\n"
 
 
 def test_the_more_hint_only_when_there_are_more(database_url):
@@ -235,6 +240,7 @@ def test_the_more_hint_only_when_there_are_more(database_url):
     assert result.exit_code == 0, result.output
     assert "shows more" not in result.stdout
     assert len(counters_json(database_url, "--limit", "1")) == 1
+    assert invoke("counters", "--json", "--limit", "2", "--database-url", database_url).stderr == ""
 
 
 def test_control_characters_in_a_key_reach_no_terminal(database_url):

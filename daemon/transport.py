@@ -325,6 +325,18 @@ class LaneTask(WSGITask):
             environ.update(extra)
         return environ
 
+    def build_response_header(self) -> bytes:
+        channel = self.channel
+        if getattr(channel, "discarding", False) and channel.requests[-1:] == [self.request]:
+            # NOTE: at a drain the connection closes once its last request read is answered
+            # (_close_after_answering): its answer says so, or a client that keeps connections
+            # (nginx) sends its next request down this one, where it is dropped, and nginx
+            # retries no POST: a 502. Only the last: waitress drops the requests behind an
+            # answer that closes. Through waitress's own rule, as if the client had asked, so
+            # that an HTTP/1.0 keep-alive answer says "close", not "Keep-Alive".
+            self.request.headers["CONNECTION"] = "close"
+        return super().build_response_header()
+
 
 class QuietChannel(HTTPChannel):
     """waitress's channel, minus a busy loop that starves the request threads, and telling the

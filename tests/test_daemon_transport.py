@@ -104,6 +104,10 @@ HOOKS = [
     # parse_header() raising it: received() answers the request 400 (the Host check's tests).
     (waitress.parser, "ParsingError", lambda hook: isinstance(hook, type) and issubclass(hook, Exception)),
     (waitress.task.WSGITask, "get_environment", callable),
+    # At a drain, LaneTask's last answer of a connection closes it as a "Connection: close" asked
+    # for would (the request's CONNECTION header, read when the answer's header is built).
+    (waitress.task.Task, "build_response_header",
+     lambda hook: 'self.request.headers.get("CONNECTION", "")' in inspect.getsource(hook)),
     (waitress.task.ThreadedTaskDispatcher, "add_task", callable),
     (waitress.task.ThreadedTaskDispatcher, "set_thread_count", callable),
     (waitress.task.ThreadedTaskDispatcher, "shutdown", callable),
@@ -1480,6 +1484,40 @@ def test_a_request_completed_while_the_drain_lingers_is_dropped_not_run():
         time.sleep(0.3)
     assert calls == ["GET /"]
     assert received.endswith(big)
+
+
+def test_at_a_drain_the_last_answer_of_a_connection_says_that_it_closes():
+    """The answers of a drain had no "Connection: close", so a client that keeps its
+    connections (nginx) sent its next request down the closing one, where it was dropped (a
+    POST, which nginx does not retry, became a 502). Only the last answer of the requests read
+    says so (waitress drops the requests behind an answer that closes), also to HTTP/1.0."""
+
+    def headers(answer: bytes) -> list[bytes]:
+        return answer.partition(b"\r\n\r\n")[0].lower().split(b"\r\n")[1:]
+
+    calls: list[str] = []
+    with running(slow_recording(calls), threads=2) as served:
+        pipelining = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        pipelining.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+        old = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        old.sendall(b"GET /c HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        wait_for(lambda: sum(len(channel.requests) for channel in served.server.active_channels.values()) == 3,
+                 "the requests read")
+        drained = drain_in_a_thread(served)
+        received = []
+        for sock in (pipelining, old):
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            sock.close()
+            received.append(answer)
+        drained.join(10)
+    assert sorted(calls) == ["GET /a", "GET /b", "GET /c"]
+    first, second = (b"HTTP/1.1" + each for each in received[0].split(b"HTTP/1.1")[1:])
+    assert b"connection: close" not in headers(first)
+    assert b"connection: close" in headers(second) and second.endswith(b"hello")
+    assert received[1].startswith(b"HTTP/1.0 200") and received[1].endswith(b"hello")
+    assert [line for line in headers(received[1]) if line.startswith(b"connection:")] == [b"connection: close"]
 
 
 def test_a_client_that_shuts_its_end_after_its_request_gets_its_answer_at_a_drain():

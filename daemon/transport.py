@@ -360,6 +360,9 @@ class QuietChannel(HTTPChannel):
     # Closing once answered, at a drain: what the client still sends is read and dropped, and
     # the close is lingering (see handle_close).
     discarding = False
+    # Closing once its last answer is sent (the request asked for it, HTTP/1.0, an error): the
+    # close lingers too.
+    closing_answered = False
     lingering_until: float | None = None  # time.monotonic(): its FIN sent, until the client's
 
     def __init__(self, server, sock, addr, adj, map=None) -> None:
@@ -374,6 +377,8 @@ class QuietChannel(HTTPChannel):
         super().__init__(server, sock, addr, adj, map)
 
     def readable(self) -> bool:
+        if self.lingering_until is not None:
+            return self.connected  # what comes is dropped, until the client's end
         if self.discarding:
             # Once answered (an EOF read before would close it unanswered: a client that sent
             # its request and shut its end, as HTTP/1.0 clients may); until the client's end.
@@ -386,15 +391,18 @@ class QuietChannel(HTTPChannel):
             super().handle_close()
 
     def handle_close(self) -> None:
-        """A connection closing at a drain sends its FIN after its answers and reads until the
-        client closes its end (or LINGER_SECONDS), as nginx's lingering close does.
+        """A connection closing once answered (at a drain, or after an answer that closes it)
+        sends its FIN after its answers and reads until the client closes its end (or
+        LINGER_SECONDS), as nginx's lingering close does.
 
         NOTE: closed at once with bytes of the client unread (the rest of a request half
         received when the drain began, or more pipelined requests), the socket sent a reset,
         and a reset drops the answers the kernel has not delivered yet: a pipelining client
-        lost the last of its answers."""
+        lost the last of its answers. Not for a close of the reclaimer or a timeout: a
+        connection that makes way for a client waiting at the connection limit must be gone
+        at once."""
         if (
-            self.discarding
+            (self.discarding or self.closing_answered)
             and self.lingering_until is None
             and self.connected
             and not self.total_outbufs_len
@@ -445,6 +453,8 @@ class QuietChannel(HTTPChannel):
             super().service()
         finally:
             _answering.channel = None
+        if self.close_when_flushed:  # (waitress's: its answer closes it)
+            self.closing_answered = True
 
     def add_channel(self, map=None) -> None:
         super().add_channel(map)
@@ -557,6 +567,7 @@ class IdleReclaimer:
         if now >= self._next_timeout_check:
             self._next_timeout_check = now + FULL_CHECK_SECONDS
             self._close_unread(time.time() - CHANNEL_TIMEOUT)
+            self._end_lingering()
         if len(server._map) < server.adj.connection_limit or not server.accepting:
             return
         if now < self._next_look:
@@ -616,6 +627,14 @@ class IdleReclaimer:
     def _close_unread(self, since: float) -> None:
         for channel in _unread(list(self._server.active_channels.values()), since):
             channel.handle_close()
+
+    def _end_lingering(self) -> None:
+        """Close the lingering connections whose client has acknowledged every answer, or after
+        LINGER_SECONDS (QuietChannel.handle_close): one whose client neither sends nor closes
+        has no read to end it. (A drain's loop looks at every turn.)"""
+        for channel in list(self._server.active_channels.values()):
+            if getattr(channel, "lingering_until", None) is not None and not _busy(channel):
+                channel.handle_close()
 
 
 def _unread(channels: list, since: float) -> list:

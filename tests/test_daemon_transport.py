@@ -1433,6 +1433,41 @@ def test_the_drain_closes_a_pipelining_client_without_a_reset_that_loses_its_ans
     assert received.count(b"HTTP/1.1 200 OK") == 30 and received.endswith(big)
 
 
+@pytest.mark.parametrize(
+    ("closing", "last_status"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"HTTP/1.1 200 OK"),
+        (b"GET / HTTP/1.0\r\n\r\n", b"HTTP/1.0 200 OK"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", b" 400 Bad Request"),
+    ],
+    ids=["connection-close", "http-1.0", "malformed"],
+)
+def test_a_connection_closed_after_its_answer_lingers_so_that_no_reset_loses_answers(closing, last_status):
+    """Outside a drain too: a connection that closes once answered (the request asked for it,
+    or an error) closed at once with the client's pipelined bytes unread, and the reset that
+    sent dropped the answers not yet delivered (a review: 27-30 of 30 answers, never the last)."""
+    big = b"x" * 20_000
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(big)))])
+        return [big]
+
+    with running(app, threads=2) as served:
+        sock = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 5 + closing + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 200)
+        time.sleep(0.5)
+        received = b""
+        while chunk := sock.recv(65536):  # to the end: a reset raises ConnectionResetError
+            received += chunk
+        sock.close()
+        wait_for(lambda: not served.server.active_channels, "the connection closed")
+    assert received.count(b"HTTP/1.1 200 OK") == 5 + (last_status == b"HTTP/1.1 200 OK")
+    last = b"HTTP/1." + received.rpartition(b"HTTP/1.")[2]
+    assert last_status in last.partition(b"\r\n")[0]
+    assert last.endswith(big if b" 200 " in last_status else b"}")
+
+
 def slow_recording(calls: list[str]):
     def app(environ, start_response):
         calls.append(f"{environ['REQUEST_METHOD']} {environ['PATH_INFO']}")

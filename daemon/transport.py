@@ -1312,8 +1312,3 @@ class ConnectionLimitNotes(logging.Filter):
             record.msg = f"{message} ({self._unwritten} crossing(s) of the limit unlogged since the last such line)"
         self._reached_at, self._unwritten = now, 0
         return True
-        now = time.monotonic()
-        if now - self._last.get(message, -self.SECONDS) < self.SECONDS:
-            return False
-        self._last[message] = now
-        return True

@@ -67,7 +67,7 @@ class RandomizeScheduler:
         catch_up: bool = False,
     ) -> None:
         """`clock`: seconds since the Unix epoch. `wait(seconds)`: sleep up to that long, or less
-        once stop() is called (default: a wait on the stop event); tests pass a fake pair.
+        once stop() is called (default: _nap); tests pass a fake pair.
         `catch_up`: the slot the start falls in is run at once (the job stands back if a run
         for it is recorded), then every boundary; otherwise from the next boundary on."""
         self._job = job
@@ -75,7 +75,10 @@ class RandomizeScheduler:
         self._metrics = metrics
         self._clock = clock
         self._stop = threading.Event()
-        self._wait = wait if wait is not None else self._stop.wait
+        # Ends the loop's nap: set at a stop request, and when a retry is planned (its time may
+        # come before the nap's end).
+        self._wake = threading.Event()
+        self._wait = wait if wait is not None else self._nap
         self._loop_thread: threading.Thread | None = None
         self._run_thread: threading.Thread | None = None
         # NOTE: `schedule` computes its due times in naive local time (datetime.now()), which
@@ -113,6 +116,11 @@ class RandomizeScheduler:
     def request_stop(self) -> None:
         """Start no run from now on (one already running goes on); stop() waits for the end."""
         self._stop.set()
+        self._wake.set()
+
+    def _nap(self, seconds: float) -> None:
+        self._wake.wait(seconds)
+        self._wake.clear()  # (the loop looks at what woke it, the stop and the retry, itself)
 
     def stop(self, timeout: float) -> bool:
         """Stop the loop and wait up to `timeout` s for it and a running randomization to end.
@@ -152,8 +160,11 @@ class RandomizeScheduler:
             # rather than wait for the one aimed at before.
             self._due = next_boundary(now, self._interval)
         retry = self._retry
-        if retry is not None and not 0 < self._due - retry[1] < 1.5 * self._interval:
-            retry = self._retry = None  # its slot is over (or the clock was set back): no retry
+        if retry is not None and not retry[1] <= now < retry[1] + self._interval / 2:
+            # Past the first half of its slot (a loop woken late, a clock stepped forward) or
+            # before it (set back): no retry. (Late, it ran after the next boundary, whose own
+            # run was then skipped as an overlap, or both ran back to back.)
+            retry = self._retry = None
         if retry is not None and now >= retry[0]:
             self._retry = None
             if self._run_thread is not None:
@@ -242,4 +253,5 @@ class RandomizeScheduler:
             return f"the next slot's run, at {utc(slot + self._interval).isoformat()}, retries"
         self._retried_slot, self._retry_wait = slot, wait
         self._retry = (at, slot)
+        self._wake.set()  # the loop's nap may end after `at`
         return f"retrying in {wait:g} s"

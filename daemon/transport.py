@@ -432,6 +432,11 @@ class QuietChannel(HTTPChannel):
         return super().writable()
 
     def handle_write(self) -> None:
+        if self.close_when_flushed:
+            # Its last answer closes it (waitress's flag, set by service() before it pulls the
+            # loop's trigger): noted here, on the loop's thread, which is the one that closes
+            # (set by the request thread after service(), the loop closed some before it was).
+            self.closing_answered = True
         if not self.held:
             super().handle_write()
             return
@@ -453,8 +458,6 @@ class QuietChannel(HTTPChannel):
             super().service()
         finally:
             _answering.channel = None
-        if self.close_when_flushed:  # (waitress's: its answer closes it)
-            self.closing_answered = True
 
     def add_channel(self, map=None) -> None:
         super().add_channel(map)

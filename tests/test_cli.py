@@ -153,6 +153,12 @@ def test_an_unencoded_at_sign_in_the_password_shows_none_of_it(password, monkeyp
         assert fragment not in result.output
 
 
+def test_an_at_sign_in_the_user_name_is_still_taken():
+    # Azure's USER@SERVER user names: SQLAlchemy takes the "@" before the ":" into the user name.
+    result = invoke("query", "--database-url", "postgresql://admin@myserver:s3cret@127.0.0.1:1/maxtwo")
+    assert_one_line_error(result, "admin%40myserver:***@127.0.0.1:1", "check that the server is running")
+
+
 def test_several_hosts_are_tried_in_turn(postgres_url):
     # libpq's failover, as SQLAlchemy writes it: the first host refuses, the second answers.
     url = sa.make_url(postgres_url)

@@ -430,6 +430,58 @@ def test_a_run_the_database_failed_is_retried_in_the_first_half_of_its_slot_only
     ]
 
 
+def test_a_retry_whose_time_passed_with_the_first_half_of_its_slot_is_dropped(monkeypatch):
+    """A loop woken late (a suspended machine) ran the retry of the slot before after the next
+    boundary: that slot's run skipped as an overlap, or both ran back to back (a review)."""
+    clock: FakeClock
+
+    def behaviour(number):
+        if number == 1:
+            clock.oversleep = 65  # the loop's next wait ends 65 s late
+            raise DatabaseUnavailableError("database down")
+        return result()
+
+    recorder: Recorder
+
+    def settle(now: float) -> None:
+        recorder.wait_for(1 if now >= 1020 else 0)
+        join_runs()
+
+    clock = FakeClock(1000.0, 1100.0, settle)
+    recorder = Recorder(clock.time, behaviour)
+    metrics = run_on(clock, recorder, 60, monkeypatch)
+    assert [(started, due_at.timestamp()) for started, due_at in recorder.calls] == [(1020, 1020), (1086, 1080)]
+    assert not sample(metrics, "maxtwo_randomize_skipped_total", reason="overlap")
+
+
+def test_a_retry_is_not_held_up_by_the_loop_s_nap():
+    """On the real clock: the loop naps up to a second, and a retry planned during the nap ran
+    only after it, at --interval 1 at the next boundary (a review). Planned, it ends the nap."""
+    interval = 2.0
+    calls: list[tuple[float, dt.datetime]] = []
+
+    def job(due_at: dt.datetime):
+        calls.append((time.time(), due_at))
+        if len(calls) == 1:
+            time.sleep(0.05)
+            raise DatabaseUnavailableError("database down")
+        return result()
+
+    scheduler = RandomizeScheduler(job, interval, Metrics())
+    scheduler.start()
+    try:
+        deadline = time.monotonic() + 3 * interval + TIMEOUT
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        assert scheduler.stop(TIMEOUT)
+    (failed_at, due), (retried_at, retried_due) = calls[:2]
+    assert retried_due == due
+    # Planned 0.25 s (an eighth of the interval) after the failure; at the latest in the first
+    # half of the slot, or it would not run at all.
+    assert failed_at + 0.05 + 0.25 <= retried_at + 0.01 and retried_at < due.timestamp() + interval / 2
+
+
 def test_a_run_that_failed_for_another_reason_is_not_retried(monkeypatch):
     def behaviour(number):
         raise SchemaMismatchError("the database holds tables maxtwo did not create")

@@ -80,11 +80,11 @@ def parse_database_url(raw: str) -> URL:
         hosts = raw.rpartition("@")[2].partition("/")[0]
         advice = "; several hosts are written ?host=HOST1:PORT1&host=HOST2:PORT2" if "," in hosts else ""
         raise ConfigurationError(f"the database URL cannot be parsed; {URL_HELP}{advice}") from None
-    if "@" in (url.host or "") or (url.password is not None and raw.count("@") > 1):
+    if "@" in (url.host or "") or (url.password is not None and _at_after_password(raw)):
         # APPSEC: an unencoded "@" in the password ends it there (SQLAlchemy's password is all
         # up to the first "@"): the rest became the host name, or the host and then the
         # database name or the query after a "/", "?" or "[" in it, all shown in messages (and
-        # looked up in DNS). An "@" anywhere else is encoded as well as in a password.
+        # looked up in DNS).
         raise ConfigurationError(
             "the database URL holds an '@' that is not percent-encoded: write '@' and ':' in "
             f"the password as %40 and %3A (and '@' elsewhere as %40); {URL_HELP}"
@@ -118,6 +118,16 @@ def parse_database_url(raw: str) -> URL:
         # A shell leaves a ~ inside a word alone: sqlite:///~/maxtwo.db means the home directory.
         url = url.set(database=os.path.expanduser(url.database))
     return url
+
+
+def _at_after_password(raw: str) -> bool:
+    """Whether an "@" comes after the one that ends the URL's password: the user name holds no
+    ":" (an "@" in it is taken whole: Azure's USER@SERVER names), so the password starts after
+    the first ":" and ends at the first "@" after that. (An "@" in the query is then refused
+    too: %40 works there as well.)"""
+    after_scheme = raw.partition("://")[2]
+    ends = after_scheme.find("@", after_scheme.find(":") + 1)
+    return ends != -1 and "@" in after_scheme[ends + 1 :]
 
 
 # libpq also takes secrets as query parameters (?password=...).

@@ -23,10 +23,10 @@ import sqlalchemy as sa
 
 from devtools.pgserver import ThrowawayPostgres
 from maxtwo_cli.core import db
-from maxtwo_cli.core.schema import users
+from maxtwo_cli.core.schema import randomizer_state, users
 from maxtwo_cli.core.settings import Settings
 from tests.conftest import libpq_url
-from tests.helpers import distinct_updated_at, state
+from tests.helpers import distinct_updated_at, state, wait_for
 from tests.serve_process import MAXTWO, ServeProcess, get
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]  # 5-30 s each: outages, kills, full disks
@@ -118,6 +118,50 @@ def test_database_outage_under_load(tmp_path, reliability):
              f"{statistics.median(s[1] for s in during) * 1000:.0f} ms"),
             f"first 200 after the server came back: {(recovered_at - back_at) * 1000:.0f} ms later",
             f"randomizations after recovery: epoch {epoch} -> {new_epoch}; daemon exit code 0",
+        ],
+    )
+
+
+def test_a_randomization_an_outage_at_its_boundary_failed_is_made_up_within_its_slot(tmp_path, reliability):
+    """A database down for a few seconds at the boundary left the points as they were for the
+    whole interval (a day at --interval 86400), on every daemon."""
+    interval = 10
+    with ThrowawayPostgres(fsync=False) as server:
+        engine = db.create_engine(Settings(database_url=server.url))
+        with ServeProcess(server.url, interval=interval, seed_count=2000) as daemon:
+            daemon.start(tmp_path / "serve.log")
+            wait_for(lambda: state(engine).epoch >= 1, "the start's randomization")  # (its slot's)
+            boundary = (time.time() // interval + 1) * interval
+            if boundary - time.time() < 3:
+                boundary += interval
+            time.sleep(max(0.0, boundary - 1.5 - time.time()))
+            epoch_before = state(engine).epoch  # (the slot before's run done, 8.5 s ago)
+            engine.dispose()
+            server.stop()
+            time.sleep(max(0.0, boundary + 1.5 - time.time()))
+            server.start()
+            back_at = time.time()
+            wait_for(lambda: state(engine).epoch > epoch_before, "a randomization after the outage", interval)
+            with engine.connect() as conn:
+                scheduled_for, randomized_at, epoch_after = conn.execute(
+                    sa.select(randomizer_state.c.scheduled_for, randomizer_state.c.randomized_at,
+                              randomizer_state.c.epoch)
+                ).one()
+            assert daemon.terminate() == 0
+        engine.dispose()
+    log = (tmp_path / "serve.log").read_text()
+    assert epoch_after == epoch_before + 1
+    assert scheduled_for.timestamp() == boundary  # the slot the outage failed, made up
+    assert randomized_at.timestamp() < boundary + interval / 2  # within the first half of its slot
+    assert "failed: " in log and "retrying in" in log
+    reliability.record(
+        "An outage at a randomization's boundary: the slot is made up within it",
+        f"A real PostgreSQL server is stopped 1.5 s before a boundary of a running `maxtwo serve "
+        f"--interval {interval}` and started again 1.5 s after it.",
+        [
+            (f"the slot's run failed, then was retried: randomized {randomized_at.timestamp() - boundary:.1f} s "
+             f"after its boundary ({randomized_at.timestamp() - back_at:.1f} s after the server was back), "
+             f"for that slot; epoch {epoch_before} -> {epoch_after}"),
         ],
     )
 

@@ -164,7 +164,11 @@ class RandomizeScheduler:
             # Past the first half of its slot (a loop woken late, a clock stepped forward) or
             # before it (set back): no retry. (Late, it ran after the next boundary, whose own
             # run was then skipped as an overlap, or both ran back to back.)
-            retry = self._retry = None
+            self._retry = None
+            log.warning("the retry of the randomization due at %s is dropped: it came past the first half of "
+                        "its slot; the next slot's run, at %s, retries", utc(retry[1]).isoformat(),
+                        utc(next_boundary(now, self._interval)).isoformat())
+            retry = None
         if retry is not None and now >= retry[0]:
             self._retry = None
             if self._run_thread is not None:
@@ -250,7 +254,8 @@ class RandomizeScheduler:
             wait = min(RETRY_FIRST_SECONDS, self._interval / 8)
         at = self._clock() + wait
         if not isinstance(error, DatabaseUnavailableError) or at >= slot + self._interval / 2:
-            return f"the next slot's run, at {utc(slot + self._interval).isoformat()}, retries"
+            # (The next boundary from now: a run that outlasted its slot made the next one skip.)
+            return f"the next slot's run, at {utc(next_boundary(self._clock(), self._interval)).isoformat()}, retries"
         self._retried_slot, self._retry_wait = slot, wait
         self._retry = (at, slot)
         self._wake.set()  # the loop's nap may end after `at`

@@ -142,15 +142,38 @@ def test_bad_database_urls_are_one_line_errors(url, fragment):
     assert "s3cret" not in result.output
 
 
-@pytest.mark.parametrize("password", ["Sup3r@Secret/PW", "Sup3r@Sec?x=retPW", "Sup3r@[SecretPW]", "Sup3r@Sec/r?e[t"])
-def test_an_unencoded_at_sign_in_the_password_shows_none_of_it(password, monkeypatch):
+@pytest.mark.parametrize(
+    "url",
+    [
+        *(f"postgresql://maxtwo:{password}@127.0.0.1:1/maxtwo"
+          for password in ("Sup3r@Secret/PW", "Sup3r@Sec?x=retPW", "Sup3r@[SecretPW]", "Sup3r@Sec/r?e[t")),
+        # A query's password: the port's ":" taken for the start of a password (a second review).
+        "postgresql://maxtwo@127.0.0.1:1/maxtwo?password=Sup3r@SecretPW",
+        "postgresql://maxtwo@[::1]/maxtwo?password=Sup3r@SecretPW",
+        "postgresql://127.0.0.1:1/maxtwo?password=Sup3r@SecretPW",
+    ],
+)
+def test_an_unencoded_at_sign_in_the_password_shows_none_of_it(url):
     # SQLAlchemy ends the password at its first "@": what follows went into the host, the
     # database name or the query, and so into the error message (and a DNS lookup).
-    url = f"postgresql://maxtwo:{password}@127.0.0.1:1/maxtwo"
     result = invoke("query", "--database-url", url)
-    assert_one_line_error(result, "percent-encode")
+    assert_one_line_error(result, "percent-encoded")
     for fragment in ("Sup3r", "Sec", "ret", "PW"):
         assert fragment not in result.output
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://maxtwo:pa/ss@127.0.0.1:1/maxtwo",  # RFC 3986 wants %2F; SQLAlchemy reads it right
+        "postgresql://maxtwo:pa%40ss%3F@127.0.0.1:1/maxtwo",
+        "postgresql://maxtwo:s3cret@[::1]:1/maxtwo",
+        "postgresql://maxtwo@127.0.0.1:1/maxtwo?password=Sup3r%40SecretPW",
+    ],
+)
+def test_unambiguous_urls_with_a_password_are_taken(url):
+    result = invoke("query", "--database-url", url)
+    assert_one_line_error(result, "check that the server is running")
 
 
 def test_an_at_sign_in_the_user_name_is_still_taken():

@@ -80,14 +80,14 @@ def parse_database_url(raw: str) -> URL:
         hosts = raw.rpartition("@")[2].partition("/")[0]
         advice = "; several hosts are written ?host=HOST1:PORT1&host=HOST2:PORT2" if "," in hosts else ""
         raise ConfigurationError(f"the database URL cannot be parsed; {URL_HELP}{advice}") from None
-    if "@" in (url.host or "") or (url.password is not None and _at_after_password(raw)):
+    if "@" in (url.host or "") or (url.password is not None and _password_may_be_cut(raw)):
         # APPSEC: an unencoded "@" in the password ends it there (SQLAlchemy's password is all
         # up to the first "@"): the rest became the host name, or the host and then the
         # database name or the query after a "/", "?" or "[" in it, all shown in messages (and
         # looked up in DNS).
         raise ConfigurationError(
-            "the database URL holds an '@' that is not percent-encoded: write '@' and ':' in "
-            f"the password as %40 and %3A (and '@' elsewhere as %40); {URL_HELP}"
+            "the database URL holds an '@' that is not percent-encoded, or a '?' in the password: "
+            f"write '@', ':' and '?' in the password as %40, %3A and %3F, and '@' elsewhere as %40; {URL_HELP}"
         )
     driver = _DRIVERS.get(url.drivername)
     if driver is None:
@@ -120,14 +120,18 @@ def parse_database_url(raw: str) -> URL:
     return url
 
 
-def _at_after_password(raw: str) -> bool:
-    """Whether an "@" comes after the one that ends the URL's password: the user name holds no
-    ":" (an "@" in it is taken whole: Azure's USER@SERVER names), so the password starts after
-    the first ":" and ends at the first "@" after that. (An "@" in the query is then refused
-    too: %40 works there as well.)"""
+def _password_may_be_cut(raw: str) -> bool:
+    """For a URL that SQLAlchemy found a password in: whether that password may be only part
+    of what its writer meant, the rest shown as the host (and so printed, and looked up).
+
+    SQLAlchemy's password starts after the first ":" (the user name holds none; an "@" in it
+    is taken whole: Azure's USER@SERVER names) and ends at the first "@" after it. Either way
+    is ambiguous: an "@" after that one (the password's own, unencoded), or a "?" before it:
+    a password's own "?", or a query's "@" (`USER@HOST:5432/DB?password=a@b`: the port's ":"
+    started the "password"). %40 and %3F work everywhere."""
     after_scheme = raw.partition("://")[2]
     ends = after_scheme.find("@", after_scheme.find(":") + 1)
-    return ends != -1 and "@" in after_scheme[ends + 1 :]
+    return ends != -1 and ("@" in after_scheme[ends + 1 :] or "?" in after_scheme[:ends])
 
 
 # libpq also takes secrets as query parameters (?password=...).

@@ -158,6 +158,8 @@ def test_a_slot_no_daemon_ran_is_made_up_at_start_and_a_restart_runs_none_twice(
     with ServeProcess(database_url, interval=86400, seed_count=500) as daemon:
         daemon.start(tmp_path / "first.log")
         wait_for(lambda: state(engine).randomized_at is not None, "the slot of today randomized at start")
+        # (Counted once the run's commit has returned: after the row was seen, a CI run read 0.)
+        wait_for(lambda: daemon.metric("maxtwo_randomize_duration_seconds_count") >= 1, "the run counted")
         assert daemon.metric("maxtwo_randomize_duration_seconds_count") == 1
         randomized = state(engine)
         assert daemon.terminate() == 0

@@ -102,8 +102,9 @@ FULL_CHECK_SECONDS = 1.0
 # most (waitress takes one): bounded, so that a flood of new connections cannot hold up the
 # loop's work for those it has.
 ACCEPTS_PER_TURN = 64
-# At a drain, a connection closed once answered waits this long at most for its client to
-# close its end, reading and dropping what comes (QuietChannel.handle_close).
+# A connection closed once answered (at a drain, or after an answer that closes it) waits this
+# long at most for its client to close its end, reading and dropping what comes
+# (QuietChannel.handle_close).
 LINGER_SECONDS = 2.0
 # At the connection limit, with a client waiting to connect: the connection quiet longest, if
 # quiet this long (its requests answered), is closed for it; after a look that closed none, the

@@ -300,6 +300,18 @@ class WriteHealth:
         return now - since
 
 
+def _check_path_is_utf8(req: falcon.Request) -> None:
+    """InvalidIncrementError if the path's bytes are not UTF-8.
+
+    NOTE: falcon decodes the path with errors="replace", so that /counters/a%80b and
+    /counters/a%C3b would both read the counter "a\ufffdb", which only /counters/a%EF%BF%BDb
+    names; a key of bytes that are not UTF-8 was never incremented."""
+    try:
+        req.env["PATH_INFO"].encode("iso-8859-1").decode("utf-8")  # WSGI's bytes-as-latin-1 str
+    except UnicodeError:
+        raise InvalidIncrementError("the key is not UTF-8") from None
+
+
 class CounterResource:
     """GET /counters/{key}: the committed total."""
 
@@ -311,6 +323,8 @@ class CounterResource:
         resp.cache_control = ["no-store"]
         try:
             check_key(key)
+            if "\ufffd" in key:
+                _check_path_is_utf8(req)
         except InvalidIncrementError:
             # A key POST /increment refuses was never incremented; nor is it asked for: the
             # database could not take some of them (PostgreSQL's text refuses U+0000, and that

@@ -362,7 +362,12 @@ _INTEGER = re.compile(r"[+-]?[0-9]+")
 def _integer(text: str) -> int:
     if not _INTEGER.fullmatch(text):
         raise typer.BadParameter(f"{text!r} is not an integer")
-    return int(text)
+    sign, digits = ("-", text[1:]) if text[:1] in "+-" else ("", text)
+    digits = digits.lstrip("0") or "0"
+    # NOTE: int() refuses more than 4,300 digits (sys.set_int_max_str_digits), and click would
+    # then print the value without a reason; 20 digits already leave the range the value's own
+    # check names, so that check gets a stand-in as far out of range, and says why.
+    return int(sign + (digits if len(digits) <= 20 else "1" + "0" * 20))
 
 
 def _increment_value(ctx: typer.Context, value: int) -> int:

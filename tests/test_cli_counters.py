@@ -127,6 +127,8 @@ def test_an_overflow_is_one_line_and_the_counter_keeps_its_value(database_url, s
         ("a", str(2**63), ["VALUE", str(INT64_MAX)]),
         ("a", str(-(2**63) - 1), ["VALUE", str(INT64_MIN)]),
         ("a", str(10**30), ["VALUE"]),
+        ("a", "1" * 4301, ["VALUE", str(INT64_MAX)]),  # past int()'s digits: the range's reason still given
+        ("a", "-" + "9" * 5000, ["VALUE", str(INT64_MIN)]),
         ("a", "1.5", ["VALUE"]),
         ("a", "abc", ["VALUE"]),
         ("a", "", ["VALUE"]),

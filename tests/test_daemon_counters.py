@@ -203,6 +203,28 @@ def test_404_without_asking_the_database_for_a_key_post_refuses(client, app_part
     assert client.simulate_get("/counters/" + "x" * 255).status_code == 404 and asked == ["x" * 255]
 
 
+def test_a_path_whose_bytes_are_not_utf8_reads_no_counter(app_parts):
+    """falcon decodes the path with errors="replace": /counters/a%80b read the counter "a\ufffdb"."""
+    app, batchers, _ = app_parts
+    with running(app, batchers=batchers) as served:
+        connection = served.connect()
+
+        def get(path: str) -> tuple[int, bytes]:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            return response.status, response.read()
+
+        connection.request("POST", "/increment", body=json.dumps({"key": "a\ufffdb", "value": 42}), headers=JSON)
+        posted = connection.getresponse()
+        assert (posted.status, posted.read()) == (202, b"")
+        status, body = get("/counters/a%EF%BF%BDb")
+        assert (status, json.loads(body)) == (200, {"key": "a\ufffdb", "value": 42})
+        for path in ("/counters/a%80b", "/counters/a%C3b", "/counters/a%ED%A0%80b"):
+            status, body = get(path)
+            assert status == 404 and json.loads(body)["status"] == 404, path
+        connection.close()
+
+
 def test_a_key_holding_u0000_is_404_on_both_databases(client):
     """The same through the real read, which on PostgreSQL failed with 503 (and a warning each)."""
     got = client.simulate_get("/counters/%00")

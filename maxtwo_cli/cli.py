@@ -62,6 +62,24 @@ atexit.register(gc.freeze)
 _done: list[str] = []
 
 
+# Click's words for a number option given a word ("'abc' is not a valid int range.", "float
+# range"), in the users' words.
+_NOT_A_NUMBER = re.compile(r"('[^']*') is not a valid (int|integer|float)(?: range)?")
+_NUMBER_KINDS = {"int": "an integer", "integer": "an integer", "float": "a number"}
+
+
+def _name_only_the_source(ex: Exception) -> None:
+    """A bad value of an option that an environment variable can set names the variable only if
+    the value came from it: Typer names it always, and `--threads 1` then sent users looking for
+    a MAXTWO_THREADS they never set."""
+    param, ctx = getattr(ex, "param", None), getattr(ex, "ctx", None)
+    if param is None or ctx is None or getattr(ex, "param_hint", None) is not None or not getattr(param, "envvar", None):
+        return
+    source = ctx.get_parameter_source(param.name)
+    if getattr(source, "name", None) != "ENVIRONMENT":
+        ex.param_hint = " / ".join(f"'{opt}'" for opt in param.opts)
+
+
 class OneLineErrors(typer.core.TyperGroup):
     """Usage errors as one line on stderr (exit 2), instead of a usage banner and a box; so is a
     failure to write the output (exit 1)."""
@@ -96,8 +114,10 @@ class OneLineErrors(typer.core.TyperGroup):
                 print(format_message(), file=sys.stderr)
                 sys.exit(exit_code)
             hint = f" (see {ex.ctx.command_path} --help)" if getattr(ex, "ctx", None) else ""
+            _name_only_the_source(ex)
             # APPSEC: a database URL given where an argument or a command was expected is quoted.
             message = mask_secret_syntax(" ".join(format_message().split()))
+            message = _NOT_A_NUMBER.sub(lambda m: f"{m[1]} is not {_NUMBER_KINDS[m[2]]}", message)
             if message:
                 print(f"Error: {message}{hint}", file=sys.stderr)
             sys.exit(exit_code)

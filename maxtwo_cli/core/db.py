@@ -459,7 +459,9 @@ def _translate(engine: Engine, original: BaseException | None) -> MaxtwoError:
         )
     if psycopg is not None and isinstance(original, psycopg.OperationalError):
         return DatabaseUnavailableError(
-            f"cannot use the database at {where}: {detail}; "
+            # NOTE: not "{where}: {detail}": every message is masked once more on its way out
+            # (redact_message), where a URL ending in ?password=*** would lose the ":" to the mask.
+            f"cannot use the database at {where} ({detail}); "
             "check that the server is running and the URL's host, port, user and password"
         )
     if psycopg is not None and isinstance(original, psycopg.errors.InsufficientPrivilege):

@@ -62,7 +62,8 @@ class Metrics:
         self.randomize_skipped = Counter(
             "maxtwo_randomize_skipped_total",
             "Scheduled randomizations not performed by this process, by reason: "
-            "overlap (its previous run was still going) or elsewhere (another process ran it).",
+            "overlap (its previous run was still going) or elsewhere (another process ran it, or "
+            "was still running one past the first half of the slot).",
             ["reason"],
             registry=self.registry,
         )

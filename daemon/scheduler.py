@@ -23,7 +23,7 @@ from collections.abc import Callable
 import schedule
 
 from daemon.metrics import Metrics
-from maxtwo_cli.core.errors import DatabaseUnavailableError, MaxtwoError
+from maxtwo_cli.core.errors import DatabaseUnavailableError, MaxtwoError, RandomizationInProgressError
 from maxtwo_cli.core.randomize import RandomizeResult
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,12 @@ Job = Callable[[dt.datetime], RandomizeResult | None]
 # machine: a loop that slept until the next boundary ran late by the whole step.
 LONGEST_NAP = 1.0
 
-# A slot's run that failed for the database's sake is tried again after this long (or an eighth
-# of the interval, if less), then after twice as long each time, while in the first half of the
-# slot: a database that was down for a few seconds at the boundary left the points as they were
-# for the whole interval (a day at --interval 86400). Never in the second half, so that the
-# points never change twice within half an interval.
+# A slot's run that failed for the database's sake, or found another process's run going, is
+# tried again after this long (or an eighth of the interval, if less), then after twice as long
+# each time, while in the first half of the slot: a database that was down for a few seconds at
+# the boundary left the points as they were for the whole interval (a day at --interval 86400),
+# and so did a run that another daemon, stopped, rolled back. Never in the second half, so that
+# the points never change twice within half an interval.
 RETRY_FIRST_SECONDS = 5.0
 
 
@@ -218,9 +219,22 @@ class RandomizeScheduler:
     def _run(self, slot: float, due_at: dt.datetime) -> None:
         try:
             result = self._job(due_at)
+        except RandomizationInProgressError:
+            # Neither done nor failed: another process's run holds the lock, and whether it is
+            # this slot's and commits is known once it has ended.
+            wait = self._plan_retry(slot)
+            if wait is None:
+                self._metrics.randomize_skipped.labels(reason="elsewhere").inc()
+                log.info("randomization due at %s: left to another process's run, still going in the second half "
+                         "of the slot", due_at)
+            else:
+                log.info("randomization due at %s: another process's run is going; looking again in %g s", due_at, wait)
+            return
         except MaxtwoError as ex:
             self._metrics.randomize_failures.inc()
-            log.error("randomization due at %s failed: %s; %s", due_at, ex, self._plan_retry(slot, ex))
+            wait = self._plan_retry(slot) if isinstance(ex, DatabaseUnavailableError) else None
+            log.error("randomization due at %s failed: %s; %s", due_at, ex,
+                      self._next_slot_retries() if wait is None else f"retrying in {wait:g} s")
             return
         except Exception:  # NOTE: a scheduled job never kills its loop
             self._metrics.randomize_failures.inc()
@@ -245,18 +259,21 @@ class RandomizeScheduler:
                 self._interval,
             )
 
-    def _plan_retry(self, slot: float, error: MaxtwoError) -> str:
-        """Arrange for the slot's run to be tried again, if worth it (RETRY_FIRST_SECONDS); say
-        when, for the log line."""
+    def _plan_retry(self, slot: float) -> float | None:
+        """Arrange for the slot's run to be tried again (RETRY_FIRST_SECONDS), if there is time
+        in the first half of the slot: the wait, or None."""
         if self._retried_slot == slot:
             wait = self._retry_wait * 2
         else:
             wait = min(RETRY_FIRST_SECONDS, self._interval / 8)
         at = self._clock() + wait
-        if not isinstance(error, DatabaseUnavailableError) or at >= slot + self._interval / 2:
-            # (The next boundary from now: a run that outlasted its slot made the next one skip.)
-            return f"the next slot's run, at {utc(next_boundary(self._clock(), self._interval)).isoformat()}, retries"
+        if at >= slot + self._interval / 2:
+            return None
         self._retried_slot, self._retry_wait = slot, wait
         self._retry = (at, slot)
         self._wake.set()  # the loop's nap may end after `at`
-        return f"retrying in {wait:g} s"
+        return wait
+
+    def _next_slot_retries(self) -> str:
+        # (The next boundary from now: a run that outlasted its slot made the next one skip.)
+        return f"the next slot's run, at {utc(next_boundary(self._clock(), self._interval)).isoformat()}, retries"

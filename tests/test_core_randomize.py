@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from maxtwo_cli.core import randomize as randomize_module
 from maxtwo_cli.core.clock import utcnow
-from maxtwo_cli.core.errors import MaxtwoError
+from maxtwo_cli.core.errors import MaxtwoError, RandomizationInProgressError
 from maxtwo_cli.core.randomize import RANDOMIZE_LOCK_KEY, randomize_if_due, randomize_points
 from maxtwo_cli.core.seed import seed_users
 from tests.conftest import is_postgres_url
@@ -221,9 +221,14 @@ def test_randomize_if_due_on_a_fresh_database(engine):
 
 def test_randomize_if_due_stands_back_while_another_run_holds_the_lock(postgres_engine):
     seed_users(postgres_engine, 100)
-    with postgres_engine.begin() as conn:
+    due_at = utcnow()
+    with postgres_engine.connect() as conn:
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(RANDOMIZE_LOCK_KEY)))
-        # Another daemon's run is in progress: this one must not wait, and must not run.
-        # NOTE: no stopwatch needed: the lock's holder is this very thread, so a call that waited
-        # for it could only end in the statement timeout's error, never return None.
-        assert randomize_if_due(postgres_engine, due_at=utcnow(), interval=60) is None
+        # Another daemon's run is in progress: this one must not wait, and must not run; nor
+        # may it take the slot for done. NOTE: no stopwatch needed: the lock's holder is this
+        # very thread, so a call that waited for it could only end in a timeout's error.
+        with pytest.raises(RandomizationInProgressError):
+            randomize_if_due(postgres_engine, due_at=due_at, interval=60)
+        conn.rollback()  # that run rolled back (its daemon stopped mid-run): the slot is still due
+    assert randomize_if_due(postgres_engine, due_at=due_at, interval=60) is not None
+    assert randomize_if_due(postgres_engine, due_at=due_at, interval=60) is None  # and then done

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 
 from devtools.pgserver import ThrowawayPostgres
 from maxtwo_cli.core import db
+from maxtwo_cli.core.randomize import RANDOMIZE_LOCK_KEY
 from maxtwo_cli.core.schema import randomizer_state, users
 from maxtwo_cli.core.settings import Settings
 from tests.conftest import libpq_url
@@ -162,6 +163,50 @@ def test_a_randomization_an_outage_at_its_boundary_failed_is_made_up_within_its_
             (f"the slot's run failed, then was retried: randomized {randomized_at.timestamp() - boundary:.1f} s "
              f"after its boundary ({randomized_at.timestamp() - back_at:.1f} s after the server was back), "
              f"for that slot; epoch {epoch_before} -> {epoch_after}"),
+        ],
+    )
+
+
+def test_a_slot_whose_run_elsewhere_rolled_back_is_run_within_its_slot(tmp_path, reliability):
+    """Another daemon's run held the lock at the boundary and was rolled back (that daemon was
+    stopped mid-run): this daemon had taken the slot for done, and no daemon ran it (an audit).
+    Here the test holds the same lock across the boundary, as that run did, and rolls back."""
+    interval = 10
+    with ThrowawayPostgres(fsync=False) as server:
+        engine = db.create_engine(Settings(database_url=server.url))
+        with ServeProcess(server.url, interval=interval, seed_count=2000) as daemon:
+            daemon.start(tmp_path / "serve.log")
+            wait_for(lambda: state(engine).randomized_at is not None, "the start's randomization (its slot's)")
+            boundary = (time.time() // interval + 1) * interval
+            if boundary - time.time() < 3:
+                boundary += interval
+            with engine.connect() as holder:
+                time.sleep(max(0.0, boundary - 1 - time.time()))
+                epoch_before = state(engine).epoch  # (the slot before's run done, 9 s ago)
+                holder.execute(sa.select(sa.func.pg_advisory_xact_lock(RANDOMIZE_LOCK_KEY)))
+                time.sleep(max(0.0, boundary + 2 - time.time()))
+                holder.rollback()
+            released_at = time.time()
+            wait_for(lambda: state(engine).epoch > epoch_before, "the slot's run after the rollback", interval)
+            with engine.connect() as conn:
+                scheduled_for, randomized_at = conn.execute(
+                    sa.select(randomizer_state.c.scheduled_for, randomizer_state.c.randomized_at)
+                ).one()
+            assert daemon.terminate() == 0
+        engine.dispose()
+    log = (tmp_path / "serve.log").read_text()
+    assert scheduled_for.timestamp() == boundary  # that slot, run after all
+    assert randomized_at.timestamp() < boundary + interval / 2  # within the first half of its slot
+    assert "another process's run is going; looking again in" in log and "failed" not in log
+    reliability.record(
+        "A slot whose run elsewhere rolled back: run within the slot",
+        f"The test holds the scheduled runs' advisory lock from 1 s before a boundary of a running "
+        f"`maxtwo serve --interval {interval}` (on a real PostgreSQL) until 2 s after it, as another "
+        f"daemon's run stopped mid-run would, and then rolls back.",
+        [
+            (f"the daemon looked again while the lock was held, then ran that slot: randomized "
+             f"{randomized_at.timestamp() - boundary:.1f} s after its boundary "
+             f"({randomized_at.timestamp() - released_at:.1f} s after the rollback)"),
         ],
     )
 

@@ -24,3 +24,9 @@ class SchemaMismatchError(MaxtwoError):
 
 class AlreadySeededError(MaxtwoError):
     """`seed` was asked to add users to a table that already has some."""
+
+
+class RandomizationInProgressError(MaxtwoError):
+    """Another process's randomization holds the lock that scheduled runs take: it may be this
+    slot's run, or another's (a manual run, a run late for the slot before), and it may yet
+    commit or roll back. Whether this slot still needs its run is known only once it has ended."""

@@ -17,6 +17,7 @@ from maxtwo_cli.core.db import (
     set_job_timeouts,
     sqlite_main_files,
 )
+from maxtwo_cli.core.errors import RandomizationInProgressError
 from maxtwo_cli.core.schema import MAX_POINTS, draw_max_number, randomizer_state, users
 from maxtwo_cli.core.writebehind import write_behind
 
@@ -65,8 +66,8 @@ def randomize_if_due(
     Several daemons sharing a database all call this at the same wall-clock boundaries; exactly
     one of them randomizes. On PostgreSQL a transaction-scoped advisory lock (released at commit
     or rollback, so it cannot leak through a connection pooler) turns the others away while the
-    run is going; afterwards the slot recorded with the last scheduled run (`scheduled_for`)
-    does. Slots are the daemons' own boundaries, so neither the database's clock nor a manual
+    run is going (RandomizationInProgressError: the caller tries again once it may have
+    ended); afterwards the slot recorded with the last scheduled run (`scheduled_for`) does. Slots are the daemons' own boundaries, so neither the database's clock nor a manual
     `maxtwo randomize` earlier in the interval stands in for a scheduled run; the daemons'
     clocks need only agree within half an interval. Returns None when it did not run.
     """
@@ -75,7 +76,10 @@ def randomize_if_due(
         if is_postgres(conn) and not conn.scalar(
             sa.select(sa.func.pg_try_advisory_xact_lock(RANDOMIZE_LOCK_KEY))
         ):
-            return None
+            # NOTE: not "done": a run that holds the lock may roll back (its daemon stopped
+            # mid-run), or be another slot's (a start's late catch-up run across this boundary),
+            # and every other daemon had given the slot up: no run at all for the interval.
+            raise RandomizationInProgressError("another process's randomization is going")
         # NOTE: no time bound on its statements, as for `maxtwo randomize`: a run longer than
         # the interval makes the next slot skip (the scheduler), while one cut off at the
         # interval's end was rolled back every time, and the table never randomized again.

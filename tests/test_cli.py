@@ -101,6 +101,8 @@ def test_seed_twice_names_reset(database_url):
     assert_one_line_error(result, "--reset", "10 users")
     result = invoke("seed", "--count", "20", "--reset", "--database-url", database_url)
     assert result.exit_code == 0, result.output
+    # No rows/s: the time holds the removal of the 10 (2 users "at 12 rows/s", an audit).
+    assert re.fullmatch(r"replaced 10 users with 20 in [\d.]+ s\n", result.stdout)
 
 
 @pytest.mark.parametrize("value", ["-1", "abc", "", str(2**31), "99999999999999999999"])

@@ -84,6 +84,8 @@ class SeedResult:
     rows: int
     seconds: float
     epoch: int
+    # The users a reset replaced (0 for a first seed): their removal is in `seconds` too.
+    replaced: int = 0
     # Why the planner's statistics could not be refreshed after the committed seed (one line,
     # no secrets), or None when they were (or need not be, as on SQLite).
     statistics_warning: str | None = None
@@ -154,6 +156,7 @@ def seed_users(
         rows=count,
         seconds=time.perf_counter() - started,
         epoch=epoch,
+        replaced=existing,
         statistics_warning=statistics_warning,
     )
 

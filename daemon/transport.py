@@ -273,6 +273,21 @@ class HttpVersionNotSupportedError(Error):
     reason = "HTTP Version Not Supported"
 
 
+# waitress's descriptions that name its settings ("exceeds max_header of 32768"), in words a
+# client can act on; any other is shown as waitress wrote it.
+_PLAIN_WORDS = (
+    (re.compile(r"exceeds max_header of (\d+)"), "the request line and headers reach {} bytes, more than this server reads"),
+    (re.compile(r"exceeds max_body of (\d+)"), "the body is over {} bytes, more than this server reads"),
+)
+
+
+def _in_plain_words(description: str) -> str:
+    for pattern, words in _PLAIN_WORDS:
+        if found := pattern.fullmatch(description):
+            return words.format(found[1])
+    return description
+
+
 class _JsonError:
     """A waitress error (waitress.utilities.Error: code, reason, body) that answers in the app's
     JSON error shape (daemon/app.py's _serialize_error) rather than as text."""
@@ -284,7 +299,7 @@ class _JsonError:
         # falcon's status text, as the app's errors have it (waitress's 413 is "Request Entity
         # Too Large", RFC 9110's and falcon's "Content Too Large").
         status = falcon.code_to_http_status(self.error.code)
-        body = {"status": self.error.code, "title": status, "description": self.error.body}
+        body = {"status": self.error.code, "title": status, "description": _in_plain_words(self.error.body)}
         return status, [("Content-Type", "application/json")], json.dumps(body).encode()
 
 
@@ -298,15 +313,15 @@ class JsonErrorTask(ErrorTask):
         # connection after the answer, Content-Length) stays waitress's.
         if not isinstance(self.request.error, _JsonError):
             self.request.error = _JsonError(self.request.error)
-        try:
-            super().execute()
-        finally:  # counted even when the client is gone before the answer
-            on_refused = getattr(self.channel.server, "on_refused", None)  # see Transport
-            if on_refused is not None:
-                try:
-                    on_refused(self.request.error.error.code)
-                except Exception:  # a metrics callback must never cost the connection its answer
-                    log.exception("on_refused callback failed")
+        # Counted before the answer is written: its client, answered, may read /metrics at once
+        # (an end-to-end test read it uncounted); and counted even if the client is gone.
+        on_refused = getattr(self.channel.server, "on_refused", None)  # see Transport
+        if on_refused is not None:
+            try:
+                on_refused(self.request.error.error.code)
+            except Exception:  # a metrics callback must never cost the connection its answer
+                log.exception("on_refused callback failed")
+        super().execute()
 
     @property
     def has_body(self) -> bool:

@@ -26,6 +26,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
@@ -95,6 +96,7 @@ class ThrowawayPostgres:
         self._db_created = False
         self._owner_pid = os.getpid()
         atexit.register(self._cleanup_at_exit)  # safety net only; callers stop in `finally`
+        _interrupt_on_sigterm()
 
     @property
     def url(self) -> str:
@@ -286,6 +288,15 @@ def from_env_or_start(**kwargs) -> Iterator[ThrowawayPostgres | ExternalPostgres
         yield server
     finally:
         server.cleanup()
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a kill, a CI job's timeout) raises KeyboardInterrupt, as Ctrl-C does, unless
+    the process handles it already: by default it ends the process at once, and neither the
+    callers' `finally` nor the atexit safety net ran, so the server and its directory in /tmp
+    were left behind. (pytest, interrupted so, still runs its fixtures' teardown.)"""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def _free_port() -> int:

@@ -401,6 +401,20 @@ def test_a_failing_run_is_counted_and_the_loop_goes_on(monkeypatch):
     assert start < sample(metrics, "maxtwo_randomize_last_success_timestamp_seconds") <= end
 
 
+def run_two_slots_of_60_s(behaviour, monkeypatch, caplog) -> tuple[Recorder, Metrics]:
+    """From 1000 to 1100 at a 60 s interval (boundaries 1020 and 1080), the log at INFO."""
+    recorder: Recorder
+
+    def settle(now: float) -> None:
+        recorder.wait_for(1 if now >= 1020 else 0)
+        join_runs()
+
+    clock = FakeClock(1000.0, 1100.0, settle)
+    recorder = Recorder(clock.time, behaviour)
+    with caplog.at_level(logging.INFO, logger="daemon.scheduler"):
+        return recorder, run_on(clock, recorder, 60, monkeypatch)
+
+
 def test_a_run_the_database_failed_is_retried_in_the_first_half_of_its_slot_only(monkeypatch, caplog):
     """A database down for a few seconds at the boundary left the points as they were for the
     whole interval (a day at --interval 86400); retried, but never in the second half of the
@@ -408,17 +422,7 @@ def test_a_run_the_database_failed_is_retried_in_the_first_half_of_its_slot_only
     def behaviour(number):
         raise DatabaseUnavailableError("database down")
 
-    start, end, interval = 1000.0, 1100.0, 60
-    recorder: Recorder
-
-    def settle(now: float) -> None:
-        recorder.wait_for(1 if now >= 1020 else 0)
-        join_runs()
-
-    clock = FakeClock(start, end, settle)
-    recorder = Recorder(clock.time, behaviour)
-    with caplog.at_level(logging.INFO, logger="daemon.scheduler"):
-        metrics = run_on(clock, recorder, interval, monkeypatch)
+    recorder, metrics = run_two_slots_of_60_s(behaviour, monkeypatch, caplog)
     # 5 s, then twice as long each time: 1020 + 5 + 10 + 20 would be past 1050.
     assert [(started, due_at.timestamp()) for started, due_at in recorder.calls] == [
         (1020, 1020), (1025, 1020), (1035, 1020), (1080, 1080), (1085, 1080), (1095, 1080),
@@ -523,17 +527,7 @@ def test_a_slot_another_process_s_run_held_is_looked_at_again_in_its_first_half(
             raise RandomizationInProgressError("another process's randomization is going")
         return result() if number == 3 else None
 
-    start, end, interval = 1000.0, 1100.0, 60
-    recorder: Recorder
-
-    def settle(now: float) -> None:
-        recorder.wait_for(1 if now >= 1020 else 0)
-        join_runs()
-
-    clock = FakeClock(start, end, settle)
-    recorder = Recorder(clock.time, behaviour)
-    with caplog.at_level(logging.INFO, logger="daemon.scheduler"):
-        metrics = run_on(clock, recorder, interval, monkeypatch)
+    recorder, metrics = run_two_slots_of_60_s(behaviour, monkeypatch, caplog)
     # 1020: held, then held, then its run (the holder rolled back). 1080: held until the second
     # half of the slot (5 s, then 10 s; 20 s more would be past 1110): left to the holder.
     assert [(started, due_at.timestamp()) for started, due_at in recorder.calls] == [

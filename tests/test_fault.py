@@ -123,6 +123,14 @@ def test_database_outage_under_load(tmp_path, reliability):
     )
 
 
+def start_for_a_boundary(daemon: ServeProcess, engine: sa.Engine, tmp_path: Path, interval: float) -> float:
+    """Start the daemon; once its start's run is done, the next boundary at least 3 s away."""
+    daemon.start(tmp_path / "serve.log")
+    wait_for(lambda: state(engine).randomized_at is not None, "the start's randomization (its slot's)")
+    boundary = (time.time() // interval + 1) * interval
+    return boundary + interval if boundary - time.time() < 3 else boundary
+
+
 def test_a_randomization_an_outage_at_its_boundary_failed_is_made_up_within_its_slot(tmp_path, reliability):
     """A database down for a few seconds at the boundary left the points as they were for the
     whole interval (a day at --interval 86400), on every daemon."""
@@ -130,11 +138,7 @@ def test_a_randomization_an_outage_at_its_boundary_failed_is_made_up_within_its_
     with ThrowawayPostgres(fsync=False) as server:
         engine = db.create_engine(Settings(database_url=server.url))
         with ServeProcess(server.url, interval=interval, seed_count=2000) as daemon:
-            daemon.start(tmp_path / "serve.log")
-            wait_for(lambda: state(engine).randomized_at is not None, "the start's randomization (its slot's)")
-            boundary = (time.time() // interval + 1) * interval
-            if boundary - time.time() < 3:
-                boundary += interval
+            boundary = start_for_a_boundary(daemon, engine, tmp_path, interval)
             time.sleep(max(0.0, boundary - 1.5 - time.time()))
             epoch_before = state(engine).epoch  # (the slot before's run done, 8.5 s ago)
             engine.dispose()
@@ -175,11 +179,7 @@ def test_a_slot_whose_run_elsewhere_rolled_back_is_run_within_its_slot(tmp_path,
     with ThrowawayPostgres(fsync=False) as server:
         engine = db.create_engine(Settings(database_url=server.url))
         with ServeProcess(server.url, interval=interval, seed_count=2000) as daemon:
-            daemon.start(tmp_path / "serve.log")
-            wait_for(lambda: state(engine).randomized_at is not None, "the start's randomization (its slot's)")
-            boundary = (time.time() // interval + 1) * interval
-            if boundary - time.time() < 3:
-                boundary += interval
+            boundary = start_for_a_boundary(daemon, engine, tmp_path, interval)
             with engine.connect() as holder:
                 time.sleep(max(0.0, boundary - 1 - time.time()))
                 epoch_before = state(engine).epoch  # (the slot before's run done, 9 s ago)

@@ -234,6 +234,8 @@ class RequestMetrics:
         route = req.uri_template or "unmatched"
         # APPSEC: clients choose the method; an unknown one must not make a new time series.
         method = req.method if req.method in _KNOWN_METHODS else "OTHER"
+        if method == "OPTIONS":
+            _allow_options_too(resp)
         key = (route, method, resp.status)
         counter = self._counters.get(key)
         if counter is None:
@@ -246,6 +248,14 @@ class RequestMetrics:
             if timer is None:
                 timer = self._timers[route] = self._metrics.request_latency.labels(route=route)
             timer.observe(time.perf_counter() - started)
+
+
+def _allow_options_too(resp: falcon.Response) -> None:
+    """OPTIONS is a method of every path: falcon's answer to it leaves it out of Allow, where its
+    405 puts it in (RFC 9110 section 10.2.1: the methods the path supports)."""
+    allow = resp.get_header("Allow")
+    if allow and "OPTIONS" not in allow.split(", "):
+        resp.set_header("Allow", f"{allow}, OPTIONS")
 
 
 class DatabaseUnavailableAnswers:

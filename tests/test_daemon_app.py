@@ -457,3 +457,13 @@ def test_unknown_methods_do_not_make_new_metric_series(client):
     text = client.simulate_get("/metrics").text
     assert 'method="OTHER"' in text
     assert "X0ZZ" not in text and "BREW" not in text
+
+
+@pytest.mark.parametrize("path", ["/", "/increment", "/counters/a", "/healthz", "/metrics", "/openapi.json"])
+def test_options_and_405_name_the_same_methods(client, path):
+    """falcon's OPTIONS answer left OPTIONS out of Allow, where its 405 put it in (an audit)."""
+    options = client.simulate_options(path)
+    refused = client.simulate_request("DELETE", path)
+    assert options.status_code == 200 and refused.status_code == 405
+    assert options.headers["allow"] == refused.headers["allow"]
+    assert "OPTIONS" in options.headers["allow"].split(", ")

@@ -38,12 +38,11 @@ Job = Callable[[dt.datetime], RandomizeResult | None]
 # machine: a loop that slept until the next boundary ran late by the whole step.
 LONGEST_NAP = 1.0
 
-# A slot's run that failed for the database's sake, or found another process's run going, is
-# tried again after this long (or an eighth of the interval, if less), then after twice as long
-# each time, while in the first half of the slot: a database that was down for a few seconds at
-# the boundary left the points as they were for the whole interval (a day at --interval 86400),
-# and so did a run that another daemon, stopped, rolled back. Never in the second half, so that
-# the points never change twice within half an interval.
+# A slot's run that failed for the database's sake is tried again after this long (or an eighth
+# of the interval, if less), then after twice as long each time, while in the first half of the
+# slot: a database that was down for a few seconds at the boundary left the points as they were
+# for the whole interval (a day at --interval 86400). Never in the second half, so that the
+# points never change twice within half an interval.
 RETRY_FIRST_SECONDS = 5.0
 
 
@@ -220,15 +219,10 @@ class RandomizeScheduler:
         try:
             result = self._job(due_at)
         except RandomizationInProgressError:
-            # Neither done nor failed: another process's run holds the lock, and whether it is
-            # this slot's and commits is known once it has ended.
-            wait = self._plan_retry(slot)
-            if wait is None:
-                self._metrics.randomize_skipped.labels(reason="elsewhere").inc()
-                log.info("randomization due at %s: left to another process's run, still going in the second half "
-                         "of the slot", due_at)
-            else:
-                log.info("randomization due at %s: another process's run is going; looking again in %g s", due_at, wait)
+            # Not failed: the job waited for that run up to the half of the slot.
+            self._metrics.randomize_skipped.labels(reason="elsewhere").inc()
+            log.info("randomization due at %s: left to another process's run, still going at the half of the slot",
+                     due_at)
             return
         except MaxtwoError as ex:
             self._metrics.randomize_failures.inc()

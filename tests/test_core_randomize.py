@@ -224,11 +224,64 @@ def test_randomize_if_due_stands_back_while_another_run_holds_the_lock(postgres_
     due_at = utcnow()
     with postgres_engine.connect() as conn:
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(RANDOMIZE_LOCK_KEY)))
-        # Another daemon's run is in progress: this one must not wait, and must not run; nor
-        # may it take the slot for done. NOTE: no stopwatch needed: the lock's holder is this
-        # very thread, so a call that waited for it could only end in a timeout's error.
+        # Another daemon's run holds the lock past the half of the slot: it is left to that run.
+        # NOTE: no stopwatch needed: the lock's holder is this very thread.
         with pytest.raises(RandomizationInProgressError):
-            randomize_if_due(postgres_engine, due_at=due_at, interval=60)
-        conn.rollback()  # that run rolled back (its daemon stopped mid-run): the slot is still due
-    assert randomize_if_due(postgres_engine, due_at=due_at, interval=60) is not None
-    assert randomize_if_due(postgres_engine, due_at=due_at, interval=60) is None  # and then done
+            randomize_if_due(postgres_engine, due_at=due_at - dt.timedelta(seconds=31), interval=60)
+
+
+def in_a_thread(call) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = call()
+        except BaseException as ex:  # noqa: BLE001 - handed to the test
+            outcome["error"] = ex
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.parametrize("holder_commits_the_slot", [False, True])
+def test_randomize_if_due_waits_for_the_run_that_holds_the_lock(postgres_engine, holder_commits_the_slot):
+    """The others stood back at once: a run that then rolled back (its daemon stopped mid-run)
+    left its slot without a run on every daemon (an audit). They wait for its end now."""
+    seed_users(postgres_engine, 100)
+    due_at = utcnow()
+    with postgres_engine.connect() as holder:
+        holder.execute(sa.select(sa.func.pg_advisory_xact_lock(RANDOMIZE_LOCK_KEY)))
+        waiter, outcome = in_a_thread(lambda: randomize_if_due(postgres_engine, due_at=due_at, interval=60))
+        time.sleep(0.5)
+        assert waiter.is_alive()  # waiting, not standing back
+        epoch = state(postgres_engine).epoch
+        if holder_commits_the_slot:
+            randomize_module.randomize_in_transaction(holder, slot=(due_at, 60))
+            holder.commit()
+        else:
+            holder.rollback()
+        released_at = utcnow()
+        waiter.join(10)
+    if holder_commits_the_slot:
+        assert outcome == {"result": None} and state(postgres_engine).epoch == epoch + 1
+    else:
+        # That run rolled back: the slot is still due, and run; the time recorded is the run's,
+        # not the start of the transaction that waited.
+        assert outcome["result"] is not None and state(postgres_engine).epoch == epoch + 1
+        assert outcome["result"].randomized_at >= released_at - dt.timedelta(seconds=0.2)
+        assert outcome["result"].seconds < 5  # the wait is no part of the run's time
+
+
+def test_randomize_if_due_waits_no_longer_than_the_half_of_the_slot(postgres_engine):
+    seed_users(postgres_engine, 100)
+    with postgres_engine.connect() as holder:
+        holder.execute(sa.select(sa.func.pg_advisory_xact_lock(RANDOMIZE_LOCK_KEY)))
+        started = time.monotonic()
+        waiter, outcome = in_a_thread(lambda: randomize_if_due(postgres_engine, due_at=utcnow(), interval=2))
+        waiter.join(10)
+        waited = time.monotonic() - started
+    assert isinstance(outcome.get("error"), RandomizationInProgressError)
+    assert 0.5 <= waited < 5  # up to the half of its 2 s slot
+
+

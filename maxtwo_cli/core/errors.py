@@ -27,6 +27,6 @@ class AlreadySeededError(MaxtwoError):
 
 
 class RandomizationInProgressError(MaxtwoError):
-    """Another process's randomization holds the lock that scheduled runs take: it may be this
-    slot's run, or another's (a manual run, a run late for the slot before), and it may yet
-    commit or roll back. Whether this slot still needs its run is known only once it has ended."""
+    """Another process's scheduled run still holds the lock that scheduled runs take at the
+    half of the slot: this slot is left to it (a run late for the slot before, or this slot's,
+    too long for the interval)."""

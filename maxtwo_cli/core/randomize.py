@@ -65,26 +65,58 @@ def randomize_if_due(
 
     Several daemons sharing a database all call this at the same wall-clock boundaries; exactly
     one of them randomizes. On PostgreSQL a transaction-scoped advisory lock (released at commit
-    or rollback, so it cannot leak through a connection pooler) turns the others away while the
-    run is going (RandomizationInProgressError: the caller tries again once it may have
-    ended); afterwards the slot recorded with the last scheduled run (`scheduled_for`) does. Slots are the daemons' own boundaries, so neither the database's clock nor a manual
-    `maxtwo randomize` earlier in the interval stands in for a scheduled run; the daemons'
-    clocks need only agree within half an interval. Returns None when it did not run.
+    or rollback, so it cannot leak through a connection pooler) holds the others until the run
+    has ended (_wait_for_the_slot_lock); afterwards the slot recorded with the last scheduled
+    run (`scheduled_for`) turns them away. Slots are the daemons' own boundaries, so neither
+    the database's clock nor a manual `maxtwo randomize` earlier in the interval stands in for
+    a scheduled run; the daemons' clocks need only agree within half an interval. Returns None
+    when it did not run.
     """
     started = time.perf_counter()
     with database_errors(engine), write_behind(sqlite_main_files(engine)), _main_file_only(engine).begin() as conn:
-        if is_postgres(conn) and not conn.scalar(
-            sa.select(sa.func.pg_try_advisory_xact_lock(RANDOMIZE_LOCK_KEY))
-        ):
-            # NOTE: not "done": a run that holds the lock may roll back (its daemon stopped
-            # mid-run), or be another slot's (a start's late catch-up run across this boundary),
-            # and every other daemon had given the slot up: no run at all for the interval.
-            raise RandomizationInProgressError("another process's randomization is going")
+        at = None
+        if is_postgres(conn) and not conn.scalar(sa.select(sa.func.pg_try_advisory_xact_lock(RANDOMIZE_LOCK_KEY))):
+            if not _wait_for_the_slot_lock(conn, due_at, interval):
+                return None
+            # The run starts now: its duration, and the time it records (now() is the
+            # transaction's start, before the wait).
+            started = time.perf_counter()
+            at = conn.scalar(sa.select(sa.func.clock_timestamp()))
         # NOTE: no time bound on its statements, as for `maxtwo randomize`: a run longer than
         # the interval makes the next slot skip (the scheduler), while one cut off at the
         # interval's end was rolled back every time, and the table never randomized again.
-        outcome = randomize_in_transaction(conn, slot=(due_at, interval))
+        outcome = randomize_in_transaction(conn, slot=(due_at, interval), at=at)
     return None if outcome is None else _timed(outcome, started)
+
+
+def _wait_for_the_slot_lock(conn: sa.Connection, due_at: dt.datetime, interval: float) -> bool:
+    """Another process's scheduled run holds the lock: wait for its end, up to the half of the
+    slot. True once the lock is this process's and that run rolled back (its daemon stopped
+    mid-run: the slot is still due); False if it committed (this slot's run, or one late for
+    the slot before, which this slot then skips as the overlap it is, as on one daemon);
+    RandomizationInProgressError if it still holds the lock at the half of the slot.
+
+    NOTE: the others used to stand back at once: a run that then rolled back left its slot
+    without a run on every daemon (an audit)."""
+    seen = conn.scalar(sa.select(randomizer_state.c.scheduled_for))
+    wait = (due_at - utcnow()).total_seconds() + interval / 2
+    if wait > 0:
+        # (Local to the transaction; the run's own timeouts are set afterwards.)
+        timeouts = {"statement_timeout": "0", "lock_timeout": str(max(1, int(wait * 1000)))}
+        conn.execute(sa.select(*(sa.func.set_config(name, value, True) for name, value in timeouts.items())))
+        try:
+            with conn.begin_nested():  # a lock wait that times out undoes this much only
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(RANDOMIZE_LOCK_KEY)))
+        except sa.exc.DBAPIError as ex:
+            if getattr(ex.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+                raise
+        else:
+            return conn.scalar(sa.select(randomizer_state.c.scheduled_for)) == seen
+    raise RandomizationInProgressError("another process's randomization still holds the lock at the half of the slot")
+
+
+# SQLSTATE lock_not_available: the lock_timeout ran out.
+_LOCK_NOT_AVAILABLE = "55P03"
 
 
 def _main_file_only(engine: Engine) -> Engine:
@@ -105,9 +137,11 @@ def _timed(outcome: tuple[int, dt.datetime, int], started: float) -> RandomizeRe
 
 
 def randomize_in_transaction(
-    conn: sa.Connection, *, slot: tuple[dt.datetime, float] | None = None
+    conn: sa.Connection, *, slot: tuple[dt.datetime, float] | None = None, at: dt.datetime | None = None
 ) -> tuple[int, dt.datetime, int] | None:
     """The randomization itself, inside the caller's transaction: (epoch, randomized_at, rows).
+
+    `at`: the time to record on PostgreSQL instead of now(), the transaction's start.
 
     With `slot` (due_at, interval): the scheduled run for the boundary due_at, recorded as
     such; None, changing nothing, if one was recorded for it already or for a later one (a
@@ -122,7 +156,7 @@ def randomize_in_transaction(
     its first write (it begins DEFERRED, see _main_file_only)."""
     if is_postgres(conn):
         set_job_timeouts(conn)
-        now: sa.ColumnElement[dt.datetime] | dt.datetime = sa.func.now()
+        now: sa.ColumnElement[dt.datetime] | dt.datetime = sa.func.now() if at is None else at
         points = _POSTGRES_POINTS
     else:
         now = utcnow()

@@ -56,14 +56,14 @@ class Metrics:
         )
         self.randomize_failures = Counter(
             "maxtwo_randomize_failures_total",
-            "Scheduled randomizations that failed (and were retried at the next interval).",
+            "Scheduled randomization runs that failed, a retry within the slot counted as a run of its own.",
             registry=self.registry,
         )
         self.randomize_skipped = Counter(
             "maxtwo_randomize_skipped_total",
             "Scheduled randomizations not performed by this process, by reason: "
             "overlap (its previous run was still going) or elsewhere (another process ran it, or "
-            "was still running one past the first half of the slot).",
+            "was still running one at the half of the slot).",
             ["reason"],
             registry=self.registry,
         )

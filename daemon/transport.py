@@ -276,8 +276,8 @@ class HttpVersionNotSupportedError(Error):
 # waitress's descriptions that name its settings ("exceeds max_header of 32768"), in words a
 # client can act on; any other is shown as waitress wrote it.
 _PLAIN_WORDS = (
-    (re.compile(r"exceeds max_header of (\d+)"), "the request line and headers reach {} bytes, more than this server reads"),
-    (re.compile(r"exceeds max_body of (\d+)"), "the body is over {} bytes, more than this server reads"),
+    (re.compile(r"exceeds max_header of (\d+)"), "the request line and headers reach {} bytes; this server takes less"),
+    (re.compile(r"exceeds max_body of (\d+)"), "the body is {} bytes or more; this server takes less"),
 )
 
 

@@ -64,7 +64,7 @@ _done: list[str] = []
 
 # Click's words for a number option given a word ("'abc' is not a valid int range.", "float
 # range"), in the users' words.
-_NOT_A_NUMBER = re.compile(r"('[^']*') is not a valid (int|integer|float)(?: range)?")
+_NOT_A_NUMBER = re.compile(r"""('[^']*'|"[^"]*") is not a valid (integer|int|float)\b(?: range)?""")
 _NUMBER_KINDS = {"int": "an integer", "integer": "an integer", "float": "a number"}
 
 

@@ -128,6 +128,7 @@ def test_serve_refuses_out_of_range_numbers_before_starting(option, value, tmp_p
         (["serve", "--threads", "1"], {"MAXTWO_THREADS": "8"}, "Invalid value for '--threads': 1 is not"),
         (["serve"], {"MAXTWO_THREADS": "1"}, "'--threads' (env var: 'MAXTWO_THREADS'): 1 is not in the range"),
         (["serve", "--port", "abc"], {}, "Invalid value for '--port': 'abc' is not an integer."),
+        (["serve", "--port", "it's"], {}, """Invalid value for '--port': "it's" is not an integer."""),
         (["serve"], {"MAXTWO_PORT": "abc"}, "(env var: 'MAXTWO_PORT'): 'abc' is not an integer."),
         (["serve", "--interval", "abc"], {}, "Invalid value for '--interval': 'abc' is not a number."),
         (["seed", "--count", "1.5"], {}, "Invalid value for '--count': '1.5' is not an integer."),

@@ -322,6 +322,9 @@ def test_the_scheduler_stops_and_tz_is_left_alone_when_serving_fails(tmp_path, m
 
     monkeypatch.setattr(server_module, "serve_requests", failing)
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}", port=0, seed_count=10, interval=3600)
+    # serve() installs its SIGTERM and SIGINT handlers: the ones before are put back (the
+    # throwaway PostgreSQL's, devtools/pgserver.py, among them).
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     with pytest.raises(RuntimeError, match="died"):
         serve(settings)
     deadline = time.monotonic() + 10
@@ -329,8 +332,8 @@ def test_the_scheduler_stops_and_tz_is_left_alone_when_serving_fails(tmp_path, m
         assert time.monotonic() < deadline, [thread.name for thread in threading.enumerate()]
         time.sleep(0.05)
     assert os.environ["TZ"] == "Europe/Berlin"
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
 
 
 def test_the_scheduled_job_deletes_expired_idempotency_keys_once_an_hour(engine, monkeypatch):
@@ -380,11 +383,17 @@ def test_the_scheduled_job_deletes_expired_idempotency_keys_once_an_hour(engine,
     assert keys() == {"old-key", "new-key"}
 
 
-def test_a_log_message_is_one_line_whatever_a_client_put_in_it(capsys):
+@pytest.mark.parametrize("under_journald", [False, True])
+def test_a_log_message_is_one_line_whatever_a_client_put_in_it(capsys, monkeypatch, under_journald):
     """waitress logs "Client disconnected while serving <path>" with the path decoded as is: a
-    newline in it forged a log line of its own."""
+    newline in it forged a log line of its own. Under journald each line leads with its syslog
+    priority: without it, journald stored every line at "info" (an audit)."""
     import logging
 
+    if under_journald:
+        monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
+    else:
+        monkeypatch.delenv("JOURNAL_STREAM", raising=False)
     root, waitress_log, queue_log = (logging.getLogger(name) for name in ("", "waitress", "waitress.queue"))
     handlers, level, filters, queue_level = root.handlers[:], root.level, waitress_log.filters[:], queue_log.level
     try:
@@ -402,7 +411,12 @@ def test_a_log_message_is_one_line_whatever_a_client_put_in_it(capsys):
         queue_log.setLevel(queue_level)
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].endswith("INFO waitress: Client disconnected while serving /x\\n2026 CRITICAL forged\\x1b[2J")
-    assert lines[1].endswith("ERROR maxtwo: failed\tonce") and lines[2] == "Traceback (most recent call last):"
+    assert lines[1].endswith("ERROR maxtwo: failed\tonce")
+    if under_journald:
+        assert lines[0].startswith("<6>INFO waitress: ") and lines[1].startswith("<3>ERROR maxtwo: ")
+        assert lines[2] == "<3>Traceback (most recent call last):" and all(line.startswith("<3>") for line in lines[2:])
+    else:
+        assert lines[0][:4].isdigit() and lines[2] == "Traceback (most recent call last):"  # (a time first)
 
 
 def test_a_cleanup_out_of_time_goes_on_after_the_next_slot_and_stops_at_a_stop_request(engine, monkeypatch):

@@ -306,9 +306,9 @@ def test_the_errors_waitress_answers_itself_are_json_in_the_apps_shape(request_b
 
 def test_waitress_s_limits_are_described_in_plain_words():
     assert transport._in_plain_words("exceeds max_header of 32768") == (
-        "the request line and headers reach 32768 bytes, more than this server reads")
+        "the request line and headers reach 32768 bytes; this server takes less")
     assert transport._in_plain_words("exceeds max_body of 65536") == (
-        "the body is over 65536 bytes, more than this server reads")
+        "the body is 65536 bytes or more; this server takes less")
     assert transport._in_plain_words("Start line is invalid") == "Start line is invalid"
 
 

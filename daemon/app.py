@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -28,6 +26,7 @@ from daemon.resources import (
     WriteHealth,
     parse_increment,
 )
+from daemon.throttle import LogThrottle
 from maxtwo_cli.core import db
 from maxtwo_cli.core.counters import Applied, Increment
 from maxtwo_cli.core.errors import DatabaseBusyError, DatabaseUnavailableError, MaxtwoError
@@ -260,30 +259,17 @@ def _allow_options_too(resp: falcon.Response) -> None:
 
 class DatabaseUnavailableAnswers:
     """The error handler for MaxtwoError: 503 with Retry-After, and a log line at most once every
-    LOG_SECONDS, which counts the 503s left out since the one before.
-
-    NOTE: a line for each was 1,400 lines a second from 4 clients during an outage: past
-    journald's rate limit (10,000 lines in 30 s by default), which then drops the lines that
-    tell the outage (the scheduler's, the health check's). Every 503 is counted in
-    maxtwo_http_requests_total."""
+    LOG_SECONDS (LogThrottle), which counts the 503s left out since the one before. Every 503
+    is counted in maxtwo_http_requests_total."""
 
     LOG_SECONDS = 10.0
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._logged_at = -math.inf
-        self._unlogged = 0
+        self._throttle = LogThrottle(self.LOG_SECONDS, clock)
 
     def __call__(self, req: falcon.Request, resp: falcon.Response, ex: MaxtwoError, params: dict) -> None:
-        with self._lock:
-            now = self._clock()
-            logging_this = now - self._logged_at >= self.LOG_SECONDS
-            if logging_this:
-                unlogged, self._unlogged, self._logged_at = self._unlogged, 0, now
-            else:
-                self._unlogged += 1
-        if logging_this:
+        unlogged = self._throttle.admit()
+        if unlogged is not None:
             more = f" ({unlogged} more 503{'s' * (unlogged > 1)} for the database since the last such line)" if unlogged else ""
             # APPSEC: the detail (host, database, driver message) goes to the log, not to the
             # client. The path as its repr (\x00, \n, \x1b escaped): a client chooses it, and a

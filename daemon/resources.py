@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 from daemon.batcher import Batcher, IncrementKind, QueryKind, QueueFullError
 from daemon.metrics import Metrics
 from daemon.openapi import openapi_document
+from daemon.throttle import LogThrottle
 from maxtwo_cli.core.counters import (
     CounterOverflowError,
     IdempotencyKeyReusedError,
@@ -344,16 +345,27 @@ class CounterResource:
 class HealthResource:
     """GET /healthz: 200 when the database answers and would take maxtwo's writes, 503 when not."""
 
+    # A failed check's log line, at most once in this many seconds (any client may probe at any
+    # rate: a line each was 1,170 lines a second from 4 clients, past journald's rate limit).
+    LOG_SECONDS = 10.0
+
     def __init__(self, engine: Engine, reads: DatabaseReads, writes: WriteHealth) -> None:
         self._engine = engine
         self._reads = reads
         self._writes = writes
+        self._throttle = LogThrottle(self.LOG_SECONDS)
+
+    def _log_failure(self, why: str) -> None:
+        held_back = self._throttle.admit()
+        if held_back is not None:
+            more = f" ({held_back} more failed health check{'s' * (held_back > 1)} since the last such line)" if held_back else ""
+            log.warning("health check failed: %s%s", why, more)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         failing_for = self._writes.failing_for()
         if failing_for is not None:
             # NOTE: GET / and POST /increment answer 503 meanwhile (each logged, with why).
-            log.warning("health check failed: every write of this server failed for %.0f s", failing_for)
+            self._log_failure(f"every write of this server failed for {failing_for:.0f} s")
             resp.status = falcon.HTTP_503
             resp.set_header("Retry-After", str(RETRY_AFTER_SECONDS))
             resp.media = {"status": "unavailable",
@@ -363,7 +375,7 @@ class HealthResource:
             with self._reads.room():
                 refused = writes_refused(self._engine)  # asks the database: it answers, or this raises
         except MaxtwoError as ex:
-            log.warning("health check failed: %s", ex)
+            self._log_failure(str(ex))
             resp.status = falcon.HTTP_503
             resp.set_header("Retry-After", str(RETRY_AFTER_SECONDS))
             # A full read room is said as such: the database may answer, slowly, or not at all.
@@ -374,7 +386,7 @@ class HealthResource:
         if refused is not None:
             # NOTE: a database that answers but refuses every write serves nothing: GET / and
             # POST /increment answer 503 meanwhile, so the health check must say so too.
-            log.warning("health check failed: the database refuses writes: %s", refused)
+            self._log_failure(f"the database refuses writes: {refused}")
             resp.status = falcon.HTTP_503
             resp.set_header("Retry-After", str(RETRY_AFTER_SECONDS))
             resp.media = {"status": "unavailable", "description": "the database answers but refuses this server's writes"}

@@ -82,7 +82,8 @@ class Metrics:
         )
         self.increments_rejected = Counter(
             "maxtwo_increments_rejected_total",
-            "POST /increment requests refused, by reason.",
+            "POST /increment requests refused by the app, by reason (a body of 64 KiB or more is refused by the "
+            "server before the app sees it: maxtwo_http_refused_total).",
             ["reason"],
             registry=self.registry,
         )

@@ -265,12 +265,11 @@ class DatabaseUnavailableAnswers:
     LOG_SECONDS = 10.0
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._throttle = LogThrottle(self.LOG_SECONDS, clock)
+        self._throttle = LogThrottle(self.LOG_SECONDS, ("503 for the database", "503s for the database"), clock)
 
     def __call__(self, req: falcon.Request, resp: falcon.Response, ex: MaxtwoError, params: dict) -> None:
-        unlogged = self._throttle.admit()
-        if unlogged is not None:
-            more = f" ({unlogged} more 503{'s' * (unlogged > 1)} for the database since the last such line)" if unlogged else ""
+        more = self._throttle.admit()
+        if more is not None:
             # APPSEC: the detail (host, database, driver message) goes to the log, not to the
             # client. The path as its repr (\x00, \n, \x1b escaped): a client chooses it, and a
             # newline in it would forge a log line of its own, an escape sequence drive an

@@ -353,12 +353,11 @@ class HealthResource:
         self._engine = engine
         self._reads = reads
         self._writes = writes
-        self._throttle = LogThrottle(self.LOG_SECONDS)
+        self._throttle = LogThrottle(self.LOG_SECONDS, ("failed health check", "failed health checks"))
 
     def _log_failure(self, why: str) -> None:
-        held_back = self._throttle.admit()
-        if held_back is not None:
-            more = f" ({held_back} more failed health check{'s' * (held_back > 1)} since the last such line)" if held_back else ""
+        more = self._throttle.admit()
+        if more is not None:
             log.warning("health check failed: %s%s", why, more)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:

@@ -103,7 +103,7 @@ class Metrics:
         )
         self.batch_queue_depth = Gauge(
             "maxtwo_batch_queue_depth",
-            "Writes (queries, increments) waiting for a batch.",
+            "Writes (queries, increments) waiting for a batch: in the lane's queue or their batcher's.",
             registry=self.registry,
         )
 

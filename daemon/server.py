@@ -191,6 +191,8 @@ def serve_requests(
         app = create_app(settings, request_engine, metrics=metrics, batchers=batchers, writes=writes)
         server = open_transport(app, listener, settings.threads, batched_routes(batchers), options,
                                 on_refused=lambda status: metrics.http_refused.labels(status=str(status)).inc())
+        # GET / and POST /increment wait in the lanes' queues before their batchers': both count.
+        metrics.batch_queue_depth.set_function(lambda: batchers.pending() + server.lane_waiting())
         watchdog = Watchdog(
             interval=systemd.watchdog_interval(),
             loop_stale_after=LOOP_STALE_SECONDS,

@@ -728,6 +728,10 @@ class Transport:
             server.handle_accept = lambda: accept_waiting(server, accept_one)
         self._change_poller = change_poller and quiet_channel and ChangePoller.available()
 
+    def lane_waiting(self) -> int:
+        """Requests queued in the lanes, not yet in a batch (0: no lanes)."""
+        return self._lane_dispatcher.waiting() if self._lane_dispatcher is not None else 0
+
     def lane_busy_for(self) -> float:
         """Seconds the lane thread has been at its current turn (0: it waits for requests, or no lanes)."""
         return self._lane_dispatcher.busy_for() if self._lane_dispatcher is not None else 0.0
@@ -931,6 +935,10 @@ class LaneDispatcher(ThreadedTaskDispatcher):
             for channel in pending:
                 channel.cancel()
         return result
+
+    def waiting(self) -> int:
+        """Requests queued in the lanes, not yet in a batch. (A deque's length is read whole.)"""
+        return sum(len(lane.queue) for lane in self._lanes)
 
     def busy_for(self) -> float:
         """Seconds the lane thread has been at its current turn (0: it waits for requests):

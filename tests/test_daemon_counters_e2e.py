@@ -17,6 +17,7 @@ import urllib.parse
 from collections import Counter, defaultdict
 
 import pytest
+import sqlalchemy as sa
 
 from devtools.pgserver import ThrowawayPostgres
 from maxtwo_cli.core import db
@@ -532,3 +533,35 @@ def test_sigterm_under_load_answers_every_request_it_read(database_url, tmp_path
     # Nothing the daemon acknowledged is lost, and nothing it did not read was applied: a
     # request without an answer is one it never read (the drain answers every one it did).
     assert totals == {key: acked[key] for key in keys}, (totals, dict(acked), dict(unanswered))
+
+
+def test_the_queue_depth_counts_the_increments_waiting_in_the_lane(postgres_url, tmp_path):
+    """maxtwo_batch_queue_depth read 0 while 100 requests waited (an audit): they wait in the
+    lane's queue behind its batch in flight, and only the batchers' queues were counted. Here a
+    counter's row lock holds the batch in flight."""
+    engine = db.create_engine(Settings(database_url=postgres_url, statement_timeout=30))  # idle in a transaction
+    with ServeProcess(postgres_url, interval=3600, seed_count=10) as daemon, engine.connect() as holder:
+        daemon.start(tmp_path / "serve.log")
+        assert daemon.post("/increment", body("held", 1), JSON)[0] == 202
+        holder.execute(sa.text("SELECT value FROM counters WHERE key = 'held' FOR UPDATE"))  # until rollback
+        statuses: list[int] = []
+        senders = [threading.Thread(target=lambda: statuses.append(daemon.post("/increment", body("held", 1), JSON,
+                                                                                timeout=30)[0]))
+                   for _ in range(6)]
+        try:
+            senders[0].start()  # the batch in flight, waiting for the lock
+            time.sleep(0.5)
+            for sender in senders[1:]:
+                sender.start()
+            deadline = time.monotonic() + 3  # (within the daemon's 5 s statement timeout)
+            while daemon.metric("maxtwo_batch_queue_depth") < 5 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            depth = daemon.metric("maxtwo_batch_queue_depth")
+        finally:
+            holder.rollback()
+        for sender in senders:
+            sender.join(30)
+        assert daemon.terminate() == 0
+    engine.dispose()
+    assert depth == 5  # the five behind the batch in flight
+    assert statuses == [202] * 6

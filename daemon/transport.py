@@ -689,6 +689,7 @@ class Transport:
     (accept_waiting()); off only to measure what it is worth.
     `on_refused(status)`: called for each request waitress answers itself, refused before the
     app saw it (JsonErrorTask), with its status code: the app never counts those.
+    `arrival_key`: see LaneDispatcher (with lanes only).
     """
 
     def __init__(
@@ -703,11 +704,12 @@ class Transport:
         one_pull: bool = True,
         accept_backlog: bool = True,
         on_refused: Callable[[int], None] | None = None,
+        arrival_key: str | None = None,
     ) -> None:
         lanes = list(lanes)
         dispatcher = None
         if lanes:
-            dispatcher = LaneDispatcher(lanes, one_pull=one_pull)
+            dispatcher = LaneDispatcher(lanes, one_pull=one_pull, arrival_key=arrival_key)
             dispatcher.set_thread_count(threads)
         self._lane_dispatcher = dispatcher
         self.server: BaseWSGIServer = waitress.create_server(
@@ -876,9 +878,12 @@ class LaneDispatcher(ThreadedTaskDispatcher):
     routes at once, and twice the p99 (bench/NOTES.md).
     """
 
-    def __init__(self, lanes: Iterable[Lane], *, one_pull: bool = True) -> None:
+    def __init__(self, lanes: Iterable[Lane], *, one_pull: bool = True, arrival_key: str | None = None) -> None:
+        """`arrival_key`: the environ entry that tells the app when a request for the request
+        threads arrived (perf_counter), as Lane.environ_for does for the lanes' requests."""
         super().__init__()
         self._one_pull = one_pull
+        self._arrival_key = arrival_key
         self._lanes = [_LaneQueue(lane) for lane in lanes]
         self._lane_of = {route: lane for lane in self._lanes for route in lane.spec.routes}
         self._lane_lock = threading.Lock()
@@ -901,6 +906,12 @@ class LaneDispatcher(ThreadedTaskDispatcher):
                 if lane.in_flight is None:
                     self._lane_ready.notify()
             return
+        if self._arrival_key is not None:
+            # NOTE: while every request thread is busy, a request waits here for one; the app's
+            # latency (its histogram) left that wait out (an audit). `task` is the channel
+            # (waitress's name), whose one request answered at a time takes this with its
+            # environ (LaneTask).
+            task.lane_environ = {self._arrival_key: time.perf_counter()}
         super().add_task(task)
 
     def _lane_for(self, channel) -> _LaneQueue | None:
@@ -1031,14 +1042,17 @@ class LaneDispatcher(ThreadedTaskDispatcher):
         with poller.one_pull() if poller is not None else contextlib.nullcontext():
             for spec, queued, outcomes in answers:
                 for (channel, arrived), outcome in zip(queued, outcomes, strict=True):
-                    channel.lane_environ = spec.environ_for(outcome, arrived)
+                    environ = channel.lane_environ = spec.environ_for(outcome, arrived)
                     try:
                         channel.service()
                     except BaseException:
                         # As waitress's own request threads: log it and go on with the rest.
                         log.exception("Exception when servicing %r", channel)
                     finally:
-                        channel.lane_environ = None
+                        # Unless taken (LaneTask), or already the arrival of the request behind
+                        # it, handed to a request thread (add_task).
+                        if channel.lane_environ is environ:
+                            channel.lane_environ = None
 
 
 class _LaneQueue:

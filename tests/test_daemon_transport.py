@@ -904,7 +904,10 @@ def test_a_request_pipelined_behind_a_lane_request_gets_none_of_its_environ(monk
                 sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
                              b"GET /other HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 assert read_all(sock).count(b"HTTP/1.1 200") == 2
-    assert seen == [{}] * 20
+                # Its own arrival (when it was handed to a request thread), never the lane
+                # request's (which comes with its outcome), nor none (the lane's cleanup).
+                assert list(seen[-1]) == [ARRIVED_AT]
+    assert len(seen) == 20
 
 
 # --- the serving loop ----------------------------------------------------------------------
@@ -1593,3 +1596,32 @@ def test_a_client_that_shuts_its_end_after_its_request_gets_its_answer_at_a_drai
         drained.join(10)
         sock.close()
     assert answer.startswith(b"HTTP/1.0 200") and answer.endswith(b"hello")
+
+
+def test_a_request_for_the_threads_carries_its_arrival_for_the_app_s_latency():
+    """While every request thread was busy, a request's wait for one was left out of the
+    latency histogram (an audit: 1.4 ms there against 65 ms seen by the client)."""
+    seen: list[tuple[float | None, float]] = []
+
+    def slow(environ, start_response):
+        seen.append((environ.get(ARRIVED_AT), time.perf_counter()))
+        time.sleep(0.3)
+        start_response("200 OK", [("Content-Length", "0")])
+        return [b""]
+
+    [lane] = lanes_for(lambda requests, wake: len(requests), ready, lambda size, timeout: [None] * size,
+                       max_batch=256, max_wait=10)
+    with running(slow, lanes=[lane], threads=2) as served:
+        def get() -> None:
+            connection = served.connect()
+            connection.request("GET", "/healthz")
+            connection.getresponse().read()
+
+        clients = [threading.Thread(target=get) for _ in range(3)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(10)
+    assert len(seen) == 3 and all(arrived is not None for arrived, _ in seen)
+    # The third waited for one of the two threads: about 0.3 s between its arrival and its start.
+    assert max(started - arrived for arrived, started in seen) > 0.2

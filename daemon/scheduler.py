@@ -236,16 +236,17 @@ class RandomizeScheduler:
             return
         if result is None:
             self._metrics.randomize_skipped.labels(reason="elsewhere").inc()
-            log.info("randomization due at %s: done already (by another daemon, or before a restart)", due_at)
+            log.info("randomization due at %s: done already (by another daemon, or before a restart), or another "
+                     "daemon's run for the slot before ended after this boundary", due_at)
             return
         self._metrics.randomize_duration.observe(result.seconds)
         # By this process's clock, as Prometheus's time() and alerts read it: randomized_at is
         # the database's clock on PostgreSQL, which may be set otherwise.
         self._metrics.randomize_last_success.set(self._clock())
         self._metrics.epoch.set(result.epoch)
-        log.info(
-            "randomized %d users in %.3f s (epoch %d)", result.rows, result.seconds, result.epoch
-        )
+        # (A run elsewhere that rolled back, its daemon stopped mid-run: this slot taken over.)
+        waited = f", after {result.waited:.1f} s waiting for another process's run, which rolled back" if result.waited else ""
+        log.info("randomized %d users in %.3f s (epoch %d)%s", result.rows, result.seconds, result.epoch, waited)
         if result.seconds > self._interval / 2:
             log.warning(
                 "randomization took %.1f s, more than half the %g s interval",

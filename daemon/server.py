@@ -47,6 +47,7 @@ from maxtwo_cli import __version__
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.counters import delete_expired_idempotency_keys
 from maxtwo_cli.core.errors import AlreadySeededError, DatabaseUnavailableError, MaxtwoError
+from maxtwo_cli.core.journal import stderr_is_journal
 from maxtwo_cli.core.randomize import RandomizeResult, randomize_if_due
 from maxtwo_cli.core.seed import has_users, seed_users
 from maxtwo_cli.core.settings import Settings
@@ -254,6 +255,7 @@ def open_transport(
         one_pull=options.one_pull,
         accept_backlog=options.accept_backlog,
         on_refused=on_refused,
+        arrival_key=ARRIVED_AT,
     )
 
 
@@ -300,7 +302,7 @@ def prepare_database(engine: Engine, settings: Settings) -> None:
 
 def configure_logging() -> None:
     """One line per event on stderr; journald adds its own timestamps."""
-    under_journald = bool(os.environ.get("JOURNAL_STREAM"))
+    under_journald = stderr_is_journal()
     fmt = "%(levelname)s %(name)s: %(message)s"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JournalFormatter(fmt) if under_journald else OneLineFormatter("%(asctime)s " + fmt))
@@ -378,21 +380,25 @@ def scheduled_job(engine: Engine, interval: float, stopping: Callable[[], bool] 
         # timeouts); every daemon does it, and a DELETE of what is already gone costs nothing.
         cleanup = left_over or due_at.timestamp() % IDEMPOTENCY_CLEANUP_SECONDS < interval
         try:
-            return randomize_if_due(engine, due_at=due_at, interval=interval)
+            return randomize_if_due(engine, due_at=due_at, interval=interval, stopping=stopping)
         except DatabaseUnavailableError:
             cleanup = False
             raise
         finally:
             if cleanup:
-                left_over = not forget_expired_idempotency_keys(engine, interval, stopping)
+                # Its share of the interval, and never past the next boundary: after a wait for
+                # another daemon's run (up to half the interval) and its own, this daemon would
+                # skip that boundary's run as an overlap.
+                seconds = min(interval * CLEANUP_SHARE, due_at.timestamp() + interval - time.time())
+                left_over = not forget_expired_idempotency_keys(engine, seconds, stopping)
 
     return job
 
 
-def forget_expired_idempotency_keys(engine: Engine, interval: float, stopping: Callable[[], bool]) -> bool:
-    """Delete expired Idempotency-Keys for a cleanup's time at most (and not past a stop
-    request); whether none is left."""
-    deadline = time.monotonic() + interval * CLEANUP_SHARE
+def forget_expired_idempotency_keys(engine: Engine, seconds: float, stopping: Callable[[], bool]) -> bool:
+    """Delete expired Idempotency-Keys for about `seconds` at most (one chunk at least), and
+    not past a stop request; whether none is left."""
+    deadline = time.monotonic() + seconds
     try:
         forgotten = delete_expired_idempotency_keys(
             engine, go_on=lambda: time.monotonic() < deadline and not stopping()

@@ -34,6 +34,7 @@ import typer.core
 
 from maxtwo_cli import __version__
 from maxtwo_cli.core.errors import ConfigurationError, MaxtwoError
+from maxtwo_cli.core.journal import ERROR_PREFIX, stderr_is_journal
 from maxtwo_cli.core.redaction import mask_secret_syntax
 from maxtwo_cli.core.settings import (
     DEFAULT_SEED_COUNT,
@@ -694,7 +695,10 @@ def _reported_errors(settings: Settings) -> Iterator[None]:
 
 
 def _fail(message: str, settings: Settings) -> NoReturn:
-    _console(stderr=True).print(f"Error: {_scrub(message, settings)}", markup=False, highlight=False, soft_wrap=True)
+    # Under systemd (`maxtwo serve` failing to start), journald stores the line as an error.
+    prefix = ERROR_PREFIX if stderr_is_journal() else ""
+    _console(stderr=True).print(f"{prefix}Error: {_scrub(message, settings)}", markup=False, highlight=False,
+                                soft_wrap=True)
     raise typer.Exit(1) from None
 
 

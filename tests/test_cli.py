@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -142,6 +143,19 @@ def test_a_bad_number_says_where_it_came_from_in_plain_words(args, env, expected
     assert_one_line_error(result, expected, exit_code=2)
     if not env:
         assert "env var" not in result.stderr
+
+
+def test_an_error_on_the_journal_s_stream_is_stored_as_an_error(tmp_path):
+    """`maxtwo serve` failing to start under systemd: its one line went to the journal at
+    "info", and `journalctl -p warning` missed it (a review)."""
+    stderr_path = tmp_path / "stderr"
+    with stderr_path.open("w") as stderr:
+        found = os.fstat(stderr.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{found.st_dev}:{found.st_ino}", "MAXTWO_DEBUG": ""}
+        done = subprocess.run([sys.executable, "-m", "maxtwo_cli", "query", "--database-url", "mysql://u@h/db"],
+                              stderr=stderr, stdout=subprocess.DEVNULL, env=env, timeout=60, check=False)
+    assert done.returncode == 1
+    assert stderr_path.read_text().startswith("<3>Error: unsupported database 'mysql'")
 
 
 def test_unknown_option_is_a_usage_error():

@@ -7,11 +7,13 @@ import time
 import pytest
 import sqlalchemy as sa
 
+from maxtwo_cli.core import db
 from maxtwo_cli.core import randomize as randomize_module
 from maxtwo_cli.core.clock import utcnow
 from maxtwo_cli.core.errors import MaxtwoError, RandomizationInProgressError
 from maxtwo_cli.core.randomize import RANDOMIZE_LOCK_KEY, randomize_if_due, randomize_points
 from maxtwo_cli.core.seed import seed_users
+from maxtwo_cli.core.settings import Settings
 from tests.conftest import is_postgres_url
 from tests.helpers import distinct_updated_at, points_histogram, state, user_rows
 
@@ -271,6 +273,47 @@ def test_randomize_if_due_waits_for_the_run_that_holds_the_lock(postgres_engine,
         assert outcome["result"] is not None and state(postgres_engine).epoch == epoch + 1
         assert outcome["result"].randomized_at >= released_at - dt.timedelta(seconds=0.2)
         assert outcome["result"].seconds < 5  # the wait is no part of the run's time
+        assert outcome["result"].waited >= 0.5  # but said apart
+
+
+def test_the_wait_is_no_transaction_s_timeout(postgres_engine, postgres_url):
+    """A role's transaction_timeout (PostgreSQL 17 on) ended the waiting transaction as the
+    lock came free, and the slot failed on that daemon (a review)."""
+    seed_users(postgres_engine, 100)
+    url = sa.make_url(postgres_url)
+    url = url.update_query_dict({"options": f"{url.query['options']} -ctransaction_timeout=1000"})
+    waiting_engine = db.create_engine(Settings(database_url=url.render_as_string(hide_password=False)))
+    due_at = utcnow()
+    with postgres_engine.connect() as holder:
+        holder.execute(sa.select(sa.func.pg_advisory_xact_lock(RANDOMIZE_LOCK_KEY)))
+        waiter, outcome = in_a_thread(lambda: randomize_if_due(waiting_engine, due_at=due_at, interval=60))
+        time.sleep(1.5)  # past the role's transaction_timeout
+        holder.rollback()
+        waiter.join(10)
+    waiting_engine.dispose()
+    assert outcome.get("result") is not None, outcome
+
+
+def test_a_stop_request_ends_the_wait_for_another_process_s_run(postgres_engine):
+    """The wait went on to the half of the slot (up to 30 s) after SIGTERM, and the stopping
+    daemon could start a run once the lock came free (a review)."""
+    seed_users(postgres_engine, 100)
+    stop = threading.Event()
+    with postgres_engine.connect() as holder:
+        holder.execute(sa.select(sa.func.pg_advisory_xact_lock(RANDOMIZE_LOCK_KEY)))
+        waiter, outcome = in_a_thread(
+            lambda: randomize_if_due(postgres_engine, due_at=utcnow(), interval=60, stopping=stop.is_set))
+        time.sleep(0.3)
+        stopped_at = time.monotonic()
+        stop.set()
+        waiter.join(10)
+        ended_after = time.monotonic() - stopped_at
+        epoch = state(postgres_engine).epoch
+        holder.rollback()
+    assert isinstance(outcome.get("error"), RandomizationInProgressError) and "stops" in str(outcome["error"])
+    assert ended_after < 2.5  # a lock wait of a second at most at a time
+    time.sleep(0.2)
+    assert state(postgres_engine).epoch == epoch  # and no run once the lock came free
 
 
 def test_randomize_if_due_waits_no_longer_than_the_half_of_the_slot(postgres_engine):

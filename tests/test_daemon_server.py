@@ -383,17 +383,20 @@ def test_the_scheduled_job_deletes_expired_idempotency_keys_once_an_hour(engine,
     assert keys() == {"old-key", "new-key"}
 
 
-@pytest.mark.parametrize("under_journald", [False, True])
-def test_a_log_message_is_one_line_whatever_a_client_put_in_it(capsys, monkeypatch, under_journald):
+@pytest.mark.parametrize("journal_stream", [None, "inherited", "stderr"])
+def test_a_log_message_is_one_line_whatever_a_client_put_in_it(capsys, monkeypatch, journal_stream):
     """waitress logs "Client disconnected while serving <path>" with the path decoded as is: a
     newline in it forged a log line of its own. Under journald each line leads with its syslog
-    priority: without it, journald stored every line at "info" (an audit)."""
+    priority: without it, journald stored every line at "info" (an audit); not when stderr is
+    not the journal's stream, though the variable was inherited (a redirect, a terminal)."""
     import logging
 
-    if under_journald:
-        monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
-    else:
+    under_journald = journal_stream == "stderr"
+    if journal_stream is None:
         monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    else:
+        found = os.fstat(2)  # (capsys replaces sys.stderr, not the process's fd 2)
+        monkeypatch.setenv("JOURNAL_STREAM", f"{found.st_dev}:{found.st_ino + (journal_stream == 'inherited')}")
     root, waitress_log, queue_log = (logging.getLogger(name) for name in ("", "waitress", "waitress.queue"))
     handlers, level, filters, queue_level = root.handlers[:], root.level, waitress_log.filters[:], queue_log.level
     try:

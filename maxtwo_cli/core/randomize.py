@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import time
+from collections.abc import Callable
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -39,6 +40,8 @@ class RandomizeResult:
     seconds: float
     epoch: int
     randomized_at: dt.datetime
+    # Seconds a scheduled run waited, before its own, for another process's that rolled back.
+    waited: float = 0.0
 
     @property
     def rows_per_second(self) -> float:
@@ -59,7 +62,7 @@ def randomize_points(engine: Engine) -> RandomizeResult:
 
 
 def randomize_if_due(
-    engine: Engine, *, due_at: dt.datetime, interval: float
+    engine: Engine, *, due_at: dt.datetime, interval: float, stopping: Callable[[], bool] = lambda: False
 ) -> RandomizeResult | None:
     """The scheduled randomization: run it unless another process already did for this slot.
 
@@ -70,40 +73,50 @@ def randomize_if_due(
     run (`scheduled_for`) turns them away. Slots are the daemons' own boundaries, so neither
     the database's clock nor a manual `maxtwo randomize` earlier in the interval stands in for
     a scheduled run; the daemons' clocks need only agree within half an interval. Returns None
-    when it did not run.
+    when it did not run. `stopping()`: true once the process is to stop; a wait for another
+    process's run ends then (RandomizationInProgressError).
     """
     started = time.perf_counter()
     with database_errors(engine), write_behind(sqlite_main_files(engine)), _main_file_only(engine).begin() as conn:
-        at = None
-        if is_postgres(conn) and not conn.scalar(sa.select(sa.func.pg_try_advisory_xact_lock(RANDOMIZE_LOCK_KEY))):
-            if not _wait_for_the_slot_lock(conn, due_at, interval):
-                return None
-            # The run starts now: its duration, and the time it records (now() is the
-            # transaction's start, before the wait).
-            started = time.perf_counter()
-            at = conn.scalar(sa.select(sa.func.clock_timestamp()))
+        at, waited = None, 0.0
+        if is_postgres(conn):
+            # The slot recorded last, read with the lock's try in one statement (one snapshot):
+            # read after it, a run that committed in between would seem to have rolled back.
+            locked, seen = conn.execute(sa.select(sa.func.pg_try_advisory_xact_lock(RANDOMIZE_LOCK_KEY),
+                                                  randomizer_state.c.scheduled_for)).one()
+            if not locked:
+                if not _wait_for_the_slot_lock(conn, due_at, interval, stopping):
+                    return None
+                if conn.scalar(sa.select(randomizer_state.c.scheduled_for)) != seen:
+                    return None  # that run committed
+                # That run rolled back: this one starts now, its duration and the time it
+                # records (now() is the transaction's start, before the wait).
+                waited, started = time.perf_counter() - started, time.perf_counter()
+                at = conn.scalar(sa.select(sa.func.clock_timestamp()))
         # NOTE: no time bound on its statements, as for `maxtwo randomize`: a run longer than
         # the interval makes the next slot skip (the scheduler), while one cut off at the
         # interval's end was rolled back every time, and the table never randomized again.
         outcome = randomize_in_transaction(conn, slot=(due_at, interval), at=at)
-    return None if outcome is None else _timed(outcome, started)
+    return None if outcome is None else dataclasses.replace(_timed(outcome, started), waited=waited)
 
 
-def _wait_for_the_slot_lock(conn: sa.Connection, due_at: dt.datetime, interval: float) -> bool:
+def _wait_for_the_slot_lock(
+    conn: sa.Connection, due_at: dt.datetime, interval: float, stopping: Callable[[], bool]
+) -> bool:
     """Another process's scheduled run holds the lock: wait for its end, up to the half of the
-    slot. True once the lock is this process's and that run rolled back (its daemon stopped
-    mid-run: the slot is still due); False if it committed (this slot's run, or one late for
-    the slot before, which this slot then skips as the overlap it is, as on one daemon);
-    RandomizationInProgressError if it still holds the lock at the half of the slot.
+    slot. True once the lock is this process's (the caller tells from `scheduled_for` whether
+    that run committed: this slot's, or one late for the slot before, which this slot then
+    skips as the overlap it is, as on one daemon; or rolled back, its daemon stopped mid-run:
+    the slot is still due). RandomizationInProgressError if that run still holds it at the half
+    of the slot, or once stopping() (the slot is left to the others).
 
     NOTE: the others used to stand back at once: a run that then rolled back left its slot
-    without a run on every daemon (an audit)."""
-    seen = conn.scalar(sa.select(randomizer_state.c.scheduled_for))
-    wait = (due_at - utcnow()).total_seconds() + interval / 2
-    if wait > 0:
-        # (Local to the transaction; the run's own timeouts are set afterwards.)
-        timeouts = {"statement_timeout": "0", "lock_timeout": str(max(1, int(wait * 1000)))}
-        conn.execute(sa.select(*(sa.func.set_config(name, value, True) for name, value in timeouts.items())))
+    without a run on every daemon (an audit). The wait is a lock wait bounded by lock_timeout,
+    a second at a time, so that a stop request ends it within a second."""
+    set_job_timeouts(conn)  # no statement or transaction timeout meanwhile (a role's default)
+    until = due_at + dt.timedelta(seconds=interval / 2)
+    while not stopping() and (left := (until - utcnow()).total_seconds()) > 0:
+        conn.execute(sa.select(sa.func.set_config("lock_timeout", str(max(1, int(min(left, 1.0) * 1000))), True)))
         try:
             with conn.begin_nested():  # a lock wait that times out undoes this much only
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(RANDOMIZE_LOCK_KEY)))
@@ -111,8 +124,11 @@ def _wait_for_the_slot_lock(conn: sa.Connection, due_at: dt.datetime, interval: 
             if getattr(ex.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
                 raise
         else:
-            return conn.scalar(sa.select(randomizer_state.c.scheduled_for)) == seen
-    raise RandomizationInProgressError("another process's randomization still holds the lock at the half of the slot")
+            if not stopping():
+                return True
+            break
+    why = "this process stops" if stopping() else "it still holds the lock at the half of the slot"
+    raise RandomizationInProgressError(f"another process's randomization is going, and {why}")
 
 
 # SQLSTATE lock_not_available: the lock_timeout ran out.

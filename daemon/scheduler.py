@@ -113,6 +113,10 @@ class RandomizeScheduler:
         self._loop_thread = threading.Thread(target=self._loop, name="maxtwo-scheduler", daemon=True)
         self._loop_thread.start()
 
+    def stopping(self) -> bool:
+        """Whether a stop was requested (request_stop)."""
+        return self._stop.is_set()
+
     def request_stop(self) -> None:
         """Start no run from now on (one already running goes on); stop() waits for the end."""
         self._stop.set()
@@ -218,7 +222,10 @@ class RandomizeScheduler:
     def _run(self, slot: float, due_at: dt.datetime) -> None:
         try:
             result = self._job(due_at)
-        except RandomizationInProgressError:
+        except RandomizationInProgressError as ex:
+            if ex.stopping:
+                log.info("randomization due at %s: not waited for further: this daemon stops", due_at)
+                return
             # Not failed: the job waited for that run up to the half of the slot.
             self._metrics.randomize_skipped.labels(reason="elsewhere").inc()
             log.info("randomization due at %s: left to another process's run, still going at the half of the slot",

@@ -530,6 +530,18 @@ def test_a_slot_left_to_another_process_s_run_is_counted_as_skipped_not_failed(m
     assert "left to another process's run, still going at the half of the slot" in caplog.text
 
 
+def test_a_wait_ended_by_a_stop_is_neither_skipped_nor_failed(monkeypatch, caplog):
+    """It said the other run was still going at the half of the slot (a review): unknown."""
+    def behaviour(number):
+        raise RandomizationInProgressError("this process stops", stopping=True)
+
+    recorder, metrics = run_two_slots_of_60_s(behaviour, monkeypatch, caplog)
+    assert len(recorder.calls) == 2  # (no retry)
+    assert sample(metrics, "maxtwo_randomize_skipped_total", reason="elsewhere") == 0
+    assert sample(metrics, "maxtwo_randomize_failures_total") == 0
+    assert "not waited for further: this daemon stops" in caplog.text and "left to another" not in caplog.text
+
+
 def test_a_run_done_elsewhere_is_counted_as_skipped(monkeypatch):
     start, end, interval = 1000.0, 1030.0, 10
     recorder: Recorder

@@ -336,6 +336,19 @@ def test_the_scheduler_stops_and_tz_is_left_alone_when_serving_fails(tmp_path, m
         signal.signal(signum, handler)
 
 
+def job_run_after_its_boundary(engine, interval: float, **kwargs):
+    """The scheduler's job, each call run `after` seconds (1 by default) past the slot's
+    boundary by its clock."""
+    clock = [0.0]
+    run = server_module.scheduled_job(engine, interval, clock=lambda: clock[0], **kwargs)
+
+    def job(due_at, after: float = 1.0):
+        clock[0] = due_at.timestamp() + after
+        return run(due_at)
+
+    return job
+
+
 def test_the_scheduled_job_deletes_expired_idempotency_keys_once_an_hour(engine, monkeypatch):
     import datetime as dt
 
@@ -363,7 +376,7 @@ def test_the_scheduled_job_deletes_expired_idempotency_keys_once_an_hour(engine,
 
     add_expired_key()
     increment(engine, "c", 1, idempotency_key="new-key")
-    job = server_module.scheduled_job(engine, 60)
+    job = job_run_after_its_boundary(engine, 60)
     job(dt.datetime(2026, 12, 3, 18, 1, tzinfo=dt.UTC))  # not at a full hour: kept
     assert keys() == {"old-key", "new-key"}
     job(dt.datetime(2026, 12, 3, 19, 0, tzinfo=dt.UTC))
@@ -446,7 +459,7 @@ def test_a_cleanup_out_of_time_goes_on_after_the_next_slot_and_stops_at_a_stop_r
     monkeypatch.setattr(counters, "CLEANUP_CHUNK_POSTGRES", 2)
     monkeypatch.setattr(counters, "CLEANUP_CHUNK_SQLITE", 2)
     monkeypatch.setattr(server_module, "CLEANUP_SHARE", 0)  # out of time after each chunk
-    job = server_module.scheduled_job(engine, 60)
+    job = job_run_after_its_boundary(engine, 60)
     slot = dt.datetime(2026, 12, 3, 19, 0, tzinfo=dt.UTC)
     job(slot)  # the full hour
     assert left() == 3
@@ -465,6 +478,14 @@ def test_a_cleanup_out_of_time_goes_on_after_the_next_slot_and_stops_at_a_stop_r
             {"key": f"s{number}", "fingerprint": "f", "created_at": now - dt.timedelta(hours=25)}
             for number in range(4)
         ])
-    stopping = server_module.scheduled_job(engine, 60, stopping=lambda: True)
-    stopping(slot + dt.timedelta(hours=1))
+    job_at_stop = job_run_after_its_boundary(engine, 60, stopping=lambda: True)
+    job_at_stop(slot + dt.timedelta(hours=1))
     assert left() == 3  # one chunk, then the stop request
+
+    # Near the next boundary (a wait for another daemon's run took most of the slot): none, so
+    # that this daemon's thread is free at the boundary; the next slot's goes on.
+    late = job_run_after_its_boundary(engine, 60)
+    late(slot + dt.timedelta(hours=2), after=59.5)
+    assert left() == 3
+    late(slot + dt.timedelta(hours=2, minutes=1))
+    assert left() < 3

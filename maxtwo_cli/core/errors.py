@@ -29,4 +29,8 @@ class AlreadySeededError(MaxtwoError):
 class RandomizationInProgressError(MaxtwoError):
     """Another process's scheduled run still holds the lock that scheduled runs take at the
     half of the slot: this slot is left to it (a run late for the slot before, or this slot's,
-    too long for the interval)."""
+    too long for the interval); or, `stopping`, this process stopped waiting for it."""
+
+    def __init__(self, message: str, *, stopping: bool = False) -> None:
+        super().__init__(message)
+        self.stopping = stopping

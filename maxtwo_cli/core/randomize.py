@@ -127,8 +127,9 @@ def _wait_for_the_slot_lock(
             if not stopping():
                 return True
             break
-    why = "this process stops" if stopping() else "it still holds the lock at the half of the slot"
-    raise RandomizationInProgressError(f"another process's randomization is going, and {why}")
+    if stopping():
+        raise RandomizationInProgressError("this process stops: no wait for another's run", stopping=True)
+    raise RandomizationInProgressError("another process's randomization still holds the lock at the half of the slot")
 
 
 # SQLSTATE lock_not_available: the lock_timeout ran out.

@@ -204,9 +204,9 @@ _KNOWN_METHODS = frozenset(falcon.COMBINED_METHODS)
 
 
 class RequestMetrics:
-    """Counts every answer by route and status, and times it; and answers an unknown method 501,
-    here because every request passes this middleware first (a second one would cost every
-    request a second dispatch)."""
+    """Counts every answer by route and status, and times it; and answers an unknown method 501
+    and names OPTIONS in an OPTIONS answer's Allow, here because every request passes this
+    middleware (a second one would cost every request a second dispatch)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics

@@ -47,7 +47,7 @@ from maxtwo_cli import __version__
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.counters import delete_expired_idempotency_keys
 from maxtwo_cli.core.errors import AlreadySeededError, DatabaseUnavailableError, MaxtwoError
-from maxtwo_cli.core.journal import stderr_is_journal
+from maxtwo_cli.core.journal import priority_prefix, stderr_is_journal
 from maxtwo_cli.core.randomize import RandomizeResult, randomize_if_due
 from maxtwo_cli.core.seed import has_users, seed_users
 from maxtwo_cli.core.settings import Settings
@@ -335,16 +335,8 @@ class JournalFormatter(OneLineFormatter):
     `journalctl -p warning` showed no failure at all (an audit)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        prefix = f"<{_syslog_priority(record.levelno)}>"
+        prefix = priority_prefix(record.levelno)
         return "\n".join(prefix + line for line in super().format(record).split("\n"))
-
-
-def _syslog_priority(level: int) -> int:
-    """syslog's priority for a logging level: crit, err, warning, info, debug."""
-    for least, priority in ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6)):
-        if level >= least:
-            return priority
-    return 7
 
 
 def seed_if_empty(engine: Engine, count: int) -> None:

@@ -370,7 +370,9 @@ class QuietChannel(HTTPChannel):
     parser_class = StrictFramingParser
     task_class = LaneTask
     error_task_class = JsonErrorTask
-    lane_environ: dict[str, Any] | None = None  # set by the lane around service()
+    # Environ entries for its request being answered: set by the lane around service() (the
+    # outcome, the arrival), or by add_task for a request thread (the arrival); LaneTask takes it.
+    lane_environ: dict[str, Any] | None = None
     # Its next request waits for its client to read the answers so far (see add_task_unless_unread).
     held = False
     # Closing once answered, at a drain: what the client still sends is read and dropped, and

@@ -401,8 +401,9 @@ def test_a_failing_run_is_counted_and_the_loop_goes_on(monkeypatch):
     assert start < sample(metrics, "maxtwo_randomize_last_success_timestamp_seconds") <= end
 
 
-def run_two_slots_of_60_s(behaviour, monkeypatch, caplog) -> tuple[Recorder, Metrics]:
-    """From 1000 to 1100 at a 60 s interval (boundaries 1020 and 1080), the log at INFO."""
+def run_two_slots_of_60_s(behaviour, monkeypatch, caplog, on_clock=lambda clock: None) -> tuple[Recorder, Metrics]:
+    """From 1000 to 1100 at a 60 s interval (boundaries 1020 and 1080), the log at INFO;
+    on_clock(clock): the fake clock, once made (for a behaviour that moves it)."""
     recorder: Recorder
 
     def settle(now: float) -> None:
@@ -410,6 +411,7 @@ def run_two_slots_of_60_s(behaviour, monkeypatch, caplog) -> tuple[Recorder, Met
         join_runs()
 
     clock = FakeClock(1000.0, 1100.0, settle)
+    on_clock(clock)
     recorder = Recorder(clock.time, behaviour)
     with caplog.at_level(logging.INFO, logger="daemon.scheduler"):
         return recorder, run_on(clock, recorder, 60, monkeypatch)
@@ -437,24 +439,15 @@ def test_a_run_the_database_failed_is_retried_in_the_first_half_of_its_slot_only
 def test_a_retry_whose_time_passed_with_the_first_half_of_its_slot_is_dropped(monkeypatch, caplog):
     """A loop woken late (a suspended machine) ran the retry of the slot before after the next
     boundary: that slot's run skipped as an overlap, or both ran back to back (a review)."""
-    clock: FakeClock
+    clocks: list[FakeClock] = []
 
     def behaviour(number):
         if number == 1:
-            clock.oversleep = 65  # the loop's next wait ends 65 s late
+            clocks[0].oversleep = 65  # the loop's next wait ends 65 s late
             raise DatabaseUnavailableError("database down")
         return result()
 
-    recorder: Recorder
-
-    def settle(now: float) -> None:
-        recorder.wait_for(1 if now >= 1020 else 0)
-        join_runs()
-
-    clock = FakeClock(1000.0, 1100.0, settle)
-    recorder = Recorder(clock.time, behaviour)
-    with caplog.at_level(logging.WARNING, logger="daemon.scheduler"):
-        metrics = run_on(clock, recorder, 60, monkeypatch)
+    recorder, metrics = run_two_slots_of_60_s(behaviour, monkeypatch, caplog, on_clock=clocks.append)
     assert [(started, due_at.timestamp()) for started, due_at in recorder.calls] == [(1020, 1020), (1086, 1080)]
     assert not sample(metrics, "maxtwo_randomize_skipped_total", reason="overlap")
     # Said, not dropped silently: the failure's line had said "retrying in 5 s" (a third review).

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import os
 
-# syslog's priorities, as journald reads them at the start of a line (SyslogLevelPrefix=).
-ERROR_PREFIX = "<3>"
+# logging's levels CRITICAL, ERROR, WARNING and INFO (not imported: the CLI's start-up does
+# without the logging module) and syslog's crit, err, warning and info.
+_PRIORITIES = ((50, 2), (40, 3), (30, 4), (20, 6))
+
+
+def priority_prefix(level: int) -> str:
+    """The syslog priority of a logging level, as journald reads it at the start of a line
+    (SyslogLevelPrefix=); debug below INFO."""
+    return next((f"<{priority}>" for least, priority in _PRIORITIES if level >= least), "<7>")
+
+
+ERROR_PREFIX = priority_prefix(40)
 
 
 def stderr_is_journal() -> bool:

@@ -12,8 +12,9 @@ import pytest
 import sqlalchemy as sa
 
 from maxtwo_cli.core import db, schema
+from maxtwo_cli.core import query as query_module
 from maxtwo_cli.core.batch import HeldConnection
-from maxtwo_cli.core.clock import format_api_timestamp, iso_text
+from maxtwo_cli.core.clock import format_api_timestamp, iso_text, utcnow
 from maxtwo_cli.core.errors import DatabaseUnavailableError
 from maxtwo_cli.core.query import AnswerCache, QueryResult, User, query_users, query_users_batch, run_query_batch
 from maxtwo_cli.core.randomize import randomize_points
@@ -23,6 +24,7 @@ from maxtwo_cli.core.settings import Settings
 from tests.helpers import assert_chain, run_in_threads, set_max_number, state
 
 ROWS = 5_000
+TICK = dt.timedelta(microseconds=1)  # the step that keeps the chain of query times strictly increasing
 
 
 @pytest.fixture
@@ -63,6 +65,17 @@ def test_answer_is_the_lowest_ids_above_max_number(seeded):
         assert len(answer) <= 2
         assert all(points > max_number for _, points in answer)
     assert len(query_users(seeded).users) == 2  # 99: about 50 of 5,000 users qualify
+
+
+def test_the_answer_is_in_id_order_whatever_order_the_rows_were_written_in(engine):
+    """PostgreSQL keeps a row's new version wherever there is room: the rows written last
+    may come first in a scan. The answer is still the two lowest ids."""
+    seed_users(engine, 50)
+    set_max_number(engine, 0)
+    with engine.begin() as conn:
+        for user_id in (3, 2, 1):
+            conn.execute(users.update().where(users.c.id == user_id).values(points=100))
+    assert [(user.id, user.points) for user in query_users(engine).users] == [(1, 100), (2, 100)]
 
 
 def test_nobody_exceeds_100(seeded):
@@ -117,6 +130,33 @@ def test_api_json_follows_the_users_it_is_given(seeded):
         set_max_number(seeded, max_number)
         body = json.loads(query_users(seeded, cache).api_json())
         assert [(user["id"], user["points"]) for user in body["users"]] == expected_answer(seeded)
+
+
+def test_a_clock_that_stepped_back_still_makes_a_strictly_increasing_chain(seeded):
+    # The last query's time, recorded by a clock that has been set back by an hour since.
+    future = utcnow() + dt.timedelta(hours=1)
+    with seeded.begin() as conn:
+        conn.execute(schema.query_state.update().values(last_query_at=future))
+    first = query_users(seeded)
+    assert (first.previous, first.recorded_at) == (future, future + TICK)  # a microsecond on
+    batch = query_users_batch(seeded, 3)
+    assert [result.recorded_at for result in batch] == [future + 2 * TICK, future + 3 * TICK, future + 4 * TICK]
+    assert batch[0].previous == first.recorded_at
+
+
+def test_sqlite_records_the_time_the_query_was_sent(tmp_path, monkeypatch):
+    """SQLite has no clock of its own here: the time is Python's, taken as the statement is
+    sent (PostgreSQL's is the server's, so it cannot be pinned this way)."""
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}"))
+    schema.ensure_schema(engine)
+    now = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
+    monkeypatch.setattr(query_module, "utcnow", lambda: now)
+    try:
+        assert query_users(engine).recorded_at == now
+        # The clock has not moved: each query of a batch a microsecond past the one before.
+        assert [result.recorded_at for result in query_users_batch(engine, 3)] == [now + TICK, now + 2 * TICK, now + 3 * TICK]
+    finally:
+        engine.dispose()
 
 
 def test_the_state_row_keeps_what_the_last_query_got(seeded):
@@ -200,6 +240,9 @@ def test_cache_serves_the_epoch_and_is_invalidated_by_another_process(seeded, da
     after = query_users(seeded, cache)
     assert after.epoch == first.epoch + 1
     assert [(u.id, u.points) for u in after.users] == expected_answer(seeded)
+    # The cache holds the new epoch's answer now (it kept the first epoch's, and every query
+    # read the users again).
+    assert cache.get() == (after.epoch, after.users)
 
 
 def test_postgres_query_does_not_wait_for_a_running_randomization(postgres_engine):

@@ -7,11 +7,12 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from maxtwo_cli.core import db
+from maxtwo_cli.core import db, schema
 from maxtwo_cli.core import randomize as randomize_module
 from maxtwo_cli.core.clock import utcnow
-from maxtwo_cli.core.errors import MaxtwoError, RandomizationInProgressError
+from maxtwo_cli.core.errors import DatabaseBusyError, MaxtwoError, RandomizationInProgressError
 from maxtwo_cli.core.randomize import RANDOMIZE_LOCK_KEY, randomize_if_due, randomize_points
+from maxtwo_cli.core.schema import MAX_POINTS, draw_max_number
 from maxtwo_cli.core.seed import seed_users
 from maxtwo_cli.core.settings import Settings
 from tests.conftest import is_postgres_url
@@ -43,6 +44,21 @@ def test_points_are_uniform_chi_square(seeded):
     # 100 degrees of freedom: mean 100, sd 14. P(chi2 > 200) is about 1e-8, so this never
     # flakes, yet a biased generator (e.g. floor(random()*100), which never yields 100) fails.
     assert chi_square < 200
+
+
+def test_the_two_ends_are_as_likely_as_any_other_value(seeded):
+    """round(random() * 100) gives 0 and 100 half the weight of the others: the chi-square bound
+    above catches that only about half the time (its statistic is near 200 then)."""
+    randomize_points(seeded)
+    histogram = points_histogram(seeded)
+    # Uniform: 0 and 100 together expected 396 times in 20,000 (sd 20), so below 300 has a
+    # probability near 1e-6; with half the weight each they come about 198 times together.
+    assert histogram.get(0, 0) + histogram.get(MAX_POINTS, 0) > 300
+
+
+def test_max_number_is_drawn_from_0_to_100():
+    # 20,000 draws: a value missing with probability below 101 * (100/101)**20000, about 1e-84.
+    assert {draw_max_number() for _ in range(20_000)} == set(range(MAX_POINTS + 1))
 
 
 def test_one_updated_at_for_all_rows_and_it_moves(seeded):
@@ -191,11 +207,13 @@ def test_the_slot_is_the_daemons_boundary_not_the_databases_clock(seeded, monkey
     assert randomize_if_due(seeded, due_at=far + dt.timedelta(seconds=60.001), interval=60) is None
 
 
-def test_a_slot_recorded_by_a_clock_that_was_ahead_stands_in_for_no_later_one(seeded):
+@pytest.mark.parametrize("ahead", [dt.timedelta(days=365), dt.timedelta(minutes=5)])
+def test_a_slot_recorded_by_a_clock_that_was_ahead_stands_in_for_no_later_one(seeded, ahead):
     """A daemon's clock a year ahead for a few seconds (set back since) recorded a slot a year
-    away, and every daemon took each slot until then for done: no randomization for a year."""
+    away, and every daemon took each slot until then for done: no randomization for a year.
+    More than one interval ahead is that already (5 minutes: five slots lost)."""
     now = utcnow()
-    assert randomize_if_due(seeded, due_at=now + dt.timedelta(days=365), interval=60) is not None
+    assert randomize_if_due(seeded, due_at=now + ahead, interval=60) is not None
     assert randomize_if_due(seeded, due_at=now, interval=60) is not None
     assert randomize_if_due(seeded, due_at=now, interval=60) is None  # and once only
 
@@ -215,6 +233,40 @@ def test_a_scheduled_run_longer_than_the_interval_completes(seeded):
     # interval: cancelled every time, such a table was never randomized again.
     result = randomize_if_due(seeded, due_at=utcnow(), interval=0.001)
     assert result is not None and result.rows == ROWS and result.seconds > 0.001
+
+
+def test_a_randomization_is_not_bound_by_the_requests_statement_timeout(postgres_url):
+    """`maxtwo randomize` and the scheduled run lift the statement timeout that bounds the
+    requests: a table too large to randomize within it was never randomized."""
+    engine = db.create_engine(Settings(database_url=postgres_url, statement_timeout=0.5))
+    schema.ensure_schema(engine)
+    seed_users(engine, 10)
+    with engine.begin() as conn:  # 10 rows at 0.1 s each: 1 s, twice the statement timeout
+        conn.execute(sa.text("CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql AS "
+                             "$$ BEGIN PERFORM pg_sleep(0.1); RETURN NEW; END $$"))
+        conn.execute(sa.text("CREATE TRIGGER slow_rows BEFORE UPDATE ON users FOR EACH ROW EXECUTE FUNCTION slow_row()"))
+    try:
+        assert randomize_points(engine).rows == 10
+        assert randomize_if_due(engine, due_at=utcnow(), interval=60).rows == 10
+    finally:
+        engine.dispose()
+
+
+def test_a_randomization_waits_for_a_lock_no_longer_than_the_long_jobs_lock_timeout(postgres_engine, monkeypatch):
+    """No statement timeout for a randomization, but a bound on its lock waits: without it, a
+    session holding the users table (a stray LOCK TABLE, a long ALTER) held `maxtwo randomize`
+    and the scheduler's job for ever."""
+    seed_users(postgres_engine, 10)
+    monkeypatch.setattr(db, "LONG_JOB_LOCK_TIMEOUT", 0.3)
+    with postgres_engine.connect() as holder:
+        holder.execute(sa.text("LOCK TABLE users IN ACCESS EXCLUSIVE MODE"))
+        runner, outcome = in_a_thread(lambda: randomize_points(postgres_engine))
+        runner.join(5)
+        still_waiting = runner.is_alive()
+        holder.rollback()
+        runner.join(10)
+    assert not still_waiting
+    assert isinstance(outcome.get("error"), DatabaseBusyError), outcome
 
 
 def test_randomize_if_due_on_a_fresh_database(engine):
@@ -246,10 +298,12 @@ def in_a_thread(call) -> tuple[threading.Thread, dict]:
     return thread, outcome
 
 
-@pytest.mark.parametrize("holder_commits_the_slot", [False, True])
-def test_randomize_if_due_waits_for_the_run_that_holds_the_lock(postgres_engine, holder_commits_the_slot):
+@pytest.mark.parametrize("holder_commits", [None, "this slot", "the slot before"])
+def test_randomize_if_due_waits_for_the_run_that_holds_the_lock(postgres_engine, holder_commits):
     """The others stood back at once: a run that then rolled back (its daemon stopped mid-run)
-    left its slot without a run on every daemon (an audit). They wait for its end now."""
+    left its slot without a run on every daemon (an audit). They wait for its end now, and stand
+    back if it committed: this slot, or the slot before, late (then this slot is skipped as an
+    overlap, as on one daemon: two runs in one interval otherwise)."""
     seed_users(postgres_engine, 100)
     due_at = utcnow()
     with postgres_engine.connect() as holder:
@@ -258,14 +312,15 @@ def test_randomize_if_due_waits_for_the_run_that_holds_the_lock(postgres_engine,
         time.sleep(0.5)
         assert waiter.is_alive()  # waiting, not standing back
         epoch = state(postgres_engine).epoch
-        if holder_commits_the_slot:
-            randomize_module.randomize_in_transaction(holder, slot=(due_at, 60))
-            holder.commit()
-        else:
+        if holder_commits is None:
             holder.rollback()
+        else:
+            slot = due_at if holder_commits == "this slot" else due_at - dt.timedelta(seconds=60)
+            randomize_module.randomize_in_transaction(holder, slot=(slot, 60))
+            holder.commit()
         released_at = utcnow()
         waiter.join(10)
-    if holder_commits_the_slot:
+    if holder_commits is not None:
         assert outcome == {"result": None} and state(postgres_engine).epoch == epoch + 1
     else:
         # That run rolled back: the slot is still due, and run; the time recorded is the run's,

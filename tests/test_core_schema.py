@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 
-from maxtwo_cli.core import db, schema
+from maxtwo_cli.core import db, errors, schema
 from maxtwo_cli.core.clock import utcnow
 from maxtwo_cli.core.counters import (
     IdempotencyKeyReusedError,
@@ -42,6 +42,37 @@ def test_ensure_schema_twice_is_harmless(engine):
     assert current.last_query_at is None
     assert current.randomized_at is None
     assert 0 <= current.max_number <= 100
+
+
+@pytest.mark.parametrize("state_table", [schema.randomizer_state, schema.query_state], ids=lambda table: table.name)
+def test_a_deleted_state_row_is_made_again(engine, state_table):
+    with engine.begin() as conn:
+        conn.execute(state_table.delete())
+    schema.ensure_schema(engine)
+    assert query_users(engine).previous is None
+    assert randomize_if_due(engine, due_at=utcnow(), interval=60) is not None
+
+
+def test_maxtwo_tables_in_another_schema_do_not_stand_in_for_this_ones(postgres_url):
+    """Two deployments in one PostgreSQL database, each in a schema of its own (search_path):
+    the other's tables made this one's fresh schema look complete, and none was ever made."""
+    url = sa.make_url(postgres_url)
+    other = url.query["options"].removeprefix("-csearch_path=") + "_other"
+    other_url = url.update_query_dict({"options": f"-csearch_path={other}"}).render_as_string(hide_password=False)
+    with psycopg.connect(libpq_url(postgres_url), autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{other}"')
+    engines = [db.create_engine(Settings(database_url=other_url)), db.create_engine(Settings(database_url=postgres_url))]
+    try:
+        for engine in engines:
+            schema.ensure_schema(engine)
+        increment(engines[1], "a", 1)
+        assert query_users(engines[1]).previous is None
+        assert read_counter(engines[0], "a") is None
+    finally:
+        for engine in engines:
+            engine.dispose()
+        with psycopg.connect(libpq_url(postgres_url), autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{other}" CASCADE')
 
 
 ENSURE_SCRIPT = """
@@ -244,6 +275,19 @@ def test_an_older_maxtwo_cannot_make_the_counters_anew_in_the_main_file(tmp_path
     engine.dispose()
 
 
+def test_a_dropped_guard_against_an_older_maxtwo_is_made_again(tmp_path):
+    path = tmp_path / "maxtwo.db"
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}"))
+    schema.ensure_schema(engine)
+    with sqlite3.connect(path) as conn:
+        conn.execute('DROP VIEW main."ix_idempotency_keys_created_at"')
+    conn.close()
+    schema.ensure_schema(engine)
+    engine.dispose()
+    with pytest.raises(sa.exc.OperationalError, match="ix_idempotency_keys_created_at"):
+        make_counters_as_an_older_maxtwo(path)
+
+
 def test_a_move_cut_short_and_a_table_made_anew_in_the_main_file_are_refused(tmp_path):
     # The renamed table was never copied: it holds the only copy of its rows, never dropped.
     path = tmp_path / "maxtwo.db"
@@ -364,6 +408,57 @@ def test_another_programs_sqlite_file_is_refused_untouched(tmp_path, tables):
         assert other.execute("PRAGMA journal_mode").fetchone() == ("delete",)
 
 
+@pytest.mark.parametrize(("count", "shown"), [(5, "(t1, t2, t3, t4, t5)"), (6, "(t1, t2, t3, t4, t5, ...)")])
+def test_another_programs_tables_are_named_up_to_five(tmp_path, count, shown):
+    path = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(path)) as other:
+        for number in range(1, count + 1):
+            other.execute(f"CREATE TABLE t{number} (x)")
+        other.commit()
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}"))
+    with pytest.raises(SchemaMismatchError) as raised:
+        schema.ensure_schema(engine)
+    engine.dispose()
+    assert f"another program's tables {shown} and none" in str(raised.value)
+
+
+def _sqlite_error(message: str, name: str) -> sqlite3.OperationalError:
+    error = sqlite3.OperationalError(message)
+    error.sqlite_errorname = name  # as SQLite's own errors carry it
+    return error
+
+
+# Each error a driver raises, as the user reads it: what went wrong and what to do.
+@pytest.mark.parametrize(("scheme", "raised", "kind", "advice"), [
+    ("postgresql", psycopg.errors.SerializationFailure("could not serialize access"), errors.DatabaseBusyError,
+     "rolled the transaction back (could not serialize access); nothing of it was applied: try again"),
+    ("postgresql", psycopg.errors.DeadlockDetected("deadlock detected"), errors.DatabaseBusyError,
+     "rolled the transaction back (deadlock detected); nothing of it was applied: try again"),
+    ("postgresql", psycopg.errors.LockNotAvailable("canceling statement due to lock timeout"),
+     errors.DatabaseBusyError, "did not grant a lock in time"),
+    ("postgresql", psycopg.errors.QueryCanceled("canceling statement due to statement timeout"),
+     errors.DatabaseBusyError, "did not answer in time"),
+    ("postgresql", psycopg.errors.InsufficientPrivilege("permission denied for table users"),
+     errors.DatabaseUnavailableError, "refused: permission denied for table users; check the role's privileges"),
+    ("sqlite", _sqlite_error("database table is locked", "SQLITE_LOCKED_SHAREDCACHE"), errors.DatabaseBusyError,
+     "stayed locked by another process"),
+    ("sqlite", _sqlite_error("unusual words", "SQLITE_LOCKED"), errors.DatabaseBusyError, "stayed locked"),
+    ("sqlite", _sqlite_error("database or disk is full", "SQLITE_FULL"), errors.DatabaseUnavailableError,
+     "is full; free some space"),
+    ("sqlite", _sqlite_error("attempt to write a readonly database", "SQLITE_READONLY"),
+     errors.DatabaseUnavailableError, "is read-only (attempt to write a readonly database)"),
+    ("sqlite", _sqlite_error("disk I/O error", "SQLITE_IOERR_WRITE"), errors.DatabaseUnavailableError,
+     "could not be read or written (disk I/O error, SQLITE_IOERR_WRITE); check its file system"),
+], ids=lambda value: type(value).__name__ if isinstance(value, Exception) else None)
+def test_each_database_error_says_what_went_wrong_and_what_to_do(tmp_path, scheme, raised, kind, advice):
+    url = "postgresql://maxtwo:s3cret@127.0.0.1:1/maxtwo" if scheme == "postgresql" else f"sqlite:///{tmp_path / 'm.db'}"
+    engine = db.create_engine(Settings(database_url=url))  # connects to nothing: the error is made up
+    with pytest.raises(errors.MaxtwoError) as translated, db.database_errors(engine):
+        raise raised
+    assert type(translated.value) is kind
+    assert advice in str(translated.value) and "s3cret" not in str(translated.value)
+
+
 def test_a_file_that_is_not_sqlite_is_refused_and_left_alone(tmp_path):
     path = tmp_path / "notes.txt"
     content = b"these are my notes, not a database\n" * 200
@@ -443,6 +538,9 @@ def test_redact_hides_the_password():
 
 def test_default_database_url_follows_systemd_then_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
+    assert default_database_url() == f"sqlite:///{tmp_path / 'state' / 'maxtwo.db'}"
+    # A unit with several StateDirectory= entries: systemd lists them all, ":" between.
+    monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path / 'state'}:{tmp_path / 'other'}")
     assert default_database_url() == f"sqlite:///{tmp_path / 'state' / 'maxtwo.db'}"
     monkeypatch.delenv("STATE_DIRECTORY")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))

@@ -179,6 +179,89 @@ def test_a_seed_refreshes_the_statistics_without_a_warning(engine, caplog):
     assert not caplog.records
 
 
+def test_two_first_seeds_at_once_one_seeds_and_the_other_is_told_so(postgres_engine):
+    """The second waits for the first (the state row's lock), then finds its users: without
+    that wait both counted no users and met at the load's TRUNCATE, a deadlock."""
+    first_inside, outcome = threading.Event(), {}
+
+    @sa.event.listens_for(postgres_engine, "before_cursor_execute")
+    def hold_the_first_seed(conn, cursor, statement, parameters, context, executemany):
+        if statement.startswith("TRUNCATE") and threading.current_thread().name == "first":
+            first_inside.set()
+            time.sleep(1.0)  # its transaction open: the second seed starts meanwhile
+
+    def seed(name: str, count: int) -> None:
+        try:
+            outcome[name] = seed_users(postgres_engine, count)
+        except Exception as ex:  # noqa: BLE001 - handed to the test
+            outcome[name] = ex
+
+    first = threading.Thread(target=seed, args=("first", 10), name="first")
+    first.start()
+    assert first_inside.wait(30)
+    second = threading.Thread(target=seed, args=("second", 20))
+    second.start()
+    first.join(30)
+    second.join(30)
+    sa.event.remove(postgres_engine, "before_cursor_execute", hold_the_first_seed)
+    assert getattr(outcome["first"], "rows", None) == 10, outcome
+    assert isinstance(outcome["second"], AlreadySeededError), outcome
+
+
+def test_a_seed_with_reset_beside_randomizations_waits_its_turn_on_sqlite(tmp_path):
+    """A seed takes SQLite's write lock up front (BEGIN IMMEDIATE): begun deferred, it failed
+    with SQLITE_BUSY_SNAPSHOT ("stayed locked") whenever a randomization committed between
+    its first read and its first write."""
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}", statement_timeout=10.0))
+    schema.ensure_schema(engine)
+    seed_users(engine, 20_000)
+    stop, errors = threading.Event(), []
+
+    def randomize_until_stopped() -> None:
+        while not stop.is_set():
+            try:
+                randomize_points(engine)
+            except Exception as ex:  # noqa: BLE001 - reported below
+                errors.append(ex)
+
+    randomizer = threading.Thread(target=randomize_until_stopped)
+    randomizer.start()
+    try:
+        for _ in range(15):
+            try:
+                seed_users(engine, 20_000, reset=True)
+            except Exception as ex:  # noqa: BLE001 - reported below
+                errors.append(ex)
+    finally:
+        stop.set()
+        randomizer.join(30)
+        engine.dispose()
+    assert errors == []
+
+
+@pytest.mark.parametrize("vacuum_fails", [False, True], ids=["vacuumed", "vacuum-failed"])
+def test_the_connection_a_seed_vacuumed_on_goes_back_to_the_pool_with_its_bounds(postgres_url, monkeypatch,
+                                                                                  vacuum_fails):
+    """The VACUUM after a seed runs without the engine's statement bound: its connection must
+    not go back to the pool that way (every later request on it unbounded) nor stay in it dead."""
+    engine = db.create_engine(Settings(database_url=postgres_url, statement_timeout=7.0), pool_size=1)
+    schema.ensure_schema(engine)
+    with engine.connect() as conn:
+        bounds = [conn.exec_driver_sql(f"SHOW {name}").scalar() for name in ("statement_timeout", "lock_timeout")]
+    assert bounds[0] == "7s"
+    monkeypatch.setattr(seed_module, "VACUUM_LOCK_TIMEOUT", 0.2)
+    other = LockAfterCommit(postgres_url) if vacuum_fails else None
+    try:
+        result = seed_users(engine, 100, on_progress=other.on_progress if other else None)
+        assert (result.statistics_warning is not None) == vacuum_fails
+        with engine.connect() as conn:
+            assert [conn.exec_driver_sql(f"SHOW {name}").scalar() for name in ("statement_timeout", "lock_timeout")] == bounds
+    finally:
+        if other:
+            other.done()
+        engine.dispose()
+
+
 class LockAfterCommit:
     """Another session that asks for a lock on users while the seed's transaction holds it, so
     it gets the lock the moment the seed commits, before the VACUUM that follows: the VACUUM

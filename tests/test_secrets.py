@@ -69,11 +69,15 @@ def test_a_url_parameter_error_never_quotes_the_password():
     # a word of the message's own text.
     ('password authentication failed for user "u" ("s")', ["s"], [], 'password authentication failed for user "u" ("***")'),
     ("the URL's host, user's name, password s", ["s"], [], "the URL's host, user's name, password s"),
+    ("the URL's host 'x'", ["s"], [], "the URL's host 'x'"),  # the "'" of "URL's" opens no quote
+    ("user 'pass'", ["as"], [], "user 'pass'"),  # a word of its own, not part of one
     ("at 127.0.0.1: bad 127", ["127"], ["127.0.0.1"], "at 127.0.0.1: bad 127"),  # also the host: left
     ('for user "maxtwo"', ["maxtwo"], ["maxtwo"], 'for user "maxtwo"'),  # also the user: left
     ("invalid literal for int(): 'p4ssw0rd'", ["p4ssw0rd"], ["u", "localhost"], "invalid literal for int(): '***'"),
     # In URL and keyword syntax, whatever the value, an unencoded "@" or "/" in it too.
     ("(postgresql://u:Top@Sec/ret@db.example/maxtwo)", [], [], "(postgresql://u:***@db.example/maxtwo)"),
+    ("postgresql://me@srv:hunter2@db.example/maxtwo", [], [], "postgresql://me@srv:***@db.example/maxtwo"),  # Azure's user
+    ("PASSWORD=hunter2 SSLKEY=/etc/k3y sslkey='/etc/k 3y'", [], [], "PASSWORD=*** SSLKEY=*** sslkey=***"),  # any case
     ("host=x password='a b\\' c' user=u", [], [], "host=x password=*** user=u"),
     ("postgresql://u@h/db?sslpassword=xyz&password=abc", [], [], "postgresql://u@h/db?sslpassword=***&password=***"),
     ('host=x password="top secret" user=u', [], [], "host=x password=*** user=u"),
@@ -104,10 +108,37 @@ def test_a_short_or_common_wrong_password_is_not_given_away_by_the_masking(postg
                               "the URL's host")
 
 
+def test_the_database_urls_query_secrets_are_masked_wherever_they_are_shown():
+    from maxtwo_cli.core import db
+
+    url = db.parse_database_url("postgresql://u@db.example/maxtwo?password=topsecret&sslpassword=k3y")
+    # The URL as logged (`maxtwo serve`'s "database: ..." line) and as errors give it.
+    assert db.redact(url) == "postgresql+psycopg://u@db.example/maxtwo?password=***&sslpassword=***"
+    # A driver's message that quotes one of them.
+    assert db.redact_message('syntax error at or near "topsecret" and "k3y"', url) == (
+        'syntax error at or near "***" and "***"')
+
+
+def test_a_database_error_never_holds_the_password_even_before_the_cli_masks_it(tmp_path):
+    """The CLI masks every message once more on its way out; the daemon logs a scheduled run's
+    error as it is: the error must be masked where it is made."""
+    from maxtwo_cli.core import db
+    from maxtwo_cli.core.errors import DatabaseUnavailableError
+    from maxtwo_cli.core.settings import Settings
+
+    engine = db.create_engine(Settings(database_url="postgresql://maxtwo:Pw0rdSecret@127.0.0.1:1/maxtwo",
+                                       connect_timeout=1))
+    with pytest.raises(DatabaseUnavailableError) as raised:
+        db.ping(engine)
+    assert "Pw0rdSecret" not in str(raised.value) and "maxtwo:***@127.0.0.1:1" in str(raised.value)
+
+
 @pytest.mark.parametrize("args", [["query"], []], ids=["an-argument", "a-command"])
 def test_a_url_given_where_the_cli_expects_no_url_is_quoted_masked(args):
     from tests.test_cli import assert_one_line_error, invoke
 
-    result = invoke(*args, "postgresql://maxtwo:TopSecret99@db.example/maxtwo")
-    assert_one_line_error(result, "postgresql://maxtwo:***@db.example/maxtwo", exit_code=2)
-    assert "TopSecret99" not in result.output
+    # The second: a user name holding "@", as Azure's USER@SERVER names do.
+    for user in ("maxtwo", "maxtwo@server"):
+        result = invoke(*args, f"postgresql://{user}:TopSecret99@db.example/maxtwo")
+        assert_one_line_error(result, f"postgresql://{user}:***@db.example/maxtwo", exit_code=2)
+        assert "TopSecret99" not in result.output

@@ -136,12 +136,15 @@ def _password_may_be_cut(raw: str) -> bool:
 
 # libpq also takes secrets as query parameters (?password=...).
 _SECRET_QUERY_KEYS = ("password", "sslpassword", "sslkey")
+# What stands for one of them in redact(), rendered: a value no real one is (libpq takes no NUL).
+_HIDDEN, _HIDDEN_RENDERED = "\x00masked\x00", "%00masked%00"
 
 
 def redact(url: URL) -> str:
     """The URL as it may appear in any output: the password, if any, is replaced by ***."""
-    hidden = {key: "***" for key in _SECRET_QUERY_KEYS if key in url.query}
-    return url.update_query_dict(hidden).render_as_string(hide_password=True)
+    hidden = {key: _HIDDEN for key in _SECRET_QUERY_KEYS if key in url.query}
+    # The query's masks as written, not percent-encoded ("?password=%2A%2A%2A" in the log).
+    return url.update_query_dict(hidden).render_as_string(hide_password=True).replace(_HIDDEN_RENDERED, "***")
 
 
 def redact_message(text: str, url: URL) -> str:

@@ -12,9 +12,10 @@ from collections.abc import Iterable
 MASK = "***"
 
 # A URL's password (scheme://user:PASSWORD@host): up to the last "@" of the word, so that an
-# unencoded "@" or "/" in the password does not leave its end showing. (A space is no part of a
-# URL: a password holding one unencoded is not masked in one.)
-_URL_PASSWORD = re.compile(r"(://[^\s/:@]*:)\S*(@)")
+# unencoded "@" or "/" in the password does not leave its end showing. The user may hold an "@"
+# (Azure's USER@SERVER, which the URL parser takes whole: core/db.py): it showed the password.
+# (A space is no part of a URL: a password holding one unencoded is not masked in one.)
+_URL_PASSWORD = re.compile(r"(://[^\s/:]*:)\S*(@)")
 # libpq's secret keywords, in a connection string (password=...) or a URL's query (?password=...),
 # their value quoted either way or bare.
 _KEYWORD_SECRET = re.compile(

@@ -10,6 +10,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
+from maxtwo_cli.core import counters as counters_module
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.batch import HeldConnection
 from maxtwo_cli.core.counters import (
@@ -35,6 +36,8 @@ from maxtwo_cli.core.errors import DatabaseUnavailableError
 from maxtwo_cli.core.schema import idempotency_keys
 from maxtwo_cli.core.settings import Settings
 from tests.helpers import wait_for
+
+TICK = dt.timedelta(microseconds=1)
 
 
 @pytest.fixture(params=["in the caller's transaction", "committed by itself"])
@@ -239,6 +242,47 @@ def test_the_same_idempotency_key_twice_in_one_batch(engine, batch):
     assert read_counter(engine, "d") == 1
 
 
+def test_a_retry_in_the_same_batch_of_a_refused_increment_is_refused_too(engine, batch):
+    """Not answered as a replay of an increment that was never applied."""
+    increment(engine, "top", INT64_MAX)
+    outcomes = batch(engine, [Increment("top", 1, "retry"), Increment("top", 1, "retry")])
+    assert [type(outcome) for outcome in outcomes] == [CounterOverflowError, CounterOverflowError]
+    assert read_counter(engine, "top") == INT64_MAX
+
+
+def test_a_batch_whose_sum_reaches_exactly_the_maximum_applies_whole(engine, batch):
+    outcomes = batch(engine, [Increment("x", INT64_MAX), Increment("x", 1), Increment("x", -1)])
+    assert outcomes == [Applied("x", INT64_MAX)] * 3
+    assert read_counter(engine, "x") == INT64_MAX
+
+
+def test_an_idempotency_key_is_recorded_with_its_increment_or_not_at_all(engine, monkeypatch):
+    """Recorded, and the increment then failed: every retry was a replay of nothing."""
+    def failing_upsert(*args, **kwargs):
+        raise RuntimeError("the statement failed")
+
+    monkeypatch.setattr(counters_module, "_upsert", failing_upsert)
+    held = HeldConnection(engine)
+    try:
+        with pytest.raises(RuntimeError):
+            add_increments(held, [Increment("i", 1, "once")])
+    finally:
+        held.release()
+    monkeypatch.undo()
+    with engine.connect() as conn:
+        assert list(conn.execute(sa.select(idempotency_keys.c.key)).scalars()) == []
+    assert increment(engine, "i", 1, idempotency_key="once").total == 1
+
+
+def test_an_idempotency_key_lives_24_hours_to_the_microsecond(engine, batch):
+    then = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
+    batch(engine, [Increment("b", 1, "edge")], now=then)
+    at_24_hours = then + dt.timedelta(hours=24)
+    assert delete_expired_idempotency_keys(engine, at_24_hours).deleted == 0
+    assert batch(engine, [Increment("b", 1, "edge")], now=at_24_hours) == [Applied("b", None, replayed=True)]
+    assert batch(engine, [Increment("b", 1, "edge")], now=at_24_hours + TICK) == [Applied("b", 2)]
+
+
 def test_a_refused_increment_leaves_its_idempotency_key_unused(engine):
     increment(engine, "o", INT64_MAX)
     with pytest.raises(CounterOverflowError):
@@ -313,7 +357,7 @@ def test_bad_values(value):
         check_value(value)
 
 
-@pytest.mark.parametrize("key", ["", "x" * 256, "tab\there", "é", "new\nline", "a,b", "first, second"])
+@pytest.mark.parametrize("key", ["", "x" * 256, "tab\there", "é", "new\nline", "a,b", "first, second", "del\x7f"])
 def test_bad_idempotency_keys(key):
     with pytest.raises(InvalidIncrementError):
         check_idempotency_key(key)
@@ -441,11 +485,14 @@ def test_on_sqlite_writers_get_in_between_the_cleanup_chunks(tmp_path):
 
 def test_the_cleanup_deletes_in_chunks_oldest_first_until_none_is_left(engine):
     now = dt.datetime.now(dt.UTC)
-    with engine.begin() as conn:
-        for hours, key in [(30, "a"), (29, "b"), (28, "c"), (27, "d"), (26, "e"), (1, "live")]:
+    with engine.begin() as conn:  # the youngest written first: the table's order is not their age
+        for hours, key in [(1, "live"), (26, "e"), (27, "d"), (28, "c"), (29, "b"), (30, "a")]:
             conn.execute(idempotency_keys.insert().values(
                 key=key, fingerprint="f", created_at=now - dt.timedelta(hours=hours)))
-    assert delete_expired_idempotency_keys(engine, now, chunk=2) == Forgotten(5, done=True)
+    assert delete_expired_idempotency_keys(engine, now, chunk=2, go_on=lambda: False) == Forgotten(2, done=False)
+    with engine.connect() as conn:
+        assert sorted(conn.execute(sa.select(idempotency_keys.c.key)).scalars()) == ["c", "d", "e", "live"]
+    assert delete_expired_idempotency_keys(engine, now, chunk=2) == Forgotten(3, done=True)
     with engine.connect() as conn:
         assert list(conn.execute(sa.select(idempotency_keys.c.key)).scalars()) == ["live"]
 

@@ -221,7 +221,8 @@ class Batcher:
     def outcomes(self, ticket: Ticket, timeout: float | None = None) -> list[Any]:
         """The outcomes of enqueue()d operations, waiting up to `timeout` s (default max_wait)."""
         me = ticket
-        if not me.wait(self.max_wait if timeout is None else max(timeout, 0.0)):
+        waited = self.max_wait if timeout is None else max(timeout, 0.0)
+        if not me.wait(waited):
             with self._lock:
                 if me in self._waiting:
                     self._waiting.remove(me)
@@ -230,7 +231,7 @@ class Batcher:
             if not answered:
                 # NOTE: if its batch is running, what it writes will still commit although
                 # this caller got an error: as when a client gives up.
-                error = DatabaseUnavailableError(f"no answer from the database within {self.max_wait:.0f} s")
+                error = DatabaseUnavailableError(f"no answer from the database within {waited:g} s")
                 return [error] * len(me.payloads)
         return [_own_copy(outcome) if isinstance(outcome, BaseException) else outcome for outcome in me.outcomes]
 

@@ -15,12 +15,14 @@ import pytest
 import sqlalchemy as sa
 
 import daemon.resources
-from daemon.app import DatabaseUnavailableAnswers, create_app
+from daemon.app import PREFETCHED_ANSWER, DatabaseUnavailableAnswers, create_app
 from daemon.batcher import IncrementKind
+from daemon.metrics import INCREMENT_REJECTIONS, Metrics
 from daemon.openapi import openapi_document
 from daemon.resources import WriteHealth
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.errors import DatabaseBusyError, DatabaseUnavailableError
+from maxtwo_cli.core.query import query_users
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.seed import seed_users
 from maxtwo_cli.core.settings import Settings
@@ -107,7 +109,7 @@ def test_failed_health_checks_are_logged_once_in_ten_seconds(database_url, tmp_p
 def _healthz_refused(settings, engine, caplog) -> str:
     """The log's reason, once /healthz answered 503 for a database that refuses writes."""
     result = falcon.testing.TestClient(create_app(settings, engine)).simulate_get("/healthz")
-    assert result.status_code == 503
+    assert result.status_code == 503 and result.headers["retry-after"] == "5"
     assert result.json == {"status": "unavailable",
                            "description": "the database answers but refuses this server's writes"}
     [record] = [r for r in caplog.records if "refuses writes" in r.getMessage()]
@@ -284,6 +286,30 @@ def test_metrics(client):
         "maxtwo_epoch",
     ):
         assert name in text
+
+
+def test_every_reason_an_increment_is_refused_for_is_a_series_from_the_start(client):
+    """At 0 before the first refusal: a series that appears only then makes rate() and alerts
+    on it miss that first one."""
+    text = client.simulate_get("/metrics").text
+    for reason in INCREMENT_REJECTIONS:
+        assert f'maxtwo_increments_rejected_total{{reason="{reason}"}} 0.0' in text
+    assert len(INCREMENT_REJECTIONS) >= 6
+
+
+def test_the_epoch_gauge_follows_get_root_and_never_goes_back(settings, engine):
+    """A request thread late with an older epoch's answer must not set it back."""
+    seed_users(engine, 100)
+    metrics = Metrics()
+    client = falcon.testing.TestClient(create_app(settings, engine, metrics=metrics))
+    client.simulate_get("/")
+    assert metrics.registry.get_sample_value("maxtwo_epoch") == state(engine).epoch
+    older = query_users(engine)
+    randomize_points(engine)
+    client.simulate_get("/")
+    assert metrics.registry.get_sample_value("maxtwo_epoch") == older.epoch + 1
+    assert client.simulate_get("/", extras={PREFETCHED_ANSWER: older}).status_code == 200
+    assert metrics.registry.get_sample_value("maxtwo_epoch") == older.epoch + 1
 
 
 def test_openapi_document(client):

@@ -62,6 +62,23 @@ def test_a_runner_holds_one_connection_from_batch_to_batch_until_released(seeded
     runner.release()  # twice is harmless
 
 
+def test_a_runner_gives_its_connection_back_when_work_outside_a_transaction_fails(seeded):
+    """Not a driver's error (a bug in the work, an interrupt): what the connection was left in
+    is unknown, so it goes back to the pool (which rolls it back) rather than on to the next run."""
+    runner = HeldConnection(seeded)
+    runner.run(lambda cursor: cursor.execute("SELECT 1").fetchall())
+    assert runner.held
+
+    def fails_after_a_statement(cursor):
+        cursor.execute("SELECT 1")
+        raise ValueError("a bug in the work")
+
+    with pytest.raises(ValueError):
+        runner.run(fails_after_a_statement)
+    assert not runner.held and seeded.pool.checkedout() == 0
+    runner.release()
+
+
 def terminate_and_wait_until_told(connection) -> None:
     """The server ends `connection`'s session, as a restart would; returns once its message
     has arrived."""
@@ -355,6 +372,48 @@ def test_an_answer_that_comes_after_its_caller_gave_up_harms_nobody(seeded, monk
     batcher.close(5)
     assert not crashes
     assert seeded.pool.checkedout() == 0
+
+
+def test_a_caller_that_gives_up_while_queued_leaves_the_queue(seeded, monkeypatch):
+    """Counted as pending after it left, each such caller brought the queue nearer its bound,
+    until every request was refused as a full queue (503)."""
+    release, running = stall_queries(monkeypatch)
+    batcher = Batcher(seeded, [QueryKind()], max_wait=30)
+    first = threading.Thread(target=lambda: batcher.submit("query"))
+    first.start()
+    assert running.wait(10)
+    outcomes = batcher.submit_many("query", [None, None], timeout=0.2)
+    assert [str(outcome) for outcome in outcomes] == ["no answer from the database within 0.2 s"] * 2
+    assert batcher.pending() == 0
+    release.set()
+    first.join(10)
+    batcher.close(5)
+
+
+def test_single_waiters_fill_a_batch_up_to_max_batch_exactly(seeded, monkeypatch):
+    release, running = stall_queries(monkeypatch)
+    sizes: list[int] = []
+    batcher = Batcher(seeded, [QueryKind()], max_wait=30, max_batch=4, on_batch=lambda kind, outcomes: sizes.append(len(outcomes)))
+    callers = [threading.Thread(target=lambda: batcher.submit("query")) for _ in range(5)]
+    callers[0].start()
+    assert running.wait(10)
+    for caller in callers[1:]:
+        caller.start()
+    wait_for(lambda: batcher.pending() == 4, "four callers queued")
+    release.set()
+    for caller in callers:
+        caller.join(20)
+    assert sizes == [1, 4]
+    batcher.close(5)
+
+
+def test_one_caller_for_more_than_max_pending_is_served_when_nobody_waits(seeded):
+    """The bound keeps a queue from growing; a caller alone is no queue (a lane's batch of
+    requests is one caller)."""
+    batcher = Batcher(seeded, [QueryKind()], max_wait=30, max_pending=2)
+    outcomes = batcher.submit_many("query", [None] * 3)
+    assert all(isinstance(outcome, QueryResult) for outcome in outcomes), outcomes
+    batcher.close(5)
 
 
 def test_abandon_answers_the_running_batch_and_the_queue_at_once_and_later_callers_too(seeded, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import threading
 import time
 import urllib.parse
@@ -16,12 +17,13 @@ import sqlalchemy as sa
 import daemon.app
 import daemon.resources
 from daemon.app import collect_outcomes, create_app, enqueue_outcomes, new_batchers
-from daemon.batcher import Batcher, Batchers, IncrementKind, QueryKind
+from daemon.batcher import Batcher, Batchers, IncrementKind, QueryKind, QueueFullError
 from daemon.metrics import Metrics
 from daemon.resources import DatabaseReads, DuplicateNameError, WriteHealth, decode_json
 from daemon.transport import LaneRequest
 from maxtwo_cli.core import db
-from maxtwo_cli.core.counters import INT64_MAX, INT64_MIN, Applied, read_counter
+from maxtwo_cli.core.counters import INT64_MAX, INT64_MIN, Applied, CounterOverflowError, read_counter
+from maxtwo_cli.core.errors import DatabaseBusyError, DatabaseUnavailableError
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.seed import seed_users
 from maxtwo_cli.core.settings import Settings
@@ -145,6 +147,11 @@ def test_an_unexpected_error_in_one_lane_request_is_its_own(app_parts, monkeypat
 
 def test_413_415_and_a_bad_idempotency_key(client, app_parts):
     assert post(client, "x" * 5000).status_code == 413
+    # At most 4 KiB: exactly that is taken, a byte more is not.
+    text = json.dumps({"key": "edge", "value": 1})
+    at_the_limit = text + " " * (4096 - len(text))
+    assert post(client, at_the_limit).status_code == 202
+    assert post(client, at_the_limit + " ").status_code == 413
     assert post(client, {"key": "a", "value": 1}, headers={"Content-Type": "text/plain"}).status_code == 415
     assert client.simulate_post("/increment", body='{"key": "a", "value": 1}').status_code == 415
     for content_type in ("application/json; charset=utf-8", 'Application/JSON;Charset="UTF-8"', "application/json; charset=utf8"):
@@ -160,7 +167,7 @@ def test_413_415_and_a_bad_idempotency_key(client, app_parts):
     encoded = post(client, {"key": "a", "value": 1}, headers={**JSON, "Content-Encoding": "br"})
     assert encoded.status_code == 415 and encoded.headers["accept-encoding"] == "identity"
     assert post(client, {"key": "a", "value": 1}, headers={**JSON, "Content-Encoding": "identity"}).status_code == 202
-    assert rejected(app_parts[2], "too_large") == 1 and rejected(app_parts[2], "unsupported_media_type") == 5
+    assert rejected(app_parts[2], "too_large") == 2 and rejected(app_parts[2], "unsupported_media_type") == 5
 
 
 def test_409_keeps_the_value(client, engine, app_parts):
@@ -269,12 +276,14 @@ def test_reads_waiting_for_the_database_hold_at_most_half_the_threads(settings, 
     assert client.simulate_get("/counters/a").status_code == 404
 
 
-def test_503_when_too_many_increments_wait(settings, engine, monkeypatch):
+def test_503_when_too_many_increments_wait(settings, engine, monkeypatch, caplog):
     gate = threading.Event()
     real_apply = IncrementKind.apply
     monkeypatch.setattr(IncrementKind, "apply", lambda self, held, payloads: (gate.wait(10), real_apply(self, held, payloads))[1])
     batcher = Batcher(engine, [QueryKind(), IncrementKind()], max_wait=30, max_pending=2)
-    client = falcon.testing.TestClient(create_app(settings, engine, batchers=Batchers.shared(batcher), writes=WriteHealth()))
+    metrics = Metrics()
+    client = falcon.testing.TestClient(create_app(settings, engine, metrics=metrics, batchers=Batchers.shared(batcher),
+                                                  writes=WriteHealth()))
     statuses: list[int] = []
 
     def send() -> threading.Thread:
@@ -294,8 +303,14 @@ def test_503_when_too_many_increments_wait(settings, engine, monkeypatch):
     until(lambda: batcher.running_for() > 0)  # its batch runs, held at the gate
     threads += [send(), send()]
     until(lambda: batcher.pending() == 2)  # two wait: the queue is full
-    refused = post(client, {"key": "q", "value": 1})
+    with caplog.at_level(logging.INFO):
+        refused = post(client, {"key": "q", "value": 1})
     assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+    # Said as what it is, counted as such, and no log line: under overload that would flood the
+    # journal when it matters (the database is fine).
+    assert refused.json["description"] == "too many writes wait for the database; try again shortly"
+    assert (rejected(metrics, "queue_full"), rejected(metrics, "unavailable")) == (1, 0)
+    assert [record.getMessage() for record in caplog.records if record.name.startswith("daemon")] == []
     gate.set()
     for thread in threads:
         thread.join(20)
@@ -303,6 +318,42 @@ def test_503_when_too_many_increments_wait(settings, engine, monkeypatch):
     assert sorted(statuses) == [202, 202, 202, 503]
     assert read_counter(engine, "q") == 3
     batcher.close(5)
+
+
+def test_whom_a_failure_concerns_beyond_its_own_request():
+    """A full queue is no failure of the database: one refusal would otherwise fail whatever
+    was queued meanwhile."""
+    assert daemon.app.failure_scope(QueueFullError("full")) is None
+    assert daemon.app.failure_scope(CounterOverflowError("over")) is None
+    assert daemon.app.failure_scope(Applied("a", 1)) is None
+    assert daemon.app.failure_scope(DatabaseBusyError("locked")) == "route"
+    assert daemon.app.failure_scope(DatabaseUnavailableError("down")) == "all"
+
+
+def test_a_lane_waits_its_timeout_in_all_for_both_kinds_not_for_each(engine):
+    gate = threading.Event()
+
+    class Stalled:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def apply(self, held, payloads):
+            gate.wait(10)
+            return [None] * len(payloads)
+
+    batchers = Batchers({"query": Batcher(engine, [Stalled("query")], max_wait=30),
+                         "increment": Batcher(engine, [Stalled("increment")], max_wait=30)})
+    requests = [LaneRequest("GET", "/", {}, b""),
+                LaneRequest("POST", "/increment", {"CONTENT_TYPE": "application/json"}, b'{"key": "a", "value": 1}')]
+    try:
+        started = time.monotonic()
+        outcomes = collect_outcomes(enqueue_outcomes(batchers, requests), 0.5)
+        took = time.monotonic() - started
+    finally:
+        gate.set()
+        batchers.close(5)
+    assert all(isinstance(outcome, DatabaseUnavailableError) for outcome in outcomes), outcomes
+    assert took < 0.9, took  # 1.0 s when each kind waited its own 0.5 s
 
 
 def test_the_lanes_answer_increments_and_queries_in_batches(settings, engine, app_parts):

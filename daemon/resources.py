@@ -27,7 +27,7 @@ from maxtwo_cli.core.counters import (
     check_value,
     read_counter,
 )
-from maxtwo_cli.core.errors import DatabaseBusyError, DatabaseUnavailableError, MaxtwoError
+from maxtwo_cli.core.errors import DatabaseBusyError, MaxtwoError
 from maxtwo_cli.core.schema import writes_refused
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,9 @@ class IncrementResource:
             reason, error = "idempotency_conflict", falcon.HTTPUnprocessableEntity(description=str(error))
         elif isinstance(error, QueueFullError):
             reason = "queue_full"  # a MaxtwoError: the app's handler answers 503
-        elif isinstance(error, DatabaseUnavailableError):
+        elif isinstance(error, MaxtwoError):
+            # The app's handler answers 503 for every MaxtwoError: the database unavailable, or
+            # not one maxtwo can use (a SQLite file that is no database).
             reason = "unavailable"
         else:
             return error  # unexpected: the app's handler logs it and answers 500

@@ -21,7 +21,7 @@ from daemon.batcher import Batcher, Batchers, IncrementKind, QueryKind, QueueFul
 from daemon.metrics import Metrics
 from daemon.resources import DatabaseReads, DuplicateNameError, WriteHealth, decode_json
 from daemon.transport import LaneRequest
-from maxtwo_cli.core import db
+from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.counters import INT64_MAX, INT64_MIN, Applied, CounterOverflowError, read_counter
 from maxtwo_cli.core.errors import DatabaseBusyError, DatabaseUnavailableError
 from maxtwo_cli.core.randomize import randomize_points
@@ -318,6 +318,29 @@ def test_503_when_too_many_increments_wait(settings, engine, monkeypatch, caplog
     assert sorted(statuses) == [202, 202, 202, 503]
     assert read_counter(engine, "q") == 3
     batcher.close(5)
+
+
+def test_an_increment_refused_for_a_file_that_is_no_database_is_counted(tmp_path):
+    """Answered 503 like an unavailable database, and counted as one (it went uncounted)."""
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}")
+    engine = db.create_engine(settings)
+    schema.ensure_schema(engine)
+    engine.dispose()
+    for file in list(tmp_path.iterdir()):  # the main file and its -query file overwritten
+        if file.name.endswith(("-wal", "-shm")):
+            file.unlink()
+        else:
+            file.write_bytes(b"these are my notes, not a database\n" * 200)
+    metrics, writes = Metrics(), WriteHealth()
+    engine = db.create_engine(settings)
+    batchers = new_batchers(settings, engine, metrics, writes)
+    try:
+        client = falcon.testing.TestClient(create_app(settings, engine, metrics=metrics, batchers=batchers, writes=writes))
+        assert post(client, {"key": "a", "value": 1}).status_code == 503
+    finally:
+        batchers.close(5)
+        engine.dispose()
+    assert rejected(metrics, "unavailable") == 1
 
 
 def test_whom_a_failure_concerns_beyond_its_own_request():

@@ -9,6 +9,7 @@ local clock jump as it would in production.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import itertools
 import logging
@@ -548,6 +549,49 @@ def test_a_run_done_elsewhere_is_counted_as_skipped(monkeypatch):
     metrics = run_on(clock, recorder, interval, monkeypatch)
     assert sample(metrics, "maxtwo_randomize_skipped_total", reason="elsewhere") == 3
     assert sample(metrics, "maxtwo_randomize_duration_seconds_count") == 0
+
+
+def test_each_run_sets_the_epoch_gauge(monkeypatch):
+    start, end, interval = 1000.0, 1030.0, 10
+    recorder: Recorder
+
+    def settle(now: float) -> None:
+        recorder.wait_for(len(boundaries(start, now, interval)))
+        join_runs()
+
+    clock = FakeClock(start, end, settle)
+    recorder = Recorder(clock.time, lambda number: dataclasses.replace(result(), epoch=41 + number))
+    metrics = run_on(clock, recorder, interval, monkeypatch)
+    assert len(recorder.calls) == 3
+    assert sample(metrics, "maxtwo_epoch") == 44
+
+
+def test_after_an_error_of_its_own_the_loop_tries_again_within_a_minute_whatever_the_interval(monkeypatch):
+    """An hour's wait after such an error (the interval's) would run an hourly slot that much late."""
+    interval = 3600
+    start = 1_800_000_000 - 30  # 30 s before a boundary
+    clock = FakeClock(start, start + 30 + interval)
+    readings = 0
+
+    def flaky_time() -> float:
+        nonlocal readings
+        readings += 1
+        if readings == 2:
+            raise OSError("the clock failed once")
+        return clock.time()
+
+    schedule_follows(clock, monkeypatch)
+    recorder = Recorder(clock.time)
+    scheduler = RandomizeScheduler(recorder, interval, Metrics(), clock=flaky_time, wait=clock.wait)
+    scheduler.start()
+    try:
+        recorder.wait_for(1)
+    finally:
+        assert scheduler.stop(TIMEOUT)
+    join_runs()
+    [(ran, due_at)] = recorder.calls[:1]
+    assert due_at.timestamp() == 1_800_000_000
+    assert ran - 1_800_000_000 <= 60  # the minute's wait from 30 s before the boundary: 30 s late
 
 
 def start_one_run(job) -> tuple[RandomizeScheduler, threading.Event]:

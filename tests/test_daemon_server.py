@@ -3,6 +3,7 @@ watches the serving loop and the batcher, signals, and the exit paths."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -28,11 +29,12 @@ from daemon.server import (
     start_listening,
 )
 from daemon.transport import QuietChannel
+from daemon.watchdog import Watchdog
 from maxtwo_cli.core.errors import DatabaseUnavailableError, MaxtwoError
 from maxtwo_cli.core.query import QueryResult
 from maxtwo_cli.core.schema import idempotency_keys
 from maxtwo_cli.core.settings import Settings
-from tests.helpers import notify_socket
+from tests.helpers import notify_socket, wait_for
 
 # systemd's WatchdogSec= in microseconds: pings every 0.2 s (half of it).
 WATCHDOG_USEC = "400000"
@@ -280,6 +282,30 @@ def test_the_watchdog_stops_while_a_batch_runs_past_every_timeout(watched, monke
         released.set()
     before = len(pings.times)
     wait_for_pings(pings, before + 3)
+
+
+def test_the_watchdog_says_why_it_stopped_each_time_it_stops(caplog):
+    """Once per stop, not once per check; and again at the next stop after it resumed (the log
+    said nothing of a second hang otherwise)."""
+    running_for, pings = [5.0], []
+    watchdog = Watchdog(interval=0.02, loop_stale_after=1000, batch_running_for=lambda: running_for[0],
+                        batch_limit=1, notify=pings.append)
+
+    def complaints() -> int:
+        return sum("not pinging systemd's watchdog" in record.getMessage() for record in caplog.records)
+
+    with caplog.at_level(logging.ERROR, logger="daemon.watchdog"):
+        watchdog.start()
+        try:
+            wait_for(lambda: complaints() == 1, "the first complaint")
+            time.sleep(0.2)  # ten checks more: still one line
+            assert complaints() == 1 and pings == []
+            running_for[0] = 0.0
+            wait_for(lambda: pings, "a ping once the batch is over")
+            running_for[0] = 5.0
+            wait_for(lambda: complaints() == 2, "the second complaint")
+        finally:
+            watchdog.stop()
 
 
 def test_the_watchdog_stops_while_a_lane_is_stuck_at_a_batch(watched, monkeypatch):

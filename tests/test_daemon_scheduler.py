@@ -314,25 +314,30 @@ def test_a_clock_stepped_forward_during_a_wait_delays_no_run(monkeypatch):
         (0, 0), (60, 60), (120, 120), (180, 180)]
 
 
+def on_a_clock_that_fails_once(clock: FakeClock, failing_reading: int, job, interval: float, metrics: Metrics,
+                               monkeypatch) -> RandomizeScheduler:
+    """A scheduler whose clock raises at its `failing_reading`-th reading (an error of the loop's own)."""
+    readings = 0
+
+    def flaky_time() -> float:
+        nonlocal readings
+        readings += 1
+        if readings == failing_reading:
+            raise OSError("the clock failed once")
+        return clock.time()
+
+    schedule_follows(clock, monkeypatch)
+    return RandomizeScheduler(job, interval, metrics, clock=flaky_time, wait=clock.wait)
+
+
 def test_the_loop_outlives_an_error_of_its_own(monkeypatch, caplog):
     """An error escaping the loop (its clock, `schedule`) ended every randomization for good,
     with /healthz still 200."""
     interval = 10
     start = 1_800_000_000 - 5
     clock = FakeClock(start, start + 5 + 3 * interval)
-    readings = 0
-
-    def flaky_time() -> float:
-        nonlocal readings
-        readings += 1
-        if readings == 3:
-            raise OSError("the clock failed once")
-        return clock.time()
-
-    schedule_follows(clock, monkeypatch)
-    recorder = Recorder(clock.time)
-    metrics = Metrics()
-    scheduler = RandomizeScheduler(recorder, interval, metrics, clock=flaky_time, wait=clock.wait)
+    recorder, metrics = Recorder(clock.time), Metrics()
+    scheduler = on_a_clock_that_fails_once(clock, 3, recorder, interval, metrics, monkeypatch)
     with caplog.at_level(logging.ERROR, logger="daemon.scheduler"):
         scheduler.start()
         try:
@@ -536,7 +541,8 @@ def test_a_wait_ended_by_a_stop_is_neither_skipped_nor_failed(monkeypatch, caplo
     assert "not waited for further: this daemon stops" in caplog.text and "left to another" not in caplog.text
 
 
-def test_a_run_done_elsewhere_is_counted_as_skipped(monkeypatch):
+def three_slots_of_10_s(behaviour, monkeypatch) -> tuple[Recorder, Metrics]:
+    """The job (Recorder(behaviour)) run by a scheduler through three boundaries of 10 s."""
     start, end, interval = 1000.0, 1030.0, 10
     recorder: Recorder
 
@@ -545,23 +551,18 @@ def test_a_run_done_elsewhere_is_counted_as_skipped(monkeypatch):
         join_runs()
 
     clock = FakeClock(start, end, settle)
-    recorder = Recorder(clock.time, lambda number: None)
-    metrics = run_on(clock, recorder, interval, monkeypatch)
+    recorder = Recorder(clock.time, behaviour)
+    return recorder, run_on(clock, recorder, interval, monkeypatch)
+
+
+def test_a_run_done_elsewhere_is_counted_as_skipped(monkeypatch):
+    _, metrics = three_slots_of_10_s(lambda number: None, monkeypatch)
     assert sample(metrics, "maxtwo_randomize_skipped_total", reason="elsewhere") == 3
     assert sample(metrics, "maxtwo_randomize_duration_seconds_count") == 0
 
 
 def test_each_run_sets_the_epoch_gauge(monkeypatch):
-    start, end, interval = 1000.0, 1030.0, 10
-    recorder: Recorder
-
-    def settle(now: float) -> None:
-        recorder.wait_for(len(boundaries(start, now, interval)))
-        join_runs()
-
-    clock = FakeClock(start, end, settle)
-    recorder = Recorder(clock.time, lambda number: dataclasses.replace(result(), epoch=41 + number))
-    metrics = run_on(clock, recorder, interval, monkeypatch)
+    recorder, metrics = three_slots_of_10_s(lambda number: dataclasses.replace(result(), epoch=41 + number), monkeypatch)
     assert len(recorder.calls) == 3
     assert sample(metrics, "maxtwo_epoch") == 44
 
@@ -571,18 +572,8 @@ def test_after_an_error_of_its_own_the_loop_tries_again_within_a_minute_whatever
     interval = 3600
     start = 1_800_000_000 - 30  # 30 s before a boundary
     clock = FakeClock(start, start + 30 + interval)
-    readings = 0
-
-    def flaky_time() -> float:
-        nonlocal readings
-        readings += 1
-        if readings == 2:
-            raise OSError("the clock failed once")
-        return clock.time()
-
-    schedule_follows(clock, monkeypatch)
     recorder = Recorder(clock.time)
-    scheduler = RandomizeScheduler(recorder, interval, Metrics(), clock=flaky_time, wait=clock.wait)
+    scheduler = on_a_clock_that_fails_once(clock, 2, recorder, interval, Metrics(), monkeypatch)
     scheduler.start()
     try:
         recorder.wait_for(1)

@@ -813,8 +813,14 @@ def _close_after_answering(channel) -> None:
     pipelining cut by a read: it is dropped with the rest of what the client sent after them
     (not read: a client may send those again elsewhere), or the loop would read on, and every
     read brings more complete requests (20 clients pipelining 220 requests each kept the drain
-    answering past its 5 s)."""
-    if channel.requests or (channel.request is None and time.time() - channel.last_activity >= QUIET_SECONDS):
+    answering past its 5 s). Nor while bytes the loop has not read yet wait (the start of a
+    request sent just before the serving loop ended: dropped unread, its client was told
+    nothing)."""
+    if channel.requests or (
+        channel.request is None
+        and time.time() - channel.last_activity >= QUIET_SECONDS
+        and not _has_unread_input(channel)
+    ):
         # waitress's own flag: received() takes nothing more, the loop closes once flushed;
         # ours: what still comes is read and dropped, and the close lingers (QuietChannel).
         channel.close_when_flushed = True
@@ -832,6 +838,7 @@ def _busy(channel) -> bool:
         or (channel.request is not None and not getattr(channel, "discarding", False))  # (never to be answered)
         or channel.total_outbufs_len
         or time.time() - channel.last_activity < QUIET_SECONDS
+        or (not getattr(channel, "discarding", False) and _has_unread_input(channel))  # to be read first
     )
 
 

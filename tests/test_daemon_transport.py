@@ -296,6 +296,8 @@ def test_the_errors_waitress_answers_itself_are_json_in_the_apps_shape(request_b
         sock.sendall(request_bytes)
         answer = read_all(sock)  # and the connection closed after it
     assert refused == [status]  # told, for the metrics: the app never sees these
+    if status == 505:  # an HTTP/1.1 answer, whatever version the request named (it said HTTP/1.0)
+        assert answer.startswith(b"HTTP/1.1 505 "), answer[:40]
     code, headers, body = json_answer(answer)
     assert code == status and headers["connection"] == "close"
     # The title as the app's own errors have it (falcon's: waitress's 413 is "Request Entity Too Large").
@@ -1218,6 +1220,67 @@ def test_at_the_connection_limit_a_connection_below_the_reclaim_times_stays(monk
                 assert read_answer(sock).startswith(b"HTTP/1.1 200")
 
 
+def test_an_answer_names_maxtwo_as_its_server():
+    with running(hello) as served:
+        connection = served.connect(timeout=10)
+        connection.request("GET", "/")
+        answer = connection.getresponse()
+        answer.read()
+        connection.close()
+    assert answer.getheader("Server") == "maxtwo"
+
+
+def test_at_the_connection_limit_a_connection_whose_answer_waits_to_be_read_is_not_idle(monkeypatch):
+    """No request pending, but its answer unsent (the client not reading yet): closed after
+    RECLAIM_IDLE_SECONDS as idle, its client lost that answer. It makes way only after
+    RECLAIM_UNREAD_SECONDS."""
+    monkeypatch.setattr(transport, "CONNECTION_LIMIT", 4)  # 2 clients
+    big = b"x" * 4_000_000
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(big)))])
+        return [big]
+
+    with running(app) as served, contextlib.ExitStack() as stack:
+        for _ in range(2):
+            sock = stack.enter_context(socket.create_connection(("127.0.0.1", served.port), timeout=10))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # and reads nothing (yet)
+        wait_for(lambda: len(served.server.active_channels) == 2 and all(
+            channel.total_outbufs_len and not channel.requests for channel in served.server.active_channels.values()),
+            "both answers written, waiting to be read")
+        time.sleep(transport.RECLAIM_IDLE_SECONDS + 0.5)
+        newcomer = stack.enter_context(socket.create_connection(("127.0.0.1", served.port), timeout=1.5))
+        newcomer.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        with pytest.raises(TimeoutError):
+            newcomer.recv(100)  # waits in the backlog: no connection is idle
+        assert len(served.server.active_channels) == 2
+
+
+def test_a_connection_whose_answer_is_still_being_made_is_not_closed_for_its_unread_part(monkeypatch):
+    """The check for answers nobody reads (CHANNEL_TIMEOUT) leaves a connection whose app is
+    still writing its answer alone: it cut such an answer off under the request thread."""
+    monkeypatch.setattr(transport, "CHANNEL_TIMEOUT", 1)
+    big = b"x" * 2_000_000
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(big) + 4))])
+        yield big
+        time.sleep(2.5)  # the app still working on the rest of the answer, its first part unread
+        yield b"done"
+
+    with running(app) as served:
+        sock = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        wait_for(lambda: any(channel.requests and channel.total_outbufs_len
+                             for channel in served.server.active_channels.values()), "the first part written")
+        time.sleep(1.8)  # past CHANNEL_TIMEOUT without a send
+        received = read_all(sock)
+        sock.close()
+    assert received.endswith(big + b"done"), received[-100:]
+
+
 def test_a_connection_with_bytes_unread_is_not_idle():
     """A request on its way (sent since the serving loop last read) would be reset and lost."""
     server_side, client_side = socket.socketpair()
@@ -1529,6 +1592,91 @@ def drain_in_a_thread(served) -> threading.Thread:
     drained = threading.Thread(target=served.transport.drain, args=(5,))
     drained.start()
     return drained
+
+
+LINGERING_ANSWER = b"x" * 300_000
+
+
+def lingering_answer(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(LINGERING_ANSWER)))])
+    return [LINGERING_ANSWER]
+
+
+def test_a_lingering_connection_whose_client_never_closes_its_end_is_closed():
+    """Closed after an answer still in flight, it lingers for the client's end of stream: a
+    client that read it all and keeps its end open held the connection (one place toward the
+    connection limit) for ever."""
+    with running(lingering_answer, threads=2) as served:
+        sock = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)  # the answer still undelivered at the close
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        time.sleep(0.5)
+        received = b""
+        while chunk := sock.recv(65536):  # to the server's end of stream; this end stays open
+            received += chunk
+        assert received.endswith(LINGERING_ANSWER)
+        wait_for(lambda: not served.server.active_channels, "the lingering connection closed",
+                 seconds=transport.LINGER_SECONDS + 3)
+        sock.close()
+
+
+@pytest.mark.parametrize("request_sent", ["before the drain", "as the drain takes it in"])
+def test_a_client_waiting_in_the_backlog_when_the_drain_begins_is_answered(request_sent):
+    """Its handshake done but not yet accepted when the serving loop ended: the drain takes it
+    in and gives its request QUIET_SECONDS to arrive (closing the listener reset it, unanswered)."""
+    with running(hello) as served:
+        served.stop.set()
+        time.sleep(0.3)  # the serving loop has ended: nothing accepts now
+        sock = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        if request_sent == "before the drain":
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        drained = threading.Thread(target=served.transport.drain, args=(5,))
+        drained.start()
+        if request_sent == "before the drain":
+            answer = sent_and_answered(sock, b"")
+        else:
+            wait_for(lambda: served.server.active_channels, "the connection taken in")
+            answer = sent_and_answered(sock, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        drained.join(10)
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"hello"), answer
+
+
+def sent_and_answered(sock: socket.socket, data: bytes) -> bytes:
+    """`data` sent, then what comes back up to the server's close; b"" if the connection was
+    reset instead."""
+    with contextlib.suppress(ConnectionError):
+        sock.sendall(data)
+        return read_all(sock)
+    return b""
+
+
+@pytest.mark.parametrize("first_part", ["read before the drain", "unread when the drain begins"])
+def test_a_request_half_received_when_the_drain_begins_is_waited_for_and_answered(first_part):
+    """However long its client pauses before the rest (past QUIET_SECONDS), up to the drain's
+    own timeout. Sent just before the serving loop ended and not read by it, that first part
+    was read by the drain and dropped, and the connection closed: about one run in three of
+    the first case ended so, the second always did."""
+    with running(hello) as served:
+        sock = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        wait_for(lambda: served.server.active_channels, "the connection taken in")
+        [channel] = served.server.active_channels.values()
+        if first_part == "read before the drain":
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            wait_for(lambda: channel.request is not None, "the first part read")
+            drained = drain_in_a_thread(served)
+        else:
+            served.stop.set()
+            time.sleep(0.3)  # the serving loop has ended: nothing reads now
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            time.sleep(transport.QUIET_SECONDS + 0.1)  # the connection quiet since it was taken in
+            drained = threading.Thread(target=served.transport.drain, args=(5,))
+            drained.start()
+        time.sleep(transport.QUIET_SECONDS + 0.35)
+        answer = sent_and_answered(sock, b"\r\n")
+        drained.join(10)
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"hello"), answer
 
 
 def test_a_request_completed_while_the_drain_lingers_is_dropped_not_run():

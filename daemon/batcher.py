@@ -221,8 +221,7 @@ class Batcher:
     def outcomes(self, ticket: Ticket, timeout: float | None = None) -> list[Any]:
         """The outcomes of enqueue()d operations, waiting up to `timeout` s (default max_wait)."""
         me = ticket
-        waited = self.max_wait if timeout is None else max(timeout, 0.0)
-        if not me.wait(waited):
+        if not me.wait(self.max_wait if timeout is None else max(timeout, 0.0)):
             with self._lock:
                 if me in self._waiting:
                     self._waiting.remove(me)
@@ -231,7 +230,9 @@ class Batcher:
             if not answered:
                 # NOTE: if its batch is running, what it writes will still commit although
                 # this caller got an error: as when a client gives up.
-                error = DatabaseUnavailableError(f"no answer from the database within {waited:g} s")
+                # (A lane's timeout is what its request had left: no time worth giving.)
+                within = f"within {self.max_wait:g} s" if timeout is None else "in the time its caller had left"
+                error = DatabaseUnavailableError(f"no answer from the database {within}")
                 return [error] * len(me.payloads)
         return [_own_copy(outcome) if isinstance(outcome, BaseException) else outcome for outcome in me.outcomes]
 

@@ -673,8 +673,11 @@ def _unread(channels: list, since: float) -> list:
 def _has_unread_input(channel) -> bool:
     """Bytes the serving loop has not read yet (a request sent since its last turn): closing
     the connection now would reset it and lose them."""
+    sock = channel.socket  # None once closed, by another thread too (a failed send)
+    if sock is None:
+        return False
     try:
-        return bool(channel.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
     except OSError:  # BlockingIOError: nothing waits; any other: closing it loses nothing
         return False
 

@@ -1679,6 +1679,27 @@ def test_a_request_half_received_when_the_drain_begins_is_waited_for_and_answere
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"hello"), answer
 
 
+def test_the_drain_goes_on_past_a_connection_another_thread_closed_meanwhile(monkeypatch):
+    """A request thread whose send fails closes its connection itself (its socket then None):
+    the drain's look for unread bytes on it raised, the drain ended in a traceback and nothing
+    was closed (a review)."""
+    look = transport._close_after_answering
+
+    def closed_meanwhile(channel) -> None:
+        channel.handle_close()  # between the drain's snapshot of the connections and its look
+        look(channel)
+
+    monkeypatch.setattr(transport, "_close_after_answering", closed_meanwhile)
+    with running(hello) as served:
+        sock = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        wait_for(lambda: served.server.active_channels, "the connection taken in")
+        time.sleep(transport.QUIET_SECONDS + 0.1)
+        served.stop.set()
+        time.sleep(0.3)
+        assert served.transport.drain(2)
+        sock.close()
+
+
 def test_a_request_completed_while_the_drain_lingers_is_dropped_not_run():
     """The rest of a request half received when the drain began, sent while the answer before
     it was still on its way: the lingering connection parsed it and the app ran it (an

@@ -77,6 +77,10 @@ def test_a_url_parameter_error_never_quotes_the_password():
     # In URL and keyword syntax, whatever the value, an unencoded "@" or "/" in it too.
     ("(postgresql://u:Top@Sec/ret@db.example/maxtwo)", [], [], "(postgresql://u:***@db.example/maxtwo)"),
     ("postgresql://me@srv:hunter2@db.example/maxtwo", [], [], "postgresql://me@srv:***@db.example/maxtwo"),  # Azure's user
+    # An "@" in a query's password: the URL's mask took the port's ":" for a password's start.
+    ("postgresql://u@h:5432/db?password=hunt@er2x", [], [], "postgresql://u@h:5432/db?password=***"),
+    ("postgresql://u@h:5432/db?sslpassword=pa@ss-tail", [], [], "postgresql://u@h:5432/db?sslpassword=***"),
+    ("postgresql://u:pw@h:5432/db?password=a@bTAIL", [], [], "postgresql://u:***@h:5432/db?password=***"),
     ("PASSWORD=hunter2 SSLKEY=/etc/k3y sslkey='/etc/k 3y'", [], [], "PASSWORD=*** SSLKEY=*** sslkey=***"),  # any case
     ("host=x password='a b\\' c' user=u", [], [], "host=x password=*** user=u"),
     ("postgresql://u@h/db?sslpassword=xyz&password=abc", [], [], "postgresql://u@h/db?sslpassword=***&password=***"),
@@ -111,9 +115,12 @@ def test_a_short_or_common_wrong_password_is_not_given_away_by_the_masking(postg
 def test_the_database_urls_query_secrets_are_masked_wherever_they_are_shown():
     from maxtwo_cli.core import db
 
-    url = db.parse_database_url("postgresql://u@db.example/maxtwo?password=topsecret&sslpassword=k3y")
-    # The URL as logged (`maxtwo serve`'s "database: ..." line) and as errors give it.
-    assert db.redact(url) == "postgresql+psycopg://u@db.example/maxtwo?password=***&sslpassword=***"
+    url = db.parse_database_url("postgresql://u@db.example/maxtwo?application_name=%00masked%00"
+                                "&password=topsecret&sslpassword=k3y")
+    # The URL as logged (`maxtwo serve`'s "database: ..." line) and as errors give it; the rest
+    # of it as it was.
+    assert db.redact(url) == ("postgresql+psycopg://u@db.example/maxtwo?application_name=%00masked%00"
+                              "&password=***&sslpassword=***")
     # A driver's message that quotes one of them.
     assert db.redact_message('syntax error at or near "topsecret" and "k3y"', url) == (
         'syntax error at or near "***" and "***"')

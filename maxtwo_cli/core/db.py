@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import select
 import sqlite3
 import sys
@@ -136,15 +137,18 @@ def _password_may_be_cut(raw: str) -> bool:
 
 # libpq also takes secrets as query parameters (?password=...).
 _SECRET_QUERY_KEYS = ("password", "sslpassword", "sslkey")
-# What stands for one of them in redact(), rendered: a value no real one is (libpq takes no NUL).
-_HIDDEN, _HIDDEN_RENDERED = "\x00masked\x00", "%00masked%00"
+# What stands for one of them in redact(): a value no real one is (libpq takes no NUL); and
+# the stand-ins as rendered, to be written "***".
+_HIDDEN = "\x00masked\x00"
+_HIDDEN_VALUES = re.compile(rf"(?<=[?&])({'|'.join(_SECRET_QUERY_KEYS)})=%00masked%00(?=&|$)")
 
 
 def redact(url: URL) -> str:
     """The URL as it may appear in any output: the password, if any, is replaced by ***."""
     hidden = {key: _HIDDEN for key in _SECRET_QUERY_KEYS if key in url.query}
     # The query's masks as written, not percent-encoded ("?password=%2A%2A%2A" in the log).
-    return url.update_query_dict(hidden).render_as_string(hide_password=True).replace(_HIDDEN_RENDERED, "***")
+    rendered = url.update_query_dict(hidden).render_as_string(hide_password=True)
+    return _HIDDEN_VALUES.sub(r"\1=***", rendered)
 
 
 def redact_message(text: str, url: URL) -> str:

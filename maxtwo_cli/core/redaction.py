@@ -31,9 +31,12 @@ _QUOTED = re.compile(r"""(?<![0-9A-Za-z])(["']).*?\1(?![0-9A-Za-z])""")
 
 
 def mask_secret_syntax(text: str) -> str:
-    """`text` with the password of every URL in it, and every password=... value, masked."""
-    text = _URL_PASSWORD.sub(rf"\g<1>{MASK}\g<2>", text).replace(_PLACEHOLDER_MASKED, _PLACEHOLDER)
-    return _KEYWORD_SECRET.sub(rf"\g<1>\g<2>{MASK}", text)
+    """`text` with every password=... value, and the password of every URL in it, masked.
+
+    NOTE: the keywords first: an "@" in a ?password= value ended the URL's mask there (the
+    port's ":" taken for the password's start), and the rest of the value was shown."""
+    text = _KEYWORD_SECRET.sub(rf"\g<1>\g<2>{MASK}", text)
+    return _URL_PASSWORD.sub(rf"\g<1>{MASK}\g<2>", text).replace(_PLACEHOLDER_MASKED, _PLACEHOLDER)
 
 
 def redact_text(text: str, secrets: Iterable[str] = (), public: Iterable[str] = ()) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import math
+import signal
 import socket
 import threading
 import time
@@ -133,6 +134,17 @@ def test_sigterm_during_a_burst_answers_everything_and_exits_0(database_url, tmp
         # 16 eager clients, 8 threads: requests queued, yet waitress's per-request warning
         # about it never reaches the log.
         assert "Task queue depth" not in daemon.log()
+
+
+def test_ctrl_c_stops_the_daemon_as_sigterm_does_and_exits_0(tmp_path):
+    """README: Ctrl-C stops `maxtwo serve` once it serves, exit 0, after the same drain."""
+    with ServeProcess(f"sqlite:///{tmp_path / 'maxtwo.db'}", interval=60, seed_count=10) as daemon:
+        daemon.start(tmp_path / "serve.log")
+        assert daemon.get("/healthz")[0] == 200
+        daemon.process.send_signal(signal.SIGINT)
+        assert daemon.process.wait(15) == 0
+        log = daemon.log()
+    assert "received SIGINT" in log and "stopped" in log and "Traceback" not in log
 
 
 @pytest.mark.slow  # a drain held open for its whole 5 s

@@ -34,7 +34,7 @@ from maxtwo_cli.core.errors import DatabaseUnavailableError, MaxtwoError
 from maxtwo_cli.core.query import QueryResult
 from maxtwo_cli.core.schema import idempotency_keys
 from maxtwo_cli.core.settings import Settings
-from tests.helpers import notify_socket, wait_for
+from tests.helpers import notify_socket, state, wait_for
 
 # systemd's WatchdogSec= in microseconds: pings every 0.2 s (half of it).
 WATCHDOG_USEC = "400000"
@@ -284,6 +284,73 @@ def test_the_watchdog_stops_while_a_batch_runs_past_every_timeout(watched, monke
     wait_for_pings(pings, before + 3)
 
 
+def test_a_second_signal_does_not_restart_the_shutdown_budget(monkeypatch):
+    """A Ctrl-C after SIGTERM gave the scheduler its 9 s again, past systemd's TimeoutStopSec."""
+    now = [100.0]
+    monkeypatch.setattr(server_module.time, "monotonic", lambda: now[0])
+    stop = server_module.StopRequest()
+    assert stop.time_left() == server_module.SCHEDULER_STOP_SECONDS  # no signal: the loop failed
+    stop(signal.SIGTERM)
+    now[0] += 5.0
+    stop(signal.SIGINT)
+    assert stop.signal == signal.SIGINT
+    assert stop.time_left() == server_module.SHUTDOWN_SECONDS - 5.0
+
+
+def test_the_database_line_at_start_up_hides_the_password(postgres_url, caplog):
+    password = sa.make_url(postgres_url).password
+    assert password  # the throwaway server's, else this test would prove nothing
+    settings = Settings(database_url=postgres_url, seed_count=0)
+    engine = server_module.db.create_engine(settings)
+    try:
+        with caplog.at_level(logging.INFO, logger="maxtwo"):
+            server_module.prepare_database(engine, settings)
+    finally:
+        engine.dispose()
+    assert "database: postgresql+psycopg://" in caplog.text and ":***@" in caplog.text
+    assert password not in caplog.text
+
+
+def test_a_seed_count_of_0_seeds_nothing_and_writes_nothing(engine):
+    before = state(engine)
+    server_module.seed_if_empty(engine, 0)
+    assert state(engine) == before  # no epoch taken, no lock
+
+
+def test_serving_ends_with_no_thread_nor_database_connection_left(tmp_path, monkeypatch):
+    """The watchdog's thread (a WATCHDOG=1 after STOPPING=1), the committers' threads and their
+    connections, the engine's pool: all ended when serve_requests() returns."""
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    systemd_socket = notify_socket(tmp_path / "notify.sock")
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}", port=0, threads=2)
+    from maxtwo_cli.core import db, schema
+
+    schema.ensure_schema(setup := db.create_engine(settings))
+    setup.dispose()
+    engines = []
+    create_engine = server_module.db.create_engine
+    monkeypatch.setattr(server_module.db, "create_engine",
+                        lambda *args, **kwargs: engines.append(create_engine(*args, **kwargs)) or engines[-1])
+    listener = listen(settings)
+    stop = threading.Event()
+    serving = threading.Thread(target=serve_requests, args=(settings, listener, Metrics(), stop.is_set))
+    serving.start()
+    try:
+        with socket.create_connection(listener.getsockname(), timeout=10) as client:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert client.recv(100).startswith(b"HTTP/1.1 200")
+        assert {"maxtwo-watchdog", "maxtwo-batcher"} <= {thread.name for thread in threading.enumerate()}
+    finally:
+        stop.set()
+        serving.join(30)
+        listener.close()
+        systemd_socket.close()
+    assert [thread.name for thread in threading.enumerate() if thread.name in ("maxtwo-watchdog", "maxtwo-batcher")] == []
+    assert engines and all(engine.pool.checkedin() == 0 for engine in engines)
+
+
 def test_the_watchdog_says_why_it_stopped_each_time_it_stops(caplog):
     """Once per stop, not once per check; and again at the next stop after it resumed (the log
     said nothing of a second hang otherwise)."""
@@ -375,7 +442,7 @@ def job_run_after_its_boundary(engine, interval: float, **kwargs):
     return job
 
 
-def test_the_scheduled_job_deletes_expired_idempotency_keys_once_an_hour(engine, monkeypatch):
+def test_the_scheduled_job_deletes_expired_idempotency_keys_once_an_hour(engine, monkeypatch, caplog):
     import datetime as dt
 
     from maxtwo_cli.core.batch import HeldConnection
@@ -405,8 +472,10 @@ def test_the_scheduled_job_deletes_expired_idempotency_keys_once_an_hour(engine,
     job = job_run_after_its_boundary(engine, 60)
     job(dt.datetime(2026, 12, 3, 18, 1, tzinfo=dt.UTC))  # not at a full hour: kept
     assert keys() == {"old-key", "new-key"}
-    job(dt.datetime(2026, 12, 3, 19, 0, tzinfo=dt.UTC))
+    with caplog.at_level(logging.INFO, logger="maxtwo"):
+        job(dt.datetime(2026, 12, 3, 19, 0, tzinfo=dt.UTC))
     assert keys() == {"new-key"}
+    assert "deleted 1 expired Idempotency-Keys" in caplog.text  # its one trace in the journal
     # A full hour whose randomization fails still deletes them...
     add_expired_key()
     monkeypatch.setattr(server_module, "randomize_if_due", randomization_failing_with(MaxtwoError("failed")))
@@ -459,6 +528,58 @@ def test_a_log_message_is_one_line_whatever_a_client_put_in_it(capsys, monkeypat
         assert lines[2] == "<3>Traceback (most recent call last):" and all(line.startswith("<3>") for line in lines[2:])
     else:
         assert lines[0][:4].isdigit() and lines[2] == "Traceback (most recent call last):"  # (a time first)
+
+
+def add_expired_idempotency_key(engine, key: str = "old") -> None:
+    import datetime as dt
+
+    with engine.begin() as conn:
+        conn.execute(idempotency_keys.insert().values(
+            key=key, fingerprint="f", created_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=25)))
+
+
+def idempotency_keys_left(engine) -> int:
+    with engine.connect() as conn:
+        return conn.scalar(sa.select(sa.func.count()).select_from(idempotency_keys))
+
+
+def test_at_an_interval_of_a_second_the_hourly_cleanup_still_runs(engine):
+    """Its share of the slot leaves a margin before the next boundary: a full second of it
+    left no time at all at --interval 1 (the end-to-end tests' interval), and the expired
+    keys were never deleted."""
+    import datetime as dt
+
+    from maxtwo_cli.core.seed import seed_users
+
+    seed_users(engine, 10)
+    add_expired_idempotency_key(engine)
+    job_run_after_its_boundary(engine, 1)(dt.datetime(2026, 12, 3, 19, 0, tzinfo=dt.UTC), after=0.05)
+    assert idempotency_keys_left(engine) == 0
+
+
+def test_a_failed_cleanup_waits_for_the_next_hour_not_the_next_slot(engine, monkeypatch, caplog):
+    """Each try may wait out a lock timeout in the randomizer's thread: not once a slot."""
+    import datetime as dt
+
+    from maxtwo_cli.core.seed import seed_users
+
+    seed_users(engine, 10)
+    tries = []
+
+    def failing_cleanup(*args, **kwargs):
+        tries.append(1)
+        raise MaxtwoError("canceling statement due to lock timeout")
+
+    monkeypatch.setattr(server_module, "delete_expired_idempotency_keys", failing_cleanup)
+    job = job_run_after_its_boundary(engine, 60)
+    hour = dt.datetime(2026, 12, 3, 19, 0, tzinfo=dt.UTC)
+    with caplog.at_level(logging.WARNING, logger="maxtwo"):
+        for minute in range(5):
+            job(hour + dt.timedelta(minutes=minute))
+    assert len(tries) == 1
+    assert "deleting expired Idempotency-Keys failed" in caplog.text
+    job(hour + dt.timedelta(hours=1))
+    assert len(tries) == 2
 
 
 def test_a_cleanup_out_of_time_goes_on_after_the_next_slot_and_stops_at_a_stop_request(engine, monkeypatch):

@@ -147,6 +147,17 @@ def test_ctrl_c_stops_the_daemon_as_sigterm_does_and_exits_0(tmp_path):
     assert "received SIGINT" in log and "stopped" in log and "Traceback" not in log
 
 
+def test_a_fatal_signal_leaves_every_thread_s_stack_in_the_log(tmp_path):
+    """A SIGBUS (SQLite's -shm mapping on a full or failing disk) or a SIGSEGV in a driver
+    would otherwise end the daemon without a word in the journal."""
+    with ServeProcess(f"sqlite:///{tmp_path / 'maxtwo.db'}", interval=60, seed_count=10) as daemon:
+        daemon.start(tmp_path / "serve.log")
+        daemon.process.send_signal(signal.SIGBUS)
+        assert daemon.process.wait(15) != 0
+        log = daemon.log()
+    assert "Fatal Python error: Bus error" in log and "most recent call first" in log
+
+
 @pytest.mark.slow  # a drain held open for its whole 5 s
 def test_no_randomization_starts_once_sigterm_came(tmp_path):
     with ServeProcess(f"sqlite:///{tmp_path / 'maxtwo.db'}", interval=1, seed_count=100) as daemon:

@@ -429,6 +429,54 @@ def test_the_scheduler_stops_and_tz_is_left_alone_when_serving_fails(tmp_path, m
         signal.signal(signum, handler)
 
 
+def test_a_running_randomization_gets_its_time_to_commit_when_serving_fails(tmp_path, monkeypatch):
+    """No signal started a shutdown budget: the run still gets SCHEDULER_STOP_SECONDS, not none."""
+    started, finished = threading.Event(), threading.Event()
+
+    def randomize(*args, **kwargs):
+        started.set()
+        time.sleep(0.5)  # a run in progress, its commit to come
+        finished.set()
+
+    def failing(settings, listener, metrics, stopping, *, on_ready, **_):
+        on_ready()  # the scheduler starts here, and makes up the current slot at once
+        assert started.wait(10)
+        raise RuntimeError("the serving loop died")
+
+    monkeypatch.setattr(server_module, "randomize_if_due", randomize)
+    monkeypatch.setattr(server_module, "serve_requests", failing)
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}", port=0, seed_count=10, interval=3600)
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(RuntimeError, match="died"):
+            serve(settings)
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    assert finished.is_set(), "serve() returned while the randomization still ran"
+
+
+def test_a_drain_that_runs_out_of_time_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(server_module, "DRAIN_SECONDS", 0.5)
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}", port=0, threads=2)
+    from maxtwo_cli.core import db, schema
+
+    schema.ensure_schema(setup := db.create_engine(settings))
+    setup.dispose()
+    listener = listen(settings)
+    stop = threading.Event()
+    serving = threading.Thread(target=serve_requests, args=(settings, listener, Metrics(), stop.is_set))
+    with caplog.at_level(logging.INFO, logger="maxtwo"):
+        serving.start()
+        with socket.create_connection(listener.getsockname(), timeout=10) as half:
+            half.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
+            time.sleep(0.3)
+            stop.set()
+            serving.join(30)
+    listener.close()
+    assert "requests still unanswered after" in caplog.text
+
+
 def job_run_after_its_boundary(engine, interval: float, **kwargs):
     """The scheduler's job, each call run `after` seconds (1 by default) past the slot's
     boundary by its clock."""
@@ -510,7 +558,8 @@ def test_a_log_message_is_one_line_whatever_a_client_put_in_it(capsys, monkeypat
     try:
         server_module.configure_logging()
         assert any(isinstance(each, transport.ConnectionLimitNotes) for each in waitress_log.filters)
-        logging.getLogger("waitress").info("Client disconnected while serving %s", "/x\n2026 CRITICAL forged\x1b[2J")
+        logging.getLogger("waitress").info("Client disconnected while serving %s",
+                                           "/x\n2026 CRITICAL forged\x1b[2J\x9b2J")  # (C1's CSI too)
         try:
             raise ValueError("boom")
         except ValueError:
@@ -521,7 +570,7 @@ def test_a_log_message_is_one_line_whatever_a_client_put_in_it(capsys, monkeypat
         waitress_log.filters[:] = filters
         queue_log.setLevel(queue_level)
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0].endswith("INFO waitress: Client disconnected while serving /x\\n2026 CRITICAL forged\\x1b[2J")
+    assert lines[0].endswith("INFO waitress: Client disconnected while serving /x\\n2026 CRITICAL forged\\x1b[2J\\x9b2J")
     assert lines[1].endswith("ERROR maxtwo: failed\tonce")
     if under_journald:
         assert lines[0].startswith("<6>INFO waitress: ") and lines[1].startswith("<3>ERROR maxtwo: ")

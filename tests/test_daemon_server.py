@@ -3,6 +3,7 @@ watches the serving loop and the batcher, signals, and the exit paths."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -193,6 +194,30 @@ class Pings:
         self._listener.close()
 
 
+@contextlib.contextmanager
+def serving_in_a_thread(settings: Settings, users: int = 0) -> Iterator[socket.socket]:
+    """serve_requests() on `settings` (a SQLite file, made and given `users` first) in a thread
+    until the block ends, which stops it as a signal would; yields its listening socket."""
+    from maxtwo_cli.core import db, schema
+    from maxtwo_cli.core.seed import seed_users
+
+    engine = db.create_engine(settings)
+    schema.ensure_schema(engine)
+    if users:
+        seed_users(engine, users)
+    engine.dispose()
+    listener = listen(settings)
+    stop = threading.Event()
+    serving = threading.Thread(target=serve_requests, args=(settings, listener, Metrics(), stop.is_set), daemon=True)
+    serving.start()
+    try:
+        yield listener
+    finally:
+        stop.set()
+        serving.join(30)
+        listener.close()
+
+
 @pytest.fixture
 def watched(tmp_path, monkeypatch) -> Iterator[tuple[int, Pings]]:
     """serve_requests() in a thread, on SQLite, under a watchdog with short timeouts."""
@@ -203,24 +228,11 @@ def watched(tmp_path, monkeypatch) -> Iterator[tuple[int, Pings]]:
     pings = Pings(tmp_path / "notify.sock")
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}", port=0, threads=4,
                         connect_timeout=0.5, statement_timeout=0.5)
-    from maxtwo_cli.core import db, schema
-    from maxtwo_cli.core.seed import seed_users
-
-    engine = db.create_engine(settings)
-    schema.ensure_schema(engine)
-    seed_users(engine, 10)
-    engine.dispose()
-    listener = listen(settings)
-    stop = threading.Event()
-    serving = threading.Thread(target=serve_requests, args=(settings, listener, Metrics(), stop.is_set), daemon=True)
-    serving.start()
     try:
-        yield listener.getsockname()[1], pings
+        with serving_in_a_thread(settings, users=10) as listener:
+            yield listener.getsockname()[1], pings
     finally:
-        stop.set()
-        serving.join(30)
         pings.close()
-        listener.close()
 
 
 def wait_for_pings(pings: Pings, count: int, timeout: float = 20) -> None:
@@ -325,27 +337,17 @@ def test_serving_ends_with_no_thread_nor_database_connection_left(tmp_path, monk
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     systemd_socket = notify_socket(tmp_path / "notify.sock")
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}", port=0, threads=2)
-    from maxtwo_cli.core import db, schema
-
-    schema.ensure_schema(setup := db.create_engine(settings))
-    setup.dispose()
     engines = []
     create_engine = server_module.db.create_engine
     monkeypatch.setattr(server_module.db, "create_engine",
                         lambda *args, **kwargs: engines.append(create_engine(*args, **kwargs)) or engines[-1])
-    listener = listen(settings)
-    stop = threading.Event()
-    serving = threading.Thread(target=serve_requests, args=(settings, listener, Metrics(), stop.is_set))
-    serving.start()
     try:
-        with socket.create_connection(listener.getsockname(), timeout=10) as client:
-            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert client.recv(100).startswith(b"HTTP/1.1 200")
-        assert {"maxtwo-watchdog", "maxtwo-batcher"} <= {thread.name for thread in threading.enumerate()}
+        with serving_in_a_thread(settings) as listener:
+            with socket.create_connection(listener.getsockname(), timeout=10) as client:
+                client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert client.recv(100).startswith(b"HTTP/1.1 200")
+            assert {"maxtwo-watchdog", "maxtwo-batcher"} <= {thread.name for thread in threading.enumerate()}
     finally:
-        stop.set()
-        serving.join(30)
-        listener.close()
         systemd_socket.close()
     assert [thread.name for thread in threading.enumerate() if thread.name in ("maxtwo-watchdog", "maxtwo-batcher")] == []
     assert engines and all(engine.pool.checkedin() == 0 for engine in engines)
@@ -459,21 +461,12 @@ def test_a_running_randomization_gets_its_time_to_commit_when_serving_fails(tmp_
 def test_a_drain_that_runs_out_of_time_says_so(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(server_module, "DRAIN_SECONDS", 0.5)
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}", port=0, threads=2)
-    from maxtwo_cli.core import db, schema
-
-    schema.ensure_schema(setup := db.create_engine(settings))
-    setup.dispose()
-    listener = listen(settings)
-    stop = threading.Event()
-    serving = threading.Thread(target=serve_requests, args=(settings, listener, Metrics(), stop.is_set))
     with caplog.at_level(logging.INFO, logger="maxtwo"):
-        serving.start()
-        with socket.create_connection(listener.getsockname(), timeout=10) as half:
+        with serving_in_a_thread(settings) as listener:
+            half = socket.create_connection(listener.getsockname(), timeout=10)
             half.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
             time.sleep(0.3)
-            stop.set()
-            serving.join(30)
-    listener.close()
+        half.close()
     assert "requests still unanswered after" in caplog.text
 
 

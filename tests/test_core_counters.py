@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import random
+import shutil
+import subprocess
+import tempfile
 import threading
 import time
 
 import pytest
 import sqlalchemy as sa
 
+from devtools import pgserver
 from maxtwo_cli.core import counters as counters_module
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.batch import HeldConnection
@@ -311,6 +316,43 @@ def test_list_counters_sorted_limited_or_by_key(engine):
     assert list_counters(engine, ["c", "nope", "a"]) == [("a", 97), ("c", 99)]
     # More keys than PostgreSQL takes parameters in one statement (65,535).
     assert list_counters(engine, [f"k{number}" for number in range(70_000)] + ["c", "a"]) == [("a", 97), ("c", 99)]
+
+
+@pytest.fixture
+def en_us_locale(monkeypatch):
+    """en_US.UTF-8 compiled into a temporary directory and named by LOCPATH, for a server
+    started by the test: this machine has only the C locales, most PostgreSQL servers do not."""
+    directory = tempfile.mkdtemp(prefix="maxtwo-locales-")
+    try:
+        # Traversable: under root, the PostgreSQL server runs as a user of its own.
+        os.chmod(directory, 0o711)  # noqa: S103 (no listing, no writing: only a path to follow)
+        subprocess.run(["localedef", "-i", "en_US", "-f", "UTF-8", f"{directory}/en_US.UTF-8"],
+                       check=True, capture_output=True)
+        monkeypatch.setenv("LOCPATH", directory)
+        yield "en_US.UTF-8"
+    finally:
+        shutil.rmtree(directory)
+
+
+@pytest.mark.slow
+def test_list_counters_in_code_point_order_on_a_postgresql_created_with_a_language_locale(en_us_locale):
+    with pgserver.ThrowawayPostgres(fsync=False) as server:
+        admin = sa.create_engine(server.superuser_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE english TEMPLATE template0 LOCALE '{en_us_locale}'"))
+        admin.dispose()
+        engine = db.create_engine(Settings(database_url=server.url.rsplit("/", 1)[0] + "/english"))
+        try:
+            schema.ensure_schema(engine)
+            for key in ["c", "a", "B"]:
+                increment(engine, key, ord(key))
+            with engine.connect() as conn:  # the database's own order, which the test must not see
+                assert conn.execute(sa.text("SELECT key FROM counters ORDER BY key")).scalars().all() == ["a", "B", "c"]
+            assert list_counters(engine) == [("B", 66), ("a", 97), ("c", 99)]
+            assert list_counters(engine, limit=1) == [("B", 66)]
+            assert list_counters(engine, ["c", "a", "B"]) == [("B", 66), ("a", 97), ("c", 99)]
+        finally:
+            engine.dispose()
 
 
 def test_keys_of_every_shape_round_trip(engine):

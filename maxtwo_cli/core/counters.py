@@ -377,7 +377,10 @@ def read_counter(engine: Engine, key: str) -> int | None:
 
 def list_counters(engine: Engine, keys: Sequence[str] | None = None, limit: int = 100) -> list[tuple[str, int]]:
     """(key, total) sorted by key: of `keys` (those ever incremented), or the first `limit`."""
-    statement = sa.select(counters.c.key, counters.c.value).order_by(counters.c.key)
+    # Code point order on both databases, as Python's: PostgreSQL's default collation comes from
+    # the database's locale, and en_US puts "a" before "B". SQLite's BINARY is code point order.
+    by_key = counters.c.key.collate("C") if engine.dialect.name == "postgresql" else counters.c.key
+    statement = sa.select(counters.c.key, counters.c.value).order_by(by_key)
     # NOTE: a statement takes at most 65,535 parameters on PostgreSQL: many keys go in several.
     wanted = sorted(set(keys or ()))
     statements = [statement.where(counters.c.key.in_(wanted[start : start + _KEYS_PER_STATEMENT]))

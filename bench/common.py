@@ -58,17 +58,21 @@ class Rounds(Generic[T]):
 
 
 def run_in_rounds(contenders: Mapping[str, Callable[[], T]], runs: int) -> dict[str, Rounds[T]]:
-    """One warm-up per contender, then `runs` rounds in which every contender runs once, in turn.
+    """One warm-up per contender, then `runs` rounds in which every contender runs once, in turn,
+    each round starting one contender further on.
 
     NOTE: rounds, rather than all runs of one contender and then all of the next: absolute
     times on a shared machine drift over minutes, and interleaving spreads that drift evenly
-    over the contenders a ratio compares.
+    over the contenders a ratio compares. The rotation keeps any one contender from always
+    following the same one (e.g. the synchronous server's burst of commits and checkpoints).
     """
     warmups = {name: contender() for name, contender in contenders.items()}
     measured: dict[str, list[T]] = {name: [] for name in contenders}
-    for _ in range(runs):
-        for name, contender in contenders.items():
-            measured[name].append(contender())
+    names = list(contenders)
+    for round_number in range(runs):
+        start = round_number % len(names)
+        for name in names[start:] + names[:start]:
+            measured[name].append(contenders[name]())
     return {name: Rounds(warmups[name], measured[name]) for name in contenders}
 
 

@@ -11,8 +11,8 @@
   windows or more fell both inside and outside randomizations. The randomizations' start and
   end come from the daemon's log; a window is "inside" if it overlapped one and "outside" if it
   overlapped none. Ratio: median window p99 inside / outside. Twice: GET / alone, and GET / with
-  POST /increment in turn on every connection (bench/mixed.lua: both services at once, which
-  on SQLite once made every randomization stall both).
+  POST /increment, half the requests each (bench/mixed.lua: both services at once, which on
+  SQLite once made every randomization stall both).
 
 Both runs sample the server's peak RSS (benchmark 5).
 """
@@ -30,7 +30,7 @@ from bench.memory import PeakRssSampler
 from bench.options import BenchOptions
 from bench.processes import hello_world, maxtwo_serve, running
 from bench.serve_log import overlaps, randomizations
-from bench.wrk import INSTALL_HINT, errors_of, run_wrk, wrk_path
+from bench.wrk import INSTALL_HINT, answered_per_second, errors_of, run_wrk, wrk_path
 
 OURS = "maxtwo serve"
 HELLO = "hello-world app, maxtwo's transport"
@@ -171,9 +171,10 @@ def _classify(window: dict, spans: list[dict], interval: float) -> str:
 def paired_ratios(ours: list[dict], baseline: list[dict], key: str) -> dict:
     """maxtwo against a baseline, round by round: each round's runs came minutes closer together
     than the runs of other rounds, so their ratio carries less of the machine's drift than a
-    ratio of medians would. The headline is the median of those ratios. Keys: ours_over_<key>,
+    ratio of medians would. The headline is the median of those ratios, each of requests
+    answered 2xx/3xx (error answers are no throughput). Keys: ours_over_<key>,
     <key>_cpu_over_ours, and each with _by_round."""
-    by_round = [ratio(a["requests_per_second"], b["requests_per_second"]) for a, b in zip(ours, baseline, strict=True)]
+    by_round = [ratio(answered_per_second(a), answered_per_second(b)) for a, b in zip(ours, baseline, strict=True)]
     cpu_ratios = (ratio(b.get("cpu_us_per_request"), a.get("cpu_us_per_request"))
                   for a, b in zip(ours, baseline, strict=True))
     cpu_by_round = [value for value in cpu_ratios if value is not None]

@@ -1,5 +1,5 @@
 -- wrk script for the mixed run of benchmark 4 (bench/load.py): GET / and POST /increment in
--- turn on every connection, the increment with a JSON body made per request ({"key": "key-N",
+-- turn from each wrk thread (half the requests each; a thread's connections share its turns), the increment with a JSON body made per request ({"key": "key-N",
 -- "value": V}, N uniform in 1..10000, V uniform in -1000..1000): the points service and the
 -- counters service under load at once, as one daemon serves them.
 --

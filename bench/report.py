@@ -163,7 +163,7 @@ def _startup_headline(results: dict) -> list[str]:
 
 
 def _goals(results: dict) -> str:
-    lines = ["## Goals", "", ("From issues 4, 16 and 18; *met* is computed from the figures of this run. "
+    lines = ["## Goals", "", ("From issues 4, 16, 17 and 18; *met* is computed from the figures of this run. "
               "Where a goal compares with a baseline, it names it."), "",
              "| goal | measured | met |", "|---|---|---|"]
     lines += [_row(goal["goal"], [goal["measured"], goal["met"]]) for goal in results.get("goals", [])]
@@ -327,7 +327,7 @@ def _load(results: dict) -> str:
                "transport's hooks are worth shows in the gap between the two. Figures are medians of the runs; max "
                "latency is the worst run's; errors add up every "
                "measured run (non-2xx/3xx responses plus socket connect/read/write/timeout errors). *ratios* are "
-               "medians of the rounds' ratios of maxtwo's req/s to each baseline's (each round's runs follow each "
+               "medians of the rounds' ratios of maxtwo's req/s to each baseline's, of answers 2xx/3xx only (each round's runs follow each "
                "other, so the machine's drift between rounds cancels), the rounds' own in brackets. *CPU per request*: user + system time "
                "of the server process during the run over the requests answered (PostgreSQL's own work not "
                "included); it varies far less than req/s on a shared machine."), "",
@@ -370,7 +370,7 @@ def _load(results: dict) -> str:
     if "span_mixed" in section:  # results from before the mixed run have none
         while lines[-1] == "":
             lines.pop()
-        lines += ["", ("The same with `GET /` and `POST /increment` in turn on every connection (bench/mixed.lua: "
+        lines += ["", ("The same with `GET /` and `POST /increment`, half the requests each (bench/mixed.lua: "
                        "the two services under load at once; the p99 is of both routes together):"), "",
                   *_span_table(section["span_mixed"])]
     return "\n".join(lines)
@@ -451,8 +451,8 @@ def _increment(results: dict) -> str:
          "running `core.counters.increment()` in its request thread, one transaction (the same validation and "
          "upsert) per request."),
         "",
-        ("*ours / do-nothing* and *ours / synchronous* are medians of the rounds' ratios, the rounds' own in "
-         "brackets. Errors add up every run, warm-ups included (non-2xx/3xx responses plus socket errors; "
+        ("*ours / do-nothing* and *ours / synchronous* are medians of the rounds' ratios of req/s answered "
+         "2xx/3xx, the rounds' own in brackets. Errors add up every run, warm-ups included (non-2xx/3xx responses plus socket errors; "
          "wrk's 2 s timeout counts slower requests as timeouts). *CPU per request* is the server process's "
          "(PostgreSQL's own work not included). The database server and wrk share the machine's 2 cores with "
          "the server under test."),

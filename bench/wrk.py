@@ -102,6 +102,14 @@ def errors_of(run: dict) -> int:
     return run["non_2xx_3xx"] + sum(run["socket_errors"].values())
 
 
+def answered_per_second(run: dict) -> float:
+    """Requests answered 2xx/3xx per second. wrk's own req/s counts every answer, so a server
+    failing fast (503s) would look faster than one doing the work: ratios use this rate."""
+    if not run["requests"]:
+        return 0.0
+    return run["requests_per_second"] * (run["requests"] - run["non_2xx_3xx"]) / run["requests"]
+
+
 def _percentile_ms(text: str, percentile: str) -> float:
     match = re.search(rf"^\s*{percentile}%\s+{_DURATION}", text, re.MULTILINE)
     if match is None:

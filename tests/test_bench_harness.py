@@ -1,0 +1,134 @@
+"""The benchmark harness's judgement: a goal is met only when the figures of the run say so,
+all of them (bench/goals.py), and the figures compare like with like.
+
+The results of the last full run (docs/bench-results.json) are the fixture; each test changes a
+copy the way a failed or partial run would and checks the verdict."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import load
+from bench.common import run_in_rounds
+from bench.goals import evaluate
+from bench.memory import MB
+from bench.wrk import answered_per_second
+
+STORED = json.loads((Path(__file__).parents[1] / "docs" / "bench-results.json").read_text())
+
+
+
+@pytest.fixture
+def results() -> dict:
+    return copy.deepcopy(STORED)
+
+
+def verdict(results: dict, starts_with: str) -> dict:
+    [goal] = [goal for goal in evaluate(results) if goal["goal"].startswith(starts_with)]
+    return goal
+
+
+def verdicts(results: dict, containing: str) -> list[dict]:
+    return [goal for goal in evaluate(results) if containing in goal["goal"]]
+
+
+def test_the_stored_run_is_judged_as_its_report_says(results):
+    assert [(goal["goal"], goal["measured"], goal["met"]) for goal in evaluate(results)] == [
+        (goal["goal"], goal["measured"], goal["met"]) for goal in STORED["goals"]]
+
+
+@pytest.mark.parametrize("part", ["steady warm-up", "span warm-up", "span window", "mixed window", "mixed warm-up"])
+def test_get_zero_errors_counts_every_load_run(results, part):
+    load_results = results["load"]
+    if part == "steady warm-up":
+        load_results["steady"]["SQLite"]["by_connections"]["50"][load.OURS]["warmup_errors"] = 40
+    elif part == "span warm-up":
+        load_results["span"]["SQLite"]["warmup"]["non_2xx_3xx"] = 40
+    elif part == "span window":
+        load_results["span"]["SQLite"]["errors"] = 40
+    elif part == "mixed window":
+        load_results["span_mixed"]["SQLite"]["errors"] = 40
+    else:
+        load_results["span_mixed"]["SQLite"]["warmup"]["socket_errors"]["timeout"] = 40
+    assert verdict(results, "GET / on SQLite: zero errors")["met"] == "no"
+    assert verdict(results, "GET / on PostgreSQL: zero errors")["met"] == "yes"
+
+
+@pytest.mark.parametrize("failed", ["steady", "span", "span_mixed"])
+def test_a_failed_load_run_leaves_zero_errors_and_rss_unjudged(results, failed):
+    results["load"][failed]["PostgreSQL"] = {"error": "RuntimeError: gone"}
+    assert verdict(results, "GET / on PostgreSQL: zero errors")["met"].startswith("no data")
+    assert verdict(results, "maxtwo serve peak RSS under load on PostgreSQL")["met"].startswith("no data")
+    assert verdict(results, "maxtwo serve peak RSS under load on SQLite")["met"] == "yes"
+
+
+def test_serve_rss_under_load_counts_the_mixed_run(results):
+    results["load"]["span_mixed"]["SQLite"]["serve_peak_rss_bytes"] = 300 * MB
+    assert verdict(results, "maxtwo serve peak RSS under load on SQLite") == {
+        "goal": "maxtwo serve peak RSS under load on SQLite <= 120 MB", "measured": "300.0 MB", "met": "no",
+        "section": "load"}
+
+
+@pytest.mark.parametrize("where", ["load", "increment"])
+def test_an_rss_never_read_is_no_data(results, where):
+    if where == "load":
+        results["load"]["span"]["SQLite"]["serve_peak_rss_bytes"] = 0
+        goal = verdict(results, "maxtwo serve peak RSS under load on SQLite")
+    else:
+        results["increment"]["SQLite"]["serve_peak_rss_bytes"] = 0
+        goal = verdict(results, "maxtwo serve peak RSS under POST /increment load on SQLite")
+    assert goal["met"].startswith("no data")
+
+
+def test_connection_counts_are_the_issues_not_the_runs(results):
+    by_connections = results["load"]["steady"]["SQLite"]["by_connections"]
+    by_connections["100"] = by_connections.pop("200")
+    results["parameters"]["connections"] = [50, 100]
+    goals = {goal["goal"].split(" at ")[-1]: goal["met"] for goal in verdicts(results, "GET / on SQLite >=")}
+    assert goals == {"50 connections": "yes", "200 connections": "no data (benchmark failed or skipped)",
+                     "100 connections": "not judged (the goal is at 50 and 200 connections)"}
+
+
+def test_increment_connection_counts_are_the_issues_not_the_runs(results):
+    results["parameters"]["increment_connections"] = [50]
+    for database in ("SQLite", "PostgreSQL"):
+        del results["increment"][database]["by_connections"]["400"]
+    at_400 = verdicts(results, "POST /increment on SQLite, random keys, 400 connections")
+    assert [goal["met"] for goal in at_400] == ["no data (benchmark failed or skipped)"] * 2
+
+
+def test_start_up_goals_need_medians_of_ten(results):
+    results["parameters"]["startup_runs"] = 5
+    goals = [goal for goal in evaluate(results) if goal["section"] == "startup"]
+    assert len(goals) == 4
+    assert {goal["met"] for goal in goals} == {"not judged (median of 5 runs; the goal is a median of 10)"}
+
+
+def test_a_span_ratio_of_one_window_on_a_side_is_not_judged(results):
+    span = results["load"]["span"]["PostgreSQL"]
+    span["outside"]["windows"] = 1
+    assert verdict(results, "PostgreSQL GET / p99 during")["met"] == (
+        "not judged (1 window(s) on one side; the ratio needs 2 on each)")
+    assert verdict(results, "SQLite GET / p99 during")["met"] != verdict(results, "PostgreSQL GET / p99 during")["met"]
+
+
+def test_error_answers_are_no_throughput():
+    run = {"requests_per_second": 1000.0, "requests": 10_000, "non_2xx_3xx": 2_500,
+           "socket_errors": {"connect": 0, "read": 0, "write": 0, "timeout": 7}}
+    assert answered_per_second(run) == 750.0
+    assert answered_per_second({**run, "requests": 0, "non_2xx_3xx": 0}) == 0.0
+    fast_failing = {**run, "requests_per_second": 2000.0, "requests": 20_000, "non_2xx_3xx": 20_000}
+    ratios = load.paired_ratios([fast_failing], [run], "hello")
+    assert ratios["ours_over_hello"] == 0.0
+
+
+def test_rounds_start_one_contender_further_on_each_time():
+    order: list[str] = []
+    contenders = {name: lambda name=name: order.append(name) for name in "abc"}
+    rounds = run_in_rounds(contenders, 4)
+    assert order == list("abc" + "abc" + "bca" + "cab" + "abc")  # the warm-ups, then the rounds
+    assert [len(rounds[name].runs) for name in "abc"] == [4, 4, 4]

@@ -102,7 +102,7 @@ class OneLineErrors(typer.core.TyperGroup):
             # The database's errors are MaxtwoErrors by now (_reported_errors): this is the output.
             _output_failed(ex)
         except typer.Abort:
-            print("Error: aborted", file=sys.stderr)
+            _print_error("aborted")
             sys.exit(1)
         except Exception as ex:
             # NOTE: click's exceptions (vendored privately by typer) are recognised by shape.
@@ -120,7 +120,7 @@ class OneLineErrors(typer.core.TyperGroup):
             message = mask_secret_syntax(" ".join(format_message().split()))
             message = _NOT_A_NUMBER.sub(lambda m: f"{m[1]} is not {_NUMBER_KINDS[m[2]]}", message)
             if message:
-                print(f"Error: {message}{hint}", file=sys.stderr)
+                _print_error(f"{message}{hint}")
             sys.exit(exit_code)
         # In non-standalone mode an Exit comes back as its code, success as the command's None.
         sys.exit(outcome if isinstance(outcome, int) else 0)
@@ -135,9 +135,18 @@ class OneLineErrors(typer.core.TyperGroup):
         except KeyboardInterrupt:
             # Typer makes it exit 130 (128 + SIGINT, as shells do) without a word; whether the
             # change had committed is not known here, so the line says what holds either way.
-            print("Error: interrupted; a change not yet committed was rolled back, one committed is kept",
-                  file=sys.stderr)
+            _print_error("interrupted; a change not yet committed was rolled back, one committed is kept")
             raise
+
+
+def _print_error(message: str) -> None:
+    """An "Error: ..." line on stderr (printed without rich: usage errors come before any command)."""
+    print(f"{_error_prefix()}Error: {message}", file=sys.stderr)
+
+
+def _error_prefix() -> str:
+    # Under systemd (`maxtwo serve` failing to start), journald stores the line as an error.
+    return ERROR_PREFIX if stderr_is_journal() else ""
 
 
 class _ClosedOutput(io.TextIOBase):
@@ -160,7 +169,7 @@ def _output_failed(error: OSError) -> NoReturn:
     # for, as with any command in a pipe; unless the command changed something.
     if done or not isinstance(error, BrokenPipeError):
         with contextlib.suppress(OSError):
-            print(f"Error: cannot write the output ({error.strerror or error}){done}", file=sys.stderr)
+            _print_error(f"cannot write the output ({error.strerror or error}){done}")
     sys.exit(1)
 
 
@@ -194,8 +203,8 @@ class NegativeNumberArguments(typer.core.TyperCommand):
                 options.append(word)
                 if word in valued:
                     value = next(words, None)
-                    if value is None:  # `--limit` last, without its value: Click says so
-                        return super().parse_args(ctx, args)
+                    if value is None:  # `--limit` last, without its value: Click says so (given
+                        return super().parse_args(ctx, options)  # the words before, it would name a -5)
                     options.append(value)
         if not any(_NEGATIVE_INTEGER.fullmatch(word) for word in arguments):
             return super().parse_args(ctx, args)
@@ -640,7 +649,7 @@ def _database_url(given: str | None) -> str:
         try:
             return default_database_url()
         except ConfigurationError as ex:  # before any settings: nothing to scrub
-            print(f"Error: {ex}", file=sys.stderr)
+            _print_error(str(ex))
             raise typer.Exit(1) from None
     if not given.strip():
         raise typer.BadParameter("empty; give a URL, or leave the option out for the default", param_hint="'--database-url'")
@@ -662,8 +671,14 @@ def _open(settings: Settings) -> "Engine":
 @contextlib.contextmanager
 def _progress_bar(total: int) -> Iterator[object]:
     """A rich progress bar on a terminal; nothing at all otherwise (scripts, pipes, CI)."""
+    # rich is imported only where it may find a terminal (a tty, or rich's TTY_COMPATIBLE=1 or
+    # FORCE_COLOR saying there is one): a script's `maxtwo seed` prints plainly, as fast as it can.
+    maybe_terminal = os.environ.get("TTY_COMPATIBLE") == "1" or os.environ.get("FORCE_COLOR") or _is_a_tty(sys.stderr)
+    if not maybe_terminal or total == 0:
+        yield None
+        return
     stderr = _console(stderr=True)
-    if not stderr.is_terminal or total == 0:
+    if not stderr.is_terminal:
         yield None
         return
     from rich.progress import (
@@ -678,6 +693,13 @@ def _progress_bar(total: int) -> Iterator[object]:
     with Progress(*columns, console=stderr, transient=True) as progress:
         task = progress.add_task("seed", total=total)
         yield lambda done, _total: progress.update(task, completed=done)
+
+
+def _is_a_tty(stream: Any) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # None (started without it), or closed
+        return False
 
 
 @contextlib.contextmanager
@@ -695,10 +717,8 @@ def _reported_errors(settings: Settings) -> Iterator[None]:
 
 
 def _fail(message: str, settings: Settings) -> NoReturn:
-    # Under systemd (`maxtwo serve` failing to start), journald stores the line as an error.
-    prefix = ERROR_PREFIX if stderr_is_journal() else ""
-    _console(stderr=True).print(f"{prefix}Error: {_scrub(message, settings)}", markup=False, highlight=False,
-                                soft_wrap=True)
+    _console(stderr=True).print(f"{_error_prefix()}Error: {_scrub(message, settings)}", markup=False,
+                                highlight=False, soft_wrap=True)
     raise typer.Exit(1) from None
 
 

@@ -1,4 +1,5 @@
-"""Start the real `maxtwo serve` as a subprocess on a free port, for end-to-end tests."""
+"""The installed `maxtwo` as a process: `maxtwo serve` on a free port for end-to-end tests,
+and any other command run to its end (maxtwo_command)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,17 @@ from pathlib import Path
 from typing import Self
 
 MAXTWO = Path(sys.executable).with_name("maxtwo")
+
+
+def maxtwo_command(*args: str, stdout: int = subprocess.PIPE, **extra: str) -> subprocess.CompletedProcess:
+    """`maxtwo ARGS...` run to its end: stderr as text, stdout captured or sent to `stdout`. Its
+    environment: this one without maxtwo's settings and without PYTHONUNBUFFERED (set on some
+    machines: every print would write through at once, and the CLI's own flush of its output, and
+    what it does when that fails, would go untested), plus `extra`."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("MAXTWO_") and key != "PYTHONUNBUFFERED"}
+    return subprocess.run([str(MAXTWO), *args], check=False, stdout=stdout, stderr=subprocess.PIPE,
+                          text=True, timeout=60, env={**env, **extra})
 
 
 def free_port() -> int:

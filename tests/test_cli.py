@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 import daemon
 from maxtwo_cli import __version__
 from maxtwo_cli.cli import app
+from tests.serve_process import maxtwo_command
 
 runner = CliRunner()
 
@@ -332,6 +334,72 @@ def test_serve_defaults_are_the_settings_defaults():
     parameters = inspect.signature(serve).parameters
     for name in ("host", "port", "threads", "interval", "seed_count"):
         assert parameters[name].default == getattr(defaults, name), name
+
+
+@pytest.fixture
+def started(monkeypatch) -> list:
+    """`maxtwo serve`'s settings as the daemon gets them; nothing served."""
+    from daemon import server
+
+    runs: list = []
+    monkeypatch.setattr(server, "serve", runs.append)
+    return runs
+
+
+def test_serve_hands_every_option_to_the_daemon(started, tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    result = invoke("serve", "--host", "192.0.2.1", "--port", "4321", "--threads", "3", "--interval", "0.1",
+                    "--seed-count", "7", "--database-url", url)
+    assert result.exit_code == 0, result.output
+    (settings,) = started
+    assert (settings.database_url, settings.host, settings.port, settings.threads, settings.interval,
+            settings.seed_count) == (url, "192.0.2.1", 4321, 3, 0.1, 7)
+
+
+def test_serve_reads_every_option_from_the_environment(started, tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    result = invoke("serve", env={"MAXTWO_DATABASE_URL": url, "MAXTWO_HOST": "::1", "MAXTWO_PORT": "4322",
+                                  "MAXTWO_THREADS": "4", "MAXTWO_INTERVAL": "86400", "MAXTWO_SEED_COUNT": "0"})
+    assert result.exit_code == 0, result.output
+    (settings,) = started
+    assert (settings.database_url, settings.host, settings.port, settings.threads, settings.interval,
+            settings.seed_count) == (url, "::1", 4322, 4, 86400.0, 0)
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf"])
+def test_serve_refuses_an_interval_that_is_no_number_of_seconds(started, tmp_path, value):
+    result = invoke("serve", "--interval", value, "--database-url", f"sqlite:///{tmp_path / 'x.db'}")
+    assert_one_line_error(result, "--interval", exit_code=2)
+    assert started == []
+
+
+def test_seed_count_range_and_default(tmp_path):
+    assert "[default: 1000000; 0<=x<=2147483647]" in " ".join(invoke("seed", "--help").stdout.split())
+    result = invoke("seed", "--count", "0", "--database-url", f"sqlite:///{tmp_path / 'x.db'}")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("seeded 0 users in ")
+
+
+def test_the_progress_bar_shows_on_a_terminal_only_and_not_for_zero_users(tmp_path):
+    # TTY_COMPATIBLE=1: rich takes stderr for a terminal (rich's documented override).
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    assert "seeding" in maxtwo_command("seed", "--count", "1000", "--database-url", url, TTY_COMPATIBLE="1").stderr
+    assert maxtwo_command("seed", "--count", "0", "--reset", "--database-url", url, TTY_COMPATIBLE="1").stderr == ""
+    assert maxtwo_command("seed", "--count", "1000", "--reset", "--database-url", url).stderr == ""
+
+
+def test_the_query_table_shows_each_user_s_id_and_points(tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    assert invoke("seed", "--count", "5", "--database-url", url).exit_code == 0
+    with sqlite3.connect(tmp_path / "x.db") as conn:  # points 10, 20 ... 50; above 15: users 2, 3, 4, 5
+        conn.execute("UPDATE users SET points = id * 10")
+        conn.execute("UPDATE randomizer_state SET max_number = 15, epoch = epoch + 1")
+    result = invoke("query", "--database-url", url)
+    assert result.exit_code == 0, result.output
+    rows = [[cell.strip() for cell in line.split("│")[1:3]] for line in result.stdout.splitlines()
+            if line.startswith("│")]
+    assert rows == [["2", "20"], ["3", "30"]]
+    assert re.search(r"┃\s*id\s*┃\s*points\s*┃", result.stdout)
 
 
 def test_a_seed_whose_statistics_were_not_refreshed_succeeds_with_a_note(postgres_url, monkeypatch):

@@ -7,11 +7,21 @@ import subprocess
 
 import pytest
 
+from maxtwo_cli import cli
 from tests.serve_process import MAXTWO
 from tests.test_cli import assert_one_line_error, invoke
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
+
+
+@pytest.fixture(autouse=True)
+def _fresh_consoles():
+    # rich reads COLUMNS when a Console is made, and cli._console() is made once a process: without
+    # this, the first test to print would set the width of every later one.
+    cli._console.cache_clear()
+    yield
+    cli._console.cache_clear()
 
 
 def increment(database_url: str, *args: str) -> str:
@@ -281,3 +291,77 @@ def test_an_unreachable_database_is_a_one_line_error(args):
     result = invoke(*args, "--database-url", "postgresql://maxtwo:s3cret@127.0.0.1:1/maxtwo")
     assert_one_line_error(result, "check that the server is running")
     assert "s3cret" not in result.output
+
+
+def increment_many(database_url: str, keys: list[str]) -> None:
+    from maxtwo_cli.core import counters, db, schema
+    from maxtwo_cli.core.settings import Settings
+
+    engine = db.create_engine(Settings(database_url=database_url), pool_size=1)
+    try:
+        schema.ensure_schema(engine)
+        for key in keys:
+            counters.increment(engine, key, 1)
+    finally:
+        engine.dispose()
+
+
+def test_counters_shows_100_by_default(tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    increment_many(url, [f"k{number:03}" for number in range(101)])
+    result = invoke("counters", "--json", "--database-url", url)
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["counters"]) == 100
+    assert result.stderr == "Note: the first 100 counters by key; --limit 1000 shows more\n"
+
+
+def test_counters_takes_the_largest_limit(tmp_path):
+    result = invoke("counters", "--limit", "1000000000", "--json", "--database-url", f"sqlite:///{tmp_path / 'x.db'}")
+    assert (result.exit_code, result.stdout) == (0, '{"counters": []}\n'), result.output
+
+
+def test_the_more_hint_never_suggests_a_limit_that_is_refused(monkeypatch, tmp_path):
+    from maxtwo_cli.core import counters
+
+    class MoreThanShown(list):  # limit + 1 rows, without making them
+        def __len__(self):
+            return 500_000_001
+
+    monkeypatch.setattr(counters, "list_counters", lambda engine, keys, limit: MoreThanShown([("a", 1)]))
+    result = invoke("counters", "--json", "--limit", "500000000", "--database-url", f"sqlite:///{tmp_path / 'x.db'}")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "Note: the first 500,000,000 counters by key; --limit 1000000000 shows more\n"
+
+
+def test_no_more_hint_for_the_keys_asked_for(tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    increment_many(url, ["a", "b", "c"])
+    result = invoke("counters", "a", "b", "c", "--limit", "1", "--json", "--database-url", url)
+    assert (result.exit_code, result.stderr) == (0, ""), result.output
+    assert "shows more" not in invoke("counters", "a", "b", "c", "--limit", "1", "--database-url", url).stdout
+
+
+def test_a_narrow_terminal_s_lines_escape_control_characters(tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    increment_many(url, ["x\x1b[31mRED"])
+    result = invoke("counters", "--database-url", url, env={"COLUMNS": "10"})
+    assert (result.exit_code, result.stdout) == (0, "x\\x1b[31mRED: 1\n")
+
+
+@pytest.mark.parametrize(("columns", "as_table"), [("33", False), ("34", True)])
+def test_the_table_gives_way_below_a_key_column_of_8(tmp_path, columns, as_table):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    increment(url, "k" * 40, str(INT64_MAX))  # a total of 19 digits: lines below 19 + 15 columns
+    result = invoke("counters", "--database-url", url, env={"COLUMNS": columns})
+    assert result.exit_code == 0, result.output
+    assert ("│" in result.stdout) == as_table, result.stdout
+    if not as_table:
+        assert result.stdout == f"{'k' * 40}: {INT64_MAX}\n"
+
+
+def test_totals_are_right_aligned(tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    increment(url, "a", "1")
+    increment(url, "b", "-2000")
+    result = invoke("counters", "--database-url", url, env={"COLUMNS": "80"})
+    assert [line.split("│")[2] for line in result.stdout.splitlines() if line.startswith("│")] == ["     1 ", " -2000 "]

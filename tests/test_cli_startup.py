@@ -91,6 +91,12 @@ def test_randomize_on_sqlite_imports_no_psycopg_rich_or_pydantic(tmp_path):
     )
 
 
+def test_seed_off_a_terminal_imports_no_rich(tmp_path):
+    done, modules = run_maxtwo("seed", "--count", "10", "--database-url", f"sqlite:///{tmp_path / 'maxtwo.db'}")
+    assert done.returncode == 0, done.stderr
+    assert loaded(modules, "rich") == []
+
+
 def test_an_unreachable_postgresql_is_still_one_line_when_psycopg_loads_late():
     """psycopg's errors are translated although core/db.py only imports it for a PostgreSQL URL."""
     done, modules = run_maxtwo("query", "--database-url", "postgresql://maxtwo:s3cret@127.0.0.1:1/maxtwo")

@@ -108,10 +108,13 @@ def openapi_document() -> dict[str, Any]:
                             "required": False,
                             "description": (
                                 "1 to 255 printable ASCII characters, no comma (two of these headers "
-                                "arrive joined by one: a 400); the retry of a request uses the same."
+                                "arrive joined by one: a 400), no space first or last (HTTP drops it); "
+                                "the retry of a request uses the same."
                             ),
-                            # Printable ASCII (space to ~) but the comma: a literal "-" last.
-                            "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -+.-~-]+$"},
+                            # Printable ASCII (space to ~) but the comma, a literal "-" last in each
+                            # class; neither first nor last a space, which HTTP strips from a value.
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 255,
+                                       "pattern": "^[!-+.-~-]([ -+.-~-]*[!-+.-~-])?$"},
                         }
                     ],
                     "requestBody": {
@@ -235,8 +238,12 @@ def openapi_document() -> dict[str, Any]:
                     "required": ["key", "value"],
                     "additionalProperties": False,
                     "properties": {
-                        "key": {"type": "string", "minLength": 1, "maxLength": 255},
-                        "value": {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
+                        "key": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": r"^[^\x00]*$"},
+                        "value": {
+                            "type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1,
+                            # JSON Schema calls 1.0 an integer; the API takes what JSON writes as one.
+                            "description": "A JSON integer as written: 1.0, 1e3 and \"5\" are refused (422).",
+                        },
                     },
                 },
                 "Counter": {

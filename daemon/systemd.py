@@ -37,6 +37,9 @@ def watchdog_interval() -> float | None:
     if not usec or (pid and pid != str(os.getpid())):
         return None
     try:
-        return int(usec) / 1_000_000 / 2
+        timeout = int(usec)
     except ValueError:
         return None
+    # NOTE: 0 or less is no timeout (libsystemd's sd_watchdog_enabled() refuses it too), not a
+    # ping loop that never waits.
+    return timeout / 1_000_000 / 2 if timeout > 0 else None

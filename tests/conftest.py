@@ -7,6 +7,7 @@ its own PostgreSQL schema (via search_path), so tests never see each other's tab
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -34,16 +35,25 @@ def libpq_url(url: str) -> str:
     return sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-@pytest.fixture
-def postgres_url(postgres_server: Any) -> Iterator[str]:
-    """A URL whose search_path is a fresh schema, dropped after the test."""
+@contextlib.contextmanager
+def fresh_schema(postgres_server: Any) -> Iterator[str]:
+    """A URL whose search_path is a fresh schema, dropped afterwards."""
     name = f"test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(libpq_url(postgres_server.url), autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{name}"')
     url = sa.make_url(postgres_server.url).update_query_dict({"options": f"-csearch_path={name}"})
-    yield url.render_as_string(hide_password=False)
-    with psycopg.connect(libpq_url(postgres_server.url), autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA "{name}" CASCADE')
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(libpq_url(postgres_server.url), autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{name}" CASCADE')
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Any) -> Iterator[str]:
+    """A URL whose search_path is a fresh schema, dropped after the test."""
+    with fresh_schema(postgres_server) as url:
+        yield url
 
 
 @pytest.fixture(params=DATABASES)

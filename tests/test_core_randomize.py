@@ -15,7 +15,7 @@ from maxtwo_cli.core.randomize import RANDOMIZE_LOCK_KEY, randomize_if_due, rand
 from maxtwo_cli.core.schema import MAX_POINTS, draw_max_number
 from maxtwo_cli.core.seed import seed_users
 from maxtwo_cli.core.settings import Settings
-from tests.conftest import is_postgres_url
+from tests.conftest import fresh_schema, is_postgres_url
 from tests.helpers import distinct_updated_at, points_histogram, state, user_rows
 
 ROWS = 20_000
@@ -282,6 +282,22 @@ def test_randomize_if_due_stands_back_while_another_run_holds_the_lock(postgres_
         # NOTE: no stopwatch needed: the lock's holder is this very thread.
         with pytest.raises(RandomizationInProgressError):
             randomize_if_due(postgres_engine, due_at=due_at - dt.timedelta(seconds=31), interval=60)
+
+
+def test_a_deployment_in_another_schema_does_not_wait_for_this_one(postgres_engine, postgres_server):
+    """Advisory locks are the database's: two deployments in two schemas of one database
+    (search_path) must not take each other's runs for their own."""
+    seed_users(postgres_engine, 100)
+    with fresh_schema(postgres_server) as other_url:
+        other = db.create_engine(Settings(database_url=other_url))
+        try:
+            schema.ensure_schema(other)
+            with other.connect() as holder:  # the other deployment's run, in progress
+                holder.execute(sa.select(sa.func.pg_advisory_xact_lock(RANDOMIZE_LOCK_KEY)))
+                result = randomize_if_due(postgres_engine, due_at=utcnow() - dt.timedelta(seconds=29), interval=60)
+            assert result is not None and result.waited == 0
+        finally:
+            other.dispose()
 
 
 def in_a_thread(call) -> tuple[threading.Thread, dict]:

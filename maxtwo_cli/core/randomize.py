@@ -22,8 +22,13 @@ from maxtwo_cli.core.errors import RandomizationInProgressError
 from maxtwo_cli.core.schema import MAX_POINTS, draw_max_number, randomizer_state, users
 from maxtwo_cli.core.writebehind import write_behind
 
-# An arbitrary constant naming the scheduled randomization among advisory locks.
-RANDOMIZE_LOCK_KEY = 0x6D617832_0002
+# The scheduled randomization's advisory lock: an arbitrary constant ("max2") in the high 32 bits,
+# the OID of this schema's randomizer_state table in the low ones. NOTE: advisory locks are
+# the database's, not a schema's: with one key for all, a deployment in another schema of the
+# same database (search_path in its URL) waited for the other's runs each slot, and stood back
+# when one outlasted the half of the slot.
+RANDOMIZE_LOCK_KEY = sa.literal(0x6D617832 << 32, sa.BigInteger) + sa.func.coalesce(
+    sa.cast(sa.func.to_regclass(randomizer_state.name), sa.BigInteger), 0)
 
 # One statement per table, evaluated inside the database; every value 0..100 equally likely.
 # PostgreSQL: random() is uniform in [0, 1), so floor(random() * 101) covers 0..100.

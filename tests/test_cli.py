@@ -428,3 +428,13 @@ def test_ctrl_c_is_one_line_and_exit_130(postgres_url, monkeypatch):
     result = invoke("seed", "--count", "100", "--database-url", postgres_url)
     assert_one_line_error(result, "interrupted", "rolled back", "committed is kept", exit_code=130)
     assert "already holds 100 users" in invoke("seed", "--count", "100", "--database-url", postgres_url).stderr
+
+
+def test_seeding_twice_is_a_reported_error_not_an_unexpected_one(tmp_path):
+    """AlreadySeededError is a MaxtwoError: the CLI says what to do, not "unexpected
+    AlreadySeededError ... (set MAXTWO_DEBUG=1 for details)" as for a bug."""
+    url = f"sqlite:///{tmp_path / 'maxtwo.db'}"
+    assert invoke("seed", "--count", "10", "--database-url", url).exit_code == 0
+    result = invoke("seed", "--count", "10", "--database-url", url)
+    assert_one_line_error(result, "--reset")
+    assert "unexpected" not in result.stderr and "MAXTWO_DEBUG" not in result.stderr

@@ -874,3 +874,101 @@ def test_a_ticket_tells_whoever_waits_for_several_once_it_is_answered(seeded):
     assert refused.answered() and answered == ["committed", "refused"]
     assert isinstance(batcher.outcomes(refused, 0)[0], DatabaseUnavailableError)
     batcher.close(5)
+
+
+# -- core/batch.py's HeldConnection after a failure (a mutation audit) --
+
+
+def test_a_transaction_whose_statement_failed_and_raised_leaves_the_runner_usable(engine):
+    """The usual failure: a statement fails and its error leaves the block. The doom it set
+    must end with the transaction, or every later run of the held connection fails."""
+    runner = HeldConnection(engine)
+    try:
+        NOTES.create(engine)
+        with pytest.raises(MaxtwoError), runner.transaction():
+            insert_note(runner, "first")
+            insert_note(runner, "first")  # a unique violation, not caught
+        assert not runner.in_transaction
+        assert_nothing_committed_and_the_next_runs(runner, engine)
+    finally:
+        runner.release()
+        NOTES.drop(engine)
+
+
+def test_a_begin_that_fails_on_a_lost_connection_leaves_the_runner_usable(postgres_url, monkeypatch):
+    """BEGIN on a connection the server closed unnoticed fails; no transaction was open, so
+    nothing is doomed: the next transaction runs on a fresh connection."""
+    engine = db.create_engine(Settings(database_url=postgres_url), pre_ping=False)
+    runner = HeldConnection(engine)
+    try:
+        NOTES.create(engine)
+        runner.run(lambda cursor: cursor.execute("SELECT 1"))
+        monkeypatch.setattr(batch_module, "closed_while_idle", lambda connection: False)
+        terminate_and_wait_until_told(runner._pooled.driver_connection)
+        with pytest.raises(DatabaseUnavailableError), runner.transaction():
+            pytest.fail("the block ran although BEGIN failed")
+        assert not runner.in_transaction
+        monkeypatch.undo()
+        assert_nothing_committed_and_the_next_runs(runner, engine)
+    finally:
+        runner.release()
+        NOTES.drop(engine)
+        engine.dispose()
+
+
+def test_a_rollback_that_fails_on_a_lost_connection_drops_it_and_the_pool(postgres_url):
+    """The block raised after the server closed the connection: the ROLLBACK fails, and the
+    connection (and, the server being gone, the pool) is thrown away, not kept held."""
+    engine = db.create_engine(Settings(database_url=postgres_url), pre_ping=False)
+    runner = HeldConnection(engine)
+    try:
+        NOTES.create(engine)
+        old_pool = engine.pool
+        with pytest.raises(ValueError), runner.transaction():
+            insert_note(runner, "lost")
+            terminate_and_wait_until_told(runner._pooled.driver_connection)
+            raise ValueError("the caller's own error")
+        assert not runner.held
+        assert old_pool.checkedout() == 0 and engine.pool is not old_pool
+        assert_nothing_committed_and_the_next_runs(runner, engine)
+    finally:
+        runner.release()
+        NOTES.drop(engine)
+        engine.dispose()
+
+
+def test_a_release_inside_an_open_postgres_transaction_throws_the_connection_away(postgres_engine):
+    """release() while the server still has the transaction open (a statement interrupted
+    half-way): psycopg refuses autocommit then; the connection must be invalidated, not raise
+    out of release() nor go back to the pool with the transaction open."""
+    runner = HeldConnection(postgres_engine)
+    try:
+        NOTES.create(postgres_engine)
+        with pytest.raises(DatabaseUnavailableError, match="lost during a transaction"), runner.transaction():
+            insert_note(runner, "x")
+            runner.release()
+        assert postgres_engine.pool.checkedout() == 0
+        assert_nothing_committed_and_the_next_runs(runner, postgres_engine)
+    finally:
+        runner.release()
+        NOTES.drop(postgres_engine)
+
+
+def test_a_sqlite_connection_that_could_not_write_is_not_used_again(tmp_path):
+    """As a connection opened while the file was read-only stays read-only for good: after its
+    write failed, the next run takes a fresh connection (PRAGMA query_only stands in for it)."""
+    from maxtwo_cli.core import schema
+
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}"))
+    runner = HeldConnection(engine)
+    try:
+        schema.ensure_schema(engine)
+        NOTES.create(engine)
+        runner.run(lambda cursor: cursor.execute("PRAGMA query_only=ON"))
+        with pytest.raises(MaxtwoError):
+            insert_note(runner, "refused")
+        insert_note(runner, "written")
+        assert notes(engine) == {"written"}
+    finally:
+        runner.release()
+        engine.dispose()

@@ -10,7 +10,8 @@ def utcnow() -> dt.datetime:
 
 
 def as_utc(moment: dt.datetime) -> dt.datetime:
-    """An aware UTC datetime; naive values (SQLite stores no zone) are UTC by construction."""
+    """An aware UTC datetime; a naive value is taken as UTC, never as local time (the
+    database columns give aware ones: core/schema.py's UtcTimestamp)."""
     if moment.tzinfo is dt.UTC:
         return moment
     if moment.tzinfo is None:

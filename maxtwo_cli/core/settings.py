@@ -37,10 +37,12 @@ def default_database_url() -> str:
     Under systemd (``StateDirectory=maxtwo``) that is ``$STATE_DIRECTORY/maxtwo.db``; otherwise
     ``$XDG_DATA_HOME/maxtwo/maxtwo.db`` (``~/.local/share/maxtwo/maxtwo.db``).
     """
-    state_directory = os.environ.get("STATE_DIRECTORY")
-    if state_directory:
-        # NOTE: systemd may pass several colon-separated directories; ours is the first.
-        return _sqlite_url(Path(state_directory.split(":")[0]) / "maxtwo.db")
+    # NOTE: systemd may pass several colon-separated directories; ours is the first. systemd's
+    # are absolute: a relative one (set by hand) would name another file in every working
+    # directory, so it is ignored, as a relative XDG_DATA_HOME is.
+    state_directory = Path(os.environ.get("STATE_DIRECTORY", "").split(":")[0])
+    if state_directory.is_absolute():
+        return _sqlite_url(state_directory / "maxtwo.db")
     data_home = Path(os.environ.get("XDG_DATA_HOME") or "")
     if not data_home.is_absolute():
         # The XDG Base Directory spec: a relative path there is invalid and ignored (taken as

@@ -147,8 +147,10 @@ def paired_ratios(rounds: dict[str, Rounds[dict]]) -> dict:
     synchronous approach, random keys and hot key; the headlines are the medians of those ratios,
     each of requests answered 2xx/3xx (a fast 503 is no throughput)."""
     def by_round(ours: str, other: str) -> list[float]:
-        return [ratio(answered_per_second(a), answered_per_second(b))
-                for a, b in zip(rounds[ours].runs, rounds[other].runs, strict=True)]
+        # A round whose baseline answered nothing has no ratio: left out (its errors are counted).
+        ratios = (ratio(answered_per_second(a), answered_per_second(b))
+                  for a, b in zip(rounds[ours].runs, rounds[other].runs, strict=True))
+        return [value for value in ratios if value is not None]
 
     figures: dict = {}
     for name, ours, other in (("ours_over_do_nothing", OURS, DO_NOTHING),

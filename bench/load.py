@@ -174,12 +174,14 @@ def paired_ratios(ours: list[dict], baseline: list[dict], key: str) -> dict:
     ratio of medians would. The headline is the median of those ratios, each of requests
     answered 2xx/3xx (error answers are no throughput). Keys: ours_over_<key>,
     <key>_cpu_over_ours, and each with _by_round."""
-    by_round = [ratio(answered_per_second(a), answered_per_second(b)) for a, b in zip(ours, baseline, strict=True)]
+    # A round whose baseline answered nothing has no ratio: left out (its errors are counted).
+    ratios = (ratio(answered_per_second(a), answered_per_second(b)) for a, b in zip(ours, baseline, strict=True))
+    by_round = [value for value in ratios if value is not None]
     cpu_ratios = (ratio(b.get("cpu_us_per_request"), a.get("cpu_us_per_request"))
                   for a, b in zip(ours, baseline, strict=True))
     cpu_by_round = [value for value in cpu_ratios if value is not None]
     return {
-        f"ours_over_{key}": statistics.median(by_round),
+        f"ours_over_{key}": median_or_none(by_round),
         f"ours_over_{key}_by_round": by_round,
         # The baseline's CPU per request / ours: 1.0 would mean maxtwo's own work costs nothing.
         f"{key}_cpu_over_ours": median_or_none(cpu_by_round),

@@ -20,13 +20,17 @@ from typing import Self
 MAXTWO = Path(sys.executable).with_name("maxtwo")
 
 
+# rich takes stderr or stdout for a terminal when these say so, whatever they are.
+RICH_TERMINAL_OVERRIDES = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
+
+
 def maxtwo_command(*args: str, stdout: int = subprocess.PIPE, **extra: str) -> subprocess.CompletedProcess:
     """`maxtwo ARGS...` run to its end: stderr as text, stdout captured or sent to `stdout`. Its
     environment: this one without maxtwo's settings and without PYTHONUNBUFFERED (set on some
     machines: every print would write through at once, and the CLI's own flush of its output, and
-    what it does when that fails, would go untested), plus `extra`."""
+    what it does when that fails, would go untested) and rich's terminal overrides, plus `extra`."""
     env = {key: value for key, value in os.environ.items()
-           if not key.startswith("MAXTWO_") and key != "PYTHONUNBUFFERED"}
+           if not key.startswith("MAXTWO_") and key not in ("PYTHONUNBUFFERED", *RICH_TERMINAL_OVERRIDES)}
     return subprocess.run([str(MAXTWO), *args], check=False, stdout=stdout, stderr=subprocess.PIPE,
                           text=True, timeout=60, env={**env, **extra})
 

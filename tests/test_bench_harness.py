@@ -132,3 +132,12 @@ def test_rounds_start_one_contender_further_on_each_time():
     rounds = run_in_rounds(contenders, 4)
     assert order == list("abc" + "abc" + "bca" + "cab" + "abc")  # the warm-ups, then the rounds
     assert [len(rounds[name].runs) for name in "abc"] == [4, 4, 4]
+
+
+def test_a_baseline_round_that_answered_nothing_has_no_ratio():
+    answered = {"requests_per_second": 1000.0, "requests": 10_000, "non_2xx_3xx": 0,
+                "socket_errors": {"connect": 0, "read": 0, "write": 0, "timeout": 0}}
+    refused = {**answered, "non_2xx_3xx": 10_000}
+    ratios = load.paired_ratios([answered] * 3, [answered, refused, answered], "hello")
+    assert (ratios["ours_over_hello"], ratios["ours_over_hello_by_round"]) == (1.0, [1.0, 1.0])
+    assert load.paired_ratios([answered], [refused], "hello")["ours_over_hello"] is None

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from maxtwo_cli import __version__
 from maxtwo_cli.cli import app
+from tests.serve_process import RICH_TERMINAL_OVERRIDES
 
 MAXTWO = Path(sys.executable).with_name("maxtwo")
 # Packages a command that needs no database must not load (the daemon's: `serve` only).
@@ -29,7 +30,7 @@ DAEMON_PACKAGES = ("daemon", "falcon", "waitress", "schedule", "prometheus_clien
 def _environment(**extra: str) -> dict[str, str]:
     """This environment without maxtwo's settings, a shell's completion request or Typer's."""
     env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("MAXTWO_", "_MAXTWO_", "TYPER_", "COMP_"))}
+           if not key.startswith(("MAXTWO_", "_MAXTWO_", "TYPER_", "COMP_")) and key not in RICH_TERMINAL_OVERRIDES}
     return {**env, **extra}
 
 

@@ -39,11 +39,11 @@ import urllib.request
 from pathlib import Path
 
 from bench.common import Rounds, attempt, ratio, run_in_rounds, say
-from bench.load import median_or_none, summarize_runs
+from bench.load import answered_ratios, median_or_none, summarize_runs
 from bench.memory import PeakRssSampler
 from bench.options import BenchOptions
 from bench.processes import hello_world, maxtwo_serve, running, synchronous_increment_serve
-from bench.wrk import INSTALL_HINT, answered_per_second, run_wrk, wrk_path
+from bench.wrk import INSTALL_HINT, run_wrk, wrk_path
 
 OURS = "maxtwo serve"
 DO_NOTHING = "do-nothing app, maxtwo's transport"
@@ -146,12 +146,6 @@ def paired_ratios(rounds: dict[str, Rounds[dict]]) -> dict:
     """Round by round, maxtwo against the do-nothing app (on each transport) and against the
     synchronous approach, random keys and hot key; the headlines are the medians of those ratios,
     each of requests answered 2xx/3xx (a fast 503 is no throughput)."""
-    def by_round(ours: str, other: str) -> list[float]:
-        # A round whose baseline answered nothing has no ratio: left out (its errors are counted).
-        ratios = (ratio(answered_per_second(a), answered_per_second(b))
-                  for a, b in zip(rounds[ours].runs, rounds[other].runs, strict=True))
-        return [value for value in ratios if value is not None]
-
     figures: dict = {}
     for name, ours, other in (("ours_over_do_nothing", OURS, DO_NOTHING),
                               ("hot_ours_over_do_nothing", OURS_HOT, DO_NOTHING),
@@ -159,7 +153,7 @@ def paired_ratios(rounds: dict[str, Rounds[dict]]) -> dict:
                               ("hot_ours_over_stock_do_nothing", OURS_HOT, DO_NOTHING_STOCK),
                               ("ours_over_sync", OURS, SYNC),
                               ("hot_ours_over_sync", OURS_HOT, SYNC_HOT)):
-        values = by_round(ours, other)
+        values = answered_ratios(rounds[ours].runs, rounds[other].runs)
         figures[name] = median_or_none(values)
         figures[f"{name}_by_round"] = values
     # The do-nothing app's server CPU per request / maxtwo's: steadier than req/s on a shared

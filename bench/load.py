@@ -174,9 +174,7 @@ def paired_ratios(ours: list[dict], baseline: list[dict], key: str) -> dict:
     ratio of medians would. The headline is the median of those ratios, each of requests
     answered 2xx/3xx (error answers are no throughput). Keys: ours_over_<key>,
     <key>_cpu_over_ours, and each with _by_round."""
-    # A round whose baseline answered nothing has no ratio: left out (its errors are counted).
-    ratios = (ratio(answered_per_second(a), answered_per_second(b)) for a, b in zip(ours, baseline, strict=True))
-    by_round = [value for value in ratios if value is not None]
+    by_round = answered_ratios(ours, baseline)
     cpu_ratios = (ratio(b.get("cpu_us_per_request"), a.get("cpu_us_per_request"))
                   for a, b in zip(ours, baseline, strict=True))
     cpu_by_round = [value for value in cpu_ratios if value is not None]
@@ -187,6 +185,13 @@ def paired_ratios(ours: list[dict], baseline: list[dict], key: str) -> dict:
         f"{key}_cpu_over_ours": median_or_none(cpu_by_round),
         f"{key}_cpu_over_ours_by_round": cpu_by_round,
     }
+
+
+def answered_ratios(ours: list[dict], baseline: list[dict]) -> list[float]:
+    """Round by round, ours / the baseline's requests answered 2xx/3xx per second. A round whose
+    baseline answered nothing has no ratio: left out (its errors are counted)."""
+    ratios = (ratio(answered_per_second(a), answered_per_second(b)) for a, b in zip(ours, baseline, strict=True))
+    return [value for value in ratios if value is not None]
 
 
 def _against(summary: dict, name: str, key: str) -> str:

@@ -152,7 +152,9 @@ def paired_ratios(rounds: dict[str, Rounds[dict]]) -> dict:
                               ("ours_over_stock_do_nothing", OURS, DO_NOTHING_STOCK),
                               ("hot_ours_over_stock_do_nothing", OURS_HOT, DO_NOTHING_STOCK),
                               ("ours_over_sync", OURS, SYNC),
-                              ("hot_ours_over_sync", OURS_HOT, SYNC_HOT)):
+                              ("hot_ours_over_sync", OURS_HOT, SYNC_HOT),
+                              # The ceiling of ours_over_sync: an app that does no work at all.
+                              ("do_nothing_over_sync", DO_NOTHING, SYNC)):
         values = answered_ratios(rounds[ours].runs, rounds[other].runs)
         figures[name] = median_or_none(values)
         figures[f"{name}_by_round"] = values

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import load
-from bench.common import run_in_rounds
+from bench import increment, load
+from bench.common import Rounds, run_in_rounds
 from bench.goals import evaluate
 from bench.memory import MB
 from bench.wrk import answered_per_second
@@ -141,3 +141,19 @@ def test_a_baseline_round_that_answered_nothing_has_no_ratio():
     ratios = load.paired_ratios([answered] * 3, [answered, refused, answered], "hello")
     assert (ratios["ours_over_hello"], ratios["ours_over_hello_by_round"]) == (1.0, [1.0, 1.0])
     assert load.paired_ratios([answered], [refused], "hello")["ours_over_hello"] is None
+
+
+def test_the_synchronous_goal_shows_its_ceiling(results):
+    """The do-nothing app against the same synchronous server: what no server on the transport
+    could beat, shown beside maxtwo's ratio (measured in the same rounds)."""
+    fast, slow = ({"requests_per_second": rate, "requests": 10_000, "non_2xx_3xx": 0,
+                   "socket_errors": {"connect": 0, "read": 0, "write": 0, "timeout": 0}} for rate in (9000.0, 3000.0))
+    rounds = {name: Rounds(warmup=fast, runs=[fast] * 3) for name in increment.CONTENDERS}
+    rounds[increment.SYNC] = Rounds(warmup=slow, runs=[slow] * 3)
+    assert increment.paired_ratios(rounds)["do_nothing_over_sync"] == 3.0
+    results["increment"]["PostgreSQL"]["by_connections"]["50"]["do_nothing_over_sync"] = 2.9
+    [goal] = verdicts(results, "PostgreSQL, random keys, 50 connections: >= 3x the synchronous")
+    assert goal["measured"].endswith(" (the do-nothing app: 2.90x)")
+    del results["increment"]["PostgreSQL"]["by_connections"]["50"]["do_nothing_over_sync"]
+    [goal] = verdicts(results, "PostgreSQL, random keys, 50 connections: >= 3x the synchronous")
+    assert "do-nothing" not in goal["measured"]

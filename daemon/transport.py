@@ -19,7 +19,8 @@ paired measurement that keeps each speed hook:
   text; none to HEAD.
 - StrictFramingParser: a request with both Transfer-Encoding and Content-Length is answered and
   its connection closed (RFC 9112 section 6.1), so nothing pipelined behind it is read with
-  framing an intermediary may have seen differently; an HTTP/1.1 request without exactly one
+  framing an intermediary may have seen differently; so is an HTTP/1.0 request with Transfer-Encoding,
+  answered 400 (waitress framed it by Content-Length and kept the connection); an HTTP/1.1 request without exactly one
   Host header is answered 400 (RFC 9112 section 3.2); a header with a bare LF line ending is
   answered 400 as soon as one arrives, not after the channel timeout; HTTP/1.2 and later minor
   versions are served as HTTP/1.1, another major version answered 505 (RFC 9110 section 2.5),
@@ -72,7 +73,7 @@ from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import BaseWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
-from waitress.utilities import BadRequest, Error
+from waitress.utilities import BadRequest, Error, RequestHeaderFieldsTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,13 @@ class StrictFramingParser(HTTPRequestParser):
         self._begun = False
 
     def received(self, data: bytes) -> int:
+        before = self.header_plus  # the header received so far (waitress keeps it until it ends)
         consumed = super().received(data)
+        if type(self.error) is RequestHeaderFieldsTooLarge and _request_line_unended(before + data[:consumed]):
+            # RFC 9112 section 3: a request target longer than the server will parse MUST be
+            # answered 414, not 431: the request line alone reached the header's limit.
+            self.error = UriTooLongError(
+                f"the request line reaches {self.adj.max_request_header_size} bytes; this server takes less")
         if self.completed:
             # A request complete with its header (no body, or one refused at once: 413) is sent
             # no 100 Continue: waitress sent one, and took the request for incomplete again, so
@@ -254,9 +261,24 @@ class StrictFramingParser(HTTPRequestParser):
             # waitress served `GET healthz` and `GET %2F` as the paths they decode to, so the
             # latter counted as a query.
             raise ParsingError("the request target must start with '/' (e.g. GET / HTTP/1.1)")
+        if self.version == "1.0" and "TRANSFER_ENCODING" in self.headers:
+            # RFC 9112 section 6.1: an HTTP/1.0 message with Transfer-Encoding MUST be taken for
+            # one whose framing is faulty, Content-Length or not. waitress reads chunked only in
+            # HTTP/1.1: it framed the body by Content-Length (or took none) and kept a keep-alive
+            # connection, so the rest of a chunked body was read as the next request (smuggled
+            # past a front end that framed it by the chunks).
+            raise ParsingError("an HTTP/1.0 request cannot have a Transfer-Encoding; send HTTP/1.1")
         # waitress already lets Transfer-Encoding win (and drops the header); RFC 9112 section
         # 6.1 also asks the server to close the connection after answering such a request.
         if self.chunked and "CONTENT_LENGTH" in self.headers:
+            self.headers["CONNECTION"] = "close"
+            self.connection_close = True
+        if self.version == "1.1" and not self.connection_close and _asks_to_close(self.headers.get("CONNECTION")):
+            # RFC 9112 section 9.6: a request whose Connection names "close" among other options
+            # ("TE, close", as libwww-perl sends; or two Connection headers, joined) MUST have
+            # its connection closed once answered. waitress looks for the value "close" alone:
+            # it kept such a connection open (for 30 s), and its answer did not say it closes.
+            # Through waitress's own rule, as the answer to both framings above goes.
             self.headers["CONNECTION"] = "close"
             self.connection_close = True
         if self.version == "1.1":
@@ -266,6 +288,22 @@ class StrictFramingParser(HTTPRequestParser):
             host = self.headers.get("HOST")
             if host is None or "," in host:
                 raise ParsingError("an HTTP/1.1 request needs exactly one Host header")
+
+
+def _asks_to_close(connection: str | None) -> bool:
+    """Whether a Connection header's value names the option "close" (RFC 9110 section 7.6.1: a
+    comma-separated list of options, case-insensitive)."""
+    return connection is not None and any(option.strip(" \t").lower() == "close" for option in connection.split(","))
+
+
+def _request_line_unended(header: bytes) -> bool:
+    """Whether a header's request line (after the blank lines before it) has not ended yet."""
+    return b"\n" not in header[_LEADING_SPACE.match(header).end():]
+
+
+class UriTooLongError(Error):
+    code = 414
+    reason = "URI Too Long"
 
 
 class HttpVersionNotSupportedError(Error):
@@ -313,6 +351,11 @@ class JsonErrorTask(ErrorTask):
         # connection after the answer, Content-Length) stays waitress's.
         if not isinstance(self.request.error, _JsonError):
             self.request.error = _JsonError(self.request.error)
+        # The answer closes the connection: through waitress's own rule, as if the client had
+        # asked (see LaneTask). To an HTTP/1.0 request asking to keep it, waitress added
+        # "Connection: Keep-Alive" after its "Connection: close", and a client that believes the
+        # last sends its next request down a connection being closed.
+        self.request.headers["CONNECTION"] = "close"
         # Counted before the answer is written: its client, answered, may read /metrics at once
         # (an end-to-end test read it uncounted); and counted even if the client is gone.
         on_refused = getattr(self.channel.server, "on_refused", None)  # see Transport

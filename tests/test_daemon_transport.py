@@ -26,6 +26,7 @@ import inspect
 import itertools
 import json
 import logging
+import re
 import socket
 import statistics
 import struct
@@ -232,12 +233,38 @@ def test_a_request_with_both_framings_is_answered_and_its_connection_closed():
     assert b"Connection: close" in answer
 
 
+@pytest.mark.parametrize("content_length", [b"Content-Length: 4\r\n", b""], ids=["with-content-length", "alone"])
+def test_an_http_1_0_request_with_transfer_encoding_is_400_and_its_connection_closed(content_length):
+    # RFC 9112 section 6.1: its framing is faulty. waitress read chunked only in HTTP/1.1, framed
+    # this one by Content-Length (or as no body), kept the connection alive and answered the
+    # request a front end framing it by its chunks took for the body.
+    smuggling = (b"POST / HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n" + content_length
+                 + b"\r\n2c\r\nGET /behind HTTP/1.1\r\nHost: x\r\nX: 123456\r\n\r\n\r\n0\r\n\r\n")
+    with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.sendall(smuggling)
+        answer = read_all(sock)  # ends: the server closed the connection
+    assert len(re.findall(rb"HTTP/1\.[01] \d{3} ", answer)) == 1, answer  # the request in the body was never read
+    assert answer.startswith(b"HTTP/1.0 400"), answer
+
+
 def test_a_chunked_request_alone_keeps_its_connection():
     with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
         sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
                      b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         answer = read_all(sock)
     assert answer.count(b"HTTP/1.1 200") == 2
+
+
+@pytest.mark.parametrize("connection", [b"Connection: TE, close\r\nTE: trailers\r\n", b"Connection: keep-alive , Close\r\n",
+                                        b"Connection: TE\r\nConnection: close\r\nTE: trailers\r\n"],
+                         ids=["among-options", "spaces-and-case", "two-headers"])
+def test_a_connection_close_among_other_options_closes_the_connection(connection):
+    # RFC 9112 section 9.6: the server MUST close the connection once it has answered (and SHOULD
+    # say so); waitress kept it open unless the header's value was "close" alone.
+    with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n" + connection + b"\r\n")
+        answer = read_all(sock)  # ends: the server closed the connection (else TimeoutError)
+    assert answer.startswith(b"HTTP/1.1 200") and b"\r\nConnection: close\r\n" in answer, answer
 
 
 @pytest.mark.parametrize("request_bytes", [b"GET / HTTP/1.1\r\n\r\n",
@@ -262,6 +289,7 @@ def json_answer(answer: bytes) -> tuple[int, dict[str, str], dict]:
 
 _HEADER_START = b"GET / HTTP/1.1\r\nHost: x\r\nX: "
 HEADER_AT_LIMIT = _HEADER_START + b"y" * (transport.MAX_REQUEST_HEADER - len(_HEADER_START))
+TARGET_AT_LIMIT = b"\r\nGET /" + b"y" * (transport.MAX_REQUEST_HEADER - 6)  # after a blank line
 
 
 @pytest.mark.parametrize(("request_bytes", "status"), [
@@ -270,6 +298,8 @@ HEADER_AT_LIMIT = _HEADER_START + b"y" * (transport.MAX_REQUEST_HEADER - len(_HE
     # Exactly the limit, unended: the server reads all of it (data left unread would reset the
     # connection, and its answer with it).
     (HEADER_AT_LIMIT, 431),
+    # RFC 9112 section 3: a request target too long to parse is a 414 (waitress answered 431).
+    (TARGET_AT_LIMIT, 414),
     (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (transport.MAX_REQUEST_BODY + 1), 413),
     (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
     # Lines ended with LF alone: waitress never sees the CRLF CRLF that ends a header, and
@@ -286,9 +316,15 @@ HEADER_AT_LIMIT = _HEADER_START + b"y" * (transport.MAX_REQUEST_HEADER - len(_HE
     (b"GET %2F HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     (b"GET healthz HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     (b"GET localhost:80 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-], ids=["no-host", "malformed-header", "headers-too-large", "body-too-large", "unknown-transfer-coding",
+    (b"get / HTTP/1.1\r\nHost: x\r\n\r\n", 400),  # README: a method with lower-case letters
+    # An HTTP/1.0 client that asked to keep the connection (waitress's answer also said "Connection:
+    # Keep-Alive", after its "Connection: close").
+    (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: x\r\n\r\n", 400),
+    (b"POST / HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: %d\r\n\r\n" % (transport.MAX_REQUEST_BODY + 1), 413),
+], ids=["no-host", "malformed-header", "headers-too-large", "target-too-long", "body-too-large", "unknown-transfer-coding",
         "bare-lf", "bare-lf-unfinished", "http-2", "http-3-with-body", "http-0.9", "no-version",
-        "encoded-slash-target", "relative-target", "authority-target"])
+        "encoded-slash-target", "relative-target", "authority-target", "lower-case-method", "http-1.0-keep-alive-malformed",
+        "http-1.0-keep-alive-body-too-large"])
 def test_the_errors_waitress_answers_itself_are_json_in_the_apps_shape(request_bytes, status):
     refused = []
     with (running(hello, on_refused=refused.append) as served,
@@ -300,6 +336,7 @@ def test_the_errors_waitress_answers_itself_are_json_in_the_apps_shape(request_b
         assert answer.startswith(b"HTTP/1.1 505 "), answer[:40]
     code, headers, body = json_answer(answer)
     assert code == status and headers["connection"] == "close"
+    assert answer.partition(b"\r\n\r\n")[0].count(b"\r\nConnection: ") == 1, answer  # and nothing that contradicts it
     # The title as the app's own errors have it (falcon's: waitress's 413 is "Request Entity Too Large").
     assert body["status"] == status and body["title"] == falcon.code_to_http_status(status) and body["description"]
     assert "generated by" not in json.dumps(body)

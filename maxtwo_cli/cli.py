@@ -617,7 +617,7 @@ def serve(
     ] = DEFAULT_SEED_COUNT,
     database_url: DatabaseUrlOption = None,
 ) -> None:
-    """Serve the HTTP API and randomize every interval, until SIGTERM.
+    """Serve the HTTP API and randomize every interval, until SIGTERM or Ctrl-C.
 
     Example: MAXTWO_DATABASE_URL=postgresql+psycopg://maxtwo:PASSWORD@db/maxtwo maxtwo serve --port 4000
     """

@@ -155,6 +155,12 @@ def parse_increment(
     except DuplicateNameError as ex:
         raise falcon.HTTPUnprocessableEntity(description=f"the body names the field {str(ex)!r} twice") from None
     except ValueError:  # JSONDecodeError, and bytes that are no UTF-8
+        if not body:
+            # Most often a client that sent neither Content-Length nor Transfer-Encoding (then
+            # the request has no body, RFC 9112 section 6.3, and what it sent after is read as
+            # the next request): say so rather than "not valid JSON".
+            raise falcon.HTTPBadRequest(
+                description='the body is empty: send {"key": "...", "value": N} with a Content-Length') from None
         raise falcon.HTTPBadRequest(description="the body is not valid JSON") from None
     except RecursionError:  # arrays or objects nested about a thousand deep: 1 KB does it
         raise falcon.HTTPBadRequest(description="the body's JSON is nested too deeply") from None

@@ -119,6 +119,13 @@ def test_json_in_another_encoding_than_utf_8_is_malformed(client, app_parts):
     assert rejected(app_parts[2], "malformed") == 2
 
 
+def test_an_empty_body_is_malformed_and_says_so(client, app_parts):
+    response = client.simulate_post("/increment", body=b"", headers=JSON)
+    assert response.status_code == 400 and response.json["description"].startswith("the body is empty")
+    response = client.simulate_post("/increment", body=b" ", headers=JSON)
+    assert response.status_code == 400 and response.json["description"] == "the body is not valid JSON"
+
+
 def test_json_nested_too_deeply_is_malformed(client, app_parts):
     # json's decoder raises RecursionError (no ValueError) about a thousand levels down.
     response = client.simulate_post("/increment", body="[" * 2000, headers=JSON)

@@ -5,7 +5,8 @@
   time zone), never from the previous run, so nothing drifts and a daylight saving change in the
   local zone neither pauses the runs for an hour nor bunches them up.
 - Each run happens in a worker thread, so the loop stays on time; a run still going when the
-  next one is due makes that one skip (logged and counted).
+  next one is due (OVERLAP_GRACE_SECONDS after it), or one that randomized and ended in that
+  grace, makes that one skip (logged and counted).
 - A failing run is logged and counted and the loop goes on. A run that the database could
   not do (down, busy) is tried again within its slot, after RETRY_FIRST_SECONDS and then twice
   as long each time, while in the first half of the slot; later, the next slot's run does it.
@@ -44,6 +45,12 @@ LONGEST_NAP = 1.0
 # for the whole interval (a day at --interval 86400). Never in the second half, so that the
 # points never change twice within half an interval.
 RETRY_FIRST_SECONDS = 5.0
+
+# How long a boundary waits for the run before it to end (or a quarter of the interval, if
+# less), before it counts as an overlap: a run ending meanwhile without having randomized (a
+# start's make-up run, begun just before the boundary, standing back for a slot already run)
+# makes no overlap.
+OVERLAP_GRACE_SECONDS = 1.0
 
 
 def next_boundary(now: float, interval: float) -> float:
@@ -96,6 +103,8 @@ class RandomizeScheduler:
         # A failed run to try again: (when, its slot), set by the run's thread (_plan_retry), and
         # the last wait before a retry of that slot.
         self._retry: tuple[float, float] | None = None
+        # Whether the last run randomized (set by its thread before it ends; read after a join).
+        self._randomized = False
         self._retried_slot, self._retry_wait = 0.0, 0.0
 
     def start(self) -> None:
@@ -205,9 +214,17 @@ class RandomizeScheduler:
             return
         due_at = utc(self._slot)
         if self._run_thread is not None and self._run_thread.is_alive():
-            self._metrics.randomize_skipped.labels(reason="overlap").inc()
-            log.warning("randomization due at %s skipped: the previous one is still running", due_at)
-            return
+            # NOTE: skipped at once, the slot after a make-up run that stood back (a restart a few
+            # ms before a boundary, the slot done before it; the run opens a connection first)
+            # had no run on any daemon: the points stayed for two intervals (an audit).
+            self._run_thread.join(min(OVERLAP_GRACE_SECONDS, self._interval / 4))
+            if self._stop.is_set():
+                return
+            if self._run_thread.is_alive() or self._randomized:
+                self._metrics.randomize_skipped.labels(reason="overlap").inc()
+                log.warning("randomization due at %s skipped: the previous one %s", due_at,
+                            "is still running" if self._run_thread.is_alive() else "ran past this boundary")
+                return
         run_thread = threading.Thread(
             target=self._run, args=(self._slot, due_at), name="maxtwo-randomize", daemon=True
         )
@@ -220,6 +237,7 @@ class RandomizeScheduler:
         self._run_thread = run_thread  # only a started thread: stop() joins it
 
     def _run(self, slot: float, due_at: dt.datetime) -> None:
+        self._randomized = False
         try:
             result = self._job(due_at)
         except RandomizationInProgressError as ex:
@@ -246,6 +264,7 @@ class RandomizeScheduler:
             log.info("randomization due at %s: done already (by another daemon, or before a restart), or another "
                      "daemon's run for the slot before ended after this boundary", due_at)
             return
+        self._randomized = True
         self._metrics.randomize_duration.observe(result.seconds)
         # By this process's clock, as Prometheus's time() and alerts read it: randomized_at is
         # the database's clock on PostgreSQL, which may be set otherwise.

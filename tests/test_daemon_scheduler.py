@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import schedule
 
+from daemon import scheduler as scheduler_module
 from daemon.metrics import Metrics
 from daemon.scheduler import RandomizeScheduler, next_boundary
 from maxtwo_cli.core.errors import DatabaseUnavailableError, RandomizationInProgressError, SchemaMismatchError
@@ -233,6 +234,8 @@ def test_catching_up_runs_the_slot_the_start_falls_in_at_once_then_every_boundar
     midnight = next_boundary(start, day) - day
     assert [due_at for _, due_at in recorder.calls] == [utc(midnight), utc(midnight + day)]
     assert [started for started, _ in recorder.calls] == [start, midnight + day]
+    assert (f"randomizing every 86400 s: the slot of {utc(midnight).isoformat()} now, unless it has run, then from "
+            f"{utc(midnight + day).isoformat()}") in caplog.messages
     assert not any("missed" in message for message in caplog.messages)  # nothing to warn of: it runs
 
 
@@ -371,10 +374,46 @@ def test_a_run_still_going_makes_the_next_skip(monkeypatch):
 
     clock = FakeClock(start, first + 6 * interval, settle)
     recorder = Recorder(clock.time, behaviour)
+    monkeypatch.setattr(scheduler_module, "OVERLAP_GRACE_SECONDS", 0.05)  # waited for at each boundary
     metrics = run_on(clock, recorder, interval, monkeypatch)
     # The first run covered the next three boundaries; then on time again.
     assert sample(metrics, "maxtwo_randomize_skipped_total", reason="overlap") == 3
     assert [due_at.timestamp() for _, due_at in recorder.calls] == [1000, 1040, 1050, 1060]
+
+
+@pytest.mark.parametrize("randomized", [False, True], ids=["stood-back", "randomized"])
+def test_a_make_up_run_ending_just_after_the_boundary_skips_it_only_if_it_randomized(
+        monkeypatch, caplog, randomized):
+    """A daemon restarted a few ms before a boundary makes up the slot it starts in; the slot
+    done already, that run stands back, but only once it has a connection: still going at the
+    boundary, it made that slot skip as an overlap, and no daemon ran it (an audit). A make-up
+    run that did randomize still makes the boundary's skip: the points just changed."""
+    slot = 1_800_000_000.0
+    clock = FakeClock(slot + 59.995, slot + 61, lambda now: join_runs() if now >= slot + 60 else None)
+
+    def behaviour(number: int) -> RandomizeResult | None:
+        if number == 1:  # the make-up run: it ends once the boundary has come, within the grace
+            deadline = time.monotonic() + TIMEOUT
+            while clock.time() < slot + 60 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            time.sleep(0.05)
+            return result() if randomized else None
+        return result()
+
+    recorder = Recorder(clock.time, behaviour)
+    schedule_follows(clock, monkeypatch)
+    metrics = Metrics()
+    scheduler = RandomizeScheduler(recorder, 60, metrics, clock=clock.time, wait=clock.wait, catch_up=True)
+    with caplog.at_level(logging.INFO, logger="daemon.scheduler"):
+        scheduler.start()
+        try:
+            assert clock.at_end.wait(TIMEOUT)
+        finally:
+            assert scheduler.stop(TIMEOUT)
+    due = [due_at.timestamp() for _, due_at in recorder.calls]
+    assert due == ([slot] if randomized else [slot, slot + 60])
+    assert sample(metrics, "maxtwo_randomize_skipped_total", reason="overlap") == (1 if randomized else 0)
+    assert ("skipped: the previous one ran past this boundary" in caplog.text) is randomized
 
 
 def test_a_failing_run_is_counted_and_the_loop_goes_on(monkeypatch):
@@ -565,6 +604,7 @@ def test_each_run_sets_the_epoch_gauge(monkeypatch):
     recorder, metrics = three_slots_of_10_s(lambda number: dataclasses.replace(result(), epoch=41 + number), monkeypatch)
     assert len(recorder.calls) == 3
     assert sample(metrics, "maxtwo_epoch") == 44
+    assert sample(metrics, "maxtwo_randomize_duration_seconds_count") == 3
 
 
 def test_after_an_error_of_its_own_the_loop_tries_again_within_a_minute_whatever_the_interval(monkeypatch):
@@ -621,3 +661,261 @@ def test_stop_gives_up_on_a_randomization_that_outlasts_its_timeout():
     finally:
         release.set()
         join_runs()
+
+
+def test_a_clock_set_back_an_hour_re_aims_at_the_next_boundary_from_where_it_is(monkeypatch):
+    """A wall clock set back (an operator, a bad NTP source) by more than an interval: the loop
+    aimed at a boundary an hour away by the clock as it now reads, and no run came for an hour."""
+    interval = 60
+    boundary = 1_800_000_000
+    recorder: Recorder
+
+    def settle(now: float) -> None:
+        join_runs()
+        if len(recorder.calls) >= 4:
+            clock.end = now  # enough seen: the clock stops here
+
+    clock = FakeClock(boundary - 5, boundary + 86_400, settle)
+
+    def behaviour(number: int) -> RandomizeResult:
+        if number == 1:
+            clock.oversleep = -3600  # the clock is set back an hour during the next wait
+        return result()
+
+    recorder = Recorder(clock.time, behaviour)
+    run_on(clock, recorder, interval, monkeypatch)
+    assert [(ran - boundary, due_at.timestamp() - boundary) for ran, due_at in recorder.calls] == [
+        (0, 0), (-3540, -3540), (-3480, -3480), (-3420, -3420)]
+
+
+def test_a_retry_pending_when_the_clock_is_set_back_before_its_slot_is_dropped(monkeypatch, caplog):
+    """Its slot comes again by the clock: the boundary's own run does it, and the retry, kept,
+    ran that slot a second time 5 s later."""
+    interval = 60
+    boundary = 1_800_000_000
+    recorder: Recorder
+
+    def settle(now: float) -> None:
+        join_runs()
+
+    clock = FakeClock(boundary - 5, boundary + interval, settle)
+
+    def behaviour(number: int) -> RandomizeResult:
+        if number == 1:
+            clock.oversleep = -90  # during the next wait: back into the slot before
+            raise DatabaseUnavailableError("database down")
+        return result()
+
+    recorder = Recorder(clock.time, behaviour)
+    with caplog.at_level(logging.WARNING, logger="daemon.scheduler"):
+        run_on(clock, recorder, interval, monkeypatch)
+    assert [(ran - boundary, due_at.timestamp() - boundary) for ran, due_at in recorder.calls] == [
+        (0, 0), (-60, -60), (0, 0), (60, 60)]
+    assert caplog.text.count("is dropped") == 1
+
+
+def test_a_retry_whose_loop_wakes_in_the_second_half_of_its_slot_is_dropped(monkeypatch, caplog):
+    """Woken late but before the next boundary (here at 1056 for the slot of 1020, 60 s): still
+    no retry in the second half of the slot, where the points would change twice within half
+    an interval."""
+    clocks: list[FakeClock] = []
+
+    def behaviour(number):
+        if number == 1:
+            clocks[0].oversleep = 35  # the loop's next wait ends at 1056
+            raise DatabaseUnavailableError("database down")
+        return result()
+
+    recorder, _ = run_two_slots_of_60_s(behaviour, monkeypatch, caplog, on_clock=clocks.append)
+    assert [(started, due_at.timestamp()) for started, due_at in recorder.calls] == [(1020, 1020), (1080, 1080)]
+    assert caplog.text.count("the retry of the randomization due at 1970-01-01T00:17:00+00:00 is dropped") == 1
+
+
+def test_a_retry_that_would_come_at_the_very_half_of_its_slot_is_not_planned(monkeypatch, caplog):
+    """The second half of a slot begins at its half: at 70 s, the third failure (at +15) would be
+    retried 20 s later, at +35, the half of the slot."""
+    slot = 70 * 15  # 1050
+    clock = FakeClock(slot - 1, slot + 70, lambda now: join_runs())
+
+    def behaviour(number):
+        if number <= 3:
+            raise DatabaseUnavailableError("database down")
+        return result()
+
+    recorder = Recorder(clock.time, behaviour)
+    with caplog.at_level(logging.INFO, logger="daemon.scheduler"):
+        run_on(clock, recorder, 70, monkeypatch)
+    assert [(started - slot, due_at.timestamp() - slot) for started, due_at in recorder.calls] == [
+        (0, 0), (5, 0), (15, 0), (70, 70)]
+    failures = [message.rpartition("; ")[2] for message in caplog.messages if "failed" in message]
+    assert failures == ["retrying in 5 s", "retrying in 10 s",
+                        "the next slot's run, at 1970-01-01T00:18:40+00:00, retries"]
+
+
+def test_a_retry_whose_loop_wakes_at_the_very_half_of_its_slot_is_dropped(monkeypatch, caplog):
+    clocks: list[FakeClock] = []
+
+    def behaviour(number):
+        if number == 1:
+            clocks[0].oversleep = 29  # the loop's next wait (a second) ends at 1050, the half
+            raise DatabaseUnavailableError("database down")
+        return result()
+
+    recorder, _ = run_two_slots_of_60_s(behaviour, monkeypatch, caplog, on_clock=clocks.append)
+    assert [(started, due_at.timestamp()) for started, due_at in recorder.calls] == [(1020, 1020), (1080, 1080)]
+    assert "is dropped" in caplog.text
+
+
+def test_stop_ends_the_loop_s_nap(monkeypatch):
+    """A stop request wakes the loop: it does not sleep out its nap (a second, here made an
+    hour, so that a stop that waited for it would time out)."""
+    monkeypatch.setattr(scheduler_module, "LONGEST_NAP", 3600.0)
+    napping = threading.Event()
+    scheduler = RandomizeScheduler(Recorder(time.time), 3600, Metrics(), clock=lambda: (napping.set(), time.time())[1])
+    scheduler.start()
+    assert napping.wait(TIMEOUT)
+    time.sleep(0.05)  # into the nap
+    assert scheduler.stop(TIMEOUT)
+
+
+def test_a_planned_retry_does_not_leave_the_loop_spinning():
+    """A retry's plan ends the loop's nap; the nap after it must sleep again (the loop read the
+    clock in a busy loop, a core at 100 %, until the next stop)."""
+    interval = 2.0
+    readings = 0
+    calls: list[float] = []
+
+    def clock() -> float:
+        nonlocal readings
+        readings += 1
+        return time.time()
+
+    def job(due_at: dt.datetime):
+        calls.append(time.time())
+        if len(calls) == 1:
+            raise DatabaseUnavailableError("database down")
+        return result()
+
+    scheduler = RandomizeScheduler(job, interval, Metrics(), clock=clock)
+    scheduler.start()
+    try:
+        deadline = time.monotonic() + 3 * interval + TIMEOUT
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(calls) >= 2
+        before = readings
+        time.sleep(0.5)
+        # A nap (a second at most) per reading, or fewer when a boundary or a retry comes.
+        assert readings - before < 20
+    finally:
+        assert scheduler.stop(TIMEOUT)
+
+
+def test_stop_says_so_when_the_loop_did_not_end_in_time():
+    release = threading.Event()
+    napping = threading.Event()
+
+    def stuck_wait(seconds: float) -> None:  # a nap that a stop request does not end
+        napping.set()
+        release.wait(TIMEOUT)
+
+    scheduler = RandomizeScheduler(Recorder(time.time), 3600, Metrics(), wait=stuck_wait)
+    scheduler.start()
+    assert napping.wait(TIMEOUT)
+    try:
+        assert scheduler.stop(0.05) is False
+    finally:
+        release.set()
+        assert scheduler.stop(TIMEOUT)
+
+
+@pytest.mark.parametrize(("interval", "expected"), [(3600, 60.0), (10, 10.0), (0.25, 1.0)])
+def test_after_an_error_of_its_own_the_loop_waits_an_interval_a_nap_at_least_a_minute_at_most(
+        monkeypatch, interval, expected):
+    """Not at once: an error that persists (a clock that fails every time) made the loop log a
+    traceback as fast as it could write them; nor less than a nap at a short interval."""
+    start = 1_800_000_000 - 0.5
+    clock = FakeClock(start, start)  # the clock stands still: waits return at once
+    asked: list[float] = []
+    fake_wait = clock.wait
+
+    def wait(seconds: float) -> bool:
+        asked.append(seconds)
+        return fake_wait(seconds)
+
+    clock.wait = wait  # type: ignore[method-assign]
+    scheduler = on_a_clock_that_fails_once(clock, 2, Recorder(clock.time), interval, Metrics(), monkeypatch)
+    scheduler.start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not asked and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        assert scheduler.stop(TIMEOUT)
+    assert asked[0] == expected  # reading 2, the loop's first, failed
+
+
+def test_a_stop_requested_as_a_run_falls_due_starts_no_run(monkeypatch):
+    """The stop comes between the loop's look at it and the run's start (SIGTERM at the
+    boundary): no run is started behind stop()'s back."""
+    clock = FakeClock(999.0, 1000.0)
+    schedule_follows(clock, monkeypatch)
+    schedulers: list[RandomizeScheduler] = []
+
+    def stopping_at_the_boundary() -> float:
+        now = clock.time()
+        if now >= 1000 and schedulers:
+            schedulers[0].request_stop()
+        return now
+
+    recorder = Recorder(clock.time)
+    scheduler = RandomizeScheduler(recorder, 10, Metrics(), clock=stopping_at_the_boundary, wait=clock.wait)
+    schedulers.append(scheduler)
+    scheduler.start()
+    assert scheduler.stop(TIMEOUT)
+    join_runs()
+    assert recorder.calls == []
+
+
+@pytest.mark.parametrize(("seconds", "warned"), [(6.0, True), (4.0, False)])
+def test_a_run_longer_than_half_the_interval_is_warned_of(monkeypatch, caplog, seconds, warned):
+    with caplog.at_level(logging.WARNING, logger="daemon.scheduler"):
+        three_slots_of_10_s(lambda number: result(seconds), monkeypatch)
+    assert ("more than half the 10 s interval" in caplog.text) is warned
+
+
+def test_a_retry_waits_for_the_failed_run_s_thread_to_end(monkeypatch):
+    """The failed run's thread may still be going when its retry falls due (its log line
+    written to a slow sink): the retry waits for it rather than skip as an overlap."""
+    logged = threading.Event()
+
+    class SlowSink(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "retrying in" in record.getMessage():
+                logged.set()
+                time.sleep(0.3)
+
+    # The clock moves on once the retry is planned, without waiting for the thread to end.
+    clock = FakeClock(1000.0, 1020.0, lambda now: logged.wait(TIMEOUT) if now >= 1010 else None)
+    schedule_follows(clock, monkeypatch)
+    sink = SlowSink(logging.ERROR)
+    logging.getLogger("daemon.scheduler").addHandler(sink)
+
+    def behaviour(number: int) -> RandomizeResult:
+        if number == 1:
+            raise DatabaseUnavailableError("database down")
+        return result()
+
+    recorder, metrics = Recorder(clock.time, behaviour), Metrics()
+    try:
+        scheduler = RandomizeScheduler(recorder, 10, metrics, clock=clock.time, wait=clock.wait)
+        scheduler.start()
+        try:
+            assert clock.at_end.wait(TIMEOUT)
+        finally:
+            assert scheduler.stop(TIMEOUT)
+    finally:
+        logging.getLogger("daemon.scheduler").removeHandler(sink)
+    assert [(started, due_at.timestamp()) for started, due_at in recorder.calls] == [
+        (1010, 1010), (1011.25, 1010), (1020, 1020)]
+    assert not sample(metrics, "maxtwo_randomize_skipped_total", reason="overlap")

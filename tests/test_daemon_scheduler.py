@@ -219,7 +219,7 @@ def test_start_logs_the_next_run_in_utc(berlin, monkeypatch, caplog):
 def test_catching_up_runs_the_slot_the_start_falls_in_at_once_then_every_boundary(monkeypatch, caplog):
     """A slot that passed while no daemon ran was never made up: at an interval of a day, a
     daemon down across 00:00 UTC left the points as they were for a whole day."""
-    start = 1_790_000_000 + 3600 * 9.5  # 09:30 into a day
+    start = 1_790_000_000 + 3600 * 9.5  # 23:43:20 UTC: 16 min 40 s before the next day's slot
     day = 86_400
     clock = FakeClock(start, start + day + 60)
     schedule_follows(clock, monkeypatch)

@@ -153,7 +153,7 @@ def paired_ratios(rounds: dict[str, Rounds[dict]]) -> dict:
                               ("hot_ours_over_stock_do_nothing", OURS_HOT, DO_NOTHING_STOCK),
                               ("ours_over_sync", OURS, SYNC),
                               ("hot_ours_over_sync", OURS_HOT, SYNC_HOT),
-                              # The ceiling of ours_over_sync: an app that does no work at all.
+                              # About the most ours_over_sync can be: an app that does no work.
                               ("do_nothing_over_sync", DO_NOTHING, SYNC)):
         values = answered_ratios(rounds[ours].runs, rounds[other].runs)
         figures[name] = median_or_none(values)

@@ -468,8 +468,9 @@ def _increment(results: dict) -> str:
                    "per batch instead of one per request, so its advantage over the synchronous approach grows "
                    "with this figure (a fraction of a millisecond on these virtual disks, milliseconds on many "
                    "real ones). The do-nothing app's own ratio to the synchronous server (its row's *ratios*) is "
-                   "what no server on this transport could exceed: where it is below the goal's 3x, that goal "
-                   "cannot be met on this disk.")]
+                   "about the most a server on this transport reaches (within the rounds' spread: maxtwo's own "
+                   "rounds have come out above it): where it is near or below the goal's 3x, the goal measures "
+                   "this host's commit cost more than the server.")]
     lines += ["", "| database | connections | server | req/s | CPU per request | p50 | p99 | max | errors | ratios |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     notes = []

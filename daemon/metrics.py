@@ -49,7 +49,8 @@ class Metrics:
         self.http_refused = Counter(
             "maxtwo_http_refused_total",
             "HTTP requests the server refused before the app saw them (a malformed request, headers "
-            "or a body too large, an unknown transfer coding, no Host, no HTTP version or one other than 1.x), "
+            "or a body too large, a request line too long, an unknown transfer coding, no Host, no HTTP version or "
+            "one other than 1.x, HTTP/1.0 with Transfer-Encoding), "
             "by status code; not in maxtwo_http_requests_total.",
             ["status"],
             registry=self.registry,

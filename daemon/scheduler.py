@@ -217,7 +217,7 @@ class RandomizeScheduler:
             # NOTE: skipped at once, the slot after a make-up run that stood back (a restart a few
             # ms before a boundary, the slot done before it; the run opens a connection first)
             # had no run on any daemon: the points stayed for two intervals (an audit).
-            self._run_thread.join(min(OVERLAP_GRACE_SECONDS, self._interval / 4))
+            self._run_thread.join(self._overlap_grace())
             if self._stop.is_set():
                 return
             if self._run_thread.is_alive() or self._randomized:
@@ -253,7 +253,7 @@ class RandomizeScheduler:
             self._metrics.randomize_failures.inc()
             wait = self._plan_retry(slot) if isinstance(ex, DatabaseUnavailableError) else None
             log.error("randomization due at %s failed: %s; %s", due_at, ex,
-                      self._next_slot_retries() if wait is None else f"retrying in {wait:g} s")
+                      self._next_slot_retries(slot) if wait is None else f"retrying in {wait:g} s")
             return
         except Exception:  # NOTE: a scheduled job never kills its loop
             self._metrics.randomize_failures.inc()
@@ -295,6 +295,15 @@ class RandomizeScheduler:
         self._wake.set()  # the loop's nap may end after `at`
         return wait
 
-    def _next_slot_retries(self) -> str:
+    def _overlap_grace(self) -> float:
+        return min(OVERLAP_GRACE_SECONDS, self._interval / 4)
+
+    def _next_slot_retries(self, slot: float) -> str:
+        now = self._clock()
+        latest = math.floor(now / self._interval) * self._interval
+        if latest > slot and now - latest < self._overlap_grace():
+            # Failed past its slot's end, within the grace: the boundary's run, which waits for
+            # this one (_on_due), follows at once (the log named the boundary after it).
+            return f"the run due at {utc(latest).isoformat()}, which waited for this one, retries"
         # (The next boundary from now: a run that outlasted its slot made the next one skip.)
-        return f"the next slot's run, at {utc(next_boundary(self._clock(), self._interval)).isoformat()}, retries"
+        return f"the next slot's run, at {utc(next_boundary(now, self._interval)).isoformat()}, retries"

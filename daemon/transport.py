@@ -14,8 +14,8 @@ paired measurement that keeps each speed hook:
   every connection on every pass; and one trigger pull per lane batch answered instead of one
   per response (ChangePoller.one_pull).
 - JsonErrorTask: the errors waitress answers itself, before the app sees the request (a
-  malformed request, headers or body too large, an unknown transfer coding, the Host check
-  and the HTTP version below), in the app's JSON error shape instead of waitress's plain
+  malformed request, headers or body too large, a request line too long (414), an unknown
+  transfer coding, the Host check, the HTTP version and HTTP/1.0 with Transfer-Encoding below), in the app's JSON error shape instead of waitress's plain
   text; none to HEAD.
 - StrictFramingParser: a request with both Transfer-Encoding and Content-Length is answered and
   its connection closed (RFC 9112 section 6.1), so nothing pipelined behind it is read with
@@ -205,11 +205,13 @@ class StrictFramingParser(HTTPRequestParser):
     def received(self, data: bytes) -> int:
         before = self.header_plus  # the header received so far (waitress keeps it until it ends)
         consumed = super().received(data)
-        if type(self.error) is RequestHeaderFieldsTooLarge and _request_line_unended(before + data[:consumed]):
+        limit = self.adj.max_request_header_size
+        if type(self.error) is RequestHeaderFieldsTooLarge and _request_line_unended((before + data)[:limit]):
             # RFC 9112 section 3: a request target longer than the server will parse MUST be
-            # answered 414, not 431: the request line alone reached the header's limit.
-            self.error = UriTooLongError(
-                f"the request line reaches {self.adj.max_request_header_size} bytes; this server takes less")
+            # answered 414, not 431: the request line alone reached the header's limit. NOTE:
+            # within the limit's bytes only: the read that crossed it may hold the line's end
+            # (where reads end is the network's choice), and the same request got a 431.
+            self.error = UriTooLongError(f"the request line reaches {limit} bytes; this server takes less")
         if self.completed:
             # A request complete with its header (no body, or one refused at once: 413) is sent
             # no 100 Continue: waitress sent one, and took the request for incomplete again, so
@@ -293,7 +295,9 @@ class StrictFramingParser(HTTPRequestParser):
 def _asks_to_close(connection: str | None) -> bool:
     """Whether a Connection header's value names the option "close" (RFC 9110 section 7.6.1: a
     comma-separated list of options, case-insensitive)."""
-    return connection is not None and any(option.strip(" \t").lower() == "close" for option in connection.split(","))
+    # (The substring test first: "keep-alive", which many clients send, is never split.)
+    return (connection is not None and "close" in connection.lower()
+            and any(option.strip(" \t").lower() == "close" for option in connection.split(",")))
 
 
 def _request_line_unended(header: bytes) -> bool:

@@ -143,9 +143,9 @@ def test_a_baseline_round_that_answered_nothing_has_no_ratio():
     assert load.paired_ratios([answered], [refused], "hello")["ours_over_hello"] is None
 
 
-def test_the_synchronous_goal_shows_its_ceiling(results):
-    """The do-nothing app against the same synchronous server: what no server on the transport
-    could beat, shown beside maxtwo's ratio (measured in the same rounds)."""
+def test_the_synchronous_goal_shows_the_do_nothing_app_s_ratio(results):
+    """The do-nothing app against the same synchronous server, in the same rounds: about the
+    most a server on the transport reaches, shown beside maxtwo's ratio."""
     fast, slow = ({"requests_per_second": rate, "requests": 10_000, "non_2xx_3xx": 0,
                    "socket_errors": {"connect": 0, "read": 0, "write": 0, "timeout": 0}} for rate in (9000.0, 3000.0))
     rounds = {name: Rounds(warmup=fast, runs=[fast] * 3) for name in increment.CONTENDERS}

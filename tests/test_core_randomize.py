@@ -404,8 +404,6 @@ def test_randomize_if_due_waits_no_longer_than_the_half_of_the_slot(postgres_eng
     assert 0.9 <= waited < 5  # up to the half of its 2 s slot (1 s after due_at, which is now)
 
 
-
-
 def test_the_wait_leaves_the_connection_s_lock_timeout_as_it_was(postgres_url):
     """The wait sets lock_timeout a second at a time for its transaction only: set for the
     session, it stayed on the pooled connection (a millisecond, for the last slice), and the

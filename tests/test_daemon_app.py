@@ -3,6 +3,7 @@ and error body."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sqlite3
@@ -15,11 +16,12 @@ import pytest
 import sqlalchemy as sa
 
 import daemon.resources
-from daemon.app import PREFETCHED_ANSWER, DatabaseUnavailableAnswers, create_app
+from daemon.app import ARRIVED_AT, PREFETCHED_ANSWER, DatabaseUnavailableAnswers, create_app, new_batchers
 from daemon.batcher import IncrementKind
 from daemon.metrics import INCREMENT_REJECTIONS, Metrics
 from daemon.openapi import openapi_document
 from daemon.resources import WriteHealth
+from daemon.throttle import LogThrottle
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.errors import DatabaseBusyError, DatabaseUnavailableError
 from maxtwo_cli.core.query import query_users
@@ -507,3 +509,99 @@ def test_options_and_405_name_the_same_methods(client, path):
     assert options.status_code == 200 and refused.status_code == 405
     assert options.headers["allow"] == refused.headers["allow"]
     assert "OPTIONS" in options.headers["allow"].split(", ")
+
+
+def test_create_app_refuses_batchers_without_the_write_health_they_tell(settings, engine):
+    metrics, writes = Metrics(), WriteHealth()
+    batchers = new_batchers(settings, engine, metrics, writes)
+    try:
+        with pytest.raises(TypeError, match="writes="):
+            create_app(settings, engine, metrics=metrics, batchers=batchers)
+    finally:
+        batchers.close(5)
+
+
+def test_requests_are_counted_by_status_on_the_same_route(client):
+    """The series' children are kept by (route, method, status): a 404 and then a 200 of one
+    route are two series."""
+    assert client.simulate_get("/counters/never").status_code == 404
+    assert client.simulate_post("/increment", json={"key": "k", "value": 1}).status_code == 202
+    assert client.simulate_get("/counters/k").status_code == 200
+    assert client.simulate_get("/counters/never").status_code == 404
+    text = client.simulate_get("/metrics").text
+    assert 'maxtwo_http_requests_total{method="GET",route="/counters/{key:path}",status="404"} 2.0' in text
+    assert 'maxtwo_http_requests_total{method="GET",route="/counters/{key:path}",status="200"} 1.0' in text
+
+
+def test_a_request_s_latency_counts_from_its_arrival_and_is_timed_per_route(settings, engine):
+    """A lane request waited for its batch before the app saw it: its latency counts from
+    ARRIVED_AT, which the server sets, not from when the app took it."""
+    metrics = Metrics()
+    client = falcon.testing.TestClient(create_app(settings, engine, metrics=metrics))
+    assert client.simulate_get("/openapi.json", extras={ARRIVED_AT: time.perf_counter() - 3.0}).status_code == 200
+    assert client.simulate_get("/metrics").status_code == 200
+    sample = metrics.registry.get_sample_value
+    assert sample("maxtwo_http_request_duration_seconds_sum", {"route": "/openapi.json"}) >= 3.0
+    assert sample("maxtwo_http_request_duration_seconds_count", {"route": "/openapi.json"}) == 1
+    assert 0 < sample("maxtwo_http_request_duration_seconds_sum", {"route": "/metrics"}) < 3.0
+
+
+@pytest.mark.filterwarnings("ignore:Unknown REQUEST_METHOD")  # wsgiref's validator
+def test_a_webdav_method_falcon_knows_is_405_not_501(client):
+    """falcon knows WebDAV's methods too: one of them is a method this server recognizes and the
+    path does not support (405, counted under its name), not an unknown one (501, "OTHER")."""
+    got = client.simulate_request("PROPFIND", "/healthz")
+    assert got.status_code == 405 and got.json["status"] == 405
+    text = client.simulate_get("/metrics").text
+    assert 'maxtwo_http_requests_total{method="PROPFIND",route="/healthz",status="405"} 1.0' in text
+
+
+def test_errors_falcon_raises_without_a_description_get_none(client):
+    """Titled with the status line, an error has no description to repeat it in."""
+    assert client.simulate_get("/nope").json == {"status": 404, "title": "404 Not Found"}
+    assert client.simulate_delete("/healthz").json == {"status": 405, "title": "405 Method Not Allowed"}
+
+
+def test_get_root_answers_the_outcome_the_server_fetched_ahead(settings, engine):
+    """The lane's GET / comes with its answer (or its error) already fetched: the resource
+    answers it as it is, and records no query of its own."""
+    seed_users(engine, 100)
+    client = falcon.testing.TestClient(create_app(settings, engine))
+    fetched = query_users(engine)
+    got = client.simulate_get("/", extras={PREFETCHED_ANSWER: fetched})
+    assert got.status_code == 200 and got.text == fetched.api_json()
+    assert got.headers["x-maxtwo-recorded-at"] == fetched.recorded_text
+    assert query_users(engine).previous == fetched.recorded_at  # no query in between
+    failed = client.simulate_get("/", extras={PREFETCHED_ANSWER: DatabaseUnavailableError("down")})
+    assert failed.status_code == 503 and failed.headers["retry-after"] == "5"
+    assert failed.headers["cache-control"] == "no-store"
+
+
+def test_write_health_holds_for_the_ten_seconds_docs_design_md_gives():
+    """docs/design.md: 503 once every batch has failed for 1 s, until 10 s after the last failure."""
+    clock = FakeClock()
+    writes = WriteHealth(clock)
+    writes.failed()
+    clock.now += 1.0
+    writes.failed()
+    clock.now += 9.5
+    assert writes.failing_for() == 10.5
+    clock.now += 0.5
+    assert writes.failing_for() is None
+
+
+def test_failed_health_checks_are_logged_every_ten_seconds(database_url, tmp_path, caplog, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(daemon.resources, "LogThrottle", functools.partial(LogThrottle, clock=lambda: now[0]))
+    settings = unreachable_settings(database_url, tmp_path)
+    engine = db.create_engine(settings)
+    client = falcon.testing.TestClient(create_app(settings, engine))
+    logged = []
+    for at in (1000.0, 1009.5, 1010.0):
+        now[0] = at
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="daemon.resources"):
+            assert client.simulate_get("/healthz").status_code == 503
+        logged += [at for record in caplog.records if "health check failed" in record.getMessage()]
+    engine.dispose()
+    assert logged == [1000.0, 1010.0]

@@ -3,12 +3,14 @@ on the request-thread path (falcon.testing) and through the lane (a real waitres
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 
 import falcon.testing
 import pytest
@@ -18,7 +20,7 @@ import daemon.app
 import daemon.resources
 from daemon.app import collect_outcomes, create_app, enqueue_outcomes, new_batchers
 from daemon.batcher import Batcher, Batchers, IncrementKind, QueryKind, QueueFullError
-from daemon.metrics import Metrics
+from daemon.metrics import INCREMENT_REJECTIONS, Metrics
 from daemon.resources import DatabaseReads, DuplicateNameError, WriteHealth, decode_json
 from daemon.transport import LaneRequest
 from maxtwo_cli.core import db, schema
@@ -33,12 +35,21 @@ from tests.inprocess import running
 JSON = {"Content-Type": "application/json"}
 
 
-@pytest.fixture
-def app_parts(settings, engine):
+@contextlib.contextmanager
+def app_on(settings, engine) -> Iterator[tuple[falcon.App, Batchers, Metrics]]:
+    """The app with batchers of its own, closed afterwards."""
     metrics, writes = Metrics(), WriteHealth()
     batchers = new_batchers(settings, engine, metrics, writes)
-    yield create_app(settings, engine, metrics=metrics, batchers=batchers, writes=writes), batchers, metrics
-    batchers.close(5)
+    try:
+        yield create_app(settings, engine, metrics=metrics, batchers=batchers, writes=writes), batchers, metrics
+    finally:
+        batchers.close(5)
+
+
+@pytest.fixture
+def app_parts(settings, engine):
+    with app_on(settings, engine) as parts:
+        yield parts
 
 
 @pytest.fixture
@@ -338,14 +349,11 @@ def test_an_increment_refused_for_a_file_that_is_no_database_is_counted(tmp_path
             file.unlink()
         else:
             file.write_bytes(b"these are my notes, not a database\n" * 200)
-    metrics, writes = Metrics(), WriteHealth()
     engine = db.create_engine(settings)
-    batchers = new_batchers(settings, engine, metrics, writes)
     try:
-        client = falcon.testing.TestClient(create_app(settings, engine, metrics=metrics, batchers=batchers, writes=writes))
-        assert post(client, {"key": "a", "value": 1}).status_code == 503
+        with app_on(settings, engine) as (app, _, metrics):
+            assert post(falcon.testing.TestClient(app), {"key": "a", "value": 1}).status_code == 503
     finally:
-        batchers.close(5)
         engine.dispose()
     assert rejected(metrics, "unavailable") == 1
 
@@ -478,3 +486,115 @@ def test_on_postgresql_a_get_root_never_waits_for_an_increment_held_by_a_row_loc
     assert answers["query"][0] == 200 and answers["query"][1] < 2.0, answers
     assert answers["increment"][0] == 202 and answers["increment"][1] > answers["query"][1], answers
     assert read_counter(postgres_engine, "held") == 3
+
+
+def test_each_batch_s_commit_is_timed(client, app_parts):
+    assert post(client, {"key": "a", "value": 1}).status_code == 202
+    sample = app_parts[2].registry.get_sample_value
+    assert sample("maxtwo_batch_commit_duration_seconds_count") >= 1
+    assert sample("maxtwo_batch_commit_duration_seconds_sum") > 0
+
+
+def test_the_queue_depth_counts_the_writes_waiting_for_the_batchers(settings, engine, app_parts, monkeypatch):
+    """(The lane's queue is counted on top of this in a real server: test_daemon_counters_e2e.)"""
+    app, batchers, metrics = app_parts
+    client = falcon.testing.TestClient(app)
+    gate, running = threading.Event(), threading.Event()
+    real_apply = IncrementKind.apply
+
+    def held(self, *args):
+        running.set()
+        gate.wait(10)
+        return real_apply(self, *args)
+
+    monkeypatch.setattr(IncrementKind, "apply", held)
+    threads = [threading.Thread(target=post, args=(client, {"key": "q", "value": 1}))]
+    threads[0].start()
+    try:
+        assert running.wait(10)  # its batch runs, held at the gate
+        threads += [threading.Thread(target=post, args=(client, {"key": "q", "value": 1})) for _ in range(2)]
+        for thread in threads[1:]:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while batchers.pending() < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert metrics.registry.get_sample_value("maxtwo_batch_queue_depth") == 2
+    finally:
+        gate.set()
+        for thread in threads:
+            thread.join(20)
+    assert metrics.registry.get_sample_value("maxtwo_batch_queue_depth") == 0
+    assert read_counter(engine, "q") == 3
+
+
+def test_a_write_waits_for_a_batch_as_long_as_connecting_and_two_statements_may_take(settings, engine, monkeypatch):
+    """A request waits for the batch running when it came and then its own, each bounded by the
+    database's timeouts: one that takes longer than connecting alone still answers 202."""
+    settings = dataclasses.replace(settings, connect_timeout=0.2, statement_timeout=1.0)
+    real_apply = IncrementKind.apply
+
+    def slow(self, *args):
+        time.sleep(1.6)  # past connect_timeout + statement_timeout, within connect_timeout + 2 * statement_timeout
+        return real_apply(self, *args)
+
+    monkeypatch.setattr(IncrementKind, "apply", slow)
+    with app_on(settings, engine) as (app, _, _):
+        assert post(falcon.testing.TestClient(app), {"key": "slow", "value": 1}).status_code == 202
+    assert read_counter(engine, "slow") == 1
+
+
+def test_the_media_type_content_coding_and_idempotency_key_are_read_as_http_defines_them(client, engine):
+    """Whitespace around a media type's ";" (RFC 9110 section 5.6.6) and a content coding in any
+    case (section 8.4.1) are the same; an empty Idempotency-Key is none of 1 to 255 characters."""
+    for headers in ({"Content-Type": "application/json ; charset=utf-8"}, {"Content-Type": "application/json\t"},
+                    {**JSON, "Content-Encoding": "Identity"}, {**JSON, "Content-Encoding": " identity "},
+                    {**JSON, "Content-Encoding": ""}):
+        assert post(client, {"key": "a", "value": 1}, headers=headers).status_code == 202, headers
+    for content_type in ("application/json; CHARSET=utf-16", "application/json ; charset = latin1"):
+        assert post(client, {"key": "a", "value": 1}, headers={"Content-Type": content_type}).status_code == 415
+    empty_key = post(client, {"key": "a", "value": 1}, headers={**JSON, "Idempotency-Key": ""})
+    assert empty_key.status_code == 400 and "Idempotency-Key" in empty_key.json["description"]
+    assert read_counter(engine, "a") == 5
+
+
+def test_a_member_named_twice_is_the_one_the_error_names():
+    with pytest.raises(DuplicateNameError) as raised:
+        decode_json(b'{"b": 1, "a": 1, "a": 2}')
+    assert str(raised.value) == "a"
+
+
+def test_an_unexpected_outcome_is_a_500_and_no_refusal_of_the_increment(app_parts, caplog):
+    """The lane hands over an error parse_increment never meant (test_an_unexpected_error_in_one_
+    lane_request_is_its_own): the app's 500, logged, and counted under no reason a client caused."""
+    app, _, metrics = app_parts
+    client = falcon.testing.TestClient(app)
+    with caplog.at_level(logging.ERROR):
+        got = client.simulate_post("/increment", extras={daemon.app.PREFETCHED_ANSWER: RuntimeError("unforeseen")})
+    assert got.status_code == 500 and "unforeseen" not in got.text
+    assert "unforeseen" in caplog.text
+    assert {reason: rejected(metrics, reason) for reason in INCREMENT_REJECTIONS} == dict.fromkeys(INCREMENT_REJECTIONS, 0)
+
+
+def test_a_read_waits_for_a_place_that_frees_up_and_gets_it_back_when_it_fails():
+    reads = DatabaseReads(limit=1)
+    with pytest.raises(DatabaseUnavailableError), reads.room():
+        raise DatabaseUnavailableError("down")  # the read failed: its place is free again
+    entered, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with reads.room():
+            entered.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert entered.wait(10)
+        threading.Timer(0.3, release.set).start()  # well within WAIT_SECONDS
+        started = time.monotonic()
+        with reads.room():
+            waited = time.monotonic() - started
+    finally:
+        release.set()
+        holder.join(10)
+    assert 0.2 < waited < DatabaseReads.WAIT_SECONDS

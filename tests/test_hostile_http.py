@@ -97,7 +97,10 @@ def test_a_burst_above_the_connection_limit(daemon):
             sock.close()
     time.sleep(0.5)
     assert daemon.get("/", timeout=10)[0] == 200
-    assert threads_during == threads_before  # a fixed pool, no thread per connection
+    # A fixed pool, no thread per connection (that would be hundreds more). The randomizer's run
+    # and write-behind threads come and go meanwhile (the start's run ending: 13 before, 11
+    # during, in a CI run), hence the slack rather than equality.
+    assert threads_during <= threads_before + 4, (threads_before, threads_during)
     assert rss_during - rss_before < 50 * 2**20
 
 

@@ -15,13 +15,14 @@ paired measurement that keeps each speed hook:
   per response (ChangePoller.one_pull).
 - JsonErrorTask: the errors waitress answers itself, before the app sees the request (a
   malformed request, headers or body too large, a request line too long (414), an unknown
-  transfer coding, the Host check, the HTTP version and HTTP/1.0 with Transfer-Encoding below), in the app's JSON error shape instead of waitress's plain
-  text; none to HEAD.
+  transfer coding, the Host check, the HTTP version and HTTP/1.0 with Transfer-Encoding
+  below), in the app's JSON error shape instead of waitress's plain text; none to HEAD.
 - StrictFramingParser: a request with both Transfer-Encoding and Content-Length is answered and
   its connection closed (RFC 9112 section 6.1), so nothing pipelined behind it is read with
-  framing an intermediary may have seen differently; so is an HTTP/1.0 request with Transfer-Encoding,
-  answered 400 (waitress framed it by Content-Length and kept the connection); an HTTP/1.1 request without exactly one
-  Host header is answered 400 (RFC 9112 section 3.2); a header with a bare LF line ending is
+  framing an intermediary may have seen differently; so is an HTTP/1.0 request with
+  Transfer-Encoding, answered 400 (waitress framed it by Content-Length and kept the
+  connection); an HTTP/1.1 request without exactly one Host header is answered 400 (RFC 9112
+  section 3.2); a header with a bare LF line ending is
   answered 400 as soon as one arrives, not after the channel timeout; HTTP/1.2 and later minor
   versions are served as HTTP/1.1, another major version answered 505 (RFC 9110 section 2.5),
   a request line without a version 400.

@@ -90,10 +90,14 @@ class ThrowawayPostgres:
         self.socket_dir = self._root / "sock"
         self.socket_dir.mkdir()
         if self._as_user:
-            self.bindir = _private_install(self.bindir, self._root)
-            for dirpath, dirnames, filenames in os.walk(self._root):
-                for path in (dirpath, *(Path(dirpath, name) for name in [*dirnames, *filenames])):
-                    os.lchown(path, self._as_user["user"], self._as_user["group"])
+            try:
+                self.bindir = _private_install(self.bindir, self._root)
+                for dirpath, dirnames, filenames in os.walk(self._root):
+                    for path in (dirpath, *(Path(dirpath, name) for name in [*dirnames, *filenames])):
+                        os.lchown(path, self._as_user["user"], self._as_user["group"])
+            except BaseException:  # (a full disk): no cleanup() is registered yet to remove it
+                shutil.rmtree(self._root, ignore_errors=True)
+                raise
         self._db_created = False
         self._killed = False  # its shared memory left behind: see cleanup()
         self._owner_pid = os.getpid()

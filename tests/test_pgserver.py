@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -349,3 +350,20 @@ def test_a_killed_server_leaves_no_shared_memory_behind():
     assert [path for path in posix if path.exists()] == []
     segments = [row.split()[:2] for row in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]]
     assert [key, shmid] not in segments
+
+
+def test_a_copy_of_the_binaries_that_fails_leaves_no_temporary_directory(tmp_path, monkeypatch):
+    """Before cleanup() is registered, a failure to copy (a full disk) must remove the
+    directory itself. (As root; the root's branch is taken here whoever runs the test.)"""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(pgserver.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(pgserver, "_ensure_os_user", lambda: pgserver.pwd.getpwuid(os.getuid()))
+    monkeypatch.setattr(pgserver, "_check_reachable", lambda directory: None)  # pytest's own are 0700
+
+    def full_disk(bindir, root):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pgserver, "_private_install", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        pgserver.ThrowawayPostgres()
+    assert list(tmp_path.iterdir()) == []

@@ -172,12 +172,12 @@ def evaluate(results: dict) -> list[dict]:
             # About the most a server on this transport reaches: the do-nothing app against the
             # same synchronous server, in the same rounds (where a commit is cheap, the goal can
             # lie at or beyond it).
-            ceiling = _get(by_connections, str(connections), "do_nothing_over_sync")
+            do_nothing = _get(by_connections, str(connections), "do_nothing_over_sync")
             judge(f"POST /increment on {database}, random keys, {connections} connections: "
                   f">= {INCREMENT_OVER_SYNC:g}x the synchronous approach's req/s",
                   _get(by_connections, str(connections), "ours_over_sync"), times,
                   lambda value: value >= INCREMENT_OVER_SYNC, judged, why_not,
-                  aside=f"the do-nothing app: {ceiling:.2f}x" if ceiling is not None else "")
+                  aside=f"the do-nothing app: {do_nothing:.2f}x" if do_nothing is not None else "")
         judge(f"POST /increment on {database}: zero errors (non-2xx/3xx and socket errors, every run of "
               f"{increment.OURS}, warm-ups included)", _get(measured, "errors"), lambda value: f"{value:,}",
               lambda value: value == 0)

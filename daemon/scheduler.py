@@ -220,10 +220,11 @@ class RandomizeScheduler:
             self._run_thread.join(self._overlap_grace())
             if self._stop.is_set():
                 return
-            if self._run_thread.is_alive() or self._randomized:
+            running = self._run_thread.is_alive()  # read once: the message must match the decision
+            if running or self._randomized:
                 self._metrics.randomize_skipped.labels(reason="overlap").inc()
                 log.warning("randomization due at %s skipped: the previous one %s", due_at,
-                            "is still running" if self._run_thread.is_alive() else "ran past this boundary")
+                            "is still running" if running else "ran past this boundary")
                 return
         run_thread = threading.Thread(
             target=self._run, args=(self._slot, due_at), name="maxtwo-randomize", daemon=True

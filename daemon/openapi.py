@@ -38,6 +38,25 @@ def _unavailable(description: str) -> dict[str, Any]:
     }
 
 
+# HEAD is answered as GET without the body (RFC 9110 section 9.3.2) everywhere but on `/`,
+# where every GET records a query, which a HEAD, a safe method, must not do (405 there).
+_HEAD_AS_GET = ("/counters/{key}", "/healthz", "/metrics", "/openapi.json")
+
+
+def _with_head(paths: dict[str, Any]) -> dict[str, Any]:
+    """`paths` with a HEAD operation beside each GET of _HEAD_AS_GET: its statuses and headers."""
+    for path in _HEAD_AS_GET:
+        get = paths[path]["get"]
+        paths[path]["head"] = {
+            **get,
+            "operationId": f"{get['operationId']}Head",
+            "summary": f"As GET {path}, without the body.",
+            "responses": {status: {name: value for name, value in response.items() if name != "content"}
+                          for status, response in get["responses"].items()},
+        }
+    return paths
+
+
 def openapi_document() -> dict[str, Any]:
     """A fresh copy of the document (callers may serialise it however they like)."""
     common_errors = {
@@ -55,7 +74,7 @@ def openapi_document() -> dict[str, Any]:
                 "returns at most two users above a hidden number and the previous query's time."
             ),
         },
-        "paths": {
+        "paths": _with_head({
             "/": {
                 "get": {
                     "operationId": "query",
@@ -209,7 +228,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
-        },
+        }),
         "components": {
             "schemas": {
                 "User": {

@@ -473,6 +473,8 @@ def test_database_unreachable_is_a_503_json_that_reveals_nothing(database_url, t
         ("/healthz", "get"): {},
         ("/increment", "post"): {"json": {"key": "a", "value": 1}},
         ("/counters/{key}", "get"): {"path": "/counters/a"},
+        ("/healthz", "head"): {},
+        ("/counters/{key}", "head"): {"path": "/counters/a"},
     }
     for path, operations in openapi_document()["paths"].items():
         for method, operation in operations.items():

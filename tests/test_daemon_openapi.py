@@ -72,6 +72,22 @@ def test_every_operation_answers_as_documented(client):
         check_answer(path, "get", client.simulate_get(request))
 
 
+def test_head_is_documented_where_it_is_answered(client):
+    client.simulate_post("/increment", json={"key": "a", "value": 1})
+    requests = {"/healthz": "/healthz", "/metrics": "/metrics", "/openapi.json": "/openapi.json",
+                "/counters/{key}": "/counters/a"}
+    documented = {path for path, operations in DOCUMENT["paths"].items() if "head" in operations}
+    assert documented == set(requests), "every route answering HEAD has it documented, and only those"
+    for path, request in requests.items():
+        result = client.simulate_head(request)
+        assert result.status_code == 200, (path, result.status_code)
+        check_answer(path, "head", result)
+    check_answer("/counters/{key}", "head", client.simulate_head("/counters/never"))
+    # `/` answers HEAD 405 (a GET records a query), as the GET's documented 405 says.
+    assert client.simulate_head("/").status_code == 405
+    assert "head" not in DOCUMENT["paths"]["/"] and "405" in DOCUMENT["paths"]["/"]["get"]["responses"]
+
+
 def test_users_at_the_edges_of_the_documented_ranges(settings, engine):
     """User 1 and points of 1 and 100: a random answer rarely holds any of them."""
     seed_users(engine, 2)

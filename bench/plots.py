@@ -4,12 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # before pyplot is imported: CI and servers have no display
-
-import matplotlib.pyplot as plt
-
 from bench import increment, load, randomize, seed
 
 SEED_RANDOMIZE = "seed-randomize.png"
@@ -19,6 +13,17 @@ INCREMENT = "increment.png"
 DATABASES = ("SQLite", "PostgreSQL")
 COLORS = {"ours": "#1f77b4", "baseline": "#d62728", "floor": "#7f7f7f", "hello": "#ff7f0e",
           "search": "#2ca02c", "ours_hot": "#aec7e8", "baseline_hot": "#ff9896", "hello_stock": "#ffbb78"}
+
+
+def _pyplot():
+    """pyplot on the Agg backend (CI and servers have no display). Imported when a plot is drawn:
+    the report and its tests need only the plots' file names, and the test extra has no matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_seed_randomize(results: dict, path: Path) -> bool:
@@ -31,6 +36,7 @@ def plot_seed_randomize(results: dict, path: Path) -> bool:
     ]
     if not any(_ok(results, section, database) for section, _, _ in panels for database in DATABASES):
         return False
+    plt = _pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(12, 5))
     for axis, (section, title, contenders) in zip(axes, panels, strict=True):
         width = 0.8 / len(contenders)
@@ -67,6 +73,7 @@ def plot_randomize_scale(results: dict, path: Path) -> bool:
     points = scaling["points"]
     probes = (scaling.get("search") or {}).get("probes") or []
     budget = scaling["interval_seconds"]
+    plt = _pyplot()
     figure, axis = plt.subplots(figsize=(8, 5))
     for point in points + probes:
         axis.scatter([point["rows"] / 1e6] * len(point["randomize"]["runs"]), point["randomize"]["runs"],
@@ -123,6 +130,7 @@ def plot_load(results: dict, path: Path) -> bool:
                        for connections, summary in result["by_connections"].items()]
     if not groups:
         return False
+    plt = _pyplot()
     figure, axis = plt.subplots(figsize=(max(6, 2.2 * len(groups)), 5))
     width = 0.27
     for offset, (name, color) in ((-width, (load.OURS, "ours")), (0, (load.HELLO, "hello")),
@@ -161,6 +169,7 @@ def plot_increment(results: dict, path: Path) -> bool:
     contenders = [(increment.OURS, "ours"), (increment.OURS_HOT, "ours_hot"), (increment.DO_NOTHING, "hello"),
                   (increment.DO_NOTHING_STOCK, "hello_stock"), (increment.SYNC, "baseline"),
                   (increment.SYNC_HOT, "baseline_hot")]
+    plt = _pyplot()
     figure, axis = plt.subplots(figsize=(max(8, 3.2 * len(groups)), 5.5))
     width = 0.8 / len(contenders)
     for index, (name, color) in enumerate(contenders):

@@ -744,4 +744,12 @@ def _mb(value: float | None, signed: bool = False) -> str:
 
 
 if __name__ == "__main__":
-    rerender(Path(__file__).resolve().parents[1] / "docs")
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.report",
+        description="Render performance.md and the goals again from a stored run's bench-results.json "
+        "and bench/NOTES.md, without running anything (after editing the notes).")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs",
+                        help="the directory holding bench-results.json (default: the repository's docs/)")
+    rerender(parser.parse_args().out)

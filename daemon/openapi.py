@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from maxtwo_cli import __version__
@@ -46,14 +47,13 @@ _HEAD_AS_GET = ("/counters/{key}", "/healthz", "/metrics", "/openapi.json")
 def _with_head(paths: dict[str, Any]) -> dict[str, Any]:
     """`paths` with a HEAD operation beside each GET of _HEAD_AS_GET: its statuses and headers."""
     for path in _HEAD_AS_GET:
-        get = paths[path]["get"]
-        paths[path]["head"] = {
-            **get,
-            "operationId": f"{get['operationId']}Head",
-            "summary": f"As GET {path}, without the body.",
-            "responses": {status: {name: value for name, value in response.items() if name != "content"}
-                          for status, response in get["responses"].items()},
-        }
+        head = copy.deepcopy(paths[path]["get"])
+        head["operationId"] += "Head"
+        head["summary"] = f"As GET {path}, without the body."
+        # No body, and no 405: the route takes HEAD.
+        head["responses"] = {status: {name: value for name, value in response.items() if name != "content"}
+                             for status, response in head["responses"].items() if status != "405"}
+        paths[path]["head"] = head
     return paths
 
 

@@ -1,10 +1,10 @@
 """`maxtwo serve`: the process around the app. Owns the engines, the batchers, the scheduler
 thread, the watchdog, the transport (waitress), signals and sd_notify.
 
-Start-up, in order: schema, seed if empty, bind, READY=1, scheduler, serve. On SIGTERM or
-SIGINT: STOPPING=1, stop accepting, answer what was already accepted, stop the scheduler (a
-running randomization commits or is rolled back), close the batchers, dispose of the engines,
-exit 0. Several cores or hosts: several daemons behind a reverse proxy (docs/deployment.md).
+Start-up, in order: bind (the port taken), schema, seed if empty, listen, READY=1, scheduler,
+serve. On SIGTERM or SIGINT: STOPPING=1, stop accepting, answer what was already accepted, stop
+the scheduler (a running randomization commits or is rolled back), close the batchers, dispose
+of the engines, exit 0. Several cores or hosts: several daemons behind a reverse proxy (docs/deployment.md).
 """
 
 from __future__ import annotations

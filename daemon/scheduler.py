@@ -58,6 +58,11 @@ def next_boundary(now: float, interval: float) -> float:
     return (math.floor(now / interval) + 1) * interval
 
 
+def latest_boundary(now: float, interval: float) -> float:
+    """The last multiple of `interval` seconds since the Unix epoch at or before `now`."""
+    return math.floor(now / interval) * interval
+
+
 def utc(timestamp: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(timestamp, dt.UTC)
 
@@ -195,7 +200,7 @@ class RandomizeScheduler:
             return
         # The latest boundary reached: a loop woken late (a suspended machine, a clock stepped
         # forward) runs once, for the slot it is in, rather than once for each one missed.
-        slot = max(self._due, math.floor(now / self._interval) * self._interval)
+        slot = max(self._due, latest_boundary(now, self._interval))
         missed = round((slot - self._due) / self._interval)
         if missed:
             log.warning(
@@ -301,7 +306,7 @@ class RandomizeScheduler:
 
     def _next_slot_retries(self, slot: float) -> str:
         now = self._clock()
-        latest = math.floor(now / self._interval) * self._interval
+        latest = latest_boundary(now, self._interval)
         if latest > slot and now - latest < self._overlap_grace():
             # Failed past its slot's end, within the grace: the boundary's run, which waits for
             # this one (_on_due), follows at once (the log named the boundary after it).

@@ -92,7 +92,7 @@ def _peak_rss(database: str) -> float:
     return max(*peaks, STORED["increment"][database]["serve_peak_rss_bytes"]) / MB
 
 
-def _expected_table() -> dict[str, dict[str, str]]:
+def _expected_table() -> dict[str, dict[str, list[str]]]:
     """Each row's label -> the figures its SQLite and PostgreSQL cells must hold, in order."""
     get_conns, post_conns = ("50", "200"), ("50", "400")
     rows: dict[str, dict[str, list[str]]] = {}

@@ -255,6 +255,18 @@ def test_a_retry_in_the_same_batch_of_a_refused_increment_is_refused_too(engine,
     assert read_counter(engine, "top") == INT64_MAX
 
 
+def test_a_batch_s_later_uses_of_a_refused_idempotency_key_get_what_each_would_alone(engine, batch):
+    """The refused first use leaves the key unused: a retry of it is refused again, and another
+    body under the same key is a first use (not 422, as if the refused one had been recorded)."""
+    increment(engine, "top", INT64_MAX - 1)
+    outcomes = batch(engine, [Increment("top", 2, "k"), Increment("top", 2, "k"), Increment("top", 1, "k")])
+    assert [type(outcome) for outcome in outcomes[:2]] == [CounterOverflowError, CounterOverflowError]
+    assert outcomes[2] == Applied("top", INT64_MAX)
+    assert read_counter(engine, "top") == INT64_MAX
+    assert batch(engine, [Increment("top", 1, "k")]) == [Applied("top", None, replayed=True)]
+    assert isinstance(batch(engine, [Increment("top", 2, "k")])[0], IdempotencyKeyReusedError)
+
+
 def test_a_batch_whose_sum_reaches_exactly_the_maximum_applies_whole(engine, batch):
     outcomes = batch(engine, [Increment("x", INT64_MAX), Increment("x", 1), Increment("x", -1)])
     assert outcomes == [Applied("x", INT64_MAX)] * 3

@@ -190,12 +190,14 @@ def apply_increments(held: HeldConnection, items: Sequence[Increment], now: dt.d
     if unclaim:
         held.run(lambda cursor: _execute_each(cursor, held, "DELETE FROM idempotency_keys WHERE key = ?",
                                               [(key,) for key in unclaim]))
-    # A retry of a refused increment inside the same batch is refused with it.
-    for index, outcome in enumerate(outcomes):
-        if isinstance(outcome, Applied) and outcome.replayed:
-            first = first_uses.get(items[index].idempotency_key)
-            if first in refused:
-                outcomes[index] = outcomes[first]
+        # The batch's later uses of those keys were judged against the refused one: applied now,
+        # after it, they get what each would have got sent alone (a retry refused again or now
+        # fitting, another body a first use), however the requests fell into batches.
+        later = [index for index, item in enumerate(items)
+                 if item.idempotency_key in unclaim and first_uses[item.idempotency_key] != index]
+        if later:
+            for index, outcome in zip(later, apply_increments(held, [items[i] for i in later], now), strict=True):
+                outcomes[index] = outcome
     return outcomes
 
 

@@ -358,12 +358,33 @@ def test_points_outside_0_to_100_are_refused_by_the_database(engine):
 
 
 @pytest.mark.parametrize(("table", "columns", "row", "problem"), [
-    ("users", "id INTEGER PRIMARY KEY, name TEXT", (1, "ada"), "no column"),
+    ("users", "id INTEGER PRIMARY KEY, name TEXT", (1, "ada"), "no randomizer_state beside it"),
+    # maxtwo's columns, and more (a review: another application's users, randomized and
+    # then truncated by `seed --reset`).
+    ("users", "id INTEGER PRIMARY KEY, name TEXT, points INTEGER, inserted_at TIMESTAMP, updated_at TIMESTAMP",
+     (1, "ada", 1234, None, None), "no randomizer_state beside it"),
+    # maxtwo's columns alone, but no randomizer_state: maxtwo never makes one without the other.
+    ("users", "id INTEGER PRIMARY KEY, points INTEGER, inserted_at TIMESTAMP, updated_at TIMESTAMP",
+     (1, 1234, None, None), "no randomizer_state beside it"),
     # maxtwo's columns by name, not by type: a total would come back as text.
     ("counters", "key TEXT PRIMARY KEY, value TEXT", ("a", "hello"), "column value of type"),
 ])
 def test_a_foreign_table_is_refused_and_left_alone(settings, table, columns, row, problem):
     assert_refused_and_left_alone(settings, table, columns, row, problem)
+
+
+@pytest.mark.parametrize(("change", "problem", "columns"), [
+    # Beside maxtwo's other tables: made by a maxtwo that took another program's users.
+    ("ADD COLUMN name TEXT", "a column name maxtwo never made", {"id", "points", "inserted_at", "updated_at", "name"}),
+    ("DROP COLUMN updated_at", "no column updated_at", {"id", "points", "inserted_at"}),
+])
+def test_a_users_table_of_another_shape_is_refused_and_left_alone(engine, change, problem, columns):
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"ALTER TABLE users {change}"))
+    with pytest.raises(SchemaMismatchError, match=f"'users' that maxtwo did not create .{problem}"):
+        schema.ensure_schema(engine)
+    with engine.connect() as conn:
+        assert {column["name"] for column in sa.inspect(conn).get_columns("users")} == columns
 
 
 def test_a_counters_table_of_32_bit_totals_is_refused_and_left_alone(postgres_url):

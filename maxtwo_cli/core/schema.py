@@ -209,6 +209,7 @@ def ensure_schema(engine: Engine) -> None:
         if postgres:
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
         tables = _tables_of(conn)
+        _refuse_another_programs_users(conn, tables)
         if not postgres:
             _refuse_a_lost_query_file(conn)
             _move_counters_to_their_file(conn)  # before the tables are created: it copies to new ones
@@ -277,15 +278,14 @@ def _refuse_an_encoding_other_than_utf8(conn: sa.Connection) -> None:
 
 
 def _is_complete(conn: sa.Connection) -> bool:
-    """Whether every table, column and state row is there (and nothing is left to move)."""
+    """Whether every table, column and state row is there (and nothing is left to move), and
+    the users table has no column maxtwo never made (_check_shape then says so)."""
     inspector = sa.inspect(conn)
     tables = _tables_of(conn)
-    if is_postgres(conn):
-        found = _postgres_column_names(conn, tables)
-    else:
-        found = {table.name: _column_names(inspector, table) for table in tables
-                 if inspector.has_table(table.name, schema=table.schema)}
+    found = _found_columns(conn, tables)
     if any(not set(table.columns.keys()) <= found.get(table.name, set()) for table in tables):
+        return False
+    if found[users.name] != set(users.columns.keys()):
         return False
     if not is_postgres(conn) and (
         _has_old_query_state(conn)
@@ -384,6 +384,28 @@ def _add_missing_columns(conn: sa.Connection, tables: list[sa.Table]) -> None:
                 conn.execute(sa.DDL(f"ALTER TABLE {table.fullname} ADD COLUMN {ddl}"))
 
 
+def _found_columns(conn: sa.Connection, tables: list[sa.Table]) -> dict[str, set[str]]:
+    """The column names of each of `tables` that the database has, by table name."""
+    if is_postgres(conn):
+        return _postgres_column_names(conn, tables)
+    inspector = sa.inspect(conn)
+    return {table.name: _column_names(inspector, table) for table in tables
+            if inspector.has_table(table.name, schema=table.schema)}
+
+
+def _refuse_another_programs_users(conn: sa.Connection, tables: list[sa.Table]) -> None:
+    """Refuse a users table without randomizer_state beside it: another program's, whose rows
+    a randomization would rewrite and `seed --reset` delete. maxtwo creates both in one
+    transaction, and has since its first release. (On SQLite, core/db.py refuses such a file
+    on connecting, before anything in it or beside it changes.)"""
+    found = _found_columns(conn, tables)
+    if users.name in found and randomizer_state.name not in found:
+        raise SchemaMismatchError(
+            f"the database already has a table {users.name!r} that maxtwo did not create (no "
+            f"{randomizer_state.name} beside it); maxtwo will not touch it, point --database-url at another database"
+        )
+
+
 def _postgres_column_names(conn: sa.Connection, tables: list[sa.Table]) -> dict[str, set[str]]:
     """The column names of each of `tables` that the search path finds, by table name, read
     from the catalogs alone.
@@ -426,6 +448,10 @@ def _check_shape(conn: sa.Connection, tables: list[sa.Table]) -> None:
         columns = {column["name"]: column["type"] for column in inspector.get_columns(table.name, schema=table.schema)}
         added_later = {column.name for column in _columns_added_later(table)}
         problems = [f"no column {name}" for name in sorted(set(table.columns.keys()) - set(columns) - added_later)]
+        if table.name == users.name:
+            # NOTE: only users: a newer maxtwo adds columns to the other tables (_ADDED_COLUMNS),
+            # never to this one, whose every row a randomization rewrites.
+            problems += [f"a column {name} maxtwo never made" for name in sorted(set(columns) - set(table.columns.keys()))]
         if not problems and table.name in _TYPE_CHECKED_TABLES:
             for column in table.columns:
                 expected, found = column.type.dialect_impl(conn.dialect), columns[column.name]

@@ -551,16 +551,16 @@ def counters(
     if _console().width < value_width + _NARROWEST_KEY_COLUMN:
         for key, total in rows:
             print(f"{_printable(key)}: {total}")
-        return
-    table = Table("key", "value")
-    table.columns[0].overflow = "fold"  # a long key wraps whole, never cut to "…"
-    table.columns[1].justify = "right"
-    table.columns[1].no_wrap = True
-    table.columns[1].min_width = value_width
-    for key, total in rows:
-        # Text: a key is data, never rich markup.
-        table.add_row(Text(_printable(key)), str(total))
-    _console().print(table)
+    else:
+        table = Table("key", "value")
+        table.columns[0].overflow = "fold"  # a long key wraps whole, never cut to "…"
+        table.columns[1].justify = "right"
+        table.columns[1].no_wrap = True
+        table.columns[1].min_width = value_width
+        for key, total in rows:
+            # Text: a key is data, never rich markup.
+            table.add_row(Text(_printable(key)), str(total))
+        _console().print(table)
     if more:
         _console().print(more_hint)
 

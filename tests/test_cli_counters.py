@@ -191,6 +191,11 @@ def test_a_total_is_shown_whole_however_narrow_the_terminal(database_url, column
     result = invoke("counters", "--database-url", database_url, env={"COLUMNS": columns})
     assert result.exit_code == 0
     assert "-9223372036854775808" in result.output and "short" in result.output
+    # And when there are more, it says so (a review: the narrowest lines left that out).
+    result = invoke("counters", "--limit", "1", "--database-url", database_url, env={"COLUMNS": columns})
+    assert result.exit_code == 0
+    words = " ".join(result.stdout.split())  # (rich wraps the note at the terminal's width)
+    assert "short" not in words and "the first counter by key; --limit 10 shows more" in words
 
 
 def test_counters_on_a_fresh_database(database_url):

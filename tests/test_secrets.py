@@ -77,6 +77,12 @@ def test_a_url_parameter_error_never_quotes_the_password():
     # In URL and keyword syntax, whatever the value, an unencoded "@" or "/" in it too.
     ("(postgresql://u:Top@Sec/ret@db.example/maxtwo)", [], [], "(postgresql://u:***@db.example/maxtwo)"),
     ("postgresql://me@srv:hunter2@db.example/maxtwo", [], [], "postgresql://me@srv:***@db.example/maxtwo"),  # Azure's user
+    # A space unencoded in the password or the user (libpq takes it; Click quotes it back).
+    ("argument(s) (postgresql://u:pw secret@h/d)", [], [], "argument(s) (postgresql://u:***@h/d)"),
+    ("postgresql://my user:a b\tc@h/d", [], [], "postgresql://my user:***@h/d"),
+    # Each URL of a line up to its own "@" (none crosses into the next), and lines apart.
+    ("postgresql://a:x y@h1/d and postgresql://b:z w@h2/d", [], [], "postgresql://a:***@h1/d and postgresql://b:***@h2/d"),
+    ("http://h:80/p\nmail a@b", [], [], "http://h:80/p\nmail a@b"),
     # An "@" in a query's password: the URL's mask took the port's ":" for a password's start.
     ("postgresql://u@h:5432/db?password=hunt@er2x", [], [], "postgresql://u@h:5432/db?password=***"),
     ("postgresql://u@h:5432/db?sslpassword=pa@ss-tail", [], [], "postgresql://u@h:5432/db?sslpassword=***"),
@@ -144,8 +150,9 @@ def test_a_database_error_never_holds_the_password_even_before_the_cli_masks_it(
 def test_a_url_given_where_the_cli_expects_no_url_is_quoted_masked(args):
     from tests.test_cli import assert_one_line_error, invoke
 
-    # The second: a user name holding "@", as Azure's USER@SERVER names do.
-    for user in ("maxtwo", "maxtwo@server"):
-        result = invoke(*args, f"postgresql://{user}:TopSecret99@db.example/maxtwo")
+    # The second: a user name holding "@", as Azure's USER@SERVER names do; the third, a
+    # password holding a space (a review: shown whole).
+    for user, password in (("maxtwo", "TopSecret99"), ("maxtwo@server", "TopSecret99"), ("maxtwo", "Top Secret99")):
+        result = invoke(*args, f"postgresql://{user}:{password}@db.example/maxtwo")
         assert_one_line_error(result, f"postgresql://{user}:***@db.example/maxtwo", exit_code=2)
-        assert "TopSecret99" not in result.output
+        assert "Secret99" not in result.output

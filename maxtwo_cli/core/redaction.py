@@ -11,11 +11,13 @@ from collections.abc import Iterable
 
 MASK = "***"
 
-# A URL's password (scheme://user:PASSWORD@host): up to the last "@" of the word, so that an
-# unencoded "@" or "/" in the password does not leave its end showing. The user may hold an "@"
-# (Azure's USER@SERVER, which the URL parser takes whole: core/db.py): it showed the password.
-# (A space is no part of a URL: a password holding one unencoded is not masked in one.)
-_URL_PASSWORD = re.compile(r"(://[^\s/:]*:)\S*(@)")
+# A URL's password (scheme://user:PASSWORD@host): up to the last "@" of the line before another
+# "://", so that an unencoded "@", "/" or space in the password does not leave its end showing
+# (libpq takes "pw secret" whole, and Click quotes such an argument back: a review). The user
+# may hold an "@" (Azure's USER@SERVER, which the URL parser takes whole: core/db.py) or a
+# space. NOTE: a URL without a password but with a port, followed on its line by an "@"
+# ("postgresql://h:5432/db, mail admin@x"), is masked up to it: too much, never too little.
+_URL_PASSWORD = re.compile(r"(://[^/:\r\n]*:)(?:(?!://)[^\r\n])*(@)")
 # libpq's secret keywords, in a connection string (password=...) or a URL's query (?password=...),
 # their value quoted either way or bare.
 _KEYWORD_SECRET = re.compile(

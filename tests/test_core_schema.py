@@ -528,6 +528,29 @@ def test_refused_urls_never_echo_the_password(raw):
     assert "s3cret" not in str(info.value)
 
 
+@pytest.mark.parametrize("name", ["connect_timeout", "tcp_user_timeout", "keepalives", "keepalives_idle",
+                                  "keepalives_interval", "keepalives_count"])
+def test_a_libpq_parameter_maxtwo_sets_itself_is_refused_in_the_url_not_ignored(name):
+    """SQLAlchemy let maxtwo's value replace the URL's without a word (a review: ?connect_timeout=30
+    waited 5 s)."""
+    with pytest.raises(ConfigurationError, match=f"sets {name}, which maxtwo sets itself.*remove .{name}="):
+        db.parse_database_url(f"postgresql://u:s3cret@localhost/db?sslmode=prefer&{name}=1")
+
+
+def test_the_urls_application_name_is_the_sessions(postgres_url):
+    def application_name(url):
+        engine = db.create_engine(Settings(database_url=url))
+        try:
+            with engine.connect() as conn:
+                return conn.execute(sa.text("SELECT current_setting('application_name')")).scalar_one()
+        finally:
+            engine.dispose()
+
+    named = sa.make_url(postgres_url).update_query_dict({"application_name": "maxtwo-a"})
+    assert application_name(named.render_as_string(hide_password=False)) == "maxtwo-a"
+    assert application_name(postgres_url) == "maxtwo"
+
+
 def test_a_sqlite_path_in_the_home_directory_is_expanded(monkeypatch, tmp_path):
     # A shell leaves a ~ inside a word alone: it would otherwise be a directory named "~" here.
     monkeypatch.setenv("HOME", str(tmp_path))

@@ -60,6 +60,15 @@ SQLITE_OWN_TABLE = "randomizer_state"
 
 URL_HELP = "expected sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"
 
+# libpq parameters of time that maxtwo sets itself on PostgreSQL (_create_postgres_engine): its
+# 503s within seconds of an outage and the watchdog's bound on a batch rely on them. NOTE:
+# SQLAlchemy lets a keyword argument replace the URL's: ?connect_timeout=30 was ignored without a
+# word (a review). Refused instead. (A client_encoding is replaced by UTF8 as PGCLIENTENCODING's
+# is: no other encoding can send every key, and nothing else depends on it.)
+_PARAMETERS_MAXTWO_SETS = (
+    "connect_timeout", "tcp_user_timeout", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+)
+
 # Driver names a user may write, and the one SQLAlchemy gets: a plain postgresql:// means psycopg 3.
 _DRIVERS = {
     "sqlite": "sqlite+pysqlite",
@@ -97,6 +106,12 @@ def parse_database_url(raw: str) -> URL:
         )
     url = url.set(drivername=driver)
     if url.get_backend_name() != "sqlite":
+        fixed = [name for name in _PARAMETERS_MAXTWO_SETS if name in url.query]
+        if fixed:
+            raise ConfigurationError(
+                f"the database URL sets {fixed[0]}, which maxtwo sets itself (its timeouts and its answers "
+                f"during an outage rely on it); remove ?{fixed[0]}=... from the URL"
+            )
         return url
     if not url.database or url.database == ":memory:":
         raise ConfigurationError(
@@ -212,7 +227,8 @@ def _create_postgres_engine(url: URL, settings: Settings, pool_size: int, pre_pi
             hide_parameters=True,
             connect_args={
                 "connect_timeout": max(1, math.ceil(settings.connect_timeout)),
-                "application_name": "maxtwo",
+                # (The URL's, if it names one: pg_stat_activity tells the daemons apart by it.)
+                "application_name": url.query.get("application_name", "maxtwo"),
                 # Any other (the URL's, PGCLIENTENCODING's, a role's) cannot send every key.
                 "client_encoding": "UTF8",
                 "options": options,

@@ -238,6 +238,16 @@ def _console(*, stderr: bool = False) -> "Console":
     return OutputErrorsRaised(stderr=stderr)
 
 
+def _not_blank(value: str | None) -> str | None:
+    """NOTE: an empty --database-url is refused rather than taken for "not given": `--database-url
+    "$URL"` with $URL unset would otherwise write to the default SQLite file instead of the
+    database meant. (An empty MAXTWO_DATABASE_URL is unset, as click treats every empty variable;
+    one of blanks is refused too, and the error names it: a review.)"""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("empty; give a URL, or leave it out for the default")
+    return value
+
+
 DatabaseUrlOption = Annotated[
     str | None,
     typer.Option(
@@ -245,6 +255,7 @@ DatabaseUrlOption = Annotated[
         envvar="MAXTWO_DATABASE_URL",
         metavar="URL",
         show_default=False,
+        callback=_not_blank,
         help=(
             "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB. "
             "Default: a SQLite file in the user's data directory "
@@ -641,18 +652,13 @@ def _settings(database_url: str | None) -> Settings:
 
 
 def _database_url(given: str | None) -> str:
-    """The URL given, else the default. NOTE: an empty --database-url is refused rather than
-    taken for "not given": `--database-url "$URL"` with $URL unset would otherwise write to
-    the default SQLite file instead of the database meant. (An empty MAXTWO_DATABASE_URL is
-    unset, as click treats every empty variable.)"""
+    """The URL given (never blank: _not_blank), else the default."""
     if given is None:
         try:
             return default_database_url()
         except ConfigurationError as ex:  # before any settings: nothing to scrub
             _print_error(str(ex))
             raise typer.Exit(1) from None
-    if not given.strip():
-        raise typer.BadParameter("empty; give a URL, or leave the option out for the default", param_hint="'--database-url'")
     return given
 
 

@@ -150,6 +150,10 @@ def test_a_missing_option_value_after_a_negative_value_names_the_option():
 def test_a_blank_database_url_is_empty_too(tmp_path, monkeypatch):
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path))
     assert_one_line_error(invoke("query", "--database-url", "  "), "--database-url", "empty", exit_code=2)
+    assert "MAXTWO_DATABASE_URL" not in invoke("query", "--database-url", "  ").stderr
+    # From the variable, the error names it (a review: it named the option alone).
+    monkeypatch.setenv("MAXTWO_DATABASE_URL", " ")
+    assert_one_line_error(invoke("query"), "MAXTWO_DATABASE_URL", "empty", exit_code=2)
     assert not list(tmp_path.iterdir())
 
 

@@ -130,9 +130,12 @@ def test_a_failed_seed_leaves_the_users_and_the_table_as_they_were(engine):
 )
 def test_a_users_table_that_does_not_number_from_1_is_not_seeded(tmp_path, id_column):
     # SQLite numbers the seeded rows itself; a table that is not maxtwo's (same columns) may not.
+    # (Beside maxtwo's other tables: without randomizer_state, ensure_schema refuses it first.)
     engine = db.create_engine(Settings(database_url=f"sqlite:///{tmp_path / 'other.db'}"))
     try:
+        schema.ensure_schema(engine)
         with engine.begin() as conn:
+            conn.execute(sa.text("DROP TABLE users"))
             conn.execute(sa.text(
                 f"CREATE TABLE users ({id_column}, points SMALLINT NOT NULL, "
                 "inserted_at BIGINT NOT NULL, updated_at BIGINT NOT NULL)"

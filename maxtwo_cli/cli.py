@@ -95,6 +95,10 @@ class OneLineErrors(typer.core.TyperGroup):
                 stream.reconfigure(errors="backslashreplace")
         if sys.stdout is None:  # started with it closed: Python would drop the output silently
             sys.stdout = _ClosedOutput()
+        if sys.stderr is None:
+            # Started with it closed (`2>&-`): print(file=None) wrote the errors into stdout's
+            # data (a review). They go nowhere now; the exit status tells.
+            sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (the process's)
         try:
             outcome = super().main(*args, standalone_mode=False, **kwargs)
             sys.stdout.flush()  # here, where a failure is reported; at exit it would be a traceback
@@ -140,8 +144,16 @@ class OneLineErrors(typer.core.TyperGroup):
 
 
 def _print_error(message: str) -> None:
-    """An "Error: ..." line on stderr (printed without rich: usage errors come before any command)."""
-    print(f"{_error_prefix()}Error: {message}", file=sys.stderr)
+    """An "Error: ..." line on stderr (printed without rich: usage errors come before any command).
+
+    NOTE: if stderr cannot take it (`2>/dev/full`), the exit status alone tells: the failure
+    turned a usage error's 2 into 1 (a review), and the interpreter's last flush at exit would
+    fail again (status 120), hence /dev/null in its place."""
+    try:
+        print(f"{_error_prefix()}Error: {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
 def _error_prefix() -> str:

@@ -160,6 +160,16 @@ def test_an_error_on_the_journal_s_stream_is_stored_as_an_error(tmp_path):
     assert stderr_path.read_text().startswith("<3>Error: unsupported database 'mysql'")
 
 
+@pytest.mark.parametrize("stderr", ["closed", "full"])
+def test_an_error_that_stderr_cannot_take_keeps_its_exit_status_and_stays_out_of_stdout(stderr):
+    """`2>&-`: the line went to stdout, into the data a script reads; `2>/dev/full`: exit 1 for a
+    usage error (a review)."""
+    redirect = "2>&-" if stderr == "closed" else "2>/dev/full"
+    done = subprocess.run(["sh", "-c", f'exec "$0" -m maxtwo_cli increment "" 1 {redirect}', sys.executable],
+                          stdout=subprocess.PIPE, env={**os.environ, "MAXTWO_DEBUG": ""}, timeout=60, check=False)
+    assert (done.returncode, done.stdout) == (2, b"")
+
+
 def test_unknown_option_is_a_usage_error():
     assert invoke("query", "--bogus").exit_code == 2
 

@@ -58,22 +58,42 @@ class Rounds(Generic[T]):
 
 
 def run_in_rounds(contenders: Mapping[str, Callable[[], T]], runs: int) -> dict[str, Rounds[T]]:
-    """One warm-up per contender, then `runs` rounds in which every contender runs once, in turn,
-    each round starting one contender further on.
+    """One warm-up per contender, then `runs` rounds in which every contender runs once, in the
+    orders of round_order().
 
     NOTE: rounds, rather than all runs of one contender and then all of the next: absolute
     times on a shared machine drift over minutes, and interleaving spreads that drift evenly
-    over the contenders a ratio compares. The rotation keeps any one contender from always
-    following the same one (e.g. the synchronous server's burst of commits and checkpoints).
+    over the contenders a ratio compares.
     """
     warmups = {name: contender() for name, contender in contenders.items()}
     measured: dict[str, list[T]] = {name: [] for name in contenders}
     names = list(contenders)
     for round_number in range(runs):
-        start = round_number % len(names)
-        for name in names[start:] + names[:start]:
-            measured[name].append(contenders[name]())
+        for index in round_order(len(names), round_number):
+            measured[names[index]].append(contenders[names[index]]())
     return {name: Rounds(warmups[name], measured[name]) for name in contenders}
+
+
+def round_order(count: int, round_number: int) -> list[int]:
+    """The order of `count` contenders in a round: rows of a Williams design (0, 1, n-1, 2, n-2,
+    ..., each next row adding 1 modulo n; for an odd n, each row followed by itself reversed), in
+    which every contender comes right after every other one equally often.
+
+    NOTE: a plain rotation (each round starting one contender further on) kept the cyclic order:
+    every contender followed the same one in nearly every round, e.g. maxtwo's POST /increment
+    runs right after the synchronous server's burst of commits and checkpoints (a review)."""
+    first: list[int] = [0]
+    low, high = 1, count - 1
+    while len(first) < count:
+        first.append(low)
+        low += 1
+        if len(first) < count:
+            first.append(high)
+            high -= 1
+    if count % 2 == 0:
+        return [(index + round_number) % count for index in first]
+    row = [(index + round_number // 2) % count for index in first]
+    return row[::-1] if round_number % 2 else row
 
 
 def timing_summary(rounds: Rounds[float]) -> dict[str, Any]:

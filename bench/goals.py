@@ -10,6 +10,7 @@ errors, serve's memory, durability) are judged on every run. Goals of benchmarks
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +38,35 @@ SPAN_BOUNDS = {"SQLite": 3.0, "PostgreSQL": 1.5}
 # transport) and the synchronous approach's, medians of the rounds' ratios.
 INCREMENT_OVER_DO_NOTHING = 0.8
 INCREMENT_OVER_SYNC = 3.0
-# The CLI's start-up (issue 18): whole-process medians in seconds, and for `randomize --timing`
+
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+    """How a measured number is shown: `digits` decimals of value / `scale`, then `suffix`.
+
+    judge() adds decimals until the figure shown passes or fails its goal as the value does:
+    0.7996x is no 0.800x, nor 1.0004 s a 1.000 s that missed 1.0 s, nor 120.04 MB 120.0 MB
+    (a review: only the ratios were so shown)."""
+
+    suffix: str
+    digits: int
+    scale: float = 1.0
+    sign: str = ""
+
+    def __call__(self, value: float, digits: int | None = None) -> str:
+        return f"{value / self.scale:{self.sign}.{self.digits if digits is None else digits}f}{self.suffix}"
+
+    def shown(self, value: float, digits: int) -> float:
+        """The value as the figure of `digits` decimals reads."""
+        return round(value / self.scale, digits) * self.scale
+
+
+SECONDS = Figure(" s", 3)
+# Three decimals: at two, 0.798x would show as 0.80x beside a goal of 0.8x that it missed.
+TIMES = Figure("x", 3)
+MEGABYTES = Figure(" MB", 1, MB)
+MEGABYTES_GROWTH = Figure(" MB", 1, MB, "+")
+# The CLI's start-up (issue 18): whole-process medians in SECONDS, and for `randomize --timing`
 # its wall time minus the time it reports.
 STARTUP_LIMITS = {
     startup.VERSION: 0.15,
@@ -63,43 +92,35 @@ def evaluate(results: dict) -> list[dict]:
             return
         met = ("yes" if passes(value) else "no") if judged else f"not judged ({why_not})"
         shown = show(value)
-        if show is times:
-            # Never a ratio rounded onto the other side of its goal: 0.7996x is no 0.800x.
-            digits = 3
-            while passes(float(shown.removesuffix("x"))) != passes(value) and digits < 9:
+        if isinstance(show, Figure):
+            digits = show.digits
+            while passes(show.shown(value, digits)) != passes(value) and digits < 9:
                 digits += 1
-                shown = f"{value:.{digits}f}x"
+            shown = show(value, digits)
         goals.append({"goal": goal, "measured": f"{shown} ({aside})" if aside else shown, "met": met,
                       "section": section})
-
-    def seconds(value: float) -> str:
-        return f"{value:.3f} s"
-
-    def times(value: float) -> str:
-        # Three decimals: at two, 0.798x would show as 0.80x beside a goal of 0.8x that it missed.
-        return f"{value:.3f}x"
 
     section = "randomize"
     pg_randomize = _ok(results, "randomize", "PostgreSQL")
     sqlite_randomize = _ok(results, "randomize", "SQLite")
-    judge("PostgreSQL randomize 1M <= 1.0 s", _median(pg_randomize, randomize.OURS), seconds,
+    judge("PostgreSQL randomize 1M <= 1.0 s", _median(pg_randomize, randomize.OURS), SECONDS,
           lambda value: value <= 1.0, at_goal_size, size_note)
     # NOTE: "randomize >= 4x faster than the naive update" is retired: it measured the host (the
     # no-WAL floor itself is only 4.9x the naive update here). The ratio is still reported.
     judge("PostgreSQL randomize within 1.6x of the unlogged floor", _get(pg_randomize, "ours_over_floor"),
-          times, lambda value: value <= 1.6, at_goal_size, size_note)
+          TIMES, lambda value: value <= 1.6, at_goal_size, size_note)
     judge("PostgreSQL randomize still durable (fsync, synchronous_commit, full_page_writes on; users logged)",
           _durability(results, pg_randomize), _show_durability, lambda value: all(value.values()))
-    judge("SQLite randomize 1M <= 0.5 s", _median(sqlite_randomize, randomize.OURS), seconds,
+    judge("SQLite randomize 1M <= 0.5 s", _median(sqlite_randomize, randomize.OURS), SECONDS,
           lambda value: value <= 0.5, at_goal_size, size_note)
 
     section = "seed"
     for database, limit in (("PostgreSQL", 1.5), ("SQLite", 1.0)):
         seeding = _ok(results, "seed", database)
-        judge(f"{database} seed 1M <= {limit} s", _median(seeding, seed.OURS), seconds,
+        judge(f"{database} seed 1M <= {limit} s", _median(seeding, seed.OURS), SECONDS,
               lambda value, limit=limit: value <= limit, at_goal_size, size_note)
         judge(f"{database} seed >= 3x faster than the chunked baseline", _get(seeding, "baseline_over_ours"),
-              times, lambda value: value >= 3, at_goal_size, size_note)
+              TIMES, lambda value: value >= 3, at_goal_size, size_note)
 
     section = "load"
     steady = _get(results, "load", "steady") or {}
@@ -111,7 +132,7 @@ def evaluate(results: dict) -> list[dict]:
         for connections, judged, why_not in _connection_counts(GET_CONNECTIONS, measured_counts):
             judge(f"GET / on {database} >= {GET_OVER_HELLO}x the req/s of the hello-world app on maxtwo's "
                   f"transport at {connections} connections",
-                  _get(by_connections, str(connections), "ours_over_hello"), times,
+                  _get(by_connections, str(connections), "ours_over_hello"), TIMES,
                   lambda value: value >= GET_OVER_HELLO, judged, why_not)
         judge(f"GET / on {database}: zero errors (non-2xx/3xx and socket errors, every load run, warm-ups and "
               f"the mixed run's POST /increment included)",
@@ -121,7 +142,7 @@ def evaluate(results: dict) -> list[dict]:
         windows = min((_get(_ok_in(span, database), where, "windows") or 0) for where in ("inside", "outside"))
         enough = windows >= load.SPAN_MIN_WINDOWS_EACH
         judge(f"{database} GET / p99 during a randomization <= {bound:g}x p99 outside one",
-              _get(_ok_in(span, database), "inside_over_outside"), times,
+              _get(_ok_in(span, database), "inside_over_outside"), TIMES,
               lambda value, bound=bound: value <= bound, at_goal_size and enough,
               size_note if not at_goal_size else
               f"{windows} window(s) on one side; the ratio needs {load.SPAN_MIN_WINDOWS_EACH} on each")
@@ -132,7 +153,7 @@ def evaluate(results: dict) -> list[dict]:
     ten_million = next((point for point in measured if point["rows"] == GOAL_SCALE_ROWS
                         and point["randomize"]["median"] is not None), None)
     if ten_million is not None or scaling is None:
-        judge("10M-row randomize on PostgreSQL <= 12 s", _get(ten_million, "randomize", "median"), seconds,
+        judge("10M-row randomize on PostgreSQL <= 12 s", _get(ten_million, "randomize", "median"), SECONDS,
               lambda value: value <= 12)
     else:
         sizes = ", ".join(f"{point['rows']:,}" for point in scaling["points"])
@@ -147,12 +168,12 @@ def evaluate(results: dict) -> list[dict]:
         peaks = [_get(_ok_in(part, database), "serve_peak_rss_bytes") for part in (steady, span, span_mixed)]
         # Every run's peak, or no verdict: a sampler that never read the process says 0.
         judge(f"maxtwo serve peak RSS under load on {database} <= 120 MB", max(peaks) if all(peaks) else None,
-              lambda value: f"{value / MB:.1f} MB", lambda value: value <= SERVE_RSS_LIMIT_BYTES)
+              MEGABYTES, lambda value: value <= SERVE_RSS_LIMIT_BYTES)
         section = "memory"
         memory = _ok(results, "memory", database)
         judge(f"maxtwo seed on {database} holds no rows in Python memory "
               f"(peak RSS growth vs --count 0 <= {SEED_GROWTH_LIMIT_BYTES // MB} MB)",
-              _get(memory, "growth_bytes"), lambda value: f"{value / MB:+.1f} MB",
+              _get(memory, "growth_bytes"), MEGABYTES_GROWTH,
               lambda value: value <= SEED_GROWTH_LIMIT_BYTES, at_goal_size, size_note)
 
     section = "increment"
@@ -166,7 +187,7 @@ def evaluate(results: dict) -> list[dict]:
             for key, keys in (("ours_over_do_nothing", "random keys"), ("hot_ours_over_do_nothing", "hot key")):
                 judge(f"POST /increment on {database}, {keys}, {connections} connections: "
                       f">= {INCREMENT_OVER_DO_NOTHING}x the do-nothing app's req/s on maxtwo's transport",
-                      _get(by_connections, str(connections), key), times,
+                      _get(by_connections, str(connections), key), TIMES,
                       lambda value: value >= INCREMENT_OVER_DO_NOTHING, judged, why_not)
         for connections, judged, why_not in counts:
             # About the most a server on this transport reaches: the do-nothing app against the
@@ -175,14 +196,14 @@ def evaluate(results: dict) -> list[dict]:
             do_nothing = _get(by_connections, str(connections), "do_nothing_over_sync")
             judge(f"POST /increment on {database}, random keys, {connections} connections: "
                   f">= {INCREMENT_OVER_SYNC:g}x the synchronous approach's req/s",
-                  _get(by_connections, str(connections), "ours_over_sync"), times,
+                  _get(by_connections, str(connections), "ours_over_sync"), TIMES,
                   lambda value: value >= INCREMENT_OVER_SYNC, judged, why_not,
                   aside=f"the do-nothing app: {do_nothing:.2f}x" if do_nothing is not None else "")
         judge(f"POST /increment on {database}: zero errors (non-2xx/3xx and socket errors, every run of "
               f"{increment.OURS}, warm-ups included)", _get(measured, "errors"), lambda value: f"{value:,}",
               lambda value: value == 0)
         judge(f"maxtwo serve peak RSS under POST /increment load on {database} <= 120 MB",
-              _get(measured, "serve_peak_rss_bytes") or None, lambda value: f"{value / MB:.1f} MB",
+              _get(measured, "serve_peak_rss_bytes") or None, MEGABYTES,
               lambda value: value <= SERVE_RSS_LIMIT_BYTES)
 
     section = "startup"
@@ -196,7 +217,7 @@ def evaluate(results: dict) -> list[dict]:
         else:
             on_sqlite = " on SQLite" if name == startup.QUERY else ""
             goal, value = f"{name}{on_sqlite} <= {limit:g} s (whole process, median)", _median(starting, name)
-        judge(goal, value, seconds, lambda value, limit=limit: value <= limit, enough_runs, runs_note)
+        judge(goal, value, SECONDS, lambda value, limit=limit: value <= limit, enough_runs, runs_note)
 
     chosen = set(results["parameters"].get("sections") or SECTIONS)
     return [goal for goal in goals if goal["section"] in chosen]

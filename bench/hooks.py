@@ -6,7 +6,7 @@ For each database, `maxtwo serve` runs as deployed and with one hook turned off 
 (bench/serve_variant.py), all on one database, side by side; wrk loads them in turn, round
 after round (no randomization meanwhile: the interval is an hour). Printed per variant: the
 median req/s and server CPU time per request over the rounds, and the ratio of the full
-transport to the variant. A hook stays if it is worth at least 15 % in req/s (bench/NOTES.md);
+transport to the variant: the median of the rounds' ratios, of requests answered 2xx/3xx. A hook stays if it is worth at least 15 % in req/s (bench/NOTES.md);
 the accept backlog, which only the connections opened at a run's start meet, is judged by max
 latency at 400 connections instead (bench/NOTES.md), which this prints too.
 """
@@ -21,7 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import run_in_rounds, say
+from bench.common import ratio, run_in_rounds, say
+from bench.load import answered_ratios, median_or_none
 from bench.processes import HOST, SERVE_THREADS, ServerProcess, free_port, running
 from bench.targets import SqliteTarget, open_postgres, process_environment
 from bench.wrk import errors_of, run_wrk
@@ -69,17 +70,24 @@ def measure(target, options: argparse.Namespace, work_dir: Path) -> dict:
                     "runs": [{key: run[key] for key in ("requests_per_second", "cpu_us_per_request", "p99_ms", "max_ms")}
                              for run in runs],
                 }
-            full = summary["all hooks"]
+            full = rounds["all hooks"].runs
             for name, figures in summary.items():
-                figures["full_vs_this_req_s"] = full["requests_per_second"] / figures["requests_per_second"]
-                figures["this_vs_full_cpu"] = figures["cpu_us_per_request"] / full["cpu_us_per_request"]
+                # NOTE: round by round (a review: a ratio of medians, error answers counted).
+                figures["full_vs_this_req_s"] = median_or_none(answered_ratios(full, rounds[name].runs))
+                figures["this_vs_full_cpu"] = median_or_none(
+                    ratio(this["cpu_us_per_request"], ours["cpu_us_per_request"])
+                    for ours, this in zip(full, rounds[name].runs, strict=True))
                 say(f"  {target.name}, {connections} connections, {name}: "
                     f"{figures['requests_per_second']:,.0f} req/s, {figures['cpu_us_per_request']:.0f} us CPU/request, "
                     f"p99 {figures['p99_ms']:.1f} ms, max {figures['max_ms']:.1f} ms, errors {figures['errors']}; "
                     f"all hooks / this: "
-                    f"{figures['full_vs_this_req_s']:.2f}x req/s, this / all hooks: {figures['this_vs_full_cpu']:.2f}x CPU")
+                    f"{_x(figures['full_vs_this_req_s'])} req/s, this / all hooks: {_x(figures['this_vs_full_cpu'])} CPU")
             results[str(connections)] = summary
     return results
+
+
+def _x(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
 
 
 def main(argv: list[str]) -> int:

@@ -82,6 +82,8 @@ def _title(results: dict) -> str:
     search = _nested(results, "scale", "PostgreSQL", "search") or {}
     searched = (f"; table sizes searched beyond the fixed ones: {search['probe_runs']} runs"
                 if search.get("probes") else "")
+    startup_runs = (f"; the CLI's start-up: {parameters['startup_runs']} runs"
+                    if "startup" in _chosen(results) and parameters.get("startup_runs") else "")
     chosen = [name for name in SECTIONS if name in _chosen(results)]
     if len(chosen) < len(SECTIONS):
         tiny += (f"\n\n> **Only some benchmarks ran** (`--only {','.join(chosen)}`); the others, their "
@@ -93,7 +95,7 @@ Written by `{results['command']}` on {machine.get('date', 'an unknown date')}, i
 {results['runtime_seconds']:.0f} s, on the machine described [below](#machine) (commit
 {machine.get('commit') or 'unknown'}). Raw figures, every individual run included:
 [`bench-results.json`](bench-results.json). Every time is the median of {parameters['runs']} runs after
-one warm-up (GET /: {parameters.get('load_runs', parameters['runs'])} wrk rounds{searched}); every headline figure is a ratio against a baseline measured in the same run on the
+one warm-up (GET /: {parameters.get('load_runs', parameters['runs'])} wrk rounds{searched}{startup_runs}); every headline figure is a ratio against a baseline measured in the same run on the
 same machine (see [Method](#method)).{tiny}
 """
 
@@ -377,7 +379,9 @@ def _load(results: dict) -> str:
                "Each randomization's start and end come from the daemon's log line "
                "(\"randomized N users in X s\", stamped at commit). A window is *inside* if it overlapped one, "
                "*outside* if it overlapped none; a window holding a due time whose randomization never reached "
-               "the log is left out. A 1 s window only partly covered by a short randomization dilutes its p99."), "",
+               "the log is left out. A 1 s window only partly covered by a short randomization dilutes its p99, "
+               "and the requests still in flight when a window ends (at most one per connection, the slowest "
+               "likelier) are in none: wrk stops without waiting for them."), "",
               *_span_table(section.get("span") or {})]
     if "span_mixed" in section:  # results from before the mixed run have none
         while lines[-1] == "":

@@ -6,14 +6,15 @@ copy the way a failed or partial run would and checks the verdict."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 from pathlib import Path
 
 import pytest
 
-from bench import increment, load
-from bench.common import Rounds, run_in_rounds
+from bench import increment, load, randomize
+from bench.common import Rounds, round_order, run_in_rounds
 from bench.goals import evaluate
 from bench.memory import MB
 from bench.wrk import answered_per_second
@@ -73,6 +74,25 @@ def test_serve_rss_under_load_counts_the_mixed_run(results):
         "section": "load"}
 
 
+@pytest.mark.parametrize(("kind", "value", "shown"), [
+    ("ratio", 0.79996, "0.79996x"),
+    ("seconds", 1.0004, "1.0004 s"),
+    ("megabytes", 120.04 * MB, "120.04 MB"),
+])
+def test_no_figure_is_rounded_onto_the_other_side_of_its_goal(results, kind, value, shown):
+    """0.79996x is no 0.800x, nor 1.0004 s a 1.000 s (a review: only ratios were so shown)."""
+    if kind == "ratio":
+        results["increment"]["PostgreSQL"]["by_connections"]["50"]["ours_over_do_nothing"] = value
+        goal = verdict(results, "POST /increment on PostgreSQL, random keys, 50 connections: >= 0.8x")
+    elif kind == "seconds":
+        results["randomize"]["PostgreSQL"]["contenders"][randomize.OURS]["median"] = value
+        goal = verdict(results, "PostgreSQL randomize 1M <= 1.0 s")
+    else:
+        results["load"]["span_mixed"]["SQLite"]["serve_peak_rss_bytes"] = value
+        goal = verdict(results, "maxtwo serve peak RSS under load on SQLite")
+    assert (goal["measured"], goal["met"]) == (shown, "no")
+
+
 @pytest.mark.parametrize("where", ["load", "increment"])
 def test_an_rss_never_read_is_no_data(results, where):
     if where == "load":
@@ -126,12 +146,23 @@ def test_error_answers_are_no_throughput():
     assert ratios["ours_over_hello"] == 0.0
 
 
-def test_rounds_start_one_contender_further_on_each_time():
+def test_rounds_run_every_contender_once_each_in_a_williams_order():
     order: list[str] = []
-    contenders = {name: lambda name=name: order.append(name) for name in "abc"}
+    contenders = {name: lambda name=name: order.append(name) for name in "abcd"}
     rounds = run_in_rounds(contenders, 4)
-    assert order == list("abc" + "abc" + "bca" + "cab" + "abc")  # the warm-ups, then the rounds
-    assert [len(rounds[name].runs) for name in "abc"] == [4, 4, 4]
+    assert order == list("abcd" + "abdc" + "bcad" + "cdba" + "dacb")  # the warm-ups, then the rounds
+    assert [len(rounds[name].runs) for name in "abcd"] == [4, 4, 4, 4]
+
+
+@pytest.mark.parametrize("count", [2, 3, 4, 5, 6, 7])
+def test_in_rounds_every_contender_comes_right_after_every_other_equally_often(count):
+    """A plain rotation kept the cyclic order: each contender followed the same one in every
+    round (a review)."""
+    rows = [round_order(count, number) for number in range(count if count % 2 == 0 else 2 * count)]
+    assert all(sorted(row) == list(range(count)) for row in rows)
+    follows = collections.Counter((row[index], row[index + 1]) for row in rows for index in range(count - 1))
+    assert set(follows) == {(a, b) for a in range(count) for b in range(count) if a != b}
+    assert len(set(follows.values())) == 1
 
 
 def test_a_baseline_round_that_answered_nothing_has_no_ratio():

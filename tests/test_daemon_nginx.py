@@ -301,3 +301,73 @@ def _check(nginx: Nginx, first: ServeProcess, second: ServeProcess, engine) -> N
         f"epoch +{epoch_after - epoch_before}; {len(stop_answers)} answers across the stop, "
         f"which took {stopped_in:.2f} s"
     )
+
+
+class AnswersNothing:
+    """An upstream that reads a request and closes the connection without an answer: an
+    instance that died (SIGKILL, the watchdog, a crash) after it got a request."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.requests = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = self.listener.accept()
+                with connection:
+                    if connection.recv(65536):
+                        self.requests += 1
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _ask(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, dict, dict]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_a_post_that_reached_an_instance_but_got_no_answer_is_not_told_to_retry(tmp_path):
+    """Its outcome is unknown: a 502 that says so, without Retry-After (a review: nginx's 503
+    "try again" made a client apply it twice). A GET, and a POST no instance took, get the 503.
+
+    NOTE: a fresh nginx for each first request: one failed request takes both instances out of
+    rotation for fail_timeout (10 s), and later requests reach none."""
+    silent = AnswersNothing()
+    refusing = free_port()  # nothing listens there
+    increment = json.dumps({"key": "k", "value": 1}).encode()
+    try:
+        for method in ("GET", "POST"):
+            port = free_port()
+            (tmp_path / method).mkdir()
+            nginx = Nginx(tmp_path / method, shipped_config_with_ports(port, (silent.port, refusing)), port)
+            taken = silent.requests
+            try:
+                nginx.check()
+                nginx.start()
+                status, headers, body = _ask(port, method, "/increment" if method == "POST" else "/",
+                                             increment if method == "POST" else None)
+                assert silent.requests == taken + 1, nginx.log()
+                if method == "GET":  # tried on the other instance too, then given up
+                    assert (status, body["status"], headers.get("Retry-After")) == (503, 503, "5")
+                    continue
+                assert (status, body["status"]) == (502, 502), nginx.log()
+                assert "Idempotency-Key" in body["description"] and "Retry-After" not in headers
+                assert headers["Content-Type"] == "application/json"
+                # Both instances out of rotation now: nothing of this POST is sent anywhere.
+                status, headers, body = _ask(port, "POST", "/increment", increment)
+                assert (status, body["status"], headers.get("Retry-After")) == (503, 503, "5")
+                assert silent.requests == taken + 1
+            finally:
+                nginx.stop()
+    finally:
+        silent.close()

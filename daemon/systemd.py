@@ -31,7 +31,13 @@ def notify(message: str) -> bool:
 
 
 def watchdog_interval() -> float | None:
-    """Seconds between WATCHDOG=1 pings that systemd expects (half its timeout), or None."""
+    """Seconds between WATCHDOG=1 pings (a quarter of systemd's timeout), or None.
+
+    NOTE: not the half that sd_watchdog_enabled(3) suggests: the daemon skips a ping while it
+    finds a problem, and at half the timeout one check that caught a passing problem (a 10 s
+    stall of the serving loop) left the next ping just past systemd's deadline: a restart (a
+    review). At a quarter, a problem must last through three checks in a row, 30 s or more of
+    WatchdogSec=60, and the last ping a whole quarter before the deadline."""
     usec = os.environ.get("WATCHDOG_USEC")
     pid = os.environ.get("WATCHDOG_PID")
     if not usec or (pid and pid != str(os.getpid())):
@@ -42,4 +48,4 @@ def watchdog_interval() -> float | None:
         return None
     # NOTE: 0 or less is no timeout (libsystemd's sd_watchdog_enabled() refuses it too), not a
     # ping loop that never waits.
-    return timeout / 1_000_000 / 2 if timeout > 0 else None
+    return timeout / 1_000_000 / 4 if timeout > 0 else None

@@ -1,6 +1,6 @@
 """systemd's watchdog, fed only while the daemon demonstrably works.
 
-WATCHDOG=1 goes out every half WatchdogSec= while the serving loop has turned recently and no
+WATCHDOG=1 goes out every quarter of WatchdogSec= while the serving loop has turned recently and no
 batch, nor any lane at one batch, has run longer than the database timeouts allow. A hung
 serving loop (nothing answered any more), a batch stuck past every timeout (every write of its
 kind waits behind it) or a lane stuck at a batch (its route answered no more) stops the pings,

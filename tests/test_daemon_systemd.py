@@ -54,9 +54,9 @@ def test_notify_to_a_socket_that_is_gone_is_logged_not_raised(clean_env, tmp_pat
 @pytest.mark.parametrize(
     ("usec", "pid", "expected"),
     [
-        ("1000000", None, 0.5),  # half of WatchdogSec=
-        ("400000", None, 0.2),
-        ("1000000", "own", 0.5),  # systemd sets WATCHDOG_PID to the main PID: ours
+        ("1000000", None, 0.25),  # a quarter of WatchdogSec=: three checks before its deadline
+        ("400000", None, 0.1),
+        ("1000000", "own", 0.25),  # systemd sets WATCHDOG_PID to the main PID: ours
         ("1000000", "other", None),  # meant for another process (a parent, a child)
         (None, None, None),
         ("", None, None),

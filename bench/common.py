@@ -77,7 +77,8 @@ def run_in_rounds(contenders: Mapping[str, Callable[[], T]], runs: int) -> dict[
 def round_order(count: int, round_number: int) -> list[int]:
     """The order of `count` contenders in a round: rows of a Williams design (0, 1, n-1, 2, n-2,
     ..., each next row adding 1 modulo n; for an odd n, each row followed by itself reversed), in
-    which every contender comes right after every other one equally often.
+    which every contender comes right after every other one equally often over n rounds (2n for
+    an odd n; over fewer, nearly so).
 
     NOTE: a plain rotation (each round starting one contender further on) kept the cyclic order:
     every contender followed the same one in nearly every round, e.g. maxtwo's POST /increment
@@ -99,6 +100,11 @@ def round_order(count: int, round_number: int) -> list[int]:
 def timing_summary(rounds: Rounds[float]) -> dict[str, Any]:
     """Seconds of every run and their median: the figure every table and ratio uses."""
     return {"warmup": rounds.warmup, "runs": rounds.runs, "median": statistics.median(rounds.runs)}
+
+
+def times(value: float | None) -> str:
+    """A ratio as progress lines and the report show it: "1.23x", or "n/a"."""
+    return "n/a" if value is None else f"{value:.2f}x"
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:

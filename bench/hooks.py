@@ -6,9 +6,10 @@ For each database, `maxtwo serve` runs as deployed and with one hook turned off 
 (bench/serve_variant.py), all on one database, side by side; wrk loads them in turn, round
 after round (no randomization meanwhile: the interval is an hour). Printed per variant: the
 median req/s and server CPU time per request over the rounds, and the ratio of the full
-transport to the variant: the median of the rounds' ratios, of requests answered 2xx/3xx. A hook stays if it is worth at least 15 % in req/s (bench/NOTES.md);
-the accept backlog, which only the connections opened at a run's start meet, is judged by max
-latency at 400 connections instead (bench/NOTES.md), which this prints too.
+transport to the variant: the median of the rounds' ratios, of requests answered 2xx/3xx. A
+hook stays if it is worth at least 15 % in req/s (bench/NOTES.md); the accept backlog, which
+only the connections opened at a run's start meet, is judged by max latency at 400 connections
+instead (bench/NOTES.md), which this prints too.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import ratio, run_in_rounds, say
-from bench.load import answered_ratios, median_or_none
+from bench.common import run_in_rounds, say, times
+from bench.load import paired_ratios
 from bench.processes import HOST, SERVE_THREADS, ServerProcess, free_port, running
 from bench.targets import SqliteTarget, open_postgres, process_environment
 from bench.wrk import errors_of, run_wrk
@@ -70,24 +71,18 @@ def measure(target, options: argparse.Namespace, work_dir: Path) -> dict:
                     "runs": [{key: run[key] for key in ("requests_per_second", "cpu_us_per_request", "p99_ms", "max_ms")}
                              for run in runs],
                 }
-            full = rounds["all hooks"].runs
             for name, figures in summary.items():
                 # NOTE: round by round (a review: a ratio of medians, error answers counted).
-                figures["full_vs_this_req_s"] = median_or_none(answered_ratios(full, rounds[name].runs))
-                figures["this_vs_full_cpu"] = median_or_none(
-                    ratio(this["cpu_us_per_request"], ours["cpu_us_per_request"])
-                    for ours, this in zip(full, rounds[name].runs, strict=True))
+                paired = paired_ratios(rounds["all hooks"].runs, rounds[name].runs, "this")
+                figures["full_vs_this_req_s"] = paired["ours_over_this"]
+                figures["this_vs_full_cpu"] = paired["this_cpu_over_ours"]
                 say(f"  {target.name}, {connections} connections, {name}: "
                     f"{figures['requests_per_second']:,.0f} req/s, {figures['cpu_us_per_request']:.0f} us CPU/request, "
                     f"p99 {figures['p99_ms']:.1f} ms, max {figures['max_ms']:.1f} ms, errors {figures['errors']}; "
                     f"all hooks / this: "
-                    f"{_x(figures['full_vs_this_req_s'])} req/s, this / all hooks: {_x(figures['this_vs_full_cpu'])} CPU")
+                    f"{times(figures['full_vs_this_req_s'])} req/s, this / all hooks: {times(figures['this_vs_full_cpu'])} CPU")
             results[str(connections)] = summary
     return results
-
-
-def _x(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}x"
 
 
 def main(argv: list[str]) -> int:

@@ -39,6 +39,7 @@ import urllib.request
 from pathlib import Path
 
 from bench.common import Rounds, attempt, ratio, run_in_rounds, say
+from bench.common import times as _x
 from bench.load import answered_ratios, median_or_none, summarize_runs
 from bench.memory import PeakRssSampler
 from bench.options import BenchOptions
@@ -237,10 +238,6 @@ def _all_errors(summary: dict, name: str) -> int:
 
 def _rate(summary: dict, name: str) -> str:
     return f"{summary[name]['requests_per_second']:,.0f}"
-
-
-def _x(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}x"
 
 
 def _us(value: float | None) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from bench import increment, load, randomize, seed, startup
 from bench.common import scrub
+from bench.common import times as _x
 from bench.goals import (
     INCREMENT_OVER_DO_NOTHING,
     INCREMENT_OVER_SYNC,
@@ -717,10 +718,6 @@ def _list_s(values: list[float]) -> str:
 
 def _rate(rows: int, seconds: float) -> str:
     return f"{rows / seconds:,.0f}" if seconds else "n/a"
-
-
-def _x(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}x"
 
 
 def _us(value: float | None) -> str:

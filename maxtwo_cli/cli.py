@@ -116,7 +116,7 @@ class OneLineErrors(typer.core.TyperGroup):
                 raise
             if type(ex).__name__ == "NoArgsIsHelpError":
                 # `maxtwo` alone: its message is the help itself, shown as Click shows it.
-                print(format_message(), file=sys.stderr)
+                _to_stderr(format_message())
                 sys.exit(exit_code)
             hint = f" (see {ex.ctx.command_path} --help)" if getattr(ex, "ctx", None) else ""
             _name_only_the_source(ex)
@@ -144,13 +144,16 @@ class OneLineErrors(typer.core.TyperGroup):
 
 
 def _print_error(message: str) -> None:
-    """An "Error: ..." line on stderr (printed without rich: usage errors come before any command).
+    """An "Error: ..." line on stderr (printed without rich: usage errors come before any command)."""
+    _to_stderr(f"{_error_prefix()}Error: {message}")
 
-    NOTE: if stderr cannot take it (`2>/dev/full`), the exit status alone tells: the failure
+
+def _to_stderr(text: str) -> None:
+    """NOTE: if stderr cannot take it (`2>/dev/full`), the exit status alone tells: the failure
     turned a usage error's 2 into 1 (a review), and the interpreter's last flush at exit would
     fail again (status 120), hence /dev/null in its place."""
     try:
-        print(f"{_error_prefix()}Error: {message}", file=sys.stderr, flush=True)
+        print(text, file=sys.stderr, flush=True)
     except (OSError, ValueError):
         with contextlib.suppress(OSError, ValueError, AttributeError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())

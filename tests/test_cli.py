@@ -165,9 +165,10 @@ def test_an_error_that_stderr_cannot_take_keeps_its_exit_status_and_stays_out_of
     """`2>&-`: the line went to stdout, into the data a script reads; `2>/dev/full`: exit 1 for a
     usage error (a review)."""
     redirect = "2>&-" if stderr == "closed" else "2>/dev/full"
-    done = subprocess.run(["sh", "-c", f'exec "$0" -m maxtwo_cli increment "" 1 {redirect}', sys.executable],
-                          stdout=subprocess.PIPE, env={**os.environ, "MAXTWO_DEBUG": ""}, timeout=60, check=False)
-    assert (done.returncode, done.stdout) == (2, b"")
+    for args in ('increment "" 1', ""):  # a bad argument; `maxtwo` alone (its help on stderr)
+        done = subprocess.run(["sh", "-c", f'exec "$0" -m maxtwo_cli {args} {redirect}', sys.executable],
+                              stdout=subprocess.PIPE, env={**os.environ, "MAXTWO_DEBUG": ""}, timeout=60, check=False)
+        assert (done.returncode, done.stdout) == (2, b""), args
 
 
 def test_unknown_option_is_a_usage_error():

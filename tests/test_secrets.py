@@ -77,12 +77,18 @@ def test_a_url_parameter_error_never_quotes_the_password():
     # In URL and keyword syntax, whatever the value, an unencoded "@" or "/" in it too.
     ("(postgresql://u:Top@Sec/ret@db.example/maxtwo)", [], [], "(postgresql://u:***@db.example/maxtwo)"),
     ("postgresql://me@srv:hunter2@db.example/maxtwo", [], [], "postgresql://me@srv:***@db.example/maxtwo"),  # Azure's user
-    # A space unencoded in the password or the user (libpq takes it; Click quotes it back).
+    # A space unencoded in the password (libpq takes it; Click quotes it back), and a "://".
     ("argument(s) (postgresql://u:pw secret@h/d)", [], [], "argument(s) (postgresql://u:***@h/d)"),
-    ("postgresql://my user:a b\tc@h/d", [], [], "postgresql://my user:***@h/d"),
+    ("postgresql://u:a b\tc@h/d", [], [], "postgresql://u:***@h/d"),
+    ("(postgresql://u:pa://ss@h/d)", [], [], "(postgresql://u:***@h/d)"),
     # Each URL of a line up to its own "@" (none crosses into the next), and lines apart.
     ("postgresql://a:x y@h1/d and postgresql://b:z w@h2/d", [], [], "postgresql://a:***@h1/d and postgresql://b:***@h2/d"),
     ("http://h:80/p\nmail a@b", [], [], "http://h:80/p\nmail a@b"),
+    # A driver's detail after the URL keeps its "@"s (a review: the cause was masked away).
+    ('at postgresql://maxtwo@db:5432/maxtwo (role "a@b" does not exist)', [], [],
+     'at postgresql://maxtwo@db:5432/maxtwo (role "a@b" does not exist)'),
+    ('at postgresql://me@srv:***@db/maxtwo (failed for user "me@srv")', [], [],
+     'at postgresql://me@srv:***@db/maxtwo (failed for user "me@srv")'),
     # An "@" in a query's password: the URL's mask took the port's ":" for a password's start.
     ("postgresql://u@h:5432/db?password=hunt@er2x", [], [], "postgresql://u@h:5432/db?password=***"),
     ("postgresql://u@h:5432/db?sslpassword=pa@ss-tail", [], [], "postgresql://u@h:5432/db?sslpassword=***"),

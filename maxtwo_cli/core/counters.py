@@ -5,7 +5,10 @@ keep exact totals. Increments are applied in batches (daemon/batcher.py gathers 
 applies one): a batch without Idempotency-Keys is one statement, plus a transaction of its own
 for what that statement leaves out (add_increments); otherwise one transaction. Rows are taken
 in one order everywhere: Idempotency-Keys first, then counters, each sorted by key, so that
-concurrent batches of several daemons lock rows in the same order and never deadlock.
+concurrent batches of several daemons lock rows in the same order and never deadlock. (The one
+exception: a batch that reuses a refused increment's Idempotency-Key for another body applies
+that one after the rest, apply_increments. Against a batch taking the same rows the other way,
+PostgreSQL ends the deadlock after deadlock_timeout and one batch answers 503: a retry is safe.)
 
 A total never leaves the signed 64-bit range: an increment that would take it out fails alone
 (CounterOverflowError), and every other increment of its batch applies. Concurrent increments
@@ -190,11 +193,19 @@ def apply_increments(held: HeldConnection, items: Sequence[Increment], now: dt.d
     if unclaim:
         held.run(lambda cursor: _execute_each(cursor, held, "DELETE FROM idempotency_keys WHERE key = ?",
                                               [(key,) for key in unclaim]))
-        # The batch's later uses of those keys were judged against the refused one: applied now,
-        # after it, they get what each would have got sent alone (a retry refused again or now
-        # fitting, another body a first use), however the requests fell into batches.
-        later = [index for index, item in enumerate(items)
-                 if item.idempotency_key in unclaim and first_uses[item.idempotency_key] != index]
+        # The batch's later uses of those keys were judged against the refused one. A retry of
+        # it (the same body) is refused with it; another body, sent alone, would have been a
+        # first use: applied now, after the rest (a review: it got 422 or 409 depending on how
+        # the requests fell into batches). One pass per body: n retries never take n passes.
+        later = []
+        for index, item in enumerate(items):
+            first = first_uses.get(item.idempotency_key)
+            if item.idempotency_key not in unclaim or first == index:
+                continue
+            if item.fingerprint == items[first].fingerprint:
+                outcomes[index] = outcomes[first]
+            else:
+                later.append(index)
         if later:
             for index, outcome in zip(later, apply_increments(held, [items[i] for i in later], now), strict=True):
                 outcomes[index] = outcome

@@ -11,13 +11,15 @@ from collections.abc import Iterable
 
 MASK = "***"
 
-# A URL's password (scheme://user:PASSWORD@host): up to the last "@" of the line before another
-# "://", so that an unencoded "@", "/" or space in the password does not leave its end showing
-# (libpq takes "pw secret" whole, and Click quotes such an argument back: a review). The user
-# may hold an "@" (Azure's USER@SERVER, which the URL parser takes whole: core/db.py) or a
-# space. NOTE: a URL without a password but with a port, followed on its line by an "@"
-# ("postgresql://h:5432/db, mail admin@x"), is masked up to it: too much, never too little.
-_URL_PASSWORD = re.compile(r"(://[^/:\r\n]*:)(?:(?!://)[^\r\n])*(@)")
+# A URL's password (scheme://user:PASSWORD@host): up to the last "@" of the word, so that an
+# unencoded "@" or "/" in the password does not leave its end showing. The user may hold an "@"
+# (Azure's USER@SERVER, which the URL parser takes whole: core/db.py): it showed the password.
+_URL_PASSWORD = re.compile(r"(://[^\s/:]*:)\S*(@)")
+# Then one holding a space (libpq takes "pw secret" whole, and Click quotes such an argument
+# back: a review): up to the last "@" before a quote, a parenthesis, the line's end or another
+# "://", the bounds of what a message quotes (a driver's detail in parentheses after the URL
+# keeps its "@"s). NOTE: a password holding a space and one of those, unencoded, is cut there.
+_URL_PASSWORD_SPACED = re.compile(r"""(://[^\s/:]*:)(?:(?!://)[^\r\n"'()])*(@)""")
 # libpq's secret keywords, in a connection string (password=...) or a URL's query (?password=...),
 # their value quoted either way or bare.
 _KEYWORD_SECRET = re.compile(
@@ -38,7 +40,9 @@ def mask_secret_syntax(text: str) -> str:
     NOTE: the keywords first: an "@" in a ?password= value ended the URL's mask there (the
     port's ":" taken for the password's start), and the rest of the value was shown."""
     text = _KEYWORD_SECRET.sub(rf"\g<1>\g<2>{MASK}", text)
-    return _URL_PASSWORD.sub(rf"\g<1>{MASK}\g<2>", text).replace(_PLACEHOLDER_MASKED, _PLACEHOLDER)
+    for url_password in (_URL_PASSWORD, _URL_PASSWORD_SPACED):
+        text = url_password.sub(rf"\g<1>{MASK}\g<2>", text)
+    return text.replace(_PLACEHOLDER_MASKED, _PLACEHOLDER)
 
 
 def redact_text(text: str, secrets: Iterable[str] = (), public: Iterable[str] = ()) -> str:

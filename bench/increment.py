@@ -38,8 +38,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from bench.common import Rounds, attempt, ratio, run_in_rounds, say
-from bench.common import times as _x
+from bench.common import Rounds, attempt, ratio, run_in_rounds, say, times
 from bench.load import answered_ratios, median_or_none, summarize_runs
 from bench.memory import PeakRssSampler
 from bench.options import BenchOptions
@@ -127,9 +126,9 @@ def _measure(target, hellos: dict, options: BenchOptions, work_dir: Path) -> dic
                 f"(hot key {_rate(summary, OURS_HOT)}) vs do-nothing {_rate(summary, DO_NOTHING)} "
                 f"(stock waitress {_rate(summary, DO_NOTHING_STOCK)}), "
                 f"synchronous {_rate(summary, SYNC)} (hot {_rate(summary, SYNC_HOT)}); "
-                f"ours / do-nothing {_x(summary['ours_over_do_nothing'])} (hot {_x(summary['hot_ours_over_do_nothing'])}; "
-                f"stock waitress {_x(summary['ours_over_stock_do_nothing'])}), "
-                f"ours / synchronous {_x(summary['ours_over_sync'])} (hot {_x(summary['hot_ours_over_sync'])}); "
+                f"ours / do-nothing {times(summary['ours_over_do_nothing'])} (hot {times(summary['hot_ours_over_do_nothing'])}; "
+                f"stock waitress {times(summary['ours_over_stock_do_nothing'])}), "
+                f"ours / synchronous {times(summary['ours_over_sync'])} (hot {times(summary['hot_ours_over_sync'])}); "
                 f"CPU per request {_us(summary[OURS]['cpu_us_per_request'])} vs do-nothing "
                 f"{_us(summary[DO_NOTHING]['cpu_us_per_request'])}, synchronous {_us(summary[SYNC]['cpu_us_per_request'])}; "
                 f"p99 {summary[OURS]['p99_ms']:.1f} ms; errors {_all_errors(summary, OURS)} "

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 from bench import increment, load, randomize, seed, startup
-from bench.common import scrub
-from bench.common import times as _x
+from bench.common import scrub, times
 from bench.goals import (
     INCREMENT_OVER_DO_NOTHING,
     INCREMENT_OVER_SYNC,
@@ -108,14 +107,14 @@ def _headline(results: dict) -> str:
              "| figure | SQLite | PostgreSQL |", "|---|---|---|"]
     if "seed" in chosen:
         lines.append(_row(f"seed {rows:,} users: chunked baseline time / maxtwo time",
-                          [_x(_field(results, "seed", db, "baseline_over_ours")) for db in DATABASES]))
+                          [times(_field(results, "seed", db, "baseline_over_ours")) for db in DATABASES]))
     if "randomize" in chosen:
         lines += [
             _row(f"randomize {rows:,} users: naive UPDATE time / maxtwo time",
-                 [_x(_field(results, "randomize", db, "naive_over_ours")) for db in DATABASES]),
+                 [times(_field(results, "randomize", db, "naive_over_ours")) for db in DATABASES]),
             _row(f"randomize {rows:,} users: maxtwo time / floor time (SQLite: constant points, no random(); "
                  "PostgreSQL: UNLOGGED table, no WAL)",
-                 [_x(_field(results, "randomize", db, "ours_over_floor")) for db in DATABASES]),
+                 [times(_field(results, "randomize", db, "ours_over_floor")) for db in DATABASES]),
         ]
     if "load" in chosen:
         lines += _load_headline(results)
@@ -132,14 +131,14 @@ def _load_headline(results: dict) -> list[str]:
     for key, baseline in (("hello", "hello-world on maxtwo's transport"), ("stock_hello", "hello-world on stock waitress")):
         for connections in results["parameters"]["connections"]:
             lines.append(_row(f"GET /, {connections} connections: maxtwo req/s / {baseline} req/s (median of rounds)", [
-                _x(_nested(steady.get(db), "by_connections", str(connections), f"ours_over_{key}")) for db in DATABASES]))
+                times(_nested(steady.get(db), "by_connections", str(connections), f"ours_over_{key}")) for db in DATABASES]))
     for connections in results["parameters"]["connections"]:
         lines.append(_row(f"GET /, {connections} connections: CPU per request of hello-world on maxtwo's transport / "
-                          "maxtwo's", [_x(_nested(steady.get(db), "by_connections", str(connections), "hello_cpu_over_ours"))
+                          "maxtwo's", [times(_nested(steady.get(db), "by_connections", str(connections), "hello_cpu_over_ours"))
                                        for db in DATABASES]))
     span = _load_part(results, "span")
     lines.append(_row("GET /: p99 inside / outside randomizations (median window p99)",
-                      [_x(_nested(span.get(db), "inside_over_outside")) for db in DATABASES]))
+                      [times(_nested(span.get(db), "inside_over_outside")) for db in DATABASES]))
     return lines
 
 
@@ -152,12 +151,12 @@ def _increment_headline(results: dict) -> list[str]:
             baseline = "on stock waitress" if "stock" in key else "on maxtwo's transport"
             lines.append(_row(f"POST /increment, {what}, {connections} connections: maxtwo req/s / do-nothing "
                               f"{baseline} req/s (median of rounds)",
-                              [_x(_nested(section.get(db), "by_connections", str(connections), key))
+                              [times(_nested(section.get(db), "by_connections", str(connections), key))
                                for db in DATABASES]))
     for connections in results["parameters"].get("increment_connections") or []:
         lines.append(_row(f"POST /increment, random keys, {connections} connections: maxtwo req/s / "
                           "synchronous req/s (a transaction per request)",
-                          [_x(_nested(section.get(db), "by_connections", str(connections), "ours_over_sync"))
+                          [times(_nested(section.get(db), "by_connections", str(connections), "ours_over_sync"))
                            for db in DATABASES]))
     fsync = section.get("fsync") if isinstance(section, dict) else None
     if isinstance(fsync, dict) and "error" not in fsync:
@@ -171,9 +170,9 @@ def _startup_headline(results: dict) -> list[str]:
     over_typer = (section or {}).get("over_typer") or {}
     # NOTE: --version and --help touch no database: one figure for both columns, as fsync's below.
     return [
-        *(_row(f"`{name}`: whole-process time / `{startup.TYPER}`", [_x(over_typer.get(name))] * 2)
+        *(_row(f"`{name}`: whole-process time / `{startup.TYPER}`", [times(over_typer.get(name))] * 2)
           for name in (startup.VERSION, startup.HELP)),
-        _row(f"`{startup.QUERY}`: whole-process time / `{startup.TYPER}`", [_x(over_typer.get(startup.QUERY)), "n/a"]),
+        _row(f"`{startup.QUERY}`: whole-process time / `{startup.TYPER}`", [times(over_typer.get(startup.QUERY)), "n/a"]),
     ]
 
 
@@ -202,7 +201,7 @@ def _seed(results: dict) -> str:
             continue
         ours, baseline = result["contenders"][seed.OURS], result["contenders"][seed.BASELINE]
         lines.append(_row(database, [_s(ours["median"]), _rate(rows, ours["median"]), _s(baseline["median"]),
-                                     _rate(rows, baseline["median"]), _x(result["baseline_over_ours"])]))
+                                     _rate(rows, baseline["median"]), times(result["baseline_over_ours"])]))
     lines += ["", *failures, _runs_note(results, "seed", [seed.OURS, seed.BASELINE])]
     lines += ["", f"![seed and randomize, maxtwo vs baselines](img/{SEED_RANDOMIZE})"] if _plotted(results, SEED_RANDOMIZE) else []
     return "\n".join(lines)
@@ -232,7 +231,7 @@ def _randomize(results: dict) -> str:
         ours = contenders[randomize.OURS]["median"]
         floor = contenders.get(result.get("floor"), {}).get("median")
         lines.append(_row(database, [_s(ours), _rate(rows, ours), _s(contenders[randomize.NAIVE]["median"]),
-                                     _s(floor), _x(result["naive_over_ours"]), _x(result.get("ours_over_floor"))]))
+                                     _s(floor), times(result["naive_over_ours"]), times(result.get("ours_over_floor"))]))
     lines += ["", *failures, _runs_note(results, "randomize", [randomize.OURS, randomize.NAIVE, *randomize.FLOORS])]
     return "\n".join(lines)
 
@@ -409,7 +408,7 @@ def _span_table(span: dict) -> list[str]:
             f"{len(result['randomizations'])} ({durations})", str(inside["windows"]), str(outside["windows"]),
             f"{_ms(inside['median_p99_ms'])} / {_ms(inside['worst_p99_ms'])}",
             f"{_ms(outside['median_p99_ms'])} / {_ms(outside['worst_p99_ms'])}",
-            _x(result["inside_over_outside"]), f"{result['errors']:,}"]))
+            times(result["inside_over_outside"]), f"{result['errors']:,}"]))
     return [*lines, "", *failures]
 
 
@@ -509,7 +508,7 @@ def _increment(results: dict) -> str:
             notes.append(f"- {database}: load average (1, 5, 15 min) before "
                          f"{', '.join(f'{value:.2f}' for value in loads['before'])}, after "
                          f"{', '.join(f'{value:.2f}' for value in loads['after'])}; do-nothing CPU per request / "
-                         "maxtwo's (on maxtwo's transport): " + ", ".join(f"{connections} connections {_x(summary.get('do_nothing_cpu_over_ours'))}"
+                         "maxtwo's (on maxtwo's transport): " + ", ".join(f"{connections} connections {times(summary.get('do_nothing_cpu_over_ours'))}"
                                                   for connections, summary in result["by_connections"].items()) + ".")
         notes.append(f"- {database}: peak RSS of {increment.OURS} under this load "
                      f"{_mb(result.get('serve_peak_rss_bytes'))} (goal <= 120 MB), of the synchronous server "
@@ -535,7 +534,7 @@ def _increment_ratios(summary: dict, name: str) -> str:
                                  ("hot_ours_over_stock_do_nothing", "/ do-nothing, stock"),
                                  ("hot_ours_over_sync", "/ synchronous, hot")),
             increment.DO_NOTHING: (("do_nothing_over_sync", "/ synchronous"),)}.get(name, ())
-    return "; ".join(f"{label} {_x(summary.get(key))} ({', '.join(f'{value:.2f}' for value in summary.get(key + '_by_round') or [])})"
+    return "; ".join(f"{label} {times(summary.get(key))} ({', '.join(f'{value:.2f}' for value in summary.get(key + '_by_round') or [])})"
                      for key, label in keys)
 
 
@@ -565,12 +564,12 @@ def _startup(results: dict) -> str:
         summary = result["contenders"][name]
         limit = STARTUP_LIMITS.get(name)
         lines.append(_row(f"`{name}`", [_s(summary["median"]), _list_s(summary["runs"]),
-                                        _x(result["over_python"].get(name)), _x(result["over_typer"].get(name)),
+                                        times(result["over_python"].get(name)), times(result["over_typer"].get(name)),
                                         f"<= {limit:g} s" if limit else ""]))
     overhead, reported = result["randomize_overhead"], result["randomize_reported"]
     name = startup.RANDOMIZE_OVERHEAD
     lines.append(_row(name, [_s(overhead["median"]), _list_s(overhead["runs"]),
-                             _x(result["over_python"].get(name)), _x(result["over_typer"].get(name)),
+                             times(result["over_python"].get(name)), times(result["over_typer"].get(name)),
                              f"<= {STARTUP_LIMITS[name]:g} s"]))
     lines += ["", (f"- The time `{startup.RANDOMIZE}` reports (the randomization of {result['rows']:,} users, "
                    f"commit included): median {_s(reported['median'])} ({_list_s(reported['runs'])})."),
@@ -729,7 +728,7 @@ def _paired(summary: dict) -> str:
     cells = []
     for key, label in (("hello", "/ same transport"), ("stock_hello", "/ stock waitress")):
         rounds = summary.get(f"ours_over_{key}_by_round") or []
-        cells.append(f"{label} {_x(summary.get(f'ours_over_{key}'))}"
+        cells.append(f"{label} {times(summary.get(f'ours_over_{key}'))}"
                      + (f" ({', '.join(f'{value:.2f}' for value in rounds)})" if rounds else ""))
     return "; ".join(cells)
 

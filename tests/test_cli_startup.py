@@ -10,6 +10,7 @@ the start-up goals are the benchmarks' (bench/startup.py, docs/performance.md).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,36 @@ def test_an_unreachable_postgresql_is_still_one_line_when_psycopg_loads_late():
 
 
 # -- shell completion ---------------------------------------------------------------------------
+
+
+# Runs the installed `maxtwo` as its script does, after an audit hook (the sys module's) that
+# sends this process a SIGINT as soon as typer starts loading: a Ctrl-C typed while it loads.
+_CTRL_C_WHILE_LOADING = """
+import os, runpy, signal, sys
+def interrupt(event, args):
+    if event == "import" and args[0] == "typer":
+        os.kill(os.getpid(), signal.SIGINT)
+sys.addaudithook(interrupt)
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("args", [["--version"], ["query", "--help"]])
+def test_ctrl_c_while_the_command_loads_ends_it_quietly(args):
+    """Python's own handler made it a traceback; SIGINT's default action ends it, status 130."""
+    done = subprocess.run([sys.executable, "-c", _CTRL_C_WHILE_LOADING, str(MAXTWO), *args],
+                          env=_environment(), capture_output=True, text=True, timeout=60, check=False)
+    assert (done.returncode, done.stdout, done.stderr) == (-signal.SIGINT, "", "")
+
+
+def test_ctrl_c_once_loaded_is_still_the_commands_to_answer():
+    """The default action lasts only while the command loads: then Python's handler is back."""
+    probe = ("import signal, sys; from maxtwo_cli.__main__ import main; sys.argv = ['maxtwo', '--version'];"
+             "import atexit; atexit.register(lambda: print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)); main()")
+    done = subprocess.run([sys.executable, "-c", probe], env=_environment(),
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert (done.returncode, done.stdout) == (0, f"maxtwo {__version__}\nTrue\n"), done.stderr
 
 
 def test_help_offers_completion():

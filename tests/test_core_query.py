@@ -351,6 +351,63 @@ def test_sqlite_query_waits_for_the_query_state_lock_without_error(tmp_path):
     holder.dispose()
 
 
+def test_sqlite_a_query_waiting_for_a_reset_answers_from_the_users_it_made(tmp_path):
+    """A query takes its snapshot of the users, then waits for the query state's lock, which
+    `seed --reset` holds: it answered the replaced users with the reset's "no previous time",
+    recorded at the time it was sent, before queries answered earlier (a review)."""
+    url = f"sqlite:///{tmp_path / 'maxtwo.db'}"
+    engine = db.create_engine(Settings(database_url=url, statement_timeout=30.0))
+    schema.ensure_schema(engine)
+    seed_users(engine, ROWS)
+    randomize_points(engine)
+    set_max_number(engine, 0)
+    before = query_users(engine)
+    assert len(before.users) == 2  # randomized: the old users answer
+    resetter = db.create_engine(Settings(database_url=url))
+    waiting: list[threading.Thread] = []
+    results: list[QueryResult] = []
+
+    def query_while_the_reset_holds_its_locks(done: int, _total: int) -> None:
+        if waiting:
+            return
+        worker = threading.Thread(target=lambda: results.append(query_users(engine)))
+        waiting.append(worker)
+        worker.start()
+        time.sleep(1.0)
+        assert worker.is_alive()  # ordering: its snapshot is taken; it waits for the lock
+
+    reset = seed_users(resetter, 3, reset=True, on_progress=query_while_the_reset_holds_its_locks)
+    committed_at = utcnow()
+    waiting[0].join(30)
+    [during] = results
+    assert (during.users, during.previous, during.epoch) == ((), None, reset.epoch)
+    assert during.recorded_at >= committed_at > before.recorded_at
+    after = query_users(engine)
+    assert after.previous == during.recorded_at
+    engine.dispose()
+    resetter.dispose()
+
+
+def test_sqlite_a_query_state_newer_than_the_users_is_taken_as_it_is(tmp_path):
+    """The query-state file ahead of the main file (an older copy of the main file restored):
+    queries still answer, from the users there are, and the two agree again from then on."""
+    url = f"sqlite:///{tmp_path / 'maxtwo.db'}"
+    engine = db.create_engine(Settings(database_url=url))
+    schema.ensure_schema(engine)
+    seed_users(engine, ROWS)
+    randomize_points(engine)
+    epoch = state(engine).epoch
+    with sqlite3.connect(tmp_path / "maxtwo.db-query") as restored:
+        restored.execute("UPDATE query_state SET users_epoch = ?", (epoch + 1000,))
+    first = query_users(engine)
+    assert first.epoch == epoch
+    assert [(user.id, user.points) for user in first.users] == expected_answer(engine)
+    with sqlite3.connect(tmp_path / "maxtwo.db-query") as check:
+        assert check.execute("SELECT users_epoch FROM query_state").fetchall() == [(epoch,)]
+    assert query_users(engine).previous == first.recorded_at
+    engine.dispose()
+
+
 def test_a_query_that_waits_too_long_for_a_lock_says_so_and_the_next_one_works(database_url):
     engine = db.create_engine(Settings(database_url=database_url, statement_timeout=0.3))
     schema.ensure_schema(engine)

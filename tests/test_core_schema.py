@@ -142,6 +142,34 @@ def test_a_database_made_before_previous_query_at_gets_it(engine):
     assert query_users(engine).previous == first.recorded_at
 
 
+def test_a_sqlite_query_file_made_before_users_epoch_gets_it(tmp_path):
+    # SQLite keeps in query_state the users' epoch the last query saw (core/query.py); an older
+    # maxtwo's file has no such column: ensure_schema adds it, keeping the chain.
+    path = tmp_path / "maxtwo.db"
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}"))
+    schema.ensure_schema(engine)
+    first = query_users(engine)
+    engine.dispose()
+    with sqlite3.connect(tmp_path / "maxtwo.db-query") as old:
+        old.execute("ALTER TABLE query_state DROP COLUMN users_epoch")
+    old.close()
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}"))
+    schema.ensure_schema(engine)
+    schema.ensure_schema(engine)  # and only once
+    assert query_users(engine).previous == first.recorded_at
+    engine.dispose()
+    with sqlite3.connect(tmp_path / "maxtwo.db-query") as upgraded:
+        assert upgraded.execute("SELECT users_epoch FROM query_state").fetchall() == [(0,)]
+    upgraded.close()
+
+
+def test_postgres_query_state_has_no_users_epoch(postgres_engine):
+    # SQLite's alone: on PostgreSQL a reset's TRUNCATE holds queries off before their snapshot.
+    schema.ensure_schema(postgres_engine)
+    columns = {column["name"] for column in sa.inspect(postgres_engine).get_columns("query_state")}
+    assert columns == {"id", "last_query_at", "previous_query_at"}
+
+
 def test_a_database_made_before_scheduled_for_gets_it_and_its_next_slot_runs(engine):
     schema.ensure_schema(engine)
     due_at = utcnow()

@@ -262,7 +262,12 @@ def _postgres_statement() -> _DriverStatement:
 # - the recorded time is `now` from Python (taken as the statement is sent, before any wait for
 #   a randomization's write lock), nudged past the previous one, in microseconds;
 # - the users are only read when the caller has no cached answer for this epoch, and never when
-#   max_number is 100; a subquery of RETURNING must be one value, hence "id points,id points".
+#   max_number is 100; a subquery of RETURNING must be one value, hence "id points,id points";
+# - the snapshot is taken as the statement starts, before it may wait for the query state's
+#   lock: if whoever held it saw newer users (a query after a randomization, a `seed --reset`),
+#   this one would answer older users after it (after a reset, users no longer there, with no
+#   previous time: a review). users_epoch keeps the epoch the last holder saw; a statement whose
+#   snapshot is older matches no row, writes nothing and is sent again (_query_sqlite).
 # NOTE: one statement instead of BEGIN IMMEDIATE, three statements and COMMIT: every one of them
 # releases the interpreter lock while SQLite works and waits to get it back from the request
 # threads; GET / went from 504 to 420 us of CPU per request (bench/NOTES.md).
@@ -270,8 +275,10 @@ _SQLITE_QUERY = sa.text(
     """
     UPDATE query_state
     SET previous_query_at = last_query_at,
-        last_query_at = max(:now, coalesce(last_query_at + 1, :now)) + :count - 1
+        last_query_at = max(:now, coalesce(last_query_at + 1, :now)) + :count - 1,
+        users_epoch = (SELECT epoch FROM randomizer_state WHERE id = 1)
     WHERE id = 1
+      AND (:any_snapshot OR users_epoch IS NULL OR users_epoch <= (SELECT epoch FROM randomizer_state WHERE id = 1))
     RETURNING previous_query_at, last_query_at,
         (SELECT epoch FROM randomizer_state WHERE id = 1),
         (SELECT CASE WHEN epoch IS :cached_epoch OR max_number >= :max_points THEN NULL ELSE (
@@ -285,6 +292,9 @@ _SQLITE_QUERY = sa.text(
     """
 )
 _SQLITE_STATEMENT = _DriverStatement(_SQLITE_QUERY, sqlite_pysqlite.dialect())
+# A second attempt starts after the newer users committed (SQLite commits the main file before
+# the query-state file), so it sees them; a third covers a reset during that one.
+_SQLITE_ATTEMPTS = 3
 
 
 def _query_sqlite(
@@ -292,16 +302,23 @@ def _query_sqlite(
 ) -> _Outcome:
     # NOTE: fetchall(): the statement, and with it its transaction, ends only once stepped past
     # its last row; merely executed, it holds the write lock and has committed nothing.
-    [(previous_us, last_us, epoch, found)] = cursor.execute(
-        _SQLITE_STATEMENT.sql,
-        _SQLITE_STATEMENT.parameters(
-            now=to_microseconds(utcnow()),
-            count=count,
-            cached_epoch=cached[0] if cached else None,
-            max_points=MAX_POINTS,
-            answer_size=ANSWER_SIZE,
-        ),
-    ).fetchall()
+    for attempt in range(_SQLITE_ATTEMPTS):
+        rows = cursor.execute(
+            _SQLITE_STATEMENT.sql,
+            _SQLITE_STATEMENT.parameters(
+                now=to_microseconds(utcnow()),
+                count=count,
+                cached_epoch=cached[0] if cached else None,
+                max_points=MAX_POINTS,
+                answer_size=ANSWER_SIZE,
+                # The last attempt takes the users as they are: the main file can only stay
+                # behind the query-state file if an older copy of it was restored.
+                any_snapshot=attempt == _SQLITE_ATTEMPTS - 1,
+            ),
+        ).fetchall()
+        if rows:
+            break
+    [(previous_us, last_us, epoch, found)] = rows
     if cached is not None and cached[0] == epoch:
         answer = cached[1]
     else:

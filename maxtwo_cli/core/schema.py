@@ -134,6 +134,12 @@ query_state = sa.Table(
 _sqlite_query_state = query_state.to_metadata(sa.MetaData(), schema=SQLITE_QUERY_SCHEMA)
 # Where databases made before that kept it.
 _sqlite_old_query_state = query_state.to_metadata(sa.MetaData(), schema="main")
+# SQLite only: the users' epoch that the last query answered from (or that a `seed --reset` made).
+# NOTE: a query there reads the main file's snapshot as its statement starts, then may wait for
+# the query-state file's lock; a query or a reset that got the lock first may have seen newer
+# users. core/query.py compares the two and asks again rather than answer older users after
+# them. (PostgreSQL needs none: the reset's TRUNCATE holds queries off before their snapshot.)
+_sqlite_query_state.append_column(sa.Column("users_epoch", sa.BigInteger, nullable=True))
 
 # The counters service (core/counters.py). NOTE: on PostgreSQL every increment rewrites its row;
 # no index covers value and a third of each page stays free, so those updates stay HOT (the new
@@ -182,6 +188,7 @@ _GUARD_NOTE = "the counters live in the -query file: a maxtwo older than this da
 _ADDED_COLUMNS = (
     (query_state, query_state.c.previous_query_at),
     (randomizer_state, randomizer_state.c.scheduled_for),
+    (_sqlite_query_state, _sqlite_query_state.c.users_epoch),
 )
 
 
@@ -257,6 +264,16 @@ def _tables_of(conn: sa.Connection) -> list[sa.Table]:
 
 def _query_state_of(conn: sa.Connection) -> sa.Table:
     return query_state if is_postgres(conn) else _sqlite_query_state
+
+
+def forget_the_last_query(conn: sa.Connection, users_epoch: int) -> None:
+    """What `seed --reset` does to the query state, in its transaction: the next query is the
+    first ever (no previous time), and on SQLite none answers from the users it replaced."""
+    table = _query_state_of(conn)
+    values: dict[str, Any] = {"last_query_at": None, "previous_query_at": None}
+    if "users_epoch" in table.c:
+        values["users_epoch"] = users_epoch
+    conn.execute(table.update().values(values))
 
 
 def _refuse_an_encoding_other_than_utf8(conn: sa.Connection) -> None:
@@ -433,7 +450,8 @@ def _column_names(inspector: sa.Inspector, table: sa.Table) -> set[str]:
 
 
 def _columns_added_later(table: sa.Table) -> list[sa.Column[Any]]:
-    return [column for owner, column in _ADDED_COLUMNS if owner.name == table.name]
+    # (By name: query_state's SQLite copies are tables of their own, and only one has users_epoch.)
+    return [column for owner, column in _ADDED_COLUMNS if owner.name == table.name and column.name in table.c]
 
 
 # Tables whose column types are checked too (their types never changed since they came):

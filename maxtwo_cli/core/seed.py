@@ -24,7 +24,7 @@ from maxtwo_cli.core.errors import AlreadySeededError, MaxtwoError, SchemaMismat
 from maxtwo_cli.core.schema import (
     UtcTimestamp,
     draw_max_number,
-    query_state,
+    forget_the_last_query,
     randomizer_state,
     users,
 )
@@ -137,7 +137,7 @@ def seed_users(
         if reset:
             # NOTE: on PostgreSQL the load's TRUNCATE already holds every query off until the
             # commit (see _POSTGRES_LOAD_START): a reset is an outage.
-            conn.execute(query_state.update().values(last_query_at=None))
+            forget_the_last_query(conn, epoch)
     statistics_warning = None
     if is_postgres(engine):
         try:

@@ -236,6 +236,8 @@ def test_an_idempotency_key_with_a_different_body_is_refused(engine):
         increment(engine, "i", 4, idempotency_key="once")
     with pytest.raises(IdempotencyKeyReusedError):
         increment(engine, "j", 3, idempotency_key="once")
+    with pytest.raises(IdempotencyKeyReusedError):  # the sign is part of the body
+        increment(engine, "i", -3, idempotency_key="once")
     assert read_counter(engine, "i") == 3 and read_counter(engine, "j") is None
 
 

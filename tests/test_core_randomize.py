@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import threading
 import time
@@ -59,6 +60,16 @@ def test_the_two_ends_are_as_likely_as_any_other_value(seeded):
 def test_max_number_is_drawn_from_0_to_100():
     # 20,000 draws: a value missing with probability below 101 * (100/101)**20000, about 1e-84.
     assert {draw_max_number() for _ in range(20_000)} == set(range(MAX_POINTS + 1))
+
+
+def test_max_number_is_uniform_chi_square():
+    """Every value present is not enough: min(randbelow(102), 100) covers them all with 100
+    twice as likely (statistic near 1,100 then; a review's mutant)."""
+    draws = 101_000
+    histogram = collections.Counter(draw_max_number() for _ in range(draws))
+    expected = draws / 101
+    chi_square = sum((histogram.get(value, 0) - expected) ** 2 / expected for value in range(101))
+    assert chi_square < 200  # as for the points: P(chi2 > 200) about 1e-8 at 100 degrees of freedom
 
 
 def test_one_updated_at_for_all_rows_and_it_moves(seeded):

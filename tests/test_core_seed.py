@@ -40,6 +40,14 @@ def test_seed_spans_several_batches_in_one_transaction(engine, monkeypatch):
     assert [row.id for row in user_rows(engine)] == list(range(1, 1_001))
 
 
+@pytest.mark.parametrize("count", [1, 301, 601])
+def test_a_last_batch_of_one_user_is_seeded(engine, monkeypatch, count):
+    """Counts one past a batch boundary: a loop stopping short of count + 1 left that user out."""
+    monkeypatch.setattr(seed_module, "SEED_BATCH_SIZE", 300)
+    assert seed_users(engine, count).rows == count
+    assert [row.id for row in user_rows(engine)] == list(range(1, count + 1))
+
+
 def test_seed_refuses_existing_users_without_reset(engine):
     seed_users(engine, 100)
     before = state(engine)

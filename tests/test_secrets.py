@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 
 import pytest
@@ -150,6 +151,25 @@ def test_a_database_error_never_holds_the_password_even_before_the_cli_masks_it(
     with pytest.raises(DatabaseUnavailableError) as raised:
         db.ping(engine)
     assert "Pw0rdSecret" not in str(raised.value) and "maxtwo:***@127.0.0.1:1" in str(raised.value)
+
+
+@pytest.mark.parametrize("driver", ["sqlite3", "psycopg"])
+def test_a_driver_error_quoting_the_password_is_masked_where_it_is_made(driver):
+    """The error above quotes no password, so it cannot tell whether the driver's own words are
+    masked; here a driver's error quotes it (as a conninfo parse error may), raised as the
+    driver raises it (a review's mutant: the detail taken unmasked)."""
+    import psycopg
+
+    from maxtwo_cli.core import db
+    from maxtwo_cli.core.errors import MaxtwoError
+    from maxtwo_cli.core.settings import Settings
+
+    engine = db.create_engine(Settings(database_url="postgresql://maxtwo:Pw0rdSecret@127.0.0.1:1/maxtwo"))
+    error_class = {"sqlite3": sqlite3.OperationalError, "psycopg": psycopg.OperationalError}[driver]
+    with pytest.raises(MaxtwoError) as raised, db.database_errors(engine):
+        raise error_class('invalid connection option "password=Pw0rdSecret"')
+    assert "Pw0rdSecret" not in str(raised.value) and "invalid connection option" in str(raised.value)
+    engine.dispose()
 
 
 @pytest.mark.parametrize("args", [["query"], []], ids=["an-argument", "a-command"])

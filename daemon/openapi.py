@@ -71,7 +71,8 @@ def openapi_document() -> dict[str, Any]:
             "version": __version__,
             "description": (
                 "A million users whose points (0..100) are re-rolled every minute; each query "
-                "returns at most two users above a hidden number and the previous query's time."
+                "returns at most two users above a hidden number and the previous query's time. "
+                "Beside them, counters: an increment is acknowledged once it is committed."
             ),
         },
         "paths": _with_head({

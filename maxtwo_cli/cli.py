@@ -230,7 +230,7 @@ class NegativeNumberArguments(typer.core.TyperCommand):
 app = typer.Typer(
     name="maxtwo",
     cls=OneLineErrors,
-    help="The points service: a million users, re-rolled every minute, two served at a time.",
+    help="The points service (a million users, re-rolled every minute, two served at a time) and durable counters.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     # NOTE: Click's plain help: rich's (typer.rich_utils, which loads rich.markdown) would add
@@ -494,12 +494,14 @@ def _printable(key: str) -> str:
     holding control characters (ESC ...) would otherwise move the cursor, recolour or retitle
     the terminal of whoever lists the counters. Each character that is not printable, or that
     the output's encoding cannot hold, is shown as its Python escape (\\x1b, \\u202e), so that a
-    table measures it as it is shown; --json escapes them its own way."""
+    table measures it as it is shown; --json escapes them its own way. A backslash is shown as
+    \\\\: else the key holding the four characters \\x1b and the one holding ESC looked the same."""
     encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
-    if key.isprintable() and _encodable(key, encoding):
+    if key.isprintable() and "\\" not in key and _encodable(key, encoding):
         return key
     return "".join(
-        char if char.isprintable() and _encodable(char, encoding) else char.encode("unicode_escape").decode("ascii")
+        char if char != "\\" and char.isprintable() and _encodable(char, encoding)
+        else char.encode("unicode_escape").decode("ascii")
         for char in key
     )
 

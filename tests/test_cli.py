@@ -244,6 +244,14 @@ def test_several_hosts_are_tried_in_turn(postgres_url):
     assert result.exit_code == 0, result.output
 
 
+def test_a_search_path_naming_no_schema_says_to_create_it(postgres_url):
+    # README's ?options=-csearch_path%3Dmaxtwo before the schema exists (a review): PostgreSQL's
+    # own words alone ("no schema has been selected to create in") did not say what to do.
+    url = sa.make_url(postgres_url).update_query_dict({"options": "-csearch_path=maxtwo_missing"})
+    result = invoke("query", "--database-url", url.render_as_string(hide_password=False))
+    assert_one_line_error(result, "no schema has been selected", "create the schema that search_path names")
+
+
 @pytest.mark.parametrize("command", ["query", "serve", "counters"])
 def test_an_empty_database_url_is_a_usage_error_not_the_default(command, tmp_path, monkeypatch):
     # `--database-url "$URL"` with $URL unset must not write to the default SQLite file.

@@ -272,6 +272,16 @@ def test_control_characters_in_a_key_reach_no_terminal(database_url):
     assert counters_json(database_url, key) == [{"key": key, "value": 1}]  # stored as given
 
 
+def test_a_key_spelling_an_escape_is_told_apart_from_the_character(database_url):
+    # A review: the four characters "\x1b" were shown as the ESC character's escape is.
+    assert increment(database_url, "lit\\x1bkey", "1") == "lit\\\\x1bkey: 1\n"
+    assert increment(database_url, "lit\x1bkey", "2") == "lit\\x1bkey: 2\n"
+    assert increment(database_url, "plain/key", "3") == "plain/key: 3\n"  # others as they are
+    result = invoke("counters", "--database-url", database_url)
+    assert result.exit_code == 0, result.output
+    assert "lit\\\\x1bkey" in result.stdout and "lit\\x1bkey " in result.stdout
+
+
 @pytest.mark.parametrize("limit", ["0", "-1", "x", "", "1000000001", str(2**63)])
 def test_a_bad_limit_is_a_usage_error(tmp_path, limit):
     result = invoke("counters", "--limit", limit, "--database-url", f"sqlite:///{tmp_path / 'maxtwo.db'}")

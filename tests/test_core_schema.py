@@ -344,6 +344,14 @@ def test_a_lost_query_state_file_is_refused_not_made_anew_empty(tmp_path):
     with pytest.raises(SchemaMismatchError, match="missing or empty; restore both files"):
         schema.ensure_schema(engine)
     engine.dispose()
+    # Nothing made in its place (a review: an empty one, which a restore with cp -n would keep).
+    assert sorted(found.name for found in tmp_path.iterdir()) == ["maxtwo.db"]
+    (tmp_path / "maxtwo.db-query").touch()  # a file of 0 bytes: as good as lost
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}"))
+    with pytest.raises(SchemaMismatchError, match="missing or empty; restore both files"):
+        schema.ensure_schema(engine)
+    engine.dispose()
+    assert (tmp_path / "maxtwo.db-query").stat().st_size == 0
 
 
 @contextlib.contextmanager

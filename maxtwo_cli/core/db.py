@@ -58,6 +58,11 @@ SQLITE_QUERY_SCHEMA = "maxtwo_query"
 # one is another program's.
 SQLITE_OWN_TABLE = "randomizer_state"
 
+# The name of a view in the main file that every maxtwo SQLite database keeps once its counters
+# live in the query-state file (core/schema.py says why it bears an index's name): with it there,
+# a missing query-state file was lost, not yet to be made.
+SQLITE_COUNTERS_MOVED_GUARD = "ix_idempotency_keys_created_at"
+
 URL_HELP = "expected sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"
 
 # libpq parameters of time that maxtwo sets itself on PostgreSQL (_create_postgres_engine): its
@@ -336,6 +341,7 @@ def _create_sqlite_engine(url: URL, settings: Settings, pool_size: int) -> Engin
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         _refuse_another_programs_file(cursor, path)
+        _refuse_a_lost_query_file(cursor, path, query_state_path)
         # WAL lets readers go on while one writer works; FULL keeps every commit durable.
         busy_until = time.monotonic() + settings.statement_timeout
         _execute_when_free(cursor, "PRAGMA journal_mode=WAL", busy_until=busy_until)
@@ -370,6 +376,25 @@ def _refuse_another_programs_file(cursor: sqlite3.Cursor, path: Path) -> None:
             f"the SQLite file {path} holds another program's tables ({shown}) and none of maxtwo's; "
             "maxtwo will not touch it, point --database-url at another file"
         )
+
+
+def _refuse_a_lost_query_file(cursor: sqlite3.Cursor, path: Path, query_state_path: str) -> None:
+    """Refuse a database whose query-state file is gone or empty before ATTACH makes one: the
+    refusal left an empty file there (a review), which a restore with `cp -n` would then keep."""
+    if os.path.exists(query_state_path) and os.path.getsize(query_state_path) > 0:
+        return
+    guarded = cursor.execute(
+        "SELECT 1 FROM main.sqlite_master WHERE type = 'view' AND name = ?", (SQLITE_COUNTERS_MOVED_GUARD,)
+    ).fetchone()
+    if guarded:
+        raise lost_query_file_error(path)
+
+
+def lost_query_file_error(database: str | Path) -> SchemaMismatchError:
+    return SchemaMismatchError(
+        f"{sqlite_query_state_path(database)}, which holds the counters and query state of {database}, is "
+        "missing or empty; restore both files from one backup (see docs/deployment.md)"
+    )
 
 
 # Between two tries of _execute_when_free: the other process's switch takes about a millisecond.
@@ -490,6 +515,13 @@ def _translate(engine: Engine, original: BaseException | None) -> MaxtwoError:
     if psycopg is not None and isinstance(original, psycopg.errors.InsufficientPrivilege):
         return DatabaseUnavailableError(
             f"the database at {where} refused: {detail}; check the role's privileges"
+        )
+    if psycopg is not None and isinstance(original, psycopg.errors.InvalidSchemaName):
+        # "no schema has been selected to create in": search_path (?options=-csearch_path%3D...)
+        # names none that exists.
+        return ConfigurationError(
+            f"the database at {where} refused: {detail}; create the schema that search_path names "
+            "(CREATE SCHEMA name AUTHORIZATION role), or name one that exists"
         )
     if isinstance(original, sqlite3.DatabaseError) and "not a database" in detail:
         return SchemaMismatchError(

@@ -21,9 +21,11 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Engine
 
 from maxtwo_cli.core.db import (
+    SQLITE_COUNTERS_MOVED_GUARD,
     SQLITE_QUERY_SCHEMA,
     database_errors,
     is_postgres,
+    lost_query_file_error,
     ping,
     reading,
     sqlite_query_state_path,
@@ -181,7 +183,7 @@ _MOVED_SUFFIX = "_moved"
 # Idempotency-Keys forgotten. Its schema set-up creates the index named here after its tables,
 # in the same transaction; a view of that name in the main file (tables, views and indexes
 # share one namespace) makes that fail and roll back: such a maxtwo refuses the database.
-_OLDER_VERSION_GUARD = "ix_idempotency_keys_created_at"
+_OLDER_VERSION_GUARD = SQLITE_COUNTERS_MOVED_GUARD
 _GUARD_NOTE = "the counters live in the -query file: a maxtwo older than this database cannot use it"
 
 # Columns added after a release: (table, column). ensure_schema adds them to older databases.
@@ -345,11 +347,7 @@ def _refuse_a_lost_query_file(conn: sa.Connection) -> None:
     if _OLDER_VERSION_GUARD in inspector.get_view_names(schema="main") and not inspector.has_table(
         "counters", schema=SQLITE_QUERY_SCHEMA
     ):
-        query_file = sqlite_query_state_path(conn.engine.url.database or "")
-        raise SchemaMismatchError(
-            f"{query_file}, which holds the counters and query state of {conn.engine.url.database}, is missing "
-            "or empty; restore both files from one backup (see docs/deployment.md)"
-        )
+        raise lost_query_file_error(conn.engine.url.database or "")
 
 
 def _move_counters_to_their_file(conn: sa.Connection) -> None:

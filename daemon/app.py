@@ -265,7 +265,7 @@ class DatabaseUnavailableAnswers:
     LOG_SECONDS = 10.0
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._throttle = LogThrottle(self.LOG_SECONDS, ("503 for the database", "503s for the database"), clock)
+        self._throttle = LogThrottle(self.LOG_SECONDS, ("503 for the database, any route,", "503s for the database, any route,"), clock)
 
     def __call__(self, req: falcon.Request, resp: falcon.Response, ex: MaxtwoError, params: dict) -> None:
         more = self._throttle.admit()

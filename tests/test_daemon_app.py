@@ -449,9 +449,9 @@ def test_an_outage_logs_a_line_every_ten_seconds_not_one_per_request(database_ur
         lines += [(at, record.getMessage()) for record in caplog.records]
     assert lines == [
         (1000.0, "GET '/': 503: down"),
-        (1010.0, "GET '/': 503: down (2 more 503s for the database since the last such line)"),
+        (1010.0, "GET '/': 503: down (2 more 503s for the database, any route, since the last such line)"),
         # (An earlier outage's, maybe: the line says when, rather than seem to follow them.)
-        (1030.0, "GET '/': 503: down (1 more 503 for the database since the last such line, the last of them 19 s ago)"),
+        (1030.0, "GET '/': 503: down (1 more 503 for the database, any route, since the last such line, the last of them 19 s ago)"),
     ]
 
 

@@ -1797,6 +1797,43 @@ def test_a_request_completed_while_the_drain_lingers_is_dropped_not_run():
     assert received.endswith(big)
 
 
+def test_a_kept_connection_quiet_at_the_drain_is_closed_then_and_runs_nothing_more():
+    """Closed as the drain begins, not when the drain ends: a request its client (nginx) sends
+    down it while another connection's answer keeps the drain going must not be run (a GET
+    records a query, a POST applies an increment) only to be cut off unanswered (a review's
+    mutant: the drop flag set, the close not)."""
+    calls: list[str] = []
+
+    def app(environ, start_response):
+        calls.append(environ["PATH_INFO"])
+        time.sleep(2.0 if environ["PATH_INFO"] == "/slow" else 0)
+        return hello(environ, start_response)
+
+    with running(app, threads=2) as served:
+        kept = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        kept.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"hello"):
+            answer += kept.recv(65536)
+        busy = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        busy.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_for(lambda: "/slow" in calls, "the slow request running")
+        time.sleep(transport.QUIET_SECONDS + 0.1)  # the kept connection quiet
+        [channel] = [each for each in served.server.active_channels.values()
+                     if tuple(each.addr) == kept.getsockname()]
+        drained = drain_in_a_thread(served)
+        wait_for(lambda: getattr(channel, "discarding", False), "the drain's look at the kept connection")
+        sent_at = time.monotonic()
+        late = sent_and_answered(kept, b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")
+        closed_after = time.monotonic() - sent_at
+        assert read_all(busy).endswith(b"hello")  # the drain answers what it had read
+        drained.join(10)
+        kept.close()
+        busy.close()
+    assert (calls, late) == (["/a", "/slow"], b"")
+    assert closed_after < 1.2  # not when the slow answer ends the drain
+
+
 def test_at_a_drain_the_last_answer_of_a_connection_says_that_it_closes():
     """The answers of a drain had no "Connection: close", so a client that keeps its
     connections (nginx) sent its next request down the closing one, where it was dropped (a

@@ -115,7 +115,10 @@ def test_an_unreachable_postgresql_is_still_one_line_when_psycopg_loads_late():
 
 # Runs the installed `maxtwo` as its script does, after an audit hook (the sys module's) that
 # sends this process a SIGINT as soon as typer starts loading: a Ctrl-C typed while it loads.
-_CTRL_C_WHILE_LOADING = """
+# (First Python's own handler, as in a shell's foreground: a job started in the background by a
+# script inherits SIGINT ignored, and maxtwo leaves it so.)
+_AS_IN_A_TERMINAL = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+_CTRL_C_WHILE_LOADING = _AS_IN_A_TERMINAL + """
 import os, runpy, signal, sys
 def interrupt(event, args):
     if event == "import" and args[0] == "typer":
@@ -134,9 +137,17 @@ def test_ctrl_c_while_the_command_loads_ends_it_quietly(args):
     assert (done.returncode, done.stdout, done.stderr) == (-signal.SIGINT, "", "")
 
 
+def test_a_sigint_ignored_from_the_start_stays_ignored():
+    """As for a job a script started in the background: the command runs on to its end."""
+    ignored = _CTRL_C_WHILE_LOADING.replace(_AS_IN_A_TERMINAL, "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)\n")
+    done = subprocess.run([sys.executable, "-c", ignored, str(MAXTWO), "--version"],
+                          env=_environment(), capture_output=True, text=True, timeout=60, check=False)
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"maxtwo {__version__}\n", "")
+
+
 def test_ctrl_c_once_loaded_is_still_the_commands_to_answer():
     """The default action lasts only while the command loads: then Python's handler is back."""
-    probe = ("import signal, sys; from maxtwo_cli.__main__ import main; sys.argv = ['maxtwo', '--version'];"
+    probe = _AS_IN_A_TERMINAL + ("import signal, sys; from maxtwo_cli.__main__ import main; sys.argv = ['maxtwo', '--version'];"
              "import atexit; atexit.register(lambda: print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)); main()")
     done = subprocess.run([sys.executable, "-c", probe], env=_environment(),
                           capture_output=True, text=True, timeout=60, check=False)

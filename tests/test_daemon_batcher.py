@@ -552,9 +552,9 @@ class NoteKind:
 
 
 @contextlib.contextmanager
-def queries_and_notes(engine, monkeypatch):
+def queries_and_notes(engine, monkeypatch, **options):
     """A batcher with queries and notes, whose first batch starts only once everything the test
-    submits has queued: all of it lands in one batch."""
+    submits has queued: all of it lands in one batch. `options`: more of the Batcher's."""
     NOTES.create(engine)
     gate = threading.Event()
     real_apply = QueryKind.apply
@@ -565,7 +565,8 @@ def queries_and_notes(engine, monkeypatch):
 
     monkeypatch.setattr(QueryKind, "apply", gated)
     parts: list[tuple[str, int]] = []
-    batcher = Batcher(engine, [QueryKind(), NoteKind()], max_wait=30, on_batch=lambda kind, outcomes: parts.append((kind, len(outcomes))))
+    batcher = Batcher(engine, [QueryKind(), NoteKind()], max_wait=30,
+                      on_batch=lambda kind, outcomes: parts.append((kind, len(outcomes))), **options)
     try:
         yield batcher, gate, parts
     finally:
@@ -622,6 +623,36 @@ def test_a_kind_that_raises_fails_its_own_part_and_the_rest_commits(seeded, two_
     # And the batcher goes on.
     assert batcher.submit("note", "after") == "noted after"
     assert notes(seeded) == {"after"}
+
+
+def test_a_part_that_raises_after_another_committed_shares_its_error_with_nobody_queued(seeded, monkeypatch):
+    """A part that fails after another part of its batch committed fails alone: the batch counts
+    as committed (on_commit), and whoever queued while it ran is tried in the next batch rather
+    than handed its error."""
+    notes_running, notes_release = threading.Event(), threading.Event()
+    real_notes = NoteKind._notes
+
+    def held_notes(self, held, payloads):
+        notes_running.set()
+        notes_release.wait(10)
+        return real_notes(self, held, payloads)
+
+    monkeypatch.setattr(NoteKind, "_notes", held_notes)
+    commits: list[float] = []
+    with queries_and_notes(seeded, monkeypatch, on_commit=commits.append) as (batcher, gate, _):
+        opener = batcher.enqueue("query", [None])  # its batch waits at the gate
+        wait_for(lambda: batcher.running_for() > 0, "the opener's batch at the gate")
+        query, noted = batcher.enqueue("query", [None]), batcher.enqueue("note", ["raise"])  # the next batch
+        gate.set()
+        assert notes_running.wait(10)  # the queries committed and were answered; the notes run
+        later = batcher.enqueue("query", [None])
+        notes_release.set()
+        assert isinstance(batcher.outcomes(noted)[0], RuntimeError)
+        [result] = batcher.outcomes(later)
+        assert isinstance(result, QueryResult), result
+        assert result.previous == batcher.outcomes(query)[0].recorded_at
+        assert isinstance(batcher.outcomes(opener)[0], QueryResult)
+    assert len(commits) == 3  # the opener's batch, the one whose queries committed, the later one
 
 
 def test_a_driver_error_inside_a_kind_fails_its_part_alone(seeded, two_kinds):

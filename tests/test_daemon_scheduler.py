@@ -431,6 +431,23 @@ def test_a_make_up_run_ending_just_after_the_boundary_skips_it_only_if_it_random
     assert ("skipped: the previous one ran past this boundary" in caplog.text) is randomized
 
 
+def test_at_a_60_s_interval_a_boundary_waits_a_second_for_the_run_before_it_not_longer(monkeypatch, caplog):
+    """At the default interval a boundary waits OVERLAP_GRACE_SECONDS (1 s; a quarter of the
+    interval only if less) for the run before it to end, no longer: a run still going then makes
+    the boundary skip as an overlap, even one that stands back a moment later."""
+
+    def make_up_ends() -> RandomizeResult | None:
+        # Ends once the boundary has skipped (a second of real time), or after several seconds.
+        deadline = time.monotonic() + 8.0
+        while "skipped: the previous one is still running" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return None
+
+    recorder, metrics = make_up_just_before_a_boundary(monkeypatch, caplog, make_up_ends)
+    assert [due_at.timestamp() for _, due_at in recorder.calls] == [SLOT]
+    assert sample(metrics, "maxtwo_randomize_skipped_total", reason="overlap") == 1
+
+
 def test_a_make_up_run_failing_just_after_the_boundary_names_the_run_that_follows_it(monkeypatch, caplog):
     """It ends within the grace: the boundary's run, which waited for it, follows at once (the
     log said the slot after it retries)."""

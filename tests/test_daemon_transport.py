@@ -822,6 +822,94 @@ def test_the_lane_submits_what_arrived_before_it_answers_the_committed_batch():
     assert events == ["submit 1", "submit 1", "answer", "answer"]
 
 
+def test_a_lane_batch_takes_at_most_max_batch_requests_and_the_rest_follow():
+    # One transaction's worth at most: requests queued while a batch is in flight go in batches
+    # of max_batch, whatever their number.
+    max_batch, later = 2, 5
+    committed = threading.Event()
+    submitted: list[int] = []
+    wakes: list = []
+
+    def submit(requests, wake):
+        submitted.append(len(requests))
+        wakes.append(wake)
+        return len(submitted), len(requests)  # (the batch's number, its size)
+
+    def ready(batch):
+        return batch[0] != 1 or committed.is_set()
+
+    def collect(batch, timeout):
+        return [None] * batch[1]
+
+    with running(hello, lanes=lanes_for(submit, ready, collect, max_batch=max_batch, max_wait=10)) as live:
+        lane_queue = live.transport.server.task_dispatcher._lane_of["GET", "/"].queue
+        statuses: list[int] = []
+        clients = [threading.Thread(target=lambda: statuses.append(get(live.connect()).status)) for _ in range(1 + later)]
+        clients[0].start()
+        wait_for(lambda: submitted == [1], "the first request's batch")
+        for client in clients[1:]:
+            client.start()
+        wait_for(lambda: len(lane_queue) == later, "the later requests in the lane")
+        committed.set()
+        wakes[0]()
+        for client in clients:
+            client.join(10)
+    assert statuses == [200] * (1 + later)
+    assert submitted == [1, 2, 2, 1]
+
+
+def test_a_request_in_a_batch_with_a_later_one_waits_at_most_max_wait_from_its_own_arrival():
+    # As in a request thread of its own, a request waits for the database at most max_wait from
+    # its arrival: in a batch with a request that came later, the oldest's arrival bounds the
+    # wait for the batch's outcomes, not the newest's.
+    max_wait, gap = 2.0, 1.5
+    first_committed = threading.Event()
+    frozen = threading.Event()  # never set: the second batch's database never answers
+    wakes: list = []
+    answered: list[tuple[float, float, int]] = []  # (arrived, seconds until answered, status)
+
+    def submit(requests, wake):
+        wakes.append(wake)
+        return len(wakes), len(requests)  # (the batch's number, its size)
+
+    def ready(batch):
+        return batch[0] == 1 and first_committed.is_set()
+
+    def collect(batch, timeout):
+        if batch[0] == 1:
+            return [None]
+        frozen.wait(timeout)  # waits out whatever time it is given
+        return [TimeoutError("no answer from the database")] * batch[1]
+
+    def app(environ, start_response):
+        arrived = environ[ARRIVED_AT]
+        failed = isinstance(environ[PREFETCHED_ANSWER], Exception)
+        answered.append((arrived, time.perf_counter() - arrived, 503 if failed else 200))
+        start_response("503 Service Unavailable" if failed else "200 OK", [("Content-Length", "0")])
+        return [b""]
+
+    with running(app, lanes=lanes_for(submit, ready, collect, max_batch=256, max_wait=max_wait)) as live:
+        lane_queue = live.transport.server.task_dispatcher._lane_of["GET", "/"].queue
+        clients = [threading.Thread(target=lambda: get(live.connect())) for _ in range(3)]
+        clients[0].start()
+        wait_for(lambda: len(wakes) == 1, "the first request's batch")
+        clients[1].start()
+        wait_for(lambda: len(lane_queue) == 1, "the second request in the lane")
+        time.sleep(gap)  # (only makes the third come well after the second)
+        clients[2].start()
+        wait_for(lambda: len(lane_queue) == 2, "the third request in the lane")
+        first_committed.set()
+        wakes[0]()
+        for client in clients:
+            client.join(20)
+    assert len(wakes) == 2  # the second and third made one batch
+    [(_, _, first), second, third] = sorted(answered)
+    assert first == 200 and second[2] == third[2] == 503
+    assert third[0] - second[0] >= gap
+    # From the third's arrival it would be max_wait + gap.
+    assert max_wait <= second[1] < max_wait + gap / 2, second
+
+
 def test_the_latency_histogram_counts_the_wait_for_the_batch(served, monkeypatch):
     slowed_queries(monkeypatch, 0.3)
     assert get(served.connect()).status == 200

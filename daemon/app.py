@@ -194,7 +194,8 @@ def batch_timeout(settings: Settings) -> float:
 
     NOTE: not a hard bound. A batch may wait for a lock once per commit (on SQLite a batch of
     both kinds: its queries, its increments' statement and, rarely, a transaction for the increments that
-    statement left out); a caller that gives up gets a 503, an unknown outcome
+    statement left out; and its queries' statement once more, up to twice, when the users changed
+    while it waited: core/query.py); a caller that gives up gets a 503, an unknown outcome
     (docs/reliability.md)."""
     return settings.connect_timeout + 2 * settings.statement_timeout
 

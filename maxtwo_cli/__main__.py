@@ -9,7 +9,7 @@ def main() -> None:
     NOTE: loading takes 0.05-0.3 s (typer; a command's own imports come later, inside it), and
     Python's SIGINT handler would turn a Ctrl-C then into a traceback. Until the command can
     answer it in one line, SIGINT gets its default action: the process ends as a shell expects
-    (status 130), without a word. (If it was ignored, as for a job started with `&`, it stays so.)
+    (status 130), without a word. (If it was ignored, as for a job a script starts with `&`, it stays so.)
     """
     loading_handler = signal.getsignal(signal.SIGINT)
     if loading_handler is signal.default_int_handler:

@@ -366,6 +366,7 @@ def test_sqlite_a_query_waiting_for_a_reset_answers_from_the_users_it_made(tmp_p
     resetter = db.create_engine(Settings(database_url=url))
     waiting: list[threading.Thread] = []
     results: list[QueryResult] = []
+    resumed_at: list[dt.datetime] = []
 
     def query_while_the_reset_holds_its_locks(done: int, _total: int) -> None:
         if waiting:
@@ -375,13 +376,13 @@ def test_sqlite_a_query_waiting_for_a_reset_answers_from_the_users_it_made(tmp_p
         worker.start()
         time.sleep(1.0)
         assert worker.is_alive()  # ordering: its snapshot is taken; it waits for the lock
+        resumed_at.append(utcnow())  # the reset goes on to commit from here
 
     reset = seed_users(resetter, 3, reset=True, on_progress=query_while_the_reset_holds_its_locks)
-    committed_at = utcnow()
     waiting[0].join(30)
     [during] = results
     assert (during.users, during.previous, during.epoch) == ((), None, reset.epoch)
-    assert during.recorded_at >= committed_at > before.recorded_at
+    assert during.recorded_at > resumed_at[0] > before.recorded_at  # not its stale send time
     after = query_users(engine)
     assert after.previous == during.recorded_at
     engine.dispose()

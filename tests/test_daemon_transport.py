@@ -862,7 +862,7 @@ def test_a_request_in_a_batch_with_a_later_one_waits_at_most_max_wait_from_its_o
     # As in a request thread of its own, a request waits for the database at most max_wait from
     # its arrival: in a batch with a request that came later, the oldest's arrival bounds the
     # wait for the batch's outcomes, not the newest's.
-    max_wait, gap = 2.0, 1.5
+    max_wait, gap = 3.0, 2.0
     first_committed = threading.Event()
     frozen = threading.Event()  # never set: the second batch's database never answers
     wakes: list = []

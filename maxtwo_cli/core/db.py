@@ -518,10 +518,11 @@ def _translate(engine: Engine, original: BaseException | None) -> MaxtwoError:
         )
     if psycopg is not None and isinstance(original, psycopg.errors.InvalidSchemaName):
         # "no schema has been selected to create in": search_path (?options=-csearch_path%3D...)
-        # names none that exists.
+        # names none that exists and that the role may use (PostgreSQL skips the others).
         return ConfigurationError(
             f"the database at {where} refused: {detail}; create the schema that search_path names "
-            "(CREATE SCHEMA name AUTHORIZATION role), or name one that exists"
+            "(CREATE SCHEMA name AUTHORIZATION role), or let the role use it (GRANT USAGE, CREATE ON "
+            "SCHEMA name TO role), or name another"
         )
     if isinstance(original, sqlite3.DatabaseError) and "not a database" in detail:
         return SchemaMismatchError(

@@ -172,8 +172,9 @@ def query_users_batch(engine: Engine, count: int, cache: AnswerCache | None = No
 def run_query_batch(held: HeldConnection, count: int, cache: AnswerCache | None = None) -> list[QueryResult]:
     """query_users_batch() on a held connection: for a caller that runs batch after batch.
 
-    One statement: on its own it is its own transaction; inside held.transaction() it commits
-    with the rest."""
+    One statement: on its own it is its own transaction (on SQLite sent again if its snapshot
+    proved old: _query_sqlite); inside held.transaction() it commits with the rest (on SQLite
+    without that retry's fresh snapshot: a transaction keeps its first; no caller does so)."""
     if count < 1:
         raise ValueError("count must be >= 1")
     cached = cache.get() if cache is not None else None
@@ -293,7 +294,10 @@ _SQLITE_QUERY = sa.text(
 )
 _SQLITE_STATEMENT = _DriverStatement(_SQLITE_QUERY, sqlite_pysqlite.dialect())
 # A second attempt starts after the newer users committed (SQLite commits the main file before
-# the query-state file), so it sees them; a third covers a reset during that one.
+# the query-state file), so it sees them, unless they changed once more while it waited too
+# and another query got the lock first; the third then answers from the users it sees, as it
+# must after an older copy of the main file was restored. Each attempt is bounded as any
+# statement is; the later ones come only after the users changed during a wait.
 _SQLITE_ATTEMPTS = 3
 
 
@@ -311,8 +315,7 @@ def _query_sqlite(
                 cached_epoch=cached[0] if cached else None,
                 max_points=MAX_POINTS,
                 answer_size=ANSWER_SIZE,
-                # The last attempt takes the users as they are: the main file can only stay
-                # behind the query-state file if an older copy of it was restored.
+                # The last attempt takes the users as they are (_SQLITE_ATTEMPTS).
                 any_snapshot=attempt == _SQLITE_ATTEMPTS - 1,
             ),
         ).fetchall()

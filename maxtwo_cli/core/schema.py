@@ -220,7 +220,7 @@ def ensure_schema(engine: Engine) -> None:
         tables = _tables_of(conn)
         _refuse_another_programs_users(conn, tables)
         if not postgres:
-            _refuse_a_lost_query_file(conn)
+            _refuse_a_query_file_without_counters(conn)
             _move_counters_to_their_file(conn)  # before the tables are created: it copies to new ones
         for table in tables:
             table.create(conn, checkfirst=True)
@@ -339,10 +339,11 @@ def _copy_old_query_state(conn: sa.Connection) -> None:
     )
 
 
-def _refuse_a_lost_query_file(conn: sa.Connection) -> None:
+def _refuse_a_query_file_without_counters(conn: sa.Connection) -> None:
     """The guard is made once the counters live in the query-state file: with it there and
-    they not, that file went missing (copied without it, half a backup restored), and making
-    it anew would start every total at 0 and forget every Idempotency-Key, silently."""
+    they not, the file there is not the one that held them (another database's, made by hand):
+    making the counters anew would start every total at 0 and forget every Idempotency-Key,
+    silently. (A file missing or empty is refused before it is attached: db.py.)"""
     inspector = sa.inspect(conn)
     if _OLDER_VERSION_GUARD in inspector.get_view_names(schema="main") and not inspector.has_table(
         "counters", schema=SQLITE_QUERY_SCHEMA

@@ -144,6 +144,20 @@ def test_a_clock_that_stepped_back_still_makes_a_strictly_increasing_chain(seede
     assert batch[0].previous == first.recorded_at
 
 
+def test_the_first_query_after_a_reset_records_a_time_after_every_one_before(seeded):
+    """The chain starts over (no previous time), but time does not go back: the last query's
+    time, recorded by a clock since set back (or, on SQLite, taken before its query waited
+    behind the reset), stays the floor through one reset or several."""
+    future = utcnow() + dt.timedelta(hours=1)
+    with seeded.begin() as conn:
+        conn.execute(schema.query_state.update().values(last_query_at=future))
+    seed_users(seeded, 10, reset=True)
+    seed_users(seeded, 10, reset=True)
+    first = query_users(seeded)
+    assert (first.previous, first.recorded_at) == (None, future + TICK)
+    assert query_users(seeded).previous == first.recorded_at
+
+
 def test_sqlite_records_the_time_the_query_was_sent(tmp_path, monkeypatch):
     """SQLite has no clock of its own here: the time is Python's, taken as the statement is
     sent (PostgreSQL's is the server's, so it cannot be pinned this way)."""

@@ -36,7 +36,8 @@ _TICK = dt.timedelta(microseconds=1)
 # - `previous` locks the query-state row (FOR UPDATE re-reads the newest committed version), so
 #   concurrent queries queue on it and each one gets its predecessor's time;
 # - the recorded time is the database clock, nudged past the previous one so that the chain is
-#   strictly increasing even if the clock steps back;
+#   strictly increasing even if the clock steps back (after a `seed --reset`, past the time
+#   recorded before it, which the reset keeps in previous_query_at: schema.forget_the_last_query);
 # - `state` and the users come from the statement's snapshot: they belong to one epoch, and a
 #   running randomization (which locks other rows) never blocks this;
 # - the users are only read when the caller has no cached answer for this epoch, and never when
@@ -44,11 +45,12 @@ _TICK = dt.timedelta(microseconds=1)
 _POSTGRES_QUERY = sa.text(
     """
     WITH previous AS (
-        SELECT last_query_at FROM query_state WHERE id = 1 FOR UPDATE
+        SELECT last_query_at, previous_query_at FROM query_state WHERE id = 1 FOR UPDATE
     ), recorded AS (
         UPDATE query_state
         SET last_query_at = greatest(
-            clock_timestamp(), previous.last_query_at + interval '1 microsecond')
+            clock_timestamp(),
+            coalesce(previous.last_query_at, previous.previous_query_at) + interval '1 microsecond')
             + (CAST(:count AS integer) - 1) * interval '1 microsecond',
             previous_query_at = previous.last_query_at
         FROM previous
@@ -261,7 +263,8 @@ def _postgres_statement() -> _DriverStatement:
 # - SET sees the row as it was, so previous_query_at keeps the time being replaced and
 #   RETURNING (which shows only new values) can return it;
 # - the recorded time is `now` from Python (taken as the statement is sent, before any wait for
-#   a randomization's write lock), nudged past the previous one, in microseconds;
+#   the query state's lock), nudged past the previous one (or, after a reset, past the time
+#   recorded before it, as on PostgreSQL), in microseconds;
 # - the users are only read when the caller has no cached answer for this epoch, and never when
 #   max_number is 100; a subquery of RETURNING must be one value, hence "id points,id points";
 # - the snapshot is taken as the statement starts, before it may wait for the query state's
@@ -276,7 +279,7 @@ _SQLITE_QUERY = sa.text(
     """
     UPDATE query_state
     SET previous_query_at = last_query_at,
-        last_query_at = max(:now, coalesce(last_query_at + 1, :now)) + :count - 1,
+        last_query_at = max(:now, coalesce(coalesce(last_query_at, previous_query_at) + 1, :now)) + :count - 1,
         users_epoch = (SELECT epoch FROM randomizer_state WHERE id = 1)
     WHERE id = 1
       AND (:any_snapshot OR users_epoch IS NULL OR users_epoch <= (SELECT epoch FROM randomizer_state WHERE id = 1))

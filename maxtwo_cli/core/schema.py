@@ -127,6 +127,7 @@ query_state = sa.Table(
     sa.Column("last_query_at", UtcTimestamp(), nullable=True),
     # What the last query got as its previous time. NOTE: SQLite's RETURNING shows only new
     # values, so keeping the old one in the row is what lets a query be one statement there.
+    # After a `seed --reset`, the last time recorded before it (forget_the_last_query).
     sa.Column("previous_query_at", UtcTimestamp(), nullable=True),
     sa.CheckConstraint("id = 1", name="query_state_single_row"),
 )
@@ -270,9 +271,16 @@ def _query_state_of(conn: sa.Connection) -> sa.Table:
 
 def forget_the_last_query(conn: sa.Connection, users_epoch: int) -> None:
     """What `seed --reset` does to the query state, in its transaction: the next query is the
-    first ever (no previous time), and on SQLite none answers from the users it replaced."""
+    first ever (no previous time), and on SQLite none answers from the users it replaced.
+
+    The last time recorded before stays, as previous_query_at, for the next query to record a
+    later one: SQLite's time is taken before the statement waits (behind this reset, say), and
+    a recorded time earlier than those already answered would go back (a review)."""
     table = _query_state_of(conn)
-    values: dict[str, Any] = {"last_query_at": None, "previous_query_at": None}
+    values: dict[str, Any] = {
+        "last_query_at": None,
+        "previous_query_at": sa.func.coalesce(table.c.last_query_at, table.c.previous_query_at),
+    }
     if "users_epoch" in table.c:
         values["users_epoch"] = users_epoch
     conn.execute(table.update().values(values))

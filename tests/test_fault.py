@@ -778,6 +778,7 @@ def test_a_read_only_database_file_gets_503_and_exit_1_then_recovers(tmp_path, r
         # NOTE: not the -shm file: SQLite maps it into memory, and a refused write through a
         # mapping is a SIGBUS for any program (the daemon's faulthandler logs it; systemd
         # restarts). A read-only file system refuses the file and its journal like this.
+        descriptors_before = len(os.listdir(f"/proc/{daemon.process.pid}/fd"))
         with Clients(daemon.base) as clients:
             files = [path.with_name(path.name + suffix) for suffix in ("", "-wal", "-query", "-query-wal")]
             with immutable(*files, directory):
@@ -787,6 +788,11 @@ def test_a_read_only_database_file_gets_503_and_exit_1_then_recovers(tmp_path, r
                 query = maxtwo(url, "query")
             made_writable = time.monotonic()
             time.sleep(1.5)
+        # Each failed batch replaces its SQLite connection; each replaced one kept both files
+        # open for good (hundreds a second: at systemd's default limit of 1,024, every request
+        # then failed; a review). The clients' connections are closed by now.
+        descriptors_after = len(os.listdir(f"/proc/{daemon.process.pid}/fd"))
+        assert descriptors_after < descriptors_before + 20, (descriptors_before, descriptors_after)
         while_read_only = [s for s in clients.between(read_only_from, made_writable) if s[0] + s[1] < made_writable]
         recovered = [s for s in clients.between(made_writable, time.monotonic()) if s[2] == 200]
         assert maxtwo(url, "randomize").returncode == 0

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import sqlite3
 import threading
 import time
 
@@ -12,7 +13,7 @@ from maxtwo_cli.core import db, schema
 from maxtwo_cli.core import randomize as randomize_module
 from maxtwo_cli.core.clock import utcnow
 from maxtwo_cli.core.errors import DatabaseBusyError, MaxtwoError, RandomizationInProgressError
-from maxtwo_cli.core.randomize import RANDOMIZE_LOCK_KEY, randomize_if_due, randomize_points
+from maxtwo_cli.core.randomize import RANDOMIZE_LOCK_KEY, RandomizeResult, randomize_if_due, randomize_points
 from maxtwo_cli.core.schema import MAX_POINTS, draw_max_number
 from maxtwo_cli.core.seed import seed_users
 from maxtwo_cli.core.settings import Settings
@@ -209,14 +210,45 @@ def test_a_manual_run_does_not_stand_in_for_the_scheduled_one(seeded, before_the
     assert randomize_if_due(seeded, due_at=due_at, interval=60) is None
 
 
-def test_the_slot_is_the_daemons_boundary_not_the_databases_clock(seeded, monkeypatch):
-    # A daemon whose clock is ahead of the database's (or behind) still runs once per slot.
+def test_the_slot_is_the_daemons_boundary_not_the_databases_clock(postgres_engine, monkeypatch):
+    # A daemon whose clock is ahead of the database server's (or behind) still runs once per
+    # slot. (On SQLite the database's clock is the daemon's: the host's.)
+    seed_users(postgres_engine, 100)
     far = utcnow() + dt.timedelta(minutes=10)
     monkeypatch.setattr(randomize_module, "utcnow", lambda: far)  # the daemon's clock
-    assert randomize_if_due(seeded, due_at=far, interval=60) is not None
-    assert randomize_if_due(seeded, due_at=far, interval=60) is None
-    assert randomize_if_due(seeded, due_at=far + dt.timedelta(seconds=60), interval=60) is not None
-    assert randomize_if_due(seeded, due_at=far + dt.timedelta(seconds=60.001), interval=60) is None
+    assert randomize_if_due(postgres_engine, due_at=far, interval=60) is not None
+    assert randomize_if_due(postgres_engine, due_at=far, interval=60) is None
+    assert randomize_if_due(postgres_engine, due_at=far + dt.timedelta(seconds=60), interval=60) is not None
+    assert randomize_if_due(postgres_engine, due_at=far + dt.timedelta(seconds=60.001), interval=60) is None
+
+
+def test_sqlite_a_run_that_waited_for_the_lock_finds_the_slot_recorded_meanwhile(tmp_path):
+    """Another daemon holds the write lock past this run's boundary and records a later slot:
+    once it has the lock, this run stands back. With the clock read before it waited, that slot
+    looked recorded by a clock that was ahead: the run went ahead, randomized a second time in
+    the interval and moved scheduled_for back (a review)."""
+    path = tmp_path / "maxtwo.db"
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}", statement_timeout=30.0))
+    schema.ensure_schema(engine)
+    seed_users(engine, 100)
+    interval = 2.0
+    due_at = utcnow()
+    later_slot = due_at + dt.timedelta(seconds=2 * interval)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("UPDATE randomizer_state SET scheduled_for = ?", (schema.to_microseconds(later_slot),))
+    outcome: list[RandomizeResult | None] = []
+    late = threading.Thread(target=lambda: outcome.append(randomize_if_due(engine, due_at=due_at, interval=interval)))
+    late.start()
+    time.sleep(interval + 0.5)  # past the time it would have taken for "an interval ahead"
+    assert late.is_alive()  # ordering: it waits for the lock
+    holder.execute("COMMIT")
+    holder.close()
+    late.join(30)
+    assert outcome == [None]
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(schema.randomizer_state.c.scheduled_for)) == later_slot
+    engine.dispose()
 
 
 @pytest.mark.parametrize("ahead", [dt.timedelta(days=365), dt.timedelta(minutes=5), dt.timedelta(seconds=90)])

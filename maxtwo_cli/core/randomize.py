@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import time
 from collections.abc import Callable
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -158,6 +159,21 @@ def _timed(outcome: tuple[int, dt.datetime, int], started: float) -> RandomizeRe
     )
 
 
+def _an_interval_ahead(conn: sa.Connection, interval: float) -> sa.ColumnElement[Any] | dt.datetime:
+    """This process's clock plus `interval`, read when the state row is locked.
+
+    NOTE: on SQLite the statement may first wait for the write lock (up to the busy timeout), and
+    a time taken before that made a slot that another daemon recorded meanwhile look recorded
+    by a clock that was ahead: a late run went ahead, randomized the slot a second time and
+    moved scheduled_for back (a review). SQLite's clock is this host's, read as the statement
+    runs. On PostgreSQL the scheduled run holds its advisory lock already: now is fresh."""
+    if is_postgres(conn):
+        return utcnow() + dt.timedelta(seconds=interval)
+    return sa.literal_column(
+        f"CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER) + {round(interval * 1_000_000)}"
+    )
+
+
 def randomize_in_transaction(
     conn: sa.Connection, *, slot: tuple[dt.datetime, float] | None = None, at: dt.datetime | None = None
 ) -> tuple[int, dt.datetime, int] | None:
@@ -193,9 +209,8 @@ def randomize_in_transaction(
     if slot is not None:
         due_at, interval = slot
         last = randomizer_state.c.scheduled_for
-        ahead = utcnow() + dt.timedelta(seconds=interval)
         new_state = new_state.values(scheduled_for=due_at).where(
-            sa.or_(last.is_(None), last < due_at - dt.timedelta(seconds=interval / 2), last > ahead)
+            sa.or_(last.is_(None), last < due_at - dt.timedelta(seconds=interval / 2), last > _an_interval_ahead(conn, interval))
         )
     state = conn.execute(
         new_state.returning(randomizer_state.c.epoch, randomizer_state.c.randomized_at)

@@ -154,7 +154,11 @@ def openapi_document() -> dict[str, Any]:
                             "A missing, unknown or repeated field, a wrong type, a value out of range, a key of "
                             "the wrong length; or an Idempotency-Key already used for a different body."
                         ),
-                        "503": _unavailable("The database is unavailable or too many increments wait; retry after Retry-After seconds."),
+                        "503": _unavailable(
+                            "The database is unavailable or too many increments wait; retry after Retry-After "
+                            "seconds. The increment may have been applied all the same: retry with the same "
+                            "Idempotency-Key."
+                        ),
                         **common_errors,
                     },
                 }

@@ -144,18 +144,32 @@ def test_a_clock_that_stepped_back_still_makes_a_strictly_increasing_chain(seede
     assert batch[0].previous == first.recorded_at
 
 
-def test_the_first_query_after_a_reset_records_a_time_after_every_one_before(seeded):
-    """The chain starts over (no previous time), but time does not go back: the last query's
-    time, recorded by a clock since set back (or, on SQLite, taken before its query waited
-    behind the reset), stays the floor through one reset or several."""
+def test_sqlite_a_query_timed_before_a_reset_records_past_every_time_before_it(tmp_path, monkeypatch):
+    """The chain starts over (no previous time), but time does not go back: a query whose time
+    was taken before it waited behind the reset recorded a time earlier than ones already
+    answered (a review). The last time recorded stays the floor, through several resets."""
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}"))
+    schema.ensure_schema(engine)
+    last = query_users(engine).recorded_at
+    seed_users(engine, 10, reset=True)
+    seed_users(engine, 10, reset=True)
+    monkeypatch.setattr(query_module, "utcnow", lambda: last - dt.timedelta(seconds=1))  # taken before its wait
+    first = query_users(engine)
+    assert (first.previous, first.recorded_at) == (None, last + TICK)
+    assert query_users(engine).previous == first.recorded_at
+    engine.dispose()
+
+
+def test_a_reset_clears_a_time_recorded_by_a_clock_that_ran_ahead(seeded):
+    """The floor a reset keeps is never ahead of now: a reset is how to start over after a
+    clock that ran ahead, whose time every query would otherwise go past until it comes."""
     future = utcnow() + dt.timedelta(hours=1)
     with seeded.begin() as conn:
         conn.execute(schema.query_state.update().values(last_query_at=future))
-    seed_users(seeded, 10, reset=True)
+    before_reset = utcnow()
     seed_users(seeded, 10, reset=True)
     first = query_users(seeded)
-    assert (first.previous, first.recorded_at) == (None, future + TICK)
-    assert query_users(seeded).previous == first.recorded_at
+    assert first.previous is None and before_reset < first.recorded_at < future
 
 
 def test_sqlite_records_the_time_the_query_was_sent(tmp_path, monkeypatch):

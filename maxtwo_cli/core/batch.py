@@ -133,7 +133,12 @@ class HeldConnection:
         self._in_transaction = False
         if pooled is None:
             return
-        driver = pooled.driver_connection  # None once invalidated: its cursor went with it
+        driver = pooled.driver_connection  # None once invalidated
+        if driver is None and cursor is not None:
+            # NOTE: on SQLite invalidating does not finalize the cursor's statement, and the
+            # connection's files stay open until it is (_discard).
+            with contextlib.suppress(*driver_errors()):
+                cursor.close()
         if driver is not None:
             try:
                 if cursor is not None:

@@ -160,7 +160,7 @@ def _timed(outcome: tuple[int, dt.datetime, int], started: float) -> RandomizeRe
 
 
 def _an_interval_ahead(conn: sa.Connection, interval: float) -> sa.ColumnElement[Any] | dt.datetime:
-    """This process's clock plus `interval`, read when the state row is locked.
+    """This process's clock plus `interval`, read once the run holds the slot's lock.
 
     NOTE: on SQLite the statement may first wait for the write lock (up to the busy timeout), and
     a time taken before that made a slot that another daemon recorded meanwhile look recorded

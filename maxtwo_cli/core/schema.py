@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Engine
 
+from maxtwo_cli.core.clock import utcnow
 from maxtwo_cli.core.db import (
     SQLITE_COUNTERS_MOVED_GUARD,
     SQLITE_QUERY_SCHEMA,
@@ -275,11 +276,16 @@ def forget_the_last_query(conn: sa.Connection, users_epoch: int) -> None:
 
     The last time recorded before stays, as previous_query_at, for the next query to record a
     later one: SQLite's time is taken before the statement waits (behind this reset, say), and
-    a recorded time earlier than those already answered would go back (a review)."""
+    a recorded time earlier than those already answered would go back (a review). Unless it
+    lies ahead of now: recorded by a clock that ran ahead, which a reset still clears."""
     table = _query_state_of(conn)
+    last = sa.func.coalesce(table.c.last_query_at, table.c.previous_query_at)
+    now = sa.literal(utcnow(), UtcTimestamp())
     values: dict[str, Any] = {
         "last_query_at": None,
-        "previous_query_at": sa.func.coalesce(table.c.last_query_at, table.c.previous_query_at),
+        # (SQLite's min() of a NULL is NULL, PostgreSQL's least() leaves NULLs out: a database
+        # never queried gets no floor, or now.)
+        "previous_query_at": sa.func.least(last, now) if is_postgres(conn) else sa.func.min(last, now),
     }
     if "users_epoch" in table.c:
         values["users_epoch"] = users_epoch

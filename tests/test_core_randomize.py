@@ -251,6 +251,30 @@ def test_sqlite_a_run_that_waited_for_the_lock_finds_the_slot_recorded_meanwhile
     engine.dispose()
 
 
+def test_sqlite_a_randomization_that_waited_for_the_lock_records_when_it_ran(tmp_path):
+    """Its time is read once it holds the write lock: read before, a run that waited recorded
+    a time older than the one that committed ahead of it."""
+    path = tmp_path / "maxtwo.db"
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}", statement_timeout=30.0))
+    schema.ensure_schema(engine)
+    seed_users(engine, 100)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    outcome: list[RandomizeResult] = []
+    waiting = threading.Thread(target=lambda: outcome.append(randomize_points(engine)))
+    waiting.start()
+    time.sleep(1.0)
+    assert waiting.is_alive()  # ordering: it waits for the lock
+    released_at = utcnow()
+    holder.execute("COMMIT")
+    holder.close()
+    waiting.join(30)
+    # (SQLite's clock counts milliseconds: a little slack below.)
+    assert outcome[0].randomized_at > released_at - dt.timedelta(milliseconds=50)
+    assert distinct_updated_at(engine) == [outcome[0].randomized_at]
+    engine.dispose()
+
+
 @pytest.mark.parametrize("ahead", [dt.timedelta(days=365), dt.timedelta(minutes=5), dt.timedelta(seconds=90)])
 def test_a_slot_recorded_by_a_clock_that_was_ahead_stands_in_for_no_later_one(seeded, ahead):
     """A daemon's clock a year ahead for a few seconds (set back since) recorded a slot a year

@@ -169,9 +169,12 @@ def _an_interval_ahead(conn: sa.Connection, interval: float) -> sa.ColumnElement
     runs. On PostgreSQL the scheduled run holds its advisory lock already: now is fresh."""
     if is_postgres(conn):
         return utcnow() + dt.timedelta(seconds=interval)
-    return sa.literal_column(
-        f"CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER) + {round(interval * 1_000_000)}"
-    )
+    return sa.literal_column(f"{_SQLITE_NOW} + {round(interval * 1_000_000)}")
+
+
+# SQLite's clock (the host's), as maxtwo stores times there: integer microseconds since 1970
+# (to the millisecond). Read by the statement as it runs: after its wait for the write lock.
+_SQLITE_NOW = "CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)"
 
 
 def randomize_in_transaction(
@@ -197,7 +200,9 @@ def randomize_in_transaction(
         now: sa.ColumnElement[dt.datetime] | dt.datetime = sa.func.now() if at is None else at
         points = _POSTGRES_POINTS
     else:
-        now = utcnow()
+        # (Read after the wait for the write lock, as _an_interval_ahead: a time read before
+        # could record a randomization as older than one that committed ahead of it.)
+        now = sa.literal_column(_SQLITE_NOW)
         points = _SQLITE_POINTS
     # The state row first: its lock serialises randomizations, and a query that reads the new
     # epoch is guaranteed to read the new points too (same transaction, same snapshot).
@@ -218,5 +223,7 @@ def randomize_in_transaction(
     if state is None:
         return None
     epoch, randomized_at = state
-    rows = conn.execute(users.update().values(points=points, updated_at=now)).rowcount
+    # (On SQLite the time the state row got: another read of the clock would differ.)
+    stamp = now if is_postgres(conn) else randomized_at
+    rows = conn.execute(users.update().values(points=points, updated_at=stamp)).rowcount
     return epoch, randomized_at, rows

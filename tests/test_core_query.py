@@ -160,6 +160,13 @@ def test_sqlite_a_query_timed_before_a_reset_records_past_every_time_before_it(t
     engine.dispose()
 
 
+def test_a_reset_keeps_no_floor_where_no_query_ever_was(engine):
+    seed_users(engine, 10)
+    seed_users(engine, 10, reset=True)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(schema.query_state.c.last_query_at, schema.query_state.c.previous_query_at)).one() == (None, None)
+
+
 def test_a_reset_clears_a_time_recorded_by_a_clock_that_ran_ahead(seeded):
     """The floor a reset keeps is never ahead of now: a reset is how to start over after a
     clock that ran ahead, whose time every query would otherwise go past until it comes."""

@@ -133,12 +133,8 @@ class HeldConnection:
         self._in_transaction = False
         if pooled is None:
             return
-        driver = pooled.driver_connection  # None once invalidated
-        if driver is None and cursor is not None:
-            # NOTE: on SQLite invalidating does not finalize the cursor's statement, and the
-            # connection's files stay open until it is (_discard).
-            with contextlib.suppress(*driver_errors()):
-                cursor.close()
+        # None once invalidated (on SQLite its cursor must be closed before: _discard).
+        driver = pooled.driver_connection
         if driver is not None:
             try:
                 if cursor is not None:

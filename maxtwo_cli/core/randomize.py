@@ -172,9 +172,10 @@ def _an_interval_ahead(conn: sa.Connection, interval: float) -> sa.ColumnElement
     return sa.literal_column(f"{_SQLITE_NOW} + {round(interval * 1_000_000)}")
 
 
-# SQLite's clock (the host's), as maxtwo stores times there: integer microseconds since 1970
-# (to the millisecond). Read by the statement as it runs: after its wait for the write lock.
-_SQLITE_NOW = "CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)"
+# SQLite's clock (the host's), as maxtwo stores times there: integer microseconds since 1970,
+# in whole milliseconds (julianday's own precision; unrounded, floating-point error left some
+# 20 us off). Read by the statement as it runs: after its wait for the write lock.
+_SQLITE_NOW = "CAST(round((julianday('now') - 2440587.5) * 86400000) AS INTEGER) * 1000"
 
 
 def randomize_in_transaction(

@@ -277,15 +277,17 @@ def forget_the_last_query(conn: sa.Connection, users_epoch: int) -> None:
     The last time recorded before stays, as previous_query_at, for the next query to record a
     later one: SQLite's time is taken before the statement waits (behind this reset, say), and
     a recorded time earlier than those already answered would go back (a review). Unless it
-    lies ahead of now: recorded by a clock that ran ahead, which a reset still clears."""
+    lies more than a second ahead of the clock the queries use (a small step of the clock is
+    kept): recorded by a clock that ran ahead, which a reset still clears."""
     table = _query_state_of(conn)
     last = sa.func.coalesce(table.c.last_query_at, table.c.previous_query_at)
-    now = sa.literal(utcnow(), UtcTimestamp())
+    if is_postgres(conn):
+        soon: sa.ColumnElement[Any] = sa.literal_column("clock_timestamp() + interval '1 second'")
+    else:
+        soon = sa.literal(utcnow() + dt.timedelta(seconds=1), UtcTimestamp())
     values: dict[str, Any] = {
         "last_query_at": None,
-        # (SQLite's min() of a NULL is NULL, PostgreSQL's least() leaves NULLs out: a database
-        # never queried gets no floor, or now.)
-        "previous_query_at": sa.func.least(last, now) if is_postgres(conn) else sa.func.min(last, now),
+        "previous_query_at": sa.case((last <= soon, last), else_=None),
     }
     if "users_epoch" in table.c:
         values["users_epoch"] = users_epoch

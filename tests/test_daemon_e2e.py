@@ -235,8 +235,11 @@ def test_sd_notify_ready_watchdog_stopping(tmp_path):
         messages += notifications(listener)
     listener.close()
     assert messages[0] == "READY=1"
-    assert messages.count("WATCHDOG=1") >= 4  # every 0.5 s (half of WATCHDOG_USEC): about 8
-    assert messages[-1] == "STOPPING=1"
+    assert messages.count("WATCHDOG=1") >= 6  # every 0.25 s (a quarter of WATCHDOG_USEC): about 16
+    assert messages.count("STOPPING=1") == 1
+    # The drain still tells the watchdog that its loop turns: a ping may follow STOPPING=1
+    # (one did in a CI run, once pings came every quarter of the interval), nothing else.
+    assert set(messages[messages.index("STOPPING=1") + 1:]) <= {"WATCHDOG=1"}
 
 
 @pytest.mark.slow  # its own PostgreSQL server, stopped and started

@@ -122,3 +122,20 @@ def wait_for(condition: Callable[[], bool], what: str, seconds: float = 10) -> N
     while not condition():
         assert time.monotonic() < deadline, f"never saw {what}"
         time.sleep(0.01)
+
+
+def prepare(database_url: str, users_count: int = 0) -> None:
+    """The schema (and `users_count` users) made with the default timeouts: a test engine whose
+    statement timeout is a fraction of a second is also PostgreSQL's idle-in-transaction
+    timeout, which a busy machine's pause between the schema set-up's statements can pass
+    (a CI run: the set-up's connection terminated)."""
+    from maxtwo_cli.core import db, schema
+    from maxtwo_cli.core.seed import seed_users
+
+    engine = db.create_engine(Settings(database_url=database_url))
+    try:
+        schema.ensure_schema(engine)
+        if users_count:
+            seed_users(engine, users_count)
+    finally:
+        engine.dispose()

@@ -21,7 +21,7 @@ from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.schema import users
 from maxtwo_cli.core.seed import seed_users
 from maxtwo_cli.core.settings import Settings
-from tests.helpers import assert_chain, run_in_threads, set_max_number, state
+from tests.helpers import assert_chain, prepare, run_in_threads, set_max_number, state
 
 ROWS = 5_000
 TICK = dt.timedelta(microseconds=1)  # the step that keeps the chain of query times strictly increasing
@@ -445,9 +445,8 @@ def test_sqlite_a_query_state_newer_than_the_users_is_taken_as_it_is(tmp_path):
 
 
 def test_a_query_that_waits_too_long_for_a_lock_says_so_and_the_next_one_works(database_url):
+    prepare(database_url, 100)
     engine = db.create_engine(Settings(database_url=database_url, statement_timeout=0.3))
-    schema.ensure_schema(engine)
-    seed_users(engine, 100)
     holder = db.create_engine(Settings(database_url=database_url))
     runner = HeldConnection(engine)
     with holder.begin() as conn:  # the lock a query needs, held past its timeout

@@ -18,7 +18,7 @@ from maxtwo_cli.core.schema import MAX_POINTS, draw_max_number
 from maxtwo_cli.core.seed import seed_users
 from maxtwo_cli.core.settings import Settings
 from tests.conftest import fresh_schema, is_postgres_url
-from tests.helpers import distinct_updated_at, points_histogram, state, user_rows
+from tests.helpers import distinct_updated_at, points_histogram, prepare, state, user_rows
 
 ROWS = 20_000
 
@@ -306,9 +306,8 @@ def test_a_scheduled_run_longer_than_the_interval_completes(seeded):
 def test_a_randomization_is_not_bound_by_the_requests_statement_timeout(postgres_url):
     """`maxtwo randomize` and the scheduled run lift the statement timeout that bounds the
     requests: a table too large to randomize within it was never randomized."""
+    prepare(postgres_url, 10)
     engine = db.create_engine(Settings(database_url=postgres_url, statement_timeout=0.5))
-    schema.ensure_schema(engine)
-    seed_users(engine, 10)
     with engine.begin() as conn:  # 10 rows at 0.1 s each: 1 s, twice the statement timeout
         conn.execute(sa.text("CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql AS "
                              "$$ BEGIN PERFORM pg_sleep(0.1); RETURN NEW; END $$"))

@@ -23,7 +23,7 @@ from maxtwo_cli.core.query import AnswerCache, QueryResult, query_users, query_u
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.seed import seed_users
 from maxtwo_cli.core.settings import Settings
-from tests.helpers import assert_chain, run_in_threads, state, wait_for
+from tests.helpers import assert_chain, prepare, run_in_threads, state, wait_for
 
 
 @pytest.fixture
@@ -802,8 +802,8 @@ def test_whoever_queued_while_a_batch_failed_shares_its_error_untried(seeded, tw
 
 def test_a_lock_or_statement_timeout_is_a_database_busy_error(database_url):
     """What lets a batch go on past a part that timed out (above), from the real drivers."""
+    prepare(database_url)
     engine = db.create_engine(Settings(database_url=database_url, statement_timeout=0.3))
-    schema.ensure_schema(engine)
     holder = db.create_engine(Settings(database_url=database_url))
     with holder.begin() as conn:  # the query state's lock, held past the timeout
         conn.execute(schema.query_state.update().values(last_query_at=None))

@@ -283,8 +283,7 @@ _SQLITE_QUERY = sa.text(
         users_epoch = (SELECT epoch FROM randomizer_state WHERE id = 1)
     WHERE id = 1
       AND (:any_snapshot OR users_epoch IS NULL OR users_epoch <= (SELECT epoch FROM randomizer_state WHERE id = 1))
-    RETURNING previous_query_at, last_query_at,
-        (SELECT epoch FROM randomizer_state WHERE id = 1),
+    RETURNING previous_query_at, last_query_at, users_epoch,
         (SELECT CASE WHEN epoch IS :cached_epoch OR max_number >= :max_points THEN NULL ELSE (
                 SELECT group_concat(id || ' ' || points) FROM (
                     SELECT id, points FROM users

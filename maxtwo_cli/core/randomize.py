@@ -224,7 +224,6 @@ def randomize_in_transaction(
     if state is None:
         return None
     epoch, randomized_at = state
-    # (On SQLite the time the state row got: another read of the clock would differ.)
-    stamp = now if is_postgres(conn) else randomized_at
-    rows = conn.execute(users.update().values(points=points, updated_at=stamp)).rowcount
+    # The time the state row got (on SQLite another read of the clock would differ).
+    rows = conn.execute(users.update().values(points=points, updated_at=randomized_at)).rowcount
     return epoch, randomized_at, rows

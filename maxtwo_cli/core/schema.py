@@ -182,10 +182,10 @@ _sqlite_own_file = {table.name: table.to_metadata(sa.MetaData(), schema=SQLITE_Q
 _MOVED_SUFFIX = "_moved"
 # NOTE: a maxtwo from before the move looks for the counters in the main file only and would
 # make them anew there, where SQL that names them finds them first: two sets of totals, and
-# Idempotency-Keys forgotten. Its schema set-up creates the index named here after its tables,
-# in the same transaction; a view of that name in the main file (tables, views and indexes
-# share one namespace) makes that fail and roll back: such a maxtwo refuses the database.
-_OLDER_VERSION_GUARD = SQLITE_COUNTERS_MOVED_GUARD
+# Idempotency-Keys forgotten. Its schema set-up creates an index after its tables, in the same
+# transaction; a view of that index's name in the main file (db.SQLITE_COUNTERS_MOVED_GUARD:
+# tables, views and indexes share one namespace) makes that fail and roll back: such a maxtwo
+# refuses the database.
 _GUARD_NOTE = "the counters live in the -query file: a maxtwo older than this database cannot use it"
 
 # Columns added after a release: (table, column). ensure_schema adds them to older databases.
@@ -253,7 +253,7 @@ def ensure_schema(engine: Engine) -> None:
                     conn.exec_driver_sql(f'DROP TABLE main."{name}{_MOVED_SUFFIX}"')
             # After the drops: the moved table's index bore the guard's name until now.
             conn.exec_driver_sql(
-                f'CREATE VIEW IF NOT EXISTS main."{_OLDER_VERSION_GUARD}" AS SELECT \'{_GUARD_NOTE}\' AS note'
+                f'CREATE VIEW IF NOT EXISTS main."{SQLITE_COUNTERS_MOVED_GUARD}" AS SELECT \'{_GUARD_NOTE}\' AS note'
             )
 
 
@@ -325,7 +325,7 @@ def _is_complete(conn: sa.Connection) -> bool:
     if not is_postgres(conn) and (
         _has_old_query_state(conn)
         or any(inspector.has_table(name + suffix, schema="main") for name in _sqlite_own_file for suffix in ("", _MOVED_SUFFIX))
-        or _OLDER_VERSION_GUARD not in inspector.get_view_names(schema="main")
+        or SQLITE_COUNTERS_MOVED_GUARD not in inspector.get_view_names(schema="main")
     ):
         return False
     rows = sa.select(
@@ -361,7 +361,7 @@ def _refuse_a_query_file_without_counters(conn: sa.Connection) -> None:
     making the counters anew would start every total at 0 and forget every Idempotency-Key,
     silently. (A file missing or empty is refused before it is attached: db.py.)"""
     inspector = sa.inspect(conn)
-    if _OLDER_VERSION_GUARD in inspector.get_view_names(schema="main") and not inspector.has_table(
+    if SQLITE_COUNTERS_MOVED_GUARD in inspector.get_view_names(schema="main") and not inspector.has_table(
         "counters", schema=SQLITE_QUERY_SCHEMA
     ):
         raise lost_query_file_error(conn.engine.url.database or "")

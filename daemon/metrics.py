@@ -10,6 +10,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 INCREMENT_REJECTIONS = ("malformed", "too_large", "unsupported_media_type", "invalid", "overflow",
                         "idempotency_conflict", "queue_full", "unavailable")
 
+# Shared by the histograms that measure the same kind of thing, so that their buckets line up.
+_SECONDS_OF_A_REQUEST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_PER_TRANSACTION = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -26,13 +30,13 @@ class Metrics:
             "maxtwo_http_request_duration_seconds",
             "Time to answer an HTTP request, by route.",
             ["route"],
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            buckets=_SECONDS_OF_A_REQUEST,
             registry=self.registry,
         )
         self.query_batch_size = Histogram(
             "maxtwo_query_batch_size",
             "Queries answered per database transaction (concurrent queries share one commit).",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            buckets=_PER_TRANSACTION,
             registry=self.registry,
         )
         self.randomize_duration = Histogram(
@@ -93,13 +97,13 @@ class Metrics:
         self.increment_batch_size = Histogram(
             "maxtwo_increment_batch_size",
             "Increments per database transaction, refused ones (409, an Idempotency-Key's 422) included (concurrent requests share one commit).",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            buckets=_PER_TRANSACTION,
             registry=self.registry,
         )
         self.batch_commit_seconds = Histogram(
             "maxtwo_batch_commit_duration_seconds",
             "Time from a batch's start to its last commit (on PostgreSQL each kind of write batches on its own).",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            buckets=_SECONDS_OF_A_REQUEST,
             registry=self.registry,
         )
         self.batch_queue_depth = Gauge(

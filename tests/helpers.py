@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Self
 
 import sqlalchemy as sa
 
@@ -78,6 +79,31 @@ def run_in_threads(work, threads: int, per_thread: int) -> list:
     for thread in pool:
         thread.join()
     return results
+
+
+class ClientThreads:
+    """`count` threads running self._run() from `with` until the block ends (self._stop set),
+    each joined for at most `join_seconds` then. Subclasses record what they see under
+    self._lock."""
+
+    def __init__(self, count: int, join_seconds: float) -> None:
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._join_seconds = join_seconds
+        self._threads = [threading.Thread(target=self._run) for _ in range(count)]
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(self._join_seconds)
 
 
 def notify_socket(path) -> socket.socket:

@@ -472,6 +472,7 @@ def test_every_waiter_of_a_failing_batch_gets_the_error(tmp_path):
     assert not any(thread.is_alive() for thread in threads)
 
 
+@pytest.mark.slow
 def test_every_caller_gives_up_after_max_wait_while_the_transaction_is_stuck(tmp_path):
     url = f"sqlite:///{tmp_path / 'maxtwo.db'}"
     engine = db.create_engine(Settings(database_url=url, statement_timeout=20))

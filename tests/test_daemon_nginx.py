@@ -19,13 +19,12 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Self
 
 import pytest
 
 from maxtwo_cli.core import db
 from maxtwo_cli.core.settings import Settings
-from tests.helpers import assert_chain, state
+from tests.helpers import ClientThreads, assert_chain, state
 from tests.serve_process import ServeProcess, free_port
 
 pytestmark = pytest.mark.slow
@@ -151,26 +150,14 @@ def _timestamp(value: str | None) -> dt.datetime | None:
     return dt.datetime.fromisoformat(value) if value is not None else None
 
 
-class Clients:
+class Clients(ClientThreads):
     """A few threads sending GET / through nginx on keep-alive connections until stopped (or
     MAX_REQUESTS_PER_CLIENT each, or PHASE_SECONDS_LIMIT), keeping every answer."""
 
     def __init__(self, port: int) -> None:
+        super().__init__(CLIENTS, join_seconds=PHASE_SECONDS_LIMIT)
         self.port = port
         self.answers: list[Answer] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run) for _ in range(CLIENTS)]
-
-    def __enter__(self) -> Self:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(PHASE_SECONDS_LIMIT)
 
     def _run(self) -> None:
         deadline = time.monotonic() + PHASE_SECONDS_LIMIT

@@ -469,16 +469,7 @@ def test_a_failing_run_is_counted_and_the_loop_goes_on(monkeypatch):
             raise RuntimeError("a bug")
         return result()
 
-    start, end, interval = 1000.0, 1060.0, 10
-    recorder: Recorder
-
-    def settle(now: float) -> None:
-        recorder.wait_for(len(boundaries(start, now, interval)))
-        join_runs()
-
-    clock = FakeClock(start, end, settle)
-    recorder = Recorder(clock.time, behaviour)
-    metrics = run_on(clock, recorder, interval, monkeypatch)
+    recorder, metrics = slots_of_10_s(behaviour, monkeypatch, slots=6)
     assert sample(metrics, "maxtwo_randomize_failures_total") == 3
     # The database's failures are tried again within the slot (after 1.25 s, an eighth of the
     # interval, then 2.5 s), the bug's is not.
@@ -488,7 +479,7 @@ def test_a_failing_run_is_counted_and_the_loop_goes_on(monkeypatch):
     ]
     # When the last run succeeded by the daemon's clock (here the fake one), not by the
     # database's (randomized_at: on PostgreSQL the server's clock).
-    assert start < sample(metrics, "maxtwo_randomize_last_success_timestamp_seconds") <= end
+    assert 1000 < sample(metrics, "maxtwo_randomize_last_success_timestamp_seconds") <= 1060
 
 
 def run_two_slots_of_60_s(behaviour, monkeypatch, caplog, on_clock=lambda clock: None) -> tuple[Recorder, Metrics]:
@@ -625,9 +616,10 @@ def test_a_wait_ended_by_a_stop_is_neither_skipped_nor_failed(monkeypatch, caplo
     assert "not waited for further: this daemon stops" in caplog.text and "left to another" not in caplog.text
 
 
-def three_slots_of_10_s(behaviour, monkeypatch) -> tuple[Recorder, Metrics]:
-    """The job (Recorder(behaviour)) run by a scheduler through three boundaries of 10 s."""
-    start, end, interval = 1000.0, 1030.0, 10
+def slots_of_10_s(behaviour, monkeypatch, slots: int = 3) -> tuple[Recorder, Metrics]:
+    """The job (Recorder(behaviour)) run by a scheduler through `slots` boundaries of 10 s."""
+    start, interval = 1000.0, 10
+    end = start + slots * interval
     recorder: Recorder
 
     def settle(now: float) -> None:
@@ -640,13 +632,13 @@ def three_slots_of_10_s(behaviour, monkeypatch) -> tuple[Recorder, Metrics]:
 
 
 def test_a_run_done_elsewhere_is_counted_as_skipped(monkeypatch):
-    _, metrics = three_slots_of_10_s(lambda number: None, monkeypatch)
+    _, metrics = slots_of_10_s(lambda number: None, monkeypatch)
     assert sample(metrics, "maxtwo_randomize_skipped_total", reason="elsewhere") == 3
     assert sample(metrics, "maxtwo_randomize_duration_seconds_count") == 0
 
 
 def test_each_run_sets_the_epoch_gauge(monkeypatch):
-    recorder, metrics = three_slots_of_10_s(lambda number: dataclasses.replace(result(), epoch=41 + number), monkeypatch)
+    recorder, metrics = slots_of_10_s(lambda number: dataclasses.replace(result(), epoch=41 + number), monkeypatch)
     assert len(recorder.calls) == 3
     assert sample(metrics, "maxtwo_epoch") == 44
     assert sample(metrics, "maxtwo_randomize_duration_seconds_count") == 3
@@ -925,7 +917,7 @@ def test_a_stop_requested_as_a_run_falls_due_starts_no_run(monkeypatch):
 @pytest.mark.parametrize(("seconds", "warned"), [(6.0, True), (4.0, False)])
 def test_a_run_longer_than_half_the_interval_is_warned_of(monkeypatch, caplog, seconds, warned):
     with caplog.at_level(logging.WARNING, logger="daemon.scheduler"):
-        three_slots_of_10_s(lambda number: result(seconds), monkeypatch)
+        slots_of_10_s(lambda number: result(seconds), monkeypatch)
     assert ("more than half the 10 s interval" in caplog.text) is warned
 
 

@@ -268,6 +268,7 @@ def test_the_watchdog_stops_when_the_serving_loop_freezes_and_resumes_after(watc
     wait_for_pings(pings, before + 3)  # the loop turns again: so do the pings
 
 
+@pytest.mark.slow
 def test_the_watchdog_stops_while_a_batch_runs_past_every_timeout(watched, monkeypatch):
     port, pings = watched
     wait_for_pings(pings, 3)
@@ -377,6 +378,7 @@ def test_the_watchdog_says_why_it_stopped_each_time_it_stops(caplog):
             watchdog.stop()
 
 
+@pytest.mark.slow
 def test_the_watchdog_stops_while_a_lane_is_stuck_at_a_batch(watched, monkeypatch):
     # The batch committed, the serving loop turns, but the lane that answers GET / never
     # returns from answering it: GET / is answered no more, so systemd must hear of it.

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Self
 
 import psycopg
 import pytest
@@ -27,7 +26,7 @@ from maxtwo_cli.core.randomize import RANDOMIZE_LOCK_KEY
 from maxtwo_cli.core.schema import randomizer_state, users
 from maxtwo_cli.core.settings import Settings
 from tests.conftest import libpq_url
-from tests.helpers import distinct_updated_at, state, wait_for
+from tests.helpers import ClientThreads, distinct_updated_at, state, wait_for
 from tests.serve_process import MAXTWO, ServeProcess, get
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]  # 5-30 s each: outages, kills, full disks
@@ -38,16 +37,14 @@ SLACK = 3.0  # seconds on top of a timeout that bounds an answer
 RECOVERY = 5.0  # seconds from the fault's end to the first 200
 
 
-class Clients:
+class Clients(ClientThreads):
     """A few threads requesting GET / (or `path`) back to back, recording (start, latency, status)."""
 
     def __init__(self, base: str, threads: int = 4, path: str = "/") -> None:
+        super().__init__(threads, join_seconds=60)
         self.base = base
         self.path = path
         self.samples: list[tuple[float, float, int | str]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -58,16 +55,6 @@ class Clients:
                 status = type(ex).__name__
             with self._lock:
                 self.samples.append((started, time.monotonic() - started, status))
-
-    def __enter__(self) -> Self:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(60)
 
     def between(self, start: float, end: float) -> list[tuple[float, float, int | str]]:
         return [sample for sample in self.samples if start <= sample[0] < end]

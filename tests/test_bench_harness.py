@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from bench import increment, load, randomize
+from bench import increment, load, randomize, startup
 from bench.common import Rounds, round_order, run_in_rounds
 from bench.goals import evaluate
 from bench.memory import MB
+from bench.report import render_markdown
 from bench.wrk import answered_per_second
 
 STORED = json.loads((Path(__file__).parents[1] / "docs" / "bench-results.json").read_text())
@@ -126,6 +127,16 @@ def test_start_up_goals_need_medians_of_ten(results):
     goals = [goal for goal in evaluate(results) if goal["section"] == "startup"]
     assert len(goals) == 4
     assert {goal["met"] for goal in goals} == {"not judged (median of 5 runs; the goal is a median of 10)"}
+
+
+def test_start_up_runs_from_cached_bytecode_and_the_report_says_so_when_the_run_did(results):
+    env = startup.bytecode_cached({"PYTHONDONTWRITEBYTECODE": "1", "PATH": "/usr/bin"})
+    assert env == {"PATH": "/usr/bin"}
+    said = "maxtwo's own modules run from bytecode cached by the warm-up"
+    results["startup"].pop("bytecode_cached", None)  # a run from before: the report must not claim it
+    assert said not in render_markdown(results)
+    results["startup"]["bytecode_cached"] = True
+    assert said in render_markdown(results)
 
 
 def test_a_span_ratio_of_one_window_on_a_side_is_not_judged(results):

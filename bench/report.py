@@ -547,6 +547,7 @@ def _errors(figures: dict) -> str:
             + (f"; warm-up {figures['warmup_errors']:,}" if figures["warmup_errors"] else "") + ")")
 
 
+# Said only for runs that record it (bench.startup.bytecode_cached): those before did not cache.
 _BYTECODE_CACHED = (" maxtwo's own modules run from bytecode cached by the warm-up, as a user's do: the "
                     "processes' environment is without `PYTHONDONTWRITEBYTECODE`, which this project's "
                     "machines set (with it an editable install compiles them at every start).")
@@ -562,7 +563,7 @@ def _startup(results: dict) -> str:
                f"contender in turn. `{startup.QUERY}` and `{startup.RANDOMIZE}` run on a SQLite file seeded "
                f"with {result['rows']:,} users (URL from `MAXTWO_DATABASE_URL`). The baselines come from the "
                f"same run: the interpreter alone (`{startup.PYTHON}`) and the CLI framework alone "
-               f"(`{startup.TYPER}`).{_BYTECODE_CACHED if result.get('bytecode_cached') else ''}"), "",  # (runs that say so)
+               f"(`{startup.TYPER}`).{_BYTECODE_CACHED if result.get('bytecode_cached') else ''}"), "",
               "| command | median | runs | / `python -c pass` | / `import typer` | goal |",
               "|---|---|---|---|---|---|"]
     for name in (*startup.BASELINES, *startup.COMMANDS):

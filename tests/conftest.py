@@ -26,6 +26,11 @@ DATABASES = ["sqlite", "postgres"]
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[Any]:
+    if os.environ.get("MAXTWO_TEST_POSTGRES_URL") and os.environ.get("PYTEST_XDIST_WORKER"):
+        # NOTE: a few tests find the backends they wait for or cancel server-wide
+        # (pg_stat_activity, pg_locks): on one shared server they would catch another worker's.
+        pytest.fail("MAXTWO_TEST_POSTGRES_URL needs the tests in one process: run without -n, or "
+                    "unset it and each pytest-xdist worker starts a throwaway server of its own")
     with pgserver.from_env_or_start(fsync=False) as server:
         yield server
 
@@ -149,8 +154,11 @@ def _tested_commit() -> str:
 
 @pytest.fixture(scope="session")
 def reliability() -> Iterator[ReliabilityReport]:
+    path = os.environ.get("MAXTWO_RELIABILITY_REPORT")
+    if path and os.environ.get("PYTEST_XDIST_WORKER"):
+        pytest.fail("MAXTWO_RELIABILITY_REPORT needs the tests in one process: run without -n "
+                    "(each pytest-xdist worker would overwrite the report with its own part)")
     report = ReliabilityReport()
     yield report
-    path = os.environ.get("MAXTWO_RELIABILITY_REPORT")
     if path and report.sections:
         report.write(path)

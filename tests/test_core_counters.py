@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import random
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 import threading
@@ -108,6 +109,14 @@ def test_a_key_whose_batch_sum_overflows_applies_what_fits_in_arrival_order(engi
     assert isinstance(outcomes[1], CounterOverflowError)
     assert [outcome.total for index, outcome in enumerate(outcomes) if index != 1] == [INT64_MAX - 2] * 3
     assert read_counter(engine, "k") == INT64_MAX - 2
+
+
+def test_one_by_one_a_total_may_reach_the_minimum_itself(engine, batch):
+    increment(engine, "low", INT64_MIN + 1)
+    # Their sum (-2) would overflow: one by one, the first -1 takes the total to the minimum.
+    outcomes = batch(engine, [Increment("low", -1), Increment("low", -1)])
+    assert outcomes[0] == Applied("low", INT64_MIN) and isinstance(outcomes[1], CounterOverflowError)
+    assert read_counter(engine, "low") == INT64_MIN
 
 
 def test_a_new_key_whose_sum_is_no_64_bit_value_is_applied_as_far_as_it_fits(engine, batch):
@@ -269,6 +278,18 @@ def test_a_batch_s_later_uses_of_a_refused_idempotency_key_get_what_each_would_a
     assert isinstance(batch(engine, [Increment("top", 2, "k")])[0], IdempotencyKeyReusedError)
 
 
+def test_a_refused_idempotency_key_leaves_the_rest_of_its_batch_as_it_would_be(engine, batch):
+    """Increments without a key, and under other keys, beside one refused under its key."""
+    increment(engine, "top", INT64_MAX)
+    outcomes = batch(engine, [Increment("top", 1, "k"), Increment("a", 1), Increment("b", 2, "j"),
+                              Increment("b", 2, "j")])
+    assert isinstance(outcomes[0], CounterOverflowError)
+    assert outcomes[1:] == [Applied("a", 1), Applied("b", 2), Applied("b", None, replayed=True)]
+    assert isinstance(batch(engine, [Increment("top", 1, "k")])[0], CounterOverflowError)
+    assert batch(engine, [Increment("b", 2, "j")]) == [Applied("b", None, replayed=True)]
+    assert list_counters(engine) == [("a", 1), ("b", 2), ("top", INT64_MAX)]
+
+
 def test_a_batch_whose_sum_reaches_exactly_the_maximum_applies_whole(engine, batch):
     outcomes = batch(engine, [Increment("x", INT64_MAX), Increment("x", 1), Increment("x", -1)])
     assert outcomes == [Applied("x", INT64_MAX)] * 3
@@ -330,6 +351,15 @@ def test_list_counters_sorted_limited_or_by_key(engine):
     assert list_counters(engine, ["c", "nope", "a"]) == [("a", 97), ("c", 99)]
     # More keys than PostgreSQL takes parameters in one statement (65,535).
     assert list_counters(engine, [f"k{number}" for number in range(70_000)] + ["c", "a"]) == [("a", 97), ("c", 99)]
+
+
+def test_list_counters_lists_the_first_100_by_default(engine):
+    held = HeldConnection(engine)
+    try:
+        add_increments(held, [Increment(f"k{number:03}", number) for number in range(101)])
+    finally:
+        held.release()
+    assert list_counters(engine) == [(f"k{number:03}", number) for number in range(100)]
 
 
 @pytest.fixture
@@ -429,6 +459,12 @@ def test_bad_values(value):
 def test_bad_idempotency_keys(key):
     with pytest.raises(InvalidIncrementError):
         check_idempotency_key(key)
+
+
+@pytest.mark.parametrize("key", ["k", "x" * 255, "a b", "a~", "!\"#$%&'()*+-./09:;<=>?@AZ[\\]^_`az{|}"])
+def test_idempotency_keys_up_to_the_bounds(key):
+    """1 and 255 characters, and printable ASCII from the space to the tilde, both included."""
+    assert check_idempotency_key(key) == key
 
 
 def test_a_key_whose_sum_is_no_64_bit_value_is_locked_in_key_order_with_the_rest(postgres_engine):
@@ -549,6 +585,23 @@ def test_on_sqlite_writers_get_in_between_the_cleanup_chunks(tmp_path):
         engine.dispose()
     # Measured: 9 writes without the pause, 48 with it (one or more between most chunks).
     assert len(writes_during) >= 20, f"{len(writes_during)} writes during the cleanup"
+
+
+def test_on_sqlite_the_cleanup_goes_on_while_the_users_file_is_being_written(tmp_path):
+    """The keys live in the query-state file, and the cleanup locks that file alone: it neither
+    waits for a randomization (the users file's writer) nor holds one up."""
+    path = tmp_path / "m.db"
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}", statement_timeout=2.0))
+    schema.ensure_schema(engine)
+    now = dt.datetime.now(dt.UTC)
+    add_expired_keys(engine, 10, now)
+    randomizing = sqlite3.connect(path, isolation_level=None)  # the users file alone
+    try:
+        randomizing.execute("BEGIN IMMEDIATE")
+        assert delete_expired_idempotency_keys(engine, now) == Forgotten(10, done=True)
+    finally:
+        randomizing.close()
+        engine.dispose()
 
 
 def test_the_cleanup_deletes_in_chunks_oldest_first_until_none_is_left(engine):

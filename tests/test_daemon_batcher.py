@@ -416,6 +416,22 @@ def test_one_caller_for_more_than_max_pending_is_served_when_nobody_waits(seeded
     batcher.close(5)
 
 
+def test_running_for_is_the_time_the_running_batch_has_taken_and_0_between_batches(seeded, monkeypatch):
+    """What the watchdog and the shutdown read to tell a stuck batch from a healthy one."""
+    release, running = stall_queries(monkeypatch)
+    batcher = Batcher(seeded, [QueryKind()], max_wait=30)
+    assert batcher.running_for() == 0
+    enqueued = time.monotonic()
+    ticket = batcher.enqueue("query", [None])
+    assert running.wait(5)
+    time.sleep(0.2)
+    assert 0.2 <= batcher.running_for() <= time.monotonic() - enqueued
+    release.set()
+    assert isinstance(batcher.outcomes(ticket)[0], QueryResult)
+    wait_for(lambda: batcher.running_for() == 0, "the batch's end")
+    batcher.close(5)
+
+
 def test_abandon_answers_the_running_batch_and_the_queue_at_once_and_later_callers_too(seeded, monkeypatch):
     release, running = stall_queries(monkeypatch)
     crashes: list = []

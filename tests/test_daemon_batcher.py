@@ -417,9 +417,11 @@ def test_one_caller_for_more_than_max_pending_is_served_when_nobody_waits(seeded
 
 
 def test_running_for_is_the_time_the_running_batch_has_taken_and_0_between_batches(seeded, monkeypatch):
-    """What the watchdog and the shutdown read to tell a stuck batch from a healthy one."""
+    """What the watchdog and the shutdown read to tell a stuck batch from a healthy one; and
+    the batch's whole time, on_commit's (the commit time metric)."""
     release, running = stall_queries(monkeypatch)
-    batcher = Batcher(seeded, [QueryKind()], max_wait=30)
+    commits: list[float] = []
+    batcher = Batcher(seeded, [QueryKind()], max_wait=30, on_commit=commits.append)
     assert batcher.running_for() == 0
     enqueued = time.monotonic()
     ticket = batcher.enqueue("query", [None])
@@ -428,7 +430,8 @@ def test_running_for_is_the_time_the_running_batch_has_taken_and_0_between_batch
     assert 0.2 <= batcher.running_for() <= time.monotonic() - enqueued
     release.set()
     assert isinstance(batcher.outcomes(ticket)[0], QueryResult)
-    wait_for(lambda: batcher.running_for() == 0, "the batch's end")
+    wait_for(lambda: batcher.running_for() == 0 and commits, "the batch's end")
+    assert 0.2 <= commits[0] <= time.monotonic() - enqueued
     batcher.close(5)
 
 

@@ -588,8 +588,8 @@ def test_on_sqlite_writers_get_in_between_the_cleanup_chunks(tmp_path):
 
 
 def test_on_sqlite_the_cleanup_goes_on_while_the_users_file_is_being_written(tmp_path):
-    """The keys live in the query-state file, and the cleanup locks that file alone: it neither
-    waits for a randomization (the users file's writer) nor holds one up."""
+    """The keys live in the query-state file, and the cleanup locks that file alone: it does not
+    wait for a randomization (the users file's writer) to end."""
     path = tmp_path / "m.db"
     engine = db.create_engine(Settings(database_url=f"sqlite:///{path}", statement_timeout=2.0))
     schema.ensure_schema(engine)

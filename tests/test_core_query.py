@@ -96,8 +96,12 @@ def test_api_body_shape(seeded):
 @pytest.mark.parametrize("users", [(), (User(id=1, points=30),), (User(id=1, points=30), User(id=72, points=100))])
 @pytest.mark.parametrize("previous", [None, dt.datetime(2020, 7, 30, 17, 9, 33, 999_999, tzinfo=dt.UTC)])
 def test_api_json_is_json_dumps_of_the_body(users, previous):
-    result = QueryResult(users=users, previous=previous, recorded_at=dt.datetime.now(dt.UTC), epoch=1)
+    recorded_at = dt.datetime.now(dt.UTC)
+    result = QueryResult(users=users, previous=previous, recorded_at=recorded_at, epoch=1)
     assert result.api_json() == json.dumps(result.api_body())
+    # The texts, not given, are made from the times.
+    assert result.api_body()["timestamp"] == (None if previous is None else "2020-07-30 17:09:33Z")
+    assert result.recorded_text == iso_text(recorded_at)
 
 
 @pytest.mark.parametrize("moment", [
@@ -500,3 +504,9 @@ def test_a_deadlock_or_a_lock_timeout_is_not_blamed_on_the_url(postgres_engine):
     assert len(errors) == 1, errors  # PostgreSQL fails one of the two
     assert "rolled the transaction back" in str(errors[0]) and "deadlock detected" in str(errors[0])
     assert "URL" not in str(errors[0])
+
+
+def test_a_statement_refuses_a_parameter_it_does_not_have():
+    # A misspelt parameter would otherwise be dropped silently, and the one meant sent as NULL.
+    with pytest.raises(TypeError, match=r"unknown parameters \['nonsense'\]"):
+        query_module._SQLITE_STATEMENT.parameters(count=1, nonsense=2)

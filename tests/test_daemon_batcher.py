@@ -458,6 +458,17 @@ def test_abandon_answers_the_running_batch_and_the_queue_at_once_and_later_calle
     assert state(seeded).last_query_at is not None  # the abandoned batch did commit: an unknown outcome
 
 
+def test_a_ticket_takes_its_first_answer_only_and_says_which_was_first():
+    """abandon() counts the waiters it answered by answer()'s result: in a batch of several
+    kinds the committer may have answered some of its running tickets already."""
+    answered: list[str] = []
+    ticket = batcher_module.Ticket(QueryKind.name, [None], lambda: answered.append("told"))
+    assert not ticket.answered()
+    assert ticket.answer(["first"]) is True
+    assert ticket.answer(["second"]) is False
+    assert ticket.outcomes == ["first"] and ticket.answered() and answered == ["told"]
+
+
 def test_close_ends_the_committer_and_gives_its_connection_back(seeded):
     batcher = Batcher(seeded, [QueryKind()], max_wait=30)
     batcher.submit("query")

@@ -411,7 +411,7 @@ def test_randomize_if_due_waits_for_the_run_that_holds_the_lock(postgres_engine,
         assert outcome["result"] is not None and state(postgres_engine).epoch == epoch + 1
         assert outcome["result"].randomized_at >= released_at - dt.timedelta(seconds=0.2)
         assert outcome["result"].seconds < 5  # the wait is no part of the run's time
-        assert outcome["result"].waited >= 0.5  # but said apart
+        assert 0.5 <= outcome["result"].waited < 10  # but said apart (the join's bound)
 
 
 def test_the_wait_is_no_transaction_s_timeout(postgres_engine, postgres_url):

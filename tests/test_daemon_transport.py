@@ -267,6 +267,28 @@ def test_a_connection_close_among_other_options_closes_the_connection(connection
     assert answer.startswith(b"HTTP/1.1 200") and b"\r\nConnection: close\r\n" in answer, answer
 
 
+def test_an_app_that_raises_shows_no_traceback():
+    # falcon answers its own errors; whatever escapes to waitress (a bug) must not show its
+    # traceback or message to the client (waitress's expose_tracebacks; a mutation audit).
+    def failing(environ, start_response):
+        raise RuntimeError("an internal detail")
+
+    with running(failing) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 500"), answer
+    assert b"Traceback" not in answer and b"internal detail" not in answer, answer
+
+
+def test_an_option_that_only_contains_close_keeps_the_connection():
+    # The option is the whole word: "closed-caption" is no "close" (a mutation audit).
+    with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: closed-caption, x-close\r\n\r\n"
+                     b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = read_all(sock)
+    assert answer.count(b"HTTP/1.1 200") == 2, answer
+
+
 @pytest.mark.parametrize("request_bytes", [b"GET / HTTP/1.1\r\n\r\n",
                                            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"],
                          ids=["no-host", "two-hosts"])

@@ -33,7 +33,7 @@ import struct
 import threading
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import falcon
 import pytest
@@ -213,6 +213,13 @@ def test_a_channel_told_to_close_still_closes():
 # --- Transfer-Encoding with Content-Length -------------------------------------------------
 
 
+def exchange(request: bytes, app: Callable = hello) -> bytes:
+    """What a server running `app` answers to `request`, read until it closes the connection."""
+    with running(app) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.sendall(request)
+        return read_all(sock)
+
+
 def read_all(sock: socket.socket) -> bytes:
     sock.settimeout(10)
     chunks = []
@@ -225,9 +232,7 @@ def test_a_request_with_both_framings_is_answered_and_its_connection_closed():
     smuggling = (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n"
                  b"3\r\nabc\r\n0\r\n\r\n"
                  b"GET /behind HTTP/1.1\r\nHost: x\r\n\r\n")
-    with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
-        sock.sendall(smuggling)
-        answer = read_all(sock)  # ends: the server closed the connection
+    answer = exchange(smuggling)  # ends: the server closed the connection
     assert answer.count(b"HTTP/1.1 ") == 1, answer  # the request behind it was never read
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"abc")
     assert b"Connection: close" in answer
@@ -240,18 +245,14 @@ def test_an_http_1_0_request_with_transfer_encoding_is_400_and_its_connection_cl
     # request a front end framing it by its chunks took for the body.
     smuggling = (b"POST / HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n" + content_length
                  + b"\r\n2c\r\nGET /behind HTTP/1.1\r\nHost: x\r\nX: 123456\r\n\r\n\r\n0\r\n\r\n")
-    with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
-        sock.sendall(smuggling)
-        answer = read_all(sock)  # ends: the server closed the connection
+    answer = exchange(smuggling)  # ends: the server closed the connection
     assert len(re.findall(rb"HTTP/1\.[01] \d{3} ", answer)) == 1, answer  # the request in the body was never read
     assert answer.startswith(b"HTTP/1.0 400"), answer
 
 
 def test_a_chunked_request_alone_keeps_its_connection():
-    with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
-        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
-                     b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        answer = read_all(sock)
+    answer = exchange(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+                      b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert answer.count(b"HTTP/1.1 200") == 2
 
 
@@ -261,9 +262,8 @@ def test_a_chunked_request_alone_keeps_its_connection():
 def test_a_connection_close_among_other_options_closes_the_connection(connection):
     # RFC 9112 section 9.6: the server MUST close the connection once it has answered (and SHOULD
     # say so); waitress kept it open unless the header's value was "close" alone.
-    with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n" + connection + b"\r\n")
-        answer = read_all(sock)  # ends: the server closed the connection (else TimeoutError)
+    # ends: the server closed the connection (else TimeoutError)
+    answer = exchange(b"GET / HTTP/1.1\r\nHost: x\r\n" + connection + b"\r\n")
     assert answer.startswith(b"HTTP/1.1 200") and b"\r\nConnection: close\r\n" in answer, answer
 
 
@@ -273,19 +273,15 @@ def test_an_app_that_raises_shows_no_traceback():
     def failing(environ, start_response):
         raise RuntimeError("an internal detail")
 
-    with running(failing) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        answer = read_all(sock)
+    answer = exchange(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", failing)
     assert answer.startswith(b"HTTP/1.1 500"), answer
     assert b"Traceback" not in answer and b"internal detail" not in answer, answer
 
 
 def test_an_option_that_only_contains_close_keeps_the_connection():
     # The option is the whole word: "closed-caption" is no "close" (a mutation audit).
-    with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: closed-caption, x-close\r\n\r\n"
-                     b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        answer = read_all(sock)
+    answer = exchange(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: closed-caption, x-close\r\n\r\n"
+                      b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert answer.count(b"HTTP/1.1 200") == 2, answer
 
 
@@ -294,9 +290,7 @@ def test_an_option_that_only_contains_close_keeps_the_connection():
                          ids=["no-host", "two-hosts"])
 def test_an_http_1_1_request_without_exactly_one_host_is_400(request_bytes):
     # RFC 9112 section 3.2: the server MUST answer 400.
-    with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
-        sock.sendall(request_bytes)
-        answer = read_all(sock)
+    answer = exchange(request_bytes)
     assert answer.startswith(b"HTTP/1.1 400"), answer
 
 
@@ -472,9 +466,7 @@ def test_the_connection_limit_lines_come_once_a_minute_each(monkeypatch):
 
 
 def test_waitress_answers_head_without_a_body_nor_a_log_line(caplog):
-    with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
-        sock.sendall(b"HEAD / HTTP/1.1\r\n\r\n")  # no Host: 400
-        answer = read_all(sock)
+    answer = exchange(b"HEAD / HTTP/1.1\r\n\r\n")  # no Host: 400
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400") and body == b"", answer
     # One warning a request would be a log line for every malformed HEAD a client sends.
@@ -483,10 +475,8 @@ def test_waitress_answers_head_without_a_body_nor_a_log_line(caplog):
 
 def test_a_later_http_1_minor_version_is_served_as_http_1_1():
     # RFC 9110 section 2.5 (waitress answered HTTP/1.0, and read no chunked body).
-    with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
-        sock.sendall(b"POST / HTTP/1.2\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
-                     b"GET / HTTP/1.9 \x0c\r\nHost: x\r\nConnection: close\r\n\r\n")  # (whitespace waitress strips)
-        answer = read_all(sock)
+    answer = exchange(b"POST / HTTP/1.2\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+                      b"GET / HTTP/1.9 \x0c\r\nHost: x\r\nConnection: close\r\n\r\n")  # (whitespace waitress strips)
     assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1 200") == 2, answer
     assert b"\r\n\r\nabcHTTP/1.1 200" in answer, answer
 
@@ -494,10 +484,8 @@ def test_a_later_http_1_minor_version_is_served_as_http_1_1():
 def test_a_whole_url_or_an_asterisk_is_a_request_target_too():
     # RFC 9112 sections 3.2.2 and 3.2.4: the absolute form (sent to proxies, and accepted by
     # every server) and the asterisk form (OPTIONS *).
-    with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
-        sock.sendall(b"GET http://x/a HTTP/1.1\r\nHost: x\r\n\r\n"
-                     b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        answer = read_all(sock)
+    answer = exchange(b"GET http://x/a HTTP/1.1\r\nHost: x\r\n\r\n"
+                      b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert answer.count(b"HTTP/1.1 200") == 2, answer
 
 
@@ -1270,9 +1258,7 @@ def test_every_hook_can_be_turned_off_for_the_benchmark(settings, engine, option
 
 
 def test_a_body_past_the_transport_limit_is_refused_before_it_is_buffered():
-    with running(hello) as served, socket.create_connection(("127.0.0.1", served.port)) as sock:
-        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (transport.MAX_REQUEST_BODY + 1))
-        answer = read_all(sock)
+    answer = exchange(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (transport.MAX_REQUEST_BODY + 1))
     assert answer.startswith(b"HTTP/1.1 413")
 
 

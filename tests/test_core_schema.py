@@ -130,6 +130,17 @@ def test_a_sqlite_file_another_process_is_writing_in_its_first_journal_mode_is_w
     assert waits  # it met SQLITE_BUSY, and waited instead of failing
 
 
+def test_an_error_other_than_busy_is_not_tried_again(monkeypatch):
+    """Only SQLITE_BUSY is waited out: any other error fails at once, not at the busy
+    timeout's end (a mutation audit)."""
+    waits: list[float] = []
+    monkeypatch.setattr(db.time, "sleep", waits.append)
+    with (contextlib.closing(sqlite3.connect(":memory:")) as connection,
+          pytest.raises(sqlite3.OperationalError, match="syntax error")):
+        db._execute_when_free(connection.cursor(), "SELEC 1", busy_until=time.monotonic() + 5)
+    assert waits == []
+
+
 def test_a_database_made_before_previous_query_at_gets_it(engine):
     # An older maxtwo's query_state had no previous_query_at; ensure_schema adds it, keeping
     # the chain.

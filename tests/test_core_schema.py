@@ -532,8 +532,9 @@ def test_a_file_that_is_not_sqlite_is_refused_and_left_alone(tmp_path):
     content = b"these are my notes, not a database\n" * 200
     path.write_bytes(content)
     engine = db.create_engine(Settings(database_url=f"sqlite:///{path}"))
-    with pytest.raises(SchemaMismatchError, match="not a SQLite database"):
+    with pytest.raises(SchemaMismatchError, match="not a SQLite database") as refused:
         schema.ensure_schema(engine)
+    assert str(refused.value).startswith(f"{path} (or {db.sqlite_query_state_path(path)}, which holds its query state) ")
     assert path.read_bytes() == content
 
 

@@ -325,6 +325,7 @@ TARGET_AT_LIMIT = b"\r\nGET /" + b"y" * (transport.MAX_REQUEST_HEADER - 6)  # af
     # RFC 9110 section 15.6.6: another major version than 1 (waitress answered it as HTTP/1.0).
     (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
     (b"POST / HTTP/3.0\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", 505),
+    (b"POST / HTTP/3.0\r\nHost: x\r\nContent-Length: 3\r\n\r\n", 505),  # answered before its body
     (b"GET / HTTP/0.9\r\n\r\n", 505),
     # RFC 9112 section 3: no version at all (HTTP/0.9's own form; waitress served it as HTTP/1.0).
     (b"GET /\r\n\r\n", 400),
@@ -338,7 +339,7 @@ TARGET_AT_LIMIT = b"\r\nGET /" + b"y" * (transport.MAX_REQUEST_HEADER - 6)  # af
     (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: x\r\n\r\n", 400),
     (b"POST / HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: %d\r\n\r\n" % (transport.MAX_REQUEST_BODY + 1), 413),
 ], ids=["no-host", "malformed-header", "headers-too-large", "target-too-long", "body-too-large", "unknown-transfer-coding",
-        "bare-lf", "bare-lf-unfinished", "http-2", "http-3-with-body", "http-0.9", "no-version",
+        "bare-lf", "bare-lf-unfinished", "http-2", "http-3-with-body", "http-3-body-unsent", "http-0.9", "no-version",
         "encoded-slash-target", "relative-target", "authority-target", "lower-case-method", "http-1.0-keep-alive-malformed",
         "http-1.0-keep-alive-body-too-large"])
 def test_the_errors_waitress_answers_itself_are_json_in_the_apps_shape(request_bytes, status):

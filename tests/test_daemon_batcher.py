@@ -238,6 +238,20 @@ def test_a_pooled_connection_the_server_closed_is_replaced_at_checkout(postgres_
         engine.dispose()
 
 
+def test_closed_while_idle_tells_a_connection_the_server_ended_from_a_live_one(postgres_engine):
+    """What the pool asks at each checkout on the request path (no pre-ping): a live idle
+    connection is kept, one the server ended is replaced, and so is one closed here already
+    (no descriptor left to ask: a mutation audit)."""
+    with postgres_engine.connect() as conn, postgres_engine.connect() as other:
+        driver = conn.connection.driver_connection
+        assert not db.closed_while_idle(driver)
+        other.execute(sa.select(sa.func.pg_terminate_backend(driver.info.backend_pid)))
+        wait_for(lambda: db.closed_while_idle(driver), "the server's word that it ended the connection")
+        driver.close()
+        assert db.closed_while_idle(driver)
+        conn.invalidate()
+
+
 def test_a_connection_made_for_a_checkout_is_not_taken_for_a_closed_one(postgres_url, monkeypatch):
     # Were a connection readable again as soon as it was made, the pool would try twice and
     # then raise an error that is no database error (a 500). A new connection is not asked.

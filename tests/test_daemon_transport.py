@@ -778,6 +778,34 @@ def test_a_lane_whose_batch_waits_holds_up_no_other_lanes_answers():
         assert (response.status, response.read()) == (200, b"ok")
 
 
+def test_the_lane_tells_how_long_it_has_been_at_one_batch():
+    """What the watchdog reads (daemon/watchdog.py) to tell a lane stuck at a batch from one
+    that waits for requests (0); a mutation audit found it untested."""
+    released = threading.Event()
+    wakes: list = []
+
+    def submit(requests, wake):
+        wakes.append(wake)
+        return len(requests)
+
+    def collect(size, timeout):
+        return [None] * size
+
+    lanes = lanes_for(submit, lambda size: released.is_set(), collect, max_batch=256, max_wait=30)
+    with running(hello, lanes=lanes) as live:
+        assert live.transport.lane_busy_for() == 0
+        sent = time.monotonic()
+        connection = live.connect()
+        connection.request("GET", "/")
+        wait_for(lambda: wakes, "the request's batch")
+        time.sleep(0.3)
+        assert 0.3 <= live.transport.lane_busy_for() <= time.monotonic() - sent
+        released.set()
+        wakes[0]()
+        assert connection.getresponse().status == 200
+        wait_for(lambda: live.transport.lane_busy_for() == 0, "the lane waiting for requests again")
+
+
 def test_the_lane_thread_outlives_a_turn_that_fails(caplog):
     # Never by design: were a turn to raise (here failure_scope, on the first batch), the lane
     # thread logs it and goes on answering the requests that come after.

@@ -793,7 +793,7 @@ def test_the_lane_tells_how_long_it_has_been_at_one_batch():
 
     lanes = lanes_for(submit, lambda size: released.is_set(), collect, max_batch=256, max_wait=30)
     with running(hello, lanes=lanes) as live:
-        assert live.transport.lane_busy_for() == 0
+        wait_for(lambda: live.transport.lane_busy_for() == 0, "the lane waiting for requests")  # (once started)
         sent = time.monotonic()
         connection = live.connect()
         connection.request("GET", "/")

@@ -84,25 +84,27 @@ class ThrowawayPostgres:
             # APPSEC: setgroups([]) too: do not hand root's supplementary groups to the server.
             self._as_user = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
             _check_reachable(Path(tempfile.gettempdir()))
+        # Before the directory exists: a SIGTERM while the binaries are copied into it (a second
+        # or two as root) ended the process at once and left it behind.
+        _interrupt_on_sigterm()
         self._root = Path(tempfile.mkdtemp(prefix="maxtwo-pg-"))
-        self.data_dir = self._root / "data"  # created by initdb
-        self.log_path = self._root / "server.log"
-        self.socket_dir = self._root / "sock"
-        self.socket_dir.mkdir()
-        if self._as_user:
-            try:
+        try:
+            self.data_dir = self._root / "data"  # created by initdb
+            self.log_path = self._root / "server.log"
+            self.socket_dir = self._root / "sock"
+            self.socket_dir.mkdir()
+            if self._as_user:
                 self.bindir = _private_install(self.bindir, self._root)
                 for dirpath, dirnames, filenames in os.walk(self._root):
                     for path in (dirpath, *(Path(dirpath, name) for name in [*dirnames, *filenames])):
                         os.lchown(path, self._as_user["user"], self._as_user["group"])
-            except BaseException:  # (a full disk): no cleanup() is registered yet to remove it
-                shutil.rmtree(self._root, ignore_errors=True)
-                raise
-        self._db_created = False
-        self._killed = False  # its shared memory left behind: see cleanup()
-        self._owner_pid = os.getpid()
-        atexit.register(self._cleanup_at_exit)  # safety net only; callers stop in `finally`
-        _interrupt_on_sigterm()
+            self._db_created = False
+            self._killed = False  # its shared memory left behind: see cleanup()
+            self._owner_pid = os.getpid()
+            atexit.register(self._cleanup_at_exit)  # safety net only; callers stop in `finally`
+        except BaseException:  # (a full disk, a SIGTERM): no cleanup() was registered to remove it
+            shutil.rmtree(self._root, ignore_errors=True)
+            raise
 
     @property
     def url(self) -> str:

@@ -352,6 +352,33 @@ def test_a_killed_server_leaves_no_shared_memory_behind():
     assert [key, shmid] not in segments
 
 
+INTERRUPTED_COPY = """
+import os, signal, sys, tempfile, time
+from devtools import pgserver
+tempfile.tempdir = sys.argv[1]
+pgserver.os.geteuid = lambda: 0  # the root's branch, whoever runs it
+pgserver._ensure_os_user = lambda: pgserver.pwd.getpwuid(os.getuid())
+pgserver._check_reachable = lambda directory: None
+
+def sigterm_while_copying(bindir, root):
+    os.kill(os.getpid(), signal.SIGTERM)  # a CI job's timeout, say
+    time.sleep(30)
+
+pgserver._private_install = sigterm_while_copying
+pgserver.ThrowawayPostgres()
+"""
+
+
+def test_a_sigterm_while_the_binaries_are_copied_leaves_no_temporary_directory(tmp_path):
+    """The SIGTERM handler came after the copy: the process ended at once and its directory
+    stayed under /tmp (seen when a CI run was killed a second into the suite)."""
+    env = {key: value for key, value in os.environ.items() if key != "MAXTWO_TEST_POSTGRES_URL"}
+    child = subprocess.run([sys.executable, "-c", INTERRUPTED_COPY, str(tmp_path)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert "KeyboardInterrupt" in child.stderr, (child.returncode, child.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_copy_of_the_binaries_that_fails_leaves_no_temporary_directory(tmp_path, monkeypatch):
     """Before cleanup() is registered, a failure to copy (a full disk) must remove the
     directory itself. (As root; the root's branch is taken here whoever runs the test.)"""

@@ -183,6 +183,20 @@ def test_a_reset_clears_a_time_recorded_by_a_clock_that_ran_ahead(seeded):
     assert first.previous is None and before_reset < first.recorded_at < future
 
 
+@pytest.mark.parametrize(("ahead", "kept"), [(0.3, True), (1.8, False)])
+def test_a_reset_keeps_a_time_less_than_a_second_ahead_only(seeded, ahead, kept):
+    """The second of schema.forget_the_last_query: a time a little ahead of this clock (another
+    daemon's clock, a small step) stays the floor; one further ahead is a clock that ran ahead,
+    cleared. (1.8 s leaves the reset 0.8 s to happen in before the time comes within a second.)"""
+    recorded = utcnow() + dt.timedelta(seconds=ahead)
+    with seeded.begin() as conn:
+        conn.execute(schema.query_state.update().values(last_query_at=recorded))
+    seed_users(seeded, 10, reset=True)
+    first = query_users(seeded)
+    assert first.previous is None
+    assert (first.recorded_at > recorded) is kept
+
+
 def test_sqlite_records_the_time_the_query_was_sent(tmp_path, monkeypatch):
     """SQLite has no clock of its own here: the time is Python's, taken as the statement is
     sent (PostgreSQL's is the server's, so it cannot be pinned this way)."""

@@ -3,6 +3,7 @@ and error body."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -10,6 +11,8 @@ import sqlite3
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import falcon.testing
 import pytest
@@ -23,6 +26,7 @@ from daemon.openapi import openapi_document
 from daemon.resources import WriteHealth
 from daemon.throttle import LogThrottle
 from maxtwo_cli.core import db, schema
+from maxtwo_cli.core.counters import increment
 from maxtwo_cli.core.errors import DatabaseBusyError, DatabaseUnavailableError
 from maxtwo_cli.core.query import query_users
 from maxtwo_cli.core.randomize import randomize_points
@@ -124,24 +128,52 @@ def _with_options(postgres_url: str, options: str) -> Settings:
     return Settings(database_url=url.render_as_string(hide_password=False))
 
 
-def test_healthz_fails_when_the_role_may_not_write(postgres_engine, postgres_url, caplog):
-    role = f"test_reader_{uuid.uuid4().hex[:12]}"  # the server's own role is a superuser: may all
+@contextlib.contextmanager
+def _role_granted(postgres_engine, postgres_url, *grants: str) -> Iterator[Settings]:
+    """Settings whose sessions act as a new role given `grants` ("{role}" in each names it):
+    the server's own role is a superuser, which may do everything."""
+    role = f"test_role_{uuid.uuid4().hex[:12]}"
     with postgres_engine.begin() as conn:
         conn.exec_driver_sql(f"CREATE ROLE {role} NOLOGIN")
         conn.exec_driver_sql(f"GRANT USAGE ON SCHEMA {conn.exec_driver_sql('SELECT current_schema()').scalar()} TO {role}")
-        conn.exec_driver_sql(f"GRANT SELECT, UPDATE ON users, randomizer_state, query_state TO {role}")
-        conn.exec_driver_sql(f"GRANT SELECT, INSERT, UPDATE, DELETE ON counters, idempotency_keys TO {role}")
-        conn.exec_driver_sql(f"REVOKE UPDATE ON query_state FROM {role}")
-        conn.exec_driver_sql(f"REVOKE INSERT ON counters FROM {role}")
-    settings = _with_options(postgres_url, f"-crole={role}")
-    engine = db.create_engine(settings)
+        for grant in grants:
+            conn.exec_driver_sql(grant.format(role=role))
     try:
-        assert "lacks UPDATE on query_state, INSERT on counters" in _healthz_refused(settings, engine, caplog)
+        yield _with_options(postgres_url, f"-crole={role}")
     finally:
-        engine.dispose()
         with postgres_engine.begin() as conn:
             conn.exec_driver_sql(f"DROP OWNED BY {role}")
             conn.exec_driver_sql(f"DROP ROLE {role}")
+
+
+def test_healthz_fails_when_the_role_may_not_write(postgres_engine, postgres_url, caplog):
+    with _role_granted(postgres_engine, postgres_url,
+                       "GRANT SELECT, UPDATE ON users, randomizer_state, query_state TO {role}",
+                       "GRANT SELECT, INSERT, UPDATE, DELETE ON counters, idempotency_keys TO {role}",
+                       "REVOKE UPDATE ON query_state FROM {role}",
+                       "REVOKE INSERT ON counters FROM {role}") as settings:
+        engine = db.create_engine(settings)
+        try:
+            assert "lacks UPDATE on query_state, INSERT on counters" in _healthz_refused(settings, engine, caplog)
+        finally:
+            engine.dispose()
+
+
+def test_privileges_granted_column_by_column_are_enough(postgres_engine, postgres_url):
+    """A role granted INSERT and UPDATE on the columns maxtwo writes, not on whole tables, is
+    not refused (any column's privilege will do; DELETE is the table's alone), and it writes."""
+    with _role_granted(postgres_engine, postgres_url,
+                       "GRANT SELECT ON users, randomizer_state, query_state, counters, idempotency_keys TO {role}",
+                       "GRANT UPDATE (points, updated_at) ON users TO {role}",
+                       "GRANT UPDATE ON randomizer_state, query_state TO {role}",
+                       "GRANT INSERT (key, value), UPDATE (value) ON counters TO {role}",
+                       "GRANT INSERT, UPDATE, DELETE ON idempotency_keys TO {role}") as settings:
+        engine = db.create_engine(settings)
+        try:
+            assert schema.writes_refused(engine) is None
+            assert increment(engine, "granted by column", 3).total == 3
+        finally:
+            engine.dispose()
 
 
 def test_healthz_fails_on_a_read_only_server(postgres_engine, postgres_url, caplog):
@@ -153,27 +185,51 @@ def test_healthz_fails_on_a_read_only_server(postgres_engine, postgres_url, capl
         engine.dispose()
 
 
+@contextlib.contextmanager
+def _not_writable(path: Path) -> Iterator[None]:
+    """`path` refused to writes, for root too (whom permissions do not stop): chattr +i, as a
+    read-only remount would."""
+    root = os.geteuid() == 0
+    if root:
+        done = subprocess.run(["chattr", "+i", str(path)], check=False, capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.fail(f"this test needs chattr on a file system that supports it: {done.stderr.strip()}")
+    else:
+        mode = path.stat().st_mode
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        yield
+    finally:
+        if root:
+            subprocess.run(["chattr", "-i", str(path)], check=False, capture_output=True)
+        else:
+            path.chmod(mode)
+
+
 def test_healthz_fails_when_a_sqlite_file_is_not_writable(tmp_path, caplog):
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}")
     engine = db.create_engine(settings)
     schema.ensure_schema(engine)
     query_file = tmp_path / "maxtwo.db-query"
-    root = os.geteuid() == 0
-    if root:
-        # chattr +i: refused even to root (whom permissions do not stop), as a read-only
-        # remount would.
-        done = subprocess.run(["chattr", "+i", str(query_file)], check=False, capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.fail(f"this test needs chattr on a file system that supports it: {done.stderr.strip()}")
-    else:
-        query_file.chmod(0o444)
     try:
-        assert f"{query_file} is not writable" in _healthz_refused(settings, engine, caplog)
+        with _not_writable(query_file):
+            assert f"{query_file} is not writable" in _healthz_refused(settings, engine, caplog)
     finally:
-        if root:
-            subprocess.run(["chattr", "-i", str(query_file)], check=False, capture_output=True)
-        else:
-            query_file.chmod(0o644)
+        engine.dispose()
+
+
+def test_healthz_fails_when_a_sqlite_directory_is_not_writable(tmp_path, caplog):
+    """Every file writable, the directory not: SQLite cannot make the journals it keeps there
+    (the WAL and its index, made again each time the last connection has removed them)."""
+    directory = tmp_path / "data"
+    directory.mkdir()
+    settings = Settings(database_url=f"sqlite:///{directory / 'maxtwo.db'}")
+    engine = db.create_engine(settings)
+    schema.ensure_schema(engine)
+    try:
+        with _not_writable(directory):
+            assert f"the directory {directory} is not writable" in _healthz_refused(settings, engine, caplog)
+    finally:
         engine.dispose()
 
 

@@ -35,7 +35,7 @@ from maxtwo_cli.core.errors import DatabaseUnavailableError, MaxtwoError
 from maxtwo_cli.core.query import QueryResult
 from maxtwo_cli.core.schema import idempotency_keys
 from maxtwo_cli.core.settings import Settings
-from tests.helpers import notify_socket, state, wait_for
+from tests.helpers import notify_socket, state, user_rows, wait_for
 
 # systemd's WatchdogSec= in microseconds: pings every 0.1 s (a quarter of it).
 WATCHDOG_USEC = "400000"
@@ -330,6 +330,28 @@ def test_a_seed_count_of_0_seeds_nothing_and_writes_nothing(engine):
     assert state(engine) == before  # no epoch taken, no lock
 
 
+def test_the_daemon_seeds_only_an_empty_database(engine, caplog):
+    """A restart finds its users and leaves them: the second start neither seeds nor says so."""
+    with caplog.at_level(logging.INFO, logger=server_module.log.name):
+        server_module.seed_if_empty(engine, 5)
+        epoch = state(engine).epoch
+        server_module.seed_if_empty(engine, 7)
+    assert [message for message in caplog.messages if "seed" in message][:1] == ["no users yet: seeding 5"]
+    assert not any("seeding 7" in message or "first" in message for message in caplog.messages)
+    assert (len(user_rows(engine)), state(engine).epoch) == (5, epoch)
+
+
+def test_a_daemon_that_finds_the_users_seeded_by_another_goes_on(engine, caplog, monkeypatch):
+    """Two daemons started on one empty database: the one whose seed comes second is refused
+    (AlreadySeededError) and serves the other's users."""
+    server_module.seed_if_empty(engine, 5)
+    monkeypatch.setattr(server_module, "has_users", lambda engine: False)  # asked before the other's commit
+    with caplog.at_level(logging.INFO, logger=server_module.log.name):
+        server_module.seed_if_empty(engine, 7)
+    assert "another process seeded the users first" in caplog.messages
+    assert len(user_rows(engine)) == 5
+
+
 def test_serving_ends_with_no_thread_nor_database_connection_left(tmp_path, monkeypatch):
     """The watchdog's thread (a WATCHDOG=1 after STOPPING=1), the committers' threads and their
     connections, the engine's pool: all ended when serve_requests() returns."""
@@ -376,6 +398,7 @@ def test_the_watchdog_says_why_it_stopped_each_time_it_stops(caplog):
         watchdog.start()
         try:
             wait_for(lambda: complaints() == 1, "the first complaint")
+            assert "a database batch has run for 5.0 s, past every timeout" in caplog.text  # the why
             time.sleep(0.2)  # ten checks more: still one line
             assert complaints() == 1 and pings == []
             running_for[0] = 0.0

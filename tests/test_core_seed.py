@@ -40,6 +40,14 @@ def test_seed_spans_several_batches_in_one_transaction(engine, monkeypatch):
     assert [row.id for row in user_rows(engine)] == list(range(1, 1_001))
 
 
+def test_a_count_that_fills_its_last_batch_reports_each_batch_once(engine, monkeypatch):
+    """A loop running one batch past count inserted nothing more but reported the end twice."""
+    monkeypatch.setattr(seed_module, "SEED_BATCH_SIZE", 300)
+    progress = []
+    seed_users(engine, 600, on_progress=lambda done, total: progress.append((done, total)))
+    assert progress == [(300, 600), (600, 600)]
+
+
 @pytest.mark.parametrize("count", [1, 301, 601])
 def test_a_last_batch_of_one_user_is_seeded(engine, monkeypatch, count):
     """Counts one past a batch boundary: a loop stopping short of count + 1 left that user out."""

@@ -491,6 +491,27 @@ def test_a_running_randomization_gets_its_time_to_commit_when_serving_fails(tmp_
     assert finished.is_set(), "serve() returned while the randomization still ran"
 
 
+def test_the_lanes_answer_once_their_batch_is_in_not_at_its_deadline(tmp_path):
+    """Each lane is woken as its batch's outcomes come in (on_answer): a lost wake-up answered
+    every batched request at its batch's deadline instead (max_wait: 30 s here), and every
+    other test passed, only slower."""
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}", port=0,
+                        connect_timeout=10, statement_timeout=10)
+    increment = b'{"key": "k", "value": 1}'
+    requests = [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(increment), increment),
+    ]
+    with serving_in_a_thread(settings, users=10) as listener:
+        for request, status in zip(requests, (b"200", b"202"), strict=True):
+            with socket.create_connection(listener.getsockname(), timeout=60) as client:
+                started = time.monotonic()
+                client.sendall(request)
+                assert client.recv(100).startswith(b"HTTP/1.1 " + status)
+                assert time.monotonic() - started < 10, "answered at the batch's deadline"
+
+
 def test_a_drain_that_runs_out_of_time_says_so(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(server_module, "DRAIN_SECONDS", 0.5)
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}", port=0, threads=2)

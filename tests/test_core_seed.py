@@ -56,6 +56,20 @@ def test_a_last_batch_of_one_user_is_seeded(engine, monkeypatch, count):
     assert [row.id for row in user_rows(engine)] == list(range(1, count + 1))
 
 
+@pytest.mark.parametrize(("earlier", "count"), [(0, 0), (0, 1), (0, 5), (7, 3)])
+def test_a_user_added_after_a_seed_gets_the_next_id(engine, earlier, count):
+    """PostgreSQL's COPY gives the ids itself, past the identity's sequence: the seed moves the
+    sequence on (back, after a reset to fewer users), or a user added by hand later collided
+    with user 1 (or skipped ids)."""
+    if earlier:
+        seed_users(engine, earlier)
+    seed_users(engine, count, reset=bool(earlier))
+    now = utcnow()
+    with engine.begin() as conn:
+        added = conn.scalar(users.insert().values(points=0, inserted_at=now, updated_at=now).returning(users.c.id))
+    assert added == count + 1
+
+
 def test_seed_refuses_existing_users_without_reset(engine):
     seed_users(engine, 100)
     before = state(engine)

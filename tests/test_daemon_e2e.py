@@ -145,6 +145,34 @@ def test_ctrl_c_stops_the_daemon_as_sigterm_does_and_exits_0(tmp_path):
         assert daemon.process.wait(15) == 0
         log = daemon.log()
     assert "received SIGINT" in log and "stopped" in log and "Traceback" not in log
+    # The line that says where it serves (with --port 0, the only place that says which port).
+    assert f"listening on http://127.0.0.1:{daemon.port}\n" in log
+
+
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_the_start_s_seed_ends_the_daemon_at_once_and_the_seed_is_rolled_back(
+        tmp_path, signum, exit_code):
+    """README: during the start's seed, SIGTERM ends the process at once and Ctrl-C exits 130,
+    the seed rolled back either way. The graceful stop's handlers come only once it serves:
+    installed before the seed, they would record the signal and let a seed of millions run on
+    (past systemd's TimeoutStopSec, then a SIGKILL) only to stop as soon as it served."""
+    database_url = f"sqlite:///{tmp_path / 'maxtwo.db'}"
+    with ServeProcess(database_url, interval=60, seed_count=20_000_000) as daemon:
+        daemon.start(tmp_path / "serve.log", wait=False)
+        wait_for(lambda: "seeding: " in daemon.log(), "the seed under way (its first batch in)", seconds=60)
+        daemon.process.send_signal(signum)
+        assert daemon.process.wait(15) == exit_code
+        log = daemon.log()
+    assert "listening on" not in log and "seeded" not in log
+    if signum == signal.SIGINT:
+        assert "interrupted; a change not yet committed was rolled back" in log and "Traceback" not in log
+    engine = db.create_engine(Settings(database_url=database_url))
+    try:
+        with engine.connect() as conn:
+            assert conn.scalar(sa.select(sa.func.count()).select_from(users)) == 0
+    finally:
+        engine.dispose()
 
 
 def test_a_fatal_signal_leaves_every_thread_s_stack_in_the_log(tmp_path):

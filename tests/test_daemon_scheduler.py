@@ -461,6 +461,61 @@ def test_a_make_up_run_failing_just_after_the_boundary_names_the_run_that_follow
     assert failure.endswith(f"the run due at {utc(SLOT + 60).isoformat()}, which waited for this one, retries"), failure
 
 
+def test_a_run_failing_after_the_boundary_it_made_skip_names_the_slot_after_it(monkeypatch, caplog):
+    """Still going past the grace, the run made the boundary skip as an overlap: its failure's
+    line names the next slot's run, not that boundary's, which never came."""
+    clock = FakeClock(SLOT + 59.995, SLOT + 61, lambda now: join_runs() if now >= SLOT + 60 else None)
+
+    def behaviour(number: int) -> RandomizeResult:
+        deadline = time.monotonic() + TIMEOUT
+        while "skipped: the previous one is still running" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+        clock.now = SLOT + 61.5  # the grace (a second) has passed on the clock too
+        raise SchemaMismatchError("the database holds tables maxtwo did not create")
+
+    recorder = Recorder(clock.time, behaviour)
+    schedule_follows(clock, monkeypatch)
+    scheduler = RandomizeScheduler(recorder, 60, Metrics(), clock=clock.time, wait=clock.wait, catch_up=True)
+    with caplog.at_level(logging.INFO, logger="daemon.scheduler"):
+        scheduler.start()
+        try:
+            assert clock.at_end.wait(TIMEOUT)
+        finally:
+            assert scheduler.stop(TIMEOUT)
+    assert [due_at.timestamp() for _, due_at in recorder.calls] == [SLOT]
+    [failure] = [message for message in caplog.messages if "failed" in message]
+    assert failure.endswith(f"the next slot's run, at {utc(SLOT + 120).isoformat()}, retries"), failure
+
+
+def test_at_a_short_interval_a_boundary_waits_a_quarter_of_it_for_the_run_before(monkeypatch, caplog):
+    """At --interval 2 the grace is half a second, a quarter of the interval: a boundary that
+    waited out OVERLAP_GRACE_SECONDS for the run before would block the loop up to the next
+    boundary (at --interval 1, all of it). The grace is made long here, so that only the
+    quarter can end the wait before the run before it does (after TIMEOUT)."""
+    monkeypatch.setattr(scheduler_module, "OVERLAP_GRACE_SECONDS", 60.0)
+    clock = FakeClock(SLOT + 1.995, SLOT + 3, lambda now: join_runs() if now >= SLOT + 2 else None)
+
+    def behaviour(number: int) -> RandomizeResult | None:
+        if number > 1:
+            return result()
+        deadline = time.monotonic() + TIMEOUT
+        while "skipped: the previous one is still running" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return None  # the make-up run stands back
+
+    recorder, metrics = Recorder(clock.time, behaviour), Metrics()
+    schedule_follows(clock, monkeypatch)
+    scheduler = RandomizeScheduler(recorder, 2, metrics, clock=clock.time, wait=clock.wait, catch_up=True)
+    with caplog.at_level(logging.INFO, logger="daemon.scheduler"):
+        scheduler.start()
+        try:
+            assert clock.at_end.wait(TIMEOUT * 3)
+        finally:
+            assert scheduler.stop(TIMEOUT)
+    assert [due_at.timestamp() for _, due_at in recorder.calls] == [SLOT]
+    assert sample(metrics, "maxtwo_randomize_skipped_total", reason="overlap") == 1
+
+
 def test_a_failing_run_is_counted_and_the_loop_goes_on(monkeypatch):
     def behaviour(number):
         if number <= 2:
@@ -563,15 +618,20 @@ def test_a_retry_is_not_held_up_by_the_loop_s_nap():
     assert failed_at + 0.05 + 0.25 <= retried_at + 0.01 and retried_at < due.timestamp() + interval / 2
 
 
-def test_a_run_that_failed_for_another_reason_is_not_retried(monkeypatch):
+def test_a_run_that_failed_for_another_reason_is_not_retried(monkeypatch, caplog):
     def behaviour(number):
         raise SchemaMismatchError("the database holds tables maxtwo did not create")
 
     clock = FakeClock(1000.0, 1030.0, lambda now: join_runs())
     recorder = Recorder(clock.time, behaviour)
-    metrics = run_on(clock, recorder, 10, monkeypatch)
+    with caplog.at_level(logging.ERROR, logger="daemon.scheduler"):
+        metrics = run_on(clock, recorder, 10, monkeypatch)
     assert [started for started, _ in recorder.calls] == [1010, 1020, 1030]
     assert sample(metrics, "maxtwo_randomize_failures_total") == 3
+    # Failed within its own slot (here at once): the line names the next slot's run, not the
+    # run it is itself as "the run ... which waited for this one".
+    failure = next(message for message in caplog.messages if "failed" in message)
+    assert failure.endswith(f"the next slot's run, at {utc(1020).isoformat()}, retries"), failure
 
 
 def test_a_run_whose_thread_cannot_start_is_counted_and_the_loop_goes_on(monkeypatch):

@@ -4,6 +4,7 @@ watches the serving loop and the batcher, signals, and the exit paths."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -117,6 +118,29 @@ def test_the_listening_url_brackets_an_ipv6_address():
     assert listening_url(("127.0.0.1", 8000)) == "http://127.0.0.1:8000"
     assert listening_url(("::1", 8000, 0, 0)) == "http://[::1]:8000"
     assert listening_url(("fe80::1%eth0", 8000, 0, 2)) == "http://[fe80::1%25eth0]:8000"
+
+
+def test_a_host_in_brackets_is_the_ipv6_address_inside_them():
+    """--host [::1], as the address is written in a URL (and in the "listening on" line)."""
+    sock = bind(Settings(database_url="sqlite:///x.db", host="[::1]", port=0))
+    try:
+        assert sock.family == socket.AF_INET6 and sock.getsockname()[0] == "::1"
+    finally:
+        sock.close()
+
+
+def test_a_daemon_on_the_ipv6_wildcard_leaves_the_port_on_ipv4_to_others():
+    """--host :: is IPv6 only (IPV6_V6ONLY), whatever the system's default (Linux's takes IPv4
+    too, net.ipv6.bindv6only=0): the one address asked for, and IPv4 clients are not let in by
+    a bind that never named them."""
+    settings = Settings(database_url="sqlite:///x.db", host="::", port=0)
+    six = listen(settings)
+    try:
+        with socket.socket(socket.AF_INET) as four:
+            four.bind(("127.0.0.1", six.getsockname()[1]))  # EADDRINUSE if :: had taken IPv4 too
+            four.listen()
+    finally:
+        six.close()
 
 
 class StandIn:
@@ -295,6 +319,47 @@ def test_the_watchdog_stops_while_a_batch_runs_past_every_timeout(watched, monke
         released.set()
     before = len(pings.times)
     wait_for_pings(pings, before + 3)
+
+
+@pytest.mark.slow
+def test_the_watchdog_goes_on_while_a_batch_is_slow_but_within_its_timeouts(tmp_path, monkeypatch):
+    """A batch may take its database timeouts (connecting, then two statements: 6 s here) and
+    more: a daemon whose database is slow, not hung, must not stop pinging and be restarted by
+    systemd in the middle of its work. Only past those timeouts plus LOOP_STALE_SECONDS is it
+    stuck (the test above)."""
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+    monkeypatch.setenv("WATCHDOG_USEC", WATCHDOG_USEC)
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    monkeypatch.setattr(server_module, "LOOP_STALE_SECONDS", 1.0)
+    pings = Pings(tmp_path / "notify.sock")
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}", port=0, threads=4,
+                        connect_timeout=2, statement_timeout=2)
+    slow, released = threading.Event(), threading.Event()
+    real_apply = QueryKind.apply
+
+    def slow_apply(self, held, payloads):
+        slow.set()
+        released.wait(30)  # a slow database, within its timeouts
+        return real_apply(self, held, payloads)
+
+    try:
+        with serving_in_a_thread(settings, users=10) as listener:
+            wait_for_pings(pings, 3)
+            monkeypatch.setattr(QueryKind, "apply", slow_apply)
+            with socket.create_connection(listener.getsockname()) as client:
+                client.settimeout(30)
+                client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                try:
+                    assert slow.wait(10)
+                    time.sleep(1.5)  # past LOOP_STALE_SECONDS, but not past the batch's timeouts
+                    watched_from = time.monotonic()
+                    time.sleep(1.5)  # 15 pings' worth
+                    assert pings.between(watched_from, time.monotonic()) > 0, pings.messages
+                finally:
+                    released.set()
+                assert client.recv(100).startswith(b"HTTP/1.1 200")
+    finally:
+        pings.close()
 
 
 def test_a_second_signal_does_not_restart_the_shutdown_budget(monkeypatch):
@@ -732,3 +797,101 @@ def test_a_cleanup_out_of_time_goes_on_after_the_next_slot_and_stops_at_a_stop_r
     assert left() == 3
     late(slot + dt.timedelta(hours=2, minutes=1))
     assert left() < 3
+
+
+def test_a_cleanup_that_starts_late_in_its_slot_ends_a_margin_before_the_next_boundary(engine, monkeypatch):
+    """Its share of the interval (15 s of 60) is cut to what is left of the slot but the margin:
+    50 s into it (a wait for another daemon's run), 9 s. A full share would run past the next
+    boundary, whose run this daemon would then skip as an overlap."""
+    import datetime as dt
+
+    from maxtwo_cli.core.seed import seed_users
+
+    seed_users(engine, 10)
+    add_expired_idempotency_key(engine)
+    budgets = []
+    real_forget = server_module.forget_expired_idempotency_keys
+
+    def forget(engine, seconds, stopping):
+        budgets.append(seconds)
+        return real_forget(engine, seconds, stopping)
+
+    monkeypatch.setattr(server_module, "forget_expired_idempotency_keys", forget)
+    job = job_run_after_its_boundary(engine, 60)
+    job(dt.datetime(2026, 12, 3, 19, 0, tzinfo=dt.UTC), after=50)
+    assert budgets == [pytest.approx(60 - server_module.CLEANUP_MARGIN - 50)]
+    assert idempotency_keys_left(engine) == 0
+    job(dt.datetime(2026, 12, 3, 20, 0, tzinfo=dt.UTC), after=1)  # early in its slot: the whole share
+    assert budgets[1:] == [pytest.approx(60 * server_module.CLEANUP_SHARE)]
+
+
+def test_a_daemon_whose_serving_fails_closes_its_database_connections(tmp_path, monkeypatch):
+    """The scheduler's engine (the schema, the seed and the randomizations use it) is disposed
+    of on the way out, not left to the garbage collector: on PostgreSQL each idle connection
+    holds a server process (and a slot of max_connections) until then."""
+    monkeypatch.setattr(server_module, "configure_logging", lambda: None)
+    engines = []
+    create_engine = server_module.db.create_engine
+    monkeypatch.setattr(server_module.db, "create_engine",
+                        lambda *args, **kwargs: engines.append(create_engine(*args, **kwargs)) or engines[-1])
+
+    def failing(settings, listener, metrics, stopping, *, on_ready, **_):
+        on_ready()  # the scheduler starts here (and makes up the current slot with the engine)
+        raise RuntimeError("the serving loop died")
+
+    monkeypatch.setattr(server_module, "serve_requests", failing)
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}", port=0, seed_count=10, interval=3600)
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(RuntimeError, match="died"):
+            serve(settings)
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    [engine] = engines
+    assert engine.pool.checkedin() == 0 and engine.pool.checkedout() == 0
+
+
+def test_a_wait_for_another_daemon_s_run_ends_when_serving_fails(postgres_url, monkeypatch, caplog):
+    """No signal came, yet the scheduler is stopping (the serving loop died): its job stops
+    waiting for the run another daemon holds the slot's lock for, and leaves the slot to it.
+    Otherwise it would wait up to the half of the slot (30 minutes at an hourly interval), far
+    past what the shutdown gives it, and be cut off at exit."""
+    from maxtwo_cli.core.randomize import RANDOMIZE_LOCK_KEY
+
+    monkeypatch.setattr(server_module, "configure_logging", lambda: None)
+    # The budget of a stop that no signal started, long enough that only a wait that never
+    # ends would run out of it.
+    monkeypatch.setattr(server_module, "SCHEDULER_STOP_SECONDS", 20.0)
+    # An interval of 1e10 s (317 years): the slot began at the epoch, and its first half, all of
+    # which the job would wait, lasts till 2128. (At an hourly one, the wait ended at once when
+    # the test ran in the second half of an hour.)
+    settings = Settings(database_url=postgres_url, port=0, seed_count=10, interval=1e10)
+    # (Its statement timeout is also its idle-in-transaction timeout: the lock is held idle.)
+    other = server_module.db.create_engine(dataclasses.replace(settings, statement_timeout=120))
+
+    def waiting_for_the_lock() -> bool:
+        with other.connect() as conn:
+            return bool(conn.scalar(sa.text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")))
+
+    def failing(settings, listener, metrics, stopping, *, on_ready, **_):
+        on_ready()  # the scheduler starts here, and makes up the current slot at once
+        wait_for(waiting_for_the_lock, "the job waiting for the other daemon's run", seconds=30)
+        raise RuntimeError("the serving loop died")
+
+    monkeypatch.setattr(server_module, "serve_requests", failing)
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server_module.schema.ensure_schema(other)
+        with other.begin() as holder, caplog.at_level(logging.INFO):
+            # The other daemon's run for this slot, still going.
+            holder.execute(sa.select(sa.func.pg_advisory_xact_lock(RANDOMIZE_LOCK_KEY)))
+            with pytest.raises(RuntimeError, match="died"):
+                serve(settings)
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+        other.dispose()
+    assert any("not waited for further: this daemon stops" in message for message in caplog.messages)
+    assert not any("still running at shutdown" in message for message in caplog.messages)

@@ -197,6 +197,26 @@ def test_a_reset_keeps_a_time_less_than_a_second_ahead_only(seeded, ahead, kept)
     assert (first.recorded_at > recorded) is kept
 
 
+def test_a_postgresql_session_in_another_time_zone_still_answers_in_utc(postgres_url):
+    """A server's TimeZone is its initdb machine's zone unless set, and timestamptz comes back
+    in it: the times read are the same instants, and the API's text is UTC's (a local time
+    written with a "Z" would be 5:30 off here)."""
+    url = sa.make_url(postgres_url)
+    url = url.update_query_dict({"options": f"{url.query['options']} -ctimezone=Asia/Kolkata"})
+    engine = db.create_engine(Settings(database_url=url.render_as_string(hide_password=False)))
+    try:
+        schema.ensure_schema(engine)
+        seed_users(engine, 3)
+        first, second = query_users(engine), query_users(engine)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW timezone").scalar() == "Asia/Kolkata"
+    finally:
+        engine.dispose()
+    assert second.previous == first.recorded_at and second.previous.utcoffset() == dt.timedelta(0)
+    shown = dt.datetime.strptime(json.loads(second.api_json())["timestamp"], "%Y-%m-%d %H:%M:%SZ")
+    assert abs(shown.replace(tzinfo=dt.UTC) - utcnow()) < dt.timedelta(minutes=5)
+
+
 def test_sqlite_records_the_time_the_query_was_sent(tmp_path, monkeypatch):
     """SQLite has no clock of its own here: the time is Python's, taken as the statement is
     sent (PostgreSQL's is the server's, so it cannot be pinned this way)."""

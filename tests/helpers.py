@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import socket
+import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Self
 
 import sqlalchemy as sa
 
+from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.schema import query_state, randomizer_state, users
 from maxtwo_cli.core.settings import Settings
 
@@ -155,7 +158,6 @@ def prepare(database_url: str, users_count: int = 0) -> None:
     statement timeout is a fraction of a second is also PostgreSQL's idle-in-transaction
     timeout, which a busy machine's pause between the schema set-up's statements can pass
     (a CI run: the set-up's connection terminated)."""
-    from maxtwo_cli.core import db, schema
     from maxtwo_cli.core.seed import seed_users
 
     engine = db.create_engine(Settings(database_url=database_url))
@@ -164,4 +166,21 @@ def prepare(database_url: str, users_count: int = 0) -> None:
         if users_count:
             seed_users(engine, users_count)
     finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def main_file_locked(tmp_path) -> Iterator[sa.Engine]:
+    """An engine on a new SQLite database whose main file another connection holds the write
+    lock of, as a randomization does; statements give up on a lock after 0.5 s."""
+    path = tmp_path / "maxtwo.db"
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}", statement_timeout=0.5))
+    schema.ensure_schema(engine)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        yield engine
+    finally:
+        holder.rollback()
+        holder.close()
         engine.dispose()

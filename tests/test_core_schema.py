@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -31,7 +30,7 @@ from maxtwo_cli.core.query import query_users
 from maxtwo_cli.core.randomize import randomize_if_due
 from maxtwo_cli.core.settings import Settings, default_database_url
 from tests.conftest import libpq_url
-from tests.helpers import state
+from tests.helpers import main_file_locked, state
 
 
 def test_ensure_schema_twice_is_harmless(engine):
@@ -363,23 +362,6 @@ def test_a_lost_query_state_file_is_refused_not_made_anew_empty(tmp_path):
         schema.ensure_schema(engine)
     engine.dispose()
     assert (tmp_path / "maxtwo.db-query").stat().st_size == 0
-
-
-@contextlib.contextmanager
-def main_file_locked(tmp_path) -> Iterator[sa.Engine]:
-    """An engine on a new SQLite database whose main file another connection holds the write
-    lock of, as a randomization does; statements give up on a lock after 0.5 s."""
-    path = tmp_path / "maxtwo.db"
-    engine = db.create_engine(Settings(database_url=f"sqlite:///{path}", statement_timeout=0.5))
-    schema.ensure_schema(engine)
-    holder = sqlite3.connect(path, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
-    try:
-        yield engine
-    finally:
-        holder.rollback()
-        holder.close()
-        engine.dispose()
 
 
 def test_on_sqlite_increments_never_wait_for_the_main_file_a_randomization_locks(tmp_path):

@@ -11,14 +11,14 @@ import sqlalchemy as sa
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core import seed as seed_module
 from maxtwo_cli.core.clock import utcnow
-from maxtwo_cli.core.errors import AlreadySeededError, SchemaMismatchError
+from maxtwo_cli.core.errors import AlreadySeededError, DatabaseBusyError, SchemaMismatchError
 from maxtwo_cli.core.query import query_users
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.schema import users
 from maxtwo_cli.core.seed import seed_users
 from maxtwo_cli.core.settings import Settings
 from tests.conftest import libpq_url
-from tests.helpers import distinct_updated_at, points_histogram, state, user_rows
+from tests.helpers import distinct_updated_at, main_file_locked, points_histogram, state, user_rows
 
 
 def test_seed_inserts_count_users_at_zero_points(engine):
@@ -58,9 +58,9 @@ def test_a_last_batch_of_one_user_is_seeded(engine, monkeypatch, count):
 
 @pytest.mark.parametrize(("earlier", "count"), [(0, 0), (0, 1), (0, 5), (7, 3)])
 def test_a_user_added_after_a_seed_gets_the_next_id(engine, earlier, count):
-    """PostgreSQL's COPY gives the ids itself, past the identity's sequence: the seed moves the
-    sequence on (back, after a reset to fewer users), or a user added by hand later collided
-    with user 1 (or skipped ids)."""
+    """A later plain insert works: PostgreSQL's COPY gives the ids itself, past the identity's
+    sequence, and the seed moves the sequence on (back, after a reset to fewer users), or a
+    user added by hand later collided with user 1 (or skipped ids)."""
     if earlier:
         seed_users(engine, earlier)
     seed_users(engine, count, reset=bool(earlier))
@@ -126,18 +126,16 @@ def test_negative_count_is_rejected(engine):
         seed_users(engine, -1)
 
 
-def test_ids_continue_after_a_seed(engine):
-    """The identity sequence is moved past the seeded ids, so a later plain insert works."""
-    seed_users(engine, 10)
-    with engine.begin() as conn:
-        new_id = conn.scalar(
-            users.insert().values(inserted_at=utcnow(), updated_at=utcnow()).returning(users.c.id)
-        )
-    assert new_id == 11
-
-
 def interrupt(done: int, total: int) -> None:
     raise RuntimeError("interrupted")
+
+
+def test_a_seed_that_cannot_have_the_file_says_so_in_one_line(tmp_path):
+    """Another process's write transaction holds the SQLite file past the busy timeout: a
+    DatabaseBusyError that names the file, as every other command's (the CLI prints it as one
+    line), not the driver's error."""
+    with main_file_locked(tmp_path) as engine, pytest.raises(DatabaseBusyError, match="stayed locked by another"):
+        seed_users(engine, 10)
 
 
 def test_a_failed_seed_leaves_the_users_and_the_table_as_they_were(engine):

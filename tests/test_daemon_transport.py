@@ -1812,6 +1812,41 @@ def test_a_lingering_connection_whose_client_never_closes_its_end_is_closed():
         sock.close()
 
 
+def test_a_lingering_connection_lasts_while_its_answer_is_unread_though_quiet(monkeypatch):
+    """A lingering close lasts until the client has acknowledged its answers (or
+    LINGER_SECONDS), not merely until the connection is quiet: ended while its answer still
+    waited for the client, the client's next bytes met a closed socket, whose reset dropped
+    the answer the client had not read."""
+    monkeypatch.setattr(transport, "LINGER_SECONDS", 5.0)
+    body = b"x" * 100_000  # well past what the client's receive buffer takes in unread
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    with running(app, threads=2) as served:
+        sock = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)  # the answer waits, unread
+        wait_for(lambda: served.server.active_channels, "the connection taken in")
+        [channel] = list(served.server.active_channels.values())
+        # The whole answer taken by the kernel at once (else most of it waits in waitress's
+        # buffer, and the connection is not closing yet): the close lingers with most of it
+        # unacknowledged.
+        channel.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * len(body))
+        channel.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, 4 * len(body))
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        wait_for(lambda: channel.lingering_until is not None, "the connection lingering")
+        # Quiet well past QUIET_SECONDS and the reclaimer's look at lingering connections
+        # (FULL_CHECK_SECONDS), well within LINGER_SECONDS.
+        time.sleep(transport.QUIET_SECONDS + 2 * transport.FULL_CHECK_SECONDS)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # pipelined: read and dropped
+        received = b""
+        while chunk := sock.recv(65536):  # to the end: a reset raises ConnectionResetError
+            received += chunk
+        sock.close()
+    assert received.endswith(body) and received.count(b"HTTP/1.1 200") == 1
+
+
 @pytest.mark.parametrize("request_sent", ["before the drain", "as the drain takes it in"])
 def test_a_client_waiting_in_the_backlog_when_the_drain_begins_is_answered(request_sent):
     """Its handshake done but not yet accepted when the serving loop ended: the drain takes it

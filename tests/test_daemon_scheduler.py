@@ -157,11 +157,12 @@ def schedule_follows(clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(schedule, "datetime", fake)
 
 
-def run_on(clock: FakeClock, job, interval: float, monkeypatch, metrics: Metrics | None = None) -> Metrics:
+def run_on(clock: FakeClock, job, interval: float, monkeypatch, metrics: Metrics | None = None, *,
+           catch_up: bool = False) -> Metrics:
     """Run a scheduler on `clock` until the clock reaches its end, then stop it."""
     schedule_follows(clock, monkeypatch)
     metrics = metrics or Metrics()
-    scheduler = RandomizeScheduler(job, interval, metrics, clock=clock.time, wait=clock.wait)
+    scheduler = RandomizeScheduler(job, interval, metrics, clock=clock.time, wait=clock.wait, catch_up=catch_up)
     scheduler.start()
     try:
         assert clock.at_end.wait(TIMEOUT * 6), "the fake clock never reached the end of the window"
@@ -400,15 +401,8 @@ def make_up_just_before_a_boundary(monkeypatch, caplog, make_up_ends) -> tuple[R
         return result()
 
     recorder = Recorder(clock.time, behaviour)
-    schedule_follows(clock, monkeypatch)
-    metrics = Metrics()
-    scheduler = RandomizeScheduler(recorder, 60, metrics, clock=clock.time, wait=clock.wait, catch_up=True)
     with caplog.at_level(logging.INFO, logger="daemon.scheduler"):
-        scheduler.start()
-        try:
-            assert clock.at_end.wait(TIMEOUT)
-        finally:
-            assert scheduler.stop(TIMEOUT)
+        metrics = run_on(clock, recorder, 60, monkeypatch, catch_up=True)
     return recorder, metrics
 
 
@@ -474,14 +468,8 @@ def test_a_run_failing_after_the_boundary_it_made_skip_names_the_slot_after_it(m
         raise SchemaMismatchError("the database holds tables maxtwo did not create")
 
     recorder = Recorder(clock.time, behaviour)
-    schedule_follows(clock, monkeypatch)
-    scheduler = RandomizeScheduler(recorder, 60, Metrics(), clock=clock.time, wait=clock.wait, catch_up=True)
     with caplog.at_level(logging.INFO, logger="daemon.scheduler"):
-        scheduler.start()
-        try:
-            assert clock.at_end.wait(TIMEOUT)
-        finally:
-            assert scheduler.stop(TIMEOUT)
+        run_on(clock, recorder, 60, monkeypatch, catch_up=True)
     assert [due_at.timestamp() for _, due_at in recorder.calls] == [SLOT]
     [failure] = [message for message in caplog.messages if "failed" in message]
     assert failure.endswith(f"the next slot's run, at {utc(SLOT + 120).isoformat()}, retries"), failure
@@ -503,15 +491,9 @@ def test_at_a_short_interval_a_boundary_waits_a_quarter_of_it_for_the_run_before
             time.sleep(0.01)
         return None  # the make-up run stands back
 
-    recorder, metrics = Recorder(clock.time, behaviour), Metrics()
-    schedule_follows(clock, monkeypatch)
-    scheduler = RandomizeScheduler(recorder, 2, metrics, clock=clock.time, wait=clock.wait, catch_up=True)
+    recorder = Recorder(clock.time, behaviour)
     with caplog.at_level(logging.INFO, logger="daemon.scheduler"):
-        scheduler.start()
-        try:
-            assert clock.at_end.wait(TIMEOUT * 3)
-        finally:
-            assert scheduler.stop(TIMEOUT)
+        metrics = run_on(clock, recorder, 2, monkeypatch, catch_up=True)
     assert [due_at.timestamp() for _, due_at in recorder.calls] == [SLOT]
     assert sample(metrics, "maxtwo_randomize_skipped_total", reason="overlap") == 1
 

@@ -529,6 +529,18 @@ def test_the_scheduler_stops_and_tz_is_left_alone_when_serving_fails(tmp_path, m
         signal.signal(signum, handler)
 
 
+def serve_until_serving_dies(settings: Settings) -> None:
+    """serve() on `settings`, whose serve_requests() a test made raise RuntimeError("... died");
+    the signal handlers serve() installed put back as they were."""
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(RuntimeError, match="died"):
+            serve(settings)
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
 def test_a_running_randomization_gets_its_time_to_commit_when_serving_fails(tmp_path, monkeypatch):
     """No signal started a shutdown budget: the run still gets SCHEDULER_STOP_SECONDS, not none."""
     started, finished = threading.Event(), threading.Event()
@@ -546,13 +558,7 @@ def test_a_running_randomization_gets_its_time_to_commit_when_serving_fails(tmp_
     monkeypatch.setattr(server_module, "randomize_if_due", randomize)
     monkeypatch.setattr(server_module, "serve_requests", failing)
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}", port=0, seed_count=10, interval=3600)
-    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with pytest.raises(RuntimeError, match="died"):
-            serve(settings)
-    finally:
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
+    serve_until_serving_dies(settings)
     assert finished.is_set(), "serve() returned while the randomization still ran"
 
 
@@ -841,13 +847,7 @@ def test_a_daemon_whose_serving_fails_closes_its_database_connections(tmp_path, 
 
     monkeypatch.setattr(server_module, "serve_requests", failing)
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}", port=0, seed_count=10, interval=3600)
-    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with pytest.raises(RuntimeError, match="died"):
-            serve(settings)
-    finally:
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
+    serve_until_serving_dies(settings)
     [engine] = engines
     assert engine.pool.checkedin() == 0 and engine.pool.checkedout() == 0
 
@@ -881,17 +881,13 @@ def test_a_wait_for_another_daemon_s_run_ends_when_serving_fails(postgres_url, m
         raise RuntimeError("the serving loop died")
 
     monkeypatch.setattr(server_module, "serve_requests", failing)
-    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         server_module.schema.ensure_schema(other)
         with other.begin() as holder, caplog.at_level(logging.INFO):
             # The other daemon's run for this slot, still going.
             holder.execute(sa.select(sa.func.pg_advisory_xact_lock(RANDOMIZE_LOCK_KEY)))
-            with pytest.raises(RuntimeError, match="died"):
-                serve(settings)
+            serve_until_serving_dies(settings)
     finally:
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
         other.dispose()
     assert any("not waited for further: this daemon stops" in message for message in caplog.messages)
     assert not any("still running at shutdown" in message for message in caplog.messages)

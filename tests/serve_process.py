@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
@@ -69,6 +70,24 @@ def post(port: int, path: str, body: bytes, headers: dict[str, str] | None = Non
     return response.status, found, json.loads(text) if kind == "application/json" and text else text
 
 
+@contextlib.contextmanager
+def _sigint_as_in_a_terminal() -> Iterator[None]:
+    """The daemon started with SIGINT at its default action, as from a terminal, even when the
+    tests run in a job a script started in the background: that job ignores SIGINT, and an
+    ignored signal stays ignored across exec, so the daemon would go on ignoring a Ctrl-C until
+    it serves (maxtwo keeps an inherited SIG_IGN, as shells expect). A signal with a handler is
+    reset to its default by exec, hence Python's handler for the moment of the Popen."""
+    inherited = signal.getsignal(signal.SIGINT)
+    if inherited is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
 class ServeProcess:
     def __init__(self, database_url: str, *, interval: float = 1.0, seed_count: int = 2000,
                  env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()) -> None:
@@ -87,9 +106,10 @@ class ServeProcess:
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         # A session of its own: stop() can kill whatever it started.
-        self.process = subprocess.Popen(
-            self._args, env=self._env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        with _sigint_as_in_a_terminal():
+            self.process = subprocess.Popen(
+                self._args, env=self._env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         if wait:
             self.wait_ready()
         return self

@@ -116,7 +116,11 @@ class StopRequest:
 
     def install(self) -> StopRequest:
         signal.signal(signal.SIGTERM, self)
-        signal.signal(signal.SIGINT, self)
+        # NOTE: a SIGINT ignored from the start stays ignored, as during the start's seed (and
+        # in Python itself): a script's background job shares the script's process group, so
+        # the Ctrl-C that stops the script reaches the job too, which the shell made ignore it.
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, self)
         return self
 
 

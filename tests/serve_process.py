@@ -71,21 +71,18 @@ def post(port: int, path: str, body: bytes, headers: dict[str, str] | None = Non
 
 
 @contextlib.contextmanager
-def _sigint_as_in_a_terminal() -> Iterator[None]:
-    """The daemon started with SIGINT at its default action, as from a terminal, even when the
-    tests run in a job a script started in the background: that job ignores SIGINT, and an
-    ignored signal stays ignored across exec, so the daemon would go on ignoring a Ctrl-C until
-    it serves (maxtwo keeps an inherited SIG_IGN, as shells expect). A signal with a handler is
-    reset to its default by exec, hence Python's handler for the moment of the Popen."""
-    inherited = signal.getsignal(signal.SIGINT)
-    if inherited is not signal.SIG_IGN:
-        yield
-        return
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+def _sigint_for_the_child(ignored: bool) -> Iterator[None]:
+    """A process started inside has SIGINT at its default action, as from a terminal, or
+    ignored, as a job a script starts in the background does. exec keeps an ignored signal
+    ignored and resets one with a handler to its default, hence the handler here for the moment
+    of the Popen, whatever the tests' own (a suite run in the background ignores SIGINT: its
+    daemons went on ignoring a Ctrl-C during the start's seed)."""
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.SIG_IGN if ignored else signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, inherited)
+        signal.signal(signal.SIGINT, before)
 
 
 class ServeProcess:
@@ -102,11 +99,11 @@ class ServeProcess:
         self._env.pop("MAXTWO_DEBUG", None)
         self.process: subprocess.Popen | None = None
 
-    def start(self, log_path: Path, wait: bool = True) -> ServeProcess:
+    def start(self, log_path: Path, wait: bool = True, sigint_ignored: bool = False) -> ServeProcess:
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         # A session of its own: stop() can kill whatever it started.
-        with _sigint_as_in_a_terminal():
+        with _sigint_for_the_child(sigint_ignored):
             self.process = subprocess.Popen(
                 self._args, env=self._env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
             )

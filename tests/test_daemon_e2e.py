@@ -149,6 +149,20 @@ def test_ctrl_c_stops_the_daemon_as_sigterm_does_and_exits_0(tmp_path):
     assert f"listening on http://127.0.0.1:{daemon.port}\n" in log
 
 
+def test_a_sigint_ignored_from_the_start_stays_ignored_once_it_serves(tmp_path):
+    """As during the start's seed: a job a script started in the background ignores SIGINT (the
+    Ctrl-C that stops the script reaches it too); SIGTERM stops it."""
+    with ServeProcess(f"sqlite:///{tmp_path / 'maxtwo.db'}", interval=60, seed_count=10) as daemon:
+        daemon.start(tmp_path / "serve.log", sigint_ignored=True)
+        daemon.process.send_signal(signal.SIGINT)
+        time.sleep(0.5)  # the serving loop turns every LOOP_TICK_SECONDS
+        assert daemon.get("/healthz")[0] == 200
+        assert daemon.process.poll() is None
+        assert daemon.terminate() == 0
+        log = daemon.log()
+    assert "received SIGINT" not in log and "received SIGTERM" in log
+
+
 @pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)],
                          ids=["SIGTERM", "SIGINT"])
 def test_a_signal_during_the_start_s_seed_ends_the_daemon_at_once_and_the_seed_is_rolled_back(

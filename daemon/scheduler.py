@@ -110,6 +110,14 @@ class RandomizeScheduler:
         self._retry: tuple[float, float] | None = None
         # Whether the last run randomized (set by its thread before it ends; read after a join).
         self._randomized = False
+        # NOTE: a boundary waits for the run before it on real time (thread.join), and that run's
+        # failure line names who retries: the line follows the boundary's decision, not the
+        # wall clock (on which a grace measured alike named the wrong run at its edge, a clock
+        # stepped or a loop woken late). Both are made under this lock: the run's end is set
+        # (its event) and the skipped boundary recorded there.
+        self._decision = threading.Lock()
+        self._run_over = threading.Event()  # the latest run's
+        self._overlap_skipped: float | None = None  # the last boundary skipped as an overlap
         self._retried_slot, self._retry_wait = 0.0, 0.0
 
     def start(self) -> None:
@@ -225,14 +233,18 @@ class RandomizeScheduler:
             self._run_thread.join(self._overlap_grace())
             if self._stop.is_set():
                 return
-            running = self._run_thread.is_alive()  # read once: the message must match the decision
+            with self._decision:
+                running = not self._run_over.is_set()  # read once: the message must match the decision
+                if running or self._randomized:
+                    self._overlap_skipped = self._slot
             if running or self._randomized:
                 self._metrics.randomize_skipped.labels(reason="overlap").inc()
                 log.warning("randomization due at %s skipped: the previous one %s", due_at,
                             "is still running" if running else "ran past this boundary")
                 return
+        over = threading.Event()
         run_thread = threading.Thread(
-            target=self._run, args=(self._slot, due_at), name="maxtwo-randomize", daemon=True
+            target=self._run, args=(self._slot, due_at, over), name="maxtwo-randomize", daemon=True
         )
         try:
             run_thread.start()
@@ -240,9 +252,15 @@ class RandomizeScheduler:
             self._metrics.randomize_failures.inc()
             log.error("randomization due at %s failed: cannot start its thread: %s", due_at, ex)
             return
-        self._run_thread = run_thread  # only a started thread: stop() joins it
+        self._run_thread, self._run_over = run_thread, over  # only a started thread: stop() joins it
 
-    def _run(self, slot: float, due_at: dt.datetime) -> None:
+    def _run(self, slot: float, due_at: dt.datetime, over: threading.Event) -> None:
+        try:
+            self._run_job(slot, due_at, over)
+        finally:
+            over.set()
+
+    def _run_job(self, slot: float, due_at: dt.datetime, over: threading.Event) -> None:
         self._randomized = False
         try:
             result = self._job(due_at)
@@ -258,8 +276,13 @@ class RandomizeScheduler:
         except MaxtwoError as ex:
             self._metrics.randomize_failures.inc()
             wait = self._plan_retry(slot) if isinstance(ex, DatabaseUnavailableError) else None
-            log.error("randomization due at %s failed: %s; %s", due_at, ex,
-                      self._next_slot_retries(slot) if wait is None else f"retrying in {wait:g} s")
+            if wait is None:
+                with self._decision:
+                    over.set()  # from here on, the boundary waiting for this run runs its own
+                    retries = self._next_slot_retries(slot)
+            else:
+                retries = f"retrying in {wait:g} s"
+            log.error("randomization due at %s failed: %s; %s", due_at, ex, retries)
             return
         except Exception:  # NOTE: a scheduled job never kills its loop
             self._metrics.randomize_failures.inc()
@@ -305,11 +328,12 @@ class RandomizeScheduler:
         return min(OVERLAP_GRACE_SECONDS, self._interval / 4)
 
     def _next_slot_retries(self, slot: float) -> str:
+        """Who retries a run of `slot` that failed now; called under self._decision."""
         now = self._clock()
         latest = latest_boundary(now, self._interval)
-        if latest > slot and now - latest < self._overlap_grace():
-            # Failed past its slot's end, within the grace: the boundary's run, which waits for
-            # this one (_on_due), follows at once (the log named the boundary after it).
+        if latest > slot and self._overlap_skipped != latest:
+            # Failed past its slot's end, its boundary not skipped (yet): the boundary's run,
+            # which waits for this one (_on_due), follows at once (the log named the boundary after it).
             return f"the run due at {utc(latest).isoformat()}, which waited for this one, retries"
         # (The next boundary from now: a run that outlasted its slot made the next one skip.)
         return f"the next slot's run, at {utc(next_boundary(now, self._interval)).isoformat()}, retries"

@@ -455,6 +455,29 @@ def test_a_make_up_run_failing_just_after_the_boundary_names_the_run_that_follow
     assert failure.endswith(f"the run due at {utc(SLOT + 60).isoformat()}, which waited for this one, retries"), failure
 
 
+def test_a_run_failing_past_the_grace_on_the_clock_names_the_boundary_run_that_still_follows(monkeypatch, caplog):
+    """The clock past the boundary's grace when the run fails (a clock stepped, a loop woken
+    late), yet the boundary has not decided: its run follows, and the line names it. (Judged
+    by the clock, the line named the slot after it.)"""
+    clock = FakeClock(SLOT + 59.995, SLOT + 61, lambda now: join_runs() if now >= SLOT + 60 else None)
+
+    def behaviour(number: int) -> RandomizeResult:
+        if number == 1:
+            deadline = time.monotonic() + TIMEOUT
+            while clock.time() < SLOT + 60 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            clock.now = SLOT + 61.5
+            raise DatabaseUnavailableError("database down")
+        return result()
+
+    recorder = Recorder(clock.time, behaviour)
+    with caplog.at_level(logging.INFO, logger="daemon.scheduler"):
+        run_on(clock, recorder, 60, monkeypatch, catch_up=True)
+    assert [due_at.timestamp() for _, due_at in recorder.calls] == [SLOT, SLOT + 60]
+    [failure] = [message for message in caplog.messages if "failed" in message]
+    assert failure.endswith(f"the run due at {utc(SLOT + 60).isoformat()}, which waited for this one, retries"), failure
+
+
 def test_a_run_failing_after_the_boundary_it_made_skip_names_the_slot_after_it(monkeypatch, caplog):
     """Still going past the grace, the run made the boundary skip as an overlap: its failure's
     line names the next slot's run, not that boundary's, which never came."""

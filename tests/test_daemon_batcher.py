@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from daemon import batcher as batcher_module
-from daemon.batcher import Batcher, QueryKind
+from daemon.batcher import Batcher, Batchers, QueryKind
 from maxtwo_cli.core import batch as batch_module
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.batch import HeldConnection
@@ -492,6 +492,37 @@ def test_close_ends_the_committer_and_gives_its_connection_back(seeded):
     assert not batcher._committer.is_alive()
 
 
+
+
+def test_closing_the_batchers_waits_their_timeout_in_all_not_for_each(engine):
+    """Shutdown's budget: two batchers with a batch each that does not end, closed together
+    within the timeout given, not one timeout after the other."""
+    gate = threading.Event()
+
+    class Stalled:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def apply(self, held, payloads):
+            gate.wait(10)
+            return [None] * len(payloads)
+
+    batchers = Batchers({"query": Batcher(engine, [Stalled("query")], max_wait=30),
+                         "increment": Batcher(engine, [Stalled("increment")], max_wait=30)})
+    tickets = [batchers[kind].enqueue(kind, [None]) for kind in ("query", "increment")]
+    try:
+        wait_for(lambda: all(batcher.running_for() > 0 for batcher in batchers.each()),
+                 "both batches running")
+        started = time.monotonic()
+        batchers.close(0.5)
+        took = time.monotonic() - started
+    finally:
+        gate.set()
+    for batcher, ticket in zip(batchers.each(), tickets, strict=True):
+        assert batcher.outcomes(ticket, 5) == [None]  # each let its batch finish
+    batchers.close(5)
+    assert not any(batcher._committer.is_alive() for batcher in batchers.each())
+    assert 0.45 < took < 0.9, took  # 1.0 s when each waited its own 0.5 s
 
 
 def test_every_waiter_of_a_failing_batch_gets_the_error(tmp_path):

@@ -13,6 +13,7 @@ from typing import Self
 
 import sqlalchemy as sa
 
+from daemon.batcher import Batcher, Batchers
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.schema import query_state, randomizer_state, users
 from maxtwo_cli.core.settings import Settings
@@ -184,3 +185,20 @@ def main_file_locked(tmp_path) -> Iterator[sa.Engine]:
         holder.rollback()
         holder.close()
         engine.dispose()
+
+
+class _Stalled:
+    """A kind of operation whose every batch waits for a gate (10 s at most), then answers None."""
+
+    def __init__(self, name: str, gate: threading.Event) -> None:
+        self.name = name
+        self._gate = gate
+
+    def apply(self, held, payloads):
+        self._gate.wait(10)
+        return [None] * len(payloads)
+
+
+def stalled_batchers(engine: sa.Engine, gate: threading.Event) -> Batchers:
+    """A batcher for each kind ("query" and "increment"), whose batches wait for `gate`."""
+    return Batchers({name: Batcher(engine, [_Stalled(name, gate)], max_wait=30) for name in ("query", "increment")})

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from daemon import batcher as batcher_module
-from daemon.batcher import Batcher, Batchers, QueryKind
+from daemon.batcher import Batcher, QueryKind
 from maxtwo_cli.core import batch as batch_module
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.batch import HeldConnection
@@ -23,7 +23,7 @@ from maxtwo_cli.core.query import AnswerCache, QueryResult, query_users, query_u
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.seed import seed_users
 from maxtwo_cli.core.settings import Settings
-from tests.helpers import assert_chain, prepare, run_in_threads, state, wait_for
+from tests.helpers import assert_chain, prepare, run_in_threads, stalled_batchers, state, wait_for
 
 
 @pytest.fixture
@@ -498,17 +498,7 @@ def test_closing_the_batchers_waits_their_timeout_in_all_not_for_each(engine):
     """Shutdown's budget: two batchers with a batch each that does not end, closed together
     within the timeout given, not one timeout after the other."""
     gate = threading.Event()
-
-    class Stalled:
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def apply(self, held, payloads):
-            gate.wait(10)
-            return [None] * len(payloads)
-
-    batchers = Batchers({"query": Batcher(engine, [Stalled("query")], max_wait=30),
-                         "increment": Batcher(engine, [Stalled("increment")], max_wait=30)})
+    batchers = stalled_batchers(engine, gate)
     tickets = [batchers[kind].enqueue(kind, [None]) for kind in ("query", "increment")]
     try:
         wait_for(lambda: all(batcher.running_for() > 0 for batcher in batchers.each()),

@@ -29,7 +29,7 @@ from maxtwo_cli.core.errors import DatabaseBusyError, DatabaseUnavailableError
 from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.seed import seed_users
 from maxtwo_cli.core.settings import Settings
-from tests.helpers import unreachable_settings
+from tests.helpers import stalled_batchers, unreachable_settings
 from tests.inprocess import running
 
 JSON = {"Content-Type": "application/json"}
@@ -370,17 +370,7 @@ def test_whom_a_failure_concerns_beyond_its_own_request():
 
 def test_a_lane_waits_its_timeout_in_all_for_both_kinds_not_for_each(engine):
     gate = threading.Event()
-
-    class Stalled:
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def apply(self, held, payloads):
-            gate.wait(10)
-            return [None] * len(payloads)
-
-    batchers = Batchers({"query": Batcher(engine, [Stalled("query")], max_wait=30),
-                         "increment": Batcher(engine, [Stalled("increment")], max_wait=30)})
+    batchers = stalled_batchers(engine, gate)
     requests = [LaneRequest("GET", "/", {}, b""),
                 LaneRequest("POST", "/increment", {"CONTENT_TYPE": "application/json"}, b'{"key": "a", "value": 1}')]
     try:

@@ -108,15 +108,16 @@ class RandomizeScheduler:
         # A failed run to try again: (when, its slot), set by the run's thread (_plan_retry), and
         # the last wait before a retry of that slot.
         self._retry: tuple[float, float] | None = None
-        # Whether the last run randomized (set by its thread before it ends; read after a join).
+        # Whether the last run randomized (set by its thread before it ends; read under
+        # _decision, after a join that may have timed out).
         self._randomized = False
-        # NOTE: a boundary waits for the run before it on real time (thread.join), and that run's
-        # failure line names who retries: the line follows the boundary's decision, not the
-        # wall clock (on which a grace measured alike named the wrong run at its edge, a clock
-        # stepped or a loop woken late). Both are made under this lock: the run's end is set
-        # (its event) and the skipped boundary recorded there.
+        # NOTE: a failing run sets its `over` event and chooses its line (who retries) in one
+        # step under this lock; _on_due reads `over` and records a skip in one step under it.
+        # So the line always matches the boundary's decision (judged on the wall clock, it named
+        # the slot after a boundary whose run still followed: a clock stepped, a loop woken late).
         self._decision = threading.Lock()
-        self._run_over = threading.Event()  # the latest run's
+        self._run_over = threading.Event()  # the latest run's end
+        self._run_over.set()  # (no run yet)
         self._overlap_skipped: float | None = None  # the last boundary skipped as an overlap
         self._retried_slot, self._retry_wait = 0.0, 0.0
 
@@ -332,8 +333,8 @@ class RandomizeScheduler:
         now = self._clock()
         latest = latest_boundary(now, self._interval)
         if latest > slot and self._overlap_skipped != latest:
-            # Failed past its slot's end, its boundary not skipped (yet): the boundary's run,
-            # which waits for this one (_on_due), follows at once (the log named the boundary after it).
+            # Failed past its slot's end, its boundary not skipped: the boundary's run, which
+            # waits for this one (_on_due), follows at once.
             return f"the run due at {utc(latest).isoformat()}, which waited for this one, retries"
         # (The next boundary from now: a run that outlasted its slot made the next one skip.)
         return f"the next slot's run, at {utc(next_boundary(now, self._interval)).isoformat()}, retries"

@@ -78,6 +78,9 @@ def _sigint_for_the_child(ignored: bool) -> Iterator[None]:
     of the Popen, whatever the tests' own (a suite run in the background ignores SIGINT: its
     daemons went on ignoring a Ctrl-C during the start's seed)."""
     before = signal.getsignal(signal.SIGINT)
+    if (before is signal.SIG_IGN) == ignored:  # as wanted already (a handler: exec resets it)
+        yield
+        return
     signal.signal(signal.SIGINT, signal.SIG_IGN if ignored else signal.default_int_handler)
     try:
         yield

@@ -478,6 +478,42 @@ def test_a_run_failing_past_the_grace_on_the_clock_names_the_boundary_run_that_s
     assert failure.endswith(f"the run due at {utc(SLOT + 60).isoformat()}, which waited for this one, retries"), failure
 
 
+def test_a_run_that_failed_within_the_grace_lets_the_boundary_run_however_long_its_thread_lasts(
+        monkeypatch, caplog):
+    """Once the failed run has chosen the line that names the boundary's run, that run follows,
+    even if the failed run's thread outlasts the grace (here its log line takes 1.5 s to write:
+    a journal that blocks). Judged by the thread's life, the boundary skipped after the line
+    said it would retry."""
+
+    class SlowToWrite(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "failed" in record.getMessage():
+                time.sleep(1.5)
+
+    clock = FakeClock(SLOT + 59.995, SLOT + 61)  # no settle: the boundary meets the run alive
+
+    def behaviour(number: int) -> RandomizeResult:
+        if number == 1:
+            deadline = time.monotonic() + TIMEOUT
+            while clock.time() < SLOT + 60 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            raise SchemaMismatchError("the database holds tables maxtwo did not create")
+        return result()
+
+    recorder = Recorder(clock.time, behaviour)
+    slow = SlowToWrite()
+    logging.getLogger("daemon.scheduler").addHandler(slow)
+    try:
+        with caplog.at_level(logging.INFO, logger="daemon.scheduler"):
+            run_on(clock, recorder, 60, monkeypatch, catch_up=True)
+    finally:
+        logging.getLogger("daemon.scheduler").removeHandler(slow)
+    assert [due_at.timestamp() for _, due_at in recorder.calls] == [SLOT, SLOT + 60]
+    [failure] = [message for message in caplog.messages if "failed" in message]
+    assert failure.endswith(f"the run due at {utc(SLOT + 60).isoformat()}, which waited for this one, retries"), failure
+    assert "skipped" not in caplog.text
+
+
 def test_a_run_failing_after_the_boundary_it_made_skip_names_the_slot_after_it(monkeypatch, caplog):
     """Still going past the grace, the run made the boundary skip as an overlap: its failure's
     line names the next slot's run, not that boundary's, which never came."""

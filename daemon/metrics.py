@@ -4,6 +4,8 @@ Prometheus sums over instances."""
 
 from __future__ import annotations
 
+import threading
+
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -77,6 +79,8 @@ class Metrics:
             "The current randomization epoch, as last seen by this process.",
             registry=self.registry,
         )
+        self._epoch_seen: int | None = None
+        self._epoch_lock = threading.Lock()
         for reason in ("overlap", "elsewhere"):
             self.randomize_skipped.labels(reason=reason)
         self.increments_applied = Counter(
@@ -111,6 +115,17 @@ class Metrics:
             "Writes (queries, increments) waiting for a batch: in the lane's queue or their batcher's.",
             registry=self.registry,
         )
+
+    def saw_epoch(self, epoch: int) -> None:
+        """Raise maxtwo_epoch to `epoch`, never lower it: epochs only grow, and a thread late
+        with an older one (a request's answer; the scheduler's own run, committed before
+        another daemon's that a query saw first) must not set it back."""
+        if epoch == self._epoch_seen:  # the gauge changes once per epoch, not per request
+            return
+        with self._epoch_lock:
+            if self._epoch_seen is None or epoch > self._epoch_seen:
+                self._epoch_seen = epoch
+                self.epoch.set(epoch)
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""

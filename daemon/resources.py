@@ -43,8 +43,6 @@ class QueryResource:
         self._batcher = batcher
         self._prefetched_key = prefetched_key
         self._metrics = metrics
-        self._epoch_seen: int | None = None
-        self._epoch_lock = threading.Lock()
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         # Every GET / records a query: no cache may answer one for the service (nor keep its
@@ -55,12 +53,7 @@ class QueryResource:
             result = self._batcher.submit(QueryKind.name)
         elif isinstance(result, BaseException):
             raise result.with_traceback(None)  # shared by the lane's batch: a fresh traceback each
-        if result.epoch != self._epoch_seen:  # the gauge changes once per epoch, not per request
-            with self._epoch_lock:
-                # Epochs only grow: a thread late with an older one must not set it back.
-                if self._epoch_seen is None or result.epoch > self._epoch_seen:
-                    self._epoch_seen = result.epoch
-                    self._metrics.epoch.set(result.epoch)
+        self._metrics.saw_epoch(result.epoch)
         # NOTE: JSON text made by the core (the users rendered once per epoch), not resp.media:
         # falcon's media handler would serialise the whole body again for every request.
         resp.data = result.api_json().encode()

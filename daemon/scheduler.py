@@ -299,7 +299,7 @@ class RandomizeScheduler:
         # By this process's clock, as Prometheus's time() and alerts read it: randomized_at is
         # the database's clock on PostgreSQL, which may be set otherwise.
         self._metrics.randomize_last_success.set(self._clock())
-        self._metrics.epoch.set(result.epoch)
+        self._metrics.saw_epoch(result.epoch)
         # (A run elsewhere that rolled back, its daemon stopped mid-run: this slot taken over.)
         waited = f", after {result.waited:.1f} s waiting for another process's run, which rolled back" if result.waited else ""
         log.info("randomized %d users in %.3f s (epoch %d)%s", result.rows, result.seconds, result.epoch, waited)

@@ -717,7 +717,7 @@ def test_a_wait_ended_by_a_stop_is_neither_skipped_nor_failed(monkeypatch, caplo
     assert "not waited for further: this daemon stops" in caplog.text and "left to another" not in caplog.text
 
 
-def slots_of_10_s(behaviour, monkeypatch, slots: int = 3) -> tuple[Recorder, Metrics]:
+def slots_of_10_s(behaviour, monkeypatch, slots: int = 3, metrics: Metrics | None = None) -> tuple[Recorder, Metrics]:
     """The job (Recorder(behaviour)) run by a scheduler through `slots` boundaries of 10 s."""
     start, interval = 1000.0, 10
     end = start + slots * interval
@@ -729,7 +729,7 @@ def slots_of_10_s(behaviour, monkeypatch, slots: int = 3) -> tuple[Recorder, Met
 
     clock = FakeClock(start, end, settle)
     recorder = Recorder(clock.time, behaviour)
-    return recorder, run_on(clock, recorder, interval, monkeypatch)
+    return recorder, run_on(clock, recorder, interval, monkeypatch, metrics)
 
 
 def test_a_run_done_elsewhere_is_counted_as_skipped(monkeypatch):
@@ -743,6 +743,14 @@ def test_each_run_sets_the_epoch_gauge(monkeypatch):
     assert len(recorder.calls) == 3
     assert sample(metrics, "maxtwo_epoch") == 44
     assert sample(metrics, "maxtwo_randomize_duration_seconds_count") == 3
+
+
+def test_a_run_does_not_set_the_epoch_gauge_back_below_what_a_query_saw(monkeypatch):
+    """Its epoch committed before another daemon's, which a query saw first."""
+    metrics = Metrics()
+    metrics.saw_epoch(50)
+    slots_of_10_s(lambda number: dataclasses.replace(result(), epoch=41 + number), monkeypatch, metrics=metrics)
+    assert sample(metrics, "maxtwo_epoch") == 50
 
 
 def test_after_an_error_of_its_own_the_loop_tries_again_within_a_minute_whatever_the_interval(monkeypatch):

@@ -99,6 +99,42 @@ def test_ensure_schema_from_several_processes_at_once(settings):
     engine.dispose()
 
 
+def test_ensure_schema_from_several_connections_at_once_on_postgres(postgres_url):
+    """The advisory lock serialises the creators: without it two CREATE TABLE IF NOT EXISTS
+    of one table collide in PostgreSQL's catalogue (a unique violation on pg_type), and a
+    daemon starting beside another on a new database fails. (Threads released together: the
+    processes of the test above start too far apart to collide every time.)"""
+    engines = [db.create_engine(Settings(database_url=postgres_url)) for _ in range(8)]
+    start = threading.Barrier(len(engines))
+    errors: list[BaseException] = []
+
+    def create(engine: sa.Engine) -> None:
+        try:
+            with engine.connect():  # connected before the barrier: the creators start together
+                pass
+            start.wait(30)
+            schema.ensure_schema(engine)
+        except BaseException as ex:  # noqa: BLE001 - reported below
+            errors.append(ex)
+
+    threads = [threading.Thread(target=create, args=(engine,)) for engine in engines]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        for engine in engines:
+            engine.dispose()
+    assert errors == []
+    engine = db.create_engine(Settings(database_url=postgres_url))
+    try:
+        with engine.connect() as conn:
+            assert conn.scalar(sa.select(sa.func.count()).select_from(schema.randomizer_state)) == 1
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.parametrize("held", ["main", "query state"])
 def test_a_sqlite_file_another_process_is_writing_in_its_first_journal_mode_is_waited_for(tmp_path, monkeypatch, held):
     """Two processes opening a new file at once: while one writes in it in its first (rollback)

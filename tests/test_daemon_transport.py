@@ -1261,6 +1261,39 @@ def test_one_turn_accepts_no_connection_past_the_connection_limit(monkeypatch):
         assert not server.readable()  # and the loop stops asking, as waitress does at its limit
 
 
+def test_at_the_connection_limit_one_turn_makes_way_for_at_most_accepts_per_turn_clients(monkeypatch):
+    """A connection closed and a client taken in for each client waiting, up to
+    ACCEPTS_PER_TURN a turn (the loop's other work goes on), and as many as may make way."""
+    monkeypatch.setattr(transport, "ACCEPTS_PER_TURN", 3)
+    with waiting_in_the_backlog(14) as server:
+        server.handle_accept()
+        server.handle_accept()
+        idle = list(server.active_channels.values())
+        assert len(idle) == 6
+        monkeypatch.setattr(server.adj, "connection_limit", len(server._map))
+        for channel in idle:
+            channel.last_activity -= 60  # idle for a minute
+        reclaimer = transport.IdleReclaimer(server)
+        assert reclaimer._make_way() == 3
+        assert sum(not channel.connected for channel in idle) == 3
+        assert len(server.active_channels) == 6
+        # Five clients wait still, and three connections may make way (the new ones are not idle).
+        monkeypatch.setattr(transport, "ACCEPTS_PER_TURN", 64)
+        assert reclaimer._make_way() == 3
+        assert not any(channel.connected for channel in idle)
+        assert len(server.active_channels) == 6
+
+
+def test_a_transport_without_lanes_has_none_waiting_nor_busy():
+    """(The benchmark's variant without the lane: the watchdog and /metrics read these.)"""
+    listener = socket.create_server(("127.0.0.1", 0))
+    served = open_transport(hello, listener, REQUEST_THREADS, [], TransportOptions(lane=False))
+    try:
+        assert (served.lane_waiting(), served.lane_busy_for()) == (0, 0.0)
+    finally:
+        served.close()
+
+
 def test_connections_opened_at_once_are_all_answered():
     with running(hello) as served:
         sockets = [socket.create_connection(("127.0.0.1", served.port), timeout=10) for _ in range(50)]

@@ -134,18 +134,15 @@ def serve(settings: Settings, options: TransportOptions = TransportOptions()) ->
     log.info("maxtwo %s starting (pid %d)", __version__, os.getpid())
     engine = db.create_engine(settings, pool_size=2)
     scheduler: RandomizeScheduler | None = None
+    listener: socket.socket | None = None
     stop = StopRequest()
     try:
         # NOTE: the port taken before the database is prepared, and listened on after: a port in
         # use fails at once rather than after a seed of a million users, and no client waits in
         # the backlog meanwhile.
         listener = bind(settings)
-        try:
-            prepare_database(engine, settings)
-            start_listening(listener, settings)
-        except BaseException:
-            listener.close()
-            raise
+        prepare_database(engine, settings)
+        start_listening(listener, settings)
         log.info("listening on %s", listening_url(listener.getsockname()))
         # NOTE: from here on, SIGTERM asks for a graceful stop; before, it ends the process at
         # once (a seed in progress is rolled back by the database).
@@ -166,6 +163,8 @@ def serve(settings: Settings, options: TransportOptions = TransportOptions()) ->
             # drain that ran its course, then a stuck randomization, took 10.05 s to exit.
             scheduler.stop(stop.time_left())
         engine.dispose()
+        if listener is not None:
+            listener.close()  # (closed by the transport already, unless serving failed before it)
     log.info("stopped")
 
 

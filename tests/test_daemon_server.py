@@ -509,7 +509,10 @@ def test_the_watchdog_stops_while_a_lane_is_stuck_at_a_batch(watched, monkeypatc
 def test_the_scheduler_stops_and_tz_is_left_alone_when_serving_fails(tmp_path, monkeypatch):
     monkeypatch.setenv("TZ", "Europe/Berlin")
 
+    listeners = []
+
     def failing(settings, listener, metrics, stopping, *, on_ready, **_):
+        listeners.append(listener)
         on_ready()  # the scheduler starts here
         raise RuntimeError("the serving loop died")
 
@@ -525,6 +528,7 @@ def test_the_scheduler_stops_and_tz_is_left_alone_when_serving_fails(tmp_path, m
         assert time.monotonic() < deadline, [thread.name for thread in threading.enumerate()]
         time.sleep(0.05)
     assert os.environ["TZ"] == "Europe/Berlin"
+    assert listeners[0].fileno() == -1  # the port given back
     for signum, handler in before.items():
         signal.signal(signum, handler)
 

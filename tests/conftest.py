@@ -20,8 +20,17 @@ import sqlalchemy as sa
 from devtools import pgserver
 from maxtwo_cli.core import db, schema
 from maxtwo_cli.core.settings import Settings
+from tests.serve_process import RICH_TERMINAL_OVERRIDES
 
 DATABASES = ["sqlite", "postgres"]
+
+
+@pytest.fixture(autouse=True)
+def _rich_at_its_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's output as rich makes it by default, whatever the machine's terminal settings
+    (tests/serve_process.py, RICH_TERMINAL_OVERRIDES); a test sets one itself to try it."""
+    for name in RICH_TERMINAL_OVERRIDES:
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(scope="session")

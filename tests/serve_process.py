@@ -21,8 +21,10 @@ from typing import Self
 MAXTWO = Path(sys.executable).with_name("maxtwo")
 
 
-# rich takes stderr or stdout for a terminal when these say so, whatever they are.
-RICH_TERMINAL_OVERRIDES = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
+# rich takes stderr or stdout for a terminal when these say so, whatever they are (many CI
+# services set FORCE_COLOR), and lays its output out for their width, or for a terminal that
+# moves no cursor (TERM=dumb). The tests expect its defaults: tests/conftest.py drops them too.
+RICH_TERMINAL_OVERRIDES = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS", "LINES", "TERM")
 
 
 def maxtwo_command(*args: str, stdout: int = subprocess.PIPE, **extra: str) -> subprocess.CompletedProcess:

@@ -192,6 +192,7 @@ def runnable_copy(path: Path, directory: Path) -> Path:
     assert rewritten != text
     copy = directory / path.name.replace("@.", "@4001.")
     copy.write_text(rewritten)
+    copy.chmod(0o644)  # whatever the umask: systemd-analyze warns about a world-writable unit
     return copy
 
 

@@ -20,9 +20,13 @@ class Running:
         self.server = transport.server
         self.port = listener.getsockname()[1]
         self.stop = stop
+        self.connections: list[http.client.HTTPConnection] = []
 
     def connect(self, timeout: float = 30) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        """A client connection, closed when the server stops if the test did not close it."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        self.connections.append(connection)
+        return connection
 
 
 @contextlib.contextmanager
@@ -45,9 +49,12 @@ def running(
     stop = threading.Event()
     loop = threading.Thread(target=transport.serve_until, args=(stop.is_set, on_turn), daemon=True)
     loop.start()
+    served = Running(transport, listener, stop)
     try:
-        yield Running(transport, listener, stop)
+        yield served
     finally:
+        for connection in served.connections:
+            connection.close()
         stop.set()
         loop.join(5)
         transport.close()

@@ -387,17 +387,19 @@ def test_a_run_still_going_makes_the_next_skip(monkeypatch, caplog):
 SLOT = 1_800_000_000.0
 
 
-def make_up_just_before_a_boundary(monkeypatch, caplog, make_up_ends) -> tuple[Recorder, Metrics]:
+def make_up_just_before_a_boundary(monkeypatch, caplog, make_up_ends, *, settle: bool = True) -> tuple[Recorder, Metrics]:
     """A daemon started 5 ms before the boundary after SLOT: its make-up run for SLOT calls
-    `make_up_ends()` once the boundary has come (within the grace); the runs after it randomize."""
-    clock = FakeClock(SLOT + 59.995, SLOT + 61, lambda now: join_runs() if now >= SLOT + 60 else None)
+    `make_up_ends(clock)` once the boundary has come (within the grace); the runs after it
+    randomize. `settle`: the clock waits for the make-up run to end before the boundary's turn
+    (without, the boundary meets the run alive)."""
+    clock = FakeClock(SLOT + 59.995, SLOT + 61, lambda now: join_runs() if settle and now >= SLOT + 60 else None)
 
     def behaviour(number: int) -> RandomizeResult | None:
         if number == 1:
             deadline = time.monotonic() + TIMEOUT
             while clock.time() < SLOT + 60 and time.monotonic() < deadline:
                 time.sleep(0.001)
-            return make_up_ends()
+            return make_up_ends(clock)
         return result()
 
     recorder = Recorder(clock.time, behaviour)
@@ -414,7 +416,7 @@ def test_a_make_up_run_ending_just_after_the_boundary_skips_it_only_if_it_random
     boundary, it made that slot skip as an overlap, and no daemon ran it (an audit). A make-up
     run that did randomize still makes the boundary's skip: the points just changed."""
 
-    def make_up_ends() -> RandomizeResult | None:
+    def make_up_ends(_clock: FakeClock) -> RandomizeResult | None:
         time.sleep(0.05)
         return result() if randomized else None
 
@@ -430,7 +432,7 @@ def test_at_a_60_s_interval_a_boundary_waits_a_second_for_the_run_before_it_not_
     interval only if less) for the run before it to end, no longer: a run still going then makes
     the boundary skip as an overlap, even one that stands back a moment later."""
 
-    def make_up_ends() -> RandomizeResult | None:
+    def make_up_ends(_clock: FakeClock) -> RandomizeResult | None:
         # Ends once the boundary has skipped (a second of real time), or after several seconds.
         deadline = time.monotonic() + 8.0
         while "skipped: the previous one is still running" not in caplog.text and time.monotonic() < deadline:
@@ -446,7 +448,7 @@ def test_a_make_up_run_failing_just_after_the_boundary_names_the_run_that_follow
     """It ends within the grace: the boundary's run, which waited for it, follows at once (the
     log said the slot after it retries)."""
 
-    def make_up_ends() -> RandomizeResult:
+    def make_up_ends(_clock: FakeClock) -> RandomizeResult:
         raise DatabaseUnavailableError("database down")
 
     recorder, _ = make_up_just_before_a_boundary(monkeypatch, caplog, make_up_ends)
@@ -459,20 +461,12 @@ def test_a_run_failing_past_the_grace_on_the_clock_names_the_boundary_run_that_s
     """The clock past the boundary's grace when the run fails (a clock stepped, a loop woken
     late), yet the boundary has not decided: its run follows, and the line names it. (Judged
     by the clock, the line named the slot after it.)"""
-    clock = FakeClock(SLOT + 59.995, SLOT + 61, lambda now: join_runs() if now >= SLOT + 60 else None)
 
-    def behaviour(number: int) -> RandomizeResult:
-        if number == 1:
-            deadline = time.monotonic() + TIMEOUT
-            while clock.time() < SLOT + 60 and time.monotonic() < deadline:
-                time.sleep(0.001)
-            clock.now = SLOT + 61.5
-            raise DatabaseUnavailableError("database down")
-        return result()
+    def make_up_ends(clock: FakeClock) -> RandomizeResult:
+        clock.now = SLOT + 61.5
+        raise DatabaseUnavailableError("database down")
 
-    recorder = Recorder(clock.time, behaviour)
-    with caplog.at_level(logging.INFO, logger="daemon.scheduler"):
-        run_on(clock, recorder, 60, monkeypatch, catch_up=True)
+    recorder, _ = make_up_just_before_a_boundary(monkeypatch, caplog, make_up_ends)
     assert [due_at.timestamp() for _, due_at in recorder.calls] == [SLOT, SLOT + 60]
     [failure] = [message for message in caplog.messages if "failed" in message]
     assert failure.endswith(f"the run due at {utc(SLOT + 60).isoformat()}, which waited for this one, retries"), failure
@@ -490,22 +484,13 @@ def test_a_run_that_failed_within_the_grace_lets_the_boundary_run_however_long_i
             if "failed" in record.getMessage():
                 time.sleep(1.5)
 
-    clock = FakeClock(SLOT + 59.995, SLOT + 61)  # no settle: the boundary meets the run alive
+    def make_up_ends(_clock: FakeClock) -> RandomizeResult:
+        raise SchemaMismatchError("the database holds tables maxtwo did not create")
 
-    def behaviour(number: int) -> RandomizeResult:
-        if number == 1:
-            deadline = time.monotonic() + TIMEOUT
-            while clock.time() < SLOT + 60 and time.monotonic() < deadline:
-                time.sleep(0.001)
-            raise SchemaMismatchError("the database holds tables maxtwo did not create")
-        return result()
-
-    recorder = Recorder(clock.time, behaviour)
     slow = SlowToWrite()
     logging.getLogger("daemon.scheduler").addHandler(slow)
     try:
-        with caplog.at_level(logging.INFO, logger="daemon.scheduler"):
-            run_on(clock, recorder, 60, monkeypatch, catch_up=True)
+        recorder, _ = make_up_just_before_a_boundary(monkeypatch, caplog, make_up_ends, settle=False)
     finally:
         logging.getLogger("daemon.scheduler").removeHandler(slow)
     assert [due_at.timestamp() for _, due_at in recorder.calls] == [SLOT, SLOT + 60]

@@ -518,24 +518,19 @@ def test_the_scheduler_stops_and_tz_is_left_alone_when_serving_fails(tmp_path, m
 
     monkeypatch.setattr(server_module, "serve_requests", failing)
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}", port=0, seed_count=10, interval=3600)
-    # serve() installs its SIGTERM and SIGINT handlers: the ones before are put back (the
-    # throwaway PostgreSQL's, devtools/pgserver.py, among them).
-    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    with pytest.raises(RuntimeError, match="died"):
-        serve(settings)
+    serve_until_serving_dies(settings)
     deadline = time.monotonic() + 10
     while any(thread.name.startswith("maxtwo-scheduler") for thread in threading.enumerate()):
         assert time.monotonic() < deadline, [thread.name for thread in threading.enumerate()]
         time.sleep(0.05)
     assert os.environ["TZ"] == "Europe/Berlin"
     assert listeners[0].fileno() == -1  # the port given back
-    for signum, handler in before.items():
-        signal.signal(signum, handler)
 
 
 def serve_until_serving_dies(settings: Settings) -> None:
     """serve() on `settings`, whose serve_requests() a test made raise RuntimeError("... died");
-    the signal handlers serve() installed put back as they were."""
+    the SIGTERM and SIGINT handlers serve() installed put back as they were (the throwaway
+    PostgreSQL's, devtools/pgserver.py, among them)."""
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         with pytest.raises(RuntimeError, match="died"):

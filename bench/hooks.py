@@ -102,7 +102,7 @@ def main(argv: list[str]) -> int:
         with open_postgres(options.postgres_url) as postgres:
             results["PostgreSQL"] = measure(postgres, options, work_dir)
     if options.out is not None:
-        options.out.write_text(json.dumps(results, indent=2))
+        options.out.write_text(json.dumps(results, indent=2), encoding="utf-8")
     return 0
 
 

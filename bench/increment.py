@@ -221,7 +221,7 @@ def _filesystem(directory: Path) -> str:
     best, found = "", "unknown"
     resolved = str(directory.resolve())
     try:
-        for line in Path("/proc/mounts").read_text().splitlines():
+        for line in Path("/proc/mounts").read_text(encoding="utf-8").splitlines():
             device, mount_point, kind = line.split()[:3]
             inside = resolved == mount_point or resolved.startswith(mount_point.rstrip("/") + "/")
             if inside and len(mount_point) >= len(best):

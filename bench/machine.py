@@ -40,7 +40,7 @@ def describe_machine(databases: dict[str, dict]) -> dict:
 
 def _cpu_model() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
@@ -50,7 +50,7 @@ def _cpu_model() -> str:
 
 def _memory_bytes() -> int | None:
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("MemTotal:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
@@ -65,9 +65,9 @@ def _git_commit() -> str | None:
     """
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
+                                encoding="utf-8", timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+                               capture_output=True, encoding="utf-8", timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+dirty" if dirty else "")
@@ -79,7 +79,7 @@ def _wrk_version() -> str | None:
         return None
     try:
         # NOTE: wrk prints its version and then its usage, exiting non-zero, for -v.
-        output = subprocess.run([wrk, "-v"], check=False, capture_output=True, text=True, timeout=10)
+        output = subprocess.run([wrk, "-v"], check=False, capture_output=True, encoding="utf-8", timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     first = (output.stdout or output.stderr).strip().splitlines()

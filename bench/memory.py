@@ -69,7 +69,7 @@ def run_seed(target, rows: int, work_dir: Path) -> dict:
 def _seed_subprocess(target, count: int, work_dir: Path) -> dict:
     with target.fresh_database(f"memory_seed_{count}") as url:
         log_path = work_dir / f"seed-{target.name}-{count}.log"
-        with open(log_path, "w") as log:
+        with open(log_path, "w", encoding="utf-8") as log:
             started = time.perf_counter()
             process = subprocess.Popen([str(MAXTWO), "seed", "--count", str(count)],
                                        env=process_environment(url), cwd=REPO_ROOT,

@@ -60,7 +60,7 @@ class ServerProcess:
         return self.process.pid
 
     def start(self, ready_timeout: float) -> None:
-        with open(self.log_path, "w") as log:
+        with open(self.log_path, "w", encoding="utf-8") as log:
             # The child keeps its own copy of the descriptor; ours can close at once.
             # A session of its own: a Ctrl-C in the harness's terminal does not reach the server,
             # which the harness then stops itself (running() below), politely.

@@ -26,25 +26,25 @@ NOTES_PATH = Path(__file__).resolve().parent / "NOTES.md"
 def read_notes() -> str | None:
     """bench/NOTES.md, the hand-kept log of optimisation attempts, verbatim."""
     try:
-        return NOTES_PATH.read_text()
+        return NOTES_PATH.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
 
 
 # APPSEC: scrubbed on the way out too: a password may sit in the command line or an error.
 def write_json(results: dict, path: Path) -> None:
-    path.write_text(scrub(json.dumps(results, indent=2)) + "\n")
+    path.write_text(scrub(json.dumps(results, indent=2)) + "\n", encoding="utf-8")
 
 
 def write_markdown(results: dict, path: Path) -> None:
-    path.write_text(scrub(render_markdown(results)))
+    path.write_text(scrub(render_markdown(results)), encoding="utf-8")
 
 
 def rerender(out: Path) -> None:
     """The stored run's report again, after bench/NOTES.md or the goals' wording changed: the
     figures stay the run's (`python -m bench.report`; tests/test_docs_figures.py checks it)."""
     path = out / "bench-results.json"
-    results = json.loads(path.read_text())
+    results = json.loads(path.read_text(encoding="utf-8"))
     results["notes"] = read_notes()
     results["goals"] = evaluate(results)
     write_json(results, path)

@@ -18,7 +18,7 @@ _RANDOMIZED = re.compile(
 def randomizations(log_path: Path) -> list[dict]:
     """Every randomization in the log: {"start", "end"} as Unix times, "seconds", "rows"."""
     found = []
-    for line in log_path.read_text(errors="replace").splitlines():
+    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
         match = _RANDOMIZED.match(line)
         if match is None:
             continue

@@ -98,7 +98,7 @@ def _timed(args: list[str], env: dict[str, str], work_dir: Path) -> tuple[float,
     """Seconds from spawning the process to its exit, and what it printed."""
     started = time.perf_counter()
     done = subprocess.run(args, env=env, cwd=work_dir, stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=600, check=False)
+                          encoding="utf-8", timeout=600, check=False)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(args[1:])} exited {done.returncode}: {done.stderr.strip()[-500:]}")

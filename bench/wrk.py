@@ -44,7 +44,7 @@ def run_wrk(url: str, connections: int, seconds: int, server_pid: int | None = N
     for attempt in range(1, WRK_ATTEMPTS + 1):
         cpu_before = cpu_seconds(server_pid) if server_pid is not None else None
         started_at = time.time()
-        proc = subprocess.run(args, check=False, capture_output=True, text=True, timeout=seconds + 60)
+        proc = subprocess.run(args, check=False, capture_output=True, encoding="utf-8", timeout=seconds + 60)
         ended_at = time.time()
         if proc.returncode != 0:
             raise RuntimeError(f"wrk failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()}")

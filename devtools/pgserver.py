@@ -47,7 +47,7 @@ def find_postgres_bindir() -> Path:
     if spec is not None and spec.submodule_search_locations:
         candidates += [Path(p, "pginstall", "bin") for p in spec.submodule_search_locations]
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, encoding="utf-8",
                              timeout=10, check=True).stdout.strip()
         candidates.append(Path(out))
     if initdb := shutil.which("initdb"):
@@ -247,7 +247,7 @@ class ThrowawayPostgres:
         # redirect the tools.
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env.update(LC_ALL="C", LANG="C")
-        with tempfile.TemporaryFile("w+") as out:
+        with tempfile.TemporaryFile("w+", encoding="utf-8") as out:
             try:
                 proc = subprocess.run([str(a) for a in args], check=False, stdin=subprocess.DEVNULL, stdout=out,
                                       stderr=subprocess.STDOUT, cwd=self._root, env=env,
@@ -270,7 +270,7 @@ class ThrowawayPostgres:
 
     def _postmaster_pid(self) -> int | None:
         try:
-            return int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+            return int((self.data_dir / "postmaster.pid").read_text(encoding="utf-8").split("\n", 1)[0])
         except (OSError, ValueError):
             return None
 
@@ -329,7 +329,7 @@ def _ensure_os_user() -> pwd.struct_passwd:
         return pwd.getpwnam(OS_USER)
     try:
         err = subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                              "/usr/sbin/nologin", OS_USER], check=False, capture_output=True, text=True).stderr
+                              "/usr/sbin/nologin", OS_USER], check=False, capture_output=True, encoding="utf-8").stderr
     except OSError as ex:
         err = str(ex)
     try:  # look again either way: a parallel test worker may have won the race
@@ -371,7 +371,7 @@ def _private_install(bindir: Path, root: Path) -> Path:
 def _proc_stat(pid: int) -> list[str] | None:
     """Fields of /proc/<pid>/stat after the command name, or None if there is no such process."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
 

@@ -121,7 +121,7 @@ class ReliabilityReport:
         import platform
 
         try:
-            with open(path) as handle:
+            with open(path, encoding="utf-8") as handle:
                 kept = handle.read().split(self.MARKER)[0].rstrip("\n") + "\n\n"
         except FileNotFoundError:
             kept = "# Reliability\n\n"
@@ -140,7 +140,7 @@ class ReliabilityReport:
         ]
         for promise, method, figures in sorted(self.sections):
             lines += [f"### {promise}", "", method, ""] + [f"- {figure}" for figure in figures] + [""]
-        with open(path, "w") as handle:
+        with open(path, "w", encoding="utf-8") as handle:
             handle.write(kept + "\n".join(lines))
 
 
@@ -152,9 +152,9 @@ def _tested_commit() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                                text=True, check=True, timeout=10).stdout.strip()
+                                encoding="utf-8", check=True, timeout=10).stdout.strip()
         changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                  ":!docs/reliability.md"], cwd=root, capture_output=True, text=True,
+                                  ":!docs/reliability.md"], cwd=root, capture_output=True, encoding="utf-8",
                                  check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""

@@ -27,7 +27,7 @@ MAXTWO = Path(sys.executable).with_name("maxtwo")
 RICH_TERMINAL_OVERRIDES = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS", "LINES", "TERM")
 
 
-def maxtwo_command(*args: str, stdout: int = subprocess.PIPE, **extra: str) -> subprocess.CompletedProcess:
+def maxtwo_command(*args: str | bytes, stdout: int = subprocess.PIPE, **extra: str) -> subprocess.CompletedProcess:
     """`maxtwo ARGS...` run to its end: stderr as text, stdout captured or sent to `stdout`. Its
     environment: this one without maxtwo's settings and without PYTHONUNBUFFERED (set on some
     machines: every print would write through at once, and the CLI's own flush of its output, and
@@ -35,7 +35,7 @@ def maxtwo_command(*args: str, stdout: int = subprocess.PIPE, **extra: str) -> s
     env = {key: value for key, value in os.environ.items()
            if not key.startswith("MAXTWO_") and key not in ("PYTHONUNBUFFERED", *RICH_TERMINAL_OVERRIDES)}
     return subprocess.run([str(MAXTWO), *args], check=False, stdout=stdout, stderr=subprocess.PIPE,
-                          text=True, timeout=60, env={**env, **extra})
+                          encoding="utf-8", timeout=60, env={**env, **extra})
 
 
 def free_port() -> int:
@@ -106,7 +106,7 @@ class ServeProcess:
 
     def start(self, log_path: Path, wait: bool = True, sigint_ignored: bool = False) -> ServeProcess:
         self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self._log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in stop()
         # A session of its own: stop() can kill whatever it started.
         with _sigint_for_the_child(sigint_ignored):
             self.process = subprocess.Popen(
@@ -156,7 +156,7 @@ class ServeProcess:
             self._log.close()
 
     def log(self) -> str:
-        return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+        return self.log_path.read_text(encoding="utf-8") if self.log_path and self.log_path.exists() else ""
 
     def __enter__(self) -> Self:
         return self

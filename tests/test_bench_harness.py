@@ -20,7 +20,7 @@ from bench.memory import MB
 from bench.report import render_markdown
 from bench.wrk import answered_per_second
 
-STORED = json.loads((Path(__file__).parents[1] / "docs" / "bench-results.json").read_text())
+STORED = json.loads((Path(__file__).parents[1] / "docs" / "bench-results.json").read_text(encoding="utf-8"))
 
 
 

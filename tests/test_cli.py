@@ -168,7 +168,7 @@ def test_an_error_on_the_journal_s_stream_is_stored_as_an_error(tmp_path):
         done = subprocess.run([sys.executable, "-m", "maxtwo_cli", "query", "--database-url", "mysql://u@h/db"],
                               stderr=stderr, stdout=subprocess.DEVNULL, env=env, timeout=60, check=False)
     assert done.returncode == 1
-    assert stderr_path.read_text().startswith("<3>Error: unsupported database 'mysql'")
+    assert stderr_path.read_text(encoding="utf-8").startswith("<3>Error: unsupported database 'mysql'")
 
 
 @pytest.mark.parametrize("stderr", ["closed", "full"])
@@ -320,20 +320,20 @@ def test_installed_maxtwo_runs_as_a_subprocess(tmp_path):
         [executable, "query", "--json"],
         env={"MAXTWO_DATABASE_URL": url, "PATH": "/usr/bin:/bin"},
         capture_output=True,
-        text=True,
+        encoding="utf-8",
         timeout=60,
         check=True,
     )
     assert json.loads(done.stdout)["timestamp"] is None
     failed = subprocess.run([executable, "query", "--database-url", "mysql://x"],
-                            check=False, capture_output=True, text=True, timeout=60)
+                            check=False, capture_output=True, encoding="utf-8", timeout=60)
     assert failed.returncode == 1
     assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
 
 
 def test_maxtwo_alone_shows_the_help_as_click_lays_it_out():
     executable = Path(sys.executable).with_name("maxtwo")
-    done = subprocess.run([executable], check=False, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([executable], check=False, capture_output=True, encoding="utf-8", timeout=60)
     assert done.returncode == 2
     assert done.stdout == ""
     lines = done.stderr.splitlines()
@@ -343,7 +343,7 @@ def test_maxtwo_alone_shows_the_help_as_click_lays_it_out():
 
 def test_python_dash_m_works():
     done = subprocess.run([sys.executable, "-m", "maxtwo_cli", "--version"],
-                          check=False, capture_output=True, text=True, timeout=60)
+                          check=False, capture_output=True, encoding="utf-8", timeout=60)
     assert done.returncode == 0
     assert done.stdout.strip() == f"maxtwo {__version__}"
 

@@ -27,6 +27,11 @@ BAD_VALUES = [
     ("serve", "--seed-count", ["-1", "lots", ""]),
 ]
 CASES = [(command, option, value) for command, option, values in BAD_VALUES for value in values]
+# A key no latin-1 output can show, for the tests of what the CLI does with it on the way out. It
+# goes in as UTF-8 bytes to a child in UTF-8 mode, so that an ASCII locale with UTF-8 mode turned
+# off (LC_ALL=C PYTHONUTF8=0) stops it neither in this process nor in the child's argv.
+SNOWMAN = "\u2603".encode()
+UTF8_ARGV = {"PYTHONUTF8": "1"}
 
 
 @pytest.mark.parametrize(("command", "option", "value"), CASES)
@@ -61,7 +66,7 @@ def test_missing_values_and_unknown_words(args):
 def test_the_installed_command_gives_the_same_single_line(tmp_path):
     done = subprocess.run(
         [str(MAXTWO), "serve", "--port", "99999", "--database-url", f"sqlite:///{tmp_path / 'x.db'}"],
-        check=False, capture_output=True, text=True, timeout=60,
+        check=False, capture_output=True, encoding="utf-8", timeout=60,
     )
     assert done.returncode == 2
     assert done.stdout == ""
@@ -70,7 +75,7 @@ def test_the_installed_command_gives_the_same_single_line(tmp_path):
 
 def test_output_that_cannot_be_written_is_one_line_saying_what_was_done(tmp_path):
     url = f"sqlite:///{tmp_path / 'x.db'}"
-    with open("/dev/full", "w") as full:  # every write: ENOSPC, as on a full disk
+    with open("/dev/full", "w", encoding="utf-8") as full:  # every write: ENOSPC, as on a full disk
         applied = maxtwo_command("increment", "k", "1", "--database-url", url, stdout=full)
         version = maxtwo_command("--version", stdout=full)
     # A script that retried the increment on exit 1 would count it twice: the line says it is in.
@@ -110,7 +115,7 @@ def test_a_closed_pipe_says_what_was_done_and_nothing_when_nothing_was(tmp_path)
 
 def test_a_key_the_terminal_cannot_show_is_shown_escaped(tmp_path):
     url = f"sqlite:///{tmp_path / 'x.db'}"
-    applied = maxtwo_command("increment", "\u2603", "1", "--database-url", url, PYTHONIOENCODING="latin-1")
+    applied = maxtwo_command("increment", SNOWMAN, "1", "--database-url", url, PYTHONIOENCODING="latin-1", **UTF8_ARGV)
     listed = maxtwo_command("counters", "--database-url", url, PYTHONIOENCODING="latin-1")
     assert (applied.returncode, applied.stdout) == (0, "\\u2603: 1\n"), applied.stderr
     assert listed.returncode == 0 and "\\u2603" in listed.stdout, listed.stderr
@@ -120,7 +125,7 @@ def test_a_key_the_terminal_cannot_show_is_shown_escaped(tmp_path):
 def test_a_closed_standard_output_is_an_error_not_silence(tmp_path):
     url = f"sqlite:///{tmp_path / 'x.db'}"
     done = subprocess.run(["sh", "-c", f'"{MAXTWO}" increment k 1 --database-url "{url}" >&-'],
-                          check=False, capture_output=True, text=True, timeout=60)
+                          check=False, capture_output=True, encoding="utf-8", timeout=60)
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert "standard output is closed" in done.stderr and "the increment is committed (total 1)" in done.stderr
 
@@ -131,7 +136,7 @@ def test_a_closed_standard_output_is_an_error_not_silence(tmp_path):
     (["randomize", "--timing"], "the randomization is committed"),
 ])
 def test_a_full_disk_says_exactly_what_was_committed(tmp_path, args, done):
-    with open("/dev/full", "w") as full:
+    with open("/dev/full", "w", encoding="utf-8") as full:
         result = maxtwo_command(*args, "--database-url", f"sqlite:///{tmp_path / 'x.db'}", stdout=full)
     assert (result.returncode, result.stderr) == (1, f"Error: cannot write the output (No space left on device); {done}\n")
 
@@ -175,7 +180,7 @@ def test_a_usage_error_on_the_journal_s_stream_is_stored_as_an_error(tmp_path):
         done = subprocess.run([str(MAXTWO), "serve", "--database-url", f"sqlite:///{tmp_path / 'x.db'}"],
                               stdout=subprocess.DEVNULL, stderr=stderr, timeout=60, check=False, env=env)
     assert done.returncode == 2
-    assert stderr_path.read_text().startswith("<3>Error: Invalid value for '--threads'")
+    assert stderr_path.read_text(encoding="utf-8").startswith("<3>Error: Invalid value for '--threads'")
 
 
 def test_debug_tracebacks_show_no_local_variables():
@@ -223,7 +228,7 @@ def test_an_error_message_is_not_read_as_rich_markup(tmp_path):
 
 def test_an_error_quoting_a_key_the_output_cannot_encode_is_escaped(tmp_path):
     url = f"sqlite:///{tmp_path / 'x.db'}"
-    assert maxtwo_command("increment", "\u2603", str(2**63 - 1), "--database-url", url).returncode == 0
-    done = maxtwo_command("increment", "\u2603", "1", "--database-url", url, PYTHONIOENCODING="latin-1:strict")
+    assert maxtwo_command("increment", SNOWMAN, str(2**63 - 1), "--database-url", url, **UTF8_ARGV).returncode == 0
+    done = maxtwo_command("increment", SNOWMAN, "1", "--database-url", url, PYTHONIOENCODING="latin-1:strict", **UTF8_ARGV)
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("Error: adding 1 to counter '\\u2603' would take it out")

@@ -102,7 +102,7 @@ def test_unknown_options_are_still_usage_errors(tmp_path):
 def test_the_installed_command_takes_a_negative_value(tmp_path):
     url = f"sqlite:///{tmp_path / 'maxtwo.db'}"
     done = subprocess.run([str(MAXTWO), "increment", "a", "-5", "--database-url", url],
-                          check=False, capture_output=True, text=True, timeout=60)
+                          check=False, capture_output=True, encoding="utf-8", timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (0, "a: -5\n", "")
 
 

@@ -38,7 +38,7 @@ def _environment(**extra: str) -> dict[str, str]:
 def run_maxtwo(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, set[str]]:
     """Run the installed `maxtwo` in a fresh interpreter; its result and every module it imported."""
     done = subprocess.run([sys.executable, "-X", "importtime", str(MAXTWO), *args],
-                          env=env or _environment(), capture_output=True, text=True, timeout=60, check=False)
+                          env=env or _environment(), capture_output=True, encoding="utf-8", timeout=60, check=False)
     modules = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines()
                if line.startswith("import time:") and line.count("|") == 2}
     done.stderr = "\n".join(line for line in done.stderr.splitlines()
@@ -133,7 +133,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def test_ctrl_c_while_the_command_loads_ends_it_quietly(args):
     """Python's own handler made it a traceback; SIGINT's default action ends it, status 130."""
     done = subprocess.run([sys.executable, "-c", _CTRL_C_WHILE_LOADING, str(MAXTWO), *args],
-                          env=_environment(), capture_output=True, text=True, timeout=60, check=False)
+                          env=_environment(), capture_output=True, encoding="utf-8", timeout=60, check=False)
     assert (done.returncode, done.stdout, done.stderr) == (-signal.SIGINT, "", "")
 
 
@@ -141,7 +141,7 @@ def test_a_sigint_ignored_from_the_start_stays_ignored():
     """As for a job a script started in the background: the command runs on to its end."""
     ignored = _CTRL_C_WHILE_LOADING.replace(_AS_IN_A_TERMINAL, "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)\n")
     done = subprocess.run([sys.executable, "-c", ignored, str(MAXTWO), "--version"],
-                          env=_environment(), capture_output=True, text=True, timeout=60, check=False)
+                          env=_environment(), capture_output=True, encoding="utf-8", timeout=60, check=False)
     assert (done.returncode, done.stdout, done.stderr) == (0, f"maxtwo {__version__}\n", "")
 
 
@@ -150,7 +150,7 @@ def test_ctrl_c_once_loaded_is_still_the_commands_to_answer():
     probe = _AS_IN_A_TERMINAL + ("import signal, sys; from maxtwo_cli.__main__ import main; sys.argv = ['maxtwo', '--version'];"
              "import atexit; atexit.register(lambda: print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)); main()")
     done = subprocess.run([sys.executable, "-c", probe], env=_environment(),
-                          capture_output=True, text=True, timeout=60, check=False)
+                          capture_output=True, encoding="utf-8", timeout=60, check=False)
     assert (done.returncode, done.stdout) == (0, f"maxtwo {__version__}\nTrue\n"), done.stderr
 
 
@@ -193,7 +193,7 @@ def test_show_completion_prints_the_bash_script(tmp_path):
     # NOTE: Typer detects the shell from the parent process, hence bash -c; HOME is a temporary
     # directory, so that nothing of the host's is read or written whatever Typer does.
     done = subprocess.run(["bash", "--norc", "--noprofile", "-c", '"$0" --show-completion; exit $?', str(MAXTWO)],
-                          env=_environment(HOME=str(tmp_path)), capture_output=True, text=True, timeout=60, check=False)
+                          env=_environment(HOME=str(tmp_path)), capture_output=True, encoding="utf-8", timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert "_MAXTWO_COMPLETE=complete_bash" in done.stdout
     assert "complete -o default -F _maxtwo_completion maxtwo" in done.stdout
@@ -207,10 +207,10 @@ def test_install_completion_writes_only_under_home(tmp_path):
     env = {key: value for key, value in _environment(HOME=str(home)).items()
            if not key.startswith("XDG_") and key not in ("ZDOTDIR", "BASH_ENV", "ENV")}
     done = subprocess.run(["bash", "--norc", "--noprofile", "-c", '"$0" --install-completion; exit $?', str(MAXTWO)],
-                          env=env, capture_output=True, text=True, timeout=60, check=False)
+                          env=env, capture_output=True, encoding="utf-8", timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     script = home / ".bash_completions" / "maxtwo.sh"
-    assert "_MAXTWO_COMPLETE=complete_bash" in script.read_text()
-    assert str(script) in (home / ".bashrc").read_text()
+    assert "_MAXTWO_COMPLETE=complete_bash" in script.read_text(encoding="utf-8")
+    assert str(script) in (home / ".bashrc").read_text(encoding="utf-8")
     assert sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*")) == [
         "home", "home/.bash_completions", "home/.bash_completions/maxtwo.sh", "home/.bashrc"]

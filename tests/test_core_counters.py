@@ -371,7 +371,7 @@ def en_us_locale(monkeypatch):
         # Traversable: under root, the PostgreSQL server runs as a user of its own.
         os.chmod(directory, 0o711)  # noqa: S103 (no listing, no writing: only a path to follow)
         compiled = subprocess.run(["localedef", "-i", "en_US", "-f", "UTF-8", f"{directory}/en_US.UTF-8"],
-                                  capture_output=True, text=True, check=False)
+                                  capture_output=True, encoding="utf-8", check=False)
         assert compiled.returncode == 0, (
             f"localedef could not compile en_US (its source comes with Debian's locales package, which "
             f".ci/run installs): {compiled.stderr.strip()}")

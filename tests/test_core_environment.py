@@ -103,6 +103,6 @@ def test_a_closed_stderr_is_not_the_journal_and_no_error(journal_stream):
     if journal_stream is not None:
         env["JOURNAL_STREAM"] = journal_stream
     code = "import os; from maxtwo_cli.core.journal import stderr_is_journal; os.close(2); print(stderr_is_journal())"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=False, stdout=subprocess.PIPE, text=True,
+    done = subprocess.run([sys.executable, "-c", code], capture_output=False, stdout=subprocess.PIPE, encoding="utf-8",
                           env=env, timeout=60, check=False)
     assert (done.returncode, done.stdout) == (0, "False\n")

@@ -278,7 +278,7 @@ for _ in range(30):
 
 def test_queries_from_several_processes_form_a_chain(seeded, database_url):
     processes = [
-        subprocess.Popen([sys.executable, "-c", CHAIN_SCRIPT, database_url], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", CHAIN_SCRIPT, database_url], stdout=subprocess.PIPE, encoding="utf-8")
         for _ in range(3)
     ]
     pairs = []

@@ -86,7 +86,7 @@ schema.ensure_schema(db.create_engine(Settings(database_url=sys.argv[1], stateme
 @pytest.mark.slow  # four Python processes per database
 def test_ensure_schema_from_several_processes_at_once(settings):
     processes = [
-        subprocess.Popen([sys.executable, "-c", ENSURE_SCRIPT, settings.database_url], stderr=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", ENSURE_SCRIPT, settings.database_url], stderr=subprocess.PIPE, encoding="utf-8")
         for _ in range(4)
     ]
     for process in processes:

@@ -191,7 +191,7 @@ def _not_writable(path: Path) -> Iterator[None]:
     read-only remount would."""
     root = os.geteuid() == 0
     if root:
-        done = subprocess.run(["chattr", "+i", str(path)], check=False, capture_output=True, text=True)
+        done = subprocess.run(["chattr", "+i", str(path)], check=False, capture_output=True, encoding="utf-8")
         if done.returncode != 0:
             pytest.fail(f"this test needs chattr on a file system that supports it: {done.stderr.strip()}")
     else:

@@ -56,7 +56,7 @@ def shipped_config_with_ports(listen_port: int, upstream_ports: tuple[int, int])
 
     The file must still have the shape the doc describes (one listen, two upstream servers), or
     the test fails here rather than testing something else than what is shipped."""
-    text = SHIPPED_CONFIG.read_text()
+    text = SHIPPED_CONFIG.read_text(encoding="utf-8")
     directives = [line.split("#", 1)[0].strip() for line in text.splitlines()]
     assert [line for line in directives if re.match(r"listen\b", line)] == [DOCUMENTED_LISTEN]
     assert [line for line in directives if re.match(r"server\s+\S+;$", line)] == list(DOCUMENTED_UPSTREAMS)
@@ -104,11 +104,11 @@ class Nginx:
 
     def check(self) -> None:
         """`nginx -t`, as the doc has the administrator run it."""
-        result = subprocess.run([*self._command, "-t"], check=False, capture_output=True, text=True, timeout=30)
+        result = subprocess.run([*self._command, "-t"], check=False, capture_output=True, encoding="utf-8", timeout=30)
         assert result.returncode == 0, result.stderr
 
     def start(self) -> None:
-        self._output = open(self.prefix / "nginx.out", "w")  # noqa: SIM115 - closed in stop()
+        self._output = open(self.prefix / "nginx.out", "w", encoding="utf-8")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             self._command, stdout=self._output, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -135,7 +135,7 @@ class Nginx:
 
     def log(self) -> str:
         return "\n".join(
-            path.read_text() for path in (self.prefix / "nginx.out", self.error_log) if path.exists()
+            path.read_text(encoding="utf-8") for path in (self.prefix / "nginx.out", self.error_log) if path.exists()
         )
 
 
@@ -217,7 +217,7 @@ def test_two_instances_behind_nginx(deployment, postgres_url):
         _check(nginx, first, second, engine)
     except AssertionError:
         print("nginx:", nginx.log(), sep="\n")
-        print("access log (tail):", *nginx.access_log.read_text().splitlines()[-40:], sep="\n")
+        print("access log (tail):", *nginx.access_log.read_text(encoding="utf-8").splitlines()[-40:], sep="\n")
         raise
     finally:
         engine.dispose()

@@ -21,7 +21,7 @@ from bench.options import SECTIONS
 from bench.report import read_notes, render_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
-STORED = json.loads((ROOT / "docs" / "bench-results.json").read_text())
+STORED = json.loads((ROOT / "docs" / "bench-results.json").read_text(encoding="utf-8"))
 RERENDER = "re-render it: python -m bench.report"
 DATABASES = ("SQLite", "PostgreSQL")
 
@@ -44,7 +44,7 @@ def _flat(text: str) -> str:
 
 
 def _measured_numbers() -> str:
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     return readme.split("\n## Measured numbers\n", 1)[1].split("\n## ", 1)[0]
 
 
@@ -144,7 +144,7 @@ def test_performance_md_is_the_render_of_the_stored_results_and_notes():
     assert STORED["notes"] == read_notes(), f"bench/NOTES.md changed since docs/bench-results.json: {RERENDER}"
     assert STORED["goals"] == evaluate(STORED), f"the goals' verdicts changed: {RERENDER}"
     rendered = scrub(render_markdown(STORED))
-    assert (ROOT / "docs" / "performance.md").read_text() == rendered, f"docs/performance.md differs: {RERENDER}"
+    assert (ROOT / "docs" / "performance.md").read_text(encoding="utf-8") == rendered, f"docs/performance.md differs: {RERENDER}"
 
 
 def test_readme_names_the_stored_run_and_its_goals():
@@ -179,7 +179,7 @@ def test_readme_table_quotes_the_stored_run_cell_by_cell():
 
 
 def test_readme_run_it_quotes_the_stored_run():
-    readme = _flat((ROOT / "README.md").read_text())
+    readme = _flat((ROOT / "README.md").read_text(encoding="utf-8"))
     expected = [
         f"{_median('randomize', 'SQLite'):.2f} s for the 1M users in the last full benchmark run",
         f"the last full run took {STORED['runtime_seconds'] / 60:.0f} minutes",
@@ -208,13 +208,13 @@ def test_deployment_quotes_the_stored_run():
         runs = largest["randomize"]["runs"]
         expected.append(f"{largest['rows']:,} users took {largest['randomize']['median']:.1f} s on a 2-core host "
                         f"in the last full run, the median of 3 runs of {min(runs):.1f}-{max(runs):.1f} s")
-    deployment = _flat((ROOT / "docs" / "deployment.md").read_text())
+    deployment = _flat((ROOT / "docs" / "deployment.md").read_text(encoding="utf-8"))
     assert [figure for figure in expected if figure not in deployment] == []
 
 
 @pytest.mark.parametrize("unit", ["maxtwo.service", "maxtwo@.service"])
 def test_units_quote_the_stored_run(unit):
-    text = (ROOT / "deploy" / "systemd" / unit).read_text()
+    text = (ROOT / "deploy" / "systemd" / unit).read_text(encoding="utf-8")
     comments = _flat(" ".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#")))
     expected = [f"(on PostgreSQL, 1M: {_median('seed', 'PostgreSQL'):.2f} s in docs/performance.md;"]
     if largest := _largest_within_interval():

@@ -141,7 +141,7 @@ def test_a_randomization_an_outage_at_its_boundary_failed_is_made_up_within_its_
                 ).one()
             assert daemon.terminate() == 0
         engine.dispose()
-    log = (tmp_path / "serve.log").read_text()
+    log = (tmp_path / "serve.log").read_text(encoding="utf-8")
     assert epoch_after == epoch_before + 1
     assert scheduled_for.timestamp() == boundary  # the slot the outage failed, made up
     assert randomized_at.timestamp() < boundary + interval / 2  # within the first half of its slot
@@ -181,7 +181,7 @@ def test_a_slot_whose_run_elsewhere_rolled_back_is_run_within_its_slot(tmp_path,
                 ).one()
             assert daemon.terminate() == 0
         engine.dispose()
-    log = (tmp_path / "serve.log").read_text()
+    log = (tmp_path / "serve.log").read_text(encoding="utf-8")
     assert scheduled_for.timestamp() == boundary  # that slot, run after all
     # Once the lock was let go (the daemon waited for it), within the first half of its slot.
     assert released_at - 0.5 < randomized_at.timestamp() < boundary + interval / 2
@@ -618,7 +618,7 @@ def small_file_system(mount_point: Path, size: str) -> Iterator[Path]:
     that really fills up, without filling the machine's."""
     mount_point.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
-                          check=False, capture_output=True, text=True)
+                          check=False, capture_output=True, encoding="utf-8")
     if done.returncode != 0:
         pytest.fail(f"this test mounts a small tmpfs and needs root: {done.stderr.strip()}")
     try:
@@ -645,7 +645,7 @@ def fill(directory: Path) -> int:
 def immutable(*paths: Path) -> Iterator[None]:
     """chattr +i: even root's writes fail (EPERM), also through files that are already open,
     so the running daemon meets a read-only database exactly as after a remount."""
-    done = subprocess.run(["chattr", "+i", *map(str, paths)], check=False, capture_output=True, text=True)
+    done = subprocess.run(["chattr", "+i", *map(str, paths)], check=False, capture_output=True, encoding="utf-8")
     try:
         if done.returncode != 0:
             pytest.fail(f"this test needs chattr on a file system that supports it: {done.stderr.strip()}")
@@ -657,7 +657,7 @@ def immutable(*paths: Path) -> Iterator[None]:
 def maxtwo(database_url: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "MAXTWO_DATABASE_URL": database_url}
     env.pop("MAXTWO_DEBUG", None)
-    return subprocess.run([str(MAXTWO), *args], check=False, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([str(MAXTWO), *args], check=False, env=env, capture_output=True, encoding="utf-8", timeout=120)
 
 
 def check_intact(path: Path, users_expected: int) -> sa.Row:

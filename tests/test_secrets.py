@@ -19,7 +19,7 @@ def test_the_password_appears_nowhere(postgres_url, postgres_server, tmp_path):
     def run(*args: str, url: str = postgres_url) -> None:
         done = subprocess.run(
             [str(MAXTWO), *args], env={"MAXTWO_DATABASE_URL": url, "PATH": "/usr/bin:/bin"},
-            check=False, capture_output=True, text=True, timeout=120,
+            check=False, capture_output=True, encoding="utf-8", timeout=120,
         )
         seen.extend([done.stdout, done.stderr])
 

@@ -22,7 +22,7 @@ PACKAGES = ("maxtwo_cli", "daemon", "tests", "bench", "devtools")
 
 
 def test_no_string_built_sql_or_other_bandit_findings():
-    done = subprocess.run([*COMMAND, "maxtwo_cli", "daemon"], cwd=ROOT, check=False, capture_output=True, text=True)
+    done = subprocess.run([*COMMAND, "maxtwo_cli", "daemon"], cwd=ROOT, check=False, capture_output=True, encoding="utf-8")
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -33,20 +33,20 @@ def test_the_check_catches_string_built_sql(tmp_path):
         "def find(conn, name):\n"
         "    return conn.execute(f\"SELECT id FROM users WHERE name = '{name}'\")\n"
     )
-    done = subprocess.run([*COMMAND, str(sample)], check=False, capture_output=True, text=True)
+    done = subprocess.run([*COMMAND, str(sample)], check=False, capture_output=True, encoding="utf-8")
     assert done.returncode == 1
     assert "S608" in done.stdout
 
 
 def test_ruff_finds_nothing_in_the_project():
     """`ruff check .` over every file ruff sees (tests, bench and devtools too): zero findings."""
-    done = subprocess.run([*PROJECT_COMMAND, "."], cwd=ROOT, check=False, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([*PROJECT_COMMAND, "."], cwd=ROOT, check=False, capture_output=True, encoding="utf-8", timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_ruff_sees_every_python_file_of_the_project():
     """Zero findings above means something only if no package was left out of the check."""
-    done = subprocess.run([RUFF, "check", "--show-files", "."], cwd=ROOT, check=False, capture_output=True, text=True,
+    done = subprocess.run([RUFF, "check", "--show-files", "."], cwd=ROOT, check=False, capture_output=True, encoding="utf-8",
                           timeout=60)
     assert done.returncode == 0, done.stderr
     shown = {Path(line) for line in done.stdout.splitlines()}
@@ -68,7 +68,7 @@ def test_the_project_configuration_is_live(tmp_path):
     )
     config = ROOT / "pyproject.toml"
     done = subprocess.run([*PROJECT_COMMAND, "--config", str(config), str(sample)], cwd=tmp_path, check=False,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, encoding="utf-8", timeout=60)
     assert done.returncode == 1, done.stdout + done.stderr
     for code in ("PLW1510", "ISC004", "S608"):
         assert code in done.stdout, done.stdout

@@ -87,7 +87,7 @@ def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
 
 
 def unit(path: Path) -> dict[str, dict[str, list[str]]]:
-    return parse_unit(path.read_text())
+    return parse_unit(path.read_text(encoding="utf-8"))
 
 
 def single(section: dict[str, list[str]], key: str) -> str:
@@ -187,11 +187,11 @@ def runnable_copy(path: Path, directory: Path) -> Path:
     A template is verified as an instance (port 4001): verify needs a concrete unit name.
     """
     true = shutil.which("true") or "/bin/true"
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     rewritten = text.replace("ExecStart=/opt/maxtwo/venv/bin/maxtwo ", f"ExecStart={true} ")
     assert rewritten != text
     copy = directory / path.name.replace("@.", "@4001.")
-    copy.write_text(rewritten)
+    copy.write_text(rewritten, encoding="utf-8")
     copy.chmod(0o644)  # whatever the umask: systemd-analyze warns about a world-writable unit
     return copy
 
@@ -214,7 +214,7 @@ def test_a_missing_systemd_analyze_fails_the_checks_it_would_make(monkeypatch) -
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        args, check=False, capture_output=True, text=True, timeout=60,
+        args, check=False, capture_output=True, encoding="utf-8", timeout=60,
         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SYSTEMD_COLORS": "0", "LC_ALL": "C"},
     )
 
@@ -241,7 +241,7 @@ def test_systemd_analyze_security_exposure_is_low(path: Path, tmp_path: Path) ->
 def env_example_assignments() -> list[tuple[str, str]]:
     """(KEY, VALUE) of every assignment in the example, commented-out ones included."""
     pairs = []
-    for line in ENV_EXAMPLE.read_text().splitlines():
+    for line in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines():
         match = re.fullmatch(r"#?([A-Za-z_][A-Za-z0-9_]*)=(.*)", line.strip())
         if match:
             pairs.append((match.group(1), match.group(2)))
@@ -249,7 +249,7 @@ def env_example_assignments() -> list[tuple[str, str]]:
 
 
 def test_env_example_sets_only_maxtwo_variables() -> None:
-    active = [line for line in ENV_EXAMPLE.read_text().splitlines()
+    active = [line for line in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines()
               if line.strip() and not line.lstrip().startswith("#")]
     assert active, "the example sets nothing"
     for line in active:
@@ -260,14 +260,14 @@ def test_env_example_sets_only_maxtwo_variables() -> None:
     assert keys == {"MAXTWO_DATABASE_URL", "MAXTWO_HOST", "MAXTWO_PORT", "MAXTWO_THREADS",
                     "MAXTWO_INTERVAL", "MAXTWO_SEED_COUNT"}
     # The comments assign or expand no other variable either.
-    text = ENV_EXAMPLE.read_text()
+    text = ENV_EXAMPLE.read_text(encoding="utf-8")
     for name in re.findall(r"(?<![?&\w])([A-Za-z_]\w*)=", text) + re.findall(
             r"\$\{?([A-Za-z_]\w*)", text):
         assert name.startswith("MAXTWO_"), name
 
 
 def test_env_example_holds_no_real_password() -> None:
-    text = ENV_EXAMPLE.read_text()
+    text = ENV_EXAMPLE.read_text(encoding="utf-8")
     passwords = re.findall(r"://[^:/@\s]+:([^@\s]*)@", text)
     assert passwords, "the example should show where the password goes"
     assert set(passwords) == {"CHANGE_ME"}

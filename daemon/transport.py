@@ -848,6 +848,12 @@ class Transport:
         """Close at once, answered or not (what drain() ends with), waiting up to
         `thread_timeout` s for the request threads."""
         self.server.task_dispatcher.shutdown(cancel_pending=True, timeout=thread_timeout)
+        for channel in list(self.server.active_channels.values()):
+            # NOTE: waitress's handle_close (not QuietChannel's lingering one): unlike close_all's
+            # close of the socket alone, it closes the answers' buffers (one over 1 MB is a
+            # temporary file, left to the garbage collector) and wakes a request thread waiting
+            # for room to write more of its answer (it waited forever).
+            HTTPChannel.handle_close(channel)
         wasyncore.close_all(self.server._map)
 
 

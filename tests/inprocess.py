@@ -15,11 +15,13 @@ from daemon.transport import Lane, Transport
 
 
 class Running:
-    def __init__(self, transport: Transport, listener: socket.socket, stop: threading.Event) -> None:
+    def __init__(self, transport: Transport, listener: socket.socket, stop: threading.Event,
+                 loop: threading.Thread) -> None:
         self.transport = transport
         self.server = transport.server
         self.port = listener.getsockname()[1]
         self.stop = stop
+        self.loop = loop  # serving until stop is set
         self.connections: list[http.client.HTTPConnection] = []
 
     def connect(self, timeout: float = 30) -> http.client.HTTPConnection:
@@ -49,7 +51,7 @@ def running(
     stop = threading.Event()
     loop = threading.Thread(target=transport.serve_until, args=(stop.is_set, on_turn), daemon=True)
     loop.start()
-    served = Running(transport, listener, stop)
+    served = Running(transport, listener, stop, loop)
     try:
         yield served
     finally:

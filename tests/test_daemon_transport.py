@@ -26,6 +26,7 @@ import inspect
 import itertools
 import json
 import logging
+import os
 import re
 import socket
 import statistics
@@ -58,7 +59,7 @@ from maxtwo_cli.core.randomize import randomize_points
 from maxtwo_cli.core.seed import seed_users
 from maxtwo_cli.core.settings import Settings
 from tests.helpers import unreachable_settings, wait_for
-from tests.inprocess import running
+from tests.inprocess import Running, running
 
 REQUEST_THREADS = 4
 WAITRESS = importlib.metadata.version("waitress")
@@ -504,15 +505,19 @@ def test_an_http_1_0_request_needs_no_host():
 
 @dataclasses.dataclass
 class Served:
-    port: int
+    live: Running
     transport: transport.Transport
     metrics: Metrics
     batch_sizes: list[int]  # queries per batch, as the batcher reported them
     # (method, path) -> names of the threads that answered them
     threads: dict[tuple[str, str], set[str]] = dataclasses.field(default_factory=lambda: collections.defaultdict(set))
 
+    @property
+    def port(self) -> int:
+        return self.live.port
+
     def connect(self) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        return self.live.connect()
 
 
 @contextlib.contextmanager
@@ -535,7 +540,7 @@ def serve(settings: Settings, engine, max_wait: float = 30) -> Iterator[Served]:
 
     try:
         with running(recording, batchers=batchers, threads=REQUEST_THREADS) as live:
-            served = Served(live.port, live.transport, metrics, sizes)
+            served = Served(live, live.transport, metrics, sizes)
             yield served
     finally:
         batcher.close(5)
@@ -1157,9 +1162,9 @@ def passes(monkeypatch) -> list[float]:
 
 
 @pytest.fixture
-def port(passes) -> Iterator[int]:
+def server(passes) -> Iterator[Running]:
     with running(plain) as served:
-        yield served.port
+        yield served
 
 
 def timed_get(connection: http.client.HTTPConnection, path: str = "/") -> tuple[float, bytes]:
@@ -1173,29 +1178,29 @@ def timed_get(connection: http.client.HTTPConnection, path: str = "/") -> tuple[
 
 # NOTE: a missed re-registration costs at least a loop tick (0.2 s) per request, a missed
 # change a full check (1 s): the bounds below sit between those and a loaded machine's latency.
-def test_requests_on_one_keep_alive_connection_never_wait_for_a_tick(port, passes):
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+def test_requests_on_one_keep_alive_connection_never_wait_for_a_tick(server, passes):
+    connection = server.connect(10)
     latencies = [timed_get(connection)[0] for _ in range(100)]
     assert passes  # the loop under test is the one that records them
     assert statistics.median(latencies) < transport.LOOP_TICK_SECONDS / 2
 
 
-def test_many_connections_taking_turns(port):
-    connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(20)]
+def test_many_connections_taking_turns(server):
+    connections = [server.connect(10) for _ in range(20)]
     latencies = [timed_get(connection)[0] for _ in range(5) for connection in connections]
     assert statistics.median(latencies) < transport.LOOP_TICK_SECONDS / 2
 
 
-def test_a_connection_idle_past_a_full_check_is_still_heard(port):
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+def test_a_connection_idle_past_a_full_check_is_still_heard(server):
+    connection = server.connect(10)
     timed_get(connection)
     time.sleep(FULL_CHECK_SECONDS * 1.5)
     assert timed_get(connection)[0] < FULL_CHECK_SECONDS
 
 
-def test_a_connection_freed_by_its_request_thread_is_heard_again(port):
-    slow = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    other = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+def test_a_connection_freed_by_its_request_thread_is_heard_again(server):
+    slow = server.connect(10)
+    other = server.connect(10)
     latencies = []
     for _ in range(5):
         waiting = threading.Thread(target=timed_get, args=(slow, "/slow"))
@@ -1206,8 +1211,8 @@ def test_a_connection_freed_by_its_request_thread_is_heard_again(port):
     assert statistics.median(latencies) < FULL_CHECK_SECONDS / 2
 
 
-def test_a_huge_response_is_drained_by_the_loop(port, passes):
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+def test_a_huge_response_is_drained_by_the_loop(server, passes):
+    connection = server.connect(30)
     _seconds, body = timed_get(connection, "/huge")
     assert len(body) == HUGE
     assert timed_get(connection)[1] == b"hello"  # and the connection goes on
@@ -1503,6 +1508,48 @@ def test_a_connection_whose_answer_is_still_being_made_is_not_closed_for_its_unr
         received = read_all(sock)
         sock.close()
     assert received.endswith(big + b"done"), received[-100:]
+
+
+def deleted_files_open() -> set[int]:
+    """This process's descriptors of files deleted already (temporary files)."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own, closed by now
+            if os.readlink(f"/proc/self/fd/{name}").endswith(" (deleted)"):
+                found.add(int(name))
+    return found
+
+
+def test_closing_closes_the_buffers_of_unsent_answers_and_wakes_a_thread_waiting_to_write():
+    """At close, only the sockets were closed: an unsent answer's buffer (over 1 MB, a temporary
+    file) was left to the garbage collector, and a request thread waiting for room to write more
+    of it waited forever."""
+    chunk = b"x" * 4_000_000
+    ended = threading.Event()
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(chunk) * 8))])
+        try:
+            for _ in range(8):
+                yield chunk
+        finally:
+            ended.set()
+
+    files_before = deleted_files_open()
+    with running(app) as served, socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # and reads nothing
+        wait_for(lambda: any(channel.total_outbufs_len > channel.adj.outbuf_high_watermark
+                             for channel in served.server.active_channels.values()),
+                 "the request thread waiting for room to write")
+        # Held here, so that the garbage collector cannot close its buffers instead.
+        [channel] = served.server.active_channels.values()
+        assert deleted_files_open() - files_before, "the answer is not in a temporary file"
+        served.stop.set()
+        served.loop.join(5)
+        served.transport.close(thread_timeout=0.2)
+        assert ended.wait(5), "the request thread still waits to write"
+        assert not channel.connected and not deleted_files_open() - files_before
 
 
 def test_a_connection_with_bytes_unread_is_not_idle():

@@ -55,6 +55,7 @@ def test_a_sigterm_to_the_process_holding_a_server_stops_it_and_removes_its_file
     finally:  # what a failure leaves behind, removed, whichever step failed
         holder.kill()
         holder.wait()
+        holder.stdout.close()
         if postmaster is not None:
             stop_left_behind(postmaster)
         if data_dir is not None and data_dir.name == "data":

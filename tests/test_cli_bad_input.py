@@ -122,6 +122,15 @@ def test_a_key_the_terminal_cannot_show_is_shown_escaped(tmp_path):
     assert len({len(line) for line in listed.stdout.splitlines()}) == 1, listed.stdout  # measured as shown
 
 
+def test_a_database_path_that_is_not_utf8_is_one_line(tmp_path):
+    given = maxtwo_command("query", "--database-url", os.fsencode(f"sqlite:///{tmp_path}/") + b"caf\xe9.db")
+    default = maxtwo_command("query", XDG_DATA_HOME=str(tmp_path / os.fsdecode(b"caf\xe9")))
+    for done in (given, default):
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert "caf\\xe9" in done.stderr and "not UTF-8" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_closed_standard_output_is_an_error_not_silence(tmp_path):
     url = f"sqlite:///{tmp_path / 'x.db'}"
     done = subprocess.run(["sh", "-c", f'"{MAXTWO}" increment k 1 --database-url "{url}" >&-'],

@@ -705,6 +705,41 @@ def test_the_default_file_is_the_one_named_whatever_its_directory_holds(monkeypa
     assert sorted(path.name for path in tmp_path.iterdir()) == [state.name]
 
 
+# A name in Latin-1 (bytes that are not UTF-8), as Python reads it from the environment or argv.
+NOT_UTF8 = os.fsdecode(b"caf\xe9")
+
+
+def test_a_default_file_whose_path_is_not_utf8_is_refused_in_one_line(monkeypatch, tmp_path):
+    # quote() refused the name (a traceback); SQLite names its files in UTF-8.
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / NOT_UTF8))
+    with pytest.raises(ConfigurationError, match=r"default database, .*/caf\\xe9/maxtwo.db, has a path that is not UTF-8"):
+        default_database_url()
+
+
+@pytest.mark.parametrize("where", ["the path", "the working directory", "a link's target"])
+def test_a_sqlite_file_whose_path_is_not_utf8_is_refused_and_nothing_made(monkeypatch, tmp_path, where):
+    """Opened, such a file failed on its neighbour's ATTACH, after its directory was made: an
+    "unexpected UnicodeEncodeError"."""
+    (tmp_path / NOT_UTF8).mkdir()
+    url = {
+        "the path": f"sqlite:///{tmp_path / NOT_UTF8 / 'new' / 'maxtwo.db'}",
+        "the working directory": "sqlite:///new/maxtwo.db",
+        "a link's target": f"sqlite:///{tmp_path / 'link'}",
+    }[where]
+    monkeypatch.chdir(tmp_path / NOT_UTF8)
+    (tmp_path / "link").symlink_to(tmp_path / NOT_UTF8 / "maxtwo.db")
+    with pytest.raises(ConfigurationError, match=r"the SQLite database path .*/caf\\xe9/.* is not UTF-8"):
+        db.create_engine(Settings(database_url=url))
+    assert list((tmp_path / NOT_UTF8).iterdir()) == []
+
+
+def test_percent_escapes_that_are_not_utf8_are_refused_not_replaced(tmp_path):
+    """SQLAlchemy decodes %E9 as U+FFFD: another file, made silently."""
+    with pytest.raises(ConfigurationError, match="escapes are not UTF-8"):
+        db.parse_database_url(f"sqlite:///{tmp_path}/caf%E9/maxtwo.db")
+    assert db.parse_database_url(f"sqlite:///{tmp_path}/caf%C3%A9/%EF%BF%BD.db").database == f"{tmp_path}/caf\u00e9/\ufffd.db"
+
+
 def test_the_sqlite_file_and_its_directory_are_created_on_first_use(tmp_path):
     path = tmp_path / "new" / "dir" / "maxtwo.db"
     engine = db.create_engine(Settings(database_url=f"sqlite:///{path}"))

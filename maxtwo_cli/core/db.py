@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import sqlalchemy as sa
 from sqlalchemy import event, exc
@@ -32,7 +33,7 @@ from maxtwo_cli.core.errors import (
     SchemaMismatchError,
 )
 from maxtwo_cli.core.redaction import redact_text
-from maxtwo_cli.core.settings import Settings
+from maxtwo_cli.core.settings import Settings, is_utf8, shown_path
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,15 @@ def parse_database_url(raw: str) -> URL:
         )
     if "\0" in url.database:
         raise ConfigurationError("the SQLite database path contains a NUL character; no file can be named so")
+    try:
+        unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        # NOTE: SQLAlchemy decodes the bytes of %XX escapes that are not UTF-8 as U+FFFD: another
+        # file, made silently.
+        raise ConfigurationError(
+            "the SQLite database path's %XX escapes are not UTF-8, as SQLite's file names must be; "
+            "write a character as itself or as its UTF-8 bytes (é: %C3%A9)"
+        ) from None
     if url.query:
         # NOTE: SQLAlchemy would pass ?mode=ro and the like on with a warning, and ignore them.
         raise ConfigurationError(f"a SQLite database URL takes no parameters (?{next(iter(url.query))}=...); {URL_HELP}")
@@ -321,6 +331,11 @@ def sqlite_main_files(engine: Engine) -> list[str]:
 def _create_sqlite_engine(url: URL, settings: Settings, pool_size: int) -> Engine:
     path = Path(url.database or "")
     query_state_path = str(sqlite_query_state_path(path))
+    if not is_utf8(query_state_path):  # (resolved: a relative path or a link's target too)
+        raise ConfigurationError(
+            f"the SQLite database path {shown_path(query_state_path.removesuffix('-query'))} is not UTF-8, "
+            "as SQLite's file names must be"
+        )
     with contextlib.suppress(OSError):
         # A missing parent directory is created on first use; a failure surfaces on connect
         # as a clear "cannot open" error.

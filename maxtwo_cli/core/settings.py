@@ -75,7 +75,30 @@ def _home() -> Path:
 def _sqlite_url(path: Path) -> str:
     # NOTE: percent-encoded: a "?", "#" or "%" in a directory's name would otherwise be read as
     # the URL's query, fragment or an escape, and another file used.
+    if not is_utf8(str(path)):
+        raise ConfigurationError(
+            f"the default database, {shown_path(path)}, has a path that is not UTF-8, as SQLite's file names must be; "
+            "give --database-url"
+        )
     return f"sqlite:///{quote(str(path))}"
+
+
+def is_utf8(name: str) -> bool:
+    """False for a name whose bytes are not UTF-8 (as Python decodes them: surrogate escapes).
+
+    NOTE: SQLite names files in UTF-8: such a file opens, but ATTACH refused its neighbour's
+    name and its list of files could not be read back (one-line errors calling themselves
+    unexpected), and in a URL quote() refused it (a traceback)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown_path(path: str | Path) -> str:
+    """A path for a message, its bytes that are not UTF-8 shown as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 @dataclasses.dataclass(frozen=True)

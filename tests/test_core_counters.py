@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import types
 
 import pytest
 import sqlalchemy as sa
@@ -38,7 +39,7 @@ from maxtwo_cli.core.counters import (
     list_counters,
     read_counter,
 )
-from maxtwo_cli.core.errors import DatabaseUnavailableError
+from maxtwo_cli.core.errors import DatabaseUnavailableError, MaxtwoError
 from maxtwo_cli.core.schema import idempotency_keys
 from maxtwo_cli.core.settings import Settings
 from tests.helpers import wait_for
@@ -46,10 +47,11 @@ from tests.helpers import wait_for
 TICK = dt.timedelta(microseconds=1)
 
 
-@pytest.fixture(params=["in the caller's transaction", "committed by itself"])
+@pytest.fixture(params=["in the caller's transaction", "committed by itself", "added in the caller's transaction"])
 def batch(request):
-    """Apply a batch both ways the core allows: apply_increments() inside a caller's transaction
-    (which no production path opens today), or add_increments() outside one (the batcher's way)."""
+    """Apply a batch every way the core allows: apply_increments() inside a caller's transaction
+    (which no production path opens today), add_increments() outside one (the batcher's way), or
+    add_increments() inside one (it hands the batch to apply_increments)."""
 
     def run(engine, items, now=None):
         held = HeldConnection(engine)
@@ -57,6 +59,8 @@ def batch(request):
             if request.param == "committed by itself":
                 return add_increments(held, items, now)
             with held.transaction():
+                if request.param == "added in the caller's transaction":
+                    return add_increments(held, items, now)
                 return apply_increments(held, items, now)
         finally:
             held.release()
@@ -117,6 +121,14 @@ def test_one_by_one_a_total_may_reach_the_minimum_itself(engine, batch):
     outcomes = batch(engine, [Increment("low", -1), Increment("low", -1)])
     assert outcomes[0] == Applied("low", INT64_MIN) and isinstance(outcomes[1], CounterOverflowError)
     assert read_counter(engine, "low") == INT64_MIN
+
+
+def test_a_batch_whose_sum_is_exactly_the_minimum_applies_whole(engine, batch):
+    # The sum fits (it is the minimum itself), though one by one MIN - 1 would not: applied as
+    # one sum, every increment applies. (The key makes add_increments() go through _add too.)
+    outcomes = batch(engine, [Increment("x", INT64_MIN, "k"), Increment("x", -1), Increment("x", 1)])
+    assert outcomes == [Applied("x", INT64_MIN)] * 3
+    assert read_counter(engine, "x") == INT64_MIN
 
 
 def test_a_new_key_whose_sum_is_no_64_bit_value_is_applied_as_far_as_it_fits(engine, batch):
@@ -321,6 +333,16 @@ def test_an_idempotency_key_lives_24_hours_to_the_microsecond(engine, batch):
     assert delete_expired_idempotency_keys(engine, at_24_hours).deleted == 0
     assert batch(engine, [Increment("b", 1, "edge")], now=at_24_hours) == [Applied("b", None, replayed=True)]
     assert batch(engine, [Increment("b", 1, "edge")], now=at_24_hours + TICK) == [Applied("b", 2)]
+
+
+def test_a_later_use_of_a_refused_increment_s_idempotency_key_is_recorded_at_the_batch_s_time(engine, batch):
+    # The second pass of a batch (the key's first use refused) recorded the key at its own time.
+    increment(engine, "top", INT64_MAX)
+    then = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
+    outcomes = batch(engine, [Increment("top", 1, "k"), Increment("b", 2, "k")], now=then)
+    assert isinstance(outcomes[0], CounterOverflowError) and outcomes[1] == Applied("b", 2)
+    assert delete_expired_idempotency_keys(engine, then + dt.timedelta(hours=24)).deleted == 0
+    assert delete_expired_idempotency_keys(engine, then + dt.timedelta(hours=24) + TICK).deleted == 1
 
 
 def test_a_refused_increment_leaves_its_idempotency_key_unused(engine):
@@ -545,6 +567,36 @@ def add_expired_keys(engine: sa.Engine, count: int, now: dt.datetime) -> None:
             {"key": f"k{number}", "fingerprint": "f", "created_at": now - dt.timedelta(hours=25, seconds=number)}
             for number in range(count)
         ])
+
+
+def test_the_cleanup_s_chunk_is_its_database_s(engine, monkeypatch):
+    monkeypatch.setattr(counters_module, "CLEANUP_CHUNK_POSTGRES", 2)
+    monkeypatch.setattr(counters_module, "CLEANUP_CHUNK_SQLITE", 3)
+    now = dt.datetime.now(dt.UTC)
+    add_expired_keys(engine, 5, now)
+    chunk = 2 if db.is_postgres(engine) else 3
+    assert delete_expired_idempotency_keys(engine, now, go_on=lambda: False) == Forgotten(chunk, done=False)
+
+
+def test_the_cleanup_pauses_between_chunks_on_sqlite_only_and_not_once_told_to_stop(engine, monkeypatch):
+    """Its pause lets SQLite's other writers in (PostgreSQL's wait for no lock of a whole file)."""
+    pauses: list[float] = []
+    monkeypatch.setattr(counters_module, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=pauses.append))
+    now = dt.datetime.now(dt.UTC)
+    add_expired_keys(engine, 5, now)
+    assert delete_expired_idempotency_keys(engine, now, chunk=2, go_on=lambda: False) == Forgotten(2, done=False)
+    assert pauses == []
+    assert delete_expired_idempotency_keys(engine, now, chunk=2) == Forgotten(3, done=True)
+    assert len(pauses) == (0 if db.is_postgres(engine) else 1)
+
+
+def test_a_database_error_in_the_cleanup_is_one_of_maxtwo_s(tmp_path):
+    engine = db.create_engine(Settings(database_url=f"sqlite:///{tmp_path / 'maxtwo.db'}"))  # no tables
+    try:
+        with pytest.raises(MaxtwoError, match="no such table"):
+            delete_expired_idempotency_keys(engine)
+    finally:
+        engine.dispose()
 
 
 def test_the_cleanup_stops_when_told_after_a_chunk_and_says_keys_are_left(engine):

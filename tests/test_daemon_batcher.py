@@ -483,6 +483,104 @@ def test_a_ticket_takes_its_first_answer_only_and_says_which_was_first():
     assert ticket.outcomes == ["first"] and ticket.answered() and answered == ["told"]
 
 
+def test_abandon_before_any_batch_ran_answers_later_callers(seeded):
+    batcher = Batcher(seeded, [QueryKind()], max_wait=30)
+    assert batcher.abandon("shutting down") == 0
+    with pytest.raises(DatabaseUnavailableError, match=r"^shutting down$"):
+        batcher.submit("query")
+
+
+def test_the_query_kind_fills_the_answer_cache_it_was_given(seeded):
+    cache = AnswerCache()
+    batcher = Batcher(seeded, [QueryKind(cache)], max_wait=30)
+    try:
+        result = batcher.submit("query")
+    finally:
+        batcher.close(5)
+    assert cache.get() is not None and cache.get()[1] == result.users
+
+
+class LateTicket(batcher_module.Ticket):
+    """A ticket whose wait runs out, though its answer may have come just before."""
+
+    def wait(self, timeout: float | None) -> bool:
+        return False
+
+
+def test_an_answer_that_came_as_the_wait_ran_out_is_taken_and_none_is_a_timeout(seeded):
+    batcher = Batcher(seeded, [QueryKind()], max_wait=0.25)
+    answered = LateTicket("query", [None])
+    answered.answer(["the outcome"])
+    assert batcher.outcomes(answered, 0) == ["the outcome"]
+    [error] = batcher.outcomes(LateTicket("query", [None]))
+    assert isinstance(error, DatabaseUnavailableError) and str(error) == "no answer from the database within 0.25 s"
+
+
+class CommitterKilled(BaseException):
+    """What no committer raises by design (_run_batch answers every error), raised anyway."""
+
+
+def test_a_committer_that_died_is_replaced_by_the_next_caller(seeded, monkeypatch):
+    crashes: list = []
+    monkeypatch.setattr(threading, "excepthook", crashes.append)
+    run_batch, broken = Batcher._run_batch, []
+
+    def broken_once(self, held, batch):
+        if not broken:
+            broken.append(batch)
+            raise CommitterKilled
+        return run_batch(self, held, batch)
+
+    monkeypatch.setattr(Batcher, "_run_batch", broken_once)
+    batcher = Batcher(seeded, [QueryKind()], max_wait=3)
+    try:
+        [lost] = batcher.submit_many("query", [None], timeout=0.3)
+        assert isinstance(lost, DatabaseUnavailableError)
+        wait_for(lambda: len(crashes) == 1, "the committer's end")
+        assert batcher.submit("query").recorded_at is not None  # a new committer answered
+    finally:
+        batcher.close(5)
+
+
+def test_no_thread_to_be_had_is_a_database_unavailable_error_and_leaves_nothing_queued(seeded, monkeypatch):
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    batcher = Batcher(seeded, [QueryKind()], max_wait=30)
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(threading.Thread, "start", no_thread)
+            with pytest.raises(DatabaseUnavailableError, match=r"^cannot start the batch thread: can't start new thread$"):
+                batcher.submit_many("query", [None, None])
+        assert batcher.pending() == 0
+        assert batcher.submit("query").recorded_at is not None  # and with threads again, it works
+        assert [thread.daemon for thread in threading.enumerate() if thread.name == "maxtwo-batcher"] == [True]
+    finally:
+        batcher.close(5)
+
+
+class Stuck:
+    """A batcher whose batch has run `running` s, and `waiters` callers to answer if abandoned."""
+
+    def __init__(self, running: float, waiters: int) -> None:
+        self.running, self.waiters, self.reasons = running, waiters, []
+
+    def running_for(self) -> float:
+        return self.running
+
+    def abandon(self, reason: str) -> int:
+        self.reasons.append(reason)
+        return self.waiters
+
+
+def test_abandon_stuck_abandons_each_batcher_at_its_threshold_once_and_counts_the_waiters():
+    at, past, healthy = Stuck(1.0, 2), Stuck(3.0, 3), Stuck(0.5, 7)
+    batchers = batcher_module.Batchers({"query": at, "increment": past, "other": healthy})
+    assert batchers.abandon_stuck("the reason", 1.0) == 5
+    assert at.reasons == past.reasons == ["the reason"] and healthy.reasons == []
+    assert batchers.abandon_stuck("the reason", 1.0) == 0  # once each
+
+
 def test_close_ends_the_committer_and_gives_its_connection_back(seeded):
     batcher = Batcher(seeded, [QueryKind()], max_wait=30)
     batcher.submit("query")
@@ -860,6 +958,7 @@ def test_whoever_queued_while_a_batch_failed_shares_its_error_untried(seeded, tw
     outcomes = submit_together(batcher, gate, [("query", None), ("note", "a")])
     assert batches == [1]  # only the opener's batch of queries ran
     assert isinstance(outcomes[0], type(error))
+    assert batcher.pending() == 0  # those that shared the error are no longer counted as waiting
     if note_tried:
         assert outcomes[1] == "noted a" and notes(seeded) == {"a"}
     else:

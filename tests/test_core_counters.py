@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import random
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -253,7 +254,8 @@ def test_an_idempotency_key_retry_is_applied_once(engine):
 
 def test_an_idempotency_key_with_a_different_body_is_refused(engine):
     increment(engine, "i", 3, idempotency_key="once")
-    with pytest.raises(IdempotencyKeyReusedError):
+    reused = "^this Idempotency-Key was used within the last 24 hours for a different increment$"
+    with pytest.raises(IdempotencyKeyReusedError, match=reused):
         increment(engine, "i", 4, idempotency_key="once")
     with pytest.raises(IdempotencyKeyReusedError):
         increment(engine, "j", 3, idempotency_key="once")
@@ -465,21 +467,36 @@ def test_concurrent_increments_from_many_threads_are_exact(engine):
     assert dict(list_counters(engine, limit=1000)) == expected
 
 
-@pytest.mark.parametrize("key", ["", "x" * 256, "a\x00b", 5, None, "\udc80"])
-def test_bad_keys(key):
-    with pytest.raises(InvalidIncrementError):
+# The messages are the 422's description and the CLI's error, word for word.
+KEY_LENGTH = "key must be 1 to 255 characters long"
+KEY_TEXT = "key must be a string"
+
+
+@pytest.mark.parametrize(("key", "message"), [
+    ("", KEY_LENGTH), ("x" * 256, KEY_LENGTH), ("a\x00b", "key must not contain U+0000"), (5, KEY_TEXT),
+    (None, KEY_TEXT), ("\udc80", "key must be valid Unicode (no unpaired surrogates)"),
+])
+def test_bad_keys(key, message):
+    with pytest.raises(InvalidIncrementError, match=f"^{re.escape(message)}$"):
         check_key(key)
 
 
-@pytest.mark.parametrize("value", [True, False, 1.0, "5", None, INT64_MAX + 1, INT64_MIN - 1])
-def test_bad_values(value):
-    with pytest.raises(InvalidIncrementError):
+VALUE_RANGE = f"value must be between {INT64_MIN} and {INT64_MAX}"
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    *((value, "value must be an integer") for value in (True, False, 1.0, "5", None)),
+    (INT64_MAX + 1, VALUE_RANGE), (INT64_MIN - 1, VALUE_RANGE),
+])
+def test_bad_values(value, message):
+    with pytest.raises(InvalidIncrementError, match=f"^{re.escape(message)}$"):
         check_value(value)
 
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "tab\there", "é", "new\nline", "a,b", "first, second", "del\x7f"])
 def test_bad_idempotency_keys(key):
-    with pytest.raises(InvalidIncrementError):
+    message = "Idempotency-Key must be one header of 1 to 255 printable ASCII characters, no comma"
+    with pytest.raises(InvalidIncrementError, match=f"^{re.escape(message)}$"):
         check_idempotency_key(key)
 
 

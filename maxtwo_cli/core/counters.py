@@ -37,6 +37,7 @@ from maxtwo_cli.core.clock import utcnow
 from maxtwo_cli.core.db import ONE_FILE_OPTION, database_errors, is_postgres, reading
 from maxtwo_cli.core.errors import MaxtwoError
 from maxtwo_cli.core.schema import counters, idempotency_keys, to_microseconds
+from maxtwo_cli.core.settings import is_utf8
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,8 @@ def check_key(key: object) -> str:
         raise InvalidIncrementError("key must not contain U+0000")
     # NOTE: a lone surrogate ("\udc80", which JSON's \u escapes can make) cannot be stored as
     # UTF-8 by either database.
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidIncrementError("key must be valid Unicode (no unpaired surrogates)") from None
+    if not is_utf8(key):
+        raise InvalidIncrementError("key must be valid Unicode (no unpaired surrogates)")
     return key
 
 

@@ -83,14 +83,15 @@ def _sqlite_url(path: Path) -> str:
     return f"sqlite:///{quote(str(path))}"
 
 
-def is_utf8(name: str) -> bool:
-    """False for a name whose bytes are not UTF-8 (as Python decodes them: surrogate escapes).
+def is_utf8(text: str) -> bool:
+    """False for text that cannot be written as UTF-8: a lone surrogate, as in a file name whose
+    bytes are not UTF-8 (Python's surrogate escapes) or a JSON string's unpaired \\udc80.
 
-    NOTE: SQLite names files in UTF-8: such a file opens, but ATTACH refused its neighbour's
+    NOTE: SQLite names files in UTF-8: such a file opened, but ATTACH refused its neighbour's
     name and its list of files could not be read back (one-line errors calling themselves
     unexpected), and in a URL quote() refused it (a traceback)."""
     try:
-        name.encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
